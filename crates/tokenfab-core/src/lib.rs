@@ -1,0 +1,1 @@
+//! tokenfab core

