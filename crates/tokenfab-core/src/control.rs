@@ -1,0 +1,1695 @@
+//! The control plane's brain: batches, the queue, work-unit leasing and exactly-once
+//! result recording.
+//!
+//! [`ControlCore`] is a deterministic state machine. Commands that need an answer
+//! (`submit`, `lease`, `report`, ...) are methods that return it at once; every change
+//! that must survive a crash is also queued as [`Action::Persist`]. The shell's contract:
+//! **drain [`ControlCore::poll_action`] and make every `Persist` durable before sending
+//! any reply produced by the calls that came before**. Draining after many calls and
+//! committing once is allowed (group commit); replying first is not.
+//!
+//! Timers: after any call, [`ControlCore::poll_timeout`] says when to call
+//! [`ControlCore::handle_timeout`] next (lease expiry, batch deadlines).
+
+use crate::batch::{BatchStatus, Lifecycle, TransitionError};
+use crate::catalog::Catalog;
+use crate::durable::{
+    BatchMeta, BatchTotals, DurableOp, Outcome, RecordedResult, RecoveredBatch, RequestMeta,
+};
+use crate::ids::{
+    AcceleratorId, BatchId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, WorkUnitId,
+};
+use crate::time::Timestamp;
+use crate::usage::{DEFAULT_PUE, DEFAULT_USD_PER_KWH, Pricing, Usage};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+/// Settings of the control core.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlConfig {
+    /// How long a lease lives without a heartbeat from its agent.
+    pub lease_ttl: Duration,
+    /// How often agents should heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Tries per request (leases that expired count) before it fails with `retries_exhausted`.
+    pub max_attempts: u32,
+    pub default_completion_window: Duration,
+    pub max_completion_window: Duration,
+    /// SLA classes a batch may name; the first is the default.
+    pub sla_classes: Vec<String>,
+    /// Models batches may run on.
+    pub models: BTreeSet<ModelId>,
+    pub usd_per_kwh: f64,
+    pub pue: f64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            lease_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            max_attempts: 4,
+            default_completion_window: Duration::from_secs(24 * 3600),
+            max_completion_window: Duration::from_secs(7 * 24 * 3600),
+            sla_classes: vec!["standard".into(), "best-effort".into()],
+            models: Catalog::builtin().model_ids().into_iter().collect(),
+            usd_per_kwh: DEFAULT_USD_PER_KWH,
+            pue: DEFAULT_PUE,
+        }
+    }
+}
+
+/// A batch that passed input validation, as the shell hands it to the core.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBatch {
+    pub tenant: TenantId,
+    pub model: ModelId,
+    pub sla_class: Option<String>,
+    pub completion_window: Option<Duration>,
+    pub metadata: BTreeMap<String, String>,
+    pub input_bytes: u64,
+    pub lines: u32,
+    pub invalid_lines: u32,
+    pub requests: Vec<RequestMeta>,
+}
+
+/// A refused submission.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("unknown model '{model}': this cluster serves {served}")]
+    UnknownModel { model: ModelId, served: String },
+    #[error("unknown SLA class '{class}': choose one of {known}")]
+    UnknownSlaClass { class: String, known: String },
+    #[error(
+        "completion window {asked_s} s is too long: the most this cluster accepts is {max_s} s"
+    )]
+    WindowTooLong { asked_s: u64, max_s: u64 },
+    #[error("the batch has no valid request")]
+    NoRequests,
+}
+
+/// A tenant command on a batch that cannot be carried out.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BatchError {
+    /// Also returned for another tenant's batch, so ids of others cannot be probed.
+    #[error("batch {0} not found for this tenant")]
+    NotFound(BatchId),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+}
+
+/// An agent call from a node the core does not know.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("node '{0}' is not registered (the control plane may have restarted); register again")]
+pub struct UnknownNode(pub NodeId);
+
+/// Counts of a batch's requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub total: u32,
+    pub completed: u32,
+    pub failed: u32,
+    pub invalid: u32,
+}
+
+/// A batch as queries see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchView {
+    pub meta: BatchMeta,
+    pub life: Lifecycle,
+    pub counts: Counts,
+    pub usage: Usage,
+}
+
+/// One device of a registered node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeDevice {
+    pub index: u32,
+    pub accelerator: AcceleratorId,
+    pub domain: u32,
+}
+
+/// One engine replica of a registered node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeReplica {
+    pub replica: crate::ids::ReplicaId,
+    pub model: ModelId,
+    pub devices: Vec<u32>,
+    pub max_concurrency: u32,
+}
+
+/// A node announcing itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRegistration {
+    pub node: NodeId,
+    pub super_node: SuperNodeId,
+    pub devices: Vec<NodeDevice>,
+    pub replicas: Vec<NodeReplica>,
+}
+
+/// One request handed to an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeasedItem {
+    pub req: RequestRef,
+    /// 1 for the first try.
+    pub attempt: u32,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseGrant {
+    pub unit: WorkUnitId,
+    pub expires_at: Timestamp,
+    pub items: Vec<LeasedItem>,
+}
+
+/// How a reported request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportedOutcome {
+    Final(Outcome),
+    /// No answer from the engine; try again (up to `max_attempts`).
+    Retryable {
+        code: String,
+        message: String,
+    },
+}
+
+/// A finished request, as an agent reports it. `usage.cost_usd` is ignored: the core
+/// prices the work itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportedResult {
+    pub unit: WorkUnitId,
+    pub req: RequestRef,
+    pub outcome: ReportedOutcome,
+    pub usage: Usage,
+}
+
+/// What happened to a report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportSummary {
+    pub recorded: u32,
+    pub duplicates: u32,
+    pub unknown: u32,
+    pub requeued: u32,
+}
+
+/// Reply to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeartbeatReply {
+    pub unknown_units: Vec<WorkUnitId>,
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // persist actions dominate; boxing them buys nothing
+pub enum Action {
+    /// Make this durable before replying to the calls that produced it.
+    Persist(DurableOp),
+    /// A batch's view changed (for watchers).
+    BatchChanged(BatchId),
+}
+
+/// Running totals, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ControlStats {
+    pub results_recorded: u64,
+    pub duplicates_dropped: u64,
+    pub leases_granted: u64,
+    pub leases_expired: u64,
+    pub requests_retried: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Pending,
+    Leased(WorkUnitId),
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    slot: Slot,
+    attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Batch {
+    meta: BatchMeta,
+    life: Lifecycle,
+    /// Per valid request; emptied once the batch is final.
+    requests: Vec<Request>,
+    pending: VecDeque<u32>,
+    leased: u32,
+    completed: u32,
+    failed: u32,
+    usage: Usage,
+}
+
+impl Batch {
+    fn done(&self) -> u32 {
+        self.completed + self.failed
+    }
+    fn view(&self) -> BatchView {
+        BatchView {
+            meta: self.meta.clone(),
+            life: self.life.clone(),
+            counts: Counts {
+                total: self.meta.lines,
+                completed: self.completed,
+                failed: self.failed,
+                invalid: self.meta.invalid_lines,
+            },
+            usage: self.usage,
+        }
+    }
+    fn totals(&self) -> BatchTotals {
+        BatchTotals {
+            completed: self.completed,
+            failed: self.failed,
+            usage: self.usage,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Unit {
+    node: NodeId,
+    expires_at: Timestamp,
+    items: Vec<RequestRef>,
+    /// Items still leased under this unit.
+    open: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    registration: NodeRegistration,
+    pricing: Pricing,
+    last_seen: Timestamp,
+    units: BTreeSet<WorkUnitId>,
+}
+
+/// The control plane's state machine. See the module docs for the shell's contract.
+#[derive(Debug)]
+pub struct ControlCore {
+    config: ControlConfig,
+    batches: BTreeMap<BatchId, Batch>,
+    by_tenant: BTreeSet<(TenantId, BatchId)>,
+    /// Batches with pending requests, per model, in deadline order (EDF).
+    queues: BTreeMap<ModelId, BTreeSet<(Timestamp, BatchId)>>,
+    /// Non-final batches by deadline.
+    deadlines: BTreeSet<(Timestamp, BatchId)>,
+    units: BTreeMap<WorkUnitId, Unit>,
+    unit_expiry: BTreeSet<(Timestamp, WorkUnitId)>,
+    nodes: BTreeMap<NodeId, Node>,
+    next_batch: u64,
+    next_unit: u64,
+    actions: VecDeque<Action>,
+    stats: ControlStats,
+}
+
+impl ControlCore {
+    /// An empty control plane.
+    pub fn new(config: ControlConfig) -> Self {
+        ControlCore {
+            config,
+            batches: BTreeMap::new(),
+            by_tenant: BTreeSet::new(),
+            queues: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            units: BTreeMap::new(),
+            unit_expiry: BTreeSet::new(),
+            nodes: BTreeMap::new(),
+            next_batch: 1,
+            next_unit: 1,
+            actions: VecDeque::new(),
+            stats: ControlStats::default(),
+        }
+    }
+
+    /// Rebuilds the state from what the store read back. Leases are not durable: every
+    /// request without a result is pending again. Batches whose every request has a
+    /// result but whose final status was not yet written are completed now.
+    pub fn recover(config: ControlConfig, batches: Vec<RecoveredBatch>, now: Timestamp) -> Self {
+        let mut core = ControlCore::new(config);
+        for rb in batches {
+            let id = rb.meta.id;
+            core.next_batch = core.next_batch.max(id.0 + 1);
+            core.by_tenant.insert((rb.meta.tenant.clone(), id));
+            let mut b = Batch {
+                meta: rb.meta,
+                life: rb.life,
+                requests: Vec::new(),
+                pending: VecDeque::new(),
+                leased: 0,
+                completed: 0,
+                failed: 0,
+                usage: Usage::default(),
+            };
+            if let Some(t) = rb.totals.filter(|_| b.life.status().is_terminal()) {
+                b.completed = t.completed;
+                b.failed = t.failed;
+                b.usage = t.usage;
+                core.batches.insert(id, b);
+                continue;
+            }
+            b.requests = vec![
+                Request {
+                    slot: Slot::Pending,
+                    attempts: 0
+                };
+                rb.requests.len()
+            ];
+            for (index, ok, usage) in rb.results {
+                if let Some(r) = b
+                    .requests
+                    .get_mut(index as usize)
+                    .filter(|r| r.slot != Slot::Done)
+                {
+                    r.slot = Slot::Done;
+                    if ok {
+                        b.completed += 1;
+                    } else {
+                        b.failed += 1;
+                    }
+                    b.usage += usage;
+                }
+            }
+            b.pending = (0..b.requests.len() as u32)
+                .filter(|&i| b.requests[i as usize].slot == Slot::Pending)
+                .collect();
+            let status = b.life.status();
+            core.batches.insert(id, b);
+            if status.is_terminal() {
+                // A final status without totals (not written by this version): keep as is.
+                continue;
+            }
+            core.track(id);
+            core.settle(now, id);
+        }
+        core
+    }
+
+    pub fn config(&self) -> &ControlConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> ControlStats {
+        self.stats
+    }
+
+    /// Registered nodes, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = (&NodeRegistration, Timestamp)> {
+        self.nodes.values().map(|n| (&n.registration, n.last_seen))
+    }
+
+    // ---- tenant commands -------------------------------------------------------------
+
+    /// Accepts a validated batch. The batch is queued at once; the shell must persist the
+    /// resulting `CreateBatch` (with the bodies it holds) before acknowledging.
+    pub fn submit(&mut self, now: Timestamp, new: NewBatch) -> Result<BatchView, SubmitError> {
+        if !self.config.models.contains(&new.model) {
+            return Err(SubmitError::UnknownModel {
+                model: new.model,
+                served: join(self.config.models.iter()),
+            });
+        }
+        let sla_class = match new.sla_class.filter(|c| !c.is_empty()) {
+            None => self
+                .config
+                .sla_classes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "standard".into()),
+            Some(c) if self.config.sla_classes.contains(&c) => c,
+            Some(c) => {
+                return Err(SubmitError::UnknownSlaClass {
+                    class: c,
+                    known: join(self.config.sla_classes.iter()),
+                });
+            }
+        };
+        let window = new
+            .completion_window
+            .filter(|w| !w.is_zero())
+            .unwrap_or(self.config.default_completion_window);
+        if window > self.config.max_completion_window {
+            return Err(SubmitError::WindowTooLong {
+                asked_s: window.as_secs(),
+                max_s: self.config.max_completion_window.as_secs(),
+            });
+        }
+        if new.requests.is_empty() {
+            return Err(SubmitError::NoRequests);
+        }
+        let id = BatchId(self.next_batch);
+        self.next_batch += 1;
+        let meta = BatchMeta {
+            id,
+            tenant: new.tenant,
+            model: new.model,
+            sla_class,
+            completion_window: window,
+            deadline: now.saturating_add(window),
+            metadata: new.metadata,
+            input_bytes: new.input_bytes,
+            lines: new.lines,
+            invalid_lines: new.invalid_lines,
+            requests: new.requests.len() as u32,
+        };
+        let mut life = Lifecycle::new(id, now);
+        life.queue(now).expect("a new batch can be queued");
+        let n = new.requests.len() as u32;
+        self.actions
+            .push_back(Action::Persist(DurableOp::CreateBatch {
+                meta: meta.clone(),
+                life: life.clone(),
+                requests: new.requests,
+            }));
+        self.by_tenant.insert((meta.tenant.clone(), id));
+        self.batches.insert(
+            id,
+            Batch {
+                meta,
+                life,
+                requests: vec![
+                    Request {
+                        slot: Slot::Pending,
+                        attempts: 0
+                    };
+                    n as usize
+                ],
+                pending: (0..n).collect(),
+                leased: 0,
+                completed: 0,
+                failed: 0,
+                usage: Usage::default(),
+            },
+        );
+        self.track(id);
+        self.actions.push_back(Action::BatchChanged(id));
+        Ok(self.batches[&id].view())
+    }
+
+    /// One batch of `tenant`.
+    pub fn batch(&self, tenant: &TenantId, id: BatchId) -> Result<BatchView, BatchError> {
+        self.owned(tenant, id).map(Batch::view)
+    }
+
+    /// `tenant`'s batches, newest first, older than `before` if given.
+    pub fn list(
+        &self,
+        tenant: &TenantId,
+        before: Option<BatchId>,
+        limit: usize,
+    ) -> (Vec<BatchView>, bool) {
+        let upper = before.unwrap_or(BatchId(u64::MAX));
+        let mut it = self
+            .by_tenant
+            .range((tenant.clone(), BatchId(0))..(tenant.clone(), upper))
+            .rev()
+            .map(|(_, id)| self.batches[id].view());
+        let page: Vec<BatchView> = it.by_ref().take(limit).collect();
+        let more = it.next().is_some();
+        (page, more)
+    }
+
+    /// Cancels a batch: pending requests end as `batch_cancelled`, leased ones finish.
+    pub fn cancel(
+        &mut self,
+        now: Timestamp,
+        tenant: &TenantId,
+        id: BatchId,
+    ) -> Result<BatchView, BatchError> {
+        self.owned(tenant, id)?;
+        let b = self.batches.get_mut(&id).expect("owned");
+        b.life.cancel(now)?;
+        let pending: Vec<u32> = b.pending.drain(..).collect();
+        self.persist_life(id, None);
+        let results = pending
+            .into_iter()
+            .filter_map(|i| self.finish(id, i, cancelled_outcome(), Usage::default()))
+            .collect::<Vec<_>>();
+        if !results.is_empty() {
+            self.actions
+                .push_back(Action::Persist(DurableOp::RecordResults(results)));
+        }
+        self.settle(now, id);
+        self.actions.push_back(Action::BatchChanged(id));
+        Ok(self.batches[&id].view())
+    }
+
+    fn owned(&self, tenant: &TenantId, id: BatchId) -> Result<&Batch, BatchError> {
+        self.batches
+            .get(&id)
+            .filter(|b| &b.meta.tenant == tenant)
+            .ok_or(BatchError::NotFound(id))
+    }
+
+    // ---- agent commands --------------------------------------------------------------
+
+    /// A node (re)announces itself. Work it held before is released: a fresh
+    /// registration means the agent holds nothing.
+    pub fn register(&mut self, now: Timestamp, reg: NodeRegistration) {
+        let accelerator = reg.devices.first().map(|d| d.accelerator.clone());
+        let usd_per_device_hour = accelerator
+            .and_then(|a| {
+                Catalog::builtin()
+                    .accelerator(&a)
+                    .ok()
+                    .map(|a| a.price_usd_per_hour)
+            })
+            .unwrap_or(0.0);
+        let pricing = Pricing {
+            usd_per_device_hour,
+            usd_per_kwh: self.config.usd_per_kwh,
+            pue: self.config.pue,
+        };
+        let node = reg.node.clone();
+        let old = self.nodes.insert(
+            node.clone(),
+            Node {
+                registration: reg,
+                pricing,
+                last_seen: now,
+                units: BTreeSet::new(),
+            },
+        );
+        if let Some(old) = old {
+            for unit in old.units {
+                self.drop_unit(now, unit);
+            }
+        }
+    }
+
+    /// Keeps a node alive and extends the leases of the units it still holds.
+    pub fn heartbeat(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        held: &[WorkUnitId],
+    ) -> Result<HeartbeatReply, UnknownNode> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| UnknownNode(node.clone()))?;
+        n.last_seen = now;
+        let mut reply = HeartbeatReply::default();
+        let expires_at = now.saturating_add(self.config.lease_ttl);
+        for &u in held {
+            match self.units.get_mut(&u) {
+                Some(unit) if &unit.node == node => {
+                    self.unit_expiry.remove(&(unit.expires_at, u));
+                    unit.expires_at = expires_at;
+                    self.unit_expiry.insert((expires_at, u));
+                }
+                _ => reply.unknown_units.push(u),
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Hands up to `max` pending requests of `model` to `node`, earliest deadline first.
+    pub fn lease(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        model: &ModelId,
+        max: u32,
+    ) -> Result<Option<LeaseGrant>, UnknownNode> {
+        if !self.nodes.contains_key(node) {
+            return Err(UnknownNode(node.clone()));
+        }
+        let unit = WorkUnitId(self.next_unit);
+        let mut items = Vec::new();
+        let mut started = Vec::new();
+        let mut drained = Vec::new();
+        if let Some(queue) = self.queues.get(model) {
+            for &(deadline, id) in queue.iter() {
+                if items.len() as u32 >= max {
+                    break;
+                }
+                let b = self.batches.get_mut(&id).expect("queued batches exist");
+                while (items.len() as u32) < max {
+                    let Some(i) = b.pending.pop_front() else {
+                        break;
+                    };
+                    let r = &mut b.requests[i as usize];
+                    r.slot = Slot::Leased(unit);
+                    r.attempts += 1;
+                    b.leased += 1;
+                    items.push(LeasedItem {
+                        req: RequestRef {
+                            batch: id,
+                            index: i,
+                        },
+                        attempt: r.attempts,
+                    });
+                }
+                if b.life.status() == BatchStatus::Queued {
+                    b.life.start(now).expect("queued batches can start");
+                    started.push(id);
+                }
+                if b.pending.is_empty() {
+                    drained.push((deadline, id));
+                }
+            }
+        }
+        if let Some(queue) = self.queues.get_mut(model) {
+            for k in drained {
+                queue.remove(&k);
+            }
+        }
+        for id in started {
+            self.persist_life(id, None);
+            self.actions.push_back(Action::BatchChanged(id));
+        }
+        if items.is_empty() {
+            return Ok(None);
+        }
+        self.next_unit += 1;
+        let expires_at = now.saturating_add(self.config.lease_ttl);
+        self.units.insert(
+            unit,
+            Unit {
+                node: node.clone(),
+                expires_at,
+                items: items.iter().map(|i| i.req).collect(),
+                open: items.len() as u32,
+            },
+        );
+        self.unit_expiry.insert((expires_at, unit));
+        self.nodes
+            .get_mut(node)
+            .expect("checked")
+            .units
+            .insert(unit);
+        self.stats.leases_granted += 1;
+        Ok(Some(LeaseGrant {
+            unit,
+            expires_at,
+            items,
+        }))
+    }
+
+    /// Records finished requests, exactly once each.
+    pub fn report(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        results: Vec<ReportedResult>,
+    ) -> Result<ReportSummary, UnknownNode> {
+        let pricing = self
+            .nodes
+            .get(node)
+            .map(|n| n.pricing)
+            .ok_or_else(|| UnknownNode(node.clone()))?;
+        let mut summary = ReportSummary::default();
+        let mut recorded = Vec::new();
+        let mut touched = BTreeSet::new();
+        for r in results {
+            let Some(slot) = self.slot(r.req) else {
+                summary.unknown += 1;
+                continue;
+            };
+            match (slot, r.outcome) {
+                (Slot::Done, _) => summary.duplicates += 1,
+                (Slot::Leased(u), ReportedOutcome::Retryable { code, message }) if u == r.unit => {
+                    touched.insert(r.req.batch);
+                    if self.retry_or_fail(now, r.req, &code, &message, &mut recorded) {
+                        summary.requeued += 1;
+                    } else {
+                        summary.recorded += 1;
+                    }
+                }
+                // A retryable error from a lease that is no longer current: the request
+                // is pending or leased elsewhere; that lease will answer.
+                (_, ReportedOutcome::Retryable { .. }) => summary.duplicates += 1,
+                (_, ReportedOutcome::Final(outcome)) => {
+                    let mut usage = r.usage;
+                    usage.cost_usd = pricing.cost_usd(usage.joules, usage.device_seconds);
+                    if let Some(rec) = self.finish(r.req.batch, r.req.index, outcome, usage) {
+                        recorded.push(rec);
+                        touched.insert(r.req.batch);
+                        summary.recorded += 1;
+                    }
+                }
+            }
+        }
+        self.stats.duplicates_dropped += u64::from(summary.duplicates);
+        if !recorded.is_empty() {
+            self.actions
+                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
+        }
+        for id in touched {
+            self.settle(now, id);
+            self.actions.push_back(Action::BatchChanged(id));
+        }
+        Ok(summary)
+    }
+
+    /// Gives back requests a node will not run.
+    pub fn release(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        unit: WorkUnitId,
+        items: &[RequestRef],
+    ) -> Result<u32, UnknownNode> {
+        if !self.nodes.contains_key(node) {
+            return Err(UnknownNode(node.clone()));
+        }
+        if self.units.get(&unit).is_none_or(|u| &u.node != node) {
+            return Ok(0);
+        }
+        let mut released = 0;
+        let mut touched = BTreeSet::new();
+        for &req in items {
+            if self.slot(req) == Some(Slot::Leased(unit)) {
+                let b = self.batches.get_mut(&req.batch).expect("slot exists");
+                let r = &mut b.requests[req.index as usize];
+                r.slot = Slot::Pending;
+                // A release is not a failed attempt.
+                r.attempts = r.attempts.saturating_sub(1);
+                b.leased -= 1;
+                b.pending.push_front(req.index);
+                self.close_unit_item(unit);
+                touched.insert(req.batch);
+                released += 1;
+            }
+        }
+        for id in touched {
+            self.track(id);
+            self.settle(now, id);
+        }
+        Ok(released)
+    }
+
+    // ---- time ------------------------------------------------------------------------
+
+    /// When [`ControlCore::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let lease = self.unit_expiry.first().map(|&(t, _)| t);
+        let deadline = self.deadlines.first().map(|&(t, _)| t);
+        match (lease, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Expires leases and batches whose time has come.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        while let Some(&(t, unit)) = self.unit_expiry.first() {
+            if t > now {
+                break;
+            }
+            self.stats.leases_expired += 1;
+            self.drop_unit(now, unit);
+        }
+        while let Some(&(t, id)) = self.deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            self.expire(now, id);
+        }
+    }
+
+    /// The next action for the shell.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    // ---- internals -------------------------------------------------------------------
+
+    fn slot(&self, req: RequestRef) -> Option<Slot> {
+        let b = self.batches.get(&req.batch)?;
+        if b.life.status().is_terminal() {
+            // Final batches drop their per-request state; every request has its result.
+            return (req.index < b.meta.requests).then_some(Slot::Done);
+        }
+        b.requests.get(req.index as usize).map(|r| r.slot)
+    }
+
+    /// Puts a batch on its model's queue and the deadline list, as its state requires.
+    fn track(&mut self, id: BatchId) {
+        let b = &self.batches[&id];
+        let status = b.life.status();
+        if status.is_terminal() {
+            return;
+        }
+        self.deadlines.insert((b.meta.deadline, id));
+        if !b.pending.is_empty() && matches!(status, BatchStatus::Queued | BatchStatus::InProgress)
+        {
+            self.queues
+                .entry(b.meta.model.clone())
+                .or_default()
+                .insert((b.meta.deadline, id));
+        }
+    }
+
+    /// Records the result of one request if it has none yet; returns what to persist.
+    fn finish(
+        &mut self,
+        id: BatchId,
+        index: u32,
+        outcome: Outcome,
+        usage: Usage,
+    ) -> Option<RecordedResult> {
+        let b = self.batches.get_mut(&id)?;
+        let r = b.requests.get_mut(index as usize)?;
+        let prev = r.slot;
+        if prev == Slot::Done {
+            return None;
+        }
+        r.slot = Slot::Done;
+        if outcome.is_success() {
+            b.completed += 1;
+        } else {
+            b.failed += 1;
+        }
+        b.usage += usage;
+        match prev {
+            Slot::Leased(unit) => {
+                b.leased -= 1;
+                self.close_unit_item(unit);
+            }
+            Slot::Pending => {
+                // Reported by a lease that had expired: take it off the pending queue.
+                if let Some(pos) = b.pending.iter().position(|&i| i == index) {
+                    b.pending.remove(pos);
+                }
+            }
+            Slot::Done => unreachable!(),
+        }
+        self.stats.results_recorded += 1;
+        Some(RecordedResult {
+            req: RequestRef { batch: id, index },
+            outcome,
+            usage,
+        })
+    }
+
+    /// A retryable failure: requeue, or record the failure once attempts are used up.
+    /// Returns true when requeued.
+    fn retry_or_fail(
+        &mut self,
+        _now: Timestamp,
+        req: RequestRef,
+        code: &str,
+        message: &str,
+        out: &mut Vec<RecordedResult>,
+    ) -> bool {
+        let max = self.config.max_attempts;
+        let b = self.batches.get_mut(&req.batch).expect("slot exists");
+        let r = &mut b.requests[req.index as usize];
+        if r.attempts < max
+            && matches!(
+                b.life.status(),
+                BatchStatus::Queued | BatchStatus::InProgress
+            )
+        {
+            let Slot::Leased(unit) = r.slot else {
+                unreachable!("checked by caller")
+            };
+            r.slot = Slot::Pending;
+            b.leased -= 1;
+            b.pending.push_front(req.index);
+            self.close_unit_item(unit);
+            self.track(req.batch);
+            self.stats.requests_retried += 1;
+            return true;
+        }
+        let attempts = r.attempts;
+        let outcome = if matches!(b.life.status(), BatchStatus::Cancelling) {
+            cancelled_outcome()
+        } else {
+            Outcome::Error {
+                code: "retries_exhausted".into(),
+                message: format!(
+                    "no answer after {attempts} attempts; last error ({code}): {message}"
+                ),
+            }
+        };
+        out.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
+        false
+    }
+
+    fn close_unit_item(&mut self, unit: WorkUnitId) {
+        let Some(u) = self.units.get_mut(&unit) else {
+            return;
+        };
+        u.open -= 1;
+        if u.open == 0 {
+            let u = self.units.remove(&unit).expect("present");
+            self.unit_expiry.remove(&(u.expires_at, unit));
+            if let Some(n) = self.nodes.get_mut(&u.node) {
+                n.units.remove(&unit);
+            }
+        }
+    }
+
+    /// Ends a unit (lease expired, or its agent re-registered): its open requests are
+    /// pending again, or fail once they have used up their attempts.
+    fn drop_unit(&mut self, now: Timestamp, unit: WorkUnitId) {
+        let Some(u) = self.units.remove(&unit) else {
+            return;
+        };
+        self.unit_expiry.remove(&(u.expires_at, unit));
+        if let Some(n) = self.nodes.get_mut(&u.node) {
+            n.units.remove(&unit);
+        }
+        let mut recorded = Vec::new();
+        let mut touched = BTreeSet::new();
+        for req in u.items.iter().rev() {
+            if self.slot(*req) != Some(Slot::Leased(unit)) {
+                continue;
+            }
+            let b = self.batches.get_mut(&req.batch).expect("slot exists");
+            let r = &mut b.requests[req.index as usize];
+            b.leased -= 1;
+            touched.insert(req.batch);
+            let status = b.life.status();
+            if status == BatchStatus::Cancelling {
+                r.slot = Slot::Pending;
+                recorded.extend(self.finish(
+                    req.batch,
+                    req.index,
+                    cancelled_outcome(),
+                    Usage::default(),
+                ));
+            } else if r.attempts >= self.config.max_attempts {
+                let attempts = r.attempts;
+                r.slot = Slot::Pending;
+                let outcome = Outcome::Error {
+                    code: "retries_exhausted".into(),
+                    message: format!(
+                        "no answer after {attempts} attempts; the last lease expired (its agent stopped heartbeating)"
+                    ),
+                };
+                recorded.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
+            } else {
+                r.slot = Slot::Pending;
+                b.pending.push_front(req.index);
+                self.stats.requests_retried += 1;
+            }
+        }
+        if !recorded.is_empty() {
+            self.actions
+                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
+        }
+        for id in touched {
+            self.track(id);
+            self.settle(now, id);
+            self.actions.push_back(Action::BatchChanged(id));
+        }
+    }
+
+    /// The completion window ended: every request without a result ends `batch_expired`.
+    fn expire(&mut self, now: Timestamp, id: BatchId) {
+        let Some(b) = self.batches.get_mut(&id) else {
+            return;
+        };
+        if b.life.status().is_terminal() || b.life.expire(now).is_err() {
+            return;
+        }
+        let open: Vec<u32> = (0..b.requests.len() as u32)
+            .filter(|&i| b.requests[i as usize].slot != Slot::Done)
+            .collect();
+        b.pending.clear();
+        let deadline = b.meta.deadline;
+        let model = b.meta.model.clone();
+        if let Some(q) = self.queues.get_mut(&model) {
+            q.remove(&(deadline, id));
+        }
+        let results: Vec<_> = open
+            .into_iter()
+            .filter_map(|i| {
+                let outcome = Outcome::Error {
+                    code: "batch_expired".into(),
+                    message: "the batch's completion window ended before this request ran".into(),
+                };
+                self.finish(id, i, outcome, Usage::default())
+            })
+            .collect();
+        if !results.is_empty() {
+            self.actions
+                .push_back(Action::Persist(DurableOp::RecordResults(results)));
+        }
+        let totals = self.batches[&id].totals();
+        self.persist_life(id, Some(totals));
+        self.release_memory(id);
+        self.actions.push_back(Action::BatchChanged(id));
+    }
+
+    /// Moves a batch on when its requests allow: all done -> completed; cancelling with
+    /// nothing leased -> cancelled.
+    fn settle(&mut self, now: Timestamp, id: BatchId) {
+        let b = self.batches.get_mut(&id).expect("batch exists");
+        let all_done = b.done() == b.meta.requests;
+        let changed = match b.life.status() {
+            BatchStatus::Queued | BatchStatus::InProgress if all_done => {
+                b.life.finalize(now).expect("allowed");
+                b.life.complete(now).expect("allowed");
+                true
+            }
+            BatchStatus::Cancelling if b.leased == 0 => {
+                b.life.cancelled(now).expect("allowed");
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            let totals = b.totals();
+            self.persist_life(id, Some(totals));
+            self.release_memory(id);
+        }
+    }
+
+    /// A final batch keeps only its view.
+    fn release_memory(&mut self, id: BatchId) {
+        let b = self.batches.get_mut(&id).expect("batch exists");
+        b.requests = Vec::new();
+        b.pending = VecDeque::new();
+        let key = (b.meta.deadline, id);
+        let model = b.meta.model.clone();
+        self.deadlines.remove(&key);
+        if let Some(q) = self.queues.get_mut(&model) {
+            q.remove(&key);
+        }
+    }
+
+    fn persist_life(&mut self, id: BatchId, totals: Option<BatchTotals>) {
+        let life = self.batches[&id].life.clone();
+        self.actions
+            .push_back(Action::Persist(DurableOp::UpdateBatch { id, life, totals }));
+    }
+}
+
+fn cancelled_outcome() -> Outcome {
+    Outcome::Error {
+        code: "batch_cancelled".into(),
+        message: "the batch was cancelled before this request ran".into(),
+    }
+}
+
+fn join<'a>(items: impl Iterator<Item = impl std::fmt::Display + 'a>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const T0: Timestamp = Timestamp::from_micros(1_000_000);
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::from(name)
+    }
+    fn node(name: &str) -> NodeId {
+        NodeId::from(name)
+    }
+    fn model() -> ModelId {
+        ModelId::from("llama-3.1-8b")
+    }
+
+    fn new_batch(who: &str, n: u32) -> NewBatch {
+        NewBatch {
+            tenant: tenant(who),
+            model: model(),
+            sla_class: None,
+            completion_window: Some(Duration::from_secs(3600)),
+            metadata: BTreeMap::new(),
+            input_bytes: 100,
+            lines: n + 1,
+            invalid_lines: 1,
+            requests: (0..n)
+                .map(|i| RequestMeta {
+                    line: i + 1,
+                    prompt_tokens_estimate: 10,
+                    max_tokens: Some(16),
+                })
+                .collect(),
+        }
+    }
+
+    fn registration(name: &str) -> NodeRegistration {
+        NodeRegistration {
+            node: node(name),
+            super_node: SuperNodeId::from("sn0"),
+            devices: vec![NodeDevice {
+                index: 0,
+                accelerator: AcceleratorId::from("h100-sxm"),
+                domain: 0,
+            }],
+            replicas: vec![],
+        }
+    }
+
+    fn ok(unit: WorkUnitId, req: RequestRef) -> ReportedResult {
+        ReportedResult {
+            unit,
+            req,
+            outcome: ReportedOutcome::Final(Outcome::Response {
+                status_code: 200,
+                body: b"{}".to_vec(),
+                request_id: String::new(),
+            }),
+            usage: Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5,
+                joules: 36.0,
+                device_seconds: 0.5,
+                cost_usd: 99.0,
+            },
+        }
+    }
+
+    fn drain(core: &mut ControlCore) -> Vec<Action> {
+        std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    fn recorded(actions: &[Action]) -> Vec<RequestRef> {
+        actions
+            .iter()
+            .flat_map(|a| match a {
+                Action::Persist(DurableOp::RecordResults(rs)) => rs.iter().map(|r| r.req).collect(),
+                _ => vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_runs_to_completion_with_usage_and_cost() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let view = core.submit(T0, new_batch("acme", 3)).unwrap();
+        assert_eq!(view.life.status(), BatchStatus::Queued);
+        assert_eq!(
+            view.counts,
+            Counts {
+                total: 4,
+                completed: 0,
+                failed: 0,
+                invalid: 1
+            }
+        );
+        let actions = drain(&mut core);
+        assert!(
+            matches!(&actions[0], Action::Persist(DurableOp::CreateBatch { requests, .. }) if requests.len() == 3)
+        );
+
+        core.register(T0, registration("n1"));
+        let grant = core.lease(T0, &node("n1"), &model(), 2).unwrap().unwrap();
+        assert_eq!(grant.items.len(), 2);
+        assert_eq!(grant.expires_at, T0.saturating_add(Duration::from_secs(10)));
+        assert_eq!(
+            core.batch(&tenant("acme"), view.meta.id)
+                .unwrap()
+                .life
+                .status(),
+            BatchStatus::InProgress
+        );
+        let rest = core.lease(T0, &node("n1"), &model(), 10).unwrap().unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(
+            core.lease(T0, &node("n1"), &model(), 10).unwrap(),
+            None,
+            "nothing left"
+        );
+
+        let results: Vec<_> = grant
+            .items
+            .iter()
+            .chain(&rest.items)
+            .map(|i| {
+                ok(
+                    if i.req.index < 2 {
+                        grant.unit
+                    } else {
+                        rest.unit
+                    },
+                    i.req,
+                )
+            })
+            .collect();
+        let s = core.report(T0, &node("n1"), results).unwrap();
+        assert_eq!(
+            s,
+            ReportSummary {
+                recorded: 3,
+                ..Default::default()
+            }
+        );
+        let done = core.batch(&tenant("acme"), view.meta.id).unwrap();
+        assert_eq!(done.life.status(), BatchStatus::Completed);
+        assert_eq!(done.counts.completed, 3);
+        assert_eq!(done.usage.completion_tokens, 15);
+        // Cost is computed by the core from the H100 price, not taken from the agent:
+        // 0.5 device-s at 2 $/h + 36 J at 0.10 $/kWh and PUE 1.2, per request.
+        let per_request = 0.5 * 2.0 / 3600.0 + 36.0 * 1.2 * 0.10 / 3.6e6;
+        assert!(
+            (done.usage.cost_usd - 3.0 * per_request).abs() < 1e-12,
+            "{}",
+            done.usage.cost_usd
+        );
+        assert_eq!(core.poll_timeout(), None, "no lease and no live batch left");
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_expired_leases_are_leased_again() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let id = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        core.register(T0, registration("b"));
+        let first = core.lease(T0, &node("a"), &model(), 10).unwrap().unwrap();
+        assert_eq!(core.poll_timeout(), Some(first.expires_at));
+        // Agent a goes silent; its lease expires and b gets the work.
+        let later = first.expires_at;
+        core.handle_timeout(later);
+        assert_eq!(core.stats().leases_expired, 1);
+        let second = core
+            .lease(later, &node("b"), &model(), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            second.items.iter().map(|i| i.attempt).collect::<Vec<_>>(),
+            [2, 2]
+        );
+        // a comes back late with one result; b reports both.
+        let s1 = core
+            .report(later, &node("a"), vec![ok(first.unit, first.items[0].req)])
+            .unwrap();
+        assert_eq!(s1.recorded, 1);
+        let s2 = core
+            .report(
+                later,
+                &node("b"),
+                second
+                    .items
+                    .iter()
+                    .map(|i| ok(second.unit, i.req))
+                    .collect(),
+            )
+            .unwrap();
+        assert_eq!((s2.recorded, s2.duplicates), (1, 1));
+        let again = core
+            .report(
+                later,
+                &node("b"),
+                vec![ok(second.unit, second.items[1].req)],
+            )
+            .unwrap();
+        assert_eq!(again.duplicates, 1);
+        assert_eq!(core.batch(&tenant("acme"), id).unwrap().counts.completed, 2);
+        let reqs = recorded(&drain(&mut core));
+        assert_eq!(reqs.len(), 2);
+    }
+
+    #[test]
+    fn heartbeats_keep_leases_alive() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        core.submit(T0, new_batch("acme", 1)).unwrap();
+        core.register(T0, registration("a"));
+        let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
+        let t = T0.saturating_add(Duration::from_secs(8));
+        let reply = core
+            .heartbeat(t, &node("a"), &[g.unit, WorkUnitId(999)])
+            .unwrap();
+        assert_eq!(reply.unknown_units, [WorkUnitId(999)]);
+        core.handle_timeout(T0.saturating_add(Duration::from_secs(12)));
+        assert_eq!(core.stats().leases_expired, 0);
+        assert_eq!(
+            core.poll_timeout(),
+            Some(t.saturating_add(Duration::from_secs(10)))
+        );
+        assert_eq!(
+            core.heartbeat(t, &node("zz"), &[]).unwrap_err().to_string(),
+            "node 'zz' is not registered (the control plane may have restarted); register again"
+        );
+    }
+
+    #[test]
+    fn retryable_errors_requeue_until_attempts_run_out() {
+        let mut core = ControlCore::new(ControlConfig {
+            max_attempts: 2,
+            ..ControlConfig::default()
+        });
+        let id = core.submit(T0, new_batch("acme", 1)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        let retry = |unit, req| ReportedResult {
+            unit,
+            req,
+            outcome: ReportedOutcome::Retryable {
+                code: "engine_unavailable".into(),
+                message: "connection refused".into(),
+            },
+            usage: Usage::default(),
+        };
+        let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
+        assert_eq!(
+            core.report(T0, &node("a"), vec![retry(g.unit, g.items[0].req)])
+                .unwrap()
+                .requeued,
+            1
+        );
+        let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
+        assert_eq!(g.items[0].attempt, 2);
+        assert_eq!(
+            core.report(T0, &node("a"), vec![retry(g.unit, g.items[0].req)])
+                .unwrap()
+                .recorded,
+            1
+        );
+        let v = core.batch(&tenant("acme"), id).unwrap();
+        assert_eq!(
+            (v.life.status(), v.counts.failed),
+            (BatchStatus::Completed, 1)
+        );
+        let actions = drain(&mut core);
+        let failure = actions.iter().find_map(|a| match a {
+            Action::Persist(DurableOp::RecordResults(r)) => Some(r[0].outcome.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            failure,
+            Some(Outcome::Error {
+                code: "retries_exhausted".into(),
+                message: "no answer after 2 attempts; last error (engine_unavailable): connection refused".into()
+            })
+        );
+    }
+
+    #[test]
+    fn tenants_see_only_their_own_batches() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let id = core.submit(T0, new_batch("acme", 1)).unwrap().meta.id;
+        assert_eq!(
+            core.batch(&tenant("evil"), id),
+            Err(BatchError::NotFound(id))
+        );
+        assert_eq!(
+            core.cancel(T0, &tenant("evil"), id)
+                .unwrap_err()
+                .to_string(),
+            "batch batch_00000001 not found for this tenant"
+        );
+        assert_eq!(core.list(&tenant("evil"), None, 10).0.len(), 0);
+        assert_eq!(core.list(&tenant("acme"), None, 10).0.len(), 1);
+        assert_eq!(
+            core.batch(&tenant("acme"), id).unwrap().life.status(),
+            BatchStatus::Queued,
+            "untouched"
+        );
+    }
+
+    #[test]
+    fn listing_pages_newest_first() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let ids: Vec<_> = (0..5)
+            .map(|_| core.submit(T0, new_batch("acme", 1)).unwrap().meta.id)
+            .collect();
+        core.submit(T0, new_batch("other", 1)).unwrap();
+        let (page, more) = core.list(&tenant("acme"), None, 2);
+        assert_eq!(
+            page.iter().map(|v| v.meta.id).collect::<Vec<_>>(),
+            [ids[4], ids[3]]
+        );
+        assert!(more);
+        let (page, more) = core.list(&tenant("acme"), Some(ids[3]), 10);
+        assert_eq!(
+            page.iter().map(|v| v.meta.id).collect::<Vec<_>>(),
+            [ids[2], ids[1], ids[0]]
+        );
+        assert!(!more);
+    }
+
+    #[test]
+    fn submissions_are_checked() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let mut b = new_batch("acme", 1);
+        b.model = ModelId::from("gpt-9");
+        let e = core.submit(T0, b).unwrap_err().to_string();
+        assert!(
+            e.starts_with("unknown model 'gpt-9': this cluster serves "),
+            "{e}"
+        );
+        assert!(e.contains("llama-3.1-8b"), "{e}");
+        let mut b = new_batch("acme", 1);
+        b.sla_class = Some("gold".into());
+        assert_eq!(
+            core.submit(T0, b).unwrap_err().to_string(),
+            "unknown SLA class 'gold': choose one of standard, best-effort"
+        );
+        let mut b = new_batch("acme", 1);
+        b.completion_window = Some(Duration::from_secs(30 * 24 * 3600));
+        assert!(
+            core.submit(T0, b)
+                .unwrap_err()
+                .to_string()
+                .contains("the most this cluster accepts is 604800 s")
+        );
+        assert!(
+            drain(&mut core).is_empty(),
+            "refused batches change nothing"
+        );
+    }
+
+    #[test]
+    fn cancel_ends_pending_work_and_waits_for_leased_work() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let id = core.submit(T0, new_batch("acme", 3)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
+        let v = core.cancel(T0, &tenant("acme"), id).unwrap();
+        assert_eq!(
+            (v.life.status(), v.counts.failed),
+            (BatchStatus::Cancelling, 2)
+        );
+        assert_eq!(core.lease(T0, &node("a"), &model(), 10).unwrap(), None);
+        core.report(T0, &node("a"), vec![ok(g.unit, g.items[0].req)])
+            .unwrap();
+        let v = core.batch(&tenant("acme"), id).unwrap();
+        assert_eq!(
+            (v.life.status(), v.counts.completed, v.counts.failed),
+            (BatchStatus::Cancelled, 1, 2)
+        );
+        let e = core.cancel(T0, &tenant("acme"), id).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "batch_00000001 is cancelled; it cannot become cancelling"
+        );
+    }
+
+    #[test]
+    fn the_deadline_expires_what_is_left() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let id = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
+        core.report(T0, &node("a"), vec![ok(g.unit, g.items[0].req)])
+            .unwrap();
+        let deadline = T0.saturating_add(Duration::from_secs(3600));
+        assert_eq!(core.poll_timeout(), Some(deadline));
+        core.handle_timeout(deadline);
+        let v = core.batch(&tenant("acme"), id).unwrap();
+        assert_eq!(
+            (v.life.status(), v.counts.completed, v.counts.failed),
+            (BatchStatus::Expired, 1, 1)
+        );
+    }
+
+    #[test]
+    fn earliest_deadline_is_leased_first() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let mut late = new_batch("acme", 2);
+        late.completion_window = Some(Duration::from_secs(7200));
+        let late = core.submit(T0, late).unwrap().meta.id;
+        let soon = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        let g = core.lease(T0, &node("a"), &model(), 3).unwrap().unwrap();
+        let order: Vec<_> = g.items.iter().map(|i| i.req.batch).collect();
+        assert_eq!(order, [soon, soon, late]);
+    }
+
+    #[test]
+    fn recovery_loses_nothing_and_forgets_leases() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let id = core.submit(T0, new_batch("acme", 3)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        let g = core.lease(T0, &node("a"), &model(), 3).unwrap().unwrap();
+        core.report(T0, &node("a"), vec![ok(g.unit, g.items[1].req)])
+            .unwrap();
+        // Replay the persisted operations the way a store would.
+        let mut store: BTreeMap<BatchId, RecoveredBatch> = BTreeMap::new();
+        for a in drain(&mut core) {
+            match a {
+                Action::Persist(DurableOp::CreateBatch {
+                    meta,
+                    life,
+                    requests,
+                }) => {
+                    store.insert(
+                        meta.id,
+                        RecoveredBatch {
+                            meta,
+                            life,
+                            totals: None,
+                            requests,
+                            results: vec![],
+                        },
+                    );
+                }
+                Action::Persist(DurableOp::UpdateBatch { id, life, totals }) => {
+                    let b = store.get_mut(&id).unwrap();
+                    b.life = life;
+                    b.totals = totals;
+                }
+                Action::Persist(DurableOp::RecordResults(rs)) => {
+                    for r in rs {
+                        store.get_mut(&r.req.batch).unwrap().results.push((
+                            r.req.index,
+                            r.outcome.is_success(),
+                            r.usage,
+                        ));
+                    }
+                }
+                Action::BatchChanged(_) => {}
+            }
+        }
+        let mut core =
+            ControlCore::recover(ControlConfig::default(), store.into_values().collect(), T0);
+        let v = core.batch(&tenant("acme"), id).unwrap();
+        assert_eq!(
+            (v.life.status(), v.counts.completed),
+            (BatchStatus::InProgress, 1)
+        );
+        core.register(T0, registration("a"));
+        let g2 = core.lease(T0, &node("a"), &model(), 10).unwrap().unwrap();
+        assert_eq!(
+            g2.items.iter().map(|i| i.req.index).collect::<Vec<_>>(),
+            [0, 2]
+        );
+        assert!(
+            g2.unit != g.unit || g2.unit == WorkUnitId(1),
+            "unit ids restart; results are keyed by request"
+        );
+        assert_eq!(
+            core.submit(T0, new_batch("acme", 1)).unwrap().meta.id,
+            BatchId(2),
+            "ids continue"
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Lease { node: u8, max: u8 },
+        ReportSome { node: u8, take: u8, retryable: bool },
+        ReportStale { node: u8 },
+        Heartbeat { node: u8 },
+        Advance { secs: u8 },
+        Reregister { node: u8 },
+        Cancel,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u8..3, 1u8..20).prop_map(|(node, max)| Step::Lease { node, max }),
+            (0u8..3, 1u8..20, prop::bool::weighted(0.2)).prop_map(|(node, take, retryable)| {
+                Step::ReportSome {
+                    node,
+                    take,
+                    retryable,
+                }
+            }),
+            (0u8..3).prop_map(|node| Step::ReportStale { node }),
+            (0u8..3).prop_map(|node| Step::Heartbeat { node }),
+            (1u8..15).prop_map(|secs| Step::Advance { secs }),
+            (0u8..3).prop_map(|node| Step::Reregister { node }),
+            Just(Step::Cancel),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Whatever agents do (lease, report, re-report stale results, die, come back) and
+        /// whenever a tenant cancels: every request ends with exactly one recorded result,
+        /// and the batch's counts agree with what was persisted.
+        #[test]
+        fn every_request_gets_exactly_one_result(steps in proptest::collection::vec(step(), 1..120), n in 1u32..60) {
+            let mut core = ControlCore::new(ControlConfig::default());
+            let id = core.submit(T0, new_batch("acme", n)).unwrap().meta.id;
+            let nodes = ["a", "b", "c"].map(node);
+            for nd in &nodes { core.register(T0, registration(nd.as_str())); }
+            let mut now = T0;
+            let mut held: Vec<Vec<LeaseGrant>> = vec![vec![]; 3];
+            let mut old: Vec<(WorkUnitId, RequestRef)> = vec![];
+            let mut persisted: Vec<RequestRef> = vec![];
+            let mut cancelled = false;
+            let run = |core: &mut ControlCore, persisted: &mut Vec<RequestRef>| persisted.extend(recorded(&drain(core)));
+            for s in steps.into_iter().chain((0..40).map(|_| Step::Advance { secs: 15 })) {
+                match s {
+                    Step::Lease { node, max } => {
+                        if let Some(g) = core.lease(now, &nodes[node as usize], &model(), u32::from(max)).unwrap() {
+                            held[node as usize].push(g);
+                        }
+                    }
+                    Step::ReportSome { node, take, retryable } => {
+                        let mut results = vec![];
+                        for g in held[node as usize].iter_mut() {
+                            while let Some(item) = g.items.pop() {
+                                old.push((g.unit, item.req));
+                                results.push(if retryable {
+                                    ReportedResult { outcome: ReportedOutcome::Retryable { code: "x".into(), message: "y".into() }, ..ok(g.unit, item.req) }
+                                } else { ok(g.unit, item.req) });
+                                if results.len() >= take as usize { break; }
+                            }
+                        }
+                        core.report(now, &nodes[node as usize], results).unwrap();
+                    }
+                    Step::ReportStale { node } => {
+                        let results = old.iter().rev().take(5).map(|&(u, r)| ok(u, r)).collect();
+                        core.report(now, &nodes[node as usize], results).unwrap();
+                    }
+                    Step::Heartbeat { node } => {
+                        let units: Vec<_> = held[node as usize].iter().map(|g| g.unit).collect();
+                        core.heartbeat(now, &nodes[node as usize], &units).unwrap();
+                    }
+                    Step::Advance { secs } => {
+                        now = now.saturating_add(Duration::from_secs(u64::from(secs)));
+                        // Agents that still hold work heartbeat only sometimes; at the end
+                        // everyone reports what it holds so the batch can finish.
+                        for (i, nd) in nodes.iter().enumerate() {
+                            let results: Vec<_> = held[i].iter_mut().flat_map(|g| { let u = g.unit; g.items.drain(..).map(move |it| ok(u, it.req)) }).collect();
+                            if secs == 15 && !results.is_empty() { core.report(now, nd, results).unwrap(); }
+                        }
+                        core.handle_timeout(now);
+                        if secs == 15 {
+                            for nd in &nodes {
+                                if let Some(g) = core.lease(now, nd, &model(), 100).unwrap() {
+                                    let results = g.items.iter().map(|it| ok(g.unit, it.req)).collect();
+                                    core.report(now, nd, results).unwrap();
+                                }
+                            }
+                        }
+                    }
+                    Step::Reregister { node } => {
+                        held[node as usize].clear();
+                        core.register(now, registration(nodes[node as usize].as_str()));
+                    }
+                    Step::Cancel => {
+                        if !cancelled { cancelled = core.cancel(now, &tenant("acme"), id).is_ok(); }
+                    }
+                }
+                run(&mut core, &mut persisted);
+            }
+            let v = core.batch(&tenant("acme"), id).unwrap();
+            prop_assert!(v.life.status().is_terminal(), "{:?}", v.life.status());
+            let mut sorted = persisted.clone();
+            sorted.sort();
+            sorted.dedup();
+            prop_assert_eq!(sorted.len(), persisted.len(), "a request was recorded twice");
+            prop_assert_eq!(persisted.len() as u32, n, "every request has a result");
+            prop_assert_eq!(v.counts.completed + v.counts.failed, n);
+        }
+    }
+}

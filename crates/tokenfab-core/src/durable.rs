@@ -1,0 +1,109 @@
+//! What the control plane must make durable, as data: the core emits these operations
+//! and a store (embedded, Raft or etcd) applies them atomically before any reply that
+//! depends on them is sent.
+
+use crate::batch::Lifecycle;
+use crate::ids::{BatchId, ModelId, RequestRef, TenantId};
+use crate::time::Timestamp;
+use crate::usage::Usage;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A batch's identity and options; never changes after submission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchMeta {
+    pub id: BatchId,
+    pub tenant: TenantId,
+    pub model: ModelId,
+    pub sla_class: String,
+    pub completion_window: Duration,
+    pub deadline: Timestamp,
+    pub metadata: BTreeMap<String, String>,
+    pub input_bytes: u64,
+    /// Non-blank lines of the input file.
+    pub lines: u32,
+    /// Lines refused by validation.
+    pub invalid_lines: u32,
+    /// Valid requests (= lines - invalid_lines).
+    pub requests: u32,
+}
+
+/// What the scheduler needs to know of one request (the body stays with the shell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestMeta {
+    /// 1-based line in the input file.
+    pub line: u32,
+    pub prompt_tokens_estimate: u32,
+    pub max_tokens: Option<u32>,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The engine answered (any HTTP status).
+    Response {
+        status_code: u16,
+        body: Vec<u8>,
+        request_id: String,
+    },
+    /// No answer: retries exhausted, batch expired or cancelled.
+    Error { code: String, message: String },
+}
+
+impl Outcome {
+    /// True for a 2xx engine response: the request goes to the output; anything else
+    /// goes to the error output.
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Response { status_code, .. } if (200..300).contains(status_code))
+    }
+}
+
+/// A result recorded exactly once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedResult {
+    pub req: RequestRef,
+    pub outcome: Outcome,
+    pub usage: Usage,
+}
+
+/// Counts and usage of a batch, stored when it reaches a final status so recovery need
+/// not re-read its results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchTotals {
+    pub completed: u32,
+    pub failed: u32,
+    pub usage: Usage,
+}
+
+/// One atomic change to durable state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DurableOp {
+    /// A new batch. The shell writes the request bodies and line errors it holds for
+    /// this batch in the same transaction.
+    CreateBatch {
+        meta: BatchMeta,
+        life: Lifecycle,
+        requests: Vec<RequestMeta>,
+    },
+    /// The batch's lifecycle changed; `totals` is set once it is final.
+    UpdateBatch {
+        id: BatchId,
+        life: Lifecycle,
+        totals: Option<BatchTotals>,
+    },
+    /// Results recorded now. Each request appears at most once across all operations ever.
+    RecordResults(Vec<RecordedResult>),
+}
+
+/// A batch as read back from durable state at startup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveredBatch {
+    pub meta: BatchMeta,
+    pub life: Lifecycle,
+    /// Set for batches in a final status (their requests and results are not loaded).
+    pub totals: Option<BatchTotals>,
+    pub requests: Vec<RequestMeta>,
+    /// (index, succeeded, usage) of every recorded result.
+    pub results: Vec<(u32, bool, Usage)>,
+}

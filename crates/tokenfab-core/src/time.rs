@@ -1,0 +1,86 @@
+//! Time as the core sees it: an integer count of microseconds passed in by the caller.
+//!
+//! The live system passes Unix-epoch microseconds; the simulator passes microseconds of
+//! virtual time since the start of the run. The core never reads a clock itself.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+/// A point in time, in microseconds since the caller's epoch.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    pub const ZERO: Timestamp = Timestamp(0);
+    pub const MAX: Timestamp = Timestamp(u64::MAX);
+
+    pub const fn from_micros(us: u64) -> Self {
+        Timestamp(us)
+    }
+    pub const fn from_millis(ms: u64) -> Self {
+        Timestamp(ms.saturating_mul(1000))
+    }
+    pub fn from_secs_f64(s: f64) -> Self {
+        Timestamp((s.max(0.0) * 1e6).round() as u64)
+    }
+    pub const fn as_micros(self) -> u64 {
+        self.0
+    }
+    pub const fn as_millis(self) -> u64 {
+        self.0 / 1000
+    }
+    pub fn as_secs_f64(self) -> f64 {
+        self.0 as f64 / 1e6
+    }
+    /// `self + d`, saturating at [`Timestamp::MAX`].
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Timestamp(
+            self.0
+                .saturating_add(d.as_micros().min(u64::MAX as u128) as u64),
+        )
+    }
+    /// Time elapsed from `earlier` to `self`, or zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_micros(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.6}s", self.as_secs_f64())
+    }
+}
+
+/// Converts seconds (f64) to a [`Duration`], clamping negatives and NaN to zero.
+pub fn secs(s: f64) -> Duration {
+    if s.is_finite() && s > 0.0 {
+        Duration::from_secs_f64(s)
+    } else {
+        Duration::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arithmetic_saturates() {
+        let t = Timestamp::from_millis(5);
+        assert_eq!(
+            t.saturating_add(Duration::from_millis(3)),
+            Timestamp::from_micros(8000)
+        );
+        assert_eq!(
+            Timestamp::MAX.saturating_add(Duration::from_secs(1)),
+            Timestamp::MAX
+        );
+        assert_eq!(t.since(Timestamp::from_millis(9)), Duration::ZERO);
+        assert_eq!(Timestamp::from_millis(9).since(t), Duration::from_millis(4));
+        assert_eq!(secs(-1.0), Duration::ZERO);
+        assert_eq!(secs(f64::NAN), Duration::ZERO);
+    }
+}

@@ -1,0 +1,75 @@
+//! Usage accounting: tokens, energy, device time and cost, and the price model.
+
+use serde::{Deserialize, Serialize};
+use std::ops::AddAssign;
+
+/// Resources one request (or a sum of requests) consumed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens as the engine reported them.
+    pub prompt_tokens: u64,
+    /// Completion tokens as the engine reported them.
+    pub completion_tokens: u64,
+    /// Device energy attributed to the work, joules.
+    pub joules: f64,
+    /// Device time attributed to the work, device-seconds.
+    pub device_seconds: f64,
+    /// Cost in US dollars, from [`Pricing::cost_usd`].
+    pub cost_usd: f64,
+}
+
+impl Usage {
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+impl AddAssign for Usage {
+    fn add_assign(&mut self, o: Usage) {
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.joules += o.joules;
+        self.device_seconds += o.device_seconds;
+        self.cost_usd += o.cost_usd;
+    }
+}
+
+/// Prices of one accelerator pool at one site.
+///
+/// cost = device-seconds x price per device-hour / 3600 + joules x PUE x price per kWh / 3.6e6
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Pricing {
+    pub usd_per_device_hour: f64,
+    pub usd_per_kwh: f64,
+    /// Power usage effectiveness of the site: facility energy / IT energy.
+    pub pue: f64,
+}
+
+impl Pricing {
+    pub fn cost_usd(&self, joules: f64, device_seconds: f64) -> f64 {
+        device_seconds * self.usd_per_device_hour / 3600.0
+            + joules * self.pue * self.usd_per_kwh / 3.6e6
+    }
+}
+
+/// Site defaults when a deployment configures nothing: assumption, flagged in docs.
+/// 0.10 $/kWh and PUE 1.2 are round illustrative figures, not measurements.
+pub const DEFAULT_USD_PER_KWH: f64 = 0.10;
+pub const DEFAULT_PUE: f64 = 1.2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_adds_device_time_and_energy() {
+        let p = Pricing {
+            usd_per_device_hour: 2.0,
+            usd_per_kwh: 0.10,
+            pue: 1.5,
+        };
+        // One device-hour plus 3.6 MJ (1 kWh) of device energy.
+        let c = p.cost_usd(3.6e6, 3600.0);
+        assert!((c - (2.0 + 0.15)).abs() < 1e-12, "{c}");
+    }
+}
