@@ -11,11 +11,13 @@
 //! - no async runtime, no network, no disk, no clock: time is an input ([`Timestamp`]);
 //! - no `HashMap` iteration: ordered maps and sorted vectors only, so runs replay exactly.
 
+pub mod agent;
 pub mod batch;
 pub mod batch_input;
 pub mod catalog;
 pub mod control;
 pub mod durable;
+pub mod engine;
 pub mod ids;
 pub mod perf;
 pub mod time;

@@ -1,0 +1,1028 @@
+//! The node agent's brain: what to lease, where to send each request, when to report,
+//! heartbeat and sample devices, and how device energy is attributed to requests.
+//!
+//! The shell (tokenfab-agent) performs each [`AgentAction`] and feeds the outcome back
+//! through the matching method. Request bodies never enter the core: the shell keeps them
+//! from the lease reply and looks them up on [`AgentAction::Dispatch`].
+//!
+//! # Energy attribution
+//!
+//! Each replica's devices are sampled periodically (energy counter and device clock).
+//! The energy and device-time of an interval go to the requests that finished on that
+//! replica in the interval, in proportion to their tokens (prompt + completion). An
+//! interval in which requests ran but none finished carries its energy forward to the
+//! next one that has finishers; an interval with no request in flight is idle energy,
+//! reported in telemetry and not charged to any request. So attributed plus idle energy
+//! equals the measured energy.
+
+use crate::control::{HeartbeatReply, LeaseGrant, LeasedItem, ReportedOutcome, ReportedResult};
+use crate::durable::Outcome;
+use crate::ids::{ModelId, ReplicaId, RequestRef, WorkUnitId};
+use crate::time::Timestamp;
+use crate::usage::Usage;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+/// Settings of the agent core.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Most requests asked for in one lease.
+    pub lease_batch: u32,
+    /// Requests kept queued locally beyond free window slots, as a fraction of the window.
+    pub prefetch: f64,
+    /// Most results in one report.
+    pub report_max: usize,
+    /// Longest a ready result waits before a report is sent.
+    pub report_delay: Duration,
+    /// How often device energy counters are read.
+    pub sample_interval: Duration,
+    /// Heartbeat period until the control plane says otherwise.
+    pub heartbeat_interval: Duration,
+    /// Wait after a lease came back empty.
+    pub empty_lease_backoff: Duration,
+    /// Wait after a failed call to the control plane.
+    pub error_backoff: Duration,
+    /// First wait before sending work to a replica that failed; doubles up to 30 s.
+    pub replica_backoff: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            lease_batch: 256,
+            prefetch: 1.0,
+            report_max: 1024,
+            report_delay: Duration::from_millis(20),
+            sample_interval: Duration::from_millis(100),
+            heartbeat_interval: Duration::from_secs(1),
+            empty_lease_backoff: Duration::from_millis(100),
+            error_backoff: Duration::from_millis(500),
+            replica_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One engine replica the agent drives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaSpec {
+    pub id: ReplicaId,
+    pub model: ModelId,
+    /// Devices the replica occupies (for device-seconds).
+    pub devices: u32,
+    /// Initial concurrency window (requests in flight).
+    pub window: u32,
+    /// The window never goes above this (the engine's own limit).
+    pub max_concurrency: u32,
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentAction {
+    /// Send the node's registration; answer with `registered` or `register_failed`.
+    Register,
+    /// Ask for up to `max` requests of `model`; answer with `lease_done`.
+    Lease { model: ModelId, max: u32 },
+    /// Send this request to replica `replica` (index into the specs); answer with `engine_done`.
+    Dispatch {
+        replica: usize,
+        unit: WorkUnitId,
+        item: LeasedItem,
+    },
+    /// Report these results; answer with `report_acked` or `report_failed`.
+    Report(Vec<ReportedResult>),
+    /// Heartbeat with these held units; answer with `heartbeat_done`.
+    Heartbeat { held: Vec<WorkUnitId> },
+    /// Read every replica's device energy; answer with `device_sample`.
+    SampleDevices,
+    /// Give these leased requests back.
+    Release {
+        unit: WorkUnitId,
+        items: Vec<RequestRef>,
+    },
+}
+
+/// What an engine call returned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineReply {
+    /// The engine answered with an HTTP response.
+    Answered {
+        status_code: u16,
+        body: Vec<u8>,
+        request_id: String,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
+    /// No usable answer: connection failed, timed out, or the engine was overloaded.
+    Unreachable { code: String, message: String },
+}
+
+impl EngineReply {
+    /// HTTP statuses that mean "try again later" rather than "this request is bad".
+    pub fn is_retryable_status(status_code: u16) -> bool {
+        matches!(status_code, 429 | 500 | 502 | 503 | 504)
+    }
+}
+
+/// A reading of one replica's devices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EnergyReading {
+    /// Energy counter summed over the replica's devices, joules.
+    pub energy_j: f64,
+    /// The devices' clock, seconds (wall time for real devices, emulated time for
+    /// emulated ones).
+    pub clock_s: f64,
+}
+
+/// Counters of one replica, for telemetry.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ReplicaStats {
+    pub window: u32,
+    pub in_flight: u32,
+    pub requests_done: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub errors: u64,
+    /// Energy attributed to requests, and idle energy, joules.
+    pub attributed_j: f64,
+    pub idle_j: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Replica {
+    spec: ReplicaSpec,
+    window: u32,
+    in_flight: u32,
+    healthy_at: Timestamp,
+    backoff: Duration,
+    stats: ReplicaStats,
+    last_reading: Option<EnergyReading>,
+    carried_j: f64,
+    carried_device_s: f64,
+    /// Finished since the last sample, waiting for their energy share.
+    finished: Vec<(ReportedResult, WorkUnitId)>,
+}
+
+/// The agent's state machine.
+#[derive(Debug)]
+pub struct AgentCore {
+    config: AgentConfig,
+    replicas: Vec<Replica>,
+    queues: BTreeMap<ModelId, VecDeque<(WorkUnitId, LeasedItem)>>,
+    leasing: BTreeSet<ModelId>,
+    lease_retry_at: BTreeMap<ModelId, Timestamp>,
+    /// Open items per held unit (leased, not yet acknowledged or released).
+    held: BTreeMap<WorkUnitId, u32>,
+    ready: VecDeque<(ReportedResult, WorkUnitId, Timestamp)>,
+    reporting: Option<Vec<WorkUnitId>>,
+    report_retry_at: Timestamp,
+    registered: bool,
+    registering: bool,
+    register_retry_at: Option<Timestamp>,
+    heartbeat_at: Option<Timestamp>,
+    heartbeating: bool,
+    sample_at: Timestamp,
+    sampling: bool,
+    shutting_down: bool,
+    actions: VecDeque<AgentAction>,
+}
+
+impl AgentCore {
+    /// A new agent; its first action is to register.
+    pub fn new(config: AgentConfig, replicas: Vec<ReplicaSpec>, now: Timestamp) -> Self {
+        let replicas = replicas
+            .into_iter()
+            .map(|spec| {
+                let window = spec.window.clamp(1, spec.max_concurrency.max(1));
+                Replica {
+                    window,
+                    in_flight: 0,
+                    healthy_at: now,
+                    backoff: config.replica_backoff,
+                    stats: ReplicaStats {
+                        window,
+                        ..ReplicaStats::default()
+                    },
+                    last_reading: None,
+                    carried_j: 0.0,
+                    carried_device_s: 0.0,
+                    finished: Vec::new(),
+                    spec,
+                }
+            })
+            .collect();
+        let mut core = AgentCore {
+            config,
+            replicas,
+            queues: BTreeMap::new(),
+            leasing: BTreeSet::new(),
+            lease_retry_at: BTreeMap::new(),
+            held: BTreeMap::new(),
+            ready: VecDeque::new(),
+            reporting: None,
+            report_retry_at: Timestamp::ZERO,
+            registered: false,
+            registering: true,
+            register_retry_at: None,
+            heartbeat_at: None,
+            heartbeating: false,
+            sample_at: now,
+            sampling: false,
+            shutting_down: false,
+            actions: VecDeque::new(),
+        };
+        core.actions.push_back(AgentAction::Register);
+        core.handle_timeout(now);
+        core
+    }
+
+    pub fn replicas(&self) -> impl Iterator<Item = (&ReplicaSpec, ReplicaStats)> {
+        self.replicas.iter().map(|r| {
+            (
+                &r.spec,
+                ReplicaStats {
+                    window: r.window,
+                    in_flight: r.in_flight,
+                    ..r.stats
+                },
+            )
+        })
+    }
+
+    /// Units the agent holds (for heartbeats).
+    pub fn held_units(&self) -> Vec<WorkUnitId> {
+        self.held.keys().copied().collect()
+    }
+
+    /// Sets a replica's concurrency window (the tuner's knob), within 1..=max_concurrency.
+    pub fn set_window(&mut self, now: Timestamp, replica: usize, window: u32) {
+        if let Some(r) = self.replicas.get_mut(replica) {
+            r.window = window.clamp(1, r.spec.max_concurrency.max(1));
+        }
+        self.pump(now);
+    }
+
+    // ---- outcomes of actions --------------------------------------------------------
+
+    pub fn registered(&mut self, now: Timestamp, heartbeat_interval: Duration) {
+        self.registering = false;
+        self.registered = true;
+        self.register_retry_at = None;
+        if !heartbeat_interval.is_zero() {
+            self.config.heartbeat_interval = heartbeat_interval;
+        }
+        self.heartbeat_at = Some(now.saturating_add(self.config.heartbeat_interval));
+        self.lease_retry_at.clear();
+        self.pump(now);
+    }
+
+    pub fn register_failed(&mut self, now: Timestamp) {
+        self.registering = false;
+        self.register_retry_at = Some(now.saturating_add(self.config.error_backoff));
+    }
+
+    /// A lease call returned. `Err(true)` means the control plane does not know this
+    /// node (register again); `Err(false)` any other failure.
+    pub fn lease_done(
+        &mut self,
+        now: Timestamp,
+        model: &ModelId,
+        result: Result<Option<LeaseGrant>, bool>,
+    ) {
+        self.leasing.remove(model);
+        match result {
+            Ok(Some(grant)) if !grant.items.is_empty() => {
+                self.held.insert(grant.unit, grant.items.len() as u32);
+                let q = self.queues.entry(model.clone()).or_default();
+                q.extend(grant.items.into_iter().map(|i| (grant.unit, i)));
+                if self.shutting_down {
+                    self.release_queued();
+                }
+            }
+            Ok(_) => {
+                self.lease_retry_at.insert(
+                    model.clone(),
+                    now.saturating_add(self.config.empty_lease_backoff),
+                );
+            }
+            Err(unknown_node) => {
+                self.lease_retry_at
+                    .insert(model.clone(), now.saturating_add(self.config.error_backoff));
+                if unknown_node {
+                    self.need_registration();
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// An engine call returned.
+    pub fn engine_done(
+        &mut self,
+        now: Timestamp,
+        replica: usize,
+        unit: WorkUnitId,
+        req: RequestRef,
+        reply: EngineReply,
+    ) {
+        let r = &mut self.replicas[replica];
+        r.in_flight -= 1;
+        let (outcome, usage) = match reply {
+            EngineReply::Answered { status_code, .. }
+                if EngineReply::is_retryable_status(status_code) =>
+            {
+                r.stats.errors += 1;
+                let code = format!("engine_http_{status_code}");
+                let message = format!("replica {} answered HTTP {status_code}", r.spec.id);
+                mark_unhealthy(r, now);
+                (
+                    ReportedOutcome::Retryable { code, message },
+                    Usage::default(),
+                )
+            }
+            EngineReply::Answered {
+                status_code,
+                body,
+                request_id,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                r.backoff = self.config.replica_backoff;
+                r.stats.requests_done += 1;
+                r.stats.prompt_tokens += prompt_tokens;
+                r.stats.completion_tokens += completion_tokens;
+                let usage = Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..Usage::default()
+                };
+                (
+                    ReportedOutcome::Final(Outcome::Response {
+                        status_code,
+                        body,
+                        request_id,
+                    }),
+                    usage,
+                )
+            }
+            EngineReply::Unreachable { code, message } => {
+                r.stats.errors += 1;
+                mark_unhealthy(r, now);
+                (
+                    ReportedOutcome::Retryable {
+                        code,
+                        message: format!("replica {}: {message}", r.spec.id),
+                    },
+                    Usage::default(),
+                )
+            }
+        };
+        r.finished.push((
+            ReportedResult {
+                unit,
+                req,
+                outcome,
+                usage,
+            },
+            unit,
+        ));
+        self.pump(now);
+    }
+
+    /// Device readings, one per replica in spec order; `None` where the replica has no
+    /// energy counter (its requests are charged no energy or device time).
+    pub fn device_sample(&mut self, now: Timestamp, readings: Vec<Option<EnergyReading>>) {
+        self.sampling = false;
+        for (r, reading) in self.replicas.iter_mut().zip(readings) {
+            attribute(r, reading, now, &mut self.ready);
+        }
+        self.pump(now);
+    }
+
+    pub fn report_acked(&mut self, now: Timestamp) {
+        for unit in self.reporting.take().unwrap_or_default() {
+            self.close_item(unit);
+        }
+        self.pump(now);
+    }
+
+    /// A report failed; the results come back to be sent again.
+    pub fn report_failed(
+        &mut self,
+        now: Timestamp,
+        results: Vec<ReportedResult>,
+        unknown_node: bool,
+    ) {
+        let units = self.reporting.take().unwrap_or_default();
+        for (r, u) in results.into_iter().zip(units).rev() {
+            self.ready.push_front((r, u, now));
+        }
+        self.report_retry_at = now.saturating_add(self.config.error_backoff);
+        if unknown_node {
+            self.need_registration();
+        }
+        self.pump(now);
+    }
+
+    pub fn heartbeat_done(&mut self, now: Timestamp, reply: Result<HeartbeatReply, bool>) {
+        self.heartbeating = false;
+        if let Err(true) = reply {
+            self.need_registration();
+        }
+        self.pump(now);
+    }
+
+    /// Stop taking work: queued requests are released, running ones finish and are
+    /// reported. [`AgentCore::is_drained`] says when it is safe to exit.
+    pub fn shutdown(&mut self, now: Timestamp) {
+        self.shutting_down = true;
+        self.release_queued();
+        self.pump(now);
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.replicas
+            .iter()
+            .all(|r| r.in_flight == 0 && r.finished.is_empty())
+            && self.ready.is_empty()
+            && self.reporting.is_none()
+            && self.queues.values().all(VecDeque::is_empty)
+    }
+
+    // ---- time -----------------------------------------------------------------------
+
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let mut t = vec![self.sample_at];
+        t.extend(self.register_retry_at);
+        t.extend(self.heartbeat_at);
+        if let Some(&(_, _, at)) = self.ready.front() {
+            t.push(
+                at.saturating_add(self.config.report_delay)
+                    .max(self.report_retry_at),
+            );
+        }
+        t.extend(self.lease_retry_at.values().copied());
+        t.extend(
+            self.replicas
+                .iter()
+                .filter(|r| r.in_flight < r.window)
+                .map(|r| r.healthy_at),
+        );
+        t.into_iter().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if self.register_retry_at.is_some_and(|t| t <= now) && !self.registering {
+            self.register_retry_at = None;
+            self.registering = true;
+            self.actions.push_back(AgentAction::Register);
+        }
+        if self.registered && !self.heartbeating && self.heartbeat_at.is_some_and(|t| t <= now) {
+            self.heartbeating = true;
+            self.heartbeat_at = Some(now.saturating_add(self.config.heartbeat_interval));
+            self.actions.push_back(AgentAction::Heartbeat {
+                held: self.held_units(),
+            });
+        }
+        if self.sample_at <= now && !self.sampling {
+            self.sampling = true;
+            self.sample_at = now.saturating_add(self.config.sample_interval);
+            self.actions.push_back(AgentAction::SampleDevices);
+        }
+        self.lease_retry_at.retain(|_, t| *t > now);
+        self.pump(now);
+    }
+
+    pub fn poll_action(&mut self) -> Option<AgentAction> {
+        self.actions.pop_front()
+    }
+
+    // ---- internals ------------------------------------------------------------------
+
+    fn need_registration(&mut self) {
+        self.registered = false;
+        if !self.registering && self.register_retry_at.is_none() {
+            self.registering = true;
+            self.actions.push_back(AgentAction::Register);
+        }
+    }
+
+    fn close_item(&mut self, unit: WorkUnitId) {
+        if let Some(open) = self.held.get_mut(&unit) {
+            *open -= 1;
+            if *open == 0 {
+                self.held.remove(&unit);
+            }
+        }
+    }
+
+    fn release_queued(&mut self) {
+        let mut by_unit: BTreeMap<WorkUnitId, Vec<RequestRef>> = BTreeMap::new();
+        for q in self.queues.values_mut() {
+            for (unit, item) in q.drain(..) {
+                by_unit.entry(unit).or_default().push(item.req);
+            }
+        }
+        for (unit, items) in by_unit {
+            for _ in &items {
+                self.close_item(unit);
+            }
+            self.actions.push_back(AgentAction::Release { unit, items });
+        }
+    }
+
+    /// Dispatches queued work into free window slots, then leases more if needed, then
+    /// reports if due.
+    fn pump(&mut self, now: Timestamp) {
+        self.dispatch(now);
+        if self.registered && !self.shutting_down {
+            self.lease(now);
+        }
+        self.maybe_report(now);
+    }
+
+    fn dispatch(&mut self, now: Timestamp) {
+        loop {
+            // The healthy replica with work queued and the most free room, relative to
+            // its window.
+            let mut best: Option<(usize, f64)> = None;
+            for (i, r) in self.replicas.iter().enumerate() {
+                if r.in_flight >= r.window || r.healthy_at > now {
+                    continue;
+                }
+                if self
+                    .queues
+                    .get(&r.spec.model)
+                    .is_none_or(VecDeque::is_empty)
+                {
+                    continue;
+                }
+                let load = f64::from(r.in_flight) / f64::from(r.window);
+                if best.is_none_or(|(_, l)| load < l) {
+                    best = Some((i, load));
+                }
+            }
+            let Some((i, _)) = best else { break };
+            let r = &mut self.replicas[i];
+            let (unit, item) = self
+                .queues
+                .get_mut(&r.spec.model)
+                .and_then(VecDeque::pop_front)
+                .expect("checked non-empty");
+            r.in_flight += 1;
+            self.actions.push_back(AgentAction::Dispatch {
+                replica: i,
+                unit,
+                item,
+            });
+        }
+    }
+
+    fn lease(&mut self, now: Timestamp) {
+        let mut wants: BTreeMap<ModelId, (u32, u32)> = BTreeMap::new();
+        for r in &self.replicas {
+            if r.healthy_at > now {
+                continue;
+            }
+            let e = wants.entry(r.spec.model.clone()).or_default();
+            e.0 += r.window - r.in_flight.min(r.window);
+            e.1 += r.window;
+        }
+        for (model, (free, window)) in wants {
+            if self.leasing.contains(&model)
+                || self.lease_retry_at.get(&model).is_some_and(|&t| t > now)
+            {
+                continue;
+            }
+            let queued = self.queues.get(&model).map_or(0, VecDeque::len) as u32;
+            let target = free + (self.config.prefetch * f64::from(window)).ceil() as u32;
+            let want = target.saturating_sub(queued);
+            // Avoid a storm of tiny leases: ask when a worthwhile amount is missing.
+            if want == 0 || (queued > 0 && want < (window / 8).max(1)) {
+                continue;
+            }
+            self.leasing.insert(model.clone());
+            self.actions.push_back(AgentAction::Lease {
+                model,
+                max: want.min(self.config.lease_batch),
+            });
+        }
+    }
+
+    fn maybe_report(&mut self, now: Timestamp) {
+        if self.reporting.is_some()
+            || self.ready.is_empty()
+            || self.report_retry_at > now
+            || !self.registered
+        {
+            return;
+        }
+        let oldest = self.ready.front().map(|&(_, _, t)| t).expect("non-empty");
+        let due = self.ready.len() >= self.config.report_max
+            || oldest.saturating_add(self.config.report_delay) <= now
+            || self.shutting_down;
+        if !due {
+            return;
+        }
+        let n = self.ready.len().min(self.config.report_max);
+        let (results, units): (Vec<_>, Vec<_>) =
+            self.ready.drain(..n).map(|(r, u, _)| (r, u)).unzip();
+        self.reporting = Some(units);
+        self.actions.push_back(AgentAction::Report(results));
+    }
+}
+
+fn mark_unhealthy(r: &mut Replica, now: Timestamp) {
+    r.healthy_at = now.saturating_add(r.backoff);
+    r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
+}
+
+/// Shares the energy and device time since the last reading among the requests that
+/// finished since then (see the module docs).
+fn attribute(
+    r: &mut Replica,
+    reading: Option<EnergyReading>,
+    now: Timestamp,
+    ready: &mut VecDeque<(ReportedResult, WorkUnitId, Timestamp)>,
+) {
+    let (joules, device_s) = match (reading, r.last_reading) {
+        (Some(new), Some(old)) => (
+            (new.energy_j - old.energy_j).max(0.0),
+            (new.clock_s - old.clock_s).max(0.0) * f64::from(r.spec.devices),
+        ),
+        _ => (0.0, 0.0),
+    };
+    if reading.is_some() {
+        r.last_reading = reading;
+    }
+    if r.finished.is_empty() {
+        if r.in_flight > 0 {
+            r.carried_j += joules;
+            r.carried_device_s += device_s;
+        } else {
+            r.stats.idle_j += joules + r.carried_j;
+            r.carried_j = 0.0;
+            r.carried_device_s = 0.0;
+        }
+        return;
+    }
+    let pool_j = joules + r.carried_j;
+    let pool_s = device_s + r.carried_device_s;
+    r.carried_j = 0.0;
+    r.carried_device_s = 0.0;
+    r.stats.attributed_j += pool_j;
+    let weights: Vec<f64> = r
+        .finished
+        .iter()
+        .map(|(res, _)| res.usage.tokens() as f64)
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let n = r.finished.len() as f64;
+    for ((mut res, unit), w) in r.finished.drain(..).zip(weights) {
+        let share = if total > 0.0 { w / total } else { 1.0 / n };
+        res.usage.joules = pool_j * share;
+        res.usage.device_seconds = pool_s * share;
+        ready.push_back((res, unit, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_micros(1_000_000);
+
+    fn spec(id: &str, window: u32) -> ReplicaSpec {
+        ReplicaSpec {
+            id: ReplicaId::from(id),
+            model: ModelId::from("m"),
+            devices: 2,
+            window,
+            max_concurrency: 64,
+        }
+    }
+
+    fn drain(core: &mut AgentCore) -> Vec<AgentAction> {
+        std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    fn grant(unit: u64, n: u32) -> LeaseGrant {
+        LeaseGrant {
+            unit: WorkUnitId(unit),
+            expires_at: T0,
+            items: (0..n)
+                .map(|i| LeasedItem {
+                    req: RequestRef {
+                        batch: crate::BatchId(1),
+                        index: i,
+                    },
+                    attempt: 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn answered(tokens: u64) -> EngineReply {
+        EngineReply::Answered {
+            status_code: 200,
+            body: b"{}".to_vec(),
+            request_id: "x".into(),
+            prompt_tokens: tokens,
+            completion_tokens: tokens,
+        }
+    }
+
+    fn started(window: u32) -> AgentCore {
+        let mut core = AgentCore::new(
+            AgentConfig::default(),
+            vec![spec("r0", window), spec("r1", window)],
+            T0,
+        );
+        assert_eq!(
+            drain(&mut core),
+            [AgentAction::Register, AgentAction::SampleDevices]
+        );
+        core.registered(T0, Duration::from_secs(1));
+        core
+    }
+
+    #[test]
+    fn leases_fill_the_windows_and_dispatch_spreads_load() {
+        let mut core = started(4);
+        // Free slots 8 + prefetch 8.
+        assert_eq!(
+            drain(&mut core),
+            [AgentAction::Lease {
+                model: ModelId::from("m"),
+                max: 16
+            }]
+        );
+        core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 16))));
+        let actions = drain(&mut core);
+        let per_replica = |i| {
+            actions
+                .iter()
+                .filter(|a| matches!(a, AgentAction::Dispatch { replica, .. } if *replica == i))
+                .count()
+        };
+        assert_eq!((per_replica(0), per_replica(1)), (4, 4), "{actions:?}");
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, AgentAction::Lease { .. })),
+            "8 queued: enough"
+        );
+        assert_eq!(core.held_units(), [WorkUnitId(1)]);
+    }
+
+    #[test]
+    fn results_wait_for_their_energy_share_then_are_reported_and_acked() {
+        let mut core = started(4);
+        drain(&mut core);
+        core.device_sample(
+            T0,
+            vec![
+                Some(EnergyReading {
+                    energy_j: 100.0,
+                    clock_s: 10.0,
+                }),
+                None,
+            ],
+        );
+        core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 2))));
+        let dispatched: Vec<_> = drain(&mut core)
+            .into_iter()
+            .filter_map(|a| match a {
+                AgentAction::Dispatch {
+                    replica,
+                    unit,
+                    item,
+                } => Some((replica, unit, item)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dispatched.len(), 2, "one on each replica");
+        let t1 = T0.saturating_add(Duration::from_millis(50));
+        for &(replica, unit, item) in &dispatched {
+            core.engine_done(
+                t1,
+                replica,
+                unit,
+                item.req,
+                answered(if replica == 0 { 30 } else { 10 }),
+            );
+        }
+        assert!(
+            drain(&mut core)
+                .iter()
+                .all(|a| !matches!(a, AgentAction::Report(_))),
+            "no report before the energy share"
+        );
+        let t2 = T0.saturating_add(Duration::from_millis(100));
+        core.handle_timeout(t2);
+        assert!(drain(&mut core).contains(&AgentAction::SampleDevices));
+        core.device_sample(
+            t2,
+            vec![
+                Some(EnergyReading {
+                    energy_j: 160.0,
+                    clock_s: 10.5,
+                }),
+                None,
+            ],
+        );
+        core.handle_timeout(t2.saturating_add(Duration::from_millis(20)));
+        let report = drain(&mut core)
+            .into_iter()
+            .find_map(|a| match a {
+                AgentAction::Report(r) => Some(r),
+                _ => None,
+            })
+            .expect("report due");
+        assert_eq!(report.len(), 2);
+        let on_r0 = report.iter().find(|r| r.usage.prompt_tokens == 30).unwrap();
+        assert_eq!(
+            on_r0.usage.joules, 60.0,
+            "the whole 60 J delta of replica 0"
+        );
+        assert_eq!(on_r0.usage.device_seconds, 1.0, "0.5 s x 2 devices");
+        let on_r1 = report.iter().find(|r| r.usage.prompt_tokens == 10).unwrap();
+        assert_eq!(on_r1.usage.joules, 0.0, "replica 1 has no energy counter");
+        assert_eq!(
+            core.held_units(),
+            [WorkUnitId(1)],
+            "held until acknowledged"
+        );
+        core.report_acked(t2);
+        assert!(core.held_units().is_empty());
+    }
+
+    #[test]
+    fn energy_is_shared_by_tokens_and_idle_energy_is_not_charged() {
+        let mut r = Replica {
+            spec: spec("r", 4),
+            window: 4,
+            in_flight: 1,
+            healthy_at: T0,
+            backoff: Duration::ZERO,
+            stats: ReplicaStats::default(),
+            last_reading: Some(EnergyReading {
+                energy_j: 0.0,
+                clock_s: 0.0,
+            }),
+            carried_j: 0.0,
+            carried_device_s: 0.0,
+            finished: vec![],
+        };
+        let mut ready = VecDeque::new();
+        let result = |tokens| ReportedResult {
+            unit: WorkUnitId(1),
+            req: RequestRef::default(),
+            outcome: ReportedOutcome::Retryable {
+                code: String::new(),
+                message: String::new(),
+            },
+            usage: Usage {
+                prompt_tokens: tokens,
+                ..Usage::default()
+            },
+        };
+        // Interval 1: work running, nothing finished: carried.
+        attribute(
+            &mut r,
+            Some(EnergyReading {
+                energy_j: 40.0,
+                clock_s: 1.0,
+            }),
+            T0,
+            &mut ready,
+        );
+        assert!(ready.is_empty());
+        // Interval 2: two finish, 1:3 tokens, sharing 40 + 60 J.
+        r.finished = vec![(result(10), WorkUnitId(1)), (result(30), WorkUnitId(1))];
+        attribute(
+            &mut r,
+            Some(EnergyReading {
+                energy_j: 100.0,
+                clock_s: 2.0,
+            }),
+            T0,
+            &mut ready,
+        );
+        let j: Vec<f64> = ready.iter().map(|(r, _, _)| r.usage.joules).collect();
+        assert_eq!(j, [25.0, 75.0]);
+        // Interval 3: nothing in flight: idle.
+        r.in_flight = 0;
+        attribute(
+            &mut r,
+            Some(EnergyReading {
+                energy_j: 130.0,
+                clock_s: 3.0,
+            }),
+            T0,
+            &mut ready,
+        );
+        assert_eq!((r.stats.attributed_j, r.stats.idle_j), (100.0, 30.0));
+    }
+
+    #[test]
+    fn a_failing_replica_is_rested_and_its_request_retried() {
+        let mut core = started(1);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 4))));
+        let first = drain(&mut core)
+            .into_iter()
+            .find_map(|a| match a {
+                AgentAction::Dispatch {
+                    replica,
+                    unit,
+                    item,
+                } => Some((replica, unit, item)),
+                _ => None,
+            })
+            .unwrap();
+        let reply = EngineReply::Unreachable {
+            code: "connect_failed".into(),
+            message: "connection refused".into(),
+        };
+        core.engine_done(T0, first.0, first.1, first.2.req, reply);
+        let actions = drain(&mut core);
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, AgentAction::Dispatch { replica, .. } if *replica == first.0)),
+            "no new work for the failed replica while it rests: {actions:?}"
+        );
+        let (_, stats) = core.replicas().nth(first.0).unwrap();
+        assert_eq!(stats.errors, 1);
+        // After the 500 ms rest the replica gets work again.
+        let rested = T0.saturating_add(Duration::from_millis(500));
+        assert!(core.poll_timeout().unwrap() <= rested);
+        core.handle_timeout(rested);
+        let actions = drain(&mut core);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, AgentAction::Dispatch { replica, .. } if *replica == first.0)),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_node_registers_again_and_keeps_its_results() {
+        let mut core = started(1);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Err(true));
+        assert!(drain(&mut core).contains(&AgentAction::Register));
+        let results = vec![ReportedResult {
+            unit: WorkUnitId(3),
+            req: RequestRef::default(),
+            outcome: ReportedOutcome::Final(Outcome::Error {
+                code: "c".into(),
+                message: "m".into(),
+            }),
+            usage: Usage::default(),
+        }];
+        core.reporting = Some(vec![WorkUnitId(3)]);
+        core.report_failed(T0, results.clone(), true);
+        assert_eq!(core.ready.len(), 1, "kept for the next report");
+    }
+
+    #[test]
+    fn shutdown_releases_queued_work_and_drains() {
+        let mut core = started(1);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 5))));
+        let dispatched: Vec<_> = drain(&mut core)
+            .into_iter()
+            .filter_map(|a| match a {
+                AgentAction::Dispatch {
+                    replica,
+                    unit,
+                    item,
+                } => Some((replica, unit, item)),
+                _ => None,
+            })
+            .collect();
+        core.shutdown(T0);
+        let released: usize = drain(&mut core)
+            .iter()
+            .map(|a| match a {
+                AgentAction::Release { items, .. } => items.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(released, 3);
+        assert!(!core.is_drained());
+        for (replica, unit, item) in dispatched {
+            core.engine_done(T0, replica, unit, item.req, answered(1));
+        }
+        core.device_sample(T0, vec![None, None]);
+        let report = drain(&mut core)
+            .into_iter()
+            .any(|a| matches!(a, AgentAction::Report(_)));
+        assert!(report, "shutdown reports at once");
+        core.report_acked(T0);
+        assert!(core.is_drained());
+        assert!(core.held_units().is_empty());
+    }
+}
