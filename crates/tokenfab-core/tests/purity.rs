@@ -3,7 +3,8 @@
 
 #[test]
 fn core_depends_only_on_pure_data_crates() {
-    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
     let allowed = ["serde", "serde_json", "thiserror", "toml"];
     let mut section = "";
     let mut found = Vec::new();
@@ -13,12 +14,19 @@ fn core_depends_only_on_pure_data_crates() {
             continue;
         }
         if section == "[dependencies]" {
-            if let Some(name) = line.split(['=', ' ', '.']).next().filter(|n| !n.is_empty() && !n.starts_with('#')) {
+            if let Some(name) = line
+                .split(['=', ' ', '.'])
+                .next()
+                .filter(|n| !n.is_empty() && !n.starts_with('#'))
+            {
                 found.push(name.to_string());
             }
         }
     }
-    assert!(!found.is_empty(), "could not read the [dependencies] section");
+    assert!(
+        !found.is_empty(),
+        "could not read the [dependencies] section"
+    );
     for dep in &found {
         assert!(
             allowed.contains(&dep.as_str()),

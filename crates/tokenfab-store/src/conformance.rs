@@ -1,0 +1,279 @@
+//! The conformance suite every [`Store`] backend must pass.
+//!
+//! Call [`check`] from a backend's tests with a function that opens the backend over the
+//! same durable location each time (a fresh, empty location for the first call). The
+//! suite drives a real [`ControlCore`] and replays what it persists, so backends are
+//! tested with exactly the operations the control plane emits.
+
+use crate::{BatchInputs, Cursor, ResultKind, RowOutcome, Store, WriteSet};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokenfab_core::batch::BatchStatus;
+use tokenfab_core::batch_input::{InputLimits, parse_batch_input};
+use tokenfab_core::control::{
+    Action, ControlConfig, ControlCore, NewBatch, NodeDevice, NodeRegistration, ReportedOutcome,
+    ReportedResult,
+};
+use tokenfab_core::durable::{DurableOp, Outcome, RequestMeta};
+use tokenfab_core::usage::Usage;
+use tokenfab_core::{AcceleratorId, ModelId, NodeId, SuperNodeId, TenantId, Timestamp};
+
+fn line(id: &str) -> String {
+    format!(
+        r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"hi {id}"}}],"max_tokens":8}}}}"#
+    )
+}
+
+/// Collects what the core asks to persist since the last call, with the inputs.
+fn write_set(core: &mut ControlCore, inputs: &mut BTreeMap<u64, BatchInputs>) -> WriteSet {
+    let mut set = WriteSet::default();
+    while let Some(a) = core.poll_action() {
+        if let Action::Persist(op) = a {
+            if let DurableOp::CreateBatch { meta, .. } = &op {
+                set.inputs.extend(inputs.remove(&meta.id.0));
+            }
+            set.ops.push(op);
+        }
+    }
+    set
+}
+
+/// Runs the suite. `open` must return a store over the same durable state on every
+/// call (the suite drops and reopens it to check durability); the state must start empty.
+pub async fn check<S: Store>(open: impl Fn() -> S) {
+    let store = open();
+    assert!(
+        store.load().await.unwrap().is_empty(),
+        "a new store is empty"
+    );
+
+    // A batch of 5 lines, 2 of them invalid.
+    let model = ModelId::from("llama-3.1-8b");
+    let text = format!(
+        "{}\nnot json\n{}\n{}\n{}\n",
+        line("a"),
+        line("b"),
+        line("c"),
+        line("a")
+    );
+    let parsed =
+        parse_batch_input(text.as_bytes(), &model, &InputLimits::default(), false).unwrap();
+    assert_eq!((parsed.requests.len(), parsed.line_errors.len()), (3, 2));
+    let t0 = Timestamp::from_millis(1_700_000_000_000);
+    let mut core = ControlCore::new(ControlConfig::default());
+    let tenant = TenantId::from("acme");
+    let view = core
+        .submit(
+            t0,
+            NewBatch {
+                tenant: tenant.clone(),
+                model: model.clone(),
+                sla_class: None,
+                completion_window: Some(Duration::from_secs(600)),
+                metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
+                input_bytes: parsed.bytes,
+                lines: parsed.lines,
+                invalid_lines: parsed.line_errors.len() as u32,
+                requests: parsed
+                    .requests
+                    .iter()
+                    .map(|r| RequestMeta {
+                        line: r.line,
+                        prompt_tokens_estimate: r.prompt_tokens_estimate,
+                        max_tokens: r.max_tokens,
+                    })
+                    .collect(),
+            },
+        )
+        .unwrap();
+    let id = view.meta.id;
+    let mut inputs = BTreeMap::from([(
+        id.0,
+        BatchInputs {
+            batch: id,
+            requests: parsed.requests.clone(),
+            line_errors: parsed.line_errors.clone(),
+        },
+    )]);
+    store
+        .apply(write_set(&mut core, &mut inputs))
+        .await
+        .unwrap();
+
+    // Reopened, the batch is there with its bodies, and nothing has a result.
+    drop(store);
+    let store = open();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].batch.meta, view.meta);
+    assert_eq!(loaded[0].batch.life.status(), BatchStatus::Queued);
+    assert_eq!(loaded[0].inputs, parsed.requests);
+    assert_eq!(
+        loaded[0]
+            .batch
+            .requests
+            .iter()
+            .map(|r| r.line)
+            .collect::<Vec<_>>(),
+        [1, 3, 4]
+    );
+    assert!(loaded[0].batch.results.is_empty());
+
+    // Two results: one success, one engine error (HTTP 400).
+    let node = NodeId::from("n1");
+    core.register(
+        t0,
+        NodeRegistration {
+            node: node.clone(),
+            super_node: SuperNodeId::from("s"),
+            devices: vec![NodeDevice {
+                index: 0,
+                accelerator: AcceleratorId::from("h100-sxm"),
+                domain: 0,
+            }],
+            replicas: vec![],
+        },
+    );
+    let grant = core.lease(t0, &node, &model, 2).unwrap().unwrap();
+    let response = |status: u16| {
+        ReportedOutcome::Final(Outcome::Response {
+            status_code: status,
+            body: format!("{{\"s\":{status}}}").into_bytes(),
+            request_id: "r".into(),
+        })
+    };
+    let usage = Usage {
+        prompt_tokens: 4,
+        completion_tokens: 8,
+        joules: 2.5,
+        device_seconds: 0.1,
+        cost_usd: 0.0,
+    };
+    let reports = vec![
+        ReportedResult {
+            unit: grant.unit,
+            req: grant.items[0].req,
+            outcome: response(200),
+            usage,
+        },
+        ReportedResult {
+            unit: grant.unit,
+            req: grant.items[1].req,
+            outcome: response(400),
+            usage,
+        },
+    ];
+    core.report(t0, &node, reports).unwrap();
+    store
+        .apply(write_set(&mut core, &mut inputs))
+        .await
+        .unwrap();
+
+    let out = store
+        .results(id, ResultKind::Output, Cursor::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(out.rows.len(), 1);
+    assert_eq!((out.rows[0].line, out.rows[0].custom_id.as_str()), (1, "a"));
+    assert_eq!(out.rows[0].usage.completion_tokens, 8);
+    assert!(out.next.is_none());
+    let errs = store
+        .results(id, ResultKind::Errors, Cursor::default(), 100)
+        .await
+        .unwrap();
+    let lines: Vec<(u32, bool)> = errs
+        .rows
+        .iter()
+        .map(|r| (r.line, matches!(r.outcome, RowOutcome::Invalid(_))))
+        .collect();
+    assert_eq!(
+        lines,
+        [(2, true), (3, false), (5, true)],
+        "errors in line order: invalid lines and the HTTP 400"
+    );
+    // Paging returns the same rows one at a time.
+    let mut paged = Vec::new();
+    let mut cursor = Some(Cursor::default());
+    while let Some(c) = cursor {
+        let page = store.results(id, ResultKind::Errors, c, 1).await.unwrap();
+        paged.extend(page.rows.iter().map(|r| r.line));
+        cursor = page.next;
+        assert!(paged.len() <= 3, "paging terminates");
+    }
+    assert_eq!(paged, [2, 3, 5]);
+
+    // Reopen mid-batch: results survive and the remaining request is still open.
+    drop(store);
+    let store = open();
+    let loaded = store.load().await.unwrap();
+    let mut results = loaded[0].batch.results.clone();
+    results.sort_by_key(|r| r.0);
+    assert_eq!(
+        results.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        [(0, true), (1, false)]
+    );
+    assert_eq!(
+        results[0].2,
+        Usage {
+            cost_usd: results[0].2.cost_usd,
+            ..usage
+        },
+        "usage survives"
+    );
+    let mut recovered = ControlCore::recover(
+        ControlConfig::default(),
+        loaded.into_iter().map(|l| l.batch).collect(),
+        t0,
+    );
+    recovered.register(
+        t0,
+        NodeRegistration {
+            node: node.clone(),
+            super_node: SuperNodeId::from("s"),
+            devices: vec![],
+            replicas: vec![],
+        },
+    );
+    let g = recovered.lease(t0, &node, &model, 10).unwrap().unwrap();
+    assert_eq!(g.items.iter().map(|i| i.req.index).collect::<Vec<_>>(), [2]);
+    recovered
+        .report(
+            t0,
+            &node,
+            vec![ReportedResult {
+                unit: g.unit,
+                req: g.items[0].req,
+                outcome: response(200),
+                usage,
+            }],
+        )
+        .unwrap();
+    assert_eq!(
+        recovered.batch(&tenant, id).unwrap().life.status(),
+        BatchStatus::Completed
+    );
+    store
+        .apply(write_set(&mut recovered, &mut inputs))
+        .await
+        .unwrap();
+
+    // A final batch loads with its totals and without its inputs.
+    drop(store);
+    let store = open();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded[0].batch.life.status(), BatchStatus::Completed);
+    let totals = loaded[0].batch.totals.expect("final batches store totals");
+    assert_eq!((totals.completed, totals.failed), (2, 1));
+    assert!(loaded[0].inputs.is_empty());
+    let out = store
+        .results(id, ResultKind::Output, Cursor::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        out.rows
+            .iter()
+            .map(|r| r.custom_id.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "c"]
+    );
+}
