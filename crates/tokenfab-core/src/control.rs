@@ -495,6 +495,11 @@ impl ControlCore {
         self.owned(tenant, id).map(Batch::view)
     }
 
+    /// Any batch, whoever owns it (for the shell's own use, never for tenant queries).
+    pub fn view(&self, id: BatchId) -> Option<BatchView> {
+        self.batches.get(&id).map(Batch::view)
+    }
+
     /// `tenant`'s batches, newest first, older than `before` if given.
     pub fn list(
         &self,

@@ -1,0 +1,197 @@
+//! Conversions between the wire types and the core's types, and the one place where
+//! core errors become gRPC statuses.
+
+use tokenfab_core::batch::BatchStatus;
+use tokenfab_core::batch_input::InputError;
+use tokenfab_core::control::{
+    BatchError, BatchView, NodeDevice, NodeRegistration, NodeReplica, ReportedOutcome,
+    ReportedResult, SubmitError, UnknownNode,
+};
+use tokenfab_core::durable::Outcome;
+use tokenfab_core::usage::Usage;
+use tokenfab_core::{
+    AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, Timestamp,
+    WorkUnitId,
+};
+use tokenfab_proto::v1 as pb;
+use tonic::Status;
+
+pub fn unix_ms(t: Option<Timestamp>) -> i64 {
+    t.map_or(0, |t| t.as_millis() as i64)
+}
+
+pub fn status(s: BatchStatus) -> pb::BatchStatus {
+    match s {
+        BatchStatus::Validating => pb::BatchStatus::Validating,
+        BatchStatus::Queued => pb::BatchStatus::Queued,
+        BatchStatus::InProgress => pb::BatchStatus::InProgress,
+        BatchStatus::Finalizing => pb::BatchStatus::Finalizing,
+        BatchStatus::Completed => pb::BatchStatus::Completed,
+        BatchStatus::Failed => pb::BatchStatus::Failed,
+        BatchStatus::Expired => pb::BatchStatus::Expired,
+        BatchStatus::Cancelling => pb::BatchStatus::Cancelling,
+        BatchStatus::Cancelled => pb::BatchStatus::Cancelled,
+    }
+}
+
+pub fn usage(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        joules: u.joules,
+        device_seconds: u.device_seconds,
+        cost_usd: u.cost_usd,
+    }
+}
+
+pub fn usage_from(u: Option<&pb::Usage>) -> Usage {
+    u.map_or_else(Usage::default, |u| Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        joules: u.joules,
+        device_seconds: u.device_seconds,
+        cost_usd: u.cost_usd,
+    })
+}
+
+pub fn batch(v: &BatchView) -> pb::Batch {
+    let l = &v.life;
+    pb::Batch {
+        id: v.meta.id.to_string(),
+        tenant: v.meta.tenant.to_string(),
+        model: v.meta.model.to_string(),
+        status: status(l.status()) as i32,
+        sla_class: v.meta.sla_class.clone(),
+        completion_window_seconds: v.meta.completion_window.as_secs(),
+        metadata: v.meta.metadata.clone().into_iter().collect(),
+        request_counts: Some(pb::RequestCounts {
+            total: v.counts.total,
+            completed: v.counts.completed,
+            failed: v.counts.failed,
+            invalid: v.counts.invalid,
+        }),
+        usage: Some(usage(&v.usage)),
+        created_at_unix_ms: unix_ms(Some(l.created_at)),
+        deadline_unix_ms: unix_ms(Some(v.meta.deadline)),
+        in_progress_at_unix_ms: unix_ms(l.in_progress_at),
+        finalizing_at_unix_ms: unix_ms(l.finalizing_at),
+        completed_at_unix_ms: unix_ms(l.completed_at),
+        failed_at_unix_ms: unix_ms(l.failed_at),
+        expired_at_unix_ms: unix_ms(l.expired_at),
+        cancelling_at_unix_ms: unix_ms(l.cancelling_at),
+        cancelled_at_unix_ms: unix_ms(l.cancelled_at),
+        failure_reason: l.failure_reason.clone().unwrap_or_default(),
+        input_bytes: v.meta.input_bytes,
+    }
+}
+
+pub fn batch_id(s: &str) -> Result<BatchId, Status> {
+    s.parse().map_err(|e: tokenfab_core::ids::BadBatchId| {
+        Status::invalid_argument(format!("batch_id: {e}"))
+    })
+}
+
+pub fn input_error(e: InputError) -> Status {
+    match e {
+        InputError::TooLarge { .. } | InputError::TooManyRequests { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+pub fn submit_error(e: SubmitError) -> Status {
+    match e {
+        SubmitError::UnknownModel { .. } => Status::not_found(format!("options.model: {e}")),
+        SubmitError::UnknownSlaClass { .. } => {
+            Status::invalid_argument(format!("options.sla_class: {e}"))
+        }
+        SubmitError::WindowTooLong { .. } => {
+            Status::invalid_argument(format!("options.completion_window_seconds: {e}"))
+        }
+        SubmitError::NoRequests => Status::invalid_argument(e.to_string()),
+    }
+}
+
+pub fn batch_error(e: BatchError) -> Status {
+    match e {
+        BatchError::NotFound(_) => Status::not_found(e.to_string()),
+        BatchError::Transition(_) => Status::failed_precondition(e.to_string()),
+    }
+}
+
+pub fn unknown_node(e: UnknownNode) -> Status {
+    Status::not_found(e.to_string())
+}
+
+/// The core loop stopped (its durable store failed): nothing more can be made durable.
+pub fn stopped() -> Status {
+    Status::unavailable(
+        "the control plane is stopping (its durable store failed or it is shutting down); retry against a healthy control plane",
+    )
+}
+
+pub fn registration(r: pb::RegisterRequest) -> Result<NodeRegistration, Status> {
+    if r.node.trim().is_empty() {
+        return Err(Status::invalid_argument("node: a node name is required"));
+    }
+    Ok(NodeRegistration {
+        node: NodeId::new(r.node),
+        super_node: SuperNodeId::new(r.super_node),
+        devices: r
+            .devices
+            .into_iter()
+            .map(|d| NodeDevice {
+                index: d.index,
+                accelerator: AcceleratorId::new(d.accelerator),
+                domain: d.domain,
+            })
+            .collect(),
+        replicas: r
+            .replicas
+            .into_iter()
+            .map(|p| NodeReplica {
+                replica: ReplicaId::new(p.replica_id),
+                model: ModelId::new(p.model),
+                devices: p.device_indices,
+                max_concurrency: p.max_concurrency,
+            })
+            .collect(),
+    })
+}
+
+pub fn reported(results: Vec<pb::WorkResult>) -> Result<Vec<ReportedResult>, Status> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let outcome = match r.outcome {
+                Some(pb::work_result::Outcome::Response(resp)) => {
+                    ReportedOutcome::Final(Outcome::Response {
+                        status_code: u16::try_from(resp.status_code).unwrap_or(u16::MAX),
+                        body: resp.body.to_vec(),
+                        request_id: resp.request_id,
+                    })
+                }
+                Some(pb::work_result::Outcome::RetryableError(e)) => ReportedOutcome::Retryable {
+                    code: e.code,
+                    message: e.message,
+                },
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "results[{i}]: outcome is required"
+                    )));
+                }
+            };
+            Ok(ReportedResult {
+                unit: WorkUnitId(r.unit_id),
+                req: RequestRef {
+                    batch: BatchId(r.batch),
+                    index: r.index,
+                },
+                outcome,
+                usage: usage_from(r.usage.as_ref()),
+            })
+        })
+        .collect()
+}

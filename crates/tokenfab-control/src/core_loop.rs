@@ -1,0 +1,385 @@
+//! The one task that owns the control core.
+//!
+//! RPC handlers send [`Command`]s; the loop applies every command waiting in the channel
+//! to the core, collects what the core asks to persist into one [`WriteSet`], commits it
+//! (one fsync for the whole round: group commit) and only then sends the replies. While a
+//! commit runs, new commands queue up and form the next round, so the commit rate adapts
+//! to the load.
+//!
+//! If the store fails, the loop stops without replying: pending callers get UNAVAILABLE
+//! and the server exits, and a restart rebuilds the state from what is durable. The
+//! in-memory state is never trusted past a failed commit.
+
+use crate::metrics::Metrics;
+use prost::bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokenfab_core::batch_input::{LineError, ParsedRequest};
+use tokenfab_core::control::{
+    Action, BatchError, BatchView, ControlCore, HeartbeatReply, LeaseGrant, NewBatch,
+    NodeRegistration, ReportSummary, ReportedResult, SubmitError, UnknownNode,
+};
+use tokenfab_core::durable::DurableOp;
+use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
+use tokenfab_proto::v1 as pb;
+use tokenfab_store::{BatchInputs, Store, StoreError, WriteSet};
+use tokio::sync::{mpsc, oneshot, watch};
+
+type Reply<T> = oneshot::Sender<T>;
+
+pub enum Command {
+    Submit {
+        new: NewBatch,
+        requests: Vec<ParsedRequest>,
+        line_errors: Vec<LineError>,
+        reply: Reply<Result<BatchView, SubmitError>>,
+    },
+    Get {
+        tenant: TenantId,
+        id: BatchId,
+        reply: Reply<Result<BatchView, BatchError>>,
+    },
+    List {
+        tenant: TenantId,
+        before: Option<BatchId>,
+        limit: usize,
+        reply: Reply<(Vec<BatchView>, bool)>,
+    },
+    Cancel {
+        tenant: TenantId,
+        id: BatchId,
+        reply: Reply<Result<BatchView, BatchError>>,
+    },
+    Watch {
+        tenant: TenantId,
+        id: BatchId,
+        reply: Reply<Result<watch::Receiver<BatchView>, BatchError>>,
+    },
+    Register {
+        registration: NodeRegistration,
+        reply: Reply<()>,
+    },
+    Heartbeat {
+        node: NodeId,
+        held: Vec<WorkUnitId>,
+        reply: Reply<Result<HeartbeatReply, UnknownNode>>,
+    },
+    Lease {
+        node: NodeId,
+        model: ModelId,
+        max: u32,
+        reply: Reply<Result<Option<pb::WorkUnit>, UnknownNode>>,
+    },
+    Report {
+        node: NodeId,
+        results: Vec<ReportedResult>,
+        reply: Reply<Result<ReportSummary, UnknownNode>>,
+    },
+    Release {
+        node: NodeId,
+        unit: WorkUnitId,
+        items: Vec<RequestRef>,
+        reply: Reply<Result<u32, UnknownNode>>,
+    },
+}
+
+/// What a lease hands out for each request: everything but the scheduling metadata.
+struct CachedInput {
+    custom_id: String,
+    url: &'static str,
+    body: Bytes,
+}
+
+fn cache(requests: &[ParsedRequest]) -> Arc<Vec<CachedInput>> {
+    Arc::new(
+        requests
+            .iter()
+            .map(|r| CachedInput {
+                custom_id: r.custom_id.clone(),
+                url: r.endpoint.path(),
+                body: Bytes::from(r.body.clone()),
+            })
+            .collect(),
+    )
+}
+
+/// Unix time in microseconds: the control plane's `now`.
+pub fn now() -> Timestamp {
+    let us = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    Timestamp::from_micros(us)
+}
+
+/// The most commands applied in one round before committing.
+const MAX_ROUND: usize = 4096;
+
+pub struct CoreLoop<S> {
+    core: ControlCore,
+    store: S,
+    bodies: HashMap<BatchId, Arc<Vec<CachedInput>>>,
+    watchers: HashMap<BatchId, watch::Sender<BatchView>>,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: Store> CoreLoop<S> {
+    /// Rebuilds the core from the store.
+    pub async fn recover(
+        store: S,
+        config: tokenfab_core::control::ControlConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let loaded = store.load().await?;
+        let mut bodies = HashMap::new();
+        let mut batches = Vec::with_capacity(loaded.len());
+        for l in loaded {
+            if !l.inputs.is_empty() {
+                bodies.insert(l.batch.meta.id, cache(&l.inputs));
+            }
+            batches.push(l.batch);
+        }
+        let recovered = batches.len();
+        let mut core = ControlCore::recover(config, batches, now());
+        // Completing batches found whole during recovery must be written too.
+        let mut set = WriteSet::default();
+        while let Some(a) = core.poll_action() {
+            if let Action::Persist(op) = a {
+                set.ops.push(op);
+            }
+        }
+        store.apply(set).await?;
+        tracing::info!(batches = recovered, "recovered durable state");
+        Ok(CoreLoop {
+            core,
+            store,
+            bodies,
+            watchers: HashMap::new(),
+            metrics,
+        })
+    }
+
+    /// Runs until the channel closes (shutdown) or the store fails.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError> {
+        let mut round: Vec<Command> = Vec::new();
+        loop {
+            let wake = self.core.poll_timeout();
+            let first = tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(c) => Some(c),
+                    None => return Ok(()),
+                },
+                _ = sleep_until_unix(wake) => None,
+            };
+            round.extend(first);
+            while round.len() < MAX_ROUND {
+                match rx.try_recv() {
+                    Ok(c) => round.push(c),
+                    Err(_) => break,
+                }
+            }
+            let now = now();
+            self.core.handle_timeout(now);
+            let mut set = WriteSet::default();
+            let mut pending_inputs: HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)> =
+                HashMap::new();
+            let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(round.len());
+            for cmd in round.drain(..) {
+                self.apply(now, cmd, &mut pending_inputs, &mut replies);
+            }
+            let mut changed = Vec::new();
+            while let Some(a) = self.core.poll_action() {
+                match a {
+                    Action::Persist(op) => {
+                        if let DurableOp::CreateBatch { meta, .. } = &op {
+                            if let Some((requests, line_errors)) = pending_inputs.remove(&meta.id) {
+                                set.inputs.push(BatchInputs {
+                                    batch: meta.id,
+                                    requests,
+                                    line_errors,
+                                });
+                            }
+                        }
+                        set.ops.push(op);
+                    }
+                    Action::BatchChanged(id) => changed.push(id),
+                }
+            }
+            if !set.is_empty() {
+                let started = std::time::Instant::now();
+                let ops = set.ops.len();
+                self.store.apply(set).await?;
+                self.metrics.commits.inc();
+                self.metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::trace!(ops, "committed");
+            }
+            for reply in replies {
+                reply();
+            }
+            self.publish(changed);
+            self.metrics.observe_core(&self.core.stats());
+        }
+    }
+
+    fn apply(
+        &mut self,
+        now: Timestamp,
+        cmd: Command,
+        inputs: &mut HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)>,
+        replies: &mut Vec<Box<dyn FnOnce() + Send>>,
+    ) {
+        fn later<T: Send + 'static>(
+            replies: &mut Vec<Box<dyn FnOnce() + Send>>,
+            tx: Reply<T>,
+            v: T,
+        ) {
+            replies.push(Box::new(move || {
+                let _ = tx.send(v);
+            }));
+        }
+        match cmd {
+            Command::Submit {
+                new,
+                requests,
+                line_errors,
+                reply,
+            } => {
+                let r = self.core.submit(now, new);
+                if let Ok(v) = &r {
+                    self.bodies.insert(v.meta.id, cache(&requests));
+                    inputs.insert(v.meta.id, (requests, line_errors));
+                    self.metrics.batches_submitted.inc();
+                }
+                later(replies, reply, r);
+            }
+            Command::Get { tenant, id, reply } => {
+                let _ = reply.send(self.core.batch(&tenant, id));
+            }
+            Command::List {
+                tenant,
+                before,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.core.list(&tenant, before, limit));
+            }
+            Command::Cancel { tenant, id, reply } => {
+                let r = self.core.cancel(now, &tenant, id);
+                later(replies, reply, r);
+            }
+            Command::Watch { tenant, id, reply } => {
+                let r = self.core.batch(&tenant, id).map(|view| {
+                    if view.life.status().is_terminal() {
+                        // Nothing will change: a receiver whose sender is already gone
+                        // yields this one view and ends.
+                        watch::channel(view).1
+                    } else {
+                        self.watchers
+                            .entry(id)
+                            .or_insert_with(|| watch::channel(view.clone()).0)
+                            .subscribe()
+                    }
+                });
+                let _ = reply.send(r);
+            }
+            Command::Register {
+                registration,
+                reply,
+            } => {
+                tracing::info!(node = %registration.node, devices = registration.devices.len(), replicas = registration.replicas.len(), "node registered");
+                self.core.register(now, registration);
+                later(replies, reply, ());
+            }
+            Command::Heartbeat { node, held, reply } => {
+                let _ = reply.send(self.core.heartbeat(now, &node, &held));
+            }
+            Command::Lease {
+                node,
+                model,
+                max,
+                reply,
+            } => {
+                let r = self
+                    .core
+                    .lease(now, &node, &model, max)
+                    .map(|g| g.map(|g| self.work_unit(g)));
+                later(replies, reply, r);
+            }
+            Command::Report {
+                node,
+                results,
+                reply,
+            } => {
+                let r = self.core.report(now, &node, results);
+                later(replies, reply, r);
+            }
+            Command::Release {
+                node,
+                unit,
+                items,
+                reply,
+            } => {
+                let r = self.core.release(now, &node, unit, &items);
+                later(replies, reply, r);
+            }
+        }
+    }
+
+    fn work_unit(&self, g: LeaseGrant) -> pb::WorkUnit {
+        let items = g
+            .items
+            .iter()
+            .filter_map(|item| {
+                let input = self
+                    .bodies
+                    .get(&item.req.batch)?
+                    .get(item.req.index as usize)?;
+                Some(pb::WorkItem {
+                    batch: item.req.batch.0,
+                    index: item.req.index,
+                    custom_id: input.custom_id.clone(),
+                    url: input.url.to_string(),
+                    body: input.body.clone(),
+                    attempt: item.attempt,
+                })
+            })
+            .collect();
+        pb::WorkUnit {
+            unit_id: g.unit.0,
+            expires_at_unix_ms: g.expires_at.as_millis() as i64,
+            items,
+        }
+    }
+
+    /// Sends fresh views to watchers, and drops what final batches no longer need.
+    fn publish(&mut self, mut changed: Vec<BatchId>) {
+        changed.sort_unstable();
+        changed.dedup();
+        for id in changed {
+            let view = self.core.view(id);
+            let Some(view) = view else { continue };
+            let terminal = view.life.status().is_terminal();
+            if let Some(w) = self.watchers.get(&id) {
+                w.send_replace(view);
+                if terminal || w.receiver_count() == 0 {
+                    self.watchers.remove(&id);
+                }
+            }
+            if terminal {
+                self.bodies.remove(&id);
+            }
+        }
+    }
+}
+
+async fn sleep_until_unix(t: Option<Timestamp>) {
+    match t {
+        Some(t) => {
+            let wait = Duration::from_micros(t.as_micros().saturating_sub(now().as_micros()));
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,218 @@
+//! # tokenfab-control: the control plane
+//!
+//! A thin async shell around [`tokenfab_core::control::ControlCore`]: a tonic server for
+//! tenants (`BatchService`) and agents (`AgentService`), gRPC health and reflection, a
+//! Prometheus `/metrics` endpoint, and durable state through any [`Store`].
+//!
+//! Data flow: RPC handler -> [`core_loop`] (the only owner of the core) -> group commit
+//! to the store -> reply. A batch is acknowledged only after the commit that holds it;
+//! a result is acknowledged to its agent only after the commit that records it.
+
+pub mod auth;
+mod convert;
+mod core_loop;
+mod metrics;
+mod services;
+
+pub use auth::{Auth, TenantToken};
+pub use metrics::Metrics;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokenfab_core::batch_input::InputLimits;
+use tokenfab_core::control::ControlConfig;
+use tokenfab_proto::v1::agent_service_server::AgentServiceServer;
+use tokenfab_proto::v1::batch_service_server::BatchServiceServer;
+use tokenfab_store::{Store, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// How to run a control plane.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// gRPC address (tenants and agents).
+    pub listen: SocketAddr,
+    /// HTTP address for `/metrics`; `None` to serve no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    pub tenants: Vec<TenantToken>,
+    pub agent_token: String,
+    pub control: ControlConfig,
+    pub limits: InputLimits,
+}
+
+/// A control plane that cannot start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {cause}; is another server using the port?")]
+    Bind {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// A running control plane.
+pub struct Server {
+    /// The gRPC address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.addr).finish()
+    }
+}
+
+impl Server {
+    /// Stops accepting calls, lets running ones finish, and waits.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task
+            .await
+            .map_err(|e| ServerError::Config(e.to_string()))?
+    }
+
+    /// Waits until the server stops by itself (a store failure).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        let Server { task, shutdown, .. } = self;
+        let r = task.await.map_err(|e| ServerError::Config(e.to_string()))?;
+        drop(shutdown);
+        r
+    }
+}
+
+/// Recovers state from `store`, binds, and serves in the background.
+pub async fn start<S: Store + Clone>(
+    config: ServerConfig,
+    store: S,
+) -> Result<Server, ServerError> {
+    if config.agent_token.is_empty() {
+        return Err(ServerError::Config(
+            "an agent token is required (--agent-token or TOKENFAB_AGENT_TOKEN)".into(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::new());
+    let core_loop =
+        core_loop::CoreLoop::recover(store.clone(), config.control.clone(), metrics.clone())
+            .await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|cause| ServerError::Bind {
+            addr: config.listen,
+            cause,
+        })?;
+    let addr = listener.local_addr().map_err(|cause| ServerError::Bind {
+        addr: config.listen,
+        cause,
+    })?;
+    let metrics_listener = match config.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|cause| ServerError::Bind { addr: a, cause })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let (tx, rx) = mpsc::channel(16_384);
+    let shared = Arc::new(services::Shared {
+        tx,
+        store,
+        auth: Auth::new(&config.tenants, &config.agent_token),
+        limits: config.limits,
+        models: config
+            .control
+            .models
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        lease_ttl: config.control.lease_ttl,
+        heartbeat_interval: config.control.heartbeat_interval,
+    });
+    let max_message = (config.limits.max_file_bytes as usize)
+        .saturating_add(1 << 20)
+        .min(256 << 20);
+    let batch = BatchServiceServer::new(services::BatchApi(shared.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(64 << 20);
+    let agent = AgentServiceServer::new(services::AgentApi(shared))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BatchServiceServer<services::BatchApi<S>>>()
+        .await;
+    health_reporter
+        .set_serving::<AgentServiceServer<services::AgentApi<S>>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tokenfab_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
+        if let Some(l) = metrics_listener {
+            let m = metrics.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || async move { m.encode() }),
+            );
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async {
+                        let _ = metrics_stopped.await;
+                    })
+                    .await;
+            });
+        }
+        let core = tokio::spawn(core_loop.run(rx));
+        let grpc = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(batch)
+            .add_service(agent)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = shutdown_rx.await;
+                },
+            );
+        tokio::pin!(grpc);
+        tokio::pin!(core);
+        let result = tokio::select! {
+            r = &mut grpc => r.map_err(ServerError::from),
+            r = &mut core => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "durable store failed; stopping so that a restart recovers from durable state");
+                    Err(ServerError::Store(e))
+                }
+                Err(e) => Err(ServerError::Config(format!("core loop panicked: {e}"))),
+            },
+        };
+        let _ = stop_metrics.send(());
+        result
+    });
+    Ok(Server {
+        addr,
+        metrics_addr,
+        shutdown: Some(shutdown_tx),
+        task,
+    })
+}
