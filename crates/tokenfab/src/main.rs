@@ -1,11 +1,137 @@
-use clap::Parser;
+//! `tokenfab`: one binary for every role. See `tokenfab --help`.
+
+mod demo;
+mod parse;
+mod serve;
+mod tenant;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 
 /// tokenfab: a token-factory cluster scheduler for batch LLM inference.
+///
+/// Tenants submit batches of OpenAI-format requests (the OpenAI Batch JSONL format);
+/// the control plane leases them to agents, which run them on inference engines (vLLM,
+/// SGLang, TGI, llama.cpp, or tokenfab's emulator) and report results exactly once, with
+/// tokens, joules and cost per batch.
+///
+/// Start here: `tokenfab demo` runs a whole cluster in one process on emulated GPUs.
 #[derive(Parser)]
-#[command(version, about)]
-struct Cli {}
+#[command(name = "tokenfab", version, propagate_version = true)]
+struct Cli {
+    /// Log filter (tracing-subscriber syntax), e.g. `info`, `debug`, `tokenfab_control=debug`.
+    #[arg(long, global = true, env = "TOKENFAB_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole cluster in this process on emulated GPUs and submit a sample batch.
+    ///
+    /// Starts an embedded control plane, emulated super-nodes (default 2 nodes x 8 H100)
+    /// with one engine emulator per GPU and one agent per node, submits the 10,000-request
+    /// sample batch shipped with tokenfab, shows progress, and prints a summary. Needs no
+    /// GPU and no external service.
+    Demo(demo::DemoArgs),
+    /// Run a control plane (gRPC for tenants and agents, Prometheus metrics).
+    Server(serve::ServerArgs),
+    /// Run a node agent that drives engine replicas for a control plane.
+    Agent(serve::AgentArgs),
+    /// Run an OpenAI-compatible engine emulator driven by the performance model.
+    EngineEmu(serve::EmuArgs),
+    /// Submit a batch file (OpenAI Batch JSONL) and print its id.
+    Submit(tenant::SubmitArgs),
+    /// List, show, cancel or watch batches.
+    #[command(subcommand)]
+    Batches(tenant::BatchesCommand),
+    /// Download a batch's results (OpenAI Batch output JSONL) and errors.
+    Results(tenant::ResultsArgs),
+}
+
+/// Where the control plane is and who the tenant is.
+#[derive(Args, Clone, Debug)]
+pub struct Connection {
+    /// Control plane gRPC URL.
+    #[arg(
+        long,
+        env = "TOKENFAB_CONTROL",
+        default_value = "http://127.0.0.1:7443"
+    )]
+    pub control: String,
+    /// Tenant bearer token (issued by the operator).
+    #[arg(long, env = "TOKENFAB_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: bad --log filter '{filter}' ({e}); using 'warn'");
+        tracing_subscriber::EnvFilter::new("warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(a) => demo::run(a).await,
+            Command::Server(a) => serve::server(a).await,
+            Command::Agent(a) => serve::agent(a).await,
+            Command::EngineEmu(a) => serve::engine_emu(a).await,
+            Command::Submit(a) => tenant::submit(a).await,
+            Command::Batches(c) => tenant::batches(c).await,
+            Command::Results(a) => tenant::results(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// A path argument's display for messages.
+pub fn shown(p: &std::path::Path) -> String {
+    PathBuf::from(p).display().to_string()
 }

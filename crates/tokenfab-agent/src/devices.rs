@@ -1,0 +1,224 @@
+//! Devices behind one trait: what the node has, and readings of power and energy.
+//!
+//! Backends: [`EmulatedDevices`] (the engine emulator's `/emu/devices` endpoint) and
+//! [`NoDevices`] (CPU engines with no energy counter). An NVML backend for real GPUs
+//! implements the same trait.
+
+use std::future::Future;
+use std::pin::Pin;
+use tokenfab_core::AcceleratorId;
+use tokenfab_core::catalog::Catalog;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One device, as registered with the control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceInfo {
+    pub index: u32,
+    pub accelerator: AcceleratorId,
+    pub uuid: String,
+    pub memory_bytes: u64,
+    pub power_limit_w: f64,
+    pub power_limit_min_w: f64,
+    pub power_limit_max_w: f64,
+    /// High-bandwidth domain of the device on its super-node.
+    pub domain: u32,
+    pub emulated: bool,
+}
+
+/// A reading of one device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceReading {
+    pub index: u32,
+    /// Energy counter, joules, monotonic.
+    pub energy_j: f64,
+    pub power_w: f64,
+    pub power_limit_w: f64,
+    /// The device's clock, seconds: wall time for real devices, emulated time for emulated ones.
+    pub clock_s: f64,
+}
+
+/// A device operation that failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot read devices from {source_name}: {cause}")]
+    Read { source_name: String, cause: String },
+    #[error("device {index} does not exist on this node")]
+    NoSuchDevice { index: u32 },
+    #[error("cannot set the power limit of device {index}: {cause}")]
+    PowerLimit { index: u32, cause: String },
+}
+
+/// The devices of a node.
+pub trait DeviceBackend: Send + Sync + 'static {
+    /// What the node has (fixed for the agent's life).
+    fn devices(&self) -> Vec<DeviceInfo>;
+    /// Reads every device.
+    fn read(&self) -> BoxFuture<'_, Result<Vec<DeviceReading>, DeviceError>>;
+    /// Sets one device's power limit; returns the limit applied.
+    fn set_power_limit(&self, index: u32, watts: f64) -> BoxFuture<'_, Result<f64, DeviceError>>;
+}
+
+/// A node without accelerators the agent can read (e.g. llama.cpp on CPU).
+#[derive(Debug, Default, Clone)]
+pub struct NoDevices;
+
+impl DeviceBackend for NoDevices {
+    fn devices(&self) -> Vec<DeviceInfo> {
+        Vec::new()
+    }
+    fn read(&self) -> BoxFuture<'_, Result<Vec<DeviceReading>, DeviceError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn set_power_limit(&self, index: u32, _watts: f64) -> BoxFuture<'_, Result<f64, DeviceError>> {
+        Box::pin(async move { Err(DeviceError::NoSuchDevice { index }) })
+    }
+}
+
+/// Emulated devices, read from engine emulators. Each emulator hosts the devices of one
+/// replica; `engines[i]` = (base URL, node device indices it emulates, in order).
+#[derive(Debug, Clone)]
+pub struct EmulatedDevices {
+    http: reqwest::Client,
+    engines: Vec<(String, Vec<u32>)>,
+    info: Vec<DeviceInfo>,
+}
+
+#[derive(serde::Deserialize)]
+struct EmuDevices {
+    clock_s: f64,
+    devices: Vec<EmuDevice>,
+}
+
+#[derive(serde::Deserialize)]
+struct EmuDevice {
+    accelerator: String,
+    energy_j: f64,
+    power_w: f64,
+    power_limit_w: f64,
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> Result<EmuDevices, DeviceError> {
+    let err = |cause: String| DeviceError::Read {
+        source_name: url.to_string(),
+        cause,
+    };
+    let resp = http
+        .get(format!("{url}/emu/devices"))
+        .send()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(err(format!(
+            "HTTP {}; is it a tokenfab engine emulator?",
+            resp.status()
+        )));
+    }
+    let bytes = resp.bytes().await.map_err(|e| err(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| err(format!("unexpected answer: {e}")))
+}
+
+impl EmulatedDevices {
+    /// Asks each emulator which devices it emulates; node device indices are assigned
+    /// in order, one NVLink domain per `domain_size` devices of the accelerator class.
+    pub async fn discover(
+        http: reqwest::Client,
+        engine_urls: &[String],
+    ) -> Result<Self, DeviceError> {
+        let mut engines = Vec::new();
+        let mut info = Vec::new();
+        for url in engine_urls {
+            let d = fetch(&http, url).await?;
+            let mut indices = Vec::new();
+            for dev in d.devices {
+                let index = info.len() as u32;
+                let accelerator = AcceleratorId::new(dev.accelerator);
+                let spec = Catalog::builtin().accelerator(&accelerator).ok();
+                let domain_size = spec.map_or(1, |s| s.domain_size.max(1));
+                info.push(DeviceInfo {
+                    index,
+                    uuid: format!("emu-{}-{index}", url.trim_start_matches("http://")),
+                    memory_bytes: spec.map_or(0, |s| (s.memory_gb * 1e9) as u64),
+                    power_limit_w: dev.power_limit_w,
+                    power_limit_min_w: spec.map_or(dev.power_limit_w, |s| s.power_limit_min_w),
+                    power_limit_max_w: spec.map_or(dev.power_limit_w, |s| s.max_power_w),
+                    domain: index / domain_size,
+                    emulated: true,
+                    accelerator,
+                });
+                indices.push(index);
+            }
+            engines.push((url.clone(), indices));
+        }
+        Ok(EmulatedDevices {
+            http,
+            engines,
+            info,
+        })
+    }
+
+    /// Node device indices of the engine at `url`.
+    pub fn indices_of(&self, url: &str) -> Vec<u32> {
+        self.engines
+            .iter()
+            .find(|(u, _)| u == url)
+            .map(|(_, i)| i.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl DeviceBackend for EmulatedDevices {
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.info.clone()
+    }
+
+    fn read(&self) -> BoxFuture<'_, Result<Vec<DeviceReading>, DeviceError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(self.info.len());
+            for (url, indices) in &self.engines {
+                let d = fetch(&self.http, url).await?;
+                for (dev, &index) in d.devices.iter().zip(indices) {
+                    out.push(DeviceReading {
+                        index,
+                        energy_j: dev.energy_j,
+                        power_w: dev.power_w,
+                        power_limit_w: dev.power_limit_w,
+                        clock_s: d.clock_s,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn set_power_limit(&self, index: u32, watts: f64) -> BoxFuture<'_, Result<f64, DeviceError>> {
+        Box::pin(async move {
+            let (url, _) = self
+                .engines
+                .iter()
+                .find(|(_, i)| i.contains(&index))
+                .ok_or(DeviceError::NoSuchDevice { index })?;
+            let err = |cause: String| DeviceError::PowerLimit { index, cause };
+            let resp = self
+                .http
+                .post(format!("{url}/emu/power-limit"))
+                .body(serde_json::json!({ "watts": watts }).to_string())
+                .send()
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let status = resp.status();
+            let body: serde_json::Value =
+                serde_json::from_slice(&resp.bytes().await.map_err(|e| err(e.to_string()))?)
+                    .map_err(|e| err(e.to_string()))?;
+            if !status.is_success() {
+                return Err(err(body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("refused")
+                    .to_string()));
+            }
+            body["power_limit_w"]
+                .as_f64()
+                .ok_or_else(|| err("no power_limit_w in the answer".into()))
+        })
+    }
+}

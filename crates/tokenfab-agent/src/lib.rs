@@ -1,0 +1,542 @@
+//! # tokenfab-agent: the node agent
+//!
+//! A thin async shell around [`AgentCore`]: it performs the core's actions (register,
+//! lease, call engines, report, heartbeat, sample devices) as tasks and feeds their
+//! outcomes back. Every decision (what to lease, which replica gets a request, when to
+//! report, how energy is attributed) is the core's.
+
+pub mod devices;
+pub mod engine_client;
+
+use devices::{DeviceBackend, DeviceReading};
+use engine_client::EngineClient;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokenfab_core::agent::{
+    AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec,
+};
+use tokenfab_core::control::{
+    HeartbeatReply, LeaseGrant, LeasedItem, ReportedOutcome, ReportedResult,
+};
+use tokenfab_core::durable::Outcome;
+use tokenfab_core::usage::Usage;
+use tokenfab_core::{
+    BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, Timestamp, WorkUnitId,
+};
+use tokenfab_proto::v1 as pb;
+use tokenfab_proto::v1::agent_service_client::AgentServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// One engine replica this agent drives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaConfig {
+    pub id: ReplicaId,
+    /// tokenfab's model name (what batches ask for).
+    pub model: ModelId,
+    /// The name the engine serves the model under (`model` in requests to it).
+    pub engine_model: String,
+    /// Base URL, e.g. `http://127.0.0.1:8000`.
+    pub engine_url: String,
+    /// Node device indices the replica occupies.
+    pub devices: Vec<u32>,
+    pub window: u32,
+    pub max_concurrency: u32,
+}
+
+/// How to run an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Control plane gRPC URL, e.g. `http://127.0.0.1:7443`.
+    pub control_url: String,
+    pub agent_token: String,
+    pub node: NodeId,
+    pub super_node: SuperNodeId,
+    pub replicas: Vec<ReplicaConfig>,
+    pub core: AgentConfig,
+    /// Longest an engine call may take.
+    pub request_timeout: Duration,
+}
+
+/// An agent that cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("control plane URL '{url}' is not valid: {cause}")]
+    ControlUrl { url: String, cause: String },
+    #[error("the agent token is not valid ASCII metadata")]
+    Token,
+    #[error("no replica configured: give at least one --replica")]
+    NoReplicas,
+}
+
+type Client = AgentServiceClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// What came back from an action performed in a task.
+enum Event {
+    Registered(Result<Duration, Status>),
+    Leased(ModelId, Result<Option<pb::WorkUnit>, Status>),
+    EngineDone {
+        replica: usize,
+        unit: WorkUnitId,
+        req: RequestRef,
+        reply: EngineReply,
+    },
+    Reported(Result<(), Status>),
+    Heartbeat(Result<pb::HeartbeatResponse, Status>),
+    Sampled(Result<Vec<DeviceReading>, String>),
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_micros(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64),
+    )
+}
+
+fn unknown_node(s: &Status) -> bool {
+    s.code() == Code::NotFound
+}
+
+/// Runs the agent until `shutdown` completes and its in-flight work is reported.
+pub async fn run(
+    opts: AgentOptions,
+    devices: Arc<dyn DeviceBackend>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    if opts.replicas.is_empty() {
+        return Err(AgentError::NoReplicas);
+    }
+    let channel = Channel::from_shared(opts.control_url.clone())
+        .map_err(|e| AgentError::ControlUrl {
+            url: opts.control_url.clone(),
+            cause: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let token = format!("Bearer {}", opts.agent_token)
+        .parse()
+        .map_err(|_| AgentError::Token)?;
+    let client: Client = AgentServiceClient::with_interceptor(channel, Bearer(token))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let engines = EngineClient::new(opts.request_timeout);
+    let specs: Vec<ReplicaSpec> = opts
+        .replicas
+        .iter()
+        .map(|r| ReplicaSpec {
+            id: r.id.clone(),
+            model: r.model.clone(),
+            devices: r.devices.len() as u32,
+            window: r.window,
+            max_concurrency: r.max_concurrency,
+        })
+        .collect();
+    let mut shell = Shell {
+        core: AgentCore::new(opts.core.clone(), specs, now()),
+        opts: Arc::new(opts),
+        client,
+        engines,
+        devices,
+        bodies: HashMap::new(),
+        in_report: Vec::new(),
+        last_readings: Vec::new(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    loop {
+        shell.perform(&tx);
+        if stopping && shell.core.is_drained() {
+            tracing::info!("agent drained; exiting");
+            return Ok(());
+        }
+        let wake = shell.core.poll_timeout();
+        tokio::select! {
+            ev = rx.recv() => {
+                if let Some(ev) = ev {
+                    shell.on_event(ev);
+                }
+            }
+            _ = sleep_until_unix(wake) => shell.core.handle_timeout(now()),
+            _ = &mut shutdown, if !stopping => {
+                tracing::info!("shutting down: releasing queued work, finishing running requests");
+                stopping = true;
+                shell.core.shutdown(now());
+            }
+        }
+    }
+}
+
+async fn sleep_until_unix(t: Option<Timestamp>) {
+    match t {
+        Some(t) => {
+            tokio::time::sleep(Duration::from_micros(
+                t.as_micros().saturating_sub(now().as_micros()),
+            ))
+            .await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+struct Shell {
+    core: AgentCore,
+    opts: Arc<AgentOptions>,
+    client: Client,
+    engines: EngineClient,
+    devices: Arc<dyn DeviceBackend>,
+    /// Bodies of leased requests, until dispatched.
+    bodies: HashMap<RequestRef, pb::WorkItem>,
+    /// The results of the report in flight, to give back to the core if it fails.
+    in_report: Vec<ReportedResult>,
+    last_readings: Vec<DeviceReading>,
+}
+
+impl Shell {
+    fn perform(&mut self, tx: &tokio::sync::mpsc::UnboundedSender<Event>) {
+        while let Some(action) = self.core.poll_action() {
+            let tx = tx.clone();
+            match action {
+                AgentAction::Register => {
+                    let mut client = self.client.clone();
+                    let req = self.registration();
+                    tokio::spawn(async move {
+                        let r = client
+                            .register(req)
+                            .await
+                            .map(|r| Duration::from_millis(r.into_inner().heartbeat_interval_ms));
+                        let _ = tx.send(Event::Registered(r));
+                    });
+                }
+                AgentAction::Lease { model, max } => {
+                    let mut client = self.client.clone();
+                    let req = pb::LeaseWorkRequest {
+                        node: self.opts.node.to_string(),
+                        model: model.to_string(),
+                        max_requests: max,
+                    };
+                    tokio::spawn(async move {
+                        let r = client
+                            .lease_work(req)
+                            .await
+                            .map(|r| r.into_inner().units.into_iter().next());
+                        let _ = tx.send(Event::Leased(model, r));
+                    });
+                }
+                AgentAction::Dispatch {
+                    replica,
+                    unit,
+                    item,
+                } => self.dispatch(replica, unit, item, tx),
+                AgentAction::Report(results) => {
+                    let mut client = self.client.clone();
+                    let wire: Vec<pb::WorkResult> = results.iter().map(work_result).collect();
+                    self.in_report = results;
+                    let node = self.opts.node.to_string();
+                    tokio::spawn(async move {
+                        let req = pb::ReportResultsRequest {
+                            node,
+                            results: wire,
+                        };
+                        let r = client.report_results(req).await.map(|_| ());
+                        let _ = tx.send(Event::Reported(r));
+                    });
+                }
+                AgentAction::Heartbeat { held } => {
+                    let mut client = self.client.clone();
+                    let req = pb::HeartbeatRequest {
+                        node: self.opts.node.to_string(),
+                        telemetry: Some(self.telemetry()),
+                        held_units: held.iter().map(|u| u.0).collect(),
+                    };
+                    tokio::spawn(async move {
+                        let _ = tx.send(Event::Heartbeat(
+                            client.heartbeat(req).await.map(|r| r.into_inner()),
+                        ));
+                    });
+                }
+                AgentAction::SampleDevices => {
+                    let devices = self.devices.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(Event::Sampled(
+                            devices.read().await.map_err(|e| e.to_string()),
+                        ));
+                    });
+                }
+                AgentAction::Release { unit, items } => {
+                    for r in &items {
+                        self.bodies.remove(r);
+                    }
+                    let mut client = self.client.clone();
+                    let req = pb::ReleaseWorkRequest {
+                        node: self.opts.node.to_string(),
+                        unit_id: unit.0,
+                        batches: items.iter().map(|r| r.batch.0).collect(),
+                        indices: items.iter().map(|r| r.index).collect(),
+                    };
+                    tokio::spawn(async move {
+                        if let Err(e) = client.release_work(req).await {
+                            tracing::warn!(error = %e, "releasing work failed; its lease will expire instead");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        replica: usize,
+        unit: WorkUnitId,
+        item: LeasedItem,
+        tx: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) {
+        let req = item.req;
+        let Some(work) = self.bodies.remove(&req) else {
+            // Cannot happen: every leased item arrives with its body.
+            let reply = EngineReply::Unreachable {
+                code: "agent_lost_body".into(),
+                message: "the agent lost the request body".into(),
+            };
+            let _ = tx.send(Event::EngineDone {
+                replica,
+                unit,
+                req,
+                reply,
+            });
+            return;
+        };
+        let engines = self.engines.clone();
+        let cfg = &self.opts.replicas[replica];
+        let (url, model) = (cfg.engine_url.clone(), cfg.engine_model.clone());
+        tokio::spawn(async move {
+            let request_id = format!("req_{}_{}_{}", req.batch.0, req.index, item.attempt);
+            let reply = engines
+                .call(&url, &work.url, &work.body, &model, request_id)
+                .await;
+            let _ = tx.send(Event::EngineDone {
+                replica,
+                unit,
+                req,
+                reply,
+            });
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let t = now();
+        match ev {
+            Event::Registered(Ok(hb)) => {
+                tracing::info!(node = %self.opts.node, "registered with the control plane");
+                self.core.registered(t, hb);
+            }
+            Event::Registered(Err(e)) => {
+                tracing::warn!(error = %e.message(), code = ?e.code(), "registration failed; retrying");
+                self.core.register_failed(t);
+            }
+            Event::Leased(model, Ok(unit)) => {
+                let grant = unit.map(|u| {
+                    let items = u
+                        .items
+                        .into_iter()
+                        .map(|w| {
+                            let req = RequestRef {
+                                batch: BatchId(w.batch),
+                                index: w.index,
+                            };
+                            let attempt = w.attempt;
+                            self.bodies.insert(req, w);
+                            LeasedItem { req, attempt }
+                        })
+                        .collect();
+                    LeaseGrant {
+                        unit: WorkUnitId(u.unit_id),
+                        expires_at: Timestamp::from_millis(u.expires_at_unix_ms.max(0) as u64),
+                        items,
+                    }
+                });
+                self.core.lease_done(t, &model, Ok(grant));
+            }
+            Event::Leased(model, Err(e)) => {
+                tracing::debug!(error = %e.message(), "lease failed");
+                self.core.lease_done(t, &model, Err(unknown_node(&e)));
+            }
+            Event::EngineDone {
+                replica,
+                unit,
+                req,
+                reply,
+            } => self.core.engine_done(t, replica, unit, req, reply),
+            Event::Reported(Ok(())) => {
+                self.in_report.clear();
+                self.core.report_acked(t);
+            }
+            Event::Reported(Err(e)) => {
+                tracing::warn!(error = %e.message(), "report failed; results kept and sent again");
+                let results = std::mem::take(&mut self.in_report);
+                self.core.report_failed(t, results, unknown_node(&e));
+            }
+            Event::Heartbeat(r) => {
+                let reply = match r {
+                    Ok(h) if h.reregister => Err(true),
+                    Ok(h) => Ok(HeartbeatReply {
+                        unknown_units: h.unknown_units.into_iter().map(WorkUnitId).collect(),
+                    }),
+                    Err(e) => Err(unknown_node(&e)),
+                };
+                self.core.heartbeat_done(t, reply);
+            }
+            Event::Sampled(r) => {
+                let readings = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading devices failed");
+                        Vec::new()
+                    }
+                };
+                let per_replica = self
+                    .opts
+                    .replicas
+                    .iter()
+                    .map(|rep| {
+                        let mine: Vec<&DeviceReading> = readings
+                            .iter()
+                            .filter(|d| rep.devices.contains(&d.index))
+                            .collect();
+                        (!mine.is_empty() && mine.len() == rep.devices.len()).then(|| {
+                            EnergyReading {
+                                energy_j: mine.iter().map(|d| d.energy_j).sum(),
+                                clock_s: mine[0].clock_s,
+                            }
+                        })
+                    })
+                    .collect();
+                if !readings.is_empty() {
+                    self.last_readings = readings;
+                }
+                self.core.device_sample(t, per_replica);
+            }
+        }
+    }
+
+    fn registration(&self) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            node: self.opts.node.to_string(),
+            super_node: self.opts.super_node.to_string(),
+            devices: self
+                .devices
+                .devices()
+                .into_iter()
+                .map(|d| pb::Device {
+                    index: d.index,
+                    accelerator: d.accelerator.to_string(),
+                    uuid: d.uuid,
+                    memory_bytes: d.memory_bytes,
+                    power_limit_w: d.power_limit_w,
+                    power_limit_min_w: d.power_limit_min_w,
+                    power_limit_max_w: d.power_limit_max_w,
+                    domain: d.domain,
+                    emulated: d.emulated,
+                })
+                .collect(),
+            replicas: self
+                .opts
+                .replicas
+                .iter()
+                .map(|r| pb::Replica {
+                    replica_id: r.id.to_string(),
+                    model: r.model.to_string(),
+                    device_indices: r.devices.clone(),
+                    engine_url: r.engine_url.clone(),
+                    max_concurrency: r.max_concurrency,
+                })
+                .collect(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn telemetry(&self) -> pb::Telemetry {
+        pb::Telemetry {
+            devices: self
+                .last_readings
+                .iter()
+                .map(|d| pb::DeviceTelemetry {
+                    index: d.index,
+                    power_w: d.power_w,
+                    energy_j: d.energy_j,
+                    power_limit_w: d.power_limit_w,
+                    utilization: 0.0,
+                })
+                .collect(),
+            replicas: self
+                .core
+                .replicas()
+                .map(|(spec, s)| pb::ReplicaTelemetry {
+                    replica_id: spec.id.to_string(),
+                    window: s.window,
+                    in_flight: s.in_flight,
+                    requests_done: s.requests_done,
+                    prompt_tokens: s.prompt_tokens,
+                    completion_tokens: s.completion_tokens,
+                    errors: s.errors,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn usage(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        joules: u.joules,
+        device_seconds: u.device_seconds,
+        cost_usd: 0.0,
+    }
+}
+
+fn work_result(r: &ReportedResult) -> pb::WorkResult {
+    let outcome = match &r.outcome {
+        ReportedOutcome::Final(Outcome::Response {
+            status_code,
+            body,
+            request_id,
+        }) => pb::work_result::Outcome::Response(pb::EngineResponse {
+            status_code: u32::from(*status_code),
+            body: body.clone().into(),
+            request_id: request_id.clone(),
+        }),
+        // The agent core only reports engine responses or retryable failures; a final
+        // error is decided by the control plane, never by an agent.
+        ReportedOutcome::Final(Outcome::Error { code, message })
+        | ReportedOutcome::Retryable { code, message } => {
+            pb::work_result::Outcome::RetryableError(pb::RequestError {
+                code: code.clone(),
+                message: message.clone(),
+                line: 0,
+            })
+        }
+    };
+    pb::WorkResult {
+        unit_id: r.unit.0,
+        batch: r.req.batch.0,
+        index: r.req.index,
+        outcome: Some(outcome),
+        usage: Some(usage(&r.usage)),
+        latency_us: 0,
+    }
+}

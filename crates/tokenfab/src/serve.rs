@@ -1,0 +1,327 @@
+//! `tokenfab server`, `tokenfab agent`, `tokenfab engine-emu`: the long-running roles.
+
+use crate::parse;
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokenfab_agent::devices::{DeviceBackend, EmulatedDevices, NoDevices};
+use tokenfab_agent::{AgentOptions, ReplicaConfig};
+use tokenfab_control::{ServerConfig, TenantToken};
+use tokenfab_core::agent::AgentConfig;
+use tokenfab_core::batch_input::InputLimits;
+use tokenfab_core::catalog::Catalog;
+use tokenfab_core::control::ControlConfig;
+use tokenfab_core::engine::EngineConfig;
+use tokenfab_core::{ModelId, NodeId, ReplicaId, SuperNodeId};
+use tokenfab_engine_emu::{EmuConfig, Emulator};
+use tokenfab_store::RedbStore;
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// gRPC address for tenants and agents.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// HTTP address for Prometheus `/metrics` (off when not given).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Directory for durable state (created if missing). Restarting on the same
+    /// directory loses nothing that was acknowledged.
+    #[arg(long, default_value = "tokenfab-data")]
+    data_dir: PathBuf,
+    /// A tenant and its bearer token, NAME=TOKEN (repeatable).
+    #[arg(long = "tenant", value_parser = parse::key_value)]
+    tenants: Vec<(String, String)>,
+    /// A TOML file of tenants: `[[tenants]]` tables with `name` and `token`.
+    #[arg(long)]
+    tenants_file: Option<PathBuf>,
+    /// Token agents must present.
+    #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: String,
+    /// How long a lease lives without a heartbeat from its agent.
+    #[arg(long, default_value = "10s", value_parser = parse::duration)]
+    lease_ttl: Duration,
+    /// How often agents heartbeat.
+    #[arg(long, default_value = "1s", value_parser = parse::duration)]
+    heartbeat_interval: Duration,
+    /// Tries per request before it fails with retries_exhausted.
+    #[arg(long, default_value_t = 4)]
+    max_attempts: u32,
+    /// Models batches may use (comma-separated; default: every model in the catalog).
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// Largest input file, bytes.
+    #[arg(long, default_value_t = 200 * 1024 * 1024)]
+    max_file_bytes: u64,
+    /// Electricity price, $/kWh, for cost accounting.
+    #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_USD_PER_KWH)]
+    usd_per_kwh: f64,
+    /// Site power usage effectiveness (facility energy / IT energy).
+    #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_PUE)]
+    pue: f64,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantsFile {
+    tenants: Vec<TenantToken>,
+}
+
+pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
+    let mut tenants: Vec<TenantToken> = a
+        .tenants
+        .into_iter()
+        .map(|(name, token)| TenantToken { name, token })
+        .collect();
+    if let Some(path) = &a.tenants_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --tenants-file {}", path.display()))?;
+        let file: TenantsFile = toml::from_str(&text)
+            .with_context(|| format!("--tenants-file {} is not valid", path.display()))?;
+        tenants.extend(file.tenants);
+    }
+    if tenants.is_empty() {
+        bail!(
+            "no tenant configured: add --tenant NAME=TOKEN or --tenants-file FILE, or nobody can submit batches"
+        );
+    }
+    let catalog = Catalog::builtin();
+    let models = if a.models.is_empty() {
+        catalog.model_ids().into_iter().collect()
+    } else {
+        let mut set = std::collections::BTreeSet::new();
+        for m in a.models {
+            let id = ModelId::new(m);
+            catalog
+                .model(&id)
+                .map_err(|e| anyhow::anyhow!("--models: {e}"))?;
+            set.insert(id);
+        }
+        set
+    };
+    let store = RedbStore::open(&a.data_dir)?;
+    let config = ServerConfig {
+        listen: a.listen,
+        metrics_listen: a.metrics_listen,
+        tenants,
+        agent_token: a.agent_token,
+        control: ControlConfig {
+            lease_ttl: a.lease_ttl,
+            heartbeat_interval: a.heartbeat_interval,
+            max_attempts: a.max_attempts.max(1),
+            models,
+            usd_per_kwh: a.usd_per_kwh,
+            pue: a.pue,
+            ..ControlConfig::default()
+        },
+        limits: InputLimits {
+            max_file_bytes: a.max_file_bytes,
+            ..InputLimits::default()
+        },
+    };
+    let server = tokenfab_control::start(config, store).await?;
+    eprintln!(
+        "tokenfab control plane listening on {} (data in {})",
+        server.addr,
+        a.data_dir.display()
+    );
+    if let Some(m) = server.metrics_addr {
+        eprintln!("metrics on http://{m}/metrics");
+    }
+    tokio::select! {
+        r = async { server.wait().await } => r?,
+        _ = crate::shutdown_signal() => {
+            eprintln!("stopping");
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    /// Read devices from each replica's engine emulator (`/emu/devices`).
+    Emulated,
+    /// No readable devices (e.g. llama.cpp on CPU): no energy is measured.
+    None,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Control plane gRPC URL.
+    #[arg(
+        long,
+        env = "TOKENFAB_CONTROL",
+        default_value = "http://127.0.0.1:7443"
+    )]
+    control: String,
+    /// Token agents present to the control plane.
+    #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: String,
+    /// This node's name (unique in the cluster).
+    #[arg(long)]
+    node: String,
+    /// The super-node (NVLink domain system) this node belongs to; defaults to the node name.
+    #[arg(long)]
+    super_node: Option<String>,
+    /// An engine replica to drive (repeatable):
+    /// url=URL,model=MODEL[,id=ID][,engine-model=NAME][,window=N][,max=N].
+    /// `window` is the number of requests kept in flight (the batch size); default 64.
+    #[arg(long = "replica", required = true, value_parser = parse::replica)]
+    replicas: Vec<parse::ReplicaArg>,
+    /// Where device power and energy come from.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Emulated)]
+    devices: DeviceKind,
+    /// Longest an engine call may take before it is retried elsewhere.
+    #[arg(long, default_value = "10m", value_parser = parse::duration)]
+    request_timeout: Duration,
+}
+
+/// Default concurrency window of a replica when none is given.
+pub const DEFAULT_WINDOW: u32 = 64;
+/// Default ceiling of a replica's window (vLLM's default max_num_seqs).
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 256;
+
+/// Builds agent options and the device backend from replica arguments.
+pub async fn agent_setup(
+    control: String,
+    agent_token: String,
+    node: String,
+    super_node: Option<String>,
+    replicas: Vec<parse::ReplicaArg>,
+    devices: DeviceKind,
+    request_timeout: Duration,
+) -> anyhow::Result<(AgentOptions, Arc<dyn DeviceBackend>)> {
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let (backend, indices): (Arc<dyn DeviceBackend>, Vec<Vec<u32>>) = match devices {
+        DeviceKind::Emulated => {
+            let emu = EmulatedDevices::discover(reqwest::Client::new(), &urls).await.context(
+                "discovering emulated devices (use --devices none for engines that are not tokenfab engine emulators)",
+            )?;
+            let idx = urls.iter().map(|u| emu.indices_of(u)).collect();
+            (Arc::new(emu), idx)
+        }
+        DeviceKind::None => (Arc::new(NoDevices), vec![Vec::new(); urls.len()]),
+    };
+    let replicas = replicas
+        .into_iter()
+        .zip(indices)
+        .enumerate()
+        .map(|(i, (r, devices))| {
+            let max = r.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY).max(1);
+            ReplicaConfig {
+                id: ReplicaId::new(r.id.unwrap_or_else(|| format!("r{i}"))),
+                engine_model: r.engine_model.unwrap_or_else(|| r.model.clone()),
+                model: ModelId::new(r.model),
+                engine_url: r.url,
+                devices,
+                window: r.window.unwrap_or(DEFAULT_WINDOW).min(max),
+                max_concurrency: max,
+            }
+        })
+        .collect();
+    let opts = AgentOptions {
+        control_url: control,
+        agent_token,
+        super_node: SuperNodeId::new(super_node.unwrap_or_else(|| node.clone())),
+        node: NodeId::new(node),
+        replicas,
+        core: AgentConfig::default(),
+        request_timeout,
+    };
+    Ok((opts, backend))
+}
+
+pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    let (opts, devices) = agent_setup(
+        a.control,
+        a.agent_token,
+        a.node,
+        a.super_node,
+        a.replicas,
+        a.devices,
+        a.request_timeout,
+    )
+    .await?;
+    eprintln!(
+        "tokenfab agent {} driving {} replica(s), {} device(s), control plane {}",
+        opts.node,
+        opts.replicas.len(),
+        devices.devices().len(),
+        opts.control_url
+    );
+    tokenfab_agent::run(opts, devices, crate::shutdown_signal()).await?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct EmuArgs {
+    /// HTTP address to serve the OpenAI-compatible API on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Model from the catalog (sets the performance model).
+    #[arg(long, default_value = "llama-3.1-8b")]
+    model: String,
+    /// Name clients use for the model (default: the catalog name).
+    #[arg(long)]
+    served_name: Option<String>,
+    /// Accelerator class from the catalog.
+    #[arg(long, default_value = "h100-sxm")]
+    accelerator: String,
+    /// Devices the replica spans (tensor parallel).
+    #[arg(long, default_value_t = 1)]
+    tp: u32,
+    /// Emulated seconds per wall-clock second (10 runs ten times faster than real).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Most sequences in the running batch (vLLM's max_num_seqs).
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: u32,
+    /// Most tokens computed per step (vLLM's max_num_batched_tokens).
+    #[arg(long, default_value_t = 8192)]
+    max_batched_tokens: u32,
+    /// Output tokens for requests that set no max_tokens.
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: u32,
+}
+
+pub fn emu_config(
+    model: &str,
+    accelerator: &str,
+    tp: u32,
+    time_scale: f64,
+    max_num_seqs: u32,
+) -> EmuConfig {
+    let mut c = EmuConfig::new(model, accelerator, tp);
+    c.time_scale = time_scale;
+    c.engine = EngineConfig {
+        max_num_seqs,
+        ..EngineConfig::default()
+    };
+    c
+}
+
+pub async fn engine_emu(a: EmuArgs) -> anyhow::Result<()> {
+    let mut config = emu_config(&a.model, &a.accelerator, a.tp, a.time_scale, a.max_num_seqs);
+    config.engine.max_batched_tokens = a.max_batched_tokens;
+    config.default_max_tokens = a.default_max_tokens;
+    if let Some(n) = a.served_name {
+        config.served_name = n;
+    }
+    let emu = Emulator::start(config)?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    eprintln!(
+        "tokenfab engine emulator: {} on {} x {} at {}x time, serving http://{}",
+        a.model,
+        a.tp,
+        a.accelerator,
+        a.time_scale,
+        listener.local_addr()?
+    );
+    tokenfab_engine_emu::serve(listener, emu, crate::shutdown_signal()).await?;
+    Ok(())
+}
