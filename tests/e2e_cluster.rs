@@ -15,13 +15,7 @@ use tokenfab_proto::v1 as pb;
 const TENANT: &str = "acme-token";
 const AGENT: &str = "agent-token";
 
-fn start_server(
-    dir: &std::path::Path,
-    data: &str,
-    port: u16,
-    metrics_port: u16,
-    name: &str,
-) -> Proc {
+fn start_server(dir: &std::path::Path, data: &str, port: u16, metrics_port: u16, name: &str) -> Proc {
     Proc::spawn(
         name,
         dir,
@@ -46,12 +40,10 @@ fn start_server(
 
 async fn get(addr: SocketAddr, id: &str) -> pb::Batch {
     let mut c = tenant_client(addr, TENANT).await;
-    c.get_batch(pb::GetBatchRequest {
-        batch_id: id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    c.get_batch(pb::GetBatchRequest { batch_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Polls until `done(batch)` or panics after `within`, printing the process logs.
@@ -65,21 +57,13 @@ async fn wait_for(
     let deadline = Instant::now() + within;
     loop {
         let mut c = tenant_client(addr, TENANT).await;
-        if let Ok(b) = c
-            .get_batch(pb::GetBatchRequest {
-                batch_id: id.into(),
-            })
-            .await
-        {
+        if let Ok(b) = c.get_batch(pb::GetBatchRequest { batch_id: id.into() }).await {
             let b = b.into_inner();
             if done(&b) {
                 return b;
             }
             if Instant::now() > deadline {
-                let logs: Vec<String> = procs
-                    .iter()
-                    .map(|p| format!("--- {}\n{}", p.name, p.log()))
-                    .collect();
+                let logs: Vec<String> = procs.iter().map(|p| format!("--- {}\n{}", p.name, p.log())).collect();
                 panic!(
                     "batch not there after {within:?}: {:?}\n{}",
                     b.request_counts,
@@ -114,13 +98,7 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
         let mut e = Proc::spawn(
             &format!("emu{i}"),
             dir.path(),
-            &[
-                "engine-emu",
-                "--listen",
-                &format!("127.0.0.1:{p}"),
-                "--time-scale",
-                "4",
-            ],
+            &["engine-emu", "--listen", &format!("127.0.0.1:{p}"), "--time-scale", "4"],
             &[],
         );
         wait_tcp(
@@ -151,22 +129,17 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     let agent1 = agent(1);
 
     // 1,500 valid requests and three malformed lines.
-    let mut lines: Vec<String> = (0..1500)
-        .map(|i| chat_line(&format!("req-{i:04}"), 48))
-        .collect();
+    let mut lines: Vec<String> = (0..1500).map(|i| chat_line(&format!("req-{i:04}"), 48)).collect();
     lines.insert(4, "{this is not json".into());
-    lines.insert(99, r#"{"method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#.into());
+    lines.insert(
+        99,
+        r#"{"method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#.into(),
+    );
     lines.insert(776, chat_line("req-0003", 48));
     let input = dir.path().join("batch.jsonl");
     std::fs::write(&input, lines.join("\n")).unwrap();
-    let env = [
-        ("TOKENFAB_CONTROL", control.as_str()),
-        ("TOKENFAB_TOKEN", TENANT),
-    ];
-    let out = run_cli(
-        &["submit", input.to_str().unwrap(), "--model", "llama-3.1-8b"],
-        &env,
-    );
+    let env = [("TOKENFAB_CONTROL", control.as_str()), ("TOKENFAB_TOKEN", TENANT)];
+    let out = run_cli(&["submit", input.to_str().unwrap(), "--model", "llama-3.1-8b"], &env);
     let id = out.split_whitespace().next().unwrap().to_string();
     assert!(id.starts_with("batch_"), "{out}");
     assert!(out.contains("1500 requests (3 invalid lines)"), "{out}");
@@ -190,10 +163,7 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
             .join("\n"),
     )
     .unwrap();
-    let out = run_cli(
-        &["submit", small.to_str().unwrap(), "--model", "llama-3.1-8b"],
-        &env,
-    );
+    let out = run_cli(&["submit", small.to_str().unwrap(), "--model", "llama-3.1-8b"], &env);
     let small_id = out.split_whitespace().next().unwrap().to_string();
 
     // The dead agent's leases expire (lease TTL 2 s) and its work is leased again.
@@ -240,33 +210,16 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
 
     // The surviving agent finishes both batches.
     let procs = [&server, &agent1];
-    let done = wait_for(
-        addr,
-        &id,
-        Duration::from_secs(120),
-        &procs,
-        tokenfab_is_final,
-    )
-    .await;
+    let done = wait_for(addr, &id, Duration::from_secs(120), &procs, tokenfab_is_final).await;
     assert_eq!(done.status, pb::BatchStatus::Completed as i32);
     let c = counts(&done);
-    assert_eq!(
-        (c.total, c.completed, c.failed, c.invalid),
-        (1503, 1500, 0, 3)
-    );
+    assert_eq!((c.total, c.completed, c.failed, c.invalid), (1503, 1500, 0, 3));
     assert_eq!(
         done.usage.unwrap().completion_tokens,
         1500 * 48,
         "usage adds up to exactly what was asked"
     );
-    wait_for(
-        addr,
-        &small_id,
-        Duration::from_secs(60),
-        &procs,
-        tokenfab_is_final,
-    )
-    .await;
+    wait_for(addr, &small_id, Duration::from_secs(60), &procs, tokenfab_is_final).await;
 
     // Exactly one result per valid request.
     let mut c = tenant_client(addr, TENANT).await;
@@ -292,10 +245,7 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     assert_eq!(ids.len(), 1500, "one result per valid request");
     assert_eq!(unique.len(), 1500, "no duplicated result");
     let expected: BTreeSet<String> = (0..1500).map(|i| format!("req-{i:04}")).collect();
-    assert_eq!(
-        unique.into_iter().cloned().collect::<BTreeSet<_>>(),
-        expected
-    );
+    assert_eq!(unique.into_iter().cloned().collect::<BTreeSet<_>>(), expected);
 
     // Malformed lines are in the error output with their line numbers.
     let mut s = c
@@ -340,10 +290,7 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     assert_eq!(out.lines().count(), 1500);
     let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(first["response"]["status_code"], 200);
-    assert_eq!(
-        std::fs::read_to_string(&err_file).unwrap().lines().count(),
-        3
-    );
+    assert_eq!(std::fs::read_to_string(&err_file).unwrap().lines().count(), 3);
     drop(emus);
 }
 
@@ -356,10 +303,7 @@ async fn metric(port: u16, name: &str) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 

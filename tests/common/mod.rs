@@ -17,11 +17,7 @@ pub fn bin() -> &'static str {
 
 /// A free loopback port (bound then released; fine on loopback for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A child process that is killed (SIGKILL) when dropped.
@@ -48,9 +44,7 @@ impl Proc {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc {
             name: name.into(),
             child,
@@ -88,11 +82,7 @@ pub fn wait_tcp(addr: SocketAddr, within: Duration, procs: &mut [&mut Proc]) {
         }
         for p in procs.iter_mut() {
             if let Some(status) = p.exited() {
-                panic!(
-                    "{} exited ({status}) before listening on {addr}:\n{}",
-                    p.name,
-                    p.log()
-                );
+                panic!("{} exited ({status}) before listening on {addr}:\n{}", p.name, p.log());
             }
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -104,14 +94,9 @@ pub async fn tenant_client(
     addr: SocketAddr,
     token: &str,
 ) -> BatchServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        impl tonic::service::Interceptor + Clone,
-    >,
+    tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor + Clone>,
 > {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
     let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     BatchServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", value.clone());

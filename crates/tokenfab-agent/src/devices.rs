@@ -121,10 +121,7 @@ async fn fetch(http: &reqwest::Client, url: &str) -> Result<EmuDevices, DeviceEr
 impl EmulatedDevices {
     /// Asks each emulator which devices it emulates; node device indices are assigned
     /// in order, one NVLink domain per `domain_size` devices of the accelerator class.
-    pub async fn discover(
-        http: reqwest::Client,
-        engine_urls: &[String],
-    ) -> Result<Self, DeviceError> {
+    pub async fn discover(http: reqwest::Client, engine_urls: &[String]) -> Result<Self, DeviceError> {
         let mut engines = Vec::new();
         let mut info = Vec::new();
         for url in engine_urls {
@@ -150,11 +147,7 @@ impl EmulatedDevices {
             }
             engines.push((url.clone(), indices));
         }
-        Ok(EmulatedDevices {
-            http,
-            engines,
-            info,
-        })
+        Ok(EmulatedDevices { http, engines, info })
     }
 
     /// Node device indices of the engine at `url`.
@@ -207,14 +200,10 @@ impl DeviceBackend for EmulatedDevices {
                 .await
                 .map_err(|e| err(e.to_string()))?;
             let status = resp.status();
-            let body: serde_json::Value =
-                serde_json::from_slice(&resp.bytes().await.map_err(|e| err(e.to_string()))?)
-                    .map_err(|e| err(e.to_string()))?;
+            let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.map_err(|e| err(e.to_string()))?)
+                .map_err(|e| err(e.to_string()))?;
             if !status.is_success() {
-                return Err(err(body["error"]["message"]
-                    .as_str()
-                    .unwrap_or("refused")
-                    .to_string()));
+                return Err(err(body["error"]["message"].as_str().unwrap_or("refused").to_string()));
             }
             body["power_limit_w"]
                 .as_f64()

@@ -14,17 +14,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokenfab_core::agent::{
-    AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec,
-};
-use tokenfab_core::control::{
-    HeartbeatReply, LeaseGrant, LeasedItem, ReportedOutcome, ReportedResult,
-};
+use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec};
+use tokenfab_core::control::{HeartbeatReply, LeaseGrant, LeasedItem, ReportedOutcome, ReportedResult};
 use tokenfab_core::durable::Outcome;
 use tokenfab_core::usage::Usage;
-use tokenfab_core::{
-    BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, Timestamp, WorkUnitId,
-};
+use tokenfab_core::{BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
 use tokenfab_proto::v1::agent_service_client::AgentServiceClient;
 use tonic::service::interceptor::InterceptedService;
@@ -183,12 +177,7 @@ pub async fn run(
 
 async fn sleep_until_unix(t: Option<Timestamp>) {
     match t {
-        Some(t) => {
-            tokio::time::sleep(Duration::from_micros(
-                t.as_micros().saturating_sub(now().as_micros()),
-            ))
-            .await
-        }
+        Some(t) => tokio::time::sleep(Duration::from_micros(t.as_micros().saturating_sub(now().as_micros()))).await,
         None => std::future::pending().await,
     }
 }
@@ -237,21 +226,14 @@ impl Shell {
                         let _ = tx.send(Event::Leased(model, r));
                     });
                 }
-                AgentAction::Dispatch {
-                    replica,
-                    unit,
-                    item,
-                } => self.dispatch(replica, unit, item, tx),
+                AgentAction::Dispatch { replica, unit, item } => self.dispatch(replica, unit, item, tx),
                 AgentAction::Report(results) => {
                     let mut client = self.client.clone();
                     let wire: Vec<pb::WorkResult> = results.iter().map(work_result).collect();
                     self.in_report = results;
                     let node = self.opts.node.to_string();
                     tokio::spawn(async move {
-                        let req = pb::ReportResultsRequest {
-                            node,
-                            results: wire,
-                        };
+                        let req = pb::ReportResultsRequest { node, results: wire };
                         let r = client.report_results(req).await.map(|_| ());
                         let _ = tx.send(Event::Reported(r));
                     });
@@ -264,17 +246,13 @@ impl Shell {
                         held_units: held.iter().map(|u| u.0).collect(),
                     };
                     tokio::spawn(async move {
-                        let _ = tx.send(Event::Heartbeat(
-                            client.heartbeat(req).await.map(|r| r.into_inner()),
-                        ));
+                        let _ = tx.send(Event::Heartbeat(client.heartbeat(req).await.map(|r| r.into_inner())));
                     });
                 }
                 AgentAction::SampleDevices => {
                     let devices = self.devices.clone();
                     tokio::spawn(async move {
-                        let _ = tx.send(Event::Sampled(
-                            devices.read().await.map_err(|e| e.to_string()),
-                        ));
+                        let _ = tx.send(Event::Sampled(devices.read().await.map_err(|e| e.to_string())));
                     });
                 }
                 AgentAction::Release { unit, items } => {
@@ -325,9 +303,7 @@ impl Shell {
         let (url, model) = (cfg.engine_url.clone(), cfg.engine_model.clone());
         tokio::spawn(async move {
             let request_id = format!("req_{}_{}_{}", req.batch.0, req.index, item.attempt);
-            let reply = engines
-                .call(&url, &work.url, &work.body, &model, request_id)
-                .await;
+            let reply = engines.call(&url, &work.url, &work.body, &model, request_id).await;
             let _ = tx.send(Event::EngineDone {
                 replica,
                 unit,
@@ -413,15 +389,11 @@ impl Shell {
                     .replicas
                     .iter()
                     .map(|rep| {
-                        let mine: Vec<&DeviceReading> = readings
-                            .iter()
-                            .filter(|d| rep.devices.contains(&d.index))
-                            .collect();
-                        (!mine.is_empty() && mine.len() == rep.devices.len()).then(|| {
-                            EnergyReading {
-                                energy_j: mine.iter().map(|d| d.energy_j).sum(),
-                                clock_s: mine[0].clock_s,
-                            }
+                        let mine: Vec<&DeviceReading> =
+                            readings.iter().filter(|d| rep.devices.contains(&d.index)).collect();
+                        (!mine.is_empty() && mine.len() == rep.devices.len()).then(|| EnergyReading {
+                            energy_j: mine.iter().map(|d| d.energy_j).sum(),
+                            clock_s: mine[0].clock_s,
                         })
                     })
                     .collect();
@@ -522,8 +494,7 @@ fn work_result(r: &ReportedResult) -> pb::WorkResult {
         }),
         // The agent core only reports engine responses or retryable failures; a final
         // error is decided by the control plane, never by an agent.
-        ReportedOutcome::Final(Outcome::Error { code, message })
-        | ReportedOutcome::Retryable { code, message } => {
+        ReportedOutcome::Final(Outcome::Error { code, message }) | ReportedOutcome::Retryable { code, message } => {
             pb::work_result::Outcome::RetryableError(pb::RequestError {
                 code: code.clone(),
                 message: message.clone(),

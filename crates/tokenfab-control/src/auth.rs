@@ -24,10 +24,7 @@ impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print tokens.
         f.debug_struct("Auth")
-            .field(
-                "tenants",
-                &self.tenants.iter().map(|t| &t.1).collect::<Vec<_>>(),
-            )
+            .field("tenants", &self.tenants.iter().map(|t| &t.1).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -52,11 +49,7 @@ fn bearer(md: &MetadataMap, who: &str) -> Result<Vec<u8>, Status> {
     let token = text
         .strip_prefix("Bearer ")
         .or_else(|| text.strip_prefix("bearer "))
-        .ok_or_else(|| {
-            Status::unauthenticated(format!(
-                "the authorization metadata must be `Bearer <{who} token>`"
-            ))
-        })?;
+        .ok_or_else(|| Status::unauthenticated(format!("the authorization metadata must be `Bearer <{who} token>`")))?;
     Ok(token.trim().as_bytes().to_vec())
 }
 
@@ -81,7 +74,9 @@ impl Auth {
             }
         }
         found.ok_or_else(|| {
-            Status::unauthenticated("the bearer token is not valid for any tenant; check the token your operator issued")
+            Status::unauthenticated(
+                "the bearer token is not valid for any tenant; check the token your operator issued",
+            )
         })
     }
 
@@ -118,10 +113,7 @@ mod tests {
             }],
             "agent-t",
         );
-        assert_eq!(
-            auth.tenant(&md("Bearer s3cret")).unwrap(),
-            TenantId::from("acme")
-        );
+        assert_eq!(auth.tenant(&md("Bearer s3cret")).unwrap(), TenantId::from("acme"));
         let e = auth.tenant(&MetadataMap::new()).unwrap_err();
         assert_eq!(
             (e.code(), e.message()),

@@ -4,14 +4,13 @@
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::batch_input::InputError;
 use tokenfab_core::control::{
-    BatchError, BatchView, NodeDevice, NodeRegistration, NodeReplica, ReportedOutcome,
-    ReportedResult, SubmitError, UnknownNode,
+    BatchError, BatchView, NodeDevice, NodeRegistration, NodeReplica, ReportedOutcome, ReportedResult, SubmitError,
+    UnknownNode,
 };
 use tokenfab_core::durable::Outcome;
 use tokenfab_core::usage::Usage;
 use tokenfab_core::{
-    AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, Timestamp,
-    WorkUnitId,
+    AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, Timestamp, WorkUnitId,
 };
 use tokenfab_proto::v1 as pb;
 use tonic::Status;
@@ -86,16 +85,13 @@ pub fn batch(v: &BatchView) -> pb::Batch {
 }
 
 pub fn batch_id(s: &str) -> Result<BatchId, Status> {
-    s.parse().map_err(|e: tokenfab_core::ids::BadBatchId| {
-        Status::invalid_argument(format!("batch_id: {e}"))
-    })
+    s.parse()
+        .map_err(|e: tokenfab_core::ids::BadBatchId| Status::invalid_argument(format!("batch_id: {e}")))
 }
 
 pub fn input_error(e: InputError) -> Status {
     match e {
-        InputError::TooLarge { .. } | InputError::TooManyRequests { .. } => {
-            Status::resource_exhausted(e.to_string())
-        }
+        InputError::TooLarge { .. } | InputError::TooManyRequests { .. } => Status::resource_exhausted(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
 }
@@ -103,9 +99,7 @@ pub fn input_error(e: InputError) -> Status {
 pub fn submit_error(e: SubmitError) -> Status {
     match e {
         SubmitError::UnknownModel { .. } => Status::not_found(format!("options.model: {e}")),
-        SubmitError::UnknownSlaClass { .. } => {
-            Status::invalid_argument(format!("options.sla_class: {e}"))
-        }
+        SubmitError::UnknownSlaClass { .. } => Status::invalid_argument(format!("options.sla_class: {e}")),
         SubmitError::WindowTooLong { .. } => {
             Status::invalid_argument(format!("options.completion_window_seconds: {e}"))
         }
@@ -166,21 +160,17 @@ pub fn reported(results: Vec<pb::WorkResult>) -> Result<Vec<ReportedResult>, Sta
         .enumerate()
         .map(|(i, r)| {
             let outcome = match r.outcome {
-                Some(pb::work_result::Outcome::Response(resp)) => {
-                    ReportedOutcome::Final(Outcome::Response {
-                        status_code: u16::try_from(resp.status_code).unwrap_or(u16::MAX),
-                        body: resp.body.to_vec(),
-                        request_id: resp.request_id,
-                    })
-                }
+                Some(pb::work_result::Outcome::Response(resp)) => ReportedOutcome::Final(Outcome::Response {
+                    status_code: u16::try_from(resp.status_code).unwrap_or(u16::MAX),
+                    body: resp.body.to_vec(),
+                    request_id: resp.request_id,
+                }),
                 Some(pb::work_result::Outcome::RetryableError(e)) => ReportedOutcome::Retryable {
                     code: e.code,
                     message: e.message,
                 },
                 None => {
-                    return Err(Status::invalid_argument(format!(
-                        "results[{i}]: outcome is required"
-                    )));
+                    return Err(Status::invalid_argument(format!("results[{i}]: outcome is required")));
                 }
             };
             Ok(ReportedResult {

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
 use tokenfab_core::control::{
-    Action, BatchError, BatchView, ControlCore, HeartbeatReply, LeaseGrant, NewBatch,
-    NodeRegistration, ReportSummary, ReportedResult, SubmitError, UnknownNode,
+    Action, BatchError, BatchView, ControlCore, HeartbeatReply, LeaseGrant, NewBatch, NodeRegistration, ReportSummary,
+    ReportedResult, SubmitError, UnknownNode,
 };
 use tokenfab_core::durable::DurableOp;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
@@ -181,8 +181,7 @@ impl<S: Store> CoreLoop<S> {
             let now = now();
             self.core.handle_timeout(now);
             let mut set = WriteSet::default();
-            let mut pending_inputs: HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)> =
-                HashMap::new();
+            let mut pending_inputs: HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)> = HashMap::new();
             let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(round.len());
             for cmd in round.drain(..) {
                 self.apply(now, cmd, &mut pending_inputs, &mut replies);
@@ -210,9 +209,7 @@ impl<S: Store> CoreLoop<S> {
                 let ops = set.ops.len();
                 self.store.apply(set).await?;
                 self.metrics.commits.inc();
-                self.metrics
-                    .commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 tracing::trace!(ops, "committed");
             }
             for reply in replies {
@@ -230,11 +227,7 @@ impl<S: Store> CoreLoop<S> {
         inputs: &mut HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)>,
         replies: &mut Vec<Box<dyn FnOnce() + Send>>,
     ) {
-        fn later<T: Send + 'static>(
-            replies: &mut Vec<Box<dyn FnOnce() + Send>>,
-            tx: Reply<T>,
-            v: T,
-        ) {
+        fn later<T: Send + 'static>(replies: &mut Vec<Box<dyn FnOnce() + Send>>, tx: Reply<T>, v: T) {
             replies.push(Box::new(move || {
                 let _ = tx.send(v);
             }));
@@ -254,8 +247,11 @@ impl<S: Store> CoreLoop<S> {
                 }
                 later(replies, reply, r);
             }
+            // Reads are answered after the round's commit too, so nobody sees state that
+            // a crash could still take back.
             Command::Get { tenant, id, reply } => {
-                let _ = reply.send(self.core.batch(&tenant, id));
+                let r = self.core.batch(&tenant, id);
+                later(replies, reply, r);
             }
             Command::List {
                 tenant,
@@ -263,7 +259,8 @@ impl<S: Store> CoreLoop<S> {
                 limit,
                 reply,
             } => {
-                let _ = reply.send(self.core.list(&tenant, before, limit));
+                let r = self.core.list(&tenant, before, limit);
+                later(replies, reply, r);
             }
             Command::Cancel { tenant, id, reply } => {
                 let r = self.core.cancel(now, &tenant, id);
@@ -282,18 +279,16 @@ impl<S: Store> CoreLoop<S> {
                             .subscribe()
                     }
                 });
-                let _ = reply.send(r);
+                later(replies, reply, r);
             }
-            Command::Register {
-                registration,
-                reply,
-            } => {
+            Command::Register { registration, reply } => {
                 tracing::info!(node = %registration.node, devices = registration.devices.len(), replicas = registration.replicas.len(), "node registered");
                 self.core.register(now, registration);
                 later(replies, reply, ());
             }
             Command::Heartbeat { node, held, reply } => {
-                let _ = reply.send(self.core.heartbeat(now, &node, &held));
+                let r = self.core.heartbeat(now, &node, &held);
+                later(replies, reply, r);
             }
             Command::Lease {
                 node,
@@ -307,11 +302,7 @@ impl<S: Store> CoreLoop<S> {
                     .map(|g| g.map(|g| self.work_unit(g)));
                 later(replies, reply, r);
             }
-            Command::Report {
-                node,
-                results,
-                reply,
-            } => {
+            Command::Report { node, results, reply } => {
                 let r = self.core.report(now, &node, results);
                 later(replies, reply, r);
             }
@@ -332,10 +323,7 @@ impl<S: Store> CoreLoop<S> {
             .items
             .iter()
             .filter_map(|item| {
-                let input = self
-                    .bodies
-                    .get(&item.req.batch)?
-                    .get(item.req.index as usize)?;
+                let input = self.bodies.get(&item.req.batch)?.get(item.req.index as usize)?;
                 Some(pb::WorkItem {
                     batch: item.req.batch.0,
                     index: item.req.index,

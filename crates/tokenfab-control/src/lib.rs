@@ -48,10 +48,7 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {cause}; is another server using the port?")]
-    Bind {
-        addr: SocketAddr,
-        cause: std::io::Error,
-    },
+    Bind { addr: SocketAddr, cause: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("configuration: {0}")]
@@ -79,9 +76,7 @@ impl Server {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task
-            .await
-            .map_err(|e| ServerError::Config(e.to_string()))?
+        self.task.await.map_err(|e| ServerError::Config(e.to_string()))?
     }
 
     /// Waits until the server stops by itself (a store failure).
@@ -94,19 +89,14 @@ impl Server {
 }
 
 /// Recovers state from `store`, binds, and serves in the background.
-pub async fn start<S: Store + Clone>(
-    config: ServerConfig,
-    store: S,
-) -> Result<Server, ServerError> {
+pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<Server, ServerError> {
     if config.agent_token.is_empty() {
         return Err(ServerError::Config(
             "an agent token is required (--agent-token or TOKENFAB_AGENT_TOKEN)".into(),
         ));
     }
     let metrics = Arc::new(Metrics::new());
-    let core_loop =
-        core_loop::CoreLoop::recover(store.clone(), config.control.clone(), metrics.clone())
-            .await?;
+    let core_loop = core_loop::CoreLoop::recover(store.clone(), config.control.clone(), metrics.clone()).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|cause| ServerError::Bind {
@@ -133,12 +123,7 @@ pub async fn start<S: Store + Clone>(
         store,
         auth: Auth::new(&config.tenants, &config.agent_token),
         limits: config.limits,
-        models: config
-            .control
-            .models
-            .iter()
-            .cloned()
-            .collect::<BTreeSet<_>>(),
+        models: config.control.models.iter().cloned().collect::<BTreeSet<_>>(),
         lease_ttl: config.control.lease_ttl,
         heartbeat_interval: config.control.heartbeat_interval,
     });
@@ -169,10 +154,7 @@ pub async fn start<S: Store + Clone>(
         let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
         if let Some(l) = metrics_listener {
             let m = metrics.clone();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || async move { m.encode() }),
-            );
+            let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { m.encode() }));
             tokio::spawn(async move {
                 let _ = axum::serve(l, app)
                     .with_graceful_shutdown(async {
@@ -187,12 +169,9 @@ pub async fn start<S: Store + Clone>(
             .add_service(reflection)
             .add_service(batch)
             .add_service(agent)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = shutdown_rx.await;
-                },
-            );
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = shutdown_rx.await;
+            });
         tokio::pin!(grpc);
         tokio::pin!(core);
         let result = tokio::select! {

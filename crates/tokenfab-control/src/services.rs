@@ -36,10 +36,7 @@ impl<S> Shared<S> {
     /// Sends a command to the core loop and waits for its answer.
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| convert::stopped())?;
+        self.tx.send(make(tx)).await.map_err(|_| convert::stopped())?;
         rx.await.map_err(|_| convert::stopped())
     }
 }
@@ -79,12 +76,11 @@ impl<S: Store + Clone> BatchApi<S> {
         let strict = options.strict;
         let parse_model = model.clone();
         // Parsing a large file is CPU work: keep it off the async workers.
-        let parsed: ParsedInput = tokio::task::spawn_blocking(move || {
-            parse_batch_input(&input, &parse_model, &limits, strict)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("input parser failed: {e}")))?
-        .map_err(convert::input_error)?;
+        let parsed: ParsedInput =
+            tokio::task::spawn_blocking(move || parse_batch_input(&input, &parse_model, &limits, strict))
+                .await
+                .map_err(|e| Status::internal(format!("input parser failed: {e}")))?
+                .map_err(convert::input_error)?;
         let new = NewBatch {
             tenant,
             model,
@@ -138,9 +134,9 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
     ) -> Result<Response<pb::CreateBatchResponse>, Status> {
         let tenant = self.0.auth.tenant(req.metadata())?;
         let r = req.into_inner();
-        let options = r.options.ok_or_else(|| {
-            Status::invalid_argument("options is required (at least options.model)")
-        })?;
+        let options = r
+            .options
+            .ok_or_else(|| Status::invalid_argument("options is required (at least options.model)"))?;
         self.submit(tenant, options, r.input_jsonl.to_vec())
             .await
             .map(Response::new)
@@ -152,9 +148,10 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
     ) -> Result<Response<pb::CreateBatchResponse>, Status> {
         let tenant = self.0.auth.tenant(req.metadata())?;
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the upload is empty: send options first, then the file")
-        })?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the upload is empty: send options first, then the file"))?;
         let Some(pb::upload_batch_chunk::Chunk::Options(options)) = first.chunk else {
             return Err(Status::invalid_argument(
                 "the first message of an upload must carry options",
@@ -183,10 +180,7 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
         self.submit(tenant, options, input).await.map(Response::new)
     }
 
-    async fn get_batch(
-        &self,
-        req: Request<pb::GetBatchRequest>,
-    ) -> Result<Response<pb::Batch>, Status> {
+    async fn get_batch(&self, req: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {
         let tenant = self.0.auth.tenant(req.metadata())?;
         let id = convert::batch_id(&req.get_ref().batch_id)?;
         let view = self
@@ -208,11 +202,7 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
         } else {
             Some(convert::batch_id(&r.before)?)
         };
-        let limit = if r.limit == 0 {
-            100
-        } else {
-            r.limit.min(1000) as usize
-        };
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) as usize };
         let (views, has_more) = self
             .0
             .ask(|reply| Command::List {
@@ -228,10 +218,7 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
         }))
     }
 
-    async fn cancel_batch(
-        &self,
-        req: Request<pb::CancelBatchRequest>,
-    ) -> Result<Response<pb::Batch>, Status> {
+    async fn cancel_batch(&self, req: Request<pb::CancelBatchRequest>) -> Result<Response<pb::Batch>, Status> {
         let tenant = self.0.auth.tenant(req.metadata())?;
         let id = convert::batch_id(&req.get_ref().batch_id)?;
         let view = self
@@ -335,13 +322,11 @@ fn result_record(row: tokenfab_store::ResultRow) -> pb::ResultRecord {
             body: body.into(),
             request_id,
         }),
-        RowOutcome::Recorded(Outcome::Error { code, message }) => {
-            pb::result_record::Outcome::Error(pb::RequestError {
-                code,
-                message,
-                line: row.line,
-            })
-        }
+        RowOutcome::Recorded(Outcome::Error { code, message }) => pb::result_record::Outcome::Error(pb::RequestError {
+            code,
+            message,
+            line: row.line,
+        }),
         RowOutcome::Invalid(e) => pb::result_record::Outcome::Error(pb::RequestError {
             code: e.code.as_str().into(),
             message: e.message,
@@ -358,36 +343,22 @@ fn result_record(row: tokenfab_store::ResultRow) -> pb::ResultRecord {
 
 #[tonic::async_trait]
 impl<S: Store + Clone> AgentService for AgentApi<S> {
-    async fn register(
-        &self,
-        req: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         self.0.auth.agent(req.metadata())?;
         let registration = convert::registration(req.into_inner())?;
-        self.0
-            .ask(|reply| Command::Register {
-                registration,
-                reply,
-            })
-            .await?;
+        self.0.ask(|reply| Command::Register { registration, reply }).await?;
         Ok(Response::new(pb::RegisterResponse {
             lease_ttl_ms: self.0.lease_ttl.as_millis() as u64,
             heartbeat_interval_ms: self.0.heartbeat_interval.as_millis() as u64,
         }))
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.0.auth.agent(req.metadata())?;
         let r = req.into_inner();
         let node = NodeId::new(r.node);
         let held = r.held_units.into_iter().map(WorkUnitId).collect();
-        let reply = self
-            .0
-            .ask(|reply| Command::Heartbeat { node, held, reply })
-            .await?;
+        let reply = self.0.ask(|reply| Command::Heartbeat { node, held, reply }).await?;
         Ok(Response::new(match reply {
             Ok(h) => pb::HeartbeatResponse {
                 reregister: false,
@@ -400,17 +371,10 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         }))
     }
 
-    async fn lease_work(
-        &self,
-        req: Request<pb::LeaseWorkRequest>,
-    ) -> Result<Response<pb::LeaseWorkResponse>, Status> {
+    async fn lease_work(&self, req: Request<pb::LeaseWorkRequest>) -> Result<Response<pb::LeaseWorkResponse>, Status> {
         self.0.auth.agent(req.metadata())?;
         let r = req.into_inner();
-        let (node, model, max) = (
-            NodeId::new(r.node),
-            ModelId::new(r.model),
-            r.max_requests.min(10_000),
-        );
+        let (node, model, max) = (NodeId::new(r.node), ModelId::new(r.model), r.max_requests.min(10_000));
         let unit = self
             .0
             .ask(|reply| Command::Lease {
@@ -436,11 +400,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         let results = convert::reported(r.results)?;
         let s = self
             .0
-            .ask(|reply| Command::Report {
-                node,
-                results,
-                reply,
-            })
+            .ask(|reply| Command::Report { node, results, reply })
             .await?
             .map_err(convert::unknown_node)?;
         Ok(Response::new(pb::ReportResultsResponse {

@@ -79,11 +79,7 @@ fn create(input: String, strict: bool, model: &str) -> pb::CreateBatchRequest {
 }
 
 async fn refused(f: &mut Fixture, req: pb::CreateBatchRequest) -> (Code, String) {
-    let e = f
-        .client
-        .create_batch(authed("acme-token", req))
-        .await
-        .unwrap_err();
+    let e = f.client.create_batch(authed("acme-token", req)).await.unwrap_err();
     (e.code(), e.message().to_string())
 }
 
@@ -106,20 +102,13 @@ async fn bad_batch_input_is_refused_with_what_and_where() {
         "{msg}"
     );
 
-    let missing = r#"{"method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#;
-    let (code, msg) = refused(
-        &mut f,
-        create(format!("{}\n{missing}\n", line("a")), true, m),
-    )
-    .await;
+    let missing =
+        r#"{"method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#;
+    let (code, msg) = refused(&mut f, create(format!("{}\n{missing}\n", line("a")), true, m)).await;
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("line 2: missing \"custom_id\""), "{msg}");
 
-    let (code, msg) = refused(
-        &mut f,
-        create(format!("{}\n{}\n", line("a"), line("a")), true, m),
-    )
-    .await;
+    let (code, msg) = refused(&mut f, create(format!("{}\n{}\n", line("a"), line("a")), true, m)).await;
     assert_eq!(code, Code::InvalidArgument);
     assert!(
         msg.contains("line 2: custom_id \"a\" is already used on line 1"),
@@ -144,10 +133,7 @@ async fn bad_batch_input_is_refused_with_what_and_where() {
         "{msg}"
     );
 
-    let file = (0..600)
-        .map(|i| line(&format!("r{i}")))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let file = (0..600).map(|i| line(&format!("r{i}"))).collect::<Vec<_>>().join("\n");
     let (code, msg) = refused(&mut f, create(file, false, m)).await;
     assert_eq!(code, Code::ResourceExhausted);
     assert!(
@@ -174,10 +160,7 @@ async fn bad_batch_input_is_refused_with_what_and_where() {
     .await;
     assert_eq!(
         (code, msg.as_str()),
-        (
-            Code::InvalidArgument,
-            "options is required (at least options.model)"
-        )
+        (Code::InvalidArgument, "options is required (at least options.model)")
     );
 
     let (code, msg) = refused(
@@ -242,9 +225,7 @@ async fn invalid_lines_fail_alone_when_not_strict() {
         .into_inner();
     let first = s.message().await.unwrap().unwrap();
     assert_eq!(first.line, 2);
-    assert!(
-        matches!(first.outcome, Some(pb::result_record::Outcome::Error(ref e)) if e.code == "invalid_json")
-    );
+    assert!(matches!(first.outcome, Some(pb::result_record::Outcome::Error(ref e)) if e.code == "invalid_json"));
     assert!(s.message().await.unwrap().is_none());
 }
 
@@ -253,10 +234,7 @@ async fn tenants_cannot_see_or_touch_each_others_batches() {
     let mut f = fixture().await;
     let resp = f
         .client
-        .create_batch(authed(
-            "acme-token",
-            create(line("a"), false, "llama-3.1-8b"),
-        ))
+        .create_batch(authed("acme-token", create(line("a"), false, "llama-3.1-8b")))
         .await
         .unwrap()
         .into_inner();
@@ -264,29 +242,16 @@ async fn tenants_cannot_see_or_touch_each_others_batches() {
 
     let e = f
         .client
-        .get_batch(authed(
-            "rival-token",
-            pb::GetBatchRequest {
-                batch_id: id.clone(),
-            },
-        ))
+        .get_batch(authed("rival-token", pb::GetBatchRequest { batch_id: id.clone() }))
         .await
         .unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
-        (
-            Code::NotFound,
-            format!("batch {id} not found for this tenant").as_str()
-        )
+        (Code::NotFound, format!("batch {id} not found for this tenant").as_str())
     );
     let e = f
         .client
-        .cancel_batch(authed(
-            "rival-token",
-            pb::CancelBatchRequest {
-                batch_id: id.clone(),
-            },
-        ))
+        .cancel_batch(authed("rival-token", pb::CancelBatchRequest { batch_id: id.clone() }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -342,19 +307,11 @@ async fn tenants_cannot_see_or_touch_each_others_batches() {
         .unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
-        (
-            Code::NotFound,
-            "batch batch_00009999 not found for this tenant"
-        )
+        (Code::NotFound, "batch batch_00009999 not found for this tenant")
     );
     let e = f
         .client
-        .get_batch(authed(
-            "acme-token",
-            pb::GetBatchRequest {
-                batch_id: "42".into(),
-            },
-        ))
+        .get_batch(authed("acme-token", pb::GetBatchRequest { batch_id: "42".into() }))
         .await
         .unwrap_err();
     assert_eq!(
@@ -400,22 +357,14 @@ async fn cancelling_twice_says_why_not() {
     let mut f = fixture().await;
     let resp = f
         .client
-        .create_batch(authed(
-            "acme-token",
-            create(line("a"), false, "llama-3.1-8b"),
-        ))
+        .create_batch(authed("acme-token", create(line("a"), false, "llama-3.1-8b")))
         .await
         .unwrap()
         .into_inner();
     let id = resp.batch.unwrap().id;
     let b = f
         .client
-        .cancel_batch(authed(
-            "acme-token",
-            pb::CancelBatchRequest {
-                batch_id: id.clone(),
-            },
-        ))
+        .cancel_batch(authed("acme-token", pb::CancelBatchRequest { batch_id: id.clone() }))
         .await
         .unwrap()
         .into_inner();
@@ -426,12 +375,7 @@ async fn cancelling_twice_says_why_not() {
     );
     let e = f
         .client
-        .cancel_batch(authed(
-            "acme-token",
-            pb::CancelBatchRequest {
-                batch_id: id.clone(),
-            },
-        ))
+        .cancel_batch(authed("acme-token", pb::CancelBatchRequest { batch_id: id.clone() }))
         .await
         .unwrap_err();
     assert_eq!(

@@ -95,10 +95,7 @@ pub enum AgentAction {
     /// Read every replica's device energy; answer with `device_sample`.
     SampleDevices,
     /// Give these leased requests back.
-    Release {
-        unit: WorkUnitId,
-        items: Vec<RequestRef>,
-    },
+    Release { unit: WorkUnitId, items: Vec<RequestRef> },
 }
 
 /// What an engine call returned.
@@ -282,12 +279,7 @@ impl AgentCore {
 
     /// A lease call returned. `Err(true)` means the control plane does not know this
     /// node (register again); `Err(false)` any other failure.
-    pub fn lease_done(
-        &mut self,
-        now: Timestamp,
-        model: &ModelId,
-        result: Result<Option<LeaseGrant>, bool>,
-    ) {
+    pub fn lease_done(&mut self, now: Timestamp, model: &ModelId, result: Result<Option<LeaseGrant>, bool>) {
         self.leasing.remove(model);
         match result {
             Ok(Some(grant)) if !grant.items.is_empty() => {
@@ -299,10 +291,8 @@ impl AgentCore {
                 }
             }
             Ok(_) => {
-                self.lease_retry_at.insert(
-                    model.clone(),
-                    now.saturating_add(self.config.empty_lease_backoff),
-                );
+                self.lease_retry_at
+                    .insert(model.clone(), now.saturating_add(self.config.empty_lease_backoff));
             }
             Err(unknown_node) => {
                 self.lease_retry_at
@@ -327,17 +317,12 @@ impl AgentCore {
         let r = &mut self.replicas[replica];
         r.in_flight -= 1;
         let (outcome, usage) = match reply {
-            EngineReply::Answered { status_code, .. }
-                if EngineReply::is_retryable_status(status_code) =>
-            {
+            EngineReply::Answered { status_code, .. } if EngineReply::is_retryable_status(status_code) => {
                 r.stats.errors += 1;
                 let code = format!("engine_http_{status_code}");
                 let message = format!("replica {} answered HTTP {status_code}", r.spec.id);
                 mark_unhealthy(r, now);
-                (
-                    ReportedOutcome::Retryable { code, message },
-                    Usage::default(),
-                )
+                (ReportedOutcome::Retryable { code, message }, Usage::default())
             }
             EngineReply::Answered {
                 status_code,
@@ -406,12 +391,7 @@ impl AgentCore {
     }
 
     /// A report failed; the results come back to be sent again.
-    pub fn report_failed(
-        &mut self,
-        now: Timestamp,
-        results: Vec<ReportedResult>,
-        unknown_node: bool,
-    ) {
+    pub fn report_failed(&mut self, now: Timestamp, results: Vec<ReportedResult>, unknown_node: bool) {
         let units = self.reporting.take().unwrap_or_default();
         for (r, u) in results.into_iter().zip(units).rev() {
             self.ready.push_front((r, u, now));
@@ -440,9 +420,7 @@ impl AgentCore {
     }
 
     pub fn is_drained(&self) -> bool {
-        self.replicas
-            .iter()
-            .all(|r| r.in_flight == 0 && r.finished.is_empty())
+        self.replicas.iter().all(|r| r.in_flight == 0 && r.finished.is_empty())
             && self.ready.is_empty()
             && self.reporting.is_none()
             && self.queues.values().all(VecDeque::is_empty)
@@ -455,10 +433,7 @@ impl AgentCore {
         t.extend(self.register_retry_at);
         t.extend(self.heartbeat_at);
         if let Some(&(_, _, at)) = self.ready.front() {
-            t.push(
-                at.saturating_add(self.config.report_delay)
-                    .max(self.report_retry_at),
-            );
+            t.push(at.saturating_add(self.config.report_delay).max(self.report_retry_at));
         }
         t.extend(self.lease_retry_at.values().copied());
         t.extend(
@@ -549,11 +524,7 @@ impl AgentCore {
                 if r.in_flight >= r.window || r.healthy_at > now {
                     continue;
                 }
-                if self
-                    .queues
-                    .get(&r.spec.model)
-                    .is_none_or(VecDeque::is_empty)
-                {
+                if self.queues.get(&r.spec.model).is_none_or(VecDeque::is_empty) {
                     continue;
                 }
                 let load = f64::from(r.in_flight) / f64::from(r.window);
@@ -569,11 +540,7 @@ impl AgentCore {
                 .and_then(VecDeque::pop_front)
                 .expect("checked non-empty");
             r.in_flight += 1;
-            self.actions.push_back(AgentAction::Dispatch {
-                replica: i,
-                unit,
-                item,
-            });
+            self.actions.push_back(AgentAction::Dispatch { replica: i, unit, item });
         }
     }
 
@@ -588,9 +555,7 @@ impl AgentCore {
             e.1 += r.window;
         }
         for (model, (free, window)) in wants {
-            if self.leasing.contains(&model)
-                || self.lease_retry_at.get(&model).is_some_and(|&t| t > now)
-            {
+            if self.leasing.contains(&model) || self.lease_retry_at.get(&model).is_some_and(|&t| t > now) {
                 continue;
             }
             let queued = self.queues.get(&model).map_or(0, VecDeque::len) as u32;
@@ -609,11 +574,7 @@ impl AgentCore {
     }
 
     fn maybe_report(&mut self, now: Timestamp) {
-        if self.reporting.is_some()
-            || self.ready.is_empty()
-            || self.report_retry_at > now
-            || !self.registered
-        {
+        if self.reporting.is_some() || self.ready.is_empty() || self.report_retry_at > now || !self.registered {
             return;
         }
         let oldest = self.ready.front().map(|&(_, _, t)| t).expect("non-empty");
@@ -624,8 +585,7 @@ impl AgentCore {
             return;
         }
         let n = self.ready.len().min(self.config.report_max);
-        let (results, units): (Vec<_>, Vec<_>) =
-            self.ready.drain(..n).map(|(r, u, _)| (r, u)).unzip();
+        let (results, units): (Vec<_>, Vec<_>) = self.ready.drain(..n).map(|(r, u, _)| (r, u)).unzip();
         self.reporting = Some(units);
         self.actions.push_back(AgentAction::Report(results));
     }
@@ -670,11 +630,7 @@ fn attribute(
     r.carried_j = 0.0;
     r.carried_device_s = 0.0;
     r.stats.attributed_j += pool_j;
-    let weights: Vec<f64> = r
-        .finished
-        .iter()
-        .map(|(res, _)| res.usage.tokens() as f64)
-        .collect();
+    let weights: Vec<f64> = r.finished.iter().map(|(res, _)| res.usage.tokens() as f64).collect();
     let total: f64 = weights.iter().sum();
     let n = r.finished.len() as f64;
     for ((mut res, unit), w) in r.finished.drain(..).zip(weights) {
@@ -732,15 +688,8 @@ mod tests {
     }
 
     fn started(window: u32) -> AgentCore {
-        let mut core = AgentCore::new(
-            AgentConfig::default(),
-            vec![spec("r0", window), spec("r1", window)],
-            T0,
-        );
-        assert_eq!(
-            drain(&mut core),
-            [AgentAction::Register, AgentAction::SampleDevices]
-        );
+        let mut core = AgentCore::new(AgentConfig::default(), vec![spec("r0", window), spec("r1", window)], T0);
+        assert_eq!(drain(&mut core), [AgentAction::Register, AgentAction::SampleDevices]);
         core.registered(T0, Duration::from_secs(1));
         core
     }
@@ -766,9 +715,7 @@ mod tests {
         };
         assert_eq!((per_replica(0), per_replica(1)), (4, 4), "{actions:?}");
         assert!(
-            !actions
-                .iter()
-                .any(|a| matches!(a, AgentAction::Lease { .. })),
+            !actions.iter().any(|a| matches!(a, AgentAction::Lease { .. })),
             "8 queued: enough"
         );
         assert_eq!(core.held_units(), [WorkUnitId(1)]);
@@ -792,11 +739,7 @@ mod tests {
         let dispatched: Vec<_> = drain(&mut core)
             .into_iter()
             .filter_map(|a| match a {
-                AgentAction::Dispatch {
-                    replica,
-                    unit,
-                    item,
-                } => Some((replica, unit, item)),
+                AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
                 _ => None,
             })
             .collect();
@@ -812,9 +755,7 @@ mod tests {
             );
         }
         assert!(
-            drain(&mut core)
-                .iter()
-                .all(|a| !matches!(a, AgentAction::Report(_))),
+            drain(&mut core).iter().all(|a| !matches!(a, AgentAction::Report(_))),
             "no report before the energy share"
         );
         let t2 = T0.saturating_add(Duration::from_millis(100));
@@ -840,18 +781,11 @@ mod tests {
             .expect("report due");
         assert_eq!(report.len(), 2);
         let on_r0 = report.iter().find(|r| r.usage.prompt_tokens == 30).unwrap();
-        assert_eq!(
-            on_r0.usage.joules, 60.0,
-            "the whole 60 J delta of replica 0"
-        );
+        assert_eq!(on_r0.usage.joules, 60.0, "the whole 60 J delta of replica 0");
         assert_eq!(on_r0.usage.device_seconds, 1.0, "0.5 s x 2 devices");
         let on_r1 = report.iter().find(|r| r.usage.prompt_tokens == 10).unwrap();
         assert_eq!(on_r1.usage.joules, 0.0, "replica 1 has no energy counter");
-        assert_eq!(
-            core.held_units(),
-            [WorkUnitId(1)],
-            "held until acknowledged"
-        );
+        assert_eq!(core.held_units(), [WorkUnitId(1)], "held until acknowledged");
         core.report_acked(t2);
         assert!(core.held_units().is_empty());
     }
@@ -932,11 +866,7 @@ mod tests {
         let first = drain(&mut core)
             .into_iter()
             .find_map(|a| match a {
-                AgentAction::Dispatch {
-                    replica,
-                    unit,
-                    item,
-                } => Some((replica, unit, item)),
+                AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
                 _ => None,
             })
             .unwrap();
@@ -995,11 +925,7 @@ mod tests {
         let dispatched: Vec<_> = drain(&mut core)
             .into_iter()
             .filter_map(|a| match a {
-                AgentAction::Dispatch {
-                    replica,
-                    unit,
-                    item,
-                } => Some((replica, unit, item)),
+                AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
                 _ => None,
             })
             .collect();

@@ -31,10 +31,7 @@ impl BatchStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            BatchStatus::Completed
-                | BatchStatus::Failed
-                | BatchStatus::Expired
-                | BatchStatus::Cancelled
+            BatchStatus::Completed | BatchStatus::Failed | BatchStatus::Expired | BatchStatus::Cancelled
         )
     }
 
@@ -150,10 +147,7 @@ impl Lifecycle {
 
     /// Every request has a result.
     pub fn finalize(&mut self, now: Timestamp) -> Result<(), TransitionError> {
-        self.go(
-            &[BatchStatus::Queued, BatchStatus::InProgress],
-            BatchStatus::Finalizing,
-        )?;
+        self.go(&[BatchStatus::Queued, BatchStatus::InProgress], BatchStatus::Finalizing)?;
         self.finalizing_at = Some(now);
         Ok(())
     }
@@ -166,17 +160,9 @@ impl Lifecycle {
     }
 
     /// The batch cannot run at all.
-    pub fn fail(
-        &mut self,
-        now: Timestamp,
-        reason: impl Into<String>,
-    ) -> Result<(), TransitionError> {
+    pub fn fail(&mut self, now: Timestamp, reason: impl Into<String>) -> Result<(), TransitionError> {
         self.go(
-            &[
-                BatchStatus::Validating,
-                BatchStatus::Queued,
-                BatchStatus::InProgress,
-            ],
+            &[BatchStatus::Validating, BatchStatus::Queued, BatchStatus::InProgress],
             BatchStatus::Failed,
         )?;
         self.failed_at = Some(now);
@@ -187,11 +173,7 @@ impl Lifecycle {
     /// The completion window passed before every request had a result.
     pub fn expire(&mut self, now: Timestamp) -> Result<(), TransitionError> {
         self.go(
-            &[
-                BatchStatus::Queued,
-                BatchStatus::InProgress,
-                BatchStatus::Finalizing,
-            ],
+            &[BatchStatus::Queued, BatchStatus::InProgress, BatchStatus::Finalizing],
             BatchStatus::Expired,
         )?;
         self.expired_at = Some(now);
@@ -201,11 +183,7 @@ impl Lifecycle {
     /// The tenant asked to cancel.
     pub fn cancel(&mut self, now: Timestamp) -> Result<(), TransitionError> {
         self.go(
-            &[
-                BatchStatus::Validating,
-                BatchStatus::Queued,
-                BatchStatus::InProgress,
-            ],
+            &[BatchStatus::Validating, BatchStatus::Queued, BatchStatus::InProgress],
             BatchStatus::Cancelling,
         )?;
         self.cancelling_at = Some(now);

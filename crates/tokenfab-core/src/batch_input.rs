@@ -138,28 +138,16 @@ impl fmt::Display for LineError {
 pub enum InputError {
     #[error("the input file is empty: a batch needs at least one JSONL line, one request per line")]
     Empty,
-    #[error(
-        "the input file is {bytes} bytes, over the limit of {limit} bytes; split it into several batches"
-    )]
+    #[error("the input file is {bytes} bytes, over the limit of {limit} bytes; split it into several batches")]
     TooLarge { bytes: u64, limit: u64 },
     #[error(
         "the input file has more than {limit} requests (line {line} is request {count}); split it into several batches"
     )]
-    TooManyRequests {
-        count: usize,
-        limit: usize,
-        line: u32,
-    },
+    TooManyRequests { count: usize, limit: usize, line: u32 },
     #[error("no valid request in the input ({} invalid lines): {}", .total, summarize(.errors))]
-    NoValidLines {
-        errors: Vec<LineError>,
-        total: usize,
-    },
+    NoValidLines { errors: Vec<LineError>, total: usize },
     #[error("strict batch refused: {total} of its lines are invalid: {}", summarize(.errors))]
-    StrictRefused {
-        errors: Vec<LineError>,
-        total: usize,
-    },
+    StrictRefused { errors: Vec<LineError>, total: usize },
 }
 
 /// The errors shown in an [`InputError`] message (the rest are counted).
@@ -295,12 +283,7 @@ fn json_error_at(e: &serde_json::Error, offset: usize) -> String {
     format!("{bare} at column {}", offset + e.column())
 }
 
-fn line_error(
-    line: u32,
-    code: LineErrorCode,
-    custom_id: Option<String>,
-    what: String,
-) -> LineError {
+fn line_error(line: u32, code: LineErrorCode, custom_id: Option<String>, what: String) -> LineError {
     LineError {
         line,
         code,
@@ -309,12 +292,7 @@ fn line_error(
     }
 }
 
-fn parse_line(
-    raw: &[u8],
-    line: u32,
-    model: &ModelId,
-    limits: &InputLimits,
-) -> Result<ParsedRequest, LineError> {
+fn parse_line(raw: &[u8], line: u32, model: &ModelId, limits: &InputLimits) -> Result<ParsedRequest, LineError> {
     if raw.len() > limits.max_line_bytes {
         return Err(line_error(
             line,
@@ -332,10 +310,7 @@ fn parse_line(
             line,
             LineErrorCode::InvalidUtf8,
             None,
-            format!(
-                "not valid UTF-8 (byte {}); save the file as UTF-8",
-                e.valid_up_to() + 1
-            ),
+            format!("not valid UTF-8 (byte {}); save the file as UTF-8", e.valid_up_to() + 1),
         )
     })?;
     let trimmed = text.trim_start();
@@ -405,10 +380,7 @@ fn parse_line(
     let cid = Some(custom_id.clone());
     let err = |code, what: String| line_error(line, code, cid.clone(), what);
 
-    match parsed
-        .method
-        .map(|m| serde_json::from_str::<String>(m.get()))
-    {
+    match parsed.method.map(|m| serde_json::from_str::<String>(m.get())) {
         Some(Ok(m)) if m == "POST" => {}
         None => {
             return Err(err(
@@ -454,34 +426,23 @@ fn parse_line(
         )
     })?;
     if !body.get().trim_start().starts_with('{') {
-        return Err(err(
-            LineErrorCode::InvalidBody,
-            "\"body\" must be a JSON object".into(),
-        ));
+        return Err(err(LineErrorCode::InvalidBody, "\"body\" must be a JSON object".into()));
     }
     let peek: BodyPeek = serde_json::from_str(body.get()).map_err(|e| {
         let offset = body.get().as_ptr() as usize - text.as_ptr() as usize;
         err(
             LineErrorCode::InvalidBody,
-            format!(
-                "\"body\" is not a valid request ({})",
-                json_error_at(&e, offset)
-            ),
+            format!("\"body\" is not a valid request ({})", json_error_at(&e, offset)),
         )
     })?;
     match &peek.model {
         None => {}
         Some(serde_json::Value::String(m)) if m == model.as_str() => {}
         Some(other) => {
-            let shown = other
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| other.to_string());
+            let shown = other.as_str().map(str::to_string).unwrap_or_else(|| other.to_string());
             return Err(err(
                 LineErrorCode::ModelMismatch,
-                format!(
-                    "body.model is \"{shown}\" but the batch is for \"{model}\"; a batch runs one model"
-                ),
+                format!("body.model is \"{shown}\" but the batch is for \"{model}\"; a batch runs one model"),
             ));
         }
     }
@@ -649,10 +610,7 @@ mod tests {
         let codes: Vec<_> = p.line_errors.iter().map(|e| (e.line, e.code)).collect();
         assert_eq!(
             codes,
-            [
-                (2, LineErrorCode::LineTooLarge),
-                (3, LineErrorCode::InvalidUtf8)
-            ]
+            [(2, LineErrorCode::LineTooLarge), (3, LineErrorCode::InvalidUtf8)]
         );
         assert!(
             p.line_errors[0]
@@ -668,14 +626,10 @@ mod tests {
         assert_eq!(parse(""), Err(InputError::Empty));
         assert_eq!(parse("\n  \n"), Err(InputError::Empty));
         let e = parse("nope\n{}\n").unwrap_err();
+        assert!(matches!(e, InputError::NoValidLines { total: 2, .. }), "{e:?}");
         assert!(
-            matches!(e, InputError::NoValidLines { total: 2, .. }),
-            "{e:?}"
-        );
-        assert!(
-            e.to_string().starts_with(
-                "no valid request in the input (2 invalid lines): line 1: not valid JSON"
-            ),
+            e.to_string()
+                .starts_with("no valid request in the input (2 invalid lines): line 1: not valid JSON"),
             "{e}"
         );
 
@@ -710,23 +664,13 @@ mod tests {
     #[test]
     fn strict_batches_refuse_any_bad_line() {
         let text = format!("{}\nbad\n", chat("a"));
-        let e = parse_batch_input(text.as_bytes(), &model(), &InputLimits::default(), true)
-            .unwrap_err();
+        let e = parse_batch_input(text.as_bytes(), &model(), &InputLimits::default(), true).unwrap_err();
         assert!(
-            e.to_string().starts_with(
-                "strict batch refused: 1 of its lines are invalid: line 2: not valid JSON"
-            ),
+            e.to_string()
+                .starts_with("strict batch refused: 1 of its lines are invalid: line 2: not valid JSON"),
             "{e}"
         );
-        assert!(
-            parse_batch_input(
-                chat("a").as_bytes(),
-                &model(),
-                &InputLimits::default(),
-                true
-            )
-            .is_ok()
-        );
+        assert!(parse_batch_input(chat("a").as_bytes(), &model(), &InputLimits::default(), true).is_ok());
     }
 
     proptest! {

@@ -128,12 +128,10 @@ impl Catalog {
     }
 
     pub fn model(&self, id: &ModelId) -> Result<&ModelShape, CatalogError> {
-        self.models
-            .get(id.as_str())
-            .ok_or_else(|| CatalogError::UnknownModel {
-                name: id.to_string(),
-                known: join_keys(&self.models),
-            })
+        self.models.get(id.as_str()).ok_or_else(|| CatalogError::UnknownModel {
+            name: id.to_string(),
+            known: join_keys(&self.models),
+        })
     }
 
     pub fn accelerator(&self, id: &AcceleratorId) -> Result<&Accelerator, CatalogError> {
@@ -147,10 +145,7 @@ impl Catalog {
 
     /// Model names, sorted.
     pub fn model_ids(&self) -> Vec<ModelId> {
-        self.models
-            .keys()
-            .map(|k| ModelId::new(k.clone()))
-            .collect()
+        self.models.keys().map(|k| ModelId::new(k.clone())).collect()
     }
 }
 
@@ -174,10 +169,7 @@ mod tests {
             let shape = c.model(&ModelId::from(m)).unwrap();
             assert_eq!(
                 shape.kv_bytes_per_token,
-                2 * u64::from(shape.layers)
-                    * u64::from(shape.kv_heads)
-                    * u64::from(shape.head_dim)
-                    * 2,
+                2 * u64::from(shape.layers) * u64::from(shape.kv_heads) * u64::from(shape.head_dim) * 2,
                 "{m}: kv bytes per token must follow from the shape"
             );
         }
@@ -188,18 +180,13 @@ mod tests {
         let c = Catalog::builtin();
         let e = c.model(&ModelId::from("gpt-9")).unwrap_err().to_string();
         assert!(e.contains("gpt-9") && e.contains("llama-3.1-8b"), "{e}");
-        let e = c
-            .accelerator(&AcceleratorId::from("tpu"))
-            .unwrap_err()
-            .to_string();
+        let e = c.accelerator(&AcceleratorId::from("tpu")).unwrap_err().to_string();
         assert!(e.contains("tpu") && e.contains("h100-sxm"), "{e}");
     }
 
     #[test]
     fn parse_errors_name_the_problem() {
-        let e = Catalog::parse("[calibration]\nbogus = 1")
-            .unwrap_err()
-            .to_string();
+        let e = Catalog::parse("[calibration]\nbogus = 1").unwrap_err().to_string();
         assert!(e.contains("catalog is not valid"), "{e}");
     }
 }

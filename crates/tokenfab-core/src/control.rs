@@ -13,12 +13,8 @@
 
 use crate::batch::{BatchStatus, Lifecycle, TransitionError};
 use crate::catalog::Catalog;
-use crate::durable::{
-    BatchMeta, BatchTotals, DurableOp, Outcome, RecordedResult, RecoveredBatch, RequestMeta,
-};
-use crate::ids::{
-    AcceleratorId, BatchId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, WorkUnitId,
-};
+use crate::durable::{BatchMeta, BatchTotals, DurableOp, Outcome, RecordedResult, RecoveredBatch, RequestMeta};
+use crate::ids::{AcceleratorId, BatchId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, WorkUnitId};
 use crate::time::Timestamp;
 use crate::usage::{DEFAULT_PUE, DEFAULT_USD_PER_KWH, Pricing, Usage};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -80,9 +76,7 @@ pub enum SubmitError {
     UnknownModel { model: ModelId, served: String },
     #[error("unknown SLA class '{class}': choose one of {known}")]
     UnknownSlaClass { class: String, known: String },
-    #[error(
-        "completion window {asked_s} s is too long: the most this cluster accepts is {max_s} s"
-    )]
+    #[error("completion window {asked_s} s is too long: the most this cluster accepts is {max_s} s")]
     WindowTooLong { asked_s: u64, max_s: u64 },
     #[error("the batch has no valid request")]
     NoRequests,
@@ -360,11 +354,7 @@ impl ControlCore {
                 rb.requests.len()
             ];
             for (index, ok, usage) in rb.results {
-                if let Some(r) = b
-                    .requests
-                    .get_mut(index as usize)
-                    .filter(|r| r.slot != Slot::Done)
-                {
+                if let Some(r) = b.requests.get_mut(index as usize).filter(|r| r.slot != Slot::Done) {
                     r.slot = Slot::Done;
                     if ok {
                         b.completed += 1;
@@ -459,12 +449,11 @@ impl ControlCore {
         let mut life = Lifecycle::new(id, now);
         life.queue(now).expect("a new batch can be queued");
         let n = new.requests.len() as u32;
-        self.actions
-            .push_back(Action::Persist(DurableOp::CreateBatch {
-                meta: meta.clone(),
-                life: life.clone(),
-                requests: new.requests,
-            }));
+        self.actions.push_back(Action::Persist(DurableOp::CreateBatch {
+            meta: meta.clone(),
+            life: life.clone(),
+            requests: new.requests,
+        }));
         self.by_tenant.insert((meta.tenant.clone(), id));
         self.batches.insert(
             id,
@@ -501,12 +490,7 @@ impl ControlCore {
     }
 
     /// `tenant`'s batches, newest first, older than `before` if given.
-    pub fn list(
-        &self,
-        tenant: &TenantId,
-        before: Option<BatchId>,
-        limit: usize,
-    ) -> (Vec<BatchView>, bool) {
+    pub fn list(&self, tenant: &TenantId, before: Option<BatchId>, limit: usize) -> (Vec<BatchView>, bool) {
         let upper = before.unwrap_or(BatchId(u64::MAX));
         let mut it = self
             .by_tenant
@@ -519,12 +503,7 @@ impl ControlCore {
     }
 
     /// Cancels a batch: pending requests end as `batch_cancelled`, leased ones finish.
-    pub fn cancel(
-        &mut self,
-        now: Timestamp,
-        tenant: &TenantId,
-        id: BatchId,
-    ) -> Result<BatchView, BatchError> {
+    pub fn cancel(&mut self, now: Timestamp, tenant: &TenantId, id: BatchId) -> Result<BatchView, BatchError> {
         self.owned(tenant, id)?;
         let b = self.batches.get_mut(&id).expect("owned");
         b.life.cancel(now)?;
@@ -557,12 +536,7 @@ impl ControlCore {
     pub fn register(&mut self, now: Timestamp, reg: NodeRegistration) {
         let accelerator = reg.devices.first().map(|d| d.accelerator.clone());
         let usd_per_device_hour = accelerator
-            .and_then(|a| {
-                Catalog::builtin()
-                    .accelerator(&a)
-                    .ok()
-                    .map(|a| a.price_usd_per_hour)
-            })
+            .and_then(|a| Catalog::builtin().accelerator(&a).ok().map(|a| a.price_usd_per_hour))
             .unwrap_or(0.0);
         let pricing = Pricing {
             usd_per_device_hour,
@@ -593,10 +567,7 @@ impl ControlCore {
         node: &NodeId,
         held: &[WorkUnitId],
     ) -> Result<HeartbeatReply, UnknownNode> {
-        let n = self
-            .nodes
-            .get_mut(node)
-            .ok_or_else(|| UnknownNode(node.clone()))?;
+        let n = self.nodes.get_mut(node).ok_or_else(|| UnknownNode(node.clone()))?;
         n.last_seen = now;
         let mut reply = HeartbeatReply::default();
         let expires_at = now.saturating_add(self.config.lease_ttl);
@@ -643,10 +614,7 @@ impl ControlCore {
                     r.attempts += 1;
                     b.leased += 1;
                     items.push(LeasedItem {
-                        req: RequestRef {
-                            batch: id,
-                            index: i,
-                        },
+                        req: RequestRef { batch: id, index: i },
                         attempt: r.attempts,
                     });
                 }
@@ -683,11 +651,7 @@ impl ControlCore {
             },
         );
         self.unit_expiry.insert((expires_at, unit));
-        self.nodes
-            .get_mut(node)
-            .expect("checked")
-            .units
-            .insert(unit);
+        self.nodes.get_mut(node).expect("checked").units.insert(unit);
         self.stats.leases_granted += 1;
         Ok(Some(LeaseGrant {
             unit,
@@ -843,8 +807,7 @@ impl ControlCore {
             return;
         }
         self.deadlines.insert((b.meta.deadline, id));
-        if !b.pending.is_empty() && matches!(status, BatchStatus::Queued | BatchStatus::InProgress)
-        {
+        if !b.pending.is_empty() && matches!(status, BatchStatus::Queued | BatchStatus::InProgress) {
             self.queues
                 .entry(b.meta.model.clone())
                 .or_default()
@@ -853,13 +816,7 @@ impl ControlCore {
     }
 
     /// Records the result of one request if it has none yet; returns what to persist.
-    fn finish(
-        &mut self,
-        id: BatchId,
-        index: u32,
-        outcome: Outcome,
-        usage: Usage,
-    ) -> Option<RecordedResult> {
+    fn finish(&mut self, id: BatchId, index: u32, outcome: Outcome, usage: Usage) -> Option<RecordedResult> {
         let b = self.batches.get_mut(&id)?;
         let r = b.requests.get_mut(index as usize)?;
         let prev = r.slot;
@@ -907,12 +864,7 @@ impl ControlCore {
         let max = self.config.max_attempts;
         let b = self.batches.get_mut(&req.batch).expect("slot exists");
         let r = &mut b.requests[req.index as usize];
-        if r.attempts < max
-            && matches!(
-                b.life.status(),
-                BatchStatus::Queued | BatchStatus::InProgress
-            )
-        {
+        if r.attempts < max && matches!(b.life.status(), BatchStatus::Queued | BatchStatus::InProgress) {
             let Slot::Leased(unit) = r.slot else {
                 unreachable!("checked by caller")
             };
@@ -930,9 +882,7 @@ impl ControlCore {
         } else {
             Outcome::Error {
                 code: "retries_exhausted".into(),
-                message: format!(
-                    "no answer after {attempts} attempts; last error ({code}): {message}"
-                ),
+                message: format!("no answer after {attempts} attempts; last error ({code}): {message}"),
             }
         };
         out.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
@@ -976,12 +926,7 @@ impl ControlCore {
             let status = b.life.status();
             if status == BatchStatus::Cancelling {
                 r.slot = Slot::Pending;
-                recorded.extend(self.finish(
-                    req.batch,
-                    req.index,
-                    cancelled_outcome(),
-                    Usage::default(),
-                ));
+                recorded.extend(self.finish(req.batch, req.index, cancelled_outcome(), Usage::default()));
             } else if r.attempts >= self.config.max_attempts {
                 let attempts = r.attempts;
                 r.slot = Slot::Pending;
@@ -1199,43 +1144,25 @@ mod tests {
             }
         );
         let actions = drain(&mut core);
-        assert!(
-            matches!(&actions[0], Action::Persist(DurableOp::CreateBatch { requests, .. }) if requests.len() == 3)
-        );
+        assert!(matches!(&actions[0], Action::Persist(DurableOp::CreateBatch { requests, .. }) if requests.len() == 3));
 
         core.register(T0, registration("n1"));
         let grant = core.lease(T0, &node("n1"), &model(), 2).unwrap().unwrap();
         assert_eq!(grant.items.len(), 2);
         assert_eq!(grant.expires_at, T0.saturating_add(Duration::from_secs(10)));
         assert_eq!(
-            core.batch(&tenant("acme"), view.meta.id)
-                .unwrap()
-                .life
-                .status(),
+            core.batch(&tenant("acme"), view.meta.id).unwrap().life.status(),
             BatchStatus::InProgress
         );
         let rest = core.lease(T0, &node("n1"), &model(), 10).unwrap().unwrap();
         assert_eq!(rest.items.len(), 1);
-        assert_eq!(
-            core.lease(T0, &node("n1"), &model(), 10).unwrap(),
-            None,
-            "nothing left"
-        );
+        assert_eq!(core.lease(T0, &node("n1"), &model(), 10).unwrap(), None, "nothing left");
 
         let results: Vec<_> = grant
             .items
             .iter()
             .chain(&rest.items)
-            .map(|i| {
-                ok(
-                    if i.req.index < 2 {
-                        grant.unit
-                    } else {
-                        rest.unit
-                    },
-                    i.req,
-                )
-            })
+            .map(|i| ok(if i.req.index < 2 { grant.unit } else { rest.unit }, i.req))
             .collect();
         let s = core.report(T0, &node("n1"), results).unwrap();
         assert_eq!(
@@ -1272,14 +1199,8 @@ mod tests {
         let later = first.expires_at;
         core.handle_timeout(later);
         assert_eq!(core.stats().leases_expired, 1);
-        let second = core
-            .lease(later, &node("b"), &model(), 10)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            second.items.iter().map(|i| i.attempt).collect::<Vec<_>>(),
-            [2, 2]
-        );
+        let second = core.lease(later, &node("b"), &model(), 10).unwrap().unwrap();
+        assert_eq!(second.items.iter().map(|i| i.attempt).collect::<Vec<_>>(), [2, 2]);
         // a comes back late with one result; b reports both.
         let s1 = core
             .report(later, &node("a"), vec![ok(first.unit, first.items[0].req)])
@@ -1289,20 +1210,12 @@ mod tests {
             .report(
                 later,
                 &node("b"),
-                second
-                    .items
-                    .iter()
-                    .map(|i| ok(second.unit, i.req))
-                    .collect(),
+                second.items.iter().map(|i| ok(second.unit, i.req)).collect(),
             )
             .unwrap();
         assert_eq!((s2.recorded, s2.duplicates), (1, 1));
         let again = core
-            .report(
-                later,
-                &node("b"),
-                vec![ok(second.unit, second.items[1].req)],
-            )
+            .report(later, &node("b"), vec![ok(second.unit, second.items[1].req)])
             .unwrap();
         assert_eq!(again.duplicates, 1);
         assert_eq!(core.batch(&tenant("acme"), id).unwrap().counts.completed, 2);
@@ -1317,16 +1230,11 @@ mod tests {
         core.register(T0, registration("a"));
         let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
         let t = T0.saturating_add(Duration::from_secs(8));
-        let reply = core
-            .heartbeat(t, &node("a"), &[g.unit, WorkUnitId(999)])
-            .unwrap();
+        let reply = core.heartbeat(t, &node("a"), &[g.unit, WorkUnitId(999)]).unwrap();
         assert_eq!(reply.unknown_units, [WorkUnitId(999)]);
         core.handle_timeout(T0.saturating_add(Duration::from_secs(12)));
         assert_eq!(core.stats().leases_expired, 0);
-        assert_eq!(
-            core.poll_timeout(),
-            Some(t.saturating_add(Duration::from_secs(10)))
-        );
+        assert_eq!(core.poll_timeout(), Some(t.saturating_add(Duration::from_secs(10))));
         assert_eq!(
             core.heartbeat(t, &node("zz"), &[]).unwrap_err().to_string(),
             "node 'zz' is not registered (the control plane may have restarted); register again"
@@ -1366,10 +1274,7 @@ mod tests {
             1
         );
         let v = core.batch(&tenant("acme"), id).unwrap();
-        assert_eq!(
-            (v.life.status(), v.counts.failed),
-            (BatchStatus::Completed, 1)
-        );
+        assert_eq!((v.life.status(), v.counts.failed), (BatchStatus::Completed, 1));
         let actions = drain(&mut core);
         let failure = actions.iter().find_map(|a| match a {
             Action::Persist(DurableOp::RecordResults(r)) => Some(r[0].outcome.clone()),
@@ -1388,14 +1293,9 @@ mod tests {
     fn tenants_see_only_their_own_batches() {
         let mut core = ControlCore::new(ControlConfig::default());
         let id = core.submit(T0, new_batch("acme", 1)).unwrap().meta.id;
+        assert_eq!(core.batch(&tenant("evil"), id), Err(BatchError::NotFound(id)));
         assert_eq!(
-            core.batch(&tenant("evil"), id),
-            Err(BatchError::NotFound(id))
-        );
-        assert_eq!(
-            core.cancel(T0, &tenant("evil"), id)
-                .unwrap_err()
-                .to_string(),
+            core.cancel(T0, &tenant("evil"), id).unwrap_err().to_string(),
             "batch batch_00000001 not found for this tenant"
         );
         assert_eq!(core.list(&tenant("evil"), None, 10).0.len(), 0);
@@ -1415,10 +1315,7 @@ mod tests {
             .collect();
         core.submit(T0, new_batch("other", 1)).unwrap();
         let (page, more) = core.list(&tenant("acme"), None, 2);
-        assert_eq!(
-            page.iter().map(|v| v.meta.id).collect::<Vec<_>>(),
-            [ids[4], ids[3]]
-        );
+        assert_eq!(page.iter().map(|v| v.meta.id).collect::<Vec<_>>(), [ids[4], ids[3]]);
         assert!(more);
         let (page, more) = core.list(&tenant("acme"), Some(ids[3]), 10);
         assert_eq!(
@@ -1434,10 +1331,7 @@ mod tests {
         let mut b = new_batch("acme", 1);
         b.model = ModelId::from("gpt-9");
         let e = core.submit(T0, b).unwrap_err().to_string();
-        assert!(
-            e.starts_with("unknown model 'gpt-9': this cluster serves "),
-            "{e}"
-        );
+        assert!(e.starts_with("unknown model 'gpt-9': this cluster serves "), "{e}");
         assert!(e.contains("llama-3.1-8b"), "{e}");
         let mut b = new_batch("acme", 1);
         b.sla_class = Some("gold".into());
@@ -1453,10 +1347,7 @@ mod tests {
                 .to_string()
                 .contains("the most this cluster accepts is 604800 s")
         );
-        assert!(
-            drain(&mut core).is_empty(),
-            "refused batches change nothing"
-        );
+        assert!(drain(&mut core).is_empty(), "refused batches change nothing");
     }
 
     #[test]
@@ -1466,13 +1357,9 @@ mod tests {
         core.register(T0, registration("a"));
         let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
         let v = core.cancel(T0, &tenant("acme"), id).unwrap();
-        assert_eq!(
-            (v.life.status(), v.counts.failed),
-            (BatchStatus::Cancelling, 2)
-        );
+        assert_eq!((v.life.status(), v.counts.failed), (BatchStatus::Cancelling, 2));
         assert_eq!(core.lease(T0, &node("a"), &model(), 10).unwrap(), None);
-        core.report(T0, &node("a"), vec![ok(g.unit, g.items[0].req)])
-            .unwrap();
+        core.report(T0, &node("a"), vec![ok(g.unit, g.items[0].req)]).unwrap();
         let v = core.batch(&tenant("acme"), id).unwrap();
         assert_eq!(
             (v.life.status(), v.counts.completed, v.counts.failed),
@@ -1491,8 +1378,7 @@ mod tests {
         let id = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
         core.register(T0, registration("a"));
         let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
-        core.report(T0, &node("a"), vec![ok(g.unit, g.items[0].req)])
-            .unwrap();
+        core.report(T0, &node("a"), vec![ok(g.unit, g.items[0].req)]).unwrap();
         let deadline = T0.saturating_add(Duration::from_secs(3600));
         assert_eq!(core.poll_timeout(), Some(deadline));
         core.handle_timeout(deadline);
@@ -1522,17 +1408,12 @@ mod tests {
         let id = core.submit(T0, new_batch("acme", 3)).unwrap().meta.id;
         core.register(T0, registration("a"));
         let g = core.lease(T0, &node("a"), &model(), 3).unwrap().unwrap();
-        core.report(T0, &node("a"), vec![ok(g.unit, g.items[1].req)])
-            .unwrap();
+        core.report(T0, &node("a"), vec![ok(g.unit, g.items[1].req)]).unwrap();
         // Replay the persisted operations the way a store would.
         let mut store: BTreeMap<BatchId, RecoveredBatch> = BTreeMap::new();
         for a in drain(&mut core) {
             match a {
-                Action::Persist(DurableOp::CreateBatch {
-                    meta,
-                    life,
-                    requests,
-                }) => {
+                Action::Persist(DurableOp::CreateBatch { meta, life, requests }) => {
                     store.insert(
                         meta.id,
                         RecoveredBatch {
@@ -1561,19 +1442,12 @@ mod tests {
                 Action::BatchChanged(_) => {}
             }
         }
-        let mut core =
-            ControlCore::recover(ControlConfig::default(), store.into_values().collect(), T0);
+        let mut core = ControlCore::recover(ControlConfig::default(), store.into_values().collect(), T0);
         let v = core.batch(&tenant("acme"), id).unwrap();
-        assert_eq!(
-            (v.life.status(), v.counts.completed),
-            (BatchStatus::InProgress, 1)
-        );
+        assert_eq!((v.life.status(), v.counts.completed), (BatchStatus::InProgress, 1));
         core.register(T0, registration("a"));
         let g2 = core.lease(T0, &node("a"), &model(), 10).unwrap().unwrap();
-        assert_eq!(
-            g2.items.iter().map(|i| i.req.index).collect::<Vec<_>>(),
-            [0, 2]
-        );
+        assert_eq!(g2.items.iter().map(|i| i.req.index).collect::<Vec<_>>(), [0, 2]);
         assert!(
             g2.unit != g.unit || g2.unit == WorkUnitId(1),
             "unit ids restart; results are keyed by request"
@@ -1599,13 +1473,8 @@ mod tests {
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             (0u8..3, 1u8..20).prop_map(|(node, max)| Step::Lease { node, max }),
-            (0u8..3, 1u8..20, prop::bool::weighted(0.2)).prop_map(|(node, take, retryable)| {
-                Step::ReportSome {
-                    node,
-                    take,
-                    retryable,
-                }
-            }),
+            (0u8..3, 1u8..20, prop::bool::weighted(0.2))
+                .prop_map(|(node, take, retryable)| { Step::ReportSome { node, take, retryable } }),
             (0u8..3).prop_map(|node| Step::ReportStale { node }),
             (0u8..3).prop_map(|node| Step::Heartbeat { node }),
             (1u8..15).prop_map(|secs| Step::Advance { secs }),

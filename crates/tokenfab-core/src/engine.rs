@@ -239,31 +239,22 @@ impl EngineModel {
                 let into = now.since(s.started).as_secs_f64().min(s.cost.seconds);
                 self.energy_j + s.cost.power_w * devices * into
             }
-            None => {
-                self.energy_j
-                    + self.perf.idle_power_w() * devices * now.since(self.energy_at).as_secs_f64()
-            }
+            None => self.energy_j + self.perf.idle_power_w() * devices * now.since(self.energy_at).as_secs_f64(),
         }
     }
 
     /// Power per device at `now`.
     pub fn power_w(&self) -> f64 {
-        self.step
-            .as_ref()
-            .map_or(self.perf.idle_power_w(), |s| s.cost.power_w)
+        self.step.as_ref().map_or(self.perf.idle_power_w(), |s| s.cost.power_w)
     }
 
     fn start_step(&mut self, now: Timestamp) {
         // Idle time since the last step ended.
-        self.energy_j += self.perf.idle_power_w()
-            * f64::from(self.perf.devices())
-            * now.since(self.energy_at).as_secs_f64();
+        self.energy_j +=
+            self.perf.idle_power_w() * f64::from(self.perf.devices()) * now.since(self.energy_at).as_secs_f64();
         self.energy_at = now;
         self.admit();
-        let mut budget = self
-            .config
-            .max_batched_tokens
-            .saturating_sub(self.decode_count);
+        let mut budget = self.config.max_batched_tokens.saturating_sub(self.decode_count);
         let mut shape = StepShape {
             seqs: self.decode_count,
             tokens: self.decode_count,
@@ -304,9 +295,7 @@ impl EngineModel {
         let capacity = self.perf.kv_capacity_tokens();
         while let Some(s) = self.waiting.front() {
             let need = u64::from(s.prompt) + u64::from(s.output);
-            if self.running() as u32 >= self.config.max_num_seqs
-                || self.kv_reserved + need > capacity
-            {
+            if self.running() as u32 >= self.config.max_num_seqs || self.kv_reserved + need > capacity {
                 break;
             }
             self.kv_reserved += need;
@@ -397,12 +386,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn engine(config: EngineConfig) -> EngineModel {
-        let perf = ReplicaPerf::new(
-            &ModelId::from("llama-3.1-8b"),
-            &AcceleratorId::from("h100-sxm"),
-            1,
-        )
-        .unwrap();
+        let perf = ReplicaPerf::new(&ModelId::from("llama-3.1-8b"), &AcceleratorId::from("h100-sxm"), 1).unwrap();
         EngineModel::new(perf, config, Timestamp::ZERO)
     }
 
@@ -467,14 +451,8 @@ mod tests {
         assert_eq!(e.in_flight(), 10);
         let cap = e.perf().kv_capacity_tokens();
         let err = e.submit(Timestamp::ZERO, 99, cap as u32, 10).unwrap_err();
-        assert!(
-            err.to_string().contains("shorten the prompt or max_tokens"),
-            "{err}"
-        );
-        assert_eq!(
-            e.submit(Timestamp::ZERO, 98, 1, 0),
-            Err(EngineError::NoOutput)
-        );
+        assert!(err.to_string().contains("shorten the prompt or max_tokens"), "{err}");
+        assert_eq!(e.submit(Timestamp::ZERO, 98, 1, 0), Err(EngineError::NoOutput));
         assert_eq!(run_to_end(&mut e).len(), 10);
     }
 

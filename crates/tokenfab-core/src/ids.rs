@@ -6,9 +6,7 @@ use std::str::FromStr;
 
 /// A batch, numbered by the control plane in submission order. Shown to tenants as
 /// `batch_00000042`.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BatchId(pub u64);
 
 impl fmt::Display for BatchId {
@@ -87,9 +85,7 @@ string_id!(
 );
 
 /// A group of requests leased together to one agent.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WorkUnitId(pub u64);
 
 impl fmt::Display for WorkUnitId {
@@ -99,9 +95,7 @@ impl fmt::Display for WorkUnitId {
 }
 
 /// One request: the `index`-th valid request of a batch (0-based, in input order).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RequestRef {
     pub batch: BatchId,
     pub index: u32,
@@ -122,10 +116,7 @@ mod tests {
         let id = BatchId(42);
         assert_eq!(id.to_string(), "batch_00000042");
         assert_eq!("batch_00000042".parse::<BatchId>(), Ok(id));
-        assert_eq!(
-            "batch_123456789".parse::<BatchId>(),
-            Ok(BatchId(123_456_789))
-        );
+        assert_eq!("batch_123456789".parse::<BatchId>(), Ok(BatchId(123_456_789)));
         for bad in ["", "batch_", "batch_x1", "42", "batch_-1", "Batch_1"] {
             let err = bad.parse::<BatchId>().unwrap_err();
             assert!(err.to_string().contains("batch_00000042"), "{err}");

@@ -116,11 +116,7 @@ pub struct ReplicaPerf {
 impl ReplicaPerf {
     /// The model for `model` on `tp` devices of class `accelerator`, from the built-in
     /// catalog.
-    pub fn new(
-        model: &ModelId,
-        accelerator: &AcceleratorId,
-        tp: u32,
-    ) -> Result<Self, CatalogError> {
+    pub fn new(model: &ModelId, accelerator: &AcceleratorId, tp: u32) -> Result<Self, CatalogError> {
         Self::from_catalog(Catalog::builtin(), model, accelerator, tp)
     }
 
@@ -166,11 +162,7 @@ impl ReplicaPerf {
             });
         }
         // Mixture of experts: total = shared + experts, active = shared + k/E * experts.
-        let (dense, expert, experts, k) = match (
-            shape.active_params_b,
-            shape.experts,
-            shape.experts_per_token,
-        ) {
+        let (dense, expert, experts, k) = match (shape.active_params_b, shape.experts, shape.experts_per_token) {
             (Some(active), Some(e), Some(k)) if e > 0 && k > 0 && k < e => {
                 let ratio = f64::from(k) / f64::from(e);
                 let expert_params = (shape.params_b - active) / (1.0 - ratio);
@@ -185,17 +177,11 @@ impl ReplicaPerf {
             _ => (weight_bytes, 0.0, 1.0, 1.0),
         };
         let active_params = shape.active_params_b.unwrap_or(shape.params_b) * 1e9;
-        let kv_capacity =
-            ((usable_per_device * tpf - weight_bytes) / shape.kv_bytes_per_token as f64).max(0.0);
+        let kv_capacity = ((usable_per_device * tpf - weight_bytes) / shape.kv_bytes_per_token as f64).max(0.0);
         // Phase power scales with the accelerator's dynamic range relative to the
         // reference (H100) the constants were fitted on.
-        let scale =
-            (acc.max_power_w - acc.idle_power_w) / (reference.max_power_w - reference.idle_power_w);
-        let tp_factor = if tp > 1 {
-            cal.tensor_parallel_power_factor
-        } else {
-            1.0
-        };
+        let scale = (acc.max_power_w - acc.idle_power_w) / (reference.max_power_w - reference.idle_power_w);
+        let tp_factor = if tp > 1 { cal.tensor_parallel_power_factor } else { 1.0 };
         Ok(ReplicaPerf {
             tp,
             dense_weight_bytes: dense / tpf,
@@ -213,16 +199,8 @@ impl ReplicaPerf {
             flops: acc.bf16_tflops * 1e12 * cal.flop_efficiency,
             step_overhead_s: cal.per_step_overhead_us * 1e-6,
             seq_overhead_s: cal.per_sequence_overhead_us * 1e-6,
-            allreduce_latency_s: if tp > 1 {
-                cal.allreduce_latency_us * 1e-6
-            } else {
-                0.0
-            },
-            allreduce_bytes_per_token: if tp > 1 {
-                f64::from(shape.hidden) * 2.0
-            } else {
-                0.0
-            },
+            allreduce_latency_s: if tp > 1 { cal.allreduce_latency_us * 1e-6 } else { 0.0 },
+            allreduce_bytes_per_token: if tp > 1 { f64::from(shape.hidden) * 2.0 } else { 0.0 },
             link_bytes_per_s: acc.link_gb_s * 1e9,
             layers: f64::from(shape.layers),
             idle_w: acc.idle_power_w,
@@ -293,13 +271,7 @@ impl ReplicaPerf {
     /// Throughput and energy with `batch` sequences always running, each with
     /// `prompt_tokens` of prompt and `output_tokens` of output, prefill interleaved with
     /// decode as continuous batching does.
-    pub fn steady_state(
-        &self,
-        batch: u32,
-        prompt_tokens: u32,
-        output_tokens: u32,
-        power_limit_w: f64,
-    ) -> SteadyState {
+    pub fn steady_state(&self, batch: u32, prompt_tokens: u32, output_tokens: u32, power_limit_w: f64) -> SteadyState {
         let b = f64::from(batch.max(1));
         let p = f64::from(prompt_tokens);
         let o = f64::from(output_tokens.max(1));
@@ -331,8 +303,8 @@ impl ReplicaPerf {
             self.dense_weight_bytes
         };
         let bytes = weight_bytes + s.kv_read_tokens as f64 * self.kv_bytes_per_token;
-        let flops = f64::from(s.tokens) * self.flops_per_token
-            + s.attended_tokens as f64 * self.flops_per_attended_token;
+        let flops =
+            f64::from(s.tokens) * self.flops_per_token + s.attended_tokens as f64 * self.flops_per_attended_token;
         let allreduce = if self.tp > 1 {
             2.0 * self.layers
                 * (self.allreduce_latency_s
@@ -366,9 +338,8 @@ impl Phases {
         let v = m.voltage_floor + (1.0 - m.voltage_floor) * f;
         let dynamic = f * v * v;
         let memory_w = m.memory_w * (m.memory_fixed_share + (1.0 - m.memory_fixed_share) * dynamic);
-        let energy_above_idle = memory_w * self.memory_s
-            + m.compute_w * dynamic * compute
-            + m.other_w * dynamic * other;
+        let energy_above_idle =
+            memory_w * self.memory_s + m.compute_w * dynamic * compute + m.other_w * dynamic * other;
         let power_w = m.idle_w + energy_above_idle / seconds;
         StepCost {
             seconds,
@@ -461,10 +432,7 @@ mod tests {
             let s = m.steady_state(b, 200, 400, 700.0);
             assert!(s.output_tokens_per_s > last.output_tokens_per_s, "b={b}");
             assert!(s.joules_per_token < last.joules_per_token, "b={b}");
-            assert!(
-                s.inter_token_s > last.inter_token_s,
-                "b={b}: latency rises with batch"
-            );
+            assert!(s.inter_token_s > last.inter_token_s, "b={b}: latency rises with batch");
             last = s;
         }
     }
@@ -511,42 +479,21 @@ mod tests {
                 .steady_state(64, 200, 400, f64::MAX)
                 .output_tokens_per_s
         };
-        let (h200, h100, a100, l40s) = (
-            tps("h200-sxm"),
-            tps("h100-sxm"),
-            tps("a100-sxm-80g"),
-            tps("l40s"),
-        );
-        assert!(
-            h200 > h100 && h100 > a100 && a100 > l40s,
-            "{h200} {h100} {a100} {l40s}"
-        );
+        let (h200, h100, a100, l40s) = (tps("h200-sxm"), tps("h100-sxm"), tps("a100-sxm-80g"), tps("l40s"));
+        assert!(h200 > h100 && h100 > a100 && a100 > l40s, "{h200} {h100} {a100} {l40s}");
     }
 
     #[test]
     fn models_that_do_not_fit_are_refused_with_advice() {
-        let e = ReplicaPerf::new(
-            &ModelId::from("llama-3.1-70b"),
-            &AcceleratorId::from("h100-sxm"),
-            1,
-        )
-        .unwrap_err();
+        let e = ReplicaPerf::new(&ModelId::from("llama-3.1-70b"), &AcceleratorId::from("h100-sxm"), 1).unwrap_err();
         let msg = e.to_string();
-        assert!(
-            msg.contains("does not fit") && msg.contains("more devices"),
-            "{msg}"
-        );
+        assert!(msg.contains("does not fit") && msg.contains("more devices"), "{msg}");
         assert!(h100("llama-3.1-70b", 2).kv_capacity_tokens() > 0);
     }
 
     #[test]
     fn moe_reads_fewer_weights_at_small_batch() {
-        let m = ReplicaPerf::new(
-            &ModelId::from("qwen3-30b-a3b"),
-            &AcceleratorId::from("h100-sxm"),
-            1,
-        )
-        .unwrap();
+        let m = ReplicaPerf::new(&ModelId::from("qwen3-30b-a3b"), &AcceleratorId::from("h100-sxm"), 1).unwrap();
         let one = StepShape {
             seqs: 1,
             tokens: 1,

@@ -8,9 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 /// A point in time, in microseconds since the caller's epoch.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Timestamp(u64);
 
 impl Timestamp {
@@ -37,10 +35,7 @@ impl Timestamp {
     }
     /// `self + d`, saturating at [`Timestamp::MAX`].
     pub fn saturating_add(self, d: Duration) -> Self {
-        Timestamp(
-            self.0
-                .saturating_add(d.as_micros().min(u64::MAX as u128) as u64),
-        )
+        Timestamp(self.0.saturating_add(d.as_micros().min(u64::MAX as u128) as u64))
     }
     /// Time elapsed from `earlier` to `self`, or zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> Duration {
@@ -70,14 +65,8 @@ mod tests {
     #[test]
     fn arithmetic_saturates() {
         let t = Timestamp::from_millis(5);
-        assert_eq!(
-            t.saturating_add(Duration::from_millis(3)),
-            Timestamp::from_micros(8000)
-        );
-        assert_eq!(
-            Timestamp::MAX.saturating_add(Duration::from_secs(1)),
-            Timestamp::MAX
-        );
+        assert_eq!(t.saturating_add(Duration::from_millis(3)), Timestamp::from_micros(8000));
+        assert_eq!(Timestamp::MAX.saturating_add(Duration::from_secs(1)), Timestamp::MAX);
         assert_eq!(t.since(Timestamp::from_millis(9)), Duration::ZERO);
         assert_eq!(Timestamp::from_millis(9).since(t), Duration::from_millis(4));
         assert_eq!(secs(-1.0), Duration::ZERO);

@@ -47,8 +47,7 @@ pub struct Pricing {
 
 impl Pricing {
     pub fn cost_usd(&self, joules: f64, device_seconds: f64) -> f64 {
-        device_seconds * self.usd_per_device_hour / 3600.0
-            + joules * self.pue * self.usd_per_kwh / 3.6e6
+        device_seconds * self.usd_per_device_hour / 3600.0 + joules * self.pue * self.usd_per_kwh / 3.6e6
     }
 }
 

@@ -3,8 +3,7 @@
 
 #[test]
 fn core_depends_only_on_pure_data_crates() {
-    let manifest =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
     let allowed = ["serde", "serde_json", "thiserror", "toml"];
     let mut section = "";
     let mut found = Vec::new();
@@ -23,10 +22,7 @@ fn core_depends_only_on_pure_data_crates() {
             }
         }
     }
-    assert!(
-        !found.is_empty(),
-        "could not read the [dependencies] section"
-    );
+    assert!(!found.is_empty(), "could not read the [dependencies] section");
     for dep in &found {
         assert!(
             allowed.contains(&dep.as_str()),

@@ -143,11 +143,7 @@ impl Metrics {
     fn new() -> Self {
         let mut m = Metrics::default();
         let r = &mut m.registry;
-        r.register(
-            "tokenfab_emu_requests",
-            "Requests answered",
-            m.requests.clone(),
-        );
+        r.register("tokenfab_emu_requests", "Requests answered", m.requests.clone());
         r.register(
             "tokenfab_emu_prompt_tokens",
             "Prompt tokens processed",
@@ -163,11 +159,7 @@ impl Metrics {
             "Emulated device energy, all devices",
             m.energy.clone(),
         );
-        r.register(
-            "tokenfab_emu_power_watts",
-            "Emulated power per device",
-            m.power.clone(),
-        );
+        r.register("tokenfab_emu_power_watts", "Emulated power per device", m.power.clone());
         r.register(
             "tokenfab_emu_power_limit_watts",
             "Power limit per device",
@@ -178,11 +170,7 @@ impl Metrics {
             "Sequences in the running batch",
             m.running.clone(),
         );
-        r.register(
-            "tokenfab_emu_waiting",
-            "Requests waiting for a slot",
-            m.waiting.clone(),
-        );
+        r.register("tokenfab_emu_waiting", "Requests waiting for a slot", m.waiting.clone());
         m
     }
 }
@@ -202,9 +190,7 @@ pub struct Emulator {
 
 impl std::fmt::Debug for Emulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Emulator")
-            .field("config", &self.shared.config)
-            .finish()
+        f.debug_struct("Emulator").field("config", &self.shared.config).finish()
     }
 }
 
@@ -247,11 +233,7 @@ impl Emulator {
     /// device's range).
     pub async fn set_power_limit(&self, watts: f64) -> Option<f64> {
         let (reply, rx) = oneshot::channel();
-        self.shared
-            .tx
-            .send(Cmd::SetPowerLimit { watts, reply })
-            .await
-            .ok()?;
+        self.shared.tx.send(Cmd::SetPowerLimit { watts, reply }).await.ok()?;
         rx.await.ok()
     }
 
@@ -300,11 +282,7 @@ async fn run_engine(mut model: EngineModel, mut rx: mpsc::Receiver<Cmd>, clock: 
         }
         for c in cmds {
             match c {
-                Cmd::Submit {
-                    prompt,
-                    output,
-                    reply,
-                } => {
+                Cmd::Submit { prompt, output, reply } => {
                     next += 1;
                     match model.submit(now, next, prompt, output) {
                         Ok(()) => {
@@ -351,23 +329,13 @@ async fn sleep_until(t: Option<Instant>) {
 // ---- HTTP ------------------------------------------------------------------------------
 
 /// An OpenAI-style error response.
-fn error(
-    status: StatusCode,
-    kind: &str,
-    message: impl Into<String>,
-    param: Option<&str>,
-) -> Response {
+fn error(status: StatusCode, kind: &str, message: impl Into<String>, param: Option<&str>) -> Response {
     let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": status.as_u16()}});
     (status, Json(body)).into_response()
 }
 
 fn bad_request(message: impl Into<String>, param: Option<&str>) -> Response {
-    error(
-        StatusCode::BAD_REQUEST,
-        "invalid_request_error",
-        message,
-        param,
-    )
+    error(StatusCode::BAD_REQUEST, "invalid_request_error", message, param)
 }
 
 #[derive(Deserialize)]
@@ -416,19 +384,16 @@ fn prompt_tokens(v: &Value) -> Option<u32> {
     match v {
         Value::String(s) => Some(text_tokens(s.len())),
         Value::Array(items) if items.iter().all(Value::is_u64) => Some(items.len() as u32),
-        Value::Array(items) if items.iter().all(Value::is_string) => Some(
-            items
-                .iter()
-                .map(|s| text_tokens(s.as_str().map_or(0, str::len)))
-                .sum(),
-        ),
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            Some(items.iter().map(|s| text_tokens(s.as_str().map_or(0, str::len))).sum())
+        }
         _ => None,
     }
 }
 
 const WORDS: [&str; 16] = [
-    "the", "token", "factory", "runs", "every", "batch", "exactly", "once", "and", "keeps", "its",
-    "books", "on", "joules", "per", "token",
+    "the", "token", "factory", "runs", "every", "batch", "exactly", "once", "and", "keeps", "its", "books", "on",
+    "joules", "per", "token",
 ];
 
 fn filler(tokens: u32, seed: u64) -> String {
@@ -443,12 +408,7 @@ fn filler(tokens: u32, seed: u64) -> String {
 }
 
 impl Emulator {
-    fn check_common(
-        &self,
-        model: Option<&str>,
-        stream: Option<bool>,
-        n: Option<u32>,
-    ) -> Result<(), Response> {
+    fn check_common(&self, model: Option<&str>, stream: Option<bool>, n: Option<u32>) -> Result<(), Response> {
         let served = &self.shared.config.served_name;
         if let Some(m) = model.filter(|m| *m != served) {
             return Err(error(
@@ -482,11 +442,7 @@ impl Emulator {
         };
         self.shared
             .tx
-            .send(Cmd::Submit {
-                prompt,
-                output,
-                reply,
-            })
+            .send(Cmd::Submit { prompt, output, reply })
             .await
             .map_err(|_| unavailable())?;
         match rx.await.map_err(|_| unavailable())? {
@@ -507,8 +463,7 @@ impl Emulator {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| bad_request(format!("the request body is not valid: {e}"), None))
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("the request body is not valid: {e}"), None))
 }
 
 fn usage(f: &Finished) -> Value {

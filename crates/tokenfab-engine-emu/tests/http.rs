@@ -26,10 +26,7 @@ async fn post(url: &str, path: &str, body: Value) -> (u16, Value) {
         .await
         .unwrap();
     let status = r.status().as_u16();
-    (
-        status,
-        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap(),
-    )
+    (status, serde_json::from_slice(&r.bytes().await.unwrap()).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,12 +54,7 @@ async fn chat_and_completions_report_exact_usage() {
         12
     );
 
-    let (status, body) = post(
-        &url,
-        "/v1/completions",
-        json!({"prompt": [1, 2, 3], "max_tokens": 5}),
-    )
-    .await;
+    let (status, body) = post(&url, "/v1/completions", json!({"prompt": [1, 2, 3], "max_tokens": 5})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["prompt_tokens"], 3);
     assert_eq!(body["usage"]["completion_tokens"], 5);
@@ -93,17 +85,9 @@ async fn errors_look_like_openai_errors() {
             .starts_with("the request body is not valid"),
         "{b}"
     );
-    let (s, b) = post(
-        &url,
-        "/v1/completions",
-        json!({"prompt": "x", "max_tokens": 2_000_000}),
-    )
-    .await;
+    let (s, b) = post(&url, "/v1/completions", json!({"prompt": "x", "max_tokens": 2_000_000})).await;
     assert_eq!(s, 400);
-    assert!(
-        b["error"]["message"].as_str().unwrap().contains("KV cache"),
-        "{b}"
-    );
+    assert!(b["error"]["message"].as_str().unwrap().contains("KV cache"), "{b}");
 }
 
 /// One request alone takes prefill plus one decode step per token, at the model's
@@ -113,12 +97,7 @@ async fn errors_look_like_openai_errors() {
 async fn latency_follows_the_performance_model_at_the_time_scale() {
     let (url, emu) = start(10.0).await;
     let t = Instant::now();
-    let (s, _) = post(
-        &url,
-        "/v1/completions",
-        json!({"prompt": "hello", "max_tokens": 64}),
-    )
-    .await;
+    let (s, _) = post(&url, "/v1/completions", json!({"prompt": "hello", "max_tokens": 64})).await;
     let wall = t.elapsed().as_secs_f64();
     assert_eq!(s, 200);
     assert!((0.035..0.25).contains(&wall), "wall {wall}s");
@@ -147,12 +126,7 @@ async fn devices_expose_energy_and_accept_power_limits() {
         serde_json::from_slice::<Value>(&b).unwrap()
     };
     let before = read().await;
-    post(
-        &url,
-        "/v1/completions",
-        json!({"prompt": "x", "max_tokens": 32}),
-    )
-    .await;
+    post(&url, "/v1/completions", json!({"prompt": "x", "max_tokens": 32})).await;
     let after = read().await;
     let e0 = before["devices"][0]["energy_j"].as_f64().unwrap();
     let e1 = after["devices"][0]["energy_j"].as_f64().unwrap();
@@ -179,14 +153,8 @@ async fn devices_expose_energy_and_accept_power_limits() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("tokenfab_emu_requests_total 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("tokenfab_emu_power_limit_watts 200"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("tokenfab_emu_requests_total 1"), "{metrics}");
+    assert!(metrics.contains("tokenfab_emu_power_limit_watts 200"), "{metrics}");
     let models = client
         .get(format!("{url}/v1/models"))
         .send()

@@ -9,6 +9,5 @@ pub mod v1 {
 
     /// Encoded `FileDescriptorSet` of every tokenfab proto, for gRPC server reflection
     /// (so `grpcurl` works without the `.proto` files).
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("tokenfab_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tokenfab_descriptor");
 }

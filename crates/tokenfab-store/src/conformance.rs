@@ -11,8 +11,7 @@ use std::time::Duration;
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::batch_input::{InputLimits, parse_batch_input};
 use tokenfab_core::control::{
-    Action, ControlConfig, ControlCore, NewBatch, NodeDevice, NodeRegistration, ReportedOutcome,
-    ReportedResult,
+    Action, ControlConfig, ControlCore, NewBatch, NodeDevice, NodeRegistration, ReportedOutcome, ReportedResult,
 };
 use tokenfab_core::durable::{DurableOp, Outcome, RequestMeta};
 use tokenfab_core::usage::Usage;
@@ -42,22 +41,12 @@ fn write_set(core: &mut ControlCore, inputs: &mut BTreeMap<u64, BatchInputs>) ->
 /// call (the suite drops and reopens it to check durability); the state must start empty.
 pub async fn check<S: Store>(open: impl Fn() -> S) {
     let store = open();
-    assert!(
-        store.load().await.unwrap().is_empty(),
-        "a new store is empty"
-    );
+    assert!(store.load().await.unwrap().is_empty(), "a new store is empty");
 
     // A batch of 5 lines, 2 of them invalid.
     let model = ModelId::from("llama-3.1-8b");
-    let text = format!(
-        "{}\nnot json\n{}\n{}\n{}\n",
-        line("a"),
-        line("b"),
-        line("c"),
-        line("a")
-    );
-    let parsed =
-        parse_batch_input(text.as_bytes(), &model, &InputLimits::default(), false).unwrap();
+    let text = format!("{}\nnot json\n{}\n{}\n{}\n", line("a"), line("b"), line("c"), line("a"));
+    let parsed = parse_batch_input(text.as_bytes(), &model, &InputLimits::default(), false).unwrap();
     assert_eq!((parsed.requests.len(), parsed.line_errors.len()), (3, 2));
     let t0 = Timestamp::from_millis(1_700_000_000_000);
     let mut core = ControlCore::new(ControlConfig::default());
@@ -95,10 +84,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
             line_errors: parsed.line_errors.clone(),
         },
     )]);
-    store
-        .apply(write_set(&mut core, &mut inputs))
-        .await
-        .unwrap();
+    store.apply(write_set(&mut core, &mut inputs)).await.unwrap();
 
     // Reopened, the batch is there with its bodies, and nothing has a result.
     drop(store);
@@ -109,12 +95,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     assert_eq!(loaded[0].batch.life.status(), BatchStatus::Queued);
     assert_eq!(loaded[0].inputs, parsed.requests);
     assert_eq!(
-        loaded[0]
-            .batch
-            .requests
-            .iter()
-            .map(|r| r.line)
-            .collect::<Vec<_>>(),
+        loaded[0].batch.requests.iter().map(|r| r.line).collect::<Vec<_>>(),
         [1, 3, 4]
     );
     assert!(loaded[0].batch.results.is_empty());
@@ -164,10 +145,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         },
     ];
     core.report(t0, &node, reports).unwrap();
-    store
-        .apply(write_set(&mut core, &mut inputs))
-        .await
-        .unwrap();
+    store.apply(write_set(&mut core, &mut inputs)).await.unwrap();
 
     let out = store
         .results(id, ResultKind::Output, Cursor::default(), 100)
@@ -252,10 +230,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         recovered.batch(&tenant, id).unwrap().life.status(),
         BatchStatus::Completed
     );
-    store
-        .apply(write_set(&mut recovered, &mut inputs))
-        .await
-        .unwrap();
+    store.apply(write_set(&mut recovered, &mut inputs)).await.unwrap();
 
     // A final batch loads with its totals and without its inputs.
     drop(store);
@@ -270,10 +245,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         .await
         .unwrap();
     assert_eq!(
-        out.rows
-            .iter()
-            .map(|r| r.custom_id.as_str())
-            .collect::<Vec<_>>(),
+        out.rows.iter().map(|r| r.custom_id.as_str()).collect::<Vec<_>>(),
         ["a", "c"]
     );
 }

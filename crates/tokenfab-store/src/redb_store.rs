@@ -9,10 +9,7 @@
 //! Every [`Store::apply`] is one write transaction committed with `Durability::Immediate`
 //! (fsync), so a returned `apply` survives `kill -9` and power loss.
 
-use crate::{
-    BatchInputs, Cursor, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome, Store, StoreError,
-    WriteSet,
-};
+use crate::{BatchInputs, Cursor, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome, Store, StoreError, WriteSet};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
@@ -20,9 +17,7 @@ use std::sync::Arc;
 use tokenfab_core::BatchId;
 use tokenfab_core::batch::Lifecycle;
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
-use tokenfab_core::durable::{
-    BatchMeta, BatchTotals, DurableOp, Outcome, RecoveredBatch, RequestMeta,
-};
+use tokenfab_core::durable::{BatchMeta, BatchTotals, DurableOp, Outcome, RecoveredBatch, RequestMeta};
 use tokenfab_core::usage::Usage;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -56,9 +51,7 @@ pub struct RedbStore {
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore")
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("RedbStore").field("path", &self.path).finish()
     }
 }
 
@@ -84,15 +77,12 @@ impl RedbStore {
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let path = dir.join("tokenfab.redb");
         let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                open_err("another tokenfab server is already using it; stop that server or choose another --data-dir".into())
-            }
+            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                "another tokenfab server is already using it; stop that server or choose another --data-dir".into(),
+            ),
             other => open_err(other.to_string()),
         })?;
-        let store = RedbStore {
-            db: Arc::new(db),
-            path,
-        };
+        let store = RedbStore { db: Arc::new(db), path };
         store.check_schema()?;
         Ok(store)
     }
@@ -137,9 +127,7 @@ impl RedbStore {
             } in set.inputs
             {
                 for (i, r) in requests.iter().enumerate() {
-                    inputs
-                        .insert((batch.0, i as u32), encode(r)?.as_slice())
-                        .map_err(io)?;
+                    inputs.insert((batch.0, i as u32), encode(r)?.as_slice()).map_err(io)?;
                 }
                 for e in &errs {
                     line_errors
@@ -166,9 +154,7 @@ impl RedbStore {
                         let mut rec: BatchRecord = match batches.get(id.0).map_err(io)? {
                             Some(v) => decode(v.value(), "batch record")?,
                             None => {
-                                return Err(StoreError::Corrupt(format!(
-                                    "update of unknown batch {id}"
-                                )));
+                                return Err(StoreError::Corrupt(format!("update of unknown batch {id}")));
                             }
                         };
                         rec.life = life;
@@ -256,10 +242,7 @@ impl RedbStore {
         let mut recorded = Vec::new();
         let mut next_index = cursor.index;
         let mut more_results = false;
-        for e in results
-            .range((id, cursor.index)..=(id, u32::MAX))
-            .map_err(io)?
-        {
+        for e in results.range((id, cursor.index)..=(id, u32::MAX)).map_err(io)? {
             let (k, v) = e.map_err(io)?;
             let index = k.value().1;
             let r: StoredResult = decode(v.value(), "result")?;
@@ -274,9 +257,7 @@ impl RedbStore {
             let input: ParsedRequest = match inputs.get((id, index)).map_err(io)? {
                 Some(v) => decode(v.value(), "request input")?,
                 None => {
-                    return Err(StoreError::Corrupt(format!(
-                        "result without input: {batch} #{index}"
-                    )));
+                    return Err(StoreError::Corrupt(format!("result without input: {batch} #{index}")));
                 }
             };
             recorded.push((
@@ -304,10 +285,7 @@ impl RedbStore {
         let line_errors = txn.open_table(LINE_ERRORS).map_err(io)?;
         let mut invalid = Vec::new();
         let mut more_invalid = false;
-        for e in line_errors
-            .range((id, cursor.line)..=(id, u32::MAX))
-            .map_err(io)?
-        {
+        for e in line_errors.range((id, cursor.line)..=(id, u32::MAX)).map_err(io)? {
             let (_, v) = e.map_err(io)?;
             if invalid.len() == limit {
                 more_invalid = true;
@@ -322,10 +300,7 @@ impl RedbStore {
             });
         }
         let mut rows = Vec::with_capacity(limit);
-        let (mut a, mut b) = (
-            recorded.into_iter().peekable(),
-            invalid.into_iter().peekable(),
-        );
+        let (mut a, mut b) = (recorded.into_iter().peekable(), invalid.into_iter().peekable());
         let mut next = cursor;
         while rows.len() < limit {
             let take_recorded = match (a.peek(), b.peek()) {

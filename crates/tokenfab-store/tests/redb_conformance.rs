@@ -16,8 +16,7 @@ async fn a_second_server_on_the_same_directory_is_refused_clearly() {
     let err = RedbStore::open(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
     assert!(
-        err.to_string()
-            .contains("another tokenfab server is already using it"),
+        err.to_string().contains("another tokenfab server is already using it"),
         "{err}"
     );
     assert!(first.load().await.unwrap().is_empty());

@@ -70,8 +70,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         );
     }
     let input = match &a.input {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read --input {}", p.display()))?,
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read --input {}", p.display()))?,
         None => SAMPLE.to_string(),
     };
     let input = match a.requests {
@@ -124,13 +123,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     for n in 0..a.nodes {
         let mut replicas = Vec::new();
         for r in 0..replicas_per_node {
-            let config = serve::emu_config(
-                &a.model,
-                &a.accelerator,
-                a.tp,
-                a.time_scale,
-                a.window.max(256),
-            );
+            let config = serve::emu_config(&a.model, &a.accelerator, a.tp, a.time_scale, a.window.max(256));
             let emu = Emulator::start(config)?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
@@ -190,10 +183,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .await
         .map_err(tenant::rpc)?;
     tenant::print_created(&created);
-    let id = created
-        .batch
-        .map(|b| b.id)
-        .context("no batch in the answer")?;
+    let id = created.batch.map(|b| b.id).context("no batch in the answer")?;
     let last = tenant::watch(&mut client, &id, a.time_scale).await?;
 
     let mut joules = 0.0;
@@ -204,11 +194,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             devices += s.devices as usize;
         }
     }
-    tenant::print_summary(
-        &last,
-        a.time_scale,
-        Some(&ClusterEnergy { joules, devices }),
-    );
+    tenant::print_summary(&last, a.time_scale, Some(&ClusterEnergy { joules, devices }));
 
     let _ = stop_tx.send(true);
     for agent in agents {

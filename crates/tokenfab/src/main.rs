@@ -54,11 +54,7 @@ enum Command {
 #[derive(Args, Clone, Debug)]
 pub struct Connection {
     /// Control plane gRPC URL.
-    #[arg(
-        long,
-        env = "TOKENFAB_CONTROL",
-        default_value = "http://127.0.0.1:7443"
-    )]
+    #[arg(long, env = "TOKENFAB_CONTROL", default_value = "http://127.0.0.1:7443")]
     pub control: String,
     /// Tenant bearer token (issued by the operator).
     #[arg(long, env = "TOKENFAB_TOKEN", hide_env_values = true)]
@@ -79,10 +75,7 @@ fn init_logging(filter: &str) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

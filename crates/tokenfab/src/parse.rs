@@ -4,8 +4,7 @@ use std::time::Duration;
 
 /// A duration like `24h`, `90m`, `30s`, `1d 12h`.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 24h, 90m, 30s or 1d"))
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 24h, 90m, 30s or 1d"))
 }
 
 /// `NAME=VALUE`.
@@ -39,9 +38,9 @@ pub fn replica(s: &str) -> Result<ReplicaArg, String> {
         max_concurrency: None,
     };
     for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| {
-            format!("'{part}' in --replica is not key=value; expected {REPLICA_HELP}")
-        })?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' in --replica is not key=value; expected {REPLICA_HELP}"))?;
         let number = |v: &str| {
             v.parse::<u32>()
                 .map_err(|_| format!("{k}={v}: expected a whole number"))
@@ -54,16 +53,12 @@ pub fn replica(s: &str) -> Result<ReplicaArg, String> {
             "window" => r.window = Some(number(v)?),
             "max" => r.max_concurrency = Some(number(v)?),
             other => {
-                return Err(format!(
-                    "unknown key '{other}' in --replica; expected {REPLICA_HELP}"
-                ));
+                return Err(format!("unknown key '{other}' in --replica; expected {REPLICA_HELP}"));
             }
         }
     }
     if r.url.is_empty() || r.model.is_empty() {
-        return Err(format!(
-            "--replica needs url= and model=; expected {REPLICA_HELP}"
-        ));
+        return Err(format!("--replica needs url= and model=; expected {REPLICA_HELP}"));
     }
     if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
         return Err(format!(
@@ -80,18 +75,12 @@ mod tests {
 
     #[test]
     fn replica_specs_parse_and_errors_explain() {
-        let r =
-            replica("url=http://127.0.0.1:8000/,model=smollm2-135m,engine-model=smollm2,window=8")
-                .unwrap();
+        let r = replica("url=http://127.0.0.1:8000/,model=smollm2-135m,engine-model=smollm2,window=8").unwrap();
         assert_eq!(
             (r.url.as_str(), r.engine_model.as_deref(), r.window),
             ("http://127.0.0.1:8000", Some("smollm2"), Some(8))
         );
-        assert!(
-            replica("model=x")
-                .unwrap_err()
-                .contains("needs url= and model=")
-        );
+        assert!(replica("model=x").unwrap_err().contains("needs url= and model="));
         assert!(
             replica("url=http://x,model=m,speed=9")
                 .unwrap_err()

@@ -76,16 +76,14 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         .map(|(name, token)| TenantToken { name, token })
         .collect();
     if let Some(path) = &a.tenants_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --tenants-file {}", path.display()))?;
-        let file: TenantsFile = toml::from_str(&text)
-            .with_context(|| format!("--tenants-file {} is not valid", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read --tenants-file {}", path.display()))?;
+        let file: TenantsFile =
+            toml::from_str(&text).with_context(|| format!("--tenants-file {} is not valid", path.display()))?;
         tenants.extend(file.tenants);
     }
     if tenants.is_empty() {
-        bail!(
-            "no tenant configured: add --tenant NAME=TOKEN or --tenants-file FILE, or nobody can submit batches"
-        );
+        bail!("no tenant configured: add --tenant NAME=TOKEN or --tenants-file FILE, or nobody can submit batches");
     }
     let catalog = Catalog::builtin();
     let models = if a.models.is_empty() {
@@ -94,9 +92,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         let mut set = std::collections::BTreeSet::new();
         for m in a.models {
             let id = ModelId::new(m);
-            catalog
-                .model(&id)
-                .map_err(|e| anyhow::anyhow!("--models: {e}"))?;
+            catalog.model(&id).map_err(|e| anyhow::anyhow!("--models: {e}"))?;
             set.insert(id);
         }
         set
@@ -151,11 +147,7 @@ pub enum DeviceKind {
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// Control plane gRPC URL.
-    #[arg(
-        long,
-        env = "TOKENFAB_CONTROL",
-        default_value = "http://127.0.0.1:7443"
-    )]
+    #[arg(long, env = "TOKENFAB_CONTROL", default_value = "http://127.0.0.1:7443")]
     control: String,
     /// Token agents present to the control plane.
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
@@ -287,13 +279,7 @@ pub struct EmuArgs {
     default_max_tokens: u32,
 }
 
-pub fn emu_config(
-    model: &str,
-    accelerator: &str,
-    tp: u32,
-    time_scale: f64,
-    max_num_seqs: u32,
-) -> EmuConfig {
+pub fn emu_config(model: &str, accelerator: &str, tp: u32, time_scale: f64, max_num_seqs: u32) -> EmuConfig {
     let mut c = EmuConfig::new(model, accelerator, tp);
     c.time_scale = time_scale;
     c.engine = EngineConfig {

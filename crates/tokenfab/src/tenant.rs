@@ -138,8 +138,7 @@ pub fn print_created(resp: &pb::CreateBatchResponse) {
 }
 
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
-    let input =
-        std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let input = std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let mut client = connect(&a.conn).await?;
     let options = pb::BatchOptions {
         model: a.model,
@@ -216,15 +215,10 @@ pub async fn batches(c: BatchesCommand) -> anyhow::Result<()> {
                     Cell::new(&b.id),
                     Cell::new(status_name(b.status)),
                     Cell::new(&b.model),
-                    Cell::new(format!(
-                        "{}/{}",
-                        c.completed + c.failed,
-                        c.total - c.invalid
-                    ))
-                    .set_alignment(CellAlignment::Right),
-                    Cell::new(c.invalid).set_alignment(CellAlignment::Right),
-                    Cell::new(b.usage.map_or(0, |u| u.completion_tokens))
+                    Cell::new(format!("{}/{}", c.completed + c.failed, c.total - c.invalid))
                         .set_alignment(CellAlignment::Right),
+                    Cell::new(c.invalid).set_alignment(CellAlignment::Right),
+                    Cell::new(b.usage.map_or(0, |u| u.completion_tokens)).set_alignment(CellAlignment::Right),
                     Cell::new(when(b.created_at_unix_ms)),
                 ]);
             }
@@ -279,8 +273,7 @@ fn when(unix_ms: i64) -> String {
     if unix_ms <= 0 {
         return "-".into();
     }
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms as u64)).to_string()
 }
 
 fn print_batch(b: &pb::Batch) {
@@ -302,10 +295,7 @@ fn print_batch(b: &pb::Batch) {
         ),
         (
             "tokens",
-            format!(
-                "{} prompt, {} completion",
-                u.prompt_tokens, u.completion_tokens
-            ),
+            format!("{} prompt, {} completion", u.prompt_tokens, u.completion_tokens),
         ),
         ("energy", format!("{:.1} J", u.joules)),
         ("cost", format!("${:.6}", u.cost_usd)),
@@ -369,12 +359,7 @@ pub async fn watch(client: &mut Client, id: &str, time_scale: f64) -> anyhow::Re
         bar.set_position(u64::from(c.completed + c.failed));
         let tokens = b.usage.map_or(0, |u| u.completion_tokens) as f64;
         let rate = tokens / (started.elapsed().as_secs_f64() * time_scale).max(1e-9);
-        bar.set_message(format!(
-            "{} {} {:.0} out tok/s",
-            b.id,
-            status_name(b.status),
-            rate
-        ));
+        bar.set_message(format!("{} {} {:.0} out tok/s", b.id, status_name(b.status), rate));
         let done = is_final(&b);
         last = Some(b);
         if done {
@@ -408,10 +393,7 @@ pub fn print_summary(b: &pb::Batch, time_scale: f64, cluster: Option<&ClusterEne
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["", "value"]);
     let mut row = |k: &str, v: String| {
-        t.add_row([
-            Cell::new(k),
-            Cell::new(v).set_alignment(CellAlignment::Right),
-        ]);
+        t.add_row([Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
     };
     row("batch", format!("{} ({})", b.id, status_name(b.status)));
     row(
@@ -433,33 +415,20 @@ pub fn print_summary(b: &pb::Batch, time_scale: f64, cluster: Option<&ClusterEne
     }
     row("output tokens/s", format!("{:.0}", out / run_s.max(1e-9)));
     if u.joules > 0.0 {
-        row(
-            "energy (attributed)",
-            format!("{:.1} kJ", u.joules / 1000.0),
-        );
+        row("energy (attributed)", format!("{:.1} kJ", u.joules / 1000.0));
         row("output tokens/J", format!("{:.2}", out / u.joules));
     } else {
-        row(
-            "energy (attributed)",
-            "not measured (no energy counter)".into(),
-        );
+        row("energy (attributed)", "not measured (no energy counter)".into());
     }
     if let Some(e) = cluster {
         row(
             "energy (all devices)",
-            format!(
-                "{:.1} kJ on {} devices, idle included",
-                e.joules / 1000.0,
-                e.devices
-            ),
+            format!("{:.1} kJ on {} devices, idle included", e.joules / 1000.0, e.devices),
         );
     }
     row("cost", format!("${:.4}", u.cost_usd));
     if out > 0.0 {
-        row(
-            "cost per 1M output tokens",
-            format!("${:.4}", u.cost_usd / out * 1e6),
-        );
+        row("cost per 1M output tokens", format!("${:.4}", u.cost_usd / out * 1e6));
     }
     println!("{t}");
 }
@@ -495,9 +464,8 @@ pub fn output_line(batch: &str, r: &pb::ResultRecord) -> serde_json::Value {
     let id = format!("{batch}_req_{:06}", r.line);
     match &r.outcome {
         Some(pb::result_record::Outcome::Response(resp)) => {
-            let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(&resp.body).into_owned())
-            });
+            let body: serde_json::Value = serde_json::from_slice(&resp.body)
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&resp.body).into_owned()));
             serde_json::json!({
                 "id": id, "custom_id": r.custom_id, "line": r.line,
                 "response": {"status_code": resp.status_code, "request_id": resp.request_id, "body": body},
@@ -514,12 +482,7 @@ pub fn output_line(batch: &str, r: &pb::ResultRecord) -> serde_json::Value {
     }
 }
 
-async fn download(
-    client: &mut Client,
-    id: &str,
-    kind: pb::ResultKind,
-    out: &mut dyn Write,
-) -> anyhow::Result<u64> {
+async fn download(client: &mut Client, id: &str, kind: pb::ResultKind, out: &mut dyn Write) -> anyhow::Result<u64> {
     let mut s = client
         .stream_results(pb::StreamResultsRequest {
             batch_id: id.to_string(),
@@ -541,9 +504,7 @@ async fn download(
 pub async fn results(a: ResultsArgs) -> anyhow::Result<()> {
     let mut client = connect(&a.conn).await?;
     let b = client
-        .get_batch(pb::GetBatchRequest {
-            batch_id: a.id.clone(),
-        })
+        .get_batch(pb::GetBatchRequest { batch_id: a.id.clone() })
         .await
         .map_err(rpc)?
         .into_inner();
@@ -557,8 +518,7 @@ pub async fn results(a: ResultsArgs) -> anyhow::Result<()> {
     let n = match &a.output {
         Some(p) => {
             let mut f = std::io::BufWriter::new(
-                std::fs::File::create(p)
-                    .with_context(|| format!("cannot create {}", p.display()))?,
+                std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
             );
             download(&mut client, &a.id, pb::ResultKind::Output, &mut f).await?
         }

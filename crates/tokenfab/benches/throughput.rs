@@ -1,0 +1,351 @@
+//! Throughput benchmarks; prints figures, asserts nothing.
+//!
+//!     cargo bench -p tokenfab --bench throughput
+//!     cargo bench -p tokenfab --bench throughput -- ingest     # one part only
+//!     cargo bench -p tokenfab --bench throughput -- e2e
+//!
+//! 1. ingest: durable results per second into one control plane on its own (gRPC reports
+//!    of 1,000 results each from 8 concurrent clients, redb with fsync per commit).
+//! 2. e2e: requests per second end to end through one control plane and two agents, each
+//!    agent driving one engine emulator at 1000x time scale, all as separate processes.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokenfab_control::{ServerConfig, TenantToken};
+use tokenfab_core::batch_input::InputLimits;
+use tokenfab_core::control::ControlConfig;
+use tokenfab_proto::v1 as pb;
+use tokenfab_proto::v1::agent_service_client::AgentServiceClient;
+use tokenfab_proto::v1::batch_service_client::BatchServiceClient;
+use tonic::Request;
+use tonic::transport::Channel;
+
+const RESPONSE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1795000000,"model":"llama-3.1-8b","choices":[{"index":0,"message":{"role":"assistant","content":"The order arrived damaged; the customer asks for a replacement and a refund of the shipping fee."},"finish_reason":"stop"}],"usage":{"prompt_tokens":41,"completion_tokens":21,"total_tokens":62}}"#;
+
+fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn line(i: usize, max_tokens: u32) -> String {
+    format!(
+        r#"{{"custom_id":"r{i}","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"Summarize ticket {i}: order arrived damaged."}}],"max_tokens":{max_tokens}}}}}"#
+    )
+}
+
+async fn upload(client: &mut BatchServiceClient<Channel>, token: &str, input: String) -> String {
+    let options = pb::BatchOptions {
+        model: "llama-3.1-8b".into(),
+        ..Default::default()
+    };
+    let mut chunks = vec![pb::UploadBatchChunk {
+        chunk: Some(pb::upload_batch_chunk::Chunk::Options(options)),
+    }];
+    for c in input.as_bytes().chunks(1 << 20) {
+        chunks.push(pb::UploadBatchChunk {
+            chunk: Some(pb::upload_batch_chunk::Chunk::Data(c.to_vec().into())),
+        });
+    }
+    let resp = client
+        .upload_batch(authed(token, tonic::codegen::tokio_stream::iter(chunks)))
+        .await
+        .unwrap()
+        .into_inner();
+    resp.batch.unwrap().id
+}
+
+async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+async fn ingest() {
+    const N: usize = 200_000;
+    const PER_REPORT: usize = 1000;
+    const CLIENTS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let server = tokenfab_control::start(
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            tenants: vec![TenantToken {
+                name: "t".into(),
+                token: "t".into(),
+            }],
+            agent_token: "a".into(),
+            control: ControlConfig {
+                lease_ttl: Duration::from_secs(3600),
+                ..ControlConfig::default()
+            },
+            limits: InputLimits {
+                max_file_bytes: 1 << 30,
+                max_line_bytes: 1 << 20,
+                max_requests: 1_000_000,
+            },
+        },
+        tokenfab_store::RedbStore::open(dir.path()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tenant = BatchServiceClient::new(channel.clone()).max_encoding_message_size(64 << 20);
+    let mut agent = AgentServiceClient::new(channel.clone())
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+
+    let t = Instant::now();
+    let id = upload(
+        &mut tenant,
+        "t",
+        (0..N).map(|i| line(i, 32)).collect::<Vec<_>>().join("\n"),
+    )
+    .await;
+    let submit_s = t.elapsed().as_secs_f64();
+    let device = pb::Device {
+        index: 0,
+        accelerator: "h100-sxm".into(),
+        ..Default::default()
+    };
+    agent
+        .register(authed(
+            "a",
+            pb::RegisterRequest {
+                node: "n".into(),
+                devices: vec![device],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let mut units = Vec::new();
+    loop {
+        let r = agent
+            .lease_work(authed(
+                "a",
+                pb::LeaseWorkRequest {
+                    node: "n".into(),
+                    model: "llama-3.1-8b".into(),
+                    max_requests: PER_REPORT as u32,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        match r.units.into_iter().next() {
+            Some(u) => units.push(u),
+            None => break,
+        }
+    }
+    assert_eq!(units.iter().map(|u| u.items.len()).sum::<usize>(), N);
+    let reports: Vec<pb::ReportResultsRequest> = units
+        .into_iter()
+        .map(|u| pb::ReportResultsRequest {
+            node: "n".into(),
+            results: u
+                .items
+                .iter()
+                .map(|w| pb::WorkResult {
+                    unit_id: u.unit_id,
+                    batch: w.batch,
+                    index: w.index,
+                    outcome: Some(pb::work_result::Outcome::Response(pb::EngineResponse {
+                        status_code: 200,
+                        body: RESPONSE.as_bytes().to_vec().into(),
+                        request_id: String::new(),
+                    })),
+                    usage: Some(pb::Usage {
+                        prompt_tokens: 41,
+                        completion_tokens: 21,
+                        joules: 1.0,
+                        device_seconds: 0.01,
+                        cost_usd: 0.0,
+                    }),
+                    latency_us: 0,
+                })
+                .collect(),
+        })
+        .collect();
+    let commits_before = metric(server.metrics_addr.unwrap(), "tokenfab_control_store_commits_total").await;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    let mut shards: Vec<Vec<pb::ReportResultsRequest>> = (0..CLIENTS).map(|_| Vec::new()).collect();
+    for (i, r) in reports.into_iter().enumerate() {
+        shards[i % CLIENTS].push(r);
+    }
+    for shard in shards {
+        let mut agent = AgentServiceClient::new(channel.clone()).max_encoding_message_size(256 << 20);
+        tasks.push(tokio::spawn(async move {
+            for r in shard {
+                let s = agent.report_results(authed("a", r)).await.unwrap().into_inner();
+                assert_eq!(s.recorded as usize, PER_REPORT);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report_s = t.elapsed().as_secs_f64();
+    let commits = metric(server.metrics_addr.unwrap(), "tokenfab_control_store_commits_total").await - commits_before;
+    let b = tenant
+        .get_batch(authed("t", pb::GetBatchRequest { batch_id: id }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.status, pb::BatchStatus::Completed as i32);
+    println!(
+        "ingest: {N} results of {} B bodies, {CLIENTS} clients x reports of {PER_REPORT}",
+        RESPONSE.len()
+    );
+    println!(
+        "  submit (upload + validate + durable) {N} requests: {submit_s:.2} s = {:.0} requests/s",
+        N as f64 / submit_s
+    );
+    println!(
+        "  durable results ingested: {report_s:.2} s = {:.0} results/s ({commits} commits, {:.0} results per commit)",
+        N as f64 / report_s,
+        N as f64 / commits.max(1.0)
+    );
+    server.shutdown().await.unwrap();
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+        .args(args)
+        .env("TOKENFAB_AGENT_TOKEN", "a")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_tcp(addr: &str) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing on {addr}");
+}
+
+async fn e2e() {
+    const N: usize = 50_000;
+    const WINDOW: u32 = 256;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = format!("127.0.0.1:{}", port());
+    let _server = spawn(&[
+        "server",
+        "--listen",
+        &cp,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--tenant",
+        "t=t",
+    ]);
+    wait_tcp(&cp).await;
+    let mut procs = Vec::new();
+    for i in 0..2 {
+        let emu = format!("127.0.0.1:{}", port());
+        procs.push(spawn(&[
+            "engine-emu",
+            "--listen",
+            &emu,
+            "--time-scale",
+            "1000",
+            "--max-num-seqs",
+            "512",
+        ]));
+        wait_tcp(&emu).await;
+        let replica = format!("url=http://{emu},model=llama-3.1-8b,window={WINDOW},max=512");
+        procs.push(spawn(&[
+            "agent",
+            "--control",
+            &format!("http://{cp}"),
+            "--node",
+            &format!("n{i}"),
+            "--replica",
+            &replica,
+        ]));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let channel = Channel::from_shared(format!("http://{cp}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tenant = BatchServiceClient::new(channel).max_encoding_message_size(64 << 20);
+    let input = (0..N).map(|i| line(i, 16)).collect::<Vec<_>>().join("\n");
+    let t = Instant::now();
+    let id = upload(&mut tenant, "t", input).await;
+    loop {
+        let b = tenant
+            .get_batch(authed("t", pb::GetBatchRequest { batch_id: id.clone() }))
+            .await
+            .unwrap()
+            .into_inner();
+        if b.status == pb::BatchStatus::Completed as i32 {
+            let c = b.request_counts.unwrap();
+            assert_eq!(c.completed as usize, N);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "e2e: {N} requests (16 output tokens each), 1 control plane + 2 agents + 2 emulators at 1000x, window {WINDOW}, separate processes"
+    );
+    println!(
+        "  submit to completed: {s:.2} s = {:.0} requests/s end to end",
+        N as f64 / s
+    );
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        if want("ingest") {
+            ingest().await;
+        }
+        if want("e2e") {
+            e2e().await;
+        }
+    });
+}
