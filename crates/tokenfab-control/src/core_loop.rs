@@ -6,6 +6,14 @@
 //! commit runs, new commands queue up and form the next round, so the commit rate adapts
 //! to the load.
 //!
+//! Replies that acknowledge something durable (a batch, results, a cancel) and reads
+//! (so nobody sees state a crash could take back) wait for the commit. Agent traffic that
+//! carries nothing durable (register, heartbeat, lease, release) is answered at once:
+//! leases are not durable, and a lease of work whose batch then failed to commit only
+//! causes an engine call whose result is later dropped as unknown (duplicate engine calls
+//! are allowed; duplicate results are not). Without this, every lease would wait for one
+//! or two fsyncs, and lease supply would cap end-to-end throughput.
+//!
 //! If the store fails, the loop stops without replying: pending callers get UNAVAILABLE
 //! and the server exits, and a restart rebuilds the state from what is durable. The
 //! in-memory state is never trusted past a failed commit.
@@ -115,6 +123,29 @@ pub fn now() -> Timestamp {
 /// The most commands applied in one round before committing.
 const MAX_ROUND: usize = 4096;
 
+type Replies = Vec<Box<dyn FnOnce() + Send>>;
+
+/// Changes waiting for the next commit, and the replies that depend on it.
+#[derive(Default)]
+struct Round {
+    set: WriteSet,
+    replies: Replies,
+    changed: Vec<BatchId>,
+}
+
+struct InFlight {
+    handle: tokio::task::JoinHandle<Result<(), StoreError>>,
+    replies: Replies,
+    changed: Vec<BatchId>,
+    started: std::time::Instant,
+}
+
+enum Event {
+    Command(Option<Command>),
+    Timer,
+    Committed(Result<Result<(), StoreError>, tokio::task::JoinError>),
+}
+
 pub struct CoreLoop<S> {
     core: ControlCore,
     store: S,
@@ -160,63 +191,110 @@ impl<S: Store> CoreLoop<S> {
     }
 
     /// Runs until the channel closes (shutdown) or the store fails.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError> {
-        let mut round: Vec<Command> = Vec::new();
+    ///
+    /// Commits are pipelined: while one commit is in flight the loop keeps applying
+    /// commands; their changes and deferred replies form the next commit, which starts
+    /// when the one in flight is done. Commits stay in order, and a round with nothing to
+    /// persist still waits behind the commit in flight before its replies go out.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError>
+    where
+        S: Clone,
+    {
+        let mut next = Round::default();
+        let mut inflight: Option<InFlight> = None;
+        let mut closed = false;
         loop {
             let wake = self.core.poll_timeout();
-            let first = tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(c) => Some(c),
-                    None => return Ok(()),
-                },
-                _ = sleep_until_unix(wake) => None,
-            };
-            round.extend(first);
-            while round.len() < MAX_ROUND {
-                match rx.try_recv() {
-                    Ok(c) => round.push(c),
-                    Err(_) => break,
-                }
-            }
-            let now = now();
-            self.core.handle_timeout(now);
-            let mut set = WriteSet::default();
-            let mut pending_inputs: HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)> = HashMap::new();
-            let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(round.len());
-            for cmd in round.drain(..) {
-                self.apply(now, cmd, &mut pending_inputs, &mut replies);
-            }
-            let mut changed = Vec::new();
-            while let Some(a) = self.core.poll_action() {
-                match a {
-                    Action::Persist(op) => {
-                        if let DurableOp::CreateBatch { meta, .. } = &op {
-                            if let Some((requests, line_errors)) = pending_inputs.remove(&meta.id) {
-                                set.inputs.push(BatchInputs {
-                                    batch: meta.id,
-                                    requests,
-                                    line_errors,
-                                });
-                            }
-                        }
-                        set.ops.push(op);
+            let event = tokio::select! {
+                cmd = rx.recv(), if !closed => Event::Command(cmd),
+                _ = sleep_until_unix(wake) => Event::Timer,
+                r = async {
+                    match inflight.as_mut() {
+                        Some(c) => (&mut c.handle).await,
+                        None => std::future::pending().await,
                     }
-                    Action::BatchChanged(id) => changed.push(id),
+                } => Event::Committed(r),
+            };
+            match event {
+                Event::Command(Some(first)) => {
+                    let mut round = vec![first];
+                    while round.len() < MAX_ROUND {
+                        match rx.try_recv() {
+                            Ok(c) => round.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    let now = now();
+                    self.core.handle_timeout(now);
+                    let mut inputs = HashMap::new();
+                    for cmd in round {
+                        self.apply(now, cmd, &mut inputs, &mut next.replies);
+                    }
+                    self.collect(&mut next, inputs);
+                }
+                Event::Command(None) => closed = true,
+                Event::Timer => {
+                    self.core.handle_timeout(now());
+                    self.collect(&mut next, HashMap::new());
+                }
+                Event::Committed(r) => {
+                    let done = inflight.take().expect("a commit was in flight");
+                    r.map_err(|e| StoreError::Io(format!("commit task failed: {e}")))??;
+                    self.metrics.commits.inc();
+                    self.metrics
+                        .commit_seconds
+                        .observe(done.started.elapsed().as_secs_f64());
+                    for reply in done.replies {
+                        reply();
+                    }
+                    self.publish(done.changed);
                 }
             }
-            if !set.is_empty() {
-                let started = std::time::Instant::now();
-                let ops = set.ops.len();
-                self.store.apply(set).await?;
-                self.metrics.commits.inc();
-                self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-                tracing::trace!(ops, "committed");
+            if inflight.is_none() {
+                let round = std::mem::take(&mut next);
+                if !round.set.is_empty() {
+                    let store = self.store.clone();
+                    let set = round.set;
+                    inflight = Some(InFlight {
+                        handle: tokio::spawn(async move { store.apply(set).await }),
+                        replies: round.replies,
+                        changed: round.changed,
+                        started: std::time::Instant::now(),
+                    });
+                } else {
+                    // Nothing to persist and nothing in flight: all state is durable.
+                    for reply in round.replies {
+                        reply();
+                    }
+                    self.publish(round.changed);
+                }
             }
-            for reply in replies {
-                reply();
-            }
-            self.publish(changed);
             self.metrics.observe_core(&self.core.stats());
+            if closed && inflight.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Moves what the core asks for into `round`: operations to persist (with the inputs
+    /// of new batches) and batches whose view changed.
+    fn collect(&mut self, round: &mut Round, mut inputs: HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)>) {
+        while let Some(a) = self.core.poll_action() {
+            match a {
+                Action::Persist(op) => {
+                    if let DurableOp::CreateBatch { meta, .. } = &op {
+                        if let Some((requests, line_errors)) = inputs.remove(&meta.id) {
+                            round.set.inputs.push(BatchInputs {
+                                batch: meta.id,
+                                requests,
+                                line_errors,
+                            });
+                        }
+                    }
+                    round.set.ops.push(op);
+                }
+                Action::BatchChanged(id) => round.changed.push(id),
+            }
         }
     }
 
@@ -225,9 +303,9 @@ impl<S: Store> CoreLoop<S> {
         now: Timestamp,
         cmd: Command,
         inputs: &mut HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)>,
-        replies: &mut Vec<Box<dyn FnOnce() + Send>>,
+        replies: &mut Replies,
     ) {
-        fn later<T: Send + 'static>(replies: &mut Vec<Box<dyn FnOnce() + Send>>, tx: Reply<T>, v: T) {
+        fn later<T: Send + 'static>(replies: &mut Replies, tx: Reply<T>, v: T) {
             replies.push(Box::new(move || {
                 let _ = tx.send(v);
             }));
@@ -284,11 +362,10 @@ impl<S: Store> CoreLoop<S> {
             Command::Register { registration, reply } => {
                 tracing::info!(node = %registration.node, devices = registration.devices.len(), replicas = registration.replicas.len(), "node registered");
                 self.core.register(now, registration);
-                later(replies, reply, ());
+                let _ = reply.send(());
             }
             Command::Heartbeat { node, held, reply } => {
-                let r = self.core.heartbeat(now, &node, &held);
-                later(replies, reply, r);
+                let _ = reply.send(self.core.heartbeat(now, &node, &held));
             }
             Command::Lease {
                 node,
@@ -296,11 +373,11 @@ impl<S: Store> CoreLoop<S> {
                 max,
                 reply,
             } => {
-                let r = self
-                    .core
-                    .lease(now, &node, &model, max)
-                    .map(|g| g.map(|g| self.work_unit(g)));
-                later(replies, reply, r);
+                let _ = reply.send(
+                    self.core
+                        .lease(now, &node, &model, max)
+                        .map(|g| g.map(|g| self.work_unit(g))),
+                );
             }
             Command::Report { node, results, reply } => {
                 let r = self.core.report(now, &node, results);
@@ -312,8 +389,7 @@ impl<S: Store> CoreLoop<S> {
                 items,
                 reply,
             } => {
-                let r = self.core.release(now, &node, unit, &items);
-                later(replies, reply, r);
+                let _ = reply.send(self.core.release(now, &node, unit, &items));
             }
         }
     }

@@ -169,9 +169,14 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
             .add_service(reflection)
             .add_service(batch)
             .add_service(agent)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = shutdown_rx.await;
-            });
+            // TCP_NODELAY: without it, small replies (leases) wait for the peer's delayed
+            // ACK (40 ms on Linux), which capped end-to-end throughput.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = shutdown_rx.await;
+                },
+            );
         tokio::pin!(grpc);
         tokio::pin!(core);
         let result = tokio::select! {

@@ -49,7 +49,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            lease_batch: 256,
+            lease_batch: 1024,
             prefetch: 1.0,
             report_max: 1024,
             report_delay: Duration::from_millis(20),
@@ -559,10 +559,15 @@ impl AgentCore {
                 continue;
             }
             let queued = self.queues.get(&model).map_or(0, VecDeque::len) as u32;
-            let target = free + (self.config.prefetch * f64::from(window)).ceil() as u32;
-            let want = target.saturating_sub(queued);
-            // Avoid a storm of tiny leases: ask when a worthwhile amount is missing.
-            if want == 0 || (queued > 0 && want < (window / 8).max(1)) {
+            // Watermarks: lease when the queue beyond the free slots falls below half the
+            // prefetch, then fill it to the whole prefetch. With one lease in flight per
+            // model, lease size is what bounds throughput, so leases are never tiny.
+            let prefetch = (self.config.prefetch * f64::from(window)).ceil() as u32;
+            if queued >= free + prefetch.div_ceil(2) && queued > 0 {
+                continue;
+            }
+            let want = (free + prefetch).saturating_sub(queued);
+            if want == 0 {
                 continue;
             }
             self.leasing.insert(model.clone());

@@ -257,6 +257,11 @@ pub async fn serve(
     emulator: Emulator,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // TCP_NODELAY: responses are small; do not let them wait for delayed ACKs.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, emulator.router())
         .with_graceful_shutdown(shutdown)
         .await

@@ -113,6 +113,12 @@ impl JsonBody for reqwest::RequestBuilder {
     }
 }
 
+fn auth<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut().insert("authorization", "Bearer t".parse().unwrap());
+    r
+}
+
 /// Runs the workload as a tokenfab batch; returns output tokens/s from submit to completed.
 async fn through_tokenfab(control: &str, round: usize) -> f64 {
     let lines: Vec<String> = (0..REQUESTS)
@@ -127,11 +133,6 @@ async fn through_tokenfab(control: &str, round: usize) -> f64 {
         .await
         .unwrap();
     let mut c = BatchServiceClient::new(channel);
-    let auth = |m| {
-        let mut r = tonic::Request::new(m);
-        r.metadata_mut().insert("authorization", "Bearer t".parse().unwrap());
-        r
-    };
     let t = Instant::now();
     let options = pb::BatchOptions {
         model: "smollm2-135m".into(),
@@ -184,7 +185,7 @@ fn main() {
                 .unwrap(),
         );
         let url = format!("http://127.0.0.1:{lp}");
-        while reqwest::get(format!("{url}/health")).await.map(|r| r.status().is_success()).unwrap_or(false) == false {
+        while !reqwest::get(format!("{url}/health")).await.map(|r| r.status().is_success()).unwrap_or(false) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -224,6 +224,18 @@ async fn ingest() {
 
 struct Proc(Child);
 
+impl Proc {
+    /// User + system CPU seconds so far, from /proc (Linux).
+    fn cpu_s(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11..13)
+            .map_or(0.0, |f| f.iter().filter_map(|x| x.parse::<f64>().ok()).sum());
+        ticks / 100.0
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -266,7 +278,7 @@ async fn e2e() {
     const WINDOW: u32 = 256;
     let dir = tempfile::tempdir().unwrap();
     let cp = format!("127.0.0.1:{}", port());
-    let _server = spawn(&[
+    let server = spawn(&[
         "server",
         "--listen",
         &cp,
@@ -289,7 +301,7 @@ async fn e2e() {
             "512",
         ]));
         wait_tcp(&emu).await;
-        let replica = format!("url=http://{emu},model=llama-3.1-8b,window={WINDOW},max=512");
+        let replica = format!("url=http://{emu},model=llama-3.1-8b,window={WINDOW},max=1024");
         procs.push(spawn(&[
             "agent",
             "--control",
@@ -331,6 +343,59 @@ async fn e2e() {
         "  submit to completed: {s:.2} s = {:.0} requests/s end to end",
         N as f64 / s
     );
+    let cpu: Vec<String> = std::iter::once(("control plane", &server))
+        .chain(
+            procs
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (if i % 2 == 0 { "emulator" } else { "agent" }, p)),
+        )
+        .map(|(name, p)| format!("{name} {:.2}", p.cpu_s()))
+        .collect();
+    println!("  CPU seconds per process: {}", cpu.join(", "));
+}
+
+/// One emulator alone, driven by a plain HTTP client at the agents' concurrency: the
+/// ceiling the engine side puts on the end-to-end figure.
+async fn emulator_alone() {
+    const N: usize = 25_000;
+    const CONCURRENCY: usize = 256;
+    let emu = format!("127.0.0.1:{}", port());
+    let p = spawn(&[
+        "engine-emu",
+        "--listen",
+        &emu,
+        "--time-scale",
+        "1000",
+        "--max-num-seqs",
+        "512",
+    ]);
+    wait_tcp(&emu).await;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (http, next, url) = (http.clone(), next.clone(), format!("http://{emu}/v1/chat/completions"));
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < N {
+                    let body = r#"{"messages":[{"role":"user","content":"Summarize ticket: order arrived damaged."}],"max_tokens":16}"#;
+                    let r = http.post(&url).header("content-type", "application/json").body(body).send().await.unwrap();
+                    assert!(r.status().is_success());
+                    r.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "emulator alone: {N} requests at {CONCURRENCY} in flight: {:.0} requests/s (emulator CPU {:.2} s in {s:.2} s)",
+        N as f64 / s,
+        p.cpu_s()
+    );
 }
 
 fn main() {
@@ -346,6 +411,9 @@ fn main() {
         }
         if want("e2e") {
             e2e().await;
+        }
+        if want("emulator") {
+            emulator_alone().await;
         }
     });
 }
