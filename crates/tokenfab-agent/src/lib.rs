@@ -465,6 +465,7 @@ impl Shell {
                     prompt_tokens: s.prompt_tokens,
                     completion_tokens: s.completion_tokens,
                     errors: s.errors,
+                    mean_latency_ms: s.latency_sum_s * 1e3 / ((s.requests_done + s.errors).max(1) as f64),
                 })
                 .collect(),
         }
@@ -508,6 +509,6 @@ fn work_result(r: &ReportedResult) -> pb::WorkResult {
         index: r.req.index,
         outcome: Some(outcome),
         usage: Some(usage(&r.usage)),
-        latency_us: 0,
+        latency_us: r.latency.as_micros().min(u128::from(u64::MAX)) as u64,
     }
 }

@@ -181,6 +181,7 @@ pub fn reported(results: Vec<pb::WorkResult>) -> Result<Vec<ReportedResult>, Sta
                 },
                 outcome,
                 usage: usage_from(r.usage.as_ref()),
+                latency: std::time::Duration::from_micros(r.latency_us),
             })
         })
         .collect()

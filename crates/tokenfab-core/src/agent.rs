@@ -139,6 +139,8 @@ pub struct ReplicaStats {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub errors: u64,
+    /// Sum of engine-call latencies (dispatch to answer) of every finished call, seconds.
+    pub latency_sum_s: f64,
     /// Energy attributed to requests, and idle energy, joules.
     pub attributed_j: f64,
     pub idle_j: f64,
@@ -167,6 +169,8 @@ pub struct AgentCore {
     queues: BTreeMap<ModelId, VecDeque<(WorkUnitId, LeasedItem)>>,
     leasing: BTreeSet<ModelId>,
     lease_retry_at: BTreeMap<ModelId, Timestamp>,
+    /// When each in-flight request was dispatched (for its latency).
+    dispatched_at: BTreeMap<RequestRef, Timestamp>,
     /// Open items per held unit (leased, not yet acknowledged or released).
     held: BTreeMap<WorkUnitId, u32>,
     ready: VecDeque<(ReportedResult, WorkUnitId, Timestamp)>,
@@ -213,6 +217,7 @@ impl AgentCore {
             queues: BTreeMap::new(),
             leasing: BTreeSet::new(),
             lease_retry_at: BTreeMap::new(),
+            dispatched_at: BTreeMap::new(),
             held: BTreeMap::new(),
             ready: VecDeque::new(),
             reporting: None,
@@ -314,8 +319,10 @@ impl AgentCore {
         req: RequestRef,
         reply: EngineReply,
     ) {
+        let latency = self.dispatched_at.remove(&req).map_or(Duration::ZERO, |t| now.since(t));
         let r = &mut self.replicas[replica];
         r.in_flight -= 1;
+        r.stats.latency_sum_s += latency.as_secs_f64();
         let (outcome, usage) = match reply {
             EngineReply::Answered { status_code, .. } if EngineReply::is_retryable_status(status_code) => {
                 r.stats.errors += 1;
@@ -367,6 +374,7 @@ impl AgentCore {
                 req,
                 outcome,
                 usage,
+                latency,
             },
             unit,
         ));
@@ -540,6 +548,7 @@ impl AgentCore {
                 .and_then(VecDeque::pop_front)
                 .expect("checked non-empty");
             r.in_flight += 1;
+            self.dispatched_at.insert(item.req, now);
             self.actions.push_back(AgentAction::Dispatch { replica: i, unit, item });
         }
     }
@@ -786,6 +795,11 @@ mod tests {
             .expect("report due");
         assert_eq!(report.len(), 2);
         let on_r0 = report.iter().find(|r| r.usage.prompt_tokens == 30).unwrap();
+        assert_eq!(
+            on_r0.latency,
+            Duration::from_millis(50),
+            "dispatched at T0, answered 50 ms later"
+        );
         assert_eq!(on_r0.usage.joules, 60.0, "the whole 60 J delta of replica 0");
         assert_eq!(on_r0.usage.device_seconds, 1.0, "0.5 s x 2 devices");
         let on_r1 = report.iter().find(|r| r.usage.prompt_tokens == 10).unwrap();
@@ -824,6 +838,7 @@ mod tests {
                 prompt_tokens: tokens,
                 ..Usage::default()
             },
+            latency: Duration::ZERO,
         };
         // Interval 1: work running, nothing finished: carried.
         attribute(
@@ -916,6 +931,7 @@ mod tests {
                 message: "m".into(),
             }),
             usage: Usage::default(),
+            latency: Duration::ZERO,
         }];
         core.reporting = Some(vec![WorkUnitId(3)]);
         core.report_failed(T0, results.clone(), true);

@@ -176,6 +176,8 @@ pub struct ReportedResult {
     pub req: RequestRef,
     pub outcome: ReportedOutcome,
     pub usage: Usage,
+    /// From sending the request to the engine to its complete answer.
+    pub latency: Duration,
 }
 
 /// What happened to a report.
@@ -1112,6 +1114,7 @@ mod tests {
                 device_seconds: 0.5,
                 cost_usd: 99.0,
             },
+            latency: Duration::ZERO,
         }
     }
 
@@ -1257,6 +1260,7 @@ mod tests {
                 message: "connection refused".into(),
             },
             usage: Usage::default(),
+            latency: Duration::ZERO,
         };
         let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
         assert_eq!(

@@ -12,14 +12,12 @@ fn core_depends_only_on_pure_data_crates() {
             section = line;
             continue;
         }
-        if section == "[dependencies]" {
-            if let Some(name) = line
-                .split(['=', ' ', '.'])
-                .next()
-                .filter(|n| !n.is_empty() && !n.starts_with('#'))
-            {
-                found.push(name.to_string());
-            }
+        let name = line
+            .split(['=', ' ', '.'])
+            .next()
+            .filter(|n| !n.is_empty() && !n.starts_with('#'));
+        if let (true, Some(name)) = (section == "[dependencies]", name) {
+            found.push(name.to_string());
         }
     }
     assert!(!found.is_empty(), "could not read the [dependencies] section");

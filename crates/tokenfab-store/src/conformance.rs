@@ -136,12 +136,14 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
             req: grant.items[0].req,
             outcome: response(200),
             usage,
+            latency: std::time::Duration::ZERO,
         },
         ReportedResult {
             unit: grant.unit,
             req: grant.items[1].req,
             outcome: response(400),
             usage,
+            latency: std::time::Duration::ZERO,
         },
     ];
     core.report(t0, &node, reports).unwrap();
@@ -223,6 +225,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 req: g.items[0].req,
                 outcome: response(200),
                 usage,
+                latency: std::time::Duration::ZERO,
             }],
         )
         .unwrap();
