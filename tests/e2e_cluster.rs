@@ -169,7 +169,11 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     // The dead agent's leases expire (lease TTL 2 s) and its work is leased again.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let expired = metric(metrics_port, "tokenfab_control_leases_expired").await;
+        let expired = fetch_metric(
+            &format!("http://127.0.0.1:{metrics_port}/metrics"),
+            "tokenfab_control_leases_expired",
+        )
+        .await;
         if expired >= 1.0 {
             break;
         }
@@ -210,7 +214,7 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
 
     // The surviving agent finishes both batches.
     let procs = [&server, &agent1];
-    let done = wait_for(addr, &id, Duration::from_secs(120), &procs, tokenfab_is_final).await;
+    let done = wait_for(addr, &id, Duration::from_secs(120), &procs, is_final).await;
     assert_eq!(done.status, pb::BatchStatus::Completed as i32);
     let c = counts(&done);
     assert_eq!((c.total, c.completed, c.failed, c.invalid), (1503, 1500, 0, 3));
@@ -219,7 +223,7 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
         1500 * 48,
         "usage adds up to exactly what was asked"
     );
-    wait_for(addr, &small_id, Duration::from_secs(60), &procs, tokenfab_is_final).await;
+    wait_for(addr, &small_id, Duration::from_secs(60), &procs, is_final).await;
 
     // Exactly one result per valid request.
     let mut c = tenant_client(addr, TENANT).await;
@@ -292,27 +296,4 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     assert_eq!(first["response"]["status_code"], 200);
     assert_eq!(std::fs::read_to_string(&err_file).unwrap().lines().count(), 3);
     drop(emus);
-}
-
-/// A metric's value from the control plane's Prometheus endpoint.
-async fn metric(port: u16, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
-fn tokenfab_is_final(b: &pb::Batch) -> bool {
-    matches!(
-        pb::BatchStatus::try_from(b.status),
-        Ok(pb::BatchStatus::Completed
-            | pb::BatchStatus::Failed
-            | pb::BatchStatus::Expired
-            | pb::BatchStatus::Cancelled)
-    )
 }

@@ -91,19 +91,6 @@ async fn start_llama(server: &str, model: &str, slots: u32) -> (Llama, String) {
     (llama, url)
 }
 
-/// A counter from llama-server's Prometheus metrics.
-async fn llama_metric(url: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} in llama-server metrics:\n{text}"))
-}
-
 fn smol_line(i: usize) -> String {
     let topics = [
         "the sea",
@@ -123,7 +110,7 @@ async fn a_batch_runs_on_a_real_llama_cpp_server_with_exact_usage() {
     let Some((server_bin, gguf)) = locate() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (_llama, llama_url) = start_llama(&server_bin, &gguf, 16).await;
-    let predicted_before = llama_metric(&llama_url, "llamacpp:tokens_predicted_total").await;
+    let predicted_before = fetch_metric(&format!("{llama_url}/metrics"), "llamacpp:tokens_predicted_total").await;
 
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -234,7 +221,8 @@ async fn a_batch_runs_on_a_real_llama_cpp_server_with_exact_usage() {
     let usage = batch.usage.unwrap();
     assert_eq!((usage.prompt_tokens, usage.completion_tokens), (prompt, completion));
     // The server's own counter of generated tokens agrees (no duplicate engine call here).
-    let predicted = llama_metric(&llama_url, "llamacpp:tokens_predicted_total").await - predicted_before;
+    let predicted =
+        fetch_metric(&format!("{llama_url}/metrics"), "llamacpp:tokens_predicted_total").await - predicted_before;
     assert_eq!(
         predicted as u64, completion,
         "llama-server generated exactly the tokens tokenfab billed"

@@ -130,3 +130,26 @@ pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// True once a batch can no longer change.
+pub fn is_final(b: &pb::Batch) -> bool {
+    matches!(
+        pb::BatchStatus::try_from(b.status),
+        Ok(pb::BatchStatus::Completed
+            | pb::BatchStatus::Failed
+            | pb::BatchStatus::Expired
+            | pb::BatchStatus::Cancelled)
+    )
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+}
+
+/// A metric from a Prometheus endpoint; panics with the exposition if it is missing.
+pub async fn fetch_metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    metric_value(&text, name).unwrap_or_else(|| panic!("no {name} at {url}:\n{text}"))
+}

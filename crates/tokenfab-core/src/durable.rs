@@ -38,6 +38,16 @@ pub struct RequestMeta {
     pub max_tokens: Option<u32>,
 }
 
+impl From<&crate::batch_input::ParsedRequest> for RequestMeta {
+    fn from(r: &crate::batch_input::ParsedRequest) -> Self {
+        RequestMeta {
+            line: r.line,
+            prompt_tokens_estimate: r.prompt_tokens_estimate,
+            max_tokens: r.max_tokens,
+        }
+    }
+}
+
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {

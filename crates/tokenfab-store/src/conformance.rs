@@ -63,15 +63,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 input_bytes: parsed.bytes,
                 lines: parsed.lines,
                 invalid_lines: parsed.line_errors.len() as u32,
-                requests: parsed
-                    .requests
-                    .iter()
-                    .map(|r| RequestMeta {
-                        line: r.line,
-                        prompt_tokens_estimate: r.prompt_tokens_estimate,
-                        max_tokens: r.max_tokens,
-                    })
-                    .collect(),
+                requests: parsed.requests.iter().map(RequestMeta::from).collect(),
             },
         )
         .unwrap();

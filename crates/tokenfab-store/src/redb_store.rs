@@ -205,11 +205,7 @@ impl RedbStore {
                 for e in inputs.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
                     let (_, v) = e.map_err(io)?;
                     let r: ParsedRequest = decode(v.value(), "request input")?;
-                    loaded.batch.requests.push(RequestMeta {
-                        line: r.line,
-                        prompt_tokens_estimate: r.prompt_tokens_estimate,
-                        max_tokens: r.max_tokens,
-                    });
+                    loaded.batch.requests.push(RequestMeta::from(&r));
                     loaded.inputs.push(r);
                 }
                 for e in results.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
