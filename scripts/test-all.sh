@@ -19,8 +19,8 @@ fi
 echo "== formatting"
 cargo fmt --all -- --check
 
-echo "== clippy on the sans-IO core (determinism rules in crates/tokenfab-core/clippy.toml)"
-cargo clippy -p tokenfab-core --all-targets -- -D warnings
+echo "== clippy (the core also gets its determinism rules from crates/tokenfab-core/clippy.toml)"
+cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -80,10 +80,10 @@ async fn start_llama(server: &str, model: &str, slots: u32) -> (Llama, String) {
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(r) = reqwest::get(format!("{url}/health")).await {
-            if r.status().is_success() {
-                break;
-            }
+        if let Ok(r) = reqwest::get(format!("{url}/health")).await
+            && r.status().is_success()
+        {
+            break;
         }
         assert!(Instant::now() < deadline, "llama-server did not become healthy");
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -282,14 +282,14 @@ impl<S: Store> CoreLoop<S> {
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Persist(op) => {
-                    if let DurableOp::CreateBatch { meta, .. } = &op {
-                        if let Some((requests, line_errors)) = inputs.remove(&meta.id) {
-                            round.set.inputs.push(BatchInputs {
-                                batch: meta.id,
-                                requests,
-                                line_errors,
-                            });
-                        }
+                    if let DurableOp::CreateBatch { meta, .. } = &op
+                        && let Some((requests, line_errors)) = inputs.remove(&meta.id)
+                    {
+                        round.set.inputs.push(BatchInputs {
+                            batch: meta.id,
+                            requests,
+                            line_errors,
+                        });
                     }
                     round.set.ops.push(op);
                 }

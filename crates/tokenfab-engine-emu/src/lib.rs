@@ -413,6 +413,7 @@ fn filler(tokens: u32, seed: u64) -> String {
 }
 
 impl Emulator {
+    #[allow(clippy::result_large_err)] // an axum Response is the natural error of a handler step
     fn check_common(&self, model: Option<&str>, stream: Option<bool>, n: Option<u32>) -> Result<(), Response> {
         let served = &self.shared.config.served_name;
         if let Some(m) = model.filter(|m| *m != served) {
@@ -467,6 +468,7 @@ impl Emulator {
     }
 }
 
+#[allow(clippy::result_large_err)] // an axum Response is the natural error of a handler step
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| bad_request(format!("the request body is not valid: {e}"), None))
 }

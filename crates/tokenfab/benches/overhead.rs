@@ -8,6 +8,7 @@
 //! - direct: a plain HTTP client keeping CONCURRENCY requests in flight;
 //! - tokenfab: `tokenfab submit` to a control plane, one agent with window CONCURRENCY,
 //!   timed from submission until the batch is completed (all results durable).
+//!
 //! Prompts differ between rounds so llama-server's prompt cache does not favour a round.
 
 use std::process::{Child, Command, Stdio};
@@ -38,13 +39,13 @@ fn load_env() {
         return;
     };
     for line in text.lines() {
-        if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-            if std::env::var(k).is_err() {
-                // SAFETY-relevant only with other threads running; none are yet.
-                #[allow(unsafe_code)]
-                unsafe {
-                    std::env::set_var(k, v.trim_matches('"'));
-                }
+        if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('='))
+            && std::env::var(k).is_err()
+        {
+            // set_var is unsafe only while other threads read the environment; none run yet.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var(k, v.trim_matches('"'));
             }
         }
     }

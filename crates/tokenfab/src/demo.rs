@@ -62,7 +62,7 @@ impl Drop for TempDir {
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
-    if a.nodes == 0 || a.gpus_per_node == 0 || a.tp == 0 || a.gpus_per_node % a.tp != 0 {
+    if a.nodes == 0 || a.gpus_per_node == 0 || a.tp == 0 || !a.gpus_per_node.is_multiple_of(a.tp) {
         bail!(
             "--gpus-per-node ({}) must be a positive multiple of --tp ({}), and --nodes positive",
             a.gpus_per_node,
