@@ -4,6 +4,10 @@
 use std::time::Duration;
 use tokenfab_core::agent::EngineReply;
 
+/// The largest engine answer accepted: far above any real completion, far below what a
+/// report can carry.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
 /// A pooled HTTP client for engine calls.
 #[derive(Debug, Clone)]
 pub struct EngineClient {
@@ -73,15 +77,28 @@ impl EngineClient {
             }
         };
         let status_code = resp.status().as_u16();
-        let bytes = match resp.bytes().await {
-            Ok(b) => b.to_vec(),
-            Err(e) => {
-                return EngineReply::Unreachable {
-                    code: "engine_read_failed".into(),
-                    message: error_chain(&e),
-                };
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return EngineReply::Unreachable {
+                            code: "engine_response_too_large".into(),
+                            message: format!("the engine's answer is over {} MiB", MAX_RESPONSE_BYTES >> 20),
+                        };
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return EngineReply::Unreachable {
+                        code: "engine_read_failed".into(),
+                        message: error_chain(&e),
+                    };
+                }
             }
-        };
+        }
         let (prompt_tokens, completion_tokens) = usage(&bytes);
         EngineReply::Answered {
             status_code,

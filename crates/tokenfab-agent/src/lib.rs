@@ -120,6 +120,13 @@ pub async fn run(
             cause: e.to_string(),
         })?
         .connect_timeout(Duration::from_secs(5))
+        // A call that hangs (half-open connection, stuck server) fails instead of
+        // blocking the agent's lease, report or heartbeat loop forever.
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
         .connect_lazy();
     let token = format!("Bearer {}", opts.agent_token)
         .parse()

@@ -173,6 +173,15 @@ pub fn reported(results: Vec<pb::WorkResult>) -> Result<Vec<ReportedResult>, Sta
                     return Err(Status::invalid_argument(format!("results[{i}]: outcome is required")));
                 }
             };
+            if let Some(u) = &r.usage {
+                for (name, v) in [("joules", u.joules), ("device_seconds", u.device_seconds)] {
+                    if !v.is_finite() || v < 0.0 {
+                        return Err(Status::invalid_argument(format!(
+                            "results[{i}].usage.{name} is {v}; it must be a finite number >= 0"
+                        )));
+                    }
+                }
+            }
             Ok(ReportedResult {
                 unit: WorkUnitId(r.unit_id),
                 req: RequestRef {
@@ -185,4 +194,33 @@ pub fn reported(results: Vec<pb::WorkResult>) -> Result<Vec<ReportedResult>, Sta
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_energy_must_be_a_finite_non_negative_number() {
+        let result = |joules: f64| pb::WorkResult {
+            outcome: Some(pb::work_result::Outcome::Response(pb::EngineResponse::default())),
+            usage: Some(pb::Usage {
+                joules,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(reported(vec![result(1.5)]).is_ok());
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            let e = reported(vec![result(0.0), result(bad)]).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().starts_with("results[1].usage.joules is "),
+                "{}",
+                e.message()
+            );
+        }
+        let e = reported(vec![pb::WorkResult::default()]).unwrap_err();
+        assert_eq!(e.message(), "results[0]: outcome is required");
+    }
 }

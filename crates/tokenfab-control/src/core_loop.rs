@@ -321,7 +321,11 @@ impl<S: Store> CoreLoop<S> {
                 if let Ok(v) = &r {
                     self.bodies.insert(v.meta.id, cache(&requests));
                     inputs.insert(v.meta.id, (requests, line_errors));
-                    self.metrics.batches_submitted.inc();
+                    // Counted once durable, like the acknowledgement.
+                    let metrics = self.metrics.clone();
+                    replies.push(Box::new(move || {
+                        metrics.batches_submitted.inc();
+                    }));
                 }
                 later(replies, reply, r);
             }

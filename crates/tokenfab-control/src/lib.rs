@@ -88,13 +88,46 @@ impl Server {
     }
 }
 
-/// Recovers state from `store`, binds, and serves in the background.
-pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<Server, ServerError> {
-    if config.agent_token.is_empty() {
+/// Tokens must be non-empty and unique: an empty token would let anyone in, a shared one
+/// would make two tenants one.
+fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
+    if config.agent_token.trim().is_empty() {
         return Err(ServerError::Config(
             "an agent token is required (--agent-token or TOKENFAB_AGENT_TOKEN)".into(),
         ));
     }
+    let mut seen = std::collections::BTreeMap::new();
+    for t in &config.tenants {
+        if t.name.trim().is_empty() {
+            return Err(ServerError::Config(
+                "a tenant has an empty name; write NAME=TOKEN".into(),
+            ));
+        }
+        if t.token.trim().is_empty() {
+            return Err(ServerError::Config(format!(
+                "tenant '{}' has an empty token; give every tenant a secret token",
+                t.name
+            )));
+        }
+        if t.token == config.agent_token {
+            return Err(ServerError::Config(format!(
+                "tenant '{}' uses the agent token; tenant and agent tokens must differ",
+                t.name
+            )));
+        }
+        if let Some(other) = seen.insert(t.token.as_str(), t.name.as_str()) {
+            return Err(ServerError::Config(format!(
+                "tenants '{other}' and '{}' share a token; tokens must be unique",
+                t.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Recovers state from `store`, binds, and serves in the background.
+pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<Server, ServerError> {
+    check_tokens(&config)?;
     let metrics = Arc::new(Metrics::new());
     let core_loop = core_loop::CoreLoop::recover(store.clone(), config.control.clone(), metrics.clone()).await?;
     let listener = TcpListener::bind(config.listen)
@@ -199,4 +232,37 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         shutdown: Some(shutdown_tx),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(tenants: &[(&str, &str)], agent: &str) -> ServerConfig {
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            tenants: tenants
+                .iter()
+                .map(|(n, t)| TenantToken {
+                    name: n.to_string(),
+                    token: t.to_string(),
+                })
+                .collect(),
+            agent_token: agent.into(),
+            control: ControlConfig::default(),
+            limits: InputLimits::default(),
+        }
+    }
+
+    #[test]
+    fn unsafe_token_setups_are_refused_at_startup() {
+        let err = |c: ServerConfig| check_tokens(&c).unwrap_err().to_string();
+        assert!(check_tokens(&config(&[("a", "x"), ("b", "y")], "z")).is_ok());
+        assert!(err(config(&[("a", "x")], " ")).contains("an agent token is required"));
+        assert!(err(config(&[("a", "")], "z")).contains("tenant 'a' has an empty token"));
+        assert!(err(config(&[("a", "x"), ("b", "x")], "z")).contains("tenants 'a' and 'b' share a token"));
+        assert!(err(config(&[("a", "z")], "z")).contains("tenant and agent tokens must differ"));
+        assert!(err(config(&[("", "x")], "z")).contains("empty name"));
+    }
 }

@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub prefetch: f64,
     /// Most results in one report.
     pub report_max: usize,
+    /// Most response bytes in one report (well under the gRPC message limit).
+    pub report_max_bytes: usize,
     /// Longest a ready result waits before a report is sent.
     pub report_delay: Duration,
     /// How often device energy counters are read.
@@ -52,6 +54,7 @@ impl Default for AgentConfig {
             lease_batch: 1024,
             prefetch: 1.0,
             report_max: 1024,
+            report_max_bytes: 16 << 20,
             report_delay: Duration::from_millis(20),
             sample_interval: Duration::from_millis(100),
             heartbeat_interval: Duration::from_secs(1),
@@ -61,6 +64,9 @@ impl Default for AgentConfig {
         }
     }
 }
+
+/// A device sample not back after this many sample intervals is given up.
+const SAMPLE_GIVE_UP: u32 = 3;
 
 /// One engine replica the agent drives.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,7 +188,10 @@ pub struct AgentCore {
     heartbeat_at: Option<Timestamp>,
     heartbeating: bool,
     sample_at: Timestamp,
+    sample_started: Timestamp,
     sampling: bool,
+    /// The latest time seen.
+    now: Timestamp,
     shutting_down: bool,
     actions: VecDeque<AgentAction>,
 }
@@ -228,7 +237,9 @@ impl AgentCore {
             heartbeat_at: None,
             heartbeating: false,
             sample_at: now,
+            sample_started: now,
             sampling: false,
+            now,
             shutting_down: false,
             actions: VecDeque::new(),
         };
@@ -413,8 +424,10 @@ impl AgentCore {
 
     pub fn heartbeat_done(&mut self, now: Timestamp, reply: Result<HeartbeatReply, bool>) {
         self.heartbeating = false;
-        if let Err(true) = reply {
-            self.need_registration();
+        match reply {
+            Err(true) => self.need_registration(),
+            Err(false) => {}
+            Ok(h) => self.forget_units(&h.unknown_units),
         }
         self.pump(now);
     }
@@ -436,24 +449,45 @@ impl AgentCore {
 
     // ---- time -----------------------------------------------------------------------
 
+    /// The next time [`AgentCore::handle_timeout`] has something to do. Only deadlines it
+    /// will act on are returned, so an idle agent sleeps instead of spinning.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let mut t = vec![self.sample_at];
-        t.extend(self.register_retry_at);
-        t.extend(self.heartbeat_at);
-        if let Some(&(_, _, at)) = self.ready.front() {
+        let mut t = Vec::new();
+        if self.sampling {
+            t.push(
+                self.sample_started
+                    .saturating_add(self.config.sample_interval * SAMPLE_GIVE_UP),
+            );
+        } else {
+            t.push(self.sample_at);
+        }
+        if !self.registering {
+            t.extend(self.register_retry_at);
+        }
+        if self.registered && !self.heartbeating {
+            t.extend(self.heartbeat_at);
+        }
+        if let Some(&(_, _, at)) = self
+            .ready
+            .front()
+            .filter(|_| self.registered && self.reporting.is_none())
+        {
             t.push(at.saturating_add(self.config.report_delay).max(self.report_retry_at));
         }
         t.extend(self.lease_retry_at.values().copied());
+        // A resting replica with room and queued work becomes usable again.
         t.extend(
             self.replicas
                 .iter()
-                .filter(|r| r.in_flight < r.window)
+                .filter(|r| r.in_flight < r.window && r.healthy_at > self.now)
+                .filter(|r| self.queues.get(&r.spec.model).is_some_and(|q| !q.is_empty()))
                 .map(|r| r.healthy_at),
         );
         t.into_iter().min()
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.now = now;
         if self.register_retry_at.is_some_and(|t| t <= now) && !self.registering {
             self.register_retry_at = None;
             self.registering = true;
@@ -466,8 +500,23 @@ impl AgentCore {
                 held: self.held_units(),
             });
         }
+        if self.sampling
+            && now
+                >= self
+                    .sample_started
+                    .saturating_add(self.config.sample_interval * SAMPLE_GIVE_UP)
+        {
+            // The reading is overdue (a device or emulator hangs): finished requests go
+            // out without their energy share rather than wait; the next good reading's
+            // difference covers the gap, so no energy is lost from the books.
+            self.sampling = false;
+            for r in &mut self.replicas {
+                attribute(r, None, now, &mut self.ready);
+            }
+        }
         if self.sample_at <= now && !self.sampling {
             self.sampling = true;
+            self.sample_started = now;
             self.sample_at = now.saturating_add(self.config.sample_interval);
             self.actions.push_back(AgentAction::SampleDevices);
         }
@@ -498,6 +547,29 @@ impl AgentCore {
         }
     }
 
+    /// Units the control plane no longer knows were leased again elsewhere: their queued,
+    /// not yet started requests are dropped (running ones finish; results of either are
+    /// recorded once, by whoever reports first).
+    fn forget_units(&mut self, units: &[WorkUnitId]) {
+        if units.is_empty() {
+            return;
+        }
+        let gone: BTreeSet<WorkUnitId> = units.iter().copied().collect();
+        let mut dropped = Vec::new();
+        for q in self.queues.values_mut() {
+            q.retain(|(u, _)| {
+                let keep = !gone.contains(u);
+                if !keep {
+                    dropped.push(*u);
+                }
+                keep
+            });
+        }
+        for u in dropped {
+            self.close_item(u);
+        }
+    }
+
     fn release_queued(&mut self) {
         let mut by_unit: BTreeMap<WorkUnitId, Vec<RequestRef>> = BTreeMap::new();
         for q in self.queues.values_mut() {
@@ -516,6 +588,7 @@ impl AgentCore {
     /// Dispatches queued work into free window slots, then leases more if needed, then
     /// reports if due.
     fn pump(&mut self, now: Timestamp) {
+        self.now = self.now.max(now);
         self.dispatch(now);
         if self.registered && !self.shutting_down {
             self.lease(now);
@@ -598,7 +671,19 @@ impl AgentCore {
         if !due {
             return;
         }
-        let n = self.ready.len().min(self.config.report_max);
+        let mut n = 0;
+        let mut bytes = 0;
+        for (r, _, _) in self.ready.iter().take(self.config.report_max) {
+            let size = match &r.outcome {
+                ReportedOutcome::Final(Outcome::Response { body, .. }) => body.len(),
+                _ => 0,
+            } + 256;
+            if n > 0 && bytes + size > self.config.report_max_bytes {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
         let (results, units): (Vec<_>, Vec<_>) = self.ready.drain(..n).map(|(r, u, _)| (r, u)).unzip();
         self.reporting = Some(units);
         self.actions.push_back(AgentAction::Report(results));
@@ -936,6 +1021,79 @@ mod tests {
         core.reporting = Some(vec![WorkUnitId(3)]);
         core.report_failed(T0, results.clone(), true);
         assert_eq!(core.ready.len(), 1, "kept for the next report");
+    }
+
+    #[test]
+    fn an_idle_agent_sleeps_until_its_next_real_deadline() {
+        let mut core = started(4);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Ok(None));
+        core.device_sample(T0, vec![None, None]);
+        drain(&mut core);
+        // Nothing to do now: the next wake-up is the next sample, heartbeat or lease retry.
+        let next = core.poll_timeout().unwrap();
+        assert!(next > T0, "{next} must be in the future");
+        assert_eq!(next, T0.saturating_add(Duration::from_millis(100)));
+        // A heartbeat in flight does not make the agent spin either.
+        let t = T0.saturating_add(Duration::from_secs(1));
+        core.handle_timeout(t);
+        assert!(
+            drain(&mut core)
+                .iter()
+                .any(|a| matches!(a, AgentAction::Heartbeat { .. }))
+        );
+        assert!(core.poll_timeout().unwrap() > t);
+    }
+
+    #[test]
+    fn an_overdue_device_sample_does_not_hold_results_back() {
+        let mut core = started(4);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 1))));
+        let (replica, unit, item) = drain(&mut core)
+            .into_iter()
+            .find_map(|a| match a {
+                AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
+                _ => None,
+            })
+            .unwrap();
+        core.engine_done(T0, replica, unit, item.req, answered(5));
+        // The sample asked for at T0 never comes back.
+        let late = T0.saturating_add(Duration::from_millis(300));
+        assert!(core.poll_timeout().unwrap() <= late);
+        core.handle_timeout(late);
+        core.handle_timeout(late.saturating_add(Duration::from_millis(20)));
+        let reported = drain(&mut core)
+            .into_iter()
+            .any(|a| matches!(a, AgentAction::Report(r) if r.len() == 1));
+        assert!(reported, "the finished request is reported without its energy share");
+    }
+
+    #[test]
+    fn queued_work_of_units_the_control_plane_forgot_is_dropped() {
+        let mut core = started(1);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(7, 5))));
+        let dispatched = drain(&mut core)
+            .iter()
+            .filter(|a| matches!(a, AgentAction::Dispatch { .. }))
+            .count();
+        assert_eq!(dispatched, 2, "one per replica");
+        core.heartbeat_done(
+            T0,
+            Ok(HeartbeatReply {
+                unknown_units: vec![WorkUnitId(7)],
+            }),
+        );
+        assert_eq!(
+            core.held_units(),
+            [WorkUnitId(7)],
+            "still held until the two running requests are reported"
+        );
+        assert!(
+            core.queues.values().all(VecDeque::is_empty),
+            "the three queued requests are dropped"
+        );
     }
 
     #[test]

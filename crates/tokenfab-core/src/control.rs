@@ -327,6 +327,9 @@ impl ControlCore {
     /// result but whose final status was not yet written are completed now.
     pub fn recover(config: ControlConfig, batches: Vec<RecoveredBatch>, now: Timestamp) -> Self {
         let mut core = ControlCore::new(config);
+        // Work-unit ids must not repeat those of before the restart: agents may still
+        // hold and report old units.
+        core.next_unit = now.as_micros().max(1);
         for rb in batches {
             let id = rb.meta.id;
             core.next_batch = core.next_batch.max(id.0 + 1);
@@ -370,10 +373,28 @@ impl ControlCore {
                 .filter(|&i| b.requests[i as usize].slot == Slot::Pending)
                 .collect();
             let status = b.life.status();
+            if status == BatchStatus::Cancelling {
+                // Leases died with the old process: nothing will answer the requests that
+                // were running, so they end as cancelled now.
+                b.pending.clear();
+            }
+            let open: Vec<u32> = (0..b.requests.len() as u32)
+                .filter(|&i| b.requests[i as usize].slot == Slot::Pending)
+                .collect();
             core.batches.insert(id, b);
             if status.is_terminal() {
                 // A final status without totals (not written by this version): keep as is.
                 continue;
+            }
+            if status == BatchStatus::Cancelling {
+                let results: Vec<_> = open
+                    .into_iter()
+                    .filter_map(|i| core.finish(id, i, cancelled_outcome(), Usage::default()))
+                    .collect();
+                if !results.is_empty() {
+                    core.actions
+                        .push_back(Action::Persist(DurableOp::RecordResults(results)));
+                }
             }
             core.track(id);
             core.settle(now, id);
@@ -510,6 +531,10 @@ impl ControlCore {
         let b = self.batches.get_mut(&id).expect("owned");
         b.life.cancel(now)?;
         let pending: Vec<u32> = b.pending.drain(..).collect();
+        let key = (b.meta.deadline, id);
+        if let Some(q) = self.queues.get_mut(&b.meta.model) {
+            q.remove(&key);
+        }
         self.persist_life(id, None);
         let results = pending
             .into_iter()
@@ -557,7 +582,7 @@ impl ControlCore {
         );
         if let Some(old) = old {
             for unit in old.units {
-                self.drop_unit(now, unit);
+                self.drop_unit(now, unit, "its agent registered again (it restarted)");
             }
         }
     }
@@ -684,7 +709,9 @@ impl ControlCore {
             };
             match (slot, r.outcome) {
                 (Slot::Done, _) => summary.duplicates += 1,
-                (Slot::Leased(u), ReportedOutcome::Retryable { code, message }) if u == r.unit => {
+                (Slot::Leased(u), ReportedOutcome::Retryable { code, message })
+                    if u == r.unit && self.units.get(&u).is_some_and(|x| &x.node == node) =>
+                {
                     touched.insert(r.req.batch);
                     if self.retry_or_fail(now, r.req, &code, &message, &mut recorded) {
                         summary.requeued += 1;
@@ -734,23 +761,35 @@ impl ControlCore {
         }
         let mut released = 0;
         let mut touched = BTreeSet::new();
+        let mut recorded = Vec::new();
         for &req in items {
-            if self.slot(req) == Some(Slot::Leased(unit)) {
-                let b = self.batches.get_mut(&req.batch).expect("slot exists");
-                let r = &mut b.requests[req.index as usize];
-                r.slot = Slot::Pending;
-                // A release is not a failed attempt.
-                r.attempts = r.attempts.saturating_sub(1);
-                b.leased -= 1;
-                b.pending.push_front(req.index);
-                self.close_unit_item(unit);
-                touched.insert(req.batch);
-                released += 1;
+            if self.slot(req) != Some(Slot::Leased(unit)) {
+                continue;
             }
+            touched.insert(req.batch);
+            released += 1;
+            let b = self.batches.get_mut(&req.batch).expect("slot exists");
+            if b.life.status() == BatchStatus::Cancelling {
+                // Nothing will lease it again: it ends now.
+                recorded.extend(self.finish(req.batch, req.index, cancelled_outcome(), Usage::default()));
+                continue;
+            }
+            let r = &mut b.requests[req.index as usize];
+            r.slot = Slot::Pending;
+            // A release is not a failed attempt.
+            r.attempts = r.attempts.saturating_sub(1);
+            b.leased -= 1;
+            b.pending.push_front(req.index);
+            self.close_unit_item(unit);
+        }
+        if !recorded.is_empty() {
+            self.actions
+                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
         }
         for id in touched {
             self.track(id);
             self.settle(now, id);
+            self.actions.push_back(Action::BatchChanged(id));
         }
         Ok(released)
     }
@@ -774,7 +813,7 @@ impl ControlCore {
                 break;
             }
             self.stats.leases_expired += 1;
-            self.drop_unit(now, unit);
+            self.drop_unit(now, unit, "its agent stopped heartbeating");
         }
         while let Some(&(t, id)) = self.deadlines.first() {
             if t > now {
@@ -907,7 +946,7 @@ impl ControlCore {
 
     /// Ends a unit (lease expired, or its agent re-registered): its open requests are
     /// pending again, or fail once they have used up their attempts.
-    fn drop_unit(&mut self, now: Timestamp, unit: WorkUnitId) {
+    fn drop_unit(&mut self, now: Timestamp, unit: WorkUnitId, why: &str) {
         let Some(u) = self.units.remove(&unit) else {
             return;
         };
@@ -934,9 +973,7 @@ impl ControlCore {
                 r.slot = Slot::Pending;
                 let outcome = Outcome::Error {
                     code: "retries_exhausted".into(),
-                    message: format!(
-                        "no answer after {attempts} attempts; the last lease expired (its agent stopped heartbeating)"
-                    ),
+                    message: format!("no answer after {attempts} attempts; the last lease ended because {why}"),
                 };
                 recorded.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
             } else {
@@ -978,7 +1015,7 @@ impl ControlCore {
             .filter_map(|i| {
                 let outcome = Outcome::Error {
                     code: "batch_expired".into(),
-                    message: "the batch's completion window ended before this request ran".into(),
+                    message: "the batch's completion window ended before this request finished".into(),
                 };
                 self.finish(id, i, outcome, Usage::default())
             })
@@ -1040,7 +1077,7 @@ impl ControlCore {
 fn cancelled_outcome() -> Outcome {
     Outcome::Error {
         code: "batch_cancelled".into(),
-        message: "the batch was cancelled before this request ran".into(),
+        message: "the batch was cancelled before this request finished".into(),
     }
 }
 
@@ -1120,6 +1157,43 @@ mod tests {
 
     fn drain(core: &mut ControlCore) -> Vec<Action> {
         std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    /// Applies persisted operations the way a store would.
+    fn replay(store: &mut BTreeMap<BatchId, RecoveredBatch>, actions: &[Action]) {
+        for a in actions {
+            match a {
+                Action::Persist(DurableOp::CreateBatch { meta, life, requests }) => {
+                    store.insert(
+                        meta.id,
+                        RecoveredBatch {
+                            meta: meta.clone(),
+                            life: life.clone(),
+                            totals: None,
+                            requests: requests.clone(),
+                            results: vec![],
+                        },
+                    );
+                }
+                Action::Persist(DurableOp::UpdateBatch { id, life, totals }) => {
+                    let b = store.get_mut(id).unwrap();
+                    b.life = life.clone();
+                    if totals.is_some() {
+                        b.totals = *totals;
+                    }
+                }
+                Action::Persist(DurableOp::RecordResults(rs)) => {
+                    for r in rs {
+                        store.get_mut(&r.req.batch).unwrap().results.push((
+                            r.req.index,
+                            r.outcome.is_success(),
+                            r.usage,
+                        ));
+                    }
+                }
+                Action::BatchChanged(_) => {}
+            }
+        }
     }
 
     fn recorded(actions: &[Action]) -> Vec<RequestRef> {
@@ -1415,37 +1489,7 @@ mod tests {
         core.report(T0, &node("a"), vec![ok(g.unit, g.items[1].req)]).unwrap();
         // Replay the persisted operations the way a store would.
         let mut store: BTreeMap<BatchId, RecoveredBatch> = BTreeMap::new();
-        for a in drain(&mut core) {
-            match a {
-                Action::Persist(DurableOp::CreateBatch { meta, life, requests }) => {
-                    store.insert(
-                        meta.id,
-                        RecoveredBatch {
-                            meta,
-                            life,
-                            totals: None,
-                            requests,
-                            results: vec![],
-                        },
-                    );
-                }
-                Action::Persist(DurableOp::UpdateBatch { id, life, totals }) => {
-                    let b = store.get_mut(&id).unwrap();
-                    b.life = life;
-                    b.totals = totals;
-                }
-                Action::Persist(DurableOp::RecordResults(rs)) => {
-                    for r in rs {
-                        store.get_mut(&r.req.batch).unwrap().results.push((
-                            r.req.index,
-                            r.outcome.is_success(),
-                            r.usage,
-                        ));
-                    }
-                }
-                Action::BatchChanged(_) => {}
-            }
-        }
+        replay(&mut store, &drain(&mut core));
         let mut core = ControlCore::recover(ControlConfig::default(), store.into_values().collect(), T0);
         let v = core.batch(&tenant("acme"), id).unwrap();
         assert_eq!((v.life.status(), v.counts.completed), (BatchStatus::InProgress, 1));
@@ -1471,6 +1515,8 @@ mod tests {
         Heartbeat { node: u8 },
         Advance { secs: u8 },
         Reregister { node: u8 },
+        Release { node: u8, take: u8 },
+        Restart,
         Cancel,
     }
 
@@ -1483,6 +1529,8 @@ mod tests {
             (0u8..3).prop_map(|node| Step::Heartbeat { node }),
             (1u8..15).prop_map(|secs| Step::Advance { secs }),
             (0u8..3).prop_map(|node| Step::Reregister { node }),
+            (0u8..3, 1u8..10).prop_map(|(node, take)| Step::Release { node, take }),
+            Just(Step::Restart),
             Just(Step::Cancel),
         ]
     }
@@ -1502,8 +1550,14 @@ mod tests {
             let mut held: Vec<Vec<LeaseGrant>> = vec![vec![]; 3];
             let mut old: Vec<(WorkUnitId, RequestRef)> = vec![];
             let mut persisted: Vec<RequestRef> = vec![];
+            let mut store: BTreeMap<BatchId, RecoveredBatch> = BTreeMap::new();
             let mut cancelled = false;
-            let run = |core: &mut ControlCore, persisted: &mut Vec<RequestRef>| persisted.extend(recorded(&drain(core)));
+            let run = |core: &mut ControlCore, persisted: &mut Vec<RequestRef>, store: &mut BTreeMap<BatchId, RecoveredBatch>| {
+                let actions = drain(core);
+                replay(store, &actions);
+                persisted.extend(recorded(&actions));
+            };
+            run(&mut core, &mut persisted, &mut store);
             for s in steps.into_iter().chain((0..40).map(|_| Step::Advance { secs: 15 })) {
                 match s {
                     Step::Lease { node, max } => {
@@ -1557,8 +1611,22 @@ mod tests {
                     Step::Cancel => {
                         if !cancelled { cancelled = core.cancel(now, &tenant("acme"), id).is_ok(); }
                     }
+                    Step::Release { node, take } => {
+                        // The agent gives back queued items of its oldest unit.
+                        if let Some(g) = held[node as usize].first_mut() {
+                            let n = (take as usize).min(g.items.len());
+                            let items: Vec<RequestRef> = g.items.drain(..n).map(|i| i.req).collect();
+                            core.release(now, &nodes[node as usize], g.unit, &items).unwrap();
+                        }
+                    }
+                    Step::Restart => {
+                        // The control plane dies and comes back from what it persisted;
+                        // agents keep what they held and register again.
+                        core = ControlCore::recover(ControlConfig::default(), store.values().cloned().collect(), now);
+                        for nd in &nodes { core.register(now, registration(nd.as_str())); }
+                    }
                 }
-                run(&mut core, &mut persisted);
+                run(&mut core, &mut persisted, &mut store);
             }
             let v = core.batch(&tenant("acme"), id).unwrap();
             prop_assert!(v.life.status().is_terminal(), "{:?}", v.life.status());

@@ -20,14 +20,15 @@ pub struct Usage {
 
 impl Usage {
     pub fn tokens(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
 impl AddAssign for Usage {
     fn add_assign(&mut self, o: Usage) {
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
+        // Saturating: counts come from agents and engines, and must never overflow.
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
         self.joules += o.joules;
         self.device_seconds += o.device_seconds;
         self.cost_usd += o.cost_usd;

@@ -459,7 +459,8 @@ impl Emulator {
                 m.completion_tokens.inc_by(u64::from(f.completion_tokens));
                 Ok(f)
             }
-            Err(e) => Err(bad_request(e.to_string(), Some("max_tokens"))),
+            Err(e @ EngineError::NoOutput) => Err(bad_request(e.to_string(), Some("max_tokens"))),
+            Err(e @ EngineError::TooLong { .. }) => Err(bad_request(e.to_string(), None)),
         }
     }
 

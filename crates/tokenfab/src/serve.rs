@@ -187,16 +187,23 @@ pub async fn agent_setup(
     request_timeout: Duration,
 ) -> anyhow::Result<(AgentOptions, Arc<dyn DeviceBackend>)> {
     let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
-    let (backend, indices): (Arc<dyn DeviceBackend>, Vec<Vec<u32>>) = match devices {
-        DeviceKind::Emulated => {
-            let emu = EmulatedDevices::discover(reqwest::Client::new(), &urls).await.context(
+    let (backend, indices): (Arc<dyn DeviceBackend>, Vec<Vec<u32>>) =
+        match devices {
+            DeviceKind::Emulated => {
+                let emu = EmulatedDevices::discover(
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(2))
+                    .build()
+                    .context("building the HTTP client for device reads")?,
+                &urls,
+            ).await.context(
                 "discovering emulated devices (use --devices none for engines that are not tokenfab engine emulators)",
             )?;
-            let idx = urls.iter().map(|u| emu.indices_of(u)).collect();
-            (Arc::new(emu), idx)
-        }
-        DeviceKind::None => (Arc::new(NoDevices), vec![Vec::new(); urls.len()]),
-    };
+                let idx = urls.iter().map(|u| emu.indices_of(u)).collect();
+                (Arc::new(emu), idx)
+            }
+            DeviceKind::None => (Arc::new(NoDevices), vec![Vec::new(); urls.len()]),
+        };
     let replicas = replicas
         .into_iter()
         .zip(indices)
