@@ -410,6 +410,19 @@ impl ControlCore {
         self.stats
     }
 
+    /// Requests waiting to be leased, over all live batches.
+    pub fn pending_requests(&self) -> u64 {
+        self.deadlines
+            .iter()
+            .map(|(_, id)| self.batches[id].pending.len() as u64)
+            .sum()
+    }
+
+    /// Batches not yet in a final status.
+    pub fn live_batches(&self) -> usize {
+        self.deadlines.len()
+    }
+
     /// Registered nodes, by name.
     pub fn nodes(&self) -> impl Iterator<Item = (&NodeRegistration, Timestamp)> {
         self.nodes.values().map(|n| (&n.registration, n.last_seen))

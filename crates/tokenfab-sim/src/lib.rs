@@ -8,6 +8,26 @@
 //! batching on the calibrated performance and energy model). There is no simplified
 //! scheduler here: what the simulator decides is what the live system would decide.
 
+pub mod report;
 pub mod scenario;
+mod sim;
+pub mod workload;
 
+pub use report::Report;
 pub use scenario::{Scenario, ScenarioError};
+
+use std::path::Path;
+use tokenfab_core::Timestamp;
+
+/// Runs `scenario` with `seed`, reading trace files relative to `base`. `progress` is
+/// called from time to time with the simulated time reached.
+pub fn run(
+    scenario: &Scenario,
+    base: &Path,
+    seed: u64,
+    progress: impl FnMut(Timestamp),
+) -> Result<Report, ScenarioError> {
+    let mut sim = sim::Simulation::new(scenario, base, seed)?;
+    sim.collector.set_seed(seed);
+    Ok(sim.run(progress))
+}

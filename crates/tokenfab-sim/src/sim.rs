@@ -1,0 +1,560 @@
+//! The event loop: tokenfab's live decision code on a virtual clock.
+//!
+//! Components and how they talk, as in the live system:
+//! - one [`ControlCore`] (the control plane's brain);
+//! - one [`AgentCore`] per node; its calls to the control plane are answered after
+//!   `policies.control_rtt`;
+//! - one [`EngineModel`] per replica, driven by the agent's dispatches, reporting finished
+//!   requests back to the agent; device samples read the engines' energy counters.
+//!
+//! Events are kept in a heap ordered by `(time, sequence number)`, so equal times resolve
+//! in the order they were scheduled and a run is a pure function of scenario and seed.
+//! Each component has at most one live timer; a timer superseded by an earlier one is
+//! skipped when popped.
+
+use crate::ScenarioError;
+use crate::report::{BatchRecord, Collector};
+use crate::scenario::Scenario;
+use crate::workload::{RequestShape, Workload};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec};
+use tokenfab_core::batch::BatchStatus;
+use tokenfab_core::control::{
+    Action, ControlConfig, ControlCore, HeartbeatReply, LeaseGrant, NewBatch, NodeDevice, NodeRegistration, NodeReplica,
+};
+use tokenfab_core::durable::RequestMeta;
+use tokenfab_core::engine::{EngineConfig, EngineModel};
+use tokenfab_core::perf::ReplicaPerf;
+use tokenfab_core::{
+    AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, TenantId, Timestamp, WorkUnitId,
+};
+
+#[derive(Debug)]
+enum Kind {
+    Arrival,
+    Control,
+    Agent(usize),
+    Engine(usize),
+    Series,
+    Reply(usize, Reply),
+}
+
+#[derive(Debug)]
+enum Reply {
+    Registered,
+    Lease(ModelId, Option<LeaseGrant>),
+    Reported,
+    Heartbeat(Result<HeartbeatReply, bool>),
+}
+
+struct Event {
+    at: Timestamp,
+    seq: u64,
+    kind: Kind,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Event {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+pub(crate) struct Node {
+    pub agent: AgentCore,
+    pub id: NodeId,
+    /// Engine index of each of the agent's replicas.
+    pub engines: Vec<usize>,
+    registration: NodeRegistration,
+    wake: Option<Timestamp>,
+}
+
+pub(crate) struct Engine {
+    pub model: EngineModel,
+    pub pool: usize,
+    pub devices: u32,
+    wake: Option<Timestamp>,
+}
+
+struct LiveBatch {
+    tenant: usize,
+    shapes: Vec<RequestShape>,
+}
+
+/// A simulation in progress.
+pub struct Simulation<'a> {
+    pub(crate) scenario: &'a Scenario,
+    now: Timestamp,
+    seq: u64,
+    events: BinaryHeap<Reverse<Event>>,
+    control: ControlCore,
+    control_wake: Option<Timestamp>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) engines: Vec<Engine>,
+    workload: Workload,
+    arrivals_done: bool,
+    batches: HashMap<BatchId, LiveBatch>,
+    /// Unit of every request running on an engine, by engine request id.
+    running: HashMap<u64, WorkUnitId>,
+    rtt: Duration,
+    pub(crate) collector: Collector,
+    dirty_agents: Vec<usize>,
+    dirty_engines: Vec<usize>,
+    /// (node, replica on the node) of every engine.
+    owners: Vec<(usize, usize)>,
+}
+
+fn engine_id(r: RequestRef) -> u64 {
+    (r.batch.0 << 32) | u64::from(r.index)
+}
+
+fn request_ref(id: u64) -> RequestRef {
+    RequestRef {
+        batch: BatchId(id >> 32),
+        index: id as u32,
+    }
+}
+
+impl<'a> Simulation<'a> {
+    /// Builds the cluster of `scenario`; trace files are read relative to `base`.
+    pub fn new(scenario: &'a Scenario, base: &Path, seed: u64) -> Result<Self, ScenarioError> {
+        let workload = Workload::new(scenario, base, seed)?;
+        let models = scenario
+            .deployments
+            .iter()
+            .map(|d| ModelId::new(d.model.clone()))
+            .collect();
+        let control = ControlCore::new(ControlConfig {
+            lease_ttl: scenario.policies.lease_ttl,
+            models,
+            sla_classes: sla_classes(scenario),
+            usd_per_kwh: scenario.site.usd_per_kwh,
+            pue: scenario.site.pue,
+            // The simulated window is the scenario's; no batch may outlive the run.
+            max_completion_window: Duration::from_secs(365 * 86400),
+            ..ControlConfig::default()
+        });
+        let mut nodes = Vec::new();
+        let mut engines = Vec::new();
+        for (pi, pool) in scenario.pools.iter().enumerate() {
+            let accelerator = AcceleratorId::new(pool.accelerator.clone());
+            let domain = scenario.domain_size(pool);
+            for n in 0..pool.nodes {
+                let node_id = NodeId::new(format!("{}-{n}", pool.name));
+                let mut specs = Vec::new();
+                let mut node_engines = Vec::new();
+                let mut replicas = Vec::new();
+                let mut next_device = 0u32;
+                for d in scenario.deployments.iter().filter(|d| d.pool == pool.name) {
+                    let model = ModelId::new(d.model.clone());
+                    let window = d.window.unwrap_or(scenario.policies.window);
+                    let max_num_seqs = d.max_num_seqs.unwrap_or(256).max(window);
+                    for _ in 0..scenario.replicas_per_node(d) {
+                        let perf =
+                            ReplicaPerf::new(&model, &accelerator, d.tensor_parallel).map_err(|e| ScenarioError {
+                                file: scenario.name.clone(),
+                                path: "deployments".into(),
+                                message: e.to_string(),
+                            })?;
+                        let limit = pool.power_limit_w.unwrap_or(perf.max_power_w());
+                        let engine = EngineModel::new(
+                            perf,
+                            EngineConfig {
+                                max_num_seqs,
+                                power_limit_w: limit,
+                                ..EngineConfig::default()
+                            },
+                            Timestamp::ZERO,
+                        );
+                        let devices: Vec<u32> = (next_device..next_device + d.tensor_parallel).collect();
+                        next_device += d.tensor_parallel;
+                        let rid = ReplicaId::new(format!("r{}", specs.len()));
+                        replicas.push(NodeReplica {
+                            replica: rid.clone(),
+                            model: model.clone(),
+                            devices,
+                            max_concurrency: max_num_seqs,
+                        });
+                        specs.push(ReplicaSpec {
+                            id: rid,
+                            model: model.clone(),
+                            devices: d.tensor_parallel,
+                            window,
+                            max_concurrency: max_num_seqs,
+                        });
+                        node_engines.push(engines.len());
+                        engines.push(Engine {
+                            model: engine,
+                            pool: pi,
+                            devices: d.tensor_parallel,
+                            wake: None,
+                        });
+                    }
+                }
+                let registration = NodeRegistration {
+                    node: node_id.clone(),
+                    super_node: SuperNodeId::new(node_id.to_string()),
+                    devices: (0..pool.devices_per_node)
+                        .map(|i| NodeDevice {
+                            index: i,
+                            accelerator: accelerator.clone(),
+                            domain: i / domain,
+                        })
+                        .collect(),
+                    replicas,
+                };
+                let agent = AgentCore::new(AgentConfig::default(), specs, Timestamp::ZERO);
+                nodes.push(Node {
+                    agent,
+                    id: node_id,
+                    engines: node_engines,
+                    registration,
+                    wake: None,
+                });
+            }
+        }
+        let collector = Collector::new(scenario, &engines);
+        let mut owners = vec![(0, 0); engines.len()];
+        for (n, node) in nodes.iter().enumerate() {
+            for (r, &e) in node.engines.iter().enumerate() {
+                owners[e] = (n, r);
+            }
+        }
+        let mut sim = Simulation {
+            scenario,
+            now: Timestamp::ZERO,
+            seq: 0,
+            events: BinaryHeap::new(),
+            control,
+            control_wake: None,
+            nodes,
+            engines,
+            workload,
+            arrivals_done: false,
+            batches: HashMap::new(),
+            running: HashMap::new(),
+            rtt: scenario.policies.control_rtt,
+            collector,
+            dirty_agents: Vec::new(),
+            dirty_engines: Vec::new(),
+            owners,
+        };
+        match sim.workload.peek() {
+            Some(t) => sim.push(t, Kind::Arrival),
+            None => sim.arrivals_done = true,
+        }
+        sim.push(Timestamp::ZERO, Kind::Series);
+        sim.dirty_agents = (0..sim.nodes.len()).collect();
+        Ok(sim)
+    }
+
+    fn push(&mut self, at: Timestamp, kind: Kind) {
+        self.seq += 1;
+        self.events.push(Reverse(Event {
+            at,
+            seq: self.seq,
+            kind,
+        }));
+    }
+
+    /// Runs to the end: every arrival has come and every batch has ended. `progress` is
+    /// called now and then with the simulated time reached.
+    pub fn run(mut self, mut progress: impl FnMut(Timestamp)) -> crate::report::Report {
+        let mut events = 0u64;
+        self.settle();
+        while let Some(Reverse(ev)) = self.events.pop() {
+            self.now = ev.at;
+            events += 1;
+            if events % 65_536 == 0 {
+                progress(self.now);
+            }
+            match ev.kind {
+                Kind::Arrival => self.arrive(),
+                Kind::Control => {
+                    if self.control_wake == Some(ev.at) {
+                        self.control_wake = None;
+                        self.control.handle_timeout(self.now);
+                    }
+                }
+                Kind::Agent(n) => {
+                    if self.nodes[n].wake == Some(ev.at) {
+                        self.nodes[n].wake = None;
+                        self.nodes[n].agent.handle_timeout(self.now);
+                        self.dirty_agents.push(n);
+                    }
+                }
+                Kind::Engine(e) => {
+                    if self.engines[e].wake == Some(ev.at) {
+                        self.engines[e].wake = None;
+                        self.step_engine(e);
+                    }
+                }
+                Kind::Reply(n, reply) => self.reply(n, reply),
+                Kind::Series => {
+                    self.collector
+                        .sample(self.now, &self.engines, self.control.pending_requests());
+                    if !self.finished() {
+                        let next = self.now.saturating_add(self.collector.interval);
+                        self.push(next, Kind::Series);
+                    }
+                }
+            }
+            self.settle();
+            if self.finished() {
+                break;
+            }
+        }
+        progress(self.now);
+        self.collector
+            .sample(self.now, &self.engines, self.control.pending_requests());
+        let stats = self.control.stats();
+        let end = self.now;
+        let agents: Vec<_> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.agent.replicas().map(|(_, s)| s))
+            .collect();
+        self.collector.finish(end, &self.engines, &agents, stats, events)
+    }
+
+    fn finished(&self) -> bool {
+        self.arrivals_done && self.batches.is_empty()
+    }
+
+    fn arrive(&mut self) {
+        let Some(a) = self.workload.pop() else { return };
+        let tenant = &self.scenario.workload.tenants[a.tenant];
+        let requests: Vec<RequestMeta> = a
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RequestMeta {
+                line: i as u32 + 1,
+                prompt_tokens_estimate: r.prompt,
+                max_tokens: Some(r.output),
+            })
+            .collect();
+        let new = NewBatch {
+            tenant: TenantId::new(tenant.name.clone()),
+            model: ModelId::new(tenant.model.clone()),
+            sla_class: tenant.sla_class.clone(),
+            completion_window: Some(tenant.completion_window),
+            metadata: BTreeMap::new(),
+            input_bytes: 0,
+            lines: requests.len() as u32,
+            invalid_lines: 0,
+            requests,
+        };
+        match self.control.submit(self.now, new) {
+            Ok(view) => {
+                self.collector.arrived(a.tenant, &a.requests);
+                self.batches.insert(
+                    view.meta.id,
+                    LiveBatch {
+                        tenant: a.tenant,
+                        shapes: a.requests,
+                    },
+                );
+            }
+            Err(e) => self.collector.refused(a.tenant, a.requests.len(), e.to_string()),
+        }
+        match self.workload.peek() {
+            Some(t) => self.push(t, Kind::Arrival),
+            None => self.arrivals_done = true,
+        }
+    }
+
+    fn step_engine(&mut self, e: usize) {
+        self.engines[e].model.handle_timeout(self.now);
+        self.dirty_engines.push(e);
+        while let Some(f) = self.engines[e].model.poll_finished() {
+            let Some(unit) = self.running.remove(&f.id) else {
+                continue;
+            };
+            let req = request_ref(f.id);
+            let (node, replica) = self.owner(e);
+            let reply = EngineReply::Answered {
+                status_code: 200,
+                body: Vec::new(),
+                request_id: String::new(),
+                prompt_tokens: u64::from(f.prompt_tokens),
+                completion_tokens: u64::from(f.completion_tokens),
+            };
+            self.nodes[node].agent.engine_done(self.now, replica, unit, req, reply);
+            self.dirty_agents.push(node);
+        }
+    }
+
+    fn owner(&self, engine: usize) -> (usize, usize) {
+        self.owners[engine]
+    }
+
+    fn reply(&mut self, n: usize, reply: Reply) {
+        let now = self.now;
+        let agent = &mut self.nodes[n].agent;
+        match reply {
+            Reply::Registered => agent.registered(now, Duration::from_secs(1)),
+            Reply::Lease(model, grant) => agent.lease_done(now, &model, Ok(grant)),
+            Reply::Reported => agent.report_acked(now),
+            Reply::Heartbeat(r) => agent.heartbeat_done(now, r),
+        }
+        self.dirty_agents.push(n);
+    }
+
+    /// Performs what components asked for until nothing is left, then re-arms timers.
+    fn settle(&mut self) {
+        loop {
+            self.drain_control();
+            let Some(n) = self.dirty_agents.pop() else { break };
+            self.perform(n);
+            let want = self.nodes[n].agent.poll_timeout();
+            if let Some(t) = want.filter(|&t| self.nodes[n].wake.is_none_or(|w| t < w)) {
+                self.nodes[n].wake = Some(t.max(self.now));
+                self.push(t.max(self.now), Kind::Agent(n));
+            }
+        }
+        while let Some(e) = self.dirty_engines.pop() {
+            let want = self.engines[e].model.poll_timeout();
+            if let Some(t) = want.filter(|&t| self.engines[e].wake.is_none_or(|w| t < w)) {
+                self.engines[e].wake = Some(t);
+                self.push(t, Kind::Engine(e));
+            }
+        }
+        let want = self.control.poll_timeout();
+        if let Some(t) = want.filter(|&t| self.control_wake.is_none_or(|w| t < w)) {
+            self.control_wake = Some(t.max(self.now));
+            self.push(t.max(self.now), Kind::Control);
+        }
+    }
+
+    fn drain_control(&mut self) {
+        while let Some(a) = self.control.poll_action() {
+            let Action::BatchChanged(id) = a else { continue };
+            let Some(view) = self.control.view(id) else { continue };
+            let status = view.life.status();
+            if !status.is_terminal() {
+                continue;
+            }
+            if let Some(b) = self.batches.remove(&id) {
+                self.collector.ended(BatchRecord {
+                    tenant: b.tenant,
+                    sla_class: view.meta.sla_class.clone(),
+                    arrived: view.life.created_at,
+                    ended: view.life.ended_at().unwrap_or(self.now),
+                    deadline: view.meta.deadline,
+                    met: status == BatchStatus::Completed
+                        && view.life.ended_at().is_some_and(|t| t <= view.meta.deadline),
+                    status,
+                    requests: view.meta.requests,
+                    completed: view.counts.completed,
+                    failed: view.counts.failed,
+                    usage: view.usage,
+                });
+            }
+        }
+    }
+
+    fn perform(&mut self, n: usize) {
+        let now = self.now;
+        let at = now.saturating_add(self.rtt);
+        while let Some(action) = self.nodes[n].agent.poll_action() {
+            match action {
+                AgentAction::Register => {
+                    let reg = self.nodes[n].registration.clone();
+                    self.control.register(now, reg);
+                    self.push(at, Kind::Reply(n, Reply::Registered));
+                }
+                AgentAction::Lease { model, max } => {
+                    let grant = self
+                        .control
+                        .lease(now, &self.nodes[n].id, &model, max)
+                        .expect("simulated nodes are registered");
+                    self.push(at, Kind::Reply(n, Reply::Lease(model, grant)));
+                }
+                AgentAction::Dispatch { replica, unit, item } => {
+                    let e = self.nodes[n].engines[replica];
+                    let shape = self
+                        .batches
+                        .get(&item.req.batch)
+                        .and_then(|b| b.shapes.get(item.req.index as usize))
+                        .copied();
+                    let id = engine_id(item.req);
+                    let submitted = shape.map(|s| self.engines[e].model.submit(now, id, s.prompt, s.output));
+                    match submitted {
+                        Some(Ok(())) => {
+                            self.running.insert(id, unit);
+                            self.dirty_engines.push(e);
+                        }
+                        // The batch already ended (expired or cancelled), or the engine
+                        // refused the request: answer as the engine would.
+                        other => {
+                            let message = match other {
+                                Some(Err(err)) => err.to_string(),
+                                _ => "batch no longer running".into(),
+                            };
+                            let body = format!("{{\"error\":{{\"message\":{}}}}}", serde_json::Value::String(message))
+                                .into_bytes();
+                            let reply = EngineReply::Answered {
+                                status_code: 400,
+                                body,
+                                request_id: String::new(),
+                                prompt_tokens: 0,
+                                completion_tokens: 0,
+                            };
+                            self.nodes[n].agent.engine_done(now, replica, unit, item.req, reply);
+                        }
+                    }
+                }
+                AgentAction::Report(results) => {
+                    let _ = self.control.report(now, &self.nodes[n].id, results);
+                    self.push(at, Kind::Reply(n, Reply::Reported));
+                }
+                AgentAction::Heartbeat { held } => {
+                    let r = self.control.heartbeat(now, &self.nodes[n].id, &held).map_err(|_| true);
+                    self.push(at, Kind::Reply(n, Reply::Heartbeat(r)));
+                }
+                AgentAction::SampleDevices => {
+                    let readings = self.nodes[n]
+                        .engines
+                        .iter()
+                        .map(|&e| {
+                            Some(EnergyReading {
+                                energy_j: self.engines[e].model.energy_j(now),
+                                clock_s: now.as_secs_f64(),
+                            })
+                        })
+                        .collect();
+                    self.nodes[n].agent.device_sample(now, readings);
+                }
+                AgentAction::Release { unit, items } => {
+                    let _ = self.control.release(now, &self.nodes[n].id, unit, &items);
+                }
+            }
+        }
+    }
+}
+
+fn sla_classes(s: &Scenario) -> Vec<String> {
+    let mut classes = vec!["standard".to_string(), "best-effort".to_string()];
+    for t in &s.workload.tenants {
+        if let Some(c) = &t.sla_class {
+            if !classes.contains(c) {
+                classes.push(c.clone());
+            }
+        }
+    }
+    classes
+}
