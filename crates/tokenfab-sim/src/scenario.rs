@@ -375,16 +375,16 @@ impl Scenario {
             if p.nodes == 0 || p.devices_per_node == 0 {
                 return err(at("nodes"), "nodes and devices_per_node must be at least 1".into());
             }
-            if let Some(w) = p.power_limit_w {
-                if !(acc.power_limit_min_w..=acc.max_power_w).contains(&w) {
-                    return err(
-                        at("power_limit_w"),
-                        format!(
-                            "{w} W is outside what a {} allows ({} to {} W)",
-                            p.accelerator, acc.power_limit_min_w, acc.max_power_w
-                        ),
-                    );
-                }
+            if let Some(w) = p.power_limit_w
+                && !(acc.power_limit_min_w..=acc.max_power_w).contains(&w)
+            {
+                return err(
+                    at("power_limit_w"),
+                    format!(
+                        "{w} W is outside what a {} allows ({} to {} W)",
+                        p.accelerator, acc.power_limit_min_w, acc.max_power_w
+                    ),
+                );
             }
             if p.price_usd_per_hour.is_some_and(|x| x < 0.0 || !x.is_finite()) {
                 return err(at("price_usd_per_hour"), "must be a price >= 0".into());
@@ -415,7 +415,7 @@ impl Scenario {
                 return err(at("model"), e.to_string());
             }
             let domain = self.domain_size(pool);
-            if d.tensor_parallel == 0 || d.tensor_parallel > domain || domain % d.tensor_parallel != 0 {
+            if d.tensor_parallel == 0 || d.tensor_parallel > domain || !domain.is_multiple_of(d.tensor_parallel) {
                 return err(
                     at("tensor_parallel"),
                     format!(
@@ -478,7 +478,7 @@ impl Scenario {
                     peak_to_trough,
                     peak_hour,
                 } => {
-                    if !(*mean_batches_per_hour > 0.0) {
+                    if mean_batches_per_hour.is_nan() || *mean_batches_per_hour <= 0.0 {
                         return err(at("arrivals.mean_batches_per_hour"), "must be > 0".into());
                     }
                     if !(*peak_to_trough >= 1.0 && peak_to_trough.is_finite()) {
@@ -554,7 +554,7 @@ impl Scenario {
 impl Dist {
     fn problem(&self) -> Option<String> {
         match *self {
-            Dist::Fixed { value } if value == 0 => Some("value must be at least 1".into()),
+            Dist::Fixed { value: 0 } => Some("value must be at least 1".into()),
             Dist::Uniform { min, max } if min == 0 || min > max => {
                 Some(format!("needs 1 <= min <= max (got min {min}, max {max})"))
             }

@@ -278,7 +278,7 @@ impl<'a> Simulation<'a> {
         while let Some(Reverse(ev)) = self.events.pop() {
             self.now = ev.at;
             events += 1;
-            if events % 65_536 == 0 {
+            if events.is_multiple_of(65_536) {
                 progress(self.now);
             }
             match ev.kind {
@@ -550,10 +550,10 @@ impl<'a> Simulation<'a> {
 fn sla_classes(s: &Scenario) -> Vec<String> {
     let mut classes = vec!["standard".to_string(), "best-effort".to_string()];
     for t in &s.workload.tenants {
-        if let Some(c) = &t.sla_class {
-            if !classes.contains(c) {
-                classes.push(c.clone());
-            }
+        if let Some(c) = &t.sla_class
+            && !classes.contains(c)
+        {
+            classes.push(c.clone());
         }
     }
     classes
