@@ -10,6 +10,10 @@ fn main() {
     for (k, v) in r.summary() {
         println!("{k:28} {v}");
     }
+    if let Some(dir) = std::env::args().nth(3) {
+        r.write(std::path::Path::new(&dir)).unwrap();
+        tokenfab_sim::plot::report_plots(&r, std::path::Path::new(&dir)).unwrap();
+    }
     println!(
         "wall {wall:.2} s, {} events, {:.0} requests/s simulated per wall second",
         r.events,

@@ -8,9 +8,11 @@
 //! batching on the calibrated performance and energy model). There is no simplified
 //! scheduler here: what the simulator decides is what the live system would decide.
 
+pub mod plot;
 pub mod report;
 pub mod scenario;
 mod sim;
+pub mod sweep;
 pub mod workload;
 
 pub use report::Report;

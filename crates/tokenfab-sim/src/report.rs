@@ -224,6 +224,7 @@ impl Collector {
             devices += p.devices;
         }
         let attributed: f64 = agents.iter().map(|a| a.attributed_j).sum();
+        let agent_idle: f64 = agents.iter().map(|a| a.idle_j).sum();
         let energy_usd = energy * self.pue * self.usd_per_kwh / 3.6e6;
         let mut usage = Usage::default();
         let (mut completed, mut failed) = (0u64, 0u64);
@@ -295,6 +296,7 @@ impl Collector {
             output_tokens_per_s: out / end_s.max(1e-9),
             energy_j: energy,
             energy_attributed_j: attributed,
+            energy_agent_idle_j: agent_idle,
             output_tokens_per_joule: out / energy.max(1e-9),
             utilization: busy / (end_s * f64::from(devices)).max(1e-9),
             idle_power_w: self.pools.iter().map(|p| f64::from(p.devices) * p.idle_w).sum(),
@@ -444,6 +446,8 @@ pub struct Report {
     pub energy_j: f64,
     /// Energy the agents attributed to requests (the rest was idle).
     pub energy_attributed_j: f64,
+    /// Energy the agents counted as idle (no request in flight on the replica).
+    pub energy_agent_idle_j: f64,
     pub output_tokens_per_joule: f64,
     /// Busy device-seconds / device-seconds.
     pub utilization: f64,

@@ -3,6 +3,7 @@
 mod demo;
 mod parse;
 mod serve;
+mod sim;
 mod tenant;
 
 use clap::{Args, Parser, Subcommand};
@@ -48,6 +49,12 @@ enum Command {
     Batches(tenant::BatchesCommand),
     /// Download a batch's results (OpenAI Batch output JSONL) and errors.
     Results(tenant::ResultsArgs),
+    /// Simulate a cluster and workload with tokenfab's own scheduling code, or sweep
+    /// configurations to find the cheapest one that meets the SLA.
+    ///
+    /// `tokenfab sim SCENARIO.yaml [--seed N] [--out DIR]` runs one scenario;
+    /// `tokenfab sim sweep SCENARIO.yaml --vary pools[0].nodes=1,2,4` runs many.
+    Sim(sim::SimArgs),
 }
 
 /// Where the control plane is and who the tenant is.
@@ -91,6 +98,7 @@ fn main() -> std::process::ExitCode {
             Command::Submit(a) => tenant::submit(a).await,
             Command::Batches(c) => tenant::batches(c).await,
             Command::Results(a) => tenant::results(a).await,
+            Command::Sim(a) => sim::run(a).await,
         }
     });
     match result {

@@ -1,0 +1,207 @@
+//! SVG plots of a report and of a sweep.
+
+use crate::report::Report;
+use plotters::prelude::*;
+use std::path::Path;
+
+/// A plot that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw {file}: {cause}")]
+pub struct PlotError {
+    file: String,
+    cause: String,
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn fail(file: &Path, e: impl std::fmt::Display) -> PlotError {
+    PlotError {
+        file: file.display().to_string(),
+        cause: e.to_string(),
+    }
+}
+
+/// A line chart of one series per name.
+fn lines(
+    file: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), PlotError> {
+    let root = SVGBackend::new(file, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(file, e))?;
+    let x_max = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let y_max = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(|e| fail(file, e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| fail(file, e))?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| fail(file, e))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    }
+    if series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| fail(file, e))?;
+    }
+    root.present().map_err(|e| fail(file, e))
+}
+
+/// Hours when a run is long, else minutes or seconds.
+fn time_axis(seconds: f64) -> (f64, &'static str) {
+    if seconds > 4.0 * 3600.0 {
+        (3600.0, "simulated time (h)")
+    } else if seconds > 600.0 {
+        (60.0, "simulated time (min)")
+    } else {
+        (1.0, "simulated time (s)")
+    }
+}
+
+/// `throughput.svg`, `power.svg` and `completion.svg` of one run.
+pub fn report_plots(r: &Report, dir: &Path) -> Result<Vec<String>, PlotError> {
+    let (unit, x_label) = time_axis(r.simulated_s);
+    let per_pool = |f: &dyn Fn(&crate::report::SeriesPoint) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
+        r.pools
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    r.series
+                        .iter()
+                        .filter(|s| s.pool == p.name)
+                        .map(|s| (s.t_s / unit, f(s)))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let throughput = dir.join("throughput.svg");
+    lines(
+        &throughput,
+        &format!("{}: output tokens/s", r.scenario),
+        x_label,
+        "output tokens/s",
+        &per_pool(&|s| s.output_tokens_per_s),
+    )?;
+    let power = dir.join("power.svg");
+    lines(
+        &power,
+        &format!("{}: power (idle included)", r.scenario),
+        x_label,
+        "kW",
+        &per_pool(&|s| s.power_w / 1000.0),
+    )?;
+    // Completion time distribution as a CDF.
+    let mut done: Vec<f64> = r
+        .batch_records
+        .iter()
+        .map(|b| b.ended.since(b.arrived).as_secs_f64())
+        .collect();
+    done.sort_by(f64::total_cmp);
+    let n = done.len().max(1) as f64;
+    let (cunit, clabel) = match done.last().copied().unwrap_or(0.0) {
+        m if m > 7200.0 => (3600.0, "batch completion time (h)"),
+        m if m > 120.0 => (60.0, "batch completion time (min)"),
+        _ => (1.0, "batch completion time (s)"),
+    };
+    let cdf: Vec<(f64, f64)> = done
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t / cunit, (i + 1) as f64 / n * 100.0))
+        .collect();
+    let completion = dir.join("completion.svg");
+    lines(
+        &completion,
+        &format!("{}: batch completion times (CDF)", r.scenario),
+        clabel,
+        "% of batches",
+        &[("all batches".into(), cdf)],
+    )?;
+    Ok(vec![
+        "throughput.svg".into(),
+        "power.svg".into(),
+        "completion.svg".into(),
+    ])
+}
+
+/// A sweep's cost against one varied parameter; configurations that miss the SLA are
+/// drawn as hollow circles.
+pub fn sweep_plot(file: &Path, x_label: &str, points: &[(f64, f64, bool)]) -> Result<(), PlotError> {
+    let root = SVGBackend::new(file, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(file, e))?;
+    let x_max = points.iter().map(|p| p.0).fold(0.0f64, f64::max) * 1.1 + 1e-9;
+    let y_max = points.iter().map(|p| p.1).fold(0.0f64, f64::max) * 1.15 + 1e-9;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "cost per million output tokens (filled: meets the SLA)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(|e| fail(file, e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc("$ per 1M output tokens")
+        .draw()
+        .map_err(|e| fail(file, e))?;
+    let mut sorted = points.to_vec();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    chart
+        .draw_series(LineSeries::new(
+            sorted.iter().map(|p| (p.0, p.1)),
+            COLORS[0].stroke_width(1),
+        ))
+        .map_err(|e| fail(file, e))?;
+    chart
+        .draw_series(sorted.iter().map(|&(x, y, ok)| {
+            Circle::new(
+                (x, y),
+                6,
+                if ok {
+                    COLORS[0].filled()
+                } else {
+                    COLORS[3].stroke_width(2)
+                },
+            )
+        }))
+        .map_err(|e| fail(file, e))?;
+    root.present().map_err(|e| fail(file, e))
+}

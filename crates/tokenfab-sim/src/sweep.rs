@@ -1,0 +1,337 @@
+//! Sweeps: one scenario run over combinations of field values, in parallel, answering
+//! "which is the cheapest configuration that meets the SLA?".
+
+use crate::report::Report;
+use crate::scenario::{Scenario, ScenarioError};
+use serde::Serialize;
+use serde_yaml_ng::Value;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// One field to vary: `pools[0].nodes=1,2,4,8`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vary {
+    pub path: String,
+    pub values: Vec<String>,
+}
+
+impl std::str::FromStr for Vary {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, values) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}' is not PATH=V1,V2,...; e.g. pools[0].nodes=1,2,4"))?;
+        let values: Vec<String> = values
+            .split(',')
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if path.trim().is_empty() || values.is_empty() {
+            return Err(format!(
+                "'{s}' needs a field path and at least one value, e.g. pools[0].nodes=1,2,4"
+            ));
+        }
+        Ok(Vary {
+            path: path.trim().to_string(),
+            values,
+        })
+    }
+}
+
+/// One configuration of a sweep and what it measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    /// (path, value) of every varied field.
+    pub params: Vec<(String, String)>,
+    pub devices: u32,
+    pub output_tokens_per_s: f64,
+    pub output_tokens_per_joule: f64,
+    pub cost_usd: f64,
+    pub cost_per_million_output_tokens_usd: f64,
+    pub sla_attainment: f64,
+    pub completion_p99_s: f64,
+    pub utilization: f64,
+    pub meets_sla: bool,
+}
+
+/// A whole sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sweep {
+    pub scenario: String,
+    pub seed: u64,
+    /// Attainment a configuration needs to count as meeting the SLA.
+    pub sla_target: f64,
+    pub rows: Vec<SweepRow>,
+    /// Index in `rows` of the cheapest configuration meeting the SLA.
+    pub cheapest_meeting_sla: Option<usize>,
+}
+
+fn segments(path: &str) -> Result<Vec<Result<String, usize>>, String> {
+    let mut out = Vec::new();
+    for part in path.split('.') {
+        let (name, rest) = part.split_once('[').map_or((part, ""), |(n, r)| (n, r));
+        if !name.is_empty() {
+            out.push(Ok(name.to_string()));
+        }
+        for idx in rest.split('[').filter(|x| !x.is_empty()) {
+            let i = idx
+                .trim_end_matches(']')
+                .parse::<usize>()
+                .map_err(|_| format!("'{path}': '{idx}' is not an index"))?;
+            out.push(Err(i));
+        }
+    }
+    Ok(out)
+}
+
+fn set(doc: &mut Value, path: &str, value: &str) -> Result<(), String> {
+    let mut at = doc;
+    for seg in segments(path)? {
+        at = match seg {
+            Ok(key) => {
+                if at.is_null() {
+                    // An absent section (e.g. `policies`) is created.
+                    *at = Value::Mapping(Default::default());
+                }
+                let Value::Mapping(m) = at else {
+                    return Err(format!("'{path}': '{key}' is not under a mapping"));
+                };
+                m.entry(Value::String(key.clone())).or_insert(Value::Null)
+            }
+            Err(i) => {
+                let Value::Sequence(s) = at else {
+                    return Err(format!("'{path}': [{i}] is not under a list"));
+                };
+                let n = s.len();
+                s.get_mut(i)
+                    .ok_or_else(|| format!("'{path}': index {i} is out of range (the list has {n} entries)"))?
+            }
+        };
+    }
+    *at = serde_yaml_ng::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+    Ok(())
+}
+
+/// Every combination of `varies` applied to the scenario text, checked.
+pub fn expand(
+    text: &str,
+    file: &str,
+    varies: &[Vary],
+) -> Result<Vec<(Vec<(String, String)>, Scenario)>, ScenarioError> {
+    let base: Value = serde_yaml_ng::from_str(text).map_err(|e| ScenarioError {
+        file: file.into(),
+        path: ".".into(),
+        message: e.to_string(),
+    })?;
+    let mut combos: Vec<Vec<(String, String)>> = vec![vec![]];
+    for v in varies {
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                v.values
+                    .iter()
+                    .map(move |val| [c.clone(), vec![(v.path.clone(), val.clone())]].concat())
+            })
+            .collect();
+    }
+    combos
+        .into_iter()
+        .map(|params| {
+            let mut doc = base.clone();
+            for (path, value) in &params {
+                set(&mut doc, path, value).map_err(|message| ScenarioError {
+                    file: file.into(),
+                    path: path.clone(),
+                    message,
+                })?;
+            }
+            let text = serde_yaml_ng::to_string(&doc).expect("a YAML value serializes");
+            let label: Vec<String> = params.iter().map(|(p, v)| format!("{p}={v}")).collect();
+            let scenario = Scenario::parse(&text, &format!("{file} with {}", label.join(" ")))?;
+            Ok((params, scenario))
+        })
+        .collect()
+}
+
+/// Runs every configuration on `jobs` threads; `done` is called after each one.
+pub fn run(
+    configs: Vec<(Vec<(String, String)>, Scenario)>,
+    base: &Path,
+    seed: u64,
+    jobs: usize,
+    sla_target: f64,
+    done: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Sweep, ScenarioError> {
+    let name = configs.first().map(|c| c.1.name.clone()).unwrap_or_default();
+    let n = configs.len();
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Report, ScenarioError>>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, n.max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    let r = crate::run(&configs[i].1, base, seed, |_| {});
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                    done(finished.fetch_add(1, Ordering::Relaxed) + 1, n);
+                }
+            });
+        }
+    });
+    let mut rows = Vec::with_capacity(n);
+    for ((params, scenario), r) in configs
+        .into_iter()
+        .zip(results.into_inner().unwrap_or_else(|p| p.into_inner()))
+    {
+        let r = r.expect("every configuration ran")?;
+        let devices = scenario.pools.iter().map(|p| p.nodes * p.devices_per_node).sum();
+        rows.push(SweepRow {
+            params,
+            devices,
+            output_tokens_per_s: r.output_tokens_per_s,
+            output_tokens_per_joule: r.output_tokens_per_joule,
+            cost_usd: r.cost.total_usd,
+            cost_per_million_output_tokens_usd: r.cost.per_million_output_tokens_usd,
+            sla_attainment: r.batches.sla_attainment,
+            completion_p99_s: r.batches.completion_s.p99,
+            utilization: r.utilization,
+            meets_sla: r.batches.sla_attainment >= sla_target && r.requests.refused == 0,
+        });
+    }
+    // The same workload runs in every configuration, so total cost compares them.
+    let cheapest = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.meets_sla)
+        .min_by(|a, b| a.1.cost_usd.total_cmp(&b.1.cost_usd))
+        .map(|(i, _)| i);
+    Ok(Sweep {
+        scenario: name,
+        seed,
+        sla_target,
+        rows,
+        cheapest_meeting_sla: cheapest,
+    })
+}
+
+impl Sweep {
+    /// `sweep.json` and `sweep.csv` in `dir`.
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("sweep.json"),
+            serde_json::to_string_pretty(self).expect("serializes") + "\n",
+        )?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("sweep.csv"))?);
+        let names: Vec<&str> = self
+            .rows
+            .first()
+            .map(|r| r.params.iter().map(|p| p.0.as_str()).collect())
+            .unwrap_or_default();
+        writeln!(
+            f,
+            "{}{}devices,output_tokens_per_s,output_tokens_per_joule,cost_usd,cost_per_million_output_tokens_usd,sla_attainment,completion_p99_s,utilization,meets_sla",
+            names.join(","),
+            if names.is_empty() { "" } else { "," }
+        )?;
+        for r in &self.rows {
+            let vals: Vec<&str> = r.params.iter().map(|p| p.1.as_str()).collect();
+            writeln!(
+                f,
+                "{}{}{},{:.1},{:.4},{:.4},{:.6},{:.6},{:.2},{:.4},{}",
+                vals.join(","),
+                if vals.is_empty() { "" } else { "," },
+                r.devices,
+                r.output_tokens_per_s,
+                r.output_tokens_per_joule,
+                r.cost_usd,
+                r.cost_per_million_output_tokens_usd,
+                r.sla_attainment,
+                r.completion_p99_s,
+                r.utilization,
+                r.meets_sla
+            )?;
+        }
+        f.flush()
+    }
+
+    /// The answer in one line.
+    pub fn answer(&self) -> String {
+        match self.cheapest_meeting_sla {
+            Some(i) => {
+                let r = &self.rows[i];
+                let p: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!(
+                    "cheapest configuration meeting the SLA ({:.2}% of batches on time): {} ({} devices) at ${:.2} in all, ${:.4} per 1M output tokens, {:.2}% on time",
+                    self.sla_target * 100.0,
+                    p.join(" "),
+                    r.devices,
+                    r.cost_usd,
+                    r.cost_per_million_output_tokens_usd,
+                    r.sla_attainment * 100.0
+                )
+            }
+            None => format!(
+                "no configuration meets the SLA ({:.2}% of batches on time); try larger or more pools, or a longer completion window",
+                self.sla_target * 100.0
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "name: s\ndescription: d\nduration: 1h\npools: [{name: p, accelerator: h100-sxm, nodes: 1, devices_per_node: 8}]\ndeployments: [{pool: p, model: llama-3.1-8b}]\nworkload:\n  tenants: [{name: a, model: llama-3.1-8b, completion_window: 1h, arrivals: {kind: poisson, batches_per_hour: 1}}]\n";
+
+    #[test]
+    fn varies_expand_to_every_combination() {
+        let v: Vec<Vary> = vec![
+            "pools[0].nodes=1,2".parse().unwrap(),
+            "policies.window=32,64,128".parse().unwrap(),
+        ];
+        let c = expand(BASE, "s.yaml", &v).unwrap();
+        assert_eq!(c.len(), 6);
+        assert_eq!(c[5].1.pools[0].nodes, 2);
+        assert_eq!(c[5].1.policies.window, 128);
+        assert_eq!(
+            c[0].0,
+            [
+                ("pools[0].nodes".to_string(), "1".to_string()),
+                ("policies.window".to_string(), "32".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_varies_say_what_is_wrong() {
+        assert!("nodes".parse::<Vary>().unwrap_err().contains("is not PATH=V1,V2"));
+        let e = expand(BASE, "s.yaml", &["pools[3].nodes=1".parse().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "s.yaml: pools[3].nodes: 'pools[3].nodes': index 3 is out of range (the list has 1 entries)"
+        );
+        let e = expand(BASE, "s.yaml", &["pools[0].nodes=0".parse().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "s.yaml with pools[0].nodes=0: pools[0].nodes: nodes and devices_per_node must be at least 1"
+            ),
+            "{e}"
+        );
+        let e = expand(BASE, "s.yaml", &["pools[0].accelerator=tpu".parse().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown accelerator 'tpu'"), "{e}");
+    }
+}
