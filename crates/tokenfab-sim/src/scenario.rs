@@ -268,6 +268,27 @@ pub struct Policies {
     /// Lease time-to-live.
     #[serde(default = "default_ttl", deserialize_with = "human", serialize_with = "ser_human")]
     pub lease_ttl: Duration,
+    /// How long an agent holds finished results to report them together.
+    #[serde(
+        default = "default_report_delay",
+        deserialize_with = "human",
+        serialize_with = "ser_human"
+    )]
+    pub report_delay: Duration,
+    /// How long an agent waits before asking again after a lease came back empty.
+    #[serde(
+        default = "default_empty_lease_backoff",
+        deserialize_with = "human",
+        serialize_with = "ser_human"
+    )]
+    pub empty_lease_backoff: Duration,
+}
+
+fn default_report_delay() -> Duration {
+    tokenfab_core::agent::AgentConfig::default().report_delay
+}
+fn default_empty_lease_backoff() -> Duration {
+    tokenfab_core::agent::AgentConfig::default().empty_lease_backoff
 }
 
 fn default_window() -> u32 {
@@ -286,6 +307,8 @@ impl Default for Policies {
             window: default_window(),
             control_rtt: default_rtt(),
             lease_ttl: default_ttl(),
+            report_delay: default_report_delay(),
+            empty_lease_backoff: default_empty_lease_backoff(),
         }
     }
 }

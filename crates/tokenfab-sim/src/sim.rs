@@ -216,7 +216,15 @@ impl<'a> Simulation<'a> {
                         .collect(),
                     replicas,
                 };
-                let agent = AgentCore::new(AgentConfig::default(), specs, Timestamp::ZERO);
+                let agent = AgentCore::new(
+                    AgentConfig {
+                        report_delay: scenario.policies.report_delay,
+                        empty_lease_backoff: scenario.policies.empty_lease_backoff,
+                        ..AgentConfig::default()
+                    },
+                    specs,
+                    Timestamp::ZERO,
+                );
                 nodes.push(Node {
                     agent,
                     id: node_id,

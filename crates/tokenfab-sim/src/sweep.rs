@@ -113,12 +113,11 @@ fn set(doc: &mut Value, path: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The parameter values of one configuration, as (path, value) pairs.
+pub type Params = Vec<(String, String)>;
+
 /// Every combination of `varies` applied to the scenario text, checked.
-pub fn expand(
-    text: &str,
-    file: &str,
-    varies: &[Vary],
-) -> Result<Vec<(Vec<(String, String)>, Scenario)>, ScenarioError> {
+pub fn expand(text: &str, file: &str, varies: &[Vary]) -> Result<Vec<(Params, Scenario)>, ScenarioError> {
     let base: Value = serde_yaml_ng::from_str(text).map_err(|e| ScenarioError {
         file: file.into(),
         path: ".".into(),
@@ -156,7 +155,7 @@ pub fn expand(
 
 /// Runs every configuration on `jobs` threads; `done` is called after each one.
 pub fn run(
-    configs: Vec<(Vec<(String, String)>, Scenario)>,
+    configs: Vec<(Params, Scenario)>,
     base: &Path,
     seed: u64,
     jobs: usize,
