@@ -155,6 +155,8 @@ pub struct ReplicaStats {
 #[derive(Debug, Clone)]
 struct Replica {
     spec: ReplicaSpec,
+    /// Index of the replica's model in `AgentCore::models`.
+    model: usize,
     window: u32,
     in_flight: u32,
     healthy_at: Timestamp,
@@ -167,14 +169,24 @@ struct Replica {
     finished: Vec<(ReportedResult, WorkUnitId)>,
 }
 
+/// Work and leasing of one model.
+#[derive(Debug)]
+struct ModelState {
+    id: ModelId,
+    queue: VecDeque<(WorkUnitId, LeasedItem)>,
+    /// A lease call is in flight.
+    leasing: bool,
+    /// No lease before this time (after an empty or failed one).
+    lease_retry_at: Option<Timestamp>,
+}
+
 /// The agent's state machine.
 #[derive(Debug)]
 pub struct AgentCore {
     config: AgentConfig,
     replicas: Vec<Replica>,
-    queues: BTreeMap<ModelId, VecDeque<(WorkUnitId, LeasedItem)>>,
-    leasing: BTreeSet<ModelId>,
-    lease_retry_at: BTreeMap<ModelId, Timestamp>,
+    /// Per model the replicas serve (sorted by name): queued work and lease state.
+    models: Vec<ModelState>,
     /// When each in-flight request was dispatched (for its latency).
     dispatched_at: BTreeMap<RequestRef, Timestamp>,
     /// Open items per held unit (leased, not yet acknowledged or released).
@@ -199,11 +211,22 @@ pub struct AgentCore {
 impl AgentCore {
     /// A new agent; its first action is to register.
     pub fn new(config: AgentConfig, replicas: Vec<ReplicaSpec>, now: Timestamp) -> Self {
+        let names: BTreeSet<&ModelId> = replicas.iter().map(|r| &r.model).collect();
+        let models: Vec<ModelState> = names
+            .into_iter()
+            .map(|id| ModelState {
+                id: id.clone(),
+                queue: VecDeque::new(),
+                leasing: false,
+                lease_retry_at: None,
+            })
+            .collect();
         let replicas = replicas
             .into_iter()
             .map(|spec| {
                 let window = spec.window.clamp(1, spec.max_concurrency.max(1));
                 Replica {
+                    model: models.iter().position(|m| m.id == spec.model).expect("collected above"),
                     window,
                     in_flight: 0,
                     healthy_at: now,
@@ -223,9 +246,7 @@ impl AgentCore {
         let mut core = AgentCore {
             config,
             replicas,
-            queues: BTreeMap::new(),
-            leasing: BTreeSet::new(),
-            lease_retry_at: BTreeMap::new(),
+            models,
             dispatched_at: BTreeMap::new(),
             held: BTreeMap::new(),
             ready: VecDeque::new(),
@@ -284,7 +305,9 @@ impl AgentCore {
             self.config.heartbeat_interval = heartbeat_interval;
         }
         self.heartbeat_at = Some(now.saturating_add(self.config.heartbeat_interval));
-        self.lease_retry_at.clear();
+        for m in &mut self.models {
+            m.lease_retry_at = None;
+        }
         self.pump(now);
     }
 
@@ -296,23 +319,35 @@ impl AgentCore {
     /// A lease call returned. `Err(true)` means the control plane does not know this
     /// node (register again); `Err(false)` any other failure.
     pub fn lease_done(&mut self, now: Timestamp, model: &ModelId, result: Result<Option<LeaseGrant>, bool>) {
-        self.leasing.remove(model);
+        let Some(m) = self.models.iter().position(|m| &m.id == model) else {
+            // Not a model of this node (a confused control plane): give the work back.
+            if let Ok(Some(grant)) = result
+                && !grant.items.is_empty()
+            {
+                let items = grant.items.into_iter().map(|i| i.req).collect();
+                self.actions.push_back(AgentAction::Release {
+                    unit: grant.unit,
+                    items,
+                });
+            }
+            self.pump(now);
+            return;
+        };
+        let state = &mut self.models[m];
+        state.leasing = false;
         match result {
             Ok(Some(grant)) if !grant.items.is_empty() => {
                 self.held.insert(grant.unit, grant.items.len() as u32);
-                let q = self.queues.entry(model.clone()).or_default();
-                q.extend(grant.items.into_iter().map(|i| (grant.unit, i)));
+                state.queue.extend(grant.items.into_iter().map(|i| (grant.unit, i)));
                 if self.shutting_down {
                     self.release_queued();
                 }
             }
             Ok(_) => {
-                self.lease_retry_at
-                    .insert(model.clone(), now.saturating_add(self.config.empty_lease_backoff));
+                state.lease_retry_at = Some(now.saturating_add(self.config.empty_lease_backoff));
             }
             Err(unknown_node) => {
-                self.lease_retry_at
-                    .insert(model.clone(), now.saturating_add(self.config.error_backoff));
+                state.lease_retry_at = Some(now.saturating_add(self.config.error_backoff));
                 if unknown_node {
                     self.need_registration();
                 }
@@ -444,7 +479,7 @@ impl AgentCore {
         self.replicas.iter().all(|r| r.in_flight == 0 && r.finished.is_empty())
             && self.ready.is_empty()
             && self.reporting.is_none()
-            && self.queues.values().all(VecDeque::is_empty)
+            && self.models.iter().all(|m| m.queue.is_empty())
     }
 
     // ---- time -----------------------------------------------------------------------
@@ -474,13 +509,13 @@ impl AgentCore {
         {
             t.push(at.saturating_add(self.config.report_delay).max(self.report_retry_at));
         }
-        t.extend(self.lease_retry_at.values().copied());
+        t.extend(self.models.iter().filter_map(|m| m.lease_retry_at));
         // A resting replica with room and queued work becomes usable again.
         t.extend(
             self.replicas
                 .iter()
                 .filter(|r| r.in_flight < r.window && r.healthy_at > self.now)
-                .filter(|r| self.queues.get(&r.spec.model).is_some_and(|q| !q.is_empty()))
+                .filter(|r| !self.models[r.model].queue.is_empty())
                 .map(|r| r.healthy_at),
         );
         t.into_iter().min()
@@ -520,7 +555,11 @@ impl AgentCore {
             self.sample_at = now.saturating_add(self.config.sample_interval);
             self.actions.push_back(AgentAction::SampleDevices);
         }
-        self.lease_retry_at.retain(|_, t| *t > now);
+        for m in &mut self.models {
+            if m.lease_retry_at.is_some_and(|t| t <= now) {
+                m.lease_retry_at = None;
+            }
+        }
         self.pump(now);
     }
 
@@ -556,8 +595,8 @@ impl AgentCore {
         }
         let gone: BTreeSet<WorkUnitId> = units.iter().copied().collect();
         let mut dropped = Vec::new();
-        for q in self.queues.values_mut() {
-            q.retain(|(u, _)| {
+        for m in &mut self.models {
+            m.queue.retain(|(u, _)| {
                 let keep = !gone.contains(u);
                 if !keep {
                     dropped.push(*u);
@@ -572,8 +611,8 @@ impl AgentCore {
 
     fn release_queued(&mut self) {
         let mut by_unit: BTreeMap<WorkUnitId, Vec<RequestRef>> = BTreeMap::new();
-        for q in self.queues.values_mut() {
-            for (unit, item) in q.drain(..) {
+        for m in &mut self.models {
+            for (unit, item) in m.queue.drain(..) {
                 by_unit.entry(unit).or_default().push(item.req);
             }
         }
@@ -605,7 +644,7 @@ impl AgentCore {
                 if r.in_flight >= r.window || r.healthy_at > now {
                     continue;
                 }
-                if self.queues.get(&r.spec.model).is_none_or(VecDeque::is_empty) {
+                if self.models[r.model].queue.is_empty() {
                     continue;
                 }
                 let load = f64::from(r.in_flight) / f64::from(r.window);
@@ -615,11 +654,7 @@ impl AgentCore {
             }
             let Some((i, _)) = best else { break };
             let r = &mut self.replicas[i];
-            let (unit, item) = self
-                .queues
-                .get_mut(&r.spec.model)
-                .and_then(VecDeque::pop_front)
-                .expect("checked non-empty");
+            let (unit, item) = self.models[r.model].queue.pop_front().expect("checked non-empty");
             r.in_flight += 1;
             self.dispatched_at.insert(item.req, now);
             self.actions.push_back(AgentAction::Dispatch { replica: i, unit, item });
@@ -627,20 +662,21 @@ impl AgentCore {
     }
 
     fn lease(&mut self, now: Timestamp) {
-        let mut wants: BTreeMap<ModelId, (u32, u32)> = BTreeMap::new();
-        for r in &self.replicas {
-            if r.healthy_at > now {
+        for m in 0..self.models.len() {
+            let state = &self.models[m];
+            if state.leasing || state.lease_retry_at.is_some_and(|t| t > now) {
                 continue;
             }
-            let e = wants.entry(r.spec.model.clone()).or_default();
-            e.0 += r.window - r.in_flight.min(r.window);
-            e.1 += r.window;
-        }
-        for (model, (free, window)) in wants {
-            if self.leasing.contains(&model) || self.lease_retry_at.get(&model).is_some_and(|&t| t > now) {
+            let (mut free, mut window, mut healthy) = (0u32, 0u32, false);
+            for r in self.replicas.iter().filter(|r| r.model == m && r.healthy_at <= now) {
+                free += r.window - r.in_flight.min(r.window);
+                window += r.window;
+                healthy = true;
+            }
+            if !healthy {
                 continue;
             }
-            let queued = self.queues.get(&model).map_or(0, VecDeque::len) as u32;
+            let queued = state.queue.len() as u32;
             // Watermarks: lease when the queue beyond the free slots falls below half the
             // prefetch, then fill it to the whole prefetch. With one lease in flight per
             // model, lease size is what bounds throughput, so leases are never tiny.
@@ -652,9 +688,10 @@ impl AgentCore {
             if want == 0 {
                 continue;
             }
-            self.leasing.insert(model.clone());
+            let state = &mut self.models[m];
+            state.leasing = true;
             self.actions.push_back(AgentAction::Lease {
-                model,
+                model: state.id.clone(),
                 max: want.min(self.config.lease_batch),
             });
         }
@@ -897,6 +934,7 @@ mod tests {
     #[test]
     fn energy_is_shared_by_tokens_and_idle_energy_is_not_charged() {
         let mut r = Replica {
+            model: 0,
             spec: spec("r", 4),
             window: 4,
             in_flight: 1,
@@ -1091,7 +1129,7 @@ mod tests {
             "still held until the two running requests are reported"
         );
         assert!(
-            core.queues.values().all(VecDeque::is_empty),
+            core.models.iter().all(|m| m.queue.is_empty()),
             "the three queued requests are dropped"
         );
     }
