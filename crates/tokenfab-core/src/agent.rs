@@ -487,38 +487,41 @@ impl AgentCore {
     /// The next time [`AgentCore::handle_timeout`] has something to do. Only deadlines it
     /// will act on are returned, so an idle agent sleeps instead of spinning.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let mut t = Vec::new();
-        if self.sampling {
-            t.push(
-                self.sample_started
-                    .saturating_add(self.config.sample_interval * SAMPLE_GIVE_UP),
-            );
+        let mut t = if self.sampling {
+            self.sample_started
+                .saturating_add(self.config.sample_interval * SAMPLE_GIVE_UP)
         } else {
-            t.push(self.sample_at);
+            self.sample_at
+        };
+        let mut at = |x: Timestamp| t = t.min(x);
+        if !self.registering
+            && let Some(x) = self.register_retry_at
+        {
+            at(x);
         }
-        if !self.registering {
-            t.extend(self.register_retry_at);
+        if self.registered
+            && !self.heartbeating
+            && let Some(x) = self.heartbeat_at
+        {
+            at(x);
         }
-        if self.registered && !self.heartbeating {
-            t.extend(self.heartbeat_at);
-        }
-        if let Some(&(_, _, at)) = self
+        if let Some(&(_, _, x)) = self
             .ready
             .front()
             .filter(|_| self.registered && self.reporting.is_none())
         {
-            t.push(at.saturating_add(self.config.report_delay).max(self.report_retry_at));
+            at(x.saturating_add(self.config.report_delay).max(self.report_retry_at));
         }
-        t.extend(self.models.iter().filter_map(|m| m.lease_retry_at));
+        for x in self.models.iter().filter_map(|m| m.lease_retry_at) {
+            at(x);
+        }
         // A resting replica with room and queued work becomes usable again.
-        t.extend(
-            self.replicas
-                .iter()
-                .filter(|r| r.in_flight < r.window && r.healthy_at > self.now)
-                .filter(|r| !self.models[r.model].queue.is_empty())
-                .map(|r| r.healthy_at),
-        );
-        t.into_iter().min()
+        for r in &self.replicas {
+            if r.in_flight < r.window && r.healthy_at > self.now && !self.models[r.model].queue.is_empty() {
+                at(r.healthy_at);
+            }
+        }
+        Some(t)
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {

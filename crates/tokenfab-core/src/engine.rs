@@ -118,6 +118,12 @@ pub struct EngineModel {
     /// KV-cache tokens reserved by admitted sequences (prompt + max output each).
     kv_reserved: u64,
     step: Option<Step>,
+    /// While nothing can change until a sequence finishes (no prefill running, nothing
+    /// admissible), the pure-decode steps after `step` up to and including the one that
+    /// finishes something, computed ahead so that a driver wakes only when output is due.
+    ahead: VecDeque<Step>,
+    /// Plan steps ahead (off only in tests, to check that planning changes nothing).
+    plan: bool,
     step_index: u64,
     /// Energy of all devices up to `energy_at`.
     energy_j: f64,
@@ -138,6 +144,8 @@ impl EngineModel {
             decode_context: 0,
             kv_reserved: 0,
             step: None,
+            ahead: VecDeque::new(),
+            plan: true,
             step_index: 0,
             energy_j: 0.0,
             energy_at: now,
@@ -191,6 +199,10 @@ impl EngineModel {
                 capacity,
             });
         }
+        // Steps planned ahead assumed no arrival: bring the engine to `now` and plan again
+        // from the next step, which admits this request.
+        self.handle_timeout(now);
+        self.ahead.clear();
         self.waiting.push_back(Seq {
             id,
             prompt,
@@ -200,12 +212,15 @@ impl EngineModel {
         });
         if self.step.is_none() {
             self.start_step(now);
+            self.plan_ahead();
         }
         Ok(())
     }
 
-    /// Changes the power limit; it applies from the next step.
-    pub fn set_power_limit(&mut self, watts: f64) {
+    /// Changes the power limit at `now`; it applies from the next step.
+    pub fn set_power_limit(&mut self, now: Timestamp, watts: f64) {
+        self.handle_timeout(now);
+        self.ahead.clear();
         self.config.power_limit_w = watts.clamp(self.perf.min_power_w(), self.perf.max_power_w());
     }
 
@@ -213,16 +228,63 @@ impl EngineModel {
         self.config.power_limit_w.min(self.perf.max_power_w())
     }
 
-    /// When the current step ends.
+    /// When the engine next has something to do that a driver can observe: the end of
+    /// the current step, or, while only decoding goes on, of the step in which the next
+    /// sequence finishes. Steps in between are computed by [`EngineModel::handle_timeout`]
+    /// all the same, so the result is exactly that of waking at every step.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.step.as_ref().map(|s| s.ends)
+        self.ahead.back().or(self.step.as_ref()).map(|s| s.ends)
     }
 
-    /// Ends every step that is over by `now` and starts the next.
+    /// Ends every step that is over by `now` and starts the next. Call it before reading
+    /// [`energy_j`](EngineModel::energy_j), [`power_w`](EngineModel::power_w) or
+    /// [`stats`](EngineModel::stats) at `now`.
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        while let Some(ends) = self.poll_timeout().filter(|&t| t <= now) {
+        while let Some(ends) = self.step.as_ref().map(|s| s.ends).filter(|&t| t <= now) {
             self.end_step();
-            self.start_step(ends);
+            match self.ahead.pop_front() {
+                Some(next) => self.step = Some(next),
+                None => {
+                    self.start_step(ends);
+                    self.plan_ahead();
+                }
+            }
+        }
+    }
+
+    /// If the current step only decodes and nothing waits that could be admitted, the
+    /// steps until the next finish are all alike (every sequence adds one token of
+    /// context per step): computes them now.
+    fn plan_ahead(&mut self) {
+        let Some(step) = self.step.as_ref().filter(|_| self.plan) else {
+            return;
+        };
+        if !step.chunks.is_empty() || !self.prefilling.is_empty() {
+            return;
+        }
+        let Some((&finish, _)) = self.decoding.first_key_value() else {
+            return;
+        };
+        let n = self.decode_count;
+        let mut ends = step.ends;
+        for j in 1..=finish.saturating_sub(self.step_index) {
+            let context = self.decode_context + j * u64::from(n);
+            let shape = StepShape {
+                seqs: n,
+                tokens: n,
+                kv_read_tokens: context,
+                attended_tokens: context,
+                routed_tokens: n,
+            };
+            let cost = self.perf.step(&shape, self.config.power_limit_w);
+            let next = Step {
+                started: ends,
+                ends: ends.saturating_add(secs(cost.seconds)),
+                cost,
+                chunks: Vec::new(),
+            };
+            ends = next.ends;
+            self.ahead.push_back(next);
         }
     }
 
@@ -472,6 +534,46 @@ mod tests {
     }
 
     proptest! {
+        /// Planning steps ahead gives exactly what waking at every step gives: the same
+        /// finishes at the same times and the same energy, with arrivals landing inside
+        /// planned runs.
+        #[test]
+        fn planning_ahead_changes_nothing(reqs in proptest::collection::vec((0u64..3_000_000, 1u32..2000, 1u32..300), 1..60), seqs in 1u32..48) {
+            let config = EngineConfig { max_num_seqs: seqs, ..EngineConfig::default() };
+            let mut reqs = reqs;
+            reqs.sort_by_key(|r| r.0);
+            let drive = |plan: bool| {
+                let mut e = engine(config);
+                e.plan = plan;
+                let mut out = Vec::new();
+                let mut wakes = 0u32;
+                let mut next = 0;
+                loop {
+                    let arrival = reqs.get(next).map(|r| Timestamp::from_micros(r.0));
+                    let t = match (e.poll_timeout(), arrival) {
+                        (Some(a), Some(b)) => a.min(b),
+                        (a, b) => match a.or(b) { Some(t) => t, None => break },
+                    };
+                    e.handle_timeout(t);
+                    wakes += 1;
+                    while reqs.get(next).is_some_and(|r| Timestamp::from_micros(r.0) == t) {
+                        let (_, p, o) = reqs[next];
+                        e.submit(t, next as u64, p, o).unwrap();
+                        next += 1;
+                    }
+                    out.extend(std::iter::from_fn(|| e.poll_finished()));
+                }
+                let end = out.iter().map(|f| f.finished).max().unwrap();
+                (out, e.energy_j(end), e.stats(), wakes)
+            };
+            let (planned, energy_p, stats_p, wakes_p) = drive(true);
+            let (stepped, energy_s, stats_s, wakes_s) = drive(false);
+            prop_assert_eq!(planned, stepped);
+            prop_assert!((energy_p - energy_s).abs() <= 1e-9 * energy_s.max(1.0));
+            prop_assert_eq!(stats_p.steps, stats_s.steps);
+            prop_assert!(wakes_p <= wakes_s);
+        }
+
         /// Whatever arrives: every request finishes exactly once with the tokens it asked
         /// for, token counters add up, and time never runs backwards.
         #[test]

@@ -311,7 +311,7 @@ async fn run_engine(mut model: EngineModel, mut rx: mpsc::Receiver<Cmd>, clock: 
                     });
                 }
                 Cmd::SetPowerLimit { watts, reply } => {
-                    model.set_power_limit(watts);
+                    model.set_power_limit(now, watts);
                     let _ = reply.send(model.power_limit_w());
                 }
             }

@@ -17,7 +17,11 @@ use crate::report::{BatchRecord, Collector};
 use crate::scenario::Scenario;
 use crate::workload::{RequestShape, Workload};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+
+/// Maps keyed by ids the simulator made: a fast fixed hash (never iterated, so order
+/// does not matter).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 use std::path::Path;
 use std::time::Duration;
 use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec};
@@ -32,14 +36,16 @@ use tokenfab_core::{
     AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, TenantId, Timestamp, WorkUnitId,
 };
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     Arrival,
     Control,
     Agent(usize),
     Engine(usize),
     Series,
-    Reply(usize, Reply),
+    /// The next of `Simulation::replies` (all replies take the same time, so they come
+    /// back in the order they were sent).
+    Reply,
 }
 
 #[derive(Debug)]
@@ -106,10 +112,12 @@ pub struct Simulation<'a> {
     pub(crate) engines: Vec<Engine>,
     workload: Workload,
     arrivals_done: bool,
-    batches: HashMap<BatchId, LiveBatch>,
+    batches: FastMap<BatchId, LiveBatch>,
     /// Unit of every request running on an engine, by engine request id.
-    running: HashMap<u64, WorkUnitId>,
+    running: FastMap<u64, WorkUnitId>,
     rtt: Duration,
+    /// Replies on their way back to agents, in sending order.
+    replies: VecDeque<(usize, Reply)>,
     pub(crate) collector: Collector,
     dirty_agents: Vec<usize>,
     dirty_engines: Vec<usize>,
@@ -252,9 +260,10 @@ impl<'a> Simulation<'a> {
             engines,
             workload,
             arrivals_done: false,
-            batches: HashMap::new(),
-            running: HashMap::new(),
+            batches: FastMap::default(),
+            running: FastMap::default(),
             rtt: scenario.policies.control_rtt,
+            replies: VecDeque::new(),
             collector,
             dirty_agents: Vec::new(),
             dirty_engines: Vec::new(),
@@ -267,6 +276,12 @@ impl<'a> Simulation<'a> {
         sim.push(Timestamp::ZERO, Kind::Series);
         sim.dirty_agents = (0..sim.nodes.len()).collect();
         Ok(sim)
+    }
+
+    /// A reply to agent `n`, arriving at `at` (now + the round-trip time).
+    fn send(&mut self, at: Timestamp, n: usize, reply: Reply) {
+        self.replies.push_back((n, reply));
+        self.push(at, Kind::Reply);
     }
 
     fn push(&mut self, at: Timestamp, kind: Kind) {
@@ -310,8 +325,12 @@ impl<'a> Simulation<'a> {
                         self.step_engine(e);
                     }
                 }
-                Kind::Reply(n, reply) => self.reply(n, reply),
+                Kind::Reply => {
+                    let (n, reply) = self.replies.pop_front().expect("one reply per reply event");
+                    self.reply(n, reply);
+                }
                 Kind::Series => {
+                    self.catch_up_engines();
                     self.collector
                         .sample(self.now, &self.engines, self.control.pending_requests());
                     if !self.finished() {
@@ -326,6 +345,7 @@ impl<'a> Simulation<'a> {
             }
         }
         progress(self.now);
+        self.catch_up_engines();
         self.collector
             .sample(self.now, &self.engines, self.control.pending_requests());
         let stats = self.control.stats();
@@ -336,6 +356,14 @@ impl<'a> Simulation<'a> {
             .flat_map(|n| n.agent.replicas().map(|(_, s)| s))
             .collect();
         self.collector.finish(end, &self.engines, &agents, stats, events)
+    }
+
+    /// Brings every engine to `now`: engines skip ahead over steps in which nothing
+    /// finishes, and their energy and counters are read at `now`.
+    fn catch_up_engines(&mut self) {
+        for e in &mut self.engines {
+            e.model.handle_timeout(self.now);
+        }
     }
 
     fn finished(&self) -> bool {
@@ -483,14 +511,14 @@ impl<'a> Simulation<'a> {
                 AgentAction::Register => {
                     let reg = self.nodes[n].registration.clone();
                     self.control.register(now, reg);
-                    self.push(at, Kind::Reply(n, Reply::Registered));
+                    self.send(at, n, Reply::Registered);
                 }
                 AgentAction::Lease { model, max } => {
                     let grant = self
                         .control
                         .lease(now, &self.nodes[n].id, &model, max)
                         .expect("simulated nodes are registered");
-                    self.push(at, Kind::Reply(n, Reply::Lease(model, grant)));
+                    self.send(at, n, Reply::Lease(model, grant));
                 }
                 AgentAction::Dispatch { replica, unit, item } => {
                     let e = self.nodes[n].engines[replica];
@@ -528,13 +556,16 @@ impl<'a> Simulation<'a> {
                 }
                 AgentAction::Report(results) => {
                     let _ = self.control.report(now, &self.nodes[n].id, results);
-                    self.push(at, Kind::Reply(n, Reply::Reported));
+                    self.send(at, n, Reply::Reported);
                 }
                 AgentAction::Heartbeat { held } => {
                     let r = self.control.heartbeat(now, &self.nodes[n].id, &held).map_err(|_| true);
-                    self.push(at, Kind::Reply(n, Reply::Heartbeat(r)));
+                    self.send(at, n, Reply::Heartbeat(r));
                 }
                 AgentAction::SampleDevices => {
+                    for &e in &self.nodes[n].engines {
+                        self.engines[e].model.handle_timeout(now);
+                    }
                     let readings = self.nodes[n]
                         .engines
                         .iter()
