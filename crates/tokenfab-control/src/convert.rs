@@ -151,6 +151,8 @@ pub fn registration(r: pb::RegisterRequest) -> Result<NodeRegistration, Status> 
                 max_concurrency: p.max_concurrency,
             })
             .collect(),
+        // The wire registration carries no price: the catalog's applies.
+        usd_per_device_hour: None,
     })
 }
 

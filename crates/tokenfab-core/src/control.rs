@@ -139,6 +139,9 @@ pub struct NodeRegistration {
     pub super_node: SuperNodeId,
     pub devices: Vec<NodeDevice>,
     pub replicas: Vec<NodeReplica>,
+    /// What a device-hour of this node costs, where the operator says; otherwise the
+    /// catalog's indicative price for its accelerator.
+    pub usd_per_device_hour: Option<f64>,
 }
 
 /// One request handed to an agent.
@@ -575,8 +578,10 @@ impl ControlCore {
     /// registration means the agent holds nothing.
     pub fn register(&mut self, now: Timestamp, reg: NodeRegistration) {
         let accelerator = reg.devices.first().map(|d| d.accelerator.clone());
-        let usd_per_device_hour = accelerator
-            .and_then(|a| Catalog::builtin().accelerator(&a).ok().map(|a| a.price_usd_per_hour))
+        let usd_per_device_hour = reg
+            .usd_per_device_hour
+            .filter(|p| p.is_finite() && *p >= 0.0)
+            .or_else(|| accelerator.and_then(|a| Catalog::builtin().accelerator(&a).ok().map(|a| a.price_usd_per_hour)))
             .unwrap_or(0.0);
         let pricing = Pricing {
             usd_per_device_hour,
@@ -1145,6 +1150,7 @@ mod tests {
                 domain: 0,
             }],
             replicas: vec![],
+            usd_per_device_hour: None,
         }
     }
 

@@ -261,6 +261,7 @@ impl Collector {
             seed: self.seed,
             arrivals_s: self.arrivals_s,
             simulated_s: end_s,
+            last_batch_end_s: self.batches.iter().map(|b| b.ended.as_secs_f64()).fold(0.0, f64::max),
             events,
             requests: RequestTotals {
                 arrived: self.arrived_requests.iter().sum(),
@@ -436,8 +437,11 @@ pub struct Report {
     pub seed: u64,
     /// Simulated seconds during which batches arrived.
     pub arrivals_s: f64,
-    /// Simulated seconds until the last batch ended.
+    /// Simulated seconds: the scenario's duration, or until the last batch ended if later.
+    /// Devices are billed and draw idle power for all of it.
     pub simulated_s: f64,
+    /// Simulated second at which the last batch ended.
+    pub last_batch_end_s: f64,
     pub events: u64,
     pub requests: RequestTotals,
     pub batches: BatchTotals,
@@ -454,8 +458,8 @@ pub struct Report {
     /// Power of the whole cluster when idle.
     pub idle_power_w: f64,
     pub cost: CostReport,
-    /// Output tokens the engines generated (equals `requests.completion_tokens` unless work
-    /// was repeated after a lost lease).
+    /// Output tokens the engines generated: `requests.completion_tokens` plus work repeated
+    /// after a lost lease and requests still running when their batch expired.
     pub engine_output_tokens: u64,
     pub pools: Vec<PoolReport>,
     pub tenants: Vec<TenantReport>,
@@ -522,8 +526,9 @@ impl Report {
             (
                 "simulated".into(),
                 format!(
-                    "{} of arrivals, {} until the last batch ended",
+                    "{} of arrivals, the last batch ended at {}, devices billed for {}",
                     secs(self.arrivals_s),
+                    secs(self.last_batch_end_s),
                     secs(self.simulated_s)
                 ),
             ),

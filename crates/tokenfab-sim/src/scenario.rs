@@ -131,8 +131,8 @@ pub struct Deployment {
     /// Concurrency window (requests in flight) per replica; default `policies.window`.
     #[serde(default)]
     pub window: Option<u32>,
-    /// The engine's own limit on running sequences (vLLM's max_num_seqs); default 256, or
-    /// the window if larger.
+    /// The engine's own limit on running sequences (vLLM's max_num_seqs); default 256. It
+    /// is raised to the window if smaller, so that the window is what bounds concurrency.
     #[serde(default)]
     pub max_num_seqs: Option<u32>,
 }
@@ -282,8 +282,20 @@ pub struct Policies {
         serialize_with = "ser_human"
     )]
     pub empty_lease_backoff: Duration,
+    /// How often each agent reads its devices' energy counters to share energy among the
+    /// requests that finished. Total energy does not depend on it (the engines integrate
+    /// power exactly); the split between batches does, and larger values run faster.
+    #[serde(
+        default = "default_sample_interval",
+        deserialize_with = "human",
+        serialize_with = "ser_human"
+    )]
+    pub energy_sample_interval: Duration,
 }
 
+fn default_sample_interval() -> Duration {
+    tokenfab_core::agent::AgentConfig::default().sample_interval
+}
 fn default_report_delay() -> Duration {
     tokenfab_core::agent::AgentConfig::default().report_delay
 }
@@ -309,6 +321,7 @@ impl Default for Policies {
             lease_ttl: default_ttl(),
             report_delay: default_report_delay(),
             empty_lease_backoff: default_empty_lease_backoff(),
+            energy_sample_interval: default_sample_interval(),
         }
     }
 }
@@ -395,8 +408,11 @@ impl Scenario {
                 Ok(a) => a,
                 Err(e) => return err(at("accelerator"), e.to_string()),
             };
-            if p.nodes == 0 || p.devices_per_node == 0 {
-                return err(at("nodes"), "nodes and devices_per_node must be at least 1".into());
+            if p.nodes == 0 {
+                return err(at("nodes"), "must be at least 1".into());
+            }
+            if p.devices_per_node == 0 {
+                return err(at("devices_per_node"), "must be at least 1".into());
             }
             if let Some(w) = p.power_limit_w
                 && !(acc.power_limit_min_w..=acc.max_power_w).contains(&w)
@@ -464,8 +480,11 @@ impl Scenario {
                     ),
                 );
             }
-            if d.window == Some(0) || d.max_num_seqs == Some(0) {
-                return err(at("window"), "window and max_num_seqs must be at least 1".into());
+            if d.window == Some(0) {
+                return err(at("window"), "must be at least 1".into());
+            }
+            if d.max_num_seqs == Some(0) {
+                return err(at("max_num_seqs"), "must be at least 1".into());
             }
         }
         if self.workload.tenants.is_empty() {
@@ -501,8 +520,11 @@ impl Scenario {
                     peak_to_trough,
                     peak_hour,
                 } => {
-                    if mean_batches_per_hour.is_nan() || *mean_batches_per_hour <= 0.0 {
-                        return err(at("arrivals.mean_batches_per_hour"), "must be > 0".into());
+                    if !(*mean_batches_per_hour > 0.0 && mean_batches_per_hour.is_finite()) {
+                        return err(
+                            at("arrivals.mean_batches_per_hour"),
+                            format!("is {mean_batches_per_hour}; must be > 0"),
+                        );
                     }
                     if !(*peak_to_trough >= 1.0 && peak_to_trough.is_finite()) {
                         return err(
@@ -540,6 +562,28 @@ impl Scenario {
         }
         if self.policies.window == 0 {
             return err("policies.window".into(), "must be at least 1".into());
+        }
+        let p = &self.policies;
+        if p.lease_ttl < Duration::from_secs(2) {
+            return err(
+                "policies.lease_ttl".into(),
+                format!(
+                    "{} is too short: agents heartbeat every second, so a lease must live at least 2s",
+                    humantime::format_duration(p.lease_ttl)
+                ),
+            );
+        }
+        if p.empty_lease_backoff.is_zero() {
+            return err(
+                "policies.empty_lease_backoff".into(),
+                "must be longer than zero (agents would ask again at once, forever)".into(),
+            );
+        }
+        if p.energy_sample_interval.is_zero() {
+            return err(
+                "policies.energy_sample_interval".into(),
+                "must be longer than zero; the live agent samples every 100ms".into(),
+            );
         }
         if self.report.series_interval.is_some_and(|s| s.is_zero()) {
             return err("report.series_interval".into(), "must be longer than zero".into());

@@ -223,11 +223,13 @@ impl<'a> Simulation<'a> {
                         })
                         .collect(),
                     replicas,
+                    usd_per_device_hour: pool.price_usd_per_hour,
                 };
                 let agent = AgentCore::new(
                     AgentConfig {
                         report_delay: scenario.policies.report_delay,
                         empty_lease_backoff: scenario.policies.empty_lease_backoff,
+                        sample_interval: scenario.policies.energy_sample_interval,
                         ..AgentConfig::default()
                     },
                     specs,
@@ -344,6 +346,9 @@ impl<'a> Simulation<'a> {
                 break;
             }
         }
+        // The cluster is there (and billed, and drawing idle power) for the whole
+        // scenario, even when the last batch ends before it does.
+        self.now = self.now.max(self.duration_end());
         progress(self.now);
         self.catch_up_engines();
         self.collector
@@ -366,8 +371,14 @@ impl<'a> Simulation<'a> {
         }
     }
 
+    /// Every batch has arrived and ended, and the scenario's duration is over (the
+    /// cluster runs, idles and is billed until then).
     fn finished(&self) -> bool {
-        self.arrivals_done && self.batches.is_empty()
+        self.arrivals_done && self.batches.is_empty() && self.now >= self.duration_end()
+    }
+
+    fn duration_end(&self) -> Timestamp {
+        Timestamp::ZERO.saturating_add(self.scenario.duration)
     }
 
     fn arrive(&mut self) {

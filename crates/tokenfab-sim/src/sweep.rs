@@ -323,9 +323,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with(
-                "s.yaml with pools[0].nodes=0: pools[0].nodes: nodes and devices_per_node must be at least 1"
-            ),
+            e.starts_with("s.yaml with pools[0].nodes=0: pools[0].nodes: must be at least 1"),
             "{e}"
         );
         let e = expand(BASE, "s.yaml", &["pools[0].accelerator=tpu".parse().unwrap()])

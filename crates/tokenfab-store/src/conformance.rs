@@ -105,6 +105,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 domain: 0,
             }],
             replicas: vec![],
+            usd_per_device_hour: None,
         },
     );
     let grant = core.lease(t0, &node, &model, 2).unwrap().unwrap();
@@ -204,6 +205,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
             super_node: SuperNodeId::from("s"),
             devices: vec![],
             replicas: vec![],
+            usd_per_device_hour: None,
         },
     );
     let g = recovered.lease(t0, &node, &model, 10).unwrap().unwrap();
