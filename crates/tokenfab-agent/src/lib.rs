@@ -218,12 +218,14 @@ impl Shell {
                         let _ = tx.send(Event::Registered(r));
                     });
                 }
-                AgentAction::Lease { model, max } => {
+                AgentAction::Lease { model, max, wait } => {
                     let mut client = self.client.clone();
                     let req = pb::LeaseWorkRequest {
                         node: self.opts.node.to_string(),
                         model: model.to_string(),
                         max_requests: max,
+                        // Below the channel's 30 s call timeout.
+                        wait_ms: wait.as_millis().min(20_000) as u32,
                     };
                     tokio::spawn(async move {
                         let r = client

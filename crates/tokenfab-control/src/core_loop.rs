@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
 use tokenfab_core::control::{
-    Action, BatchError, BatchView, ControlCore, HeartbeatReply, LeaseGrant, NewBatch, NodeRegistration, ReportSummary,
-    ReportedResult, SubmitError, UnknownNode,
+    Action, BatchError, BatchView, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch, NodeRegistration,
+    ReportSummary, ReportedResult, SubmitError, UnknownNode,
 };
 use tokenfab_core::durable::DurableOp;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
@@ -77,7 +77,9 @@ pub enum Command {
         node: NodeId,
         model: ModelId,
         max: u32,
-        reply: Reply<Result<Option<pb::WorkUnit>, UnknownNode>>,
+        /// How long to wait for work if there is none (a long poll).
+        wait: std::time::Duration,
+        reply: Reply<LeaseReply>,
     },
     Report {
         node: NodeId,
@@ -152,7 +154,13 @@ pub struct CoreLoop<S> {
     bodies: HashMap<BatchId, Arc<Vec<CachedInput>>>,
     watchers: HashMap<BatchId, watch::Sender<BatchView>>,
     metrics: Arc<Metrics>,
+    /// Lease calls waiting for work, by ticket.
+    waiting: HashMap<u64, Reply<LeaseReply>>,
+    next_ticket: u64,
 }
+
+/// The answer to a lease call.
+pub type LeaseReply = Result<Option<pb::WorkUnit>, UnknownNode>;
 
 impl<S: Store> CoreLoop<S> {
     /// Rebuilds the core from the store.
@@ -187,6 +195,8 @@ impl<S: Store> CoreLoop<S> {
             bodies,
             watchers: HashMap::new(),
             metrics,
+            waiting: HashMap::new(),
+            next_ticket: 0,
         })
     }
 
@@ -294,6 +304,22 @@ impl<S: Store> CoreLoop<S> {
                     round.set.ops.push(op);
                 }
                 Action::BatchChanged(id) => round.changed.push(id),
+                Action::LeaseReady {
+                    ticket, node, grant, ..
+                } => {
+                    let Some(reply) = self.waiting.remove(&ticket) else {
+                        continue;
+                    };
+                    let Some(grant) = grant else {
+                        let _ = reply.send(Ok(None));
+                        continue;
+                    };
+                    let (unit, items) = (grant.unit, grant.items.iter().map(|i| i.req).collect::<Vec<_>>());
+                    if reply.send(Ok(Some(self.work_unit(grant)))).is_err() {
+                        // The agent hung up while it waited: its work goes back on the queue.
+                        let _ = self.core.release(now(), &node, unit, &items);
+                    }
+                }
             }
         }
     }
@@ -375,13 +401,26 @@ impl<S: Store> CoreLoop<S> {
                 node,
                 model,
                 max,
+                wait,
                 reply,
             } => {
-                let _ = reply.send(
-                    self.core
-                        .lease(now, &node, &model, max)
-                        .map(|g| g.map(|g| self.work_unit(g))),
-                );
+                self.next_ticket += 1;
+                let ticket = self.next_ticket;
+                let until = now.saturating_add(wait);
+                match self.core.lease_or_wait(now, &node, &model, max, until, ticket) {
+                    Ok(LeaseAnswer::Granted(g)) => {
+                        let _ = reply.send(Ok(Some(self.work_unit(g))));
+                    }
+                    Ok(LeaseAnswer::Empty) => {
+                        let _ = reply.send(Ok(None));
+                    }
+                    Ok(LeaseAnswer::Waiting) => {
+                        self.waiting.insert(ticket, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::Report { node, results, reply } => {
                 let r = self.core.report(now, &node, results);

@@ -367,12 +367,14 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         self.0.auth.agent(req.metadata())?;
         let r = req.into_inner();
         let (node, model, max) = (NodeId::new(r.node), ModelId::new(r.model), r.max_requests.min(10_000));
+        let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
         let unit = self
             .0
             .ask(|reply| Command::Lease {
                 node,
                 model,
                 max,
+                wait,
                 reply,
             })
             .await?

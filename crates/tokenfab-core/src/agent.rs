@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Wait after a lease came back empty.
     pub empty_lease_backoff: Duration,
+    /// How long the control plane may hold a lease call open while it has no work (a long
+    /// poll: work that arrives meanwhile is handed out at once). Zero: answer at once.
+    pub lease_wait: Duration,
     /// Wait after a failed call to the control plane.
     pub error_backoff: Duration,
     /// First wait before sending work to a replica that failed; doubles up to 30 s.
@@ -59,6 +62,7 @@ impl Default for AgentConfig {
             sample_interval: Duration::from_millis(100),
             heartbeat_interval: Duration::from_secs(1),
             empty_lease_backoff: Duration::from_millis(100),
+            lease_wait: Duration::from_secs(5),
             error_backoff: Duration::from_millis(500),
             replica_backoff: Duration::from_millis(500),
         }
@@ -86,8 +90,9 @@ pub struct ReplicaSpec {
 pub enum AgentAction {
     /// Send the node's registration; answer with `registered` or `register_failed`.
     Register,
-    /// Ask for up to `max` requests of `model`; answer with `lease_done`.
-    Lease { model: ModelId, max: u32 },
+    /// Ask for up to `max` requests of `model`, letting the control plane wait up to
+    /// `wait` for work to arrive; answer with `lease_done`.
+    Lease { model: ModelId, max: u32, wait: Duration },
     /// Send this request to replica `replica` (index into the specs); answer with `engine_done`.
     Dispatch {
         replica: usize,
@@ -202,6 +207,11 @@ pub struct AgentCore {
     sample_at: Timestamp,
     sample_started: Timestamp,
     sampling: bool,
+    /// Sampling paused: every replica is idle, so all energy until work starts again is
+    /// idle energy, read in one go when it does.
+    resting: bool,
+    /// The sample in flight was taken as work started after a rest: it closes the rest.
+    closing_rest: bool,
     /// The latest time seen.
     now: Timestamp,
     shutting_down: bool,
@@ -260,6 +270,8 @@ impl AgentCore {
             sample_at: now,
             sample_started: now,
             sampling: false,
+            resting: false,
+            closing_rest: false,
             now,
             shutting_down: false,
             actions: VecDeque::new(),
@@ -431,8 +443,13 @@ impl AgentCore {
     /// energy counter (its requests are charged no energy or device time).
     pub fn device_sample(&mut self, now: Timestamp, readings: Vec<Option<EnergyReading>>) {
         self.sampling = false;
+        let closing_rest = std::mem::take(&mut self.closing_rest);
         for (r, reading) in self.replicas.iter_mut().zip(readings) {
-            attribute(r, reading, now, &mut self.ready);
+            if closing_rest {
+                book_idle(r, reading);
+            } else {
+                attribute(r, reading, now, &mut self.ready);
+            }
         }
         self.pump(now);
     }
@@ -490,6 +507,8 @@ impl AgentCore {
         let mut t = if self.sampling {
             self.sample_started
                 .saturating_add(self.config.sample_interval * SAMPLE_GIVE_UP)
+        } else if self.resting {
+            Timestamp::MAX
         } else {
             self.sample_at
         };
@@ -521,7 +540,7 @@ impl AgentCore {
                 at(r.healthy_at);
             }
         }
-        Some(t)
+        Some(t).filter(|&t| t < Timestamp::MAX)
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
@@ -548,11 +567,20 @@ impl AgentCore {
             // out without their energy share rather than wait; the next good reading's
             // difference covers the gap, so no energy is lost from the books.
             self.sampling = false;
+            self.closing_rest = false;
             for r in &mut self.replicas {
                 attribute(r, None, now, &mut self.ready);
             }
         }
-        if self.sample_at <= now && !self.sampling {
+        // Idle, with a first reading taken (the baseline a rest is measured from).
+        let idle = self
+            .replicas
+            .iter()
+            .all(|r| r.in_flight == 0 && r.finished.is_empty() && r.last_reading.is_some());
+        if self.sample_at <= now && !self.sampling && !self.resting && idle {
+            self.resting = true;
+        }
+        if self.sample_at <= now && !self.sampling && !self.resting {
             self.sampling = true;
             self.sample_started = now;
             self.sample_at = now.saturating_add(self.config.sample_interval);
@@ -564,6 +592,19 @@ impl AgentCore {
             }
         }
         self.pump(now);
+    }
+
+    /// Reads the devices now, whatever the schedule (e.g. to close the books at the end):
+    /// emits [`AgentAction::SampleDevices`] unless a reading is already on its way.
+    pub fn sample_now(&mut self, now: Timestamp) {
+        if self.sampling {
+            return;
+        }
+        self.closing_rest = std::mem::take(&mut self.resting);
+        self.sampling = true;
+        self.sample_started = now;
+        self.sample_at = now.saturating_add(self.config.sample_interval);
+        self.actions.push_back(AgentAction::SampleDevices);
     }
 
     pub fn poll_action(&mut self) -> Option<AgentAction> {
@@ -656,6 +697,15 @@ impl AgentCore {
                 }
             }
             let Some((i, _)) = best else { break };
+            if self.resting && !self.sampling {
+                // Work starts after a rest: read the devices first, to close the rest.
+                self.resting = false;
+                self.sampling = true;
+                self.closing_rest = true;
+                self.sample_started = now;
+                self.sample_at = now.saturating_add(self.config.sample_interval);
+                self.actions.push_back(AgentAction::SampleDevices);
+            }
             let r = &mut self.replicas[i];
             let (unit, item) = self.models[r.model].queue.pop_front().expect("checked non-empty");
             r.in_flight += 1;
@@ -696,6 +746,7 @@ impl AgentCore {
             self.actions.push_back(AgentAction::Lease {
                 model: state.id.clone(),
                 max: want.min(self.config.lease_batch),
+                wait: self.config.lease_wait,
             });
         }
     }
@@ -733,6 +784,19 @@ impl AgentCore {
 fn mark_unhealthy(r: &mut Replica, now: Timestamp) {
     r.healthy_at = now.saturating_add(r.backoff);
     r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
+}
+
+/// Books the energy since the last reading as idle (a rest, during which nothing ran).
+fn book_idle(r: &mut Replica, reading: Option<EnergyReading>) {
+    if let (Some(new), Some(old)) = (reading, r.last_reading) {
+        r.stats.idle_j += (new.energy_j - old.energy_j).max(0.0);
+    }
+    r.stats.idle_j += r.carried_j;
+    r.carried_j = 0.0;
+    r.carried_device_s = 0.0;
+    if reading.is_some() {
+        r.last_reading = reading;
+    }
 }
 
 /// Shares the energy and device time since the last reading among the requests that
@@ -841,7 +905,8 @@ mod tests {
             drain(&mut core),
             [AgentAction::Lease {
                 model: ModelId::from("m"),
-                max: 16
+                max: 16,
+                wait: AgentConfig::default().lease_wait,
             }]
         );
         core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 16))));
@@ -1084,6 +1149,45 @@ mod tests {
                 .any(|a| matches!(a, AgentAction::Heartbeat { .. }))
         );
         assert!(core.poll_timeout().unwrap() > t);
+    }
+
+    #[test]
+    fn an_idle_agent_rests_its_devices_and_books_the_rest_as_idle_energy() {
+        let reading = |j: f64, s: f64| {
+            Some(EnergyReading {
+                energy_j: j,
+                clock_s: s,
+            })
+        };
+        let mut core = started(4);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Ok(None));
+        // The baseline reading; then nothing runs, so the next due sample is skipped.
+        core.device_sample(T0, vec![reading(0.0, 0.0), reading(0.0, 0.0)]);
+        drain(&mut core);
+        let t1 = T0.saturating_add(Duration::from_millis(100));
+        core.handle_timeout(t1);
+        assert!(!drain(&mut core).contains(&AgentAction::SampleDevices));
+        let next = core.poll_timeout().unwrap();
+        assert!(
+            next >= T0.saturating_add(Duration::from_secs(1)),
+            "rests until the heartbeat: {next}"
+        );
+        // Work arrives after 60 s: the devices are read before the first dispatch, and
+        // the 60 s of energy since the baseline is idle, charged to no request.
+        let t2 = T0.saturating_add(Duration::from_secs(60));
+        core.lease_done(t2, &ModelId::from("m"), Ok(Some(grant(1, 1))));
+        let actions = drain(&mut core);
+        let sample = actions.iter().position(|a| *a == AgentAction::SampleDevices).unwrap();
+        let dispatch = actions
+            .iter()
+            .position(|a| matches!(a, AgentAction::Dispatch { .. }))
+            .unwrap();
+        assert!(sample < dispatch, "{actions:?}");
+        core.device_sample(t2, vec![reading(4200.0, 60.0), reading(4200.0, 60.0)]);
+        let idle: f64 = core.replicas().map(|(_, s)| s.idle_j).sum();
+        let attributed: f64 = core.replicas().map(|(_, s)| s.attributed_j).sum();
+        assert_eq!((idle, attributed), (8400.0, 0.0));
     }
 
     #[test]

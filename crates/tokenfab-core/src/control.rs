@@ -206,6 +206,15 @@ pub enum Action {
     Persist(DurableOp),
     /// A batch's view changed (for watchers).
     BatchChanged(BatchId),
+    /// The answer to a waiting lease (see [`ControlCore::lease_or_wait`]): work, or
+    /// `None` when the wait ended without any. If the agent cannot be told, the shell
+    /// must release the grant's items.
+    LeaseReady {
+        ticket: u64,
+        node: NodeId,
+        model: ModelId,
+        grant: Option<LeaseGrant>,
+    },
 }
 
 /// Running totals, for metrics.
@@ -302,8 +311,30 @@ pub struct ControlCore {
     nodes: BTreeMap<NodeId, Node>,
     next_batch: u64,
     next_unit: u64,
+    /// Leases waiting for work, per model, oldest first; their deadlines; their models.
+    parked: BTreeMap<ModelId, VecDeque<Parked>>,
+    parked_until: BTreeSet<(Timestamp, u64)>,
+    parked_model: BTreeMap<u64, ModelId>,
     actions: VecDeque<Action>,
     stats: ControlStats,
+}
+
+/// A lease waiting for work (see [`ControlCore::lease_or_wait`]).
+#[derive(Debug)]
+struct Parked {
+    ticket: u64,
+    node: NodeId,
+    max: u32,
+}
+
+/// What [`ControlCore::lease_or_wait`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseAnswer {
+    Granted(LeaseGrant),
+    /// No work, and no time to wait.
+    Empty,
+    /// Parked: the answer will come as [`Action::LeaseReady`].
+    Waiting,
 }
 
 impl ControlCore {
@@ -320,6 +351,9 @@ impl ControlCore {
             nodes: BTreeMap::new(),
             next_batch: 1,
             next_unit: 1,
+            parked: BTreeMap::new(),
+            parked_until: BTreeSet::new(),
+            parked_model: BTreeMap::new(),
             actions: VecDeque::new(),
             stats: ControlStats::default(),
         }
@@ -431,11 +465,141 @@ impl ControlCore {
         self.nodes.values().map(|n| (&n.registration, n.last_seen))
     }
 
-    // ---- tenant commands -------------------------------------------------------------
+    // ---- commands that can add work: each then serves the leases that wait ----------
 
     /// Accepts a validated batch. The batch is queued at once; the shell must persist the
     /// resulting `CreateBatch` (with the bodies it holds) before acknowledging.
     pub fn submit(&mut self, now: Timestamp, new: NewBatch) -> Result<BatchView, SubmitError> {
+        let r = self.submit_inner(now, new);
+        self.serve_parked(now);
+        r
+    }
+
+    /// A node (re)announces itself. Work it held before is released: a fresh
+    /// registration means the agent holds nothing.
+    pub fn register(&mut self, now: Timestamp, reg: NodeRegistration) {
+        self.register_inner(now, reg);
+        self.serve_parked(now);
+    }
+
+    /// Records finished requests, exactly once each (retryable failures go back on the
+    /// queue).
+    pub fn report(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        results: Vec<ReportedResult>,
+    ) -> Result<ReportSummary, UnknownNode> {
+        let r = self.report_inner(now, node, results);
+        self.serve_parked(now);
+        r
+    }
+
+    /// Gives back requests a node will not run.
+    pub fn release(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        unit: WorkUnitId,
+        items: &[RequestRef],
+    ) -> Result<u32, UnknownNode> {
+        let r = self.release_inner(now, node, unit, items);
+        self.serve_parked(now);
+        r
+    }
+
+    /// Expires leases, batches and lease waits whose time has come.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.handle_timeout_inner(now);
+        while let Some(&(t, ticket)) = self.parked_until.first() {
+            if t > now {
+                break;
+            }
+            self.parked_until.pop_first();
+            if let Some(model) = self.parked_model.remove(&ticket)
+                && let Some(q) = self.parked.get_mut(&model)
+                && let Some(i) = q.iter().position(|p| p.ticket == ticket)
+            {
+                let p = q.remove(i).expect("found");
+                self.actions.push_back(Action::LeaseReady {
+                    ticket,
+                    node: p.node,
+                    model,
+                    grant: None,
+                });
+            }
+        }
+        self.serve_parked(now);
+    }
+
+    /// Leases work like [`ControlCore::lease`], but when there is none, waits for it until
+    /// `until` (a long poll): the answer then comes later as [`Action::LeaseReady`] with
+    /// this `ticket` (unique per wait, chosen by the shell), holding a grant as soon as
+    /// work for the model arrives, or `None` at `until`. Waiting holds nothing: no work is
+    /// set aside for a wait until it is answered.
+    pub fn lease_or_wait(
+        &mut self,
+        now: Timestamp,
+        node: &NodeId,
+        model: &ModelId,
+        max: u32,
+        until: Timestamp,
+        ticket: u64,
+    ) -> Result<LeaseAnswer, UnknownNode> {
+        if let Some(grant) = self.lease(now, node, model, max)? {
+            return Ok(LeaseAnswer::Granted(grant));
+        }
+        if until <= now {
+            return Ok(LeaseAnswer::Empty);
+        }
+        self.parked.entry(model.clone()).or_default().push_back(Parked {
+            ticket,
+            node: node.clone(),
+            max,
+        });
+        self.parked_until.insert((until, ticket));
+        self.parked_model.insert(ticket, model.clone());
+        Ok(LeaseAnswer::Waiting)
+    }
+
+    /// Hands queued work to leases that wait for it, first come first served.
+    fn serve_parked(&mut self, now: Timestamp) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let models: Vec<ModelId> = self
+            .parked
+            .iter()
+            .filter(|(m, q)| !q.is_empty() && self.queues.get(*m).is_some_and(|b| !b.is_empty()))
+            .map(|(m, _)| m.clone())
+            .collect();
+        for model in models {
+            while self.queues.get(&model).is_some_and(|b| !b.is_empty()) {
+                let Some(p) = self.parked.get_mut(&model).and_then(VecDeque::pop_front) else {
+                    break;
+                };
+                self.parked_model.remove(&p.ticket);
+                self.parked_until.retain(|&(_, t)| t != p.ticket);
+                // A node that is no longer registered gets an empty answer.
+                let grant = self.lease(now, &p.node, &model, p.max).ok().flatten();
+                self.actions.push_back(Action::LeaseReady {
+                    ticket: p.ticket,
+                    node: p.node,
+                    model: model.clone(),
+                    grant,
+                });
+            }
+            if self.parked.get(&model).is_some_and(VecDeque::is_empty) {
+                self.parked.remove(&model);
+            }
+        }
+    }
+
+    // ---- tenant commands -------------------------------------------------------------
+
+    /// Accepts a validated batch. The batch is queued at once; the shell must persist the
+    /// resulting `CreateBatch` (with the bodies it holds) before acknowledging.
+    fn submit_inner(&mut self, now: Timestamp, new: NewBatch) -> Result<BatchView, SubmitError> {
         if !self.config.models.contains(&new.model) {
             return Err(SubmitError::UnknownModel {
                 model: new.model,
@@ -576,7 +740,7 @@ impl ControlCore {
 
     /// A node (re)announces itself. Work it held before is released: a fresh
     /// registration means the agent holds nothing.
-    pub fn register(&mut self, now: Timestamp, reg: NodeRegistration) {
+    fn register_inner(&mut self, now: Timestamp, reg: NodeRegistration) {
         let accelerator = reg.devices.first().map(|d| d.accelerator.clone());
         let usd_per_device_hour = reg
             .usd_per_device_hour
@@ -706,7 +870,7 @@ impl ControlCore {
     }
 
     /// Records finished requests, exactly once each.
-    pub fn report(
+    fn report_inner(
         &mut self,
         now: Timestamp,
         node: &NodeId,
@@ -764,7 +928,7 @@ impl ControlCore {
     }
 
     /// Gives back requests a node will not run.
-    pub fn release(
+    fn release_inner(
         &mut self,
         now: Timestamp,
         node: &NodeId,
@@ -818,14 +982,11 @@ impl ControlCore {
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let lease = self.unit_expiry.first().map(|&(t, _)| t);
         let deadline = self.deadlines.first().map(|&(t, _)| t);
-        match (lease, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let wait = self.parked_until.first().map(|&(t, _)| t);
+        [lease, deadline, wait].into_iter().flatten().min()
     }
 
-    /// Expires leases and batches whose time has come.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    fn handle_timeout_inner(&mut self, now: Timestamp) {
         while let Some(&(t, unit)) = self.unit_expiry.first() {
             if t > now {
                 break;
@@ -1210,7 +1371,7 @@ mod tests {
                         ));
                     }
                 }
-                Action::BatchChanged(_) => {}
+                Action::BatchChanged(_) | Action::LeaseReady { .. } => {}
             }
         }
     }
@@ -1317,6 +1478,62 @@ mod tests {
         assert_eq!(core.batch(&tenant("acme"), id).unwrap().counts.completed, 2);
         let reqs = recorded(&drain(&mut core));
         assert_eq!(reqs.len(), 2);
+    }
+
+    #[test]
+    fn waiting_leases_get_work_as_it_arrives_first_come_first_served() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        core.register(T0, registration("a"));
+        core.register(T0, registration("b"));
+        let until = T0.saturating_add(Duration::from_secs(5));
+        // Nothing queued: both wait, a first.
+        for (n, ticket) in [("a", 1), ("b", 2)] {
+            let answer = core.lease_or_wait(T0, &node(n), &model(), 3, until, ticket).unwrap();
+            assert_eq!(answer, LeaseAnswer::Waiting);
+        }
+        assert_eq!(core.poll_timeout(), Some(until));
+        drain(&mut core);
+        // Five requests arrive: a gets 3, b the other 2, at once.
+        let t = T0.saturating_add(Duration::from_secs(1));
+        core.submit(t, new_batch("acme", 5)).unwrap();
+        let ready: Vec<(u64, NodeId, usize)> = drain(&mut core)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::LeaseReady {
+                    ticket, node, grant, ..
+                } => Some((ticket, node, grant.unwrap().items.len())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ready, [(1, node("a"), 3), (2, node("b"), 2)]);
+        // A wait with nothing arriving ends empty at its deadline, and not before.
+        assert_eq!(
+            core.lease_or_wait(t, &node("a"), &model(), 3, until, 3).unwrap(),
+            LeaseAnswer::Waiting
+        );
+        core.handle_timeout(T0.saturating_add(Duration::from_millis(4999)));
+        assert!(!drain(&mut core).iter().any(|a| matches!(a, Action::LeaseReady { .. })));
+        core.handle_timeout(until);
+        let ended: Vec<_> = drain(&mut core)
+            .into_iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::LeaseReady {
+                        ticket: 3,
+                        grant: None,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        assert_eq!(ended.len(), 1);
+        // No time to wait: an empty answer at once; unknown nodes are refused.
+        assert_eq!(
+            core.lease_or_wait(until, &node("a"), &model(), 3, until, 4).unwrap(),
+            LeaseAnswer::Empty
+        );
+        assert!(core.lease_or_wait(until, &node("zz"), &model(), 3, until, 5).is_err());
     }
 
     #[test]

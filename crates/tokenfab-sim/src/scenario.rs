@@ -282,6 +282,14 @@ pub struct Policies {
         serialize_with = "ser_human"
     )]
     pub empty_lease_backoff: Duration,
+    /// How long the control plane holds a lease call open waiting for work (a long poll);
+    /// `0s` makes agents poll every `empty_lease_backoff` instead.
+    #[serde(
+        default = "default_lease_wait",
+        deserialize_with = "human",
+        serialize_with = "ser_human"
+    )]
+    pub lease_wait: Duration,
     /// How often each agent reads its devices' energy counters to share energy among the
     /// requests that finished. Total energy does not depend on it (the engines integrate
     /// power exactly); the split between batches does, and larger values run faster.
@@ -295,6 +303,9 @@ pub struct Policies {
 
 fn default_sample_interval() -> Duration {
     tokenfab_core::agent::AgentConfig::default().sample_interval
+}
+fn default_lease_wait() -> Duration {
+    tokenfab_core::agent::AgentConfig::default().lease_wait
 }
 fn default_report_delay() -> Duration {
     tokenfab_core::agent::AgentConfig::default().report_delay
@@ -322,6 +333,7 @@ impl Default for Policies {
             report_delay: default_report_delay(),
             empty_lease_backoff: default_empty_lease_backoff(),
             energy_sample_interval: default_sample_interval(),
+            lease_wait: default_lease_wait(),
         }
     }
 }

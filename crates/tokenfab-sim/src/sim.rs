@@ -27,7 +27,8 @@ use std::time::Duration;
 use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec};
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::control::{
-    Action, ControlConfig, ControlCore, HeartbeatReply, LeaseGrant, NewBatch, NodeDevice, NodeRegistration, NodeReplica,
+    Action, ControlConfig, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch, NodeDevice,
+    NodeRegistration, NodeReplica,
 };
 use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::engine::{EngineConfig, EngineModel};
@@ -118,6 +119,9 @@ pub struct Simulation<'a> {
     rtt: Duration,
     /// Replies on their way back to agents, in sending order.
     replies: VecDeque<(usize, Reply)>,
+    /// Lease calls the control plane holds open, by ticket: the node that made them.
+    waiting: FastMap<u64, usize>,
+    next_ticket: u64,
     pub(crate) collector: Collector,
     dirty_agents: Vec<usize>,
     dirty_engines: Vec<usize>,
@@ -229,6 +233,7 @@ impl<'a> Simulation<'a> {
                     AgentConfig {
                         report_delay: scenario.policies.report_delay,
                         empty_lease_backoff: scenario.policies.empty_lease_backoff,
+                        lease_wait: scenario.policies.lease_wait,
                         sample_interval: scenario.policies.energy_sample_interval,
                         ..AgentConfig::default()
                     },
@@ -266,6 +271,8 @@ impl<'a> Simulation<'a> {
             running: FastMap::default(),
             rtt: scenario.policies.control_rtt,
             replies: VecDeque::new(),
+            waiting: FastMap::default(),
+            next_ticket: 0,
             collector,
             dirty_agents: Vec::new(),
             dirty_engines: Vec::new(),
@@ -351,6 +358,12 @@ impl<'a> Simulation<'a> {
         self.now = self.now.max(self.duration_end());
         progress(self.now);
         self.catch_up_engines();
+        // The agents read their devices one last time, so that their books (energy
+        // attributed to requests, and idle) run to the end.
+        for n in 0..self.nodes.len() {
+            self.nodes[n].agent.sample_now(self.now);
+            self.perform(n);
+        }
         self.collector
             .sample(self.now, &self.engines, self.control.pending_requests());
         let stats = self.control.stats();
@@ -489,7 +502,20 @@ impl<'a> Simulation<'a> {
 
     fn drain_control(&mut self) {
         while let Some(a) = self.control.poll_action() {
-            let Action::BatchChanged(id) = a else { continue };
+            let id = match a {
+                Action::BatchChanged(id) => id,
+                Action::LeaseReady {
+                    ticket, model, grant, ..
+                } => {
+                    let n = self.waiting.remove(&ticket).expect("a waiting lease of a node");
+                    // The call was made a while ago; only the answer travels now. All
+                    // replies take the same time, so they stay in order.
+                    let at = self.now.saturating_add(self.rtt);
+                    self.send(at, n, Reply::Lease(model, grant));
+                    continue;
+                }
+                Action::Persist(_) => continue,
+            };
             let Some(view) = self.control.view(id) else { continue };
             let status = view.life.status();
             if !status.is_terminal() {
@@ -524,12 +550,21 @@ impl<'a> Simulation<'a> {
                     self.control.register(now, reg);
                     self.send(at, n, Reply::Registered);
                 }
-                AgentAction::Lease { model, max } => {
-                    let grant = self
+                AgentAction::Lease { model, max, wait } => {
+                    self.next_ticket += 1;
+                    let ticket = self.next_ticket;
+                    let until = now.saturating_add(wait);
+                    let answer = self
                         .control
-                        .lease(now, &self.nodes[n].id, &model, max)
+                        .lease_or_wait(now, &self.nodes[n].id, &model, max, until, ticket)
                         .expect("simulated nodes are registered");
-                    self.send(at, n, Reply::Lease(model, grant));
+                    match answer {
+                        LeaseAnswer::Granted(g) => self.send(at, n, Reply::Lease(model, Some(g))),
+                        LeaseAnswer::Empty => self.send(at, n, Reply::Lease(model, None)),
+                        LeaseAnswer::Waiting => {
+                            self.waiting.insert(ticket, n);
+                        }
+                    }
                 }
                 AgentAction::Dispatch { replica, unit, item } => {
                     let e = self.nodes[n].engines[replica];

@@ -140,6 +140,7 @@ async fn ingest() {
                     node: "n".into(),
                     model: "llama-3.1-8b".into(),
                     max_requests: PER_REPORT as u32,
+                    wait_ms: 0,
                 },
             ))
             .await
