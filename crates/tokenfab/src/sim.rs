@@ -103,9 +103,9 @@ fn single(path: PathBuf, seed: Option<u64>, out: Option<PathBuf>, plots: bool) -
         b.finish_and_clear();
     }
     let wall = started.elapsed().as_secs_f64();
+    println!("{}: {}", scenario.name, scenario.description);
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_header([scenario.name.as_str(), scenario.description.as_str()]);
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["", "simulated"]);
     for (k, v) in report.summary() {
         t.add_row([Cell::new(k), Cell::new(v)]);
     }
