@@ -597,8 +597,7 @@ impl ControlCore {
 
     // ---- tenant commands -------------------------------------------------------------
 
-    /// Accepts a validated batch. The batch is queued at once; the shell must persist the
-    /// resulting `CreateBatch` (with the bodies it holds) before acknowledging.
+    /// [`ControlCore::submit`] before waiting leases are served.
     fn submit_inner(&mut self, now: Timestamp, new: NewBatch) -> Result<BatchView, SubmitError> {
         if !self.config.models.contains(&new.model) {
             return Err(SubmitError::UnknownModel {
@@ -738,8 +737,7 @@ impl ControlCore {
 
     // ---- agent commands --------------------------------------------------------------
 
-    /// A node (re)announces itself. Work it held before is released: a fresh
-    /// registration means the agent holds nothing.
+    /// [`ControlCore::register`] before waiting leases are served.
     fn register_inner(&mut self, now: Timestamp, reg: NodeRegistration) {
         let accelerator = reg.devices.first().map(|d| d.accelerator.clone());
         let usd_per_device_hour = reg
@@ -869,7 +867,7 @@ impl ControlCore {
         }))
     }
 
-    /// Records finished requests, exactly once each.
+    /// [`ControlCore::report`] before waiting leases are served.
     fn report_inner(
         &mut self,
         now: Timestamp,
@@ -927,7 +925,7 @@ impl ControlCore {
         Ok(summary)
     }
 
-    /// Gives back requests a node will not run.
+    /// [`ControlCore::release`] before waiting leases are served.
     fn release_inner(
         &mut self,
         now: Timestamp,
@@ -986,6 +984,7 @@ impl ControlCore {
         [lease, deadline, wait].into_iter().flatten().min()
     }
 
+    /// [`ControlCore::handle_timeout`] before waiting leases are served.
     fn handle_timeout_inner(&mut self, now: Timestamp) {
         while let Some(&(t, unit)) = self.unit_expiry.first() {
             if t > now {

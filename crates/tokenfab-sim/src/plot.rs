@@ -28,28 +28,22 @@ fn fail(file: &Path, e: impl std::fmt::Display) -> PlotError {
     }
 }
 
-/// A line chart of one series per name.
-fn lines(
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// Axes from 0 to `x_max` and `y_max` with a title and labels, on a white area.
+fn axes<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
     file: &Path,
     title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-) -> Result<(), PlotError> {
-    let root = SVGBackend::new(file, (900, 480)).into_drawing_area();
+    (x_label, y_label): (&str, &str),
+    (x_max, y_max): (f64, f64),
+) -> Result<Chart<'a, 'b>, PlotError> {
     root.fill(&WHITE).map_err(|e| fail(file, e))?;
-    let x_max = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.0))
-        .fold(0.0f64, f64::max)
-        .max(1e-9);
-    let y_max = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.1))
-        .fold(0.0f64, f64::max)
-        .max(1e-9)
-        * 1.05;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
@@ -62,6 +56,30 @@ fn lines(
         .y_desc(y_label)
         .draw()
         .map_err(|e| fail(file, e))?;
+    Ok(chart)
+}
+
+/// A line chart of one series per name.
+fn lines(
+    file: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), PlotError> {
+    let root = SVGBackend::new(file, (900, 480)).into_drawing_area();
+    let x_max = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let y_max = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.05;
+    let mut chart = axes(&root, file, title, (x_label, y_label), (x_max, y_max))?;
     for (i, (name, points)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
@@ -163,25 +181,15 @@ pub fn report_plots(r: &Report, dir: &Path) -> Result<Vec<String>, PlotError> {
 /// drawn as hollow circles.
 pub fn sweep_plot(file: &Path, x_label: &str, points: &[(f64, f64, bool)]) -> Result<(), PlotError> {
     let root = SVGBackend::new(file, (900, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(file, e))?;
     let x_max = points.iter().map(|p| p.0).fold(0.0f64, f64::max) * 1.1 + 1e-9;
     let y_max = points.iter().map(|p| p.1).fold(0.0f64, f64::max) * 1.15 + 1e-9;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "cost per million output tokens (filled: meets the SLA)",
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(|e| fail(file, e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc("$ per 1M output tokens")
-        .draw()
-        .map_err(|e| fail(file, e))?;
+    let mut chart = axes(
+        &root,
+        file,
+        "cost per million output tokens (filled: meets the SLA)",
+        (x_label, "$ per 1M output tokens"),
+        (x_max, y_max),
+    )?;
     let mut sorted = points.to_vec();
     sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
     chart
