@@ -104,6 +104,17 @@ pub fn submit_error(e: SubmitError) -> Status {
             Status::invalid_argument(format!("options.completion_window_seconds: {e}"))
         }
         SubmitError::NoRequests => Status::invalid_argument(e.to_string()),
+        SubmitError::Late { earliest, .. } => {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(earliest.as_micros());
+            let mut status = Status::resource_exhausted(format!(
+                "options.completion_window_seconds: {e} (earliest completion {})",
+                humantime::format_rfc3339_seconds(at)
+            ));
+            if let Ok(v) = (earliest.as_micros() / 1000).to_string().parse() {
+                status.metadata_mut().insert("tokenfab-earliest-completion-unix-ms", v);
+            }
+            status
+        }
     }
 }
 

@@ -91,6 +91,7 @@ impl<S: Store + Clone> BatchApi<S> {
             lines: parsed.lines,
             invalid_lines: parsed.line_errors.len() as u32,
             requests: parsed.requests.iter().map(RequestMeta::from).collect(),
+            best_effort_if_late: options.best_effort_if_late,
         };
         let inline: Vec<pb::RequestError> = parsed
             .line_errors

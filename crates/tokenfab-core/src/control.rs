@@ -37,6 +37,14 @@ pub struct ControlConfig {
     pub models: BTreeSet<ModelId>,
     pub usd_per_kwh: f64,
     pub pue: f64,
+    /// Refuse batches of committed classes whose deadline the cluster cannot meet (see
+    /// [`crate::admission`]).
+    pub admission: bool,
+    /// Share of the estimated capacity admission counts on (0 < x <= 1).
+    pub admission_headroom: f64,
+    /// SLA classes without a commitment: never refused for lack of capacity, and served
+    /// only when no committed work is waiting.
+    pub best_effort_classes: BTreeSet<String>,
 }
 
 impl Default for ControlConfig {
@@ -51,6 +59,9 @@ impl Default for ControlConfig {
             models: Catalog::builtin().model_ids().into_iter().collect(),
             usd_per_kwh: DEFAULT_USD_PER_KWH,
             pue: DEFAULT_PUE,
+            admission: true,
+            admission_headroom: 0.9,
+            best_effort_classes: ["best-effort".to_string()].into_iter().collect(),
         }
     }
 }
@@ -67,6 +78,8 @@ pub struct NewBatch {
     pub lines: u32,
     pub invalid_lines: u32,
     pub requests: Vec<RequestMeta>,
+    /// If the deadline cannot be met, accept the batch as best-effort instead of refusing it.
+    pub best_effort_if_late: bool,
 }
 
 /// A refused submission.
@@ -80,6 +93,16 @@ pub enum SubmitError {
     WindowTooLong { asked_s: u64, max_s: u64 },
     #[error("the batch has no valid request")]
     NoRequests,
+    #[error(
+        "the batch cannot complete within its {window} window: with the work already committed on {model} and the capacity serving it, the earliest completion that can be promised is in {earliest_in}; ask for a completion window of at least {earliest_in}, or submit it as best-effort"
+    )]
+    Late {
+        model: ModelId,
+        window: String,
+        /// The earliest deadline that would be admitted.
+        earliest: Timestamp,
+        earliest_in: String,
+    },
 }
 
 /// A tenant command on a batch that cannot be carried out.
@@ -244,6 +267,11 @@ struct Request {
 struct Batch {
     meta: BatchMeta,
     life: Lifecycle,
+    /// 0 for committed classes, 1 for best-effort: the queue serves lower first.
+    rank: u8,
+    /// Output tokens asked for (estimated where `max_tokens` is absent) and prompt tokens.
+    output_tokens: u64,
+    prompt_tokens: u64,
     /// Per valid request; emptied once the batch is final.
     requests: Vec<Request>,
     pending: VecDeque<u32>,
@@ -291,6 +319,8 @@ struct Unit {
 #[derive(Debug, Clone)]
 struct Node {
     registration: NodeRegistration,
+    /// The node's replicas that the performance model knows (model, replica, window).
+    serving: Vec<(ModelId, crate::perf::ReplicaPerf, u32)>,
     pricing: Pricing,
     last_seen: Timestamp,
     units: BTreeSet<WorkUnitId>,
@@ -303,7 +333,8 @@ pub struct ControlCore {
     batches: BTreeMap<BatchId, Batch>,
     by_tenant: BTreeSet<(TenantId, BatchId)>,
     /// Batches with pending requests, per model, in deadline order (EDF).
-    queues: BTreeMap<ModelId, BTreeSet<(Timestamp, BatchId)>>,
+    /// Key (rank, deadline, id): committed work before best-effort, then earliest deadline.
+    queues: BTreeMap<ModelId, BTreeSet<(u8, Timestamp, BatchId)>>,
     /// Non-final batches by deadline.
     deadlines: BTreeSet<(Timestamp, BatchId)>,
     units: BTreeMap<WorkUnitId, Unit>,
@@ -371,7 +402,12 @@ impl ControlCore {
             let id = rb.meta.id;
             core.next_batch = core.next_batch.max(id.0 + 1);
             core.by_tenant.insert((rb.meta.tenant.clone(), id));
+            let (output_tokens, prompt_tokens) = token_totals(&rb.requests);
+            let rank = core.rank(&rb.meta.sla_class);
             let mut b = Batch {
+                rank,
+                output_tokens,
+                prompt_tokens,
                 meta: rb.meta,
                 life: rb.life,
                 requests: Vec::new(),
@@ -633,6 +669,33 @@ impl ControlCore {
         if new.requests.is_empty() {
             return Err(SubmitError::NoRequests);
         }
+        let (output_tokens, prompt_tokens) = token_totals(&new.requests);
+        let mut sla_class = sla_class;
+        let deadline = now.saturating_add(window);
+        if self.config.admission
+            && self.rank(&sla_class) == 0
+            && let Some(earliest) = self.refusal(
+                now,
+                &new.model,
+                deadline,
+                new.requests.len(),
+                output_tokens,
+                prompt_tokens,
+            )
+        {
+            match self.config.best_effort_classes.iter().next() {
+                Some(be) if new.best_effort_if_late => sla_class = be.clone(),
+                _ => {
+                    return Err(SubmitError::Late {
+                        model: new.model,
+                        window: crate::time::human(window),
+                        earliest,
+                        earliest_in: crate::time::human(earliest.since(now)),
+                    });
+                }
+            }
+        }
+        let rank = self.rank(&sla_class);
         let id = BatchId(self.next_batch);
         self.next_batch += 1;
         let meta = BatchMeta {
@@ -641,7 +704,7 @@ impl ControlCore {
             model: new.model,
             sla_class,
             completion_window: window,
-            deadline: now.saturating_add(window),
+            deadline,
             metadata: new.metadata,
             input_bytes: new.input_bytes,
             lines: new.lines,
@@ -660,6 +723,9 @@ impl ControlCore {
         self.batches.insert(
             id,
             Batch {
+                rank,
+                output_tokens,
+                prompt_tokens,
                 meta,
                 life,
                 requests: vec![
@@ -679,6 +745,70 @@ impl ControlCore {
         self.track(id);
         self.actions.push_back(Action::BatchChanged(id));
         Ok(self.batches[&id].view())
+    }
+
+    /// 0 for a committed SLA class, 1 for a best-effort one.
+    fn rank(&self, class: &str) -> u8 {
+        u8::from(self.config.best_effort_classes.contains(class))
+    }
+
+    /// Output tokens per second all registered replicas of `model` sustain on requests of
+    /// this mean shape, by the performance model; `None` if none is known.
+    fn capacity(&self, model: &ModelId, prompt_mean: u32, output_mean: u32) -> Option<f64> {
+        let c: f64 = self
+            .nodes
+            .values()
+            .flat_map(|n| &n.serving)
+            .filter(|(m, _, _)| m == model)
+            .map(|(_, perf, window)| {
+                perf.steady_state(*window, prompt_mean, output_mean.max(1), f64::MAX)
+                    .output_tokens_per_s
+            })
+            .sum();
+        (c > 0.0).then_some(c)
+    }
+
+    /// Seconds of `model`'s whole capacity that `requests` requests with these token totals
+    /// need.
+    fn service_s(&self, model: &ModelId, requests: usize, output_tokens: u64, prompt_tokens: u64) -> Option<f64> {
+        let n = requests.max(1) as u64;
+        let c = self.capacity(model, (prompt_tokens / n) as u32, (output_tokens / n) as u32)?;
+        Some(output_tokens as f64 / c)
+    }
+
+    /// The earliest deadline admission would accept for a new batch, if its own cannot
+    /// be met; `None` if it can (or no capacity is known to judge by).
+    fn refusal(
+        &self,
+        now: Timestamp,
+        model: &ModelId,
+        deadline: Timestamp,
+        requests: usize,
+        output_tokens: u64,
+        prompt_tokens: u64,
+    ) -> Option<Timestamp> {
+        let service_s = self.service_s(model, requests, output_tokens, prompt_tokens)?;
+        // Every unfinished batch of a committed class on this model.
+        let committed: Vec<crate::admission::Work> = self
+            .deadlines
+            .iter()
+            .map(|(_, id)| &self.batches[id])
+            .filter(|b| &b.meta.model == model && b.rank == 0)
+            .filter_map(|b| {
+                let total = b.meta.requests.max(1);
+                let left = total.saturating_sub(b.done());
+                let s = self.service_s(model, total as usize, b.output_tokens, b.prompt_tokens)?;
+                Some(crate::admission::Work {
+                    deadline: b.meta.deadline,
+                    service_s: s * f64::from(left) / f64::from(total),
+                })
+            })
+            .collect();
+        let new = crate::admission::Work { deadline, service_s };
+        match crate::admission::check(now, &committed, new, self.config.admission_headroom) {
+            crate::admission::Verdict::Admit => None,
+            crate::admission::Verdict::Refuse { earliest } => Some(earliest),
+        }
     }
 
     /// One batch of `tenant`.
@@ -710,7 +840,7 @@ impl ControlCore {
         let b = self.batches.get_mut(&id).expect("owned");
         b.life.cancel(now)?;
         let pending: Vec<u32> = b.pending.drain(..).collect();
-        let key = (b.meta.deadline, id);
+        let key = (b.rank, b.meta.deadline, id);
         if let Some(q) = self.queues.get_mut(&b.meta.model) {
             q.remove(&key);
         }
@@ -751,10 +881,22 @@ impl ControlCore {
             pue: self.config.pue,
         };
         let node = reg.node.clone();
+        let serving = reg
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                let first = r.devices.first()?;
+                let accelerator = &reg.devices.iter().find(|d| d.index == *first)?.accelerator;
+                let tp = r.devices.len() as u32;
+                let perf = crate::perf::ReplicaPerf::new(&r.model, accelerator, tp).ok()?;
+                Some((r.model.clone(), perf, r.max_concurrency.max(1)))
+            })
+            .collect();
         let old = self.nodes.insert(
             node.clone(),
             Node {
                 registration: reg,
+                serving,
                 pricing,
                 last_seen: now,
                 units: BTreeSet::new(),
@@ -807,7 +949,7 @@ impl ControlCore {
         let mut started = Vec::new();
         let mut drained = Vec::new();
         if let Some(queue) = self.queues.get(model) {
-            for &(deadline, id) in queue.iter() {
+            for &(rank, deadline, id) in queue.iter() {
                 if items.len() as u32 >= max {
                     break;
                 }
@@ -830,7 +972,7 @@ impl ControlCore {
                     started.push(id);
                 }
                 if b.pending.is_empty() {
-                    drained.push((deadline, id));
+                    drained.push((rank, deadline, id));
                 }
             }
         }
@@ -1030,7 +1172,7 @@ impl ControlCore {
             self.queues
                 .entry(b.meta.model.clone())
                 .or_default()
-                .insert((b.meta.deadline, id));
+                .insert((b.rank, b.meta.deadline, id));
         }
     }
 
@@ -1183,10 +1325,10 @@ impl ControlCore {
             .filter(|&i| b.requests[i as usize].slot != Slot::Done)
             .collect();
         b.pending.clear();
-        let deadline = b.meta.deadline;
+        let key = (b.rank, b.meta.deadline, id);
         let model = b.meta.model.clone();
         if let Some(q) = self.queues.get_mut(&model) {
-            q.remove(&(deadline, id));
+            q.remove(&key);
         }
         let results: Vec<_> = open
             .into_iter()
@@ -1237,11 +1379,10 @@ impl ControlCore {
         let b = self.batches.get_mut(&id).expect("batch exists");
         b.requests = Vec::new();
         b.pending = VecDeque::new();
-        let key = (b.meta.deadline, id);
         let model = b.meta.model.clone();
-        self.deadlines.remove(&key);
+        self.deadlines.remove(&(b.meta.deadline, id));
         if let Some(q) = self.queues.get_mut(&model) {
-            q.remove(&key);
+            q.remove(&(b.rank, b.meta.deadline, id));
         }
     }
 
@@ -1261,6 +1402,19 @@ fn cancelled_outcome() -> Outcome {
 
 fn join<'a>(items: impl Iterator<Item = impl std::fmt::Display + 'a>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Output tokens a request without `max_tokens` is assumed to ask for, for admission.
+pub const OUTPUT_TOKENS_ESTIMATE: u32 = 256;
+
+/// (output, prompt) tokens the requests ask for.
+fn token_totals(requests: &[RequestMeta]) -> (u64, u64) {
+    requests.iter().fold((0, 0), |(o, p), r| {
+        (
+            o + u64::from(r.max_tokens.unwrap_or(OUTPUT_TOKENS_ESTIMATE)),
+            p + u64::from(r.prompt_tokens_estimate),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -1297,6 +1451,7 @@ mod tests {
                     max_tokens: Some(16),
                 })
                 .collect(),
+            best_effort_if_late: false,
         }
     }
 
@@ -1713,6 +1868,91 @@ mod tests {
         let g = core.lease(T0, &node("a"), &model(), 3).unwrap().unwrap();
         let order: Vec<_> = g.items.iter().map(|i| i.req.batch).collect();
         assert_eq!(order, [soon, soon, late]);
+    }
+
+    fn gpu_node(name: &str) -> NodeRegistration {
+        let mut r = registration(name);
+        r.replicas.push(NodeReplica {
+            replica: crate::ids::ReplicaId::from("r0"),
+            model: model(),
+            devices: vec![0],
+            max_concurrency: 64,
+        });
+        r
+    }
+
+    fn long_batch(n: u32, window_s: u64) -> NewBatch {
+        let mut b = new_batch("acme", n);
+        for r in &mut b.requests {
+            r.max_tokens = Some(1000);
+        }
+        b.completion_window = Some(Duration::from_secs(window_s));
+        b
+    }
+
+    #[test]
+    fn admission_refuses_what_cannot_finish_in_time_and_names_the_earliest_completion() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        core.register(T0, gpu_node("a"));
+        // 10,000 requests x 1,000 output tokens on one H100 take far more than 10 minutes.
+        let e = core.submit(T0, long_batch(10_000, 600)).unwrap_err();
+        let SubmitError::Late { earliest, .. } = &e else {
+            panic!("{e}")
+        };
+        assert!(*earliest > T0.saturating_add(Duration::from_secs(600)), "{e}");
+        assert!(
+            e.to_string().contains("earliest completion that can be promised is in"),
+            "{e}"
+        );
+        // Asking for the time it named is admitted.
+        let window = earliest.since(T0).as_secs() + 1;
+        let first = core.submit(T0, long_batch(10_000, window)).unwrap();
+        // The same again now has the first one ahead of it: refused, with a later time.
+        let e2 = core.submit(T0, long_batch(10_000, window)).unwrap_err();
+        let SubmitError::Late { earliest: later, .. } = e2 else {
+            panic!("{e2}")
+        };
+        assert!(later > *earliest);
+        // Accepted as best-effort when the tenant asks for it.
+        let mut b = long_batch(10_000, window);
+        b.best_effort_if_late = true;
+        let be = core.submit(T0, b).unwrap();
+        assert_eq!(be.meta.sla_class, "best-effort");
+        // Small batches with room still get in, and best-effort work is never refused.
+        core.submit(T0, long_batch(10, 3 * window)).unwrap();
+        let mut b = long_batch(10_000, 60);
+        b.sla_class = Some("best-effort".into());
+        core.submit(T0, b).unwrap();
+        // Without capacity information (no replica registered for the model) or with
+        // admission off, nothing is refused.
+        let mut open = ControlCore::new(ControlConfig::default());
+        open.register(T0, registration("cpu"));
+        open.submit(T0, long_batch(10_000, 60)).unwrap();
+        let mut off = ControlCore::new(ControlConfig {
+            admission: false,
+            ..ControlConfig::default()
+        });
+        off.register(T0, gpu_node("a"));
+        off.submit(T0, long_batch(10_000, 60)).unwrap();
+        assert_eq!(first.meta.sla_class, "standard");
+    }
+
+    #[test]
+    fn committed_work_is_leased_before_best_effort_work() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let mut be = new_batch("acme", 2);
+        be.sla_class = Some("best-effort".into());
+        be.completion_window = Some(Duration::from_secs(60));
+        let be = core.submit(T0, be).unwrap().meta.id;
+        let committed = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        let g = core.lease(T0, &node("a"), &model(), 3).unwrap().unwrap();
+        let order: Vec<_> = g.items.iter().map(|i| i.req.batch).collect();
+        assert_eq!(
+            order,
+            [committed, committed, be],
+            "best-effort waits despite its earlier deadline"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - no async runtime, no network, no disk, no clock: time is an input ([`Timestamp`]);
 //! - no `HashMap` iteration: ordered maps and sorted vectors only, so runs replay exactly.
 
+pub mod admission;
 pub mod agent;
 pub mod batch;
 pub mod batch_input;

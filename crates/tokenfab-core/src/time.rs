@@ -73,3 +73,33 @@ mod tests {
         assert_eq!(secs(f64::NAN), Duration::ZERO);
     }
 }
+
+/// A duration for people, rounded up to the second: `2d 3h`, `1h 23m 4s`, `45s`.
+pub fn human(d: Duration) -> String {
+    let mut s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    if s == 0 {
+        return "0s".into();
+    }
+    let mut parts = Vec::new();
+    for (unit, name) in [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")] {
+        if s >= unit {
+            parts.push(format!("{}{name}", s / unit));
+            s %= unit;
+        }
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod human_tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally_and_round_up() {
+        assert_eq!(human(Duration::ZERO), "0s");
+        assert_eq!(human(Duration::from_millis(1)), "1s");
+        assert_eq!(human(Duration::from_secs(45)), "45s");
+        assert_eq!(human(Duration::from_secs(3600 + 23 * 60 + 4)), "1h 23m 4s");
+        assert_eq!(human(Duration::from_secs(2 * 86_400 + 3 * 3600)), "2d 3h");
+    }
+}

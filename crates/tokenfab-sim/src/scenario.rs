@@ -169,6 +169,10 @@ pub struct Tenant {
     pub completion_window: Duration,
     #[serde(default)]
     pub sla_class: Option<String>,
+    /// When admission refuses a batch (its deadline cannot be met), submit it as
+    /// best-effort instead of losing it.
+    #[serde(default)]
+    pub best_effort_if_late: bool,
 }
 
 fn default_batch_size() -> Dist {
@@ -299,6 +303,20 @@ pub struct Policies {
         serialize_with = "ser_human"
     )]
     pub energy_sample_interval: Duration,
+    /// Refuse batches of committed SLA classes whose deadline cannot be met (the live
+    /// control plane's admission control).
+    #[serde(default = "yes")]
+    pub admission: bool,
+    /// Share of the estimated capacity admission counts on (0 < x <= 1).
+    #[serde(default = "default_headroom")]
+    pub admission_headroom: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_headroom() -> f64 {
+    tokenfab_core::control::ControlConfig::default().admission_headroom
 }
 
 fn default_sample_interval() -> Duration {
@@ -334,6 +352,8 @@ impl Default for Policies {
             empty_lease_backoff: default_empty_lease_backoff(),
             energy_sample_interval: default_sample_interval(),
             lease_wait: default_lease_wait(),
+            admission: true,
+            admission_headroom: default_headroom(),
         }
     }
 }
@@ -583,6 +603,12 @@ impl Scenario {
                     "{} is too short: agents heartbeat every second, so a lease must live at least 2s",
                     humantime::format_duration(p.lease_ttl)
                 ),
+            );
+        }
+        if !(p.admission_headroom > 0.0 && p.admission_headroom <= 1.0) {
+            return err(
+                "policies.admission_headroom".into(),
+                format!("is {}; must be in (0, 1]", p.admission_headroom),
             );
         }
         if p.empty_lease_backoff.is_zero() {

@@ -157,6 +157,8 @@ impl<'a> Simulation<'a> {
             pue: scenario.site.pue,
             // The simulated window is the scenario's; no batch may outlive the run.
             max_completion_window: Duration::from_secs(365 * 86400),
+            admission: scenario.policies.admission,
+            admission_headroom: scenario.policies.admission_headroom,
             ..ControlConfig::default()
         });
         let mut nodes = Vec::new();
@@ -417,6 +419,7 @@ impl<'a> Simulation<'a> {
             lines: requests.len() as u32,
             invalid_lines: 0,
             requests,
+            best_effort_if_late: tenant.best_effort_if_late,
         };
         match self.control.submit(self.now, new) {
             Ok(view) => {

@@ -64,6 +64,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 lines: parsed.lines,
                 invalid_lines: parsed.line_errors.len() as u32,
                 requests: parsed.requests.iter().map(RequestMeta::from).collect(),
+                best_effort_if_late: false,
             },
         )
         .unwrap();

@@ -61,6 +61,14 @@ pub struct ServerArgs {
     /// Site power usage effectiveness (facility energy / IT energy).
     #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_PUE)]
     pue: f64,
+    /// Accept every batch, even those whose completion window the cluster cannot meet
+    /// (by default such batches of committed SLA classes are refused with the earliest
+    /// completion time that could be promised).
+    #[arg(long)]
+    no_admission: bool,
+    /// Share of the estimated capacity admission control counts on, in (0, 1].
+    #[arg(long, default_value_t = 0.9, value_parser = headroom)]
+    admission_headroom: f64,
 }
 
 #[derive(serde::Deserialize)]
@@ -110,6 +118,8 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             models,
             usd_per_kwh: a.usd_per_kwh,
             pue: a.pue,
+            admission: !a.no_admission,
+            admission_headroom: a.admission_headroom,
             ..ControlConfig::default()
         },
         limits: InputLimits {
@@ -317,4 +327,15 @@ pub async fn engine_emu(a: EmuArgs) -> anyhow::Result<()> {
     );
     tokenfab_engine_emu::serve(listener, emu, crate::shutdown_signal()).await?;
     Ok(())
+}
+
+fn headroom(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|e| format!("'{s}' is not a number: {e}"))?;
+    if x > 0.0 && x <= 1.0 {
+        Ok(x)
+    } else {
+        Err(format!(
+            "{x} is outside (0, 1]: it is the share of capacity to count on, e.g. 0.9"
+        ))
+    }
 }

@@ -72,6 +72,10 @@ pub struct SubmitArgs {
     /// Refuse the whole batch if any line is invalid (default: invalid lines fail alone).
     #[arg(long)]
     strict: bool,
+    /// If the cluster cannot promise the completion window (it refuses such batches and
+    /// says when it could finish), accept the batch as best-effort instead.
+    #[arg(long)]
+    best_effort_if_late: bool,
     /// Label stored with the batch, KEY=VALUE (repeatable).
     #[arg(long = "meta", value_parser = parse::key_value)]
     metadata: Vec<(String, String)>,
@@ -146,6 +150,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         sla_class: a.sla_class,
         metadata: a.metadata.into_iter().collect(),
         strict: a.strict,
+        best_effort_if_late: a.best_effort_if_late,
     };
     let resp = create(&mut client, options, input).await.map_err(rpc)?;
     print_created(&resp);

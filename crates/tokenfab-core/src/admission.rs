@@ -1,0 +1,184 @@
+//! Admission control: can a new batch meet its deadline, given the work already committed
+//! and the capacity that serves it?
+//!
+//! Work is measured in seconds of the model's whole capacity (every replica serving it):
+//! a batch's service time is its remaining output tokens over the capacity's output
+//! tokens per second for the batch's own mean prompt and output lengths (from the
+//! performance model at each replica's concurrency window). The scheduler serves committed
+//! batches earliest deadline first, so the check is EDF's: every committed batch, in
+//! deadline order, must finish its work and all the work ahead of it by its deadline, with
+//! capacity derated by a headroom factor (0.9 keeps a tenth in reserve for estimate error).
+//!
+//! A new batch is admitted when it meets its own deadline and makes no batch that would
+//! have met its deadline miss it. A refused batch is told the earliest completion time
+//! that could be promised: the smallest deadline at which it would be admitted.
+
+use crate::time::{Timestamp, secs};
+
+/// One committed batch as admission sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Work {
+    pub deadline: Timestamp,
+    /// Seconds of the model's whole capacity its remaining requests need.
+    pub service_s: f64,
+}
+
+/// The outcome of [`check`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    Admit,
+    /// Not by its deadline; `earliest` is the earliest later deadline that could be
+    /// admitted.
+    Refuse {
+        earliest: Timestamp,
+    },
+}
+
+/// Whether `new` can be admitted at `now` next to `committed` (in any order), with
+/// `headroom` (0 < headroom <= 1) of the capacity counted on.
+pub fn check(now: Timestamp, committed: &[Work], new: Work, headroom: f64) -> Verdict {
+    let h = headroom.clamp(1e-3, 1.0);
+    let mut ahead: Vec<Work> = committed.to_vec();
+    // Stable: batches with equal deadlines keep their order, and the new one goes last.
+    ahead.sort_by_key(|w| w.deadline);
+    let finish = |cum: f64| now.saturating_add(secs(cum / h));
+    // Where each committed batch finishes without the new one, and whether it is on time.
+    let mut cum = Vec::with_capacity(ahead.len() + 1);
+    cum.push(0.0);
+    for w in &ahead {
+        cum.push(cum.last().copied().unwrap_or(0.0) + w.service_s);
+    }
+    let on_time: Vec<bool> = ahead
+        .iter()
+        .zip(&cum[1..])
+        .map(|(w, &c)| finish(c) <= w.deadline)
+        .collect();
+    // Batches after position `p` are delayed by the new batch's work: those that were on
+    // time must stay so.
+    let later_ok = |p: usize| {
+        ahead[p..]
+            .iter()
+            .zip(&cum[p + 1..])
+            .zip(&on_time[p..])
+            .all(|((w, &c), &ok)| !ok || finish(c + new.service_s) <= w.deadline)
+    };
+    // The new batch in its own place: after every batch with a deadline at or before its.
+    let p = ahead.partition_point(|w| w.deadline <= new.deadline);
+    if finish(cum[p] + new.service_s) <= new.deadline && later_ok(p) {
+        return Verdict::Admit;
+    }
+    // The earliest later deadline that works: try each place from its own on.
+    for p in p..=ahead.len() {
+        let done = finish(cum[p] + new.service_s);
+        let after = if p == 0 { now } else { ahead[p - 1].deadline };
+        let deadline = done.max(after).max(new.deadline);
+        let fits_here = ahead.get(p).is_none_or(|w| deadline < w.deadline);
+        if fits_here && later_ok(p) {
+            return Verdict::Refuse { earliest: deadline };
+        }
+    }
+    unreachable!("the last place delays no batch")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_micros(1_000_000_000);
+
+    fn at(s: u64) -> Timestamp {
+        T0.saturating_add(std::time::Duration::from_secs(s))
+    }
+    fn work(deadline_s: u64, service_s: f64) -> Work {
+        Work {
+            deadline: at(deadline_s),
+            service_s,
+        }
+    }
+
+    #[test]
+    fn an_empty_cluster_admits_what_fits_and_names_the_earliest_time_otherwise() {
+        assert_eq!(check(T0, &[], work(100, 100.0), 1.0), Verdict::Admit);
+        assert_eq!(
+            check(T0, &[], work(100, 90.0), 0.9),
+            Verdict::Admit,
+            "90 s at 90% of capacity take 100 s"
+        );
+        assert_eq!(
+            check(T0, &[], work(100, 150.0), 1.0),
+            Verdict::Refuse { earliest: at(150) }
+        );
+        assert_eq!(
+            check(T0, &[], work(100, 90.0), 0.5),
+            Verdict::Refuse { earliest: at(180) }
+        );
+    }
+
+    #[test]
+    fn work_ahead_counts_and_work_behind_must_stay_on_time() {
+        // 60 s due at 100: a new batch of 30 s due at 80 goes first and fits.
+        assert_eq!(check(T0, &[work(100, 60.0)], work(80, 30.0), 1.0), Verdict::Admit);
+        // ... but 50 s due at 80 would push the committed one to 110, past its 100.
+        // Behind it instead, the new batch finishes at 110.
+        assert_eq!(
+            check(T0, &[work(100, 60.0)], work(80, 50.0), 1.0),
+            Verdict::Refuse { earliest: at(110) }
+        );
+        // Due after the committed batch: it waits for it.
+        assert_eq!(check(T0, &[work(100, 60.0)], work(200, 50.0), 1.0), Verdict::Admit);
+        assert_eq!(
+            check(T0, &[work(100, 60.0)], work(100, 50.0), 1.0),
+            Verdict::Refuse { earliest: at(110) }
+        );
+    }
+
+    #[test]
+    fn a_batch_that_is_late_anyway_does_not_block_others() {
+        // The committed batch misses its deadline whatever happens (200 s due at 100).
+        let late = work(100, 200.0);
+        // A new batch due after it still only has to meet its own deadline.
+        assert_eq!(check(T0, &[late], work(300, 50.0), 1.0), Verdict::Admit);
+        assert_eq!(
+            check(T0, &[late], work(220, 50.0), 1.0),
+            Verdict::Refuse { earliest: at(250) }
+        );
+    }
+
+    #[test]
+    fn the_earliest_time_is_admitted_when_asked_for() {
+        let committed = [work(50, 40.0), work(120, 30.0), work(400, 100.0)];
+        let mut refused = 0;
+        for (deadline, service) in [
+            (60, 30.0),
+            (100, 45.0),
+            (130, 80.0),
+            (10, 5.0),
+            (500, 300.0),
+            (200, 300.0),
+        ] {
+            if let Verdict::Refuse { earliest } = check(T0, &committed, work(deadline, service), 1.0) {
+                refused += 1;
+                assert!(earliest > at(deadline));
+                let retry = Work {
+                    deadline: earliest,
+                    service_s: service,
+                };
+                assert_eq!(
+                    check(T0, &committed, retry, 1.0),
+                    Verdict::Admit,
+                    "refused ({deadline}, {service}) with earliest {earliest}, which is refused too"
+                );
+                let sooner = Work {
+                    deadline: Timestamp::from_micros(earliest.as_micros() - 1_000_000),
+                    service_s: service,
+                };
+                assert_ne!(
+                    check(T0, &committed, sooner, 1.0),
+                    Verdict::Admit,
+                    "a second sooner is admitted"
+                );
+            }
+        }
+        assert!(refused >= 3, "the cases exercise refusals: {refused}");
+    }
+}
