@@ -50,6 +50,8 @@ pub struct SweepRow {
     pub cost_usd: f64,
     pub cost_per_million_output_tokens_usd: f64,
     pub sla_attainment: f64,
+    /// Share of arrived requests refused (admission control).
+    pub refused_share: f64,
     pub completion_p99_s: f64,
     pub utilization: f64,
     pub meets_sla: bool,
@@ -197,6 +199,7 @@ pub fn run(
             cost_usd: r.cost.total_usd,
             cost_per_million_output_tokens_usd: r.cost.per_million_output_tokens_usd,
             sla_attainment: r.batches.sla_attainment,
+            refused_share: r.requests.refused as f64 / r.requests.arrived.max(1) as f64,
             completion_p99_s: r.batches.completion_s.p99,
             utilization: r.utilization,
             meets_sla: r.batches.sla_attainment >= sla_target && r.requests.refused == 0,
@@ -235,7 +238,7 @@ impl Sweep {
             .unwrap_or_default();
         writeln!(
             f,
-            "{}{}devices,output_tokens_per_s,output_tokens_per_joule,cost_usd,cost_per_million_output_tokens_usd,sla_attainment,completion_p99_s,utilization,meets_sla",
+            "{}{}devices,output_tokens_per_s,output_tokens_per_joule,cost_usd,cost_per_million_output_tokens_usd,sla_attainment,refused_share,completion_p99_s,utilization,meets_sla",
             names.join(","),
             if names.is_empty() { "" } else { "," }
         )?;
@@ -243,7 +246,7 @@ impl Sweep {
             let vals: Vec<&str> = r.params.iter().map(|p| p.1.as_str()).collect();
             writeln!(
                 f,
-                "{}{}{},{:.1},{:.4},{:.4},{:.6},{:.6},{:.2},{:.4},{}",
+                "{}{}{},{:.1},{:.4},{:.4},{:.6},{:.6},{:.6},{:.2},{:.4},{}",
                 vals.join(","),
                 if vals.is_empty() { "" } else { "," },
                 r.devices,
@@ -252,6 +255,7 @@ impl Sweep {
                 r.cost_usd,
                 r.cost_per_million_output_tokens_usd,
                 r.sla_attainment,
+                r.refused_share,
                 r.completion_p99_s,
                 r.utilization,
                 r.meets_sla

@@ -174,6 +174,7 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
             "$ / 1M out",
             "total $",
             "on time",
+            "refused",
             "p99 done",
             "SLA",
         ]
@@ -196,6 +197,7 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
             format!("{:.4}", r.cost_per_million_output_tokens_usd),
             format!("{:.2}", r.cost_usd),
             format!("{:.2}%", r.sla_attainment * 100.0),
+            format!("{:.2}%", r.refused_share * 100.0),
             format!("{:.0} s", r.completion_p99_s),
             mark.to_string(),
         ] {
