@@ -1,0 +1,196 @@
+//! Admission control and best-effort work, end to end with real processes on loopback:
+//! one control plane, one agent, one engine emulator (standing in for an H100, at 20x
+//! time). A batch whose completion window cannot be met is refused with the earliest
+//! completion the cluster could promise, or accepted as best-effort when the tenant asks;
+//! committed work overtakes queued best-effort work, which still completes.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokenfab_proto::v1 as pb;
+
+const TENANT: &str = "acme-token";
+const AGENT: &str = "agent-token";
+
+fn batch(prefix: &str, n: usize, max_tokens: u32) -> Vec<u8> {
+    (0..n)
+        .map(|i| chat_line(&format!("{prefix}-{i:05}"), max_tokens))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
+fn options(window_s: u64, class: &str, best_effort_if_late: bool) -> Option<pb::BatchOptions> {
+    Some(pb::BatchOptions {
+        model: "llama-3.1-8b".into(),
+        completion_window_seconds: window_s,
+        sla_class: class.into(),
+        best_effort_if_late,
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yields() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Proc::spawn(
+        "server",
+        dir.path(),
+        &[
+            "server",
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tenant",
+            &format!("acme={TENANT}"),
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", AGENT)],
+    );
+    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
+    let emu_port = free_port();
+    let mut emu = Proc::spawn(
+        "emu",
+        dir.path(),
+        &[
+            "engine-emu",
+            "--listen",
+            &format!("127.0.0.1:{emu_port}"),
+            "--time-scale",
+            "20",
+        ],
+        &[],
+    );
+    wait_tcp(
+        format!("127.0.0.1:{emu_port}").parse().unwrap(),
+        Duration::from_secs(20),
+        &mut [&mut emu],
+    );
+    let agent = Proc::spawn(
+        "agent",
+        dir.path(),
+        &[
+            "agent",
+            "--control",
+            &format!("http://{addr}"),
+            "--node",
+            "node0",
+            "--replica",
+            &format!("url=http://127.0.0.1:{emu_port},model=llama-3.1-8b,window=32"),
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", AGENT)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent.log().contains("registered") {
+        assert!(Instant::now() < deadline, "agent did not register:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = tenant_client(addr, TENANT).await;
+
+    // 20,000 requests of 2,000 output tokens cannot finish on one H100 in a minute.
+    let huge = batch("huge", 20_000, 2000);
+    let err = client
+        .create_batch(pb::CreateBatchRequest {
+            options: options(60, "", false),
+            input_jsonl: huge.clone().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains("cannot complete within its 1m window"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("earliest completion"), "{}", err.message());
+    let earliest_ms: i64 = err
+        .metadata()
+        .get("tokenfab-earliest-completion-unix-ms")
+        .expect("the earliest time travels as metadata")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        earliest_ms > now_ms + 60_000,
+        "earliest {earliest_ms} is not after the asked minute"
+    );
+
+    // Asked to, the cluster takes it as best-effort instead (then the tenant cancels it).
+    let accepted = client
+        .create_batch(pb::CreateBatchRequest {
+            options: options(60, "", true),
+            input_jsonl: huge.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap();
+    assert_eq!(accepted.sla_class, "best-effort");
+    client
+        .cancel_batch(pb::CancelBatchRequest { batch_id: accepted.id })
+        .await
+        .unwrap();
+
+    // Best-effort work queued first; committed work submitted after overtakes it.
+    let be = client
+        .create_batch(pb::CreateBatchRequest {
+            options: options(3600, "best-effort", false),
+            input_jsonl: batch("be", 600, 200).into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+        .id;
+    let committed = client
+        .create_batch(pb::CreateBatchRequest {
+            options: options(3600, "", false),
+            input_jsonl: batch("std", 200, 50).into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+        .id;
+    let mut done = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.len() < 2 {
+        for id in [&be, &committed] {
+            let b = client
+                .get_batch(pb::GetBatchRequest { batch_id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if is_final(&b) {
+                assert_eq!(b.status, pb::BatchStatus::Completed as i32, "{b:?}");
+                done.entry(id.clone()).or_insert(b.completed_at_unix_ms);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batches not done:\n{}\n{}",
+            server.log(),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        done[&committed] < done[&be],
+        "the committed batch finished at {} ms, after the best-effort one ({} ms)",
+        done[&committed],
+        done[&be]
+    );
+}
