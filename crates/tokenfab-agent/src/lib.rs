@@ -444,6 +444,7 @@ impl Shell {
                     device_indices: r.devices.clone(),
                     engine_url: r.engine_url.clone(),
                     max_concurrency: r.max_concurrency,
+                    window: r.window,
                 })
                 .collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),

@@ -160,6 +160,7 @@ pub fn registration(r: pb::RegisterRequest) -> Result<NodeRegistration, Status> 
                 model: ModelId::new(p.model),
                 devices: p.device_indices,
                 max_concurrency: p.max_concurrency,
+                window: p.window,
             })
             .collect(),
         // The wire registration carries no price: the catalog's applies.

@@ -45,6 +45,9 @@ pub struct ControlConfig {
     /// SLA classes without a commitment: never refused for lack of capacity, and served
     /// only when no committed work is waiting.
     pub best_effort_classes: BTreeSet<String>,
+    /// Tenants' shares of spare capacity (default 1): best-effort work is handed out by
+    /// weighted fair queueing over the output tokens each tenant has been given.
+    pub tenant_weights: BTreeMap<TenantId, f64>,
 }
 
 impl Default for ControlConfig {
@@ -64,6 +67,7 @@ impl Default for ControlConfig {
             // H100 node; 0.8 none (tokenfab sim sweep ... --vary policies.admission_headroom).
             admission_headroom: 0.8,
             best_effort_classes: ["best-effort".to_string()].into_iter().collect(),
+            tenant_weights: BTreeMap::new(),
         }
     }
 }
@@ -155,6 +159,8 @@ pub struct NodeReplica {
     pub model: ModelId,
     pub devices: Vec<u32>,
     pub max_concurrency: u32,
+    /// The agent's concurrency window on the replica (0: unknown, `max_concurrency` used).
+    pub window: u32,
 }
 
 /// A node announcing itself.
@@ -344,6 +350,9 @@ pub struct ControlCore {
     nodes: BTreeMap<NodeId, Node>,
     next_batch: u64,
     next_unit: u64,
+    /// Weighted fair queueing of best-effort work: output tokens handed out per tenant,
+    /// divided by its weight (the tenant's virtual time).
+    tenant_vt: BTreeMap<TenantId, f64>,
     /// Leases waiting for work, per model, oldest first; their deadlines; their models.
     parked: BTreeMap<ModelId, VecDeque<Parked>>,
     parked_until: BTreeSet<(Timestamp, u64)>,
@@ -384,6 +393,7 @@ impl ControlCore {
             nodes: BTreeMap::new(),
             next_batch: 1,
             next_unit: 1,
+            tenant_vt: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_until: BTreeSet::new(),
             parked_model: BTreeMap::new(),
@@ -749,6 +759,45 @@ impl ControlCore {
         Ok(self.batches[&id].view())
     }
 
+    /// Charges (or, negative, refunds) `requests` of batch `id` to its tenant's virtual
+    /// time, at the batch's mean output tokens per request: best-effort work is charged
+    /// when leased (agents run what they leased, even for a batch that expired meanwhile)
+    /// and refunded when it goes back on the queue.
+    fn charge(&mut self, id: BatchId, requests: f64) {
+        let Some(b) = self.batches.get(&id).filter(|b| b.rank > 0) else {
+            return;
+        };
+        let tokens = b.output_tokens as f64 * requests / f64::from(b.meta.requests.max(1));
+        let weight = self
+            .config
+            .tenant_weights
+            .get(&b.meta.tenant)
+            .copied()
+            .unwrap_or(1.0)
+            .max(1e-6);
+        *self.tenant_vt.entry(b.meta.tenant.clone()).or_default() += tokens / weight;
+    }
+
+    /// The queued batch of `model` to lease from next: committed batches earliest
+    /// deadline first; then the best-effort batch of the tenant with the least virtual
+    /// time (weighted fair queueing), earliest deadline first within a tenant.
+    fn next_to_lease(&self, model: &ModelId) -> Option<(u8, Timestamp, BatchId)> {
+        let q = self.queues.get(model)?;
+        let first = *q.first()?;
+        if first.0 == 0 {
+            return Some(first);
+        }
+        q.iter()
+            .min_by(|a, b| {
+                let vt = |k: &(u8, Timestamp, BatchId)| {
+                    let tenant = &self.batches[&k.2].meta.tenant;
+                    self.tenant_vt.get(tenant).copied().unwrap_or(0.0)
+                };
+                vt(a).total_cmp(&vt(b)).then(a.cmp(b))
+            })
+            .copied()
+    }
+
     /// 0 for a committed SLA class, 1 for a best-effort one.
     fn rank(&self, class: &str) -> u8 {
         u8::from(self.config.best_effort_classes.contains(class))
@@ -891,7 +940,8 @@ impl ControlCore {
                 let accelerator = &reg.devices.iter().find(|d| d.index == *first)?.accelerator;
                 let tp = r.devices.len() as u32;
                 let perf = crate::perf::ReplicaPerf::new(&r.model, accelerator, tp).ok()?;
-                Some((r.model.clone(), perf, r.max_concurrency.max(1)))
+                let window = if r.window > 0 { r.window } else { r.max_concurrency };
+                Some((r.model.clone(), perf, window.max(1)))
             })
             .collect();
         let old = self.nodes.insert(
@@ -949,38 +999,38 @@ impl ControlCore {
         let unit = WorkUnitId(self.next_unit);
         let mut items = Vec::new();
         let mut started = Vec::new();
-        let mut drained = Vec::new();
-        if let Some(queue) = self.queues.get(model) {
-            for &(rank, deadline, id) in queue.iter() {
-                if items.len() as u32 >= max {
+        while (items.len() as u32) < max {
+            let Some(key) = self.next_to_lease(model) else { break };
+            let (rank, _, id) = key;
+            let b = self.batches.get_mut(&id).expect("queued batches exist");
+            // Committed work goes in deadline order, whole; best-effort work in small
+            // chunks, so that tenants take turns.
+            let room = max - items.len() as u32;
+            let take = if rank == 0 { room } else { room.min(BEST_EFFORT_CHUNK) };
+            let mut n = 0;
+            while n < take {
+                let Some(i) = b.pending.pop_front() else {
                     break;
-                }
-                let b = self.batches.get_mut(&id).expect("queued batches exist");
-                while (items.len() as u32) < max {
-                    let Some(i) = b.pending.pop_front() else {
-                        break;
-                    };
-                    let r = &mut b.requests[i as usize];
-                    r.slot = Slot::Leased(unit);
-                    r.attempts += 1;
-                    b.leased += 1;
-                    items.push(LeasedItem {
-                        req: RequestRef { batch: id, index: i },
-                        attempt: r.attempts,
-                    });
-                }
-                if b.life.status() == BatchStatus::Queued {
-                    b.life.start(now).expect("queued batches can start");
-                    started.push(id);
-                }
-                if b.pending.is_empty() {
-                    drained.push((rank, deadline, id));
-                }
+                };
+                let r = &mut b.requests[i as usize];
+                r.slot = Slot::Leased(unit);
+                r.attempts += 1;
+                b.leased += 1;
+                n += 1;
+                items.push(LeasedItem {
+                    req: RequestRef { batch: id, index: i },
+                    attempt: r.attempts,
+                });
             }
-        }
-        if let Some(queue) = self.queues.get_mut(model) {
-            for k in drained {
-                queue.remove(&k);
+            if b.life.status() == BatchStatus::Queued {
+                b.life.start(now).expect("queued batches can start");
+                started.push(id);
+            }
+            let drained = b.pending.is_empty();
+            self.charge(id, f64::from(n));
+            // Drained (or, defensively, found empty): off the queue.
+            if drained && let Some(q) = self.queues.get_mut(model) {
+                q.remove(&key);
             }
         }
         for id in started {
@@ -1104,6 +1154,7 @@ impl ControlCore {
             r.attempts = r.attempts.saturating_sub(1);
             b.leased -= 1;
             b.pending.push_front(req.index);
+            self.charge(req.batch, -1.0);
             self.close_unit_item(unit);
         }
         if !recorded.is_empty() {
@@ -1162,6 +1213,28 @@ impl ControlCore {
         b.requests.get(req.index as usize).map(|r| r.slot)
     }
 
+    /// A tenant that had no best-effort work queued starts where the busiest waiting
+    /// tenants are, so that idle time does not turn into credit (start-time fair queueing).
+    fn activate(&mut self, model: &ModelId, tenant: &TenantId) {
+        let Some(q) = self.queues.get(model) else { return };
+        let waiting: BTreeSet<&TenantId> = q
+            .iter()
+            .filter(|k| k.0 > 0)
+            .map(|k| &self.batches[&k.2].meta.tenant)
+            .collect();
+        if waiting.contains(tenant) {
+            return;
+        }
+        let floor = waiting
+            .iter()
+            .map(|t| self.tenant_vt.get(*t).copied().unwrap_or(0.0))
+            .min_by(f64::total_cmp);
+        if let Some(floor) = floor {
+            let vt = self.tenant_vt.entry(tenant.clone()).or_default();
+            *vt = vt.max(floor);
+        }
+    }
+
     /// Puts a batch on its model's queue and the deadline list, as its state requires.
     fn track(&mut self, id: BatchId) {
         let b = &self.batches[&id];
@@ -1171,10 +1244,14 @@ impl ControlCore {
         }
         self.deadlines.insert((b.meta.deadline, id));
         if !b.pending.is_empty() && matches!(status, BatchStatus::Queued | BatchStatus::InProgress) {
+            let (rank, tenant, model) = (b.rank, b.meta.tenant.clone(), b.meta.model.clone());
+            if rank > 0 {
+                self.activate(&model, &tenant);
+            }
             self.queues
-                .entry(b.meta.model.clone())
+                .entry(model)
                 .or_default()
-                .insert((b.rank, b.meta.deadline, id));
+                .insert((rank, self.batches[&id].meta.deadline, id));
         }
     }
 
@@ -1234,6 +1311,7 @@ impl ControlCore {
             r.slot = Slot::Pending;
             b.leased -= 1;
             b.pending.push_front(req.index);
+            self.charge(req.batch, -1.0);
             self.close_unit_item(unit);
             self.track(req.batch);
             self.stats.requests_retried += 1;
@@ -1302,6 +1380,7 @@ impl ControlCore {
                 r.slot = Slot::Pending;
                 b.pending.push_front(req.index);
                 self.stats.requests_retried += 1;
+                self.charge(req.batch, -1.0);
             }
         }
         if !recorded.is_empty() {
@@ -1405,6 +1484,9 @@ fn cancelled_outcome() -> Outcome {
 fn join<'a>(items: impl Iterator<Item = impl std::fmt::Display + 'a>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
+
+/// Requests of one best-effort batch handed out before tenants are compared again.
+const BEST_EFFORT_CHUNK: u32 = 8;
 
 /// Output tokens a request without `max_tokens` is assumed to ask for, for admission.
 pub const OUTPUT_TOKENS_ESTIMATE: u32 = 256;
@@ -1878,7 +1960,8 @@ mod tests {
             replica: crate::ids::ReplicaId::from("r0"),
             model: model(),
             devices: vec![0],
-            max_concurrency: 64,
+            max_concurrency: 256,
+            window: 64,
         });
         r
     }
@@ -1955,6 +2038,41 @@ mod tests {
             [committed, committed, be],
             "best-effort waits despite its earlier deadline"
         );
+    }
+
+    #[test]
+    fn best_effort_capacity_is_shared_by_tenant_weight() {
+        let mut core = ControlCore::new(ControlConfig {
+            tenant_weights: [(tenant("big"), 2.0), (tenant("small"), 1.0)].into_iter().collect(),
+            ..ControlConfig::default()
+        });
+        core.register(T0, registration("a"));
+        let be = |who: &str| {
+            let mut b = new_batch(who, 3000);
+            b.sla_class = Some("best-effort".into());
+            b
+        };
+        let big = core.submit(T0, be("big")).unwrap().meta.id;
+        let small = core.submit(T0, be("small")).unwrap().meta.id;
+        let mut count = BTreeMap::new();
+        for _ in 0..30 {
+            let g = core.lease(T0, &node("a"), &model(), 60).unwrap().unwrap();
+            for i in g.items {
+                *count.entry(i.req.batch).or_insert(0u32) += 1;
+            }
+        }
+        let (b, s) = (count[&big], count[&small]);
+        assert_eq!(b + s, 1800);
+        assert!((f64::from(b) / f64::from(s) - 2.0).abs() < 0.05, "{b} : {s}");
+        // A tenant arriving now starts level with the others, not with a head start.
+        let late = core.submit(T0, be("late")).unwrap().meta.id;
+        let g = core.lease(T0, &node("a"), &model(), 48).unwrap().unwrap();
+        let late_n = g.items.iter().filter(|i| i.req.batch == late).count();
+        assert!(late_n <= 24, "{late_n} of 48 went to the newcomer");
+        // Committed work still comes first.
+        let committed = core.submit(T0, new_batch("small", 5)).unwrap().meta.id;
+        let g = core.lease(T0, &node("a"), &model(), 5).unwrap().unwrap();
+        assert!(g.items.iter().all(|i| i.req.batch == committed));
     }
 
     #[test]

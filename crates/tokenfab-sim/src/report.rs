@@ -75,6 +75,7 @@ pub struct Collector {
     batches: Vec<BatchRecord>,
     arrived_batches: Vec<u64>,
     arrived_requests: Vec<u64>,
+    served_tokens: Vec<u64>,
     arrived_output_tokens: u64,
     arrived_prompt_tokens: u64,
     refused: Vec<(usize, usize, String)>,
@@ -132,6 +133,7 @@ impl Collector {
             batches: Vec::new(),
             arrived_batches: vec![0; n],
             arrived_requests: vec![0; n],
+            served_tokens: vec![0; n],
             arrived_output_tokens: 0,
             arrived_prompt_tokens: 0,
             refused: Vec::new(),
@@ -147,6 +149,13 @@ impl Collector {
 
     pub(crate) fn set_seed(&mut self, seed: u64) {
         self.seed = seed;
+    }
+
+    /// An engine finished `tokens` output tokens for `tenant` at `now`.
+    pub(crate) fn served(&mut self, tenant: usize, tokens: u32, now: Timestamp) {
+        if now.as_secs_f64() <= self.arrivals_s {
+            self.served_tokens[tenant] += u64::from(tokens);
+        }
     }
 
     pub(crate) fn arrived(&mut self, tenant: usize, requests: &[RequestShape]) {
@@ -249,6 +258,7 @@ impl Collector {
                     batches: self.arrived_batches[i],
                     requests: self.arrived_requests[i],
                     output_tokens: mine.iter().map(|b| b.usage.completion_tokens).sum(),
+                    served_output_tokens: self.served_tokens[i],
                     sla_attainment: attainment(&mine),
                     refused_batches: self.refused.iter().filter(|r| r.0 == i).count() as u64,
                 }
@@ -416,7 +426,12 @@ pub struct TenantReport {
     pub name: String,
     pub batches: u64,
     pub requests: u64,
+    /// Output tokens of the tenant's completed requests.
     pub output_tokens: u64,
+    /// Output tokens the engines generated for the tenant while batches were arriving
+    /// (simulated time up to `duration`), whether or not their batch then completed: the
+    /// tenant's share of capacity, for fairness under contention.
+    pub served_output_tokens: u64,
     pub sla_attainment: f64,
     pub refused_batches: u64,
 }

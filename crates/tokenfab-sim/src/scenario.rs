@@ -173,6 +173,9 @@ pub struct Tenant {
     /// best-effort instead of losing it.
     #[serde(default)]
     pub best_effort_if_late: bool,
+    /// Share of spare (best-effort) capacity relative to other tenants.
+    #[serde(default = "one_f")]
+    pub weight: f64,
 }
 
 fn default_batch_size() -> Dist {
@@ -581,6 +584,12 @@ impl Scenario {
                     }
                 }
                 _ => {}
+            }
+            if !(t.weight.is_finite() && t.weight > 0.0) {
+                return err(
+                    at("weight"),
+                    format!("is {}; must be above 0 (1 is the default share)", t.weight),
+                );
             }
             for (name, d) in [
                 ("batch_size", &t.batch_size),

@@ -114,6 +114,13 @@ pub struct Simulation<'a> {
     workload: Workload,
     arrivals_done: bool,
     batches: FastMap<BatchId, LiveBatch>,
+    /// Tenant of every batch ever admitted (engines may finish work of ended batches).
+    tenant_of: FastMap<BatchId, usize>,
+    /// Requests of each batch handed to agents and not yet answered by an engine or
+    /// released: an agent runs them even after their batch ended, as the live one does.
+    outstanding: FastMap<BatchId, u32>,
+    /// Request shapes of ended batches that agents still hold requests of.
+    ended_shapes: FastMap<BatchId, Vec<RequestShape>>,
     /// Unit of every request running on an engine, by engine request id.
     running: FastMap<u64, WorkUnitId>,
     rtt: Duration,
@@ -159,6 +166,12 @@ impl<'a> Simulation<'a> {
             max_completion_window: Duration::from_secs(365 * 86400),
             admission: scenario.policies.admission,
             admission_headroom: scenario.policies.admission_headroom,
+            tenant_weights: scenario
+                .workload
+                .tenants
+                .iter()
+                .map(|t| (TenantId::new(t.name.clone()), t.weight))
+                .collect(),
             ..ControlConfig::default()
         });
         let mut nodes = Vec::new();
@@ -201,6 +214,7 @@ impl<'a> Simulation<'a> {
                             model: model.clone(),
                             devices,
                             max_concurrency: max_num_seqs,
+                            window,
                         });
                         specs.push(ReplicaSpec {
                             id: rid,
@@ -270,6 +284,9 @@ impl<'a> Simulation<'a> {
             workload,
             arrivals_done: false,
             batches: FastMap::default(),
+            tenant_of: FastMap::default(),
+            outstanding: FastMap::default(),
+            ended_shapes: FastMap::default(),
             running: FastMap::default(),
             rtt: scenario.policies.control_rtt,
             replies: VecDeque::new(),
@@ -287,6 +304,24 @@ impl<'a> Simulation<'a> {
         sim.push(Timestamp::ZERO, Kind::Series);
         sim.dirty_agents = (0..sim.nodes.len()).collect();
         Ok(sim)
+    }
+
+    /// Requests of `grant` are now held by an agent.
+    fn granted(&mut self, grant: &LeaseGrant) {
+        for i in &grant.items {
+            *self.outstanding.entry(i.req.batch).or_default() += 1;
+        }
+    }
+
+    /// A held request was answered or given back.
+    fn answered(&mut self, batch: BatchId) {
+        if let Some(n) = self.outstanding.get_mut(&batch) {
+            *n -= 1;
+            if *n == 0 {
+                self.outstanding.remove(&batch);
+                self.ended_shapes.remove(&batch);
+            }
+        }
     }
 
     /// A reply to agent `n`, arriving at `at` (now + the round-trip time).
@@ -424,6 +459,7 @@ impl<'a> Simulation<'a> {
         match self.control.submit(self.now, new) {
             Ok(view) => {
                 self.collector.arrived(a.tenant, &a.requests);
+                self.tenant_of.insert(view.meta.id, a.tenant);
                 self.batches.insert(
                     view.meta.id,
                     LiveBatch {
@@ -448,6 +484,10 @@ impl<'a> Simulation<'a> {
                 continue;
             };
             let req = request_ref(f.id);
+            self.answered(req.batch);
+            if let Some(&t) = self.tenant_of.get(&req.batch) {
+                self.collector.served(t, f.completion_tokens, self.now);
+            }
             let (node, replica) = self.owner(e);
             let reply = EngineReply::Answered {
                 status_code: 200,
@@ -514,6 +554,9 @@ impl<'a> Simulation<'a> {
                     // The call was made a while ago; only the answer travels now. All
                     // replies take the same time, so they stay in order.
                     let at = self.now.saturating_add(self.rtt);
+                    if let Some(g) = &grant {
+                        self.granted(g);
+                    }
                     self.send(at, n, Reply::Lease(model, grant));
                     continue;
                 }
@@ -525,6 +568,9 @@ impl<'a> Simulation<'a> {
                 continue;
             }
             if let Some(b) = self.batches.remove(&id) {
+                if self.outstanding.contains_key(&id) {
+                    self.ended_shapes.insert(id, b.shapes);
+                }
                 self.collector.ended(BatchRecord {
                     tenant: b.tenant,
                     sla_class: view.meta.sla_class.clone(),
@@ -562,7 +608,10 @@ impl<'a> Simulation<'a> {
                         .lease_or_wait(now, &self.nodes[n].id, &model, max, until, ticket)
                         .expect("simulated nodes are registered");
                     match answer {
-                        LeaseAnswer::Granted(g) => self.send(at, n, Reply::Lease(model, Some(g))),
+                        LeaseAnswer::Granted(g) => {
+                            self.granted(&g);
+                            self.send(at, n, Reply::Lease(model, Some(g)));
+                        }
                         LeaseAnswer::Empty => self.send(at, n, Reply::Lease(model, None)),
                         LeaseAnswer::Waiting => {
                             self.waiting.insert(ticket, n);
@@ -574,7 +623,9 @@ impl<'a> Simulation<'a> {
                     let shape = self
                         .batches
                         .get(&item.req.batch)
-                        .and_then(|b| b.shapes.get(item.req.index as usize))
+                        .map(|b| &b.shapes)
+                        .or_else(|| self.ended_shapes.get(&item.req.batch))
+                        .and_then(|shapes| shapes.get(item.req.index as usize))
                         .copied();
                     let id = engine_id(item.req);
                     let submitted = shape.map(|s| self.engines[e].model.submit(now, id, s.prompt, s.output));
@@ -583,9 +634,10 @@ impl<'a> Simulation<'a> {
                             self.running.insert(id, unit);
                             self.dirty_engines.push(e);
                         }
-                        // The batch already ended (expired or cancelled), or the engine
-                        // refused the request: answer as the engine would.
+                        // The engine refused the request (or, defensively, its shape is
+                        // unknown): answer as the engine would.
                         other => {
+                            self.answered(item.req.batch);
                             let message = match other {
                                 Some(Err(err)) => err.to_string(),
                                 _ => "batch no longer running".into(),
@@ -628,6 +680,9 @@ impl<'a> Simulation<'a> {
                     self.nodes[n].agent.device_sample(now, readings);
                 }
                 AgentAction::Release { unit, items } => {
+                    for r in &items {
+                        self.answered(r.batch);
+                    }
                     let _ = self.control.release(now, &self.nodes[n].id, unit, &items);
                 }
             }

@@ -74,7 +74,17 @@ pub struct ServerArgs {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantsFile {
-    tenants: Vec<TenantToken>,
+    tenants: Vec<TenantEntry>,
+}
+
+/// A `[[tenants]]` table of the tenants file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantEntry {
+    name: String,
+    token: String,
+    /// Share of spare (best-effort) capacity relative to other tenants; default 1.
+    weight: Option<f64>,
 }
 
 pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
@@ -83,12 +93,28 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, token)| TenantToken { name, token })
         .collect();
+    let mut weights = std::collections::BTreeMap::new();
     if let Some(path) = &a.tenants_file {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read --tenants-file {}", path.display()))?;
         let file: TenantsFile =
             toml::from_str(&text).with_context(|| format!("--tenants-file {} is not valid", path.display()))?;
-        tenants.extend(file.tenants);
+        for t in file.tenants {
+            if let Some(w) = t.weight {
+                if !(w.is_finite() && w > 0.0) {
+                    bail!(
+                        "--tenants-file {}: tenant '{}': weight {w} must be a number above 0 (1 is the default share)",
+                        path.display(),
+                        t.name
+                    );
+                }
+                weights.insert(tokenfab_core::TenantId::new(t.name.clone()), w);
+            }
+            tenants.push(TenantToken {
+                name: t.name,
+                token: t.token,
+            });
+        }
     }
     if tenants.is_empty() {
         bail!("no tenant configured: add --tenant NAME=TOKEN or --tenants-file FILE, or nobody can submit batches");
@@ -120,6 +146,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             pue: a.pue,
             admission: !a.no_admission,
             admission_headroom: a.admission_headroom,
+            tenant_weights: weights,
             ..ControlConfig::default()
         },
         limits: InputLimits {
