@@ -7,7 +7,7 @@
 //! performance model at each replica's concurrency window). The scheduler serves committed
 //! batches earliest deadline first, so the check is EDF's: every committed batch, in
 //! deadline order, must finish its work and all the work ahead of it by its deadline, with
-//! capacity derated by a headroom factor (the default 0.8 keeps a fifth in reserve for the
+//! capacity derated by a headroom factor (the default 0.9 keeps a tenth in reserve for the
 //! error of the estimate: continuous batching rarely keeps every window full).
 //!
 //! A new batch is admitted when it meets its own deadline and makes no batch that would

@@ -67,7 +67,7 @@ pub struct ServerArgs {
     #[arg(long)]
     no_admission: bool,
     /// Share of the estimated capacity admission control counts on, in (0, 1].
-    #[arg(long, default_value_t = 0.8, value_parser = headroom)]
+    #[arg(long, default_value_t = 0.9, value_parser = headroom)]
     admission_headroom: f64,
 }
 
