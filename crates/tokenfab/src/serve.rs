@@ -34,7 +34,8 @@ pub struct ServerArgs {
     /// A tenant and its bearer token, NAME=TOKEN (repeatable).
     #[arg(long = "tenant", value_parser = parse::key_value)]
     tenants: Vec<(String, String)>,
-    /// A TOML file of tenants: `[[tenants]]` tables with `name` and `token`.
+    /// A TOML file of tenants: `[[tenants]]` tables with `name`, `token` and optionally
+    /// `weight` (share of best-effort capacity relative to other tenants, default 1).
     #[arg(long)]
     tenants_file: Option<PathBuf>,
     /// Token agents must present.
