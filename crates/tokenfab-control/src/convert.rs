@@ -104,6 +104,9 @@ pub fn submit_error(e: SubmitError) -> Status {
             Status::invalid_argument(format!("options.completion_window_seconds: {e}"))
         }
         SubmitError::NoRequests => Status::invalid_argument(e.to_string()),
+        SubmitError::TooManyBatches { .. } | SubmitError::TokenQuota { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
         SubmitError::Late { earliest, .. } => {
             let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(earliest.as_micros());
             let mut status = Status::resource_exhausted(format!(

@@ -48,6 +48,17 @@ pub struct ControlConfig {
     /// Tenants' shares of spare capacity (default 1): best-effort work is handed out by
     /// weighted fair queueing over the output tokens each tenant has been given.
     pub tenant_weights: BTreeMap<TenantId, f64>,
+    /// Tenants' quotas (none unless configured).
+    pub tenant_quotas: BTreeMap<TenantId, Quota>,
+}
+
+/// What one tenant may have in the system.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Quota {
+    /// Unfinished batches at once.
+    pub max_active_batches: Option<u32>,
+    /// Output tokens (as asked by `max_tokens`) submitted over any hour.
+    pub output_tokens_per_hour: Option<u64>,
 }
 
 impl Default for ControlConfig {
@@ -68,6 +79,7 @@ impl Default for ControlConfig {
             admission_headroom: 0.9,
             best_effort_classes: ["best-effort".to_string()].into_iter().collect(),
             tenant_weights: BTreeMap::new(),
+            tenant_quotas: BTreeMap::new(),
         }
     }
 }
@@ -99,6 +111,20 @@ pub enum SubmitError {
     WindowTooLong { asked_s: u64, max_s: u64 },
     #[error("the batch has no valid request")]
     NoRequests,
+    #[error(
+        "tenant '{tenant}' already has {active} unfinished batches, its quota; submit this one when one of them has finished (or cancel one)"
+    )]
+    TooManyBatches { tenant: TenantId, active: u32 },
+    #[error(
+        "tenant '{tenant}' may submit {quota} output tokens per hour: {used} were asked for in the last hour and this batch asks for {asked}; retry in {retry_in}, or split the batch"
+    )]
+    TokenQuota {
+        tenant: TenantId,
+        quota: u64,
+        used: u64,
+        asked: u64,
+        retry_in: String,
+    },
     #[error(
         "the batch cannot complete within its {window} window: with the work already committed on {model} and the capacity serving it, the earliest completion that can be promised is in {earliest_in}; ask for a completion window of at least {earliest_in}, or submit it as best-effort"
     )]
@@ -353,6 +379,8 @@ pub struct ControlCore {
     /// Weighted fair queueing of best-effort work: output tokens handed out per tenant,
     /// divided by its weight (the tenant's virtual time).
     tenant_vt: BTreeMap<TenantId, f64>,
+    /// Output tokens each tenant submitted, by time, over the last hour (for quotas).
+    submitted: BTreeMap<TenantId, VecDeque<(Timestamp, u64)>>,
     /// Leases waiting for work, per model, oldest first; their deadlines; their models.
     parked: BTreeMap<ModelId, VecDeque<Parked>>,
     parked_until: BTreeSet<(Timestamp, u64)>,
@@ -394,6 +422,7 @@ impl ControlCore {
             next_batch: 1,
             next_unit: 1,
             tenant_vt: BTreeMap::new(),
+            submitted: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_until: BTreeSet::new(),
             parked_model: BTreeMap::new(),
@@ -682,6 +711,7 @@ impl ControlCore {
             return Err(SubmitError::NoRequests);
         }
         let (output_tokens, prompt_tokens) = token_totals(&new.requests);
+        self.check_quota(now, &new.tenant, output_tokens)?;
         let mut sla_class = sla_class;
         let deadline = now.saturating_add(window);
         if self.config.admission
@@ -732,6 +762,12 @@ impl ControlCore {
             requests: new.requests,
         }));
         self.by_tenant.insert((meta.tenant.clone(), id));
+        if self.config.tenant_quotas.contains_key(&meta.tenant) {
+            self.submitted
+                .entry(meta.tenant.clone())
+                .or_default()
+                .push_back((now, output_tokens));
+        }
         self.batches.insert(
             id,
             Batch {
@@ -796,6 +832,59 @@ impl ControlCore {
                 vt(a).total_cmp(&vt(b)).then(a.cmp(b))
             })
             .copied()
+    }
+
+    /// Refuses a batch that would take `tenant` over its quota.
+    fn check_quota(&mut self, now: Timestamp, tenant: &TenantId, asked: u64) -> Result<(), SubmitError> {
+        let Some(quota) = self.config.tenant_quotas.get(tenant).copied() else {
+            return Ok(());
+        };
+        if let Some(max) = quota.max_active_batches {
+            let active = self
+                .deadlines
+                .iter()
+                .filter(|(_, id)| &self.batches[id].meta.tenant == tenant)
+                .count() as u32;
+            if active >= max {
+                return Err(SubmitError::TooManyBatches {
+                    tenant: tenant.clone(),
+                    active,
+                });
+            }
+        }
+        if let Some(per_hour) = quota.output_tokens_per_hour {
+            let hour = Duration::from_secs(3600);
+            let log = self.submitted.entry(tenant.clone()).or_default();
+            while log.front().is_some_and(|&(t, _)| now.since(t) >= hour) {
+                log.pop_front();
+            }
+            let used: u64 = log.iter().map(|&(_, n)| n).sum();
+            if used + asked > per_hour {
+                // When enough of the last hour's submissions age out.
+                let mut left = used + asked - per_hour.min(used + asked);
+                let mut at = now;
+                for &(t, n) in log.iter() {
+                    at = t.saturating_add(hour);
+                    left = left.saturating_sub(n);
+                    if left == 0 {
+                        break;
+                    }
+                }
+                let retry_in = if asked > per_hour {
+                    "never: the batch alone is over the hourly quota".to_string()
+                } else {
+                    crate::time::human(at.since(now))
+                };
+                return Err(SubmitError::TokenQuota {
+                    tenant: tenant.clone(),
+                    quota: per_hour,
+                    used,
+                    asked,
+                    retry_in,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// 0 for a committed SLA class, 1 for a best-effort one.
@@ -2073,6 +2162,36 @@ mod tests {
         let committed = core.submit(T0, new_batch("small", 5)).unwrap().meta.id;
         let g = core.lease(T0, &node("a"), &model(), 5).unwrap().unwrap();
         assert!(g.items.iter().all(|i| i.req.batch == committed));
+    }
+
+    #[test]
+    fn quotas_bound_unfinished_batches_and_tokens_per_hour() {
+        let quota = Quota {
+            max_active_batches: Some(2),
+            output_tokens_per_hour: Some(1000),
+        };
+        let mut core = ControlCore::new(ControlConfig {
+            tenant_quotas: [(tenant("acme"), quota)].into_iter().collect(),
+            ..ControlConfig::default()
+        });
+        // Two batches of 20 x 16 tokens; a third is one too many.
+        core.submit(T0, new_batch("acme", 20)).unwrap();
+        let second = core.submit(T0, new_batch("acme", 20)).unwrap().meta.id;
+        let e = core.submit(T0, new_batch("acme", 20)).unwrap_err();
+        assert!(matches!(e, SubmitError::TooManyBatches { active: 2, .. }), "{e}");
+        // Other tenants have no quota.
+        core.submit(T0, new_batch("other", 20)).unwrap();
+        // With one cancelled, 640 of 1000 tokens were asked for this hour: 400 more are too many.
+        core.cancel(T0, &tenant("acme"), second).unwrap();
+        let e = core.submit(T0, new_batch("acme", 25)).unwrap_err();
+        let SubmitError::TokenQuota { used, asked, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!((*used, *asked), (640, 400));
+        assert!(e.to_string().contains("retry in 1h"), "{e}");
+        // An hour later the first submissions have aged out.
+        let later = T0.saturating_add(Duration::from_secs(3600));
+        core.submit(later, new_batch("acme", 25)).unwrap();
     }
 
     #[test]

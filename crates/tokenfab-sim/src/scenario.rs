@@ -176,6 +176,12 @@ pub struct Tenant {
     /// Share of spare (best-effort) capacity relative to other tenants.
     #[serde(default = "one_f")]
     pub weight: f64,
+    /// Quota: unfinished batches at once (more are refused).
+    #[serde(default)]
+    pub max_active_batches: Option<u32>,
+    /// Quota: output tokens submitted over any hour (more are refused).
+    #[serde(default)]
+    pub output_tokens_per_hour: Option<u64>,
 }
 
 fn default_batch_size() -> Dist {

@@ -172,6 +172,19 @@ impl<'a> Simulation<'a> {
                 .iter()
                 .map(|t| (TenantId::new(t.name.clone()), t.weight))
                 .collect(),
+            tenant_quotas: scenario
+                .workload
+                .tenants
+                .iter()
+                .filter(|t| t.max_active_batches.is_some() || t.output_tokens_per_hour.is_some())
+                .map(|t| {
+                    let quota = tokenfab_core::control::Quota {
+                        max_active_batches: t.max_active_batches,
+                        output_tokens_per_hour: t.output_tokens_per_hour,
+                    };
+                    (TenantId::new(t.name.clone()), quota)
+                })
+                .collect(),
             ..ControlConfig::default()
         });
         let mut nodes = Vec::new();

@@ -35,7 +35,8 @@ pub struct ServerArgs {
     #[arg(long = "tenant", value_parser = parse::key_value)]
     tenants: Vec<(String, String)>,
     /// A TOML file of tenants: `[[tenants]]` tables with `name`, `token` and optionally
-    /// `weight` (share of best-effort capacity relative to other tenants, default 1).
+    /// `weight` (share of best-effort capacity relative to other tenants, default 1),
+    /// `max_active_batches` and `output_tokens_per_hour` (quotas; none by default).
     #[arg(long)]
     tenants_file: Option<PathBuf>,
     /// Token agents must present.
@@ -86,6 +87,10 @@ struct TenantEntry {
     token: String,
     /// Share of spare (best-effort) capacity relative to other tenants; default 1.
     weight: Option<f64>,
+    /// Quota: unfinished batches at once.
+    max_active_batches: Option<u32>,
+    /// Quota: output tokens (as asked by `max_tokens`) submitted over any hour.
+    output_tokens_per_hour: Option<u64>,
 }
 
 pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
@@ -95,6 +100,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         .map(|(name, token)| TenantToken { name, token })
         .collect();
     let mut weights = std::collections::BTreeMap::new();
+    let mut quotas = std::collections::BTreeMap::new();
     if let Some(path) = &a.tenants_file {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read --tenants-file {}", path.display()))?;
@@ -110,6 +116,15 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
                     );
                 }
                 weights.insert(tokenfab_core::TenantId::new(t.name.clone()), w);
+            }
+            if t.max_active_batches.is_some() || t.output_tokens_per_hour.is_some() {
+                quotas.insert(
+                    tokenfab_core::TenantId::new(t.name.clone()),
+                    tokenfab_core::control::Quota {
+                        max_active_batches: t.max_active_batches,
+                        output_tokens_per_hour: t.output_tokens_per_hour,
+                    },
+                );
             }
             tenants.push(TenantToken {
                 name: t.name,
@@ -148,6 +163,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             admission: !a.no_admission,
             admission_headroom: a.admission_headroom,
             tenant_weights: weights,
+            tenant_quotas: quotas,
             ..ControlConfig::default()
         },
         limits: InputLimits {
