@@ -193,4 +193,63 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         done[&committed],
         done[&be]
     );
+
+    // Token accounting: the tenant's usage is exactly the sum over its batches.
+    let listed = client
+        .list_batches(pb::ListBatchesRequest {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .batches;
+    assert_eq!(listed.len(), 3, "the refused batch is not one");
+    let sum = listed.iter().fold(pb::Usage::default(), |mut s, b| {
+        let u = b.usage.unwrap_or_default();
+        s.prompt_tokens += u.prompt_tokens;
+        s.completion_tokens += u.completion_tokens;
+        s.joules += u.joules;
+        s.cost_usd += u.cost_usd;
+        s
+    });
+    let metered = client
+        .get_usage(pb::GetUsageRequest { since_unix_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let u = metered.usage.unwrap();
+    assert_eq!(metered.batches, 3);
+    let completed: u64 = listed.iter().map(|b| u64::from(counts(b).completed)).sum();
+    assert_eq!(metered.requests_completed, completed);
+    assert!(
+        completed >= 800,
+        "600 best-effort + 200 committed, and what of the cancelled one ran"
+    );
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens),
+        (sum.prompt_tokens, sum.completion_tokens)
+    );
+    assert!(u.completion_tokens >= 600 * 200 + 200 * 50);
+    assert!((u.joules - sum.joules).abs() <= 1e-9 * sum.joules.max(1.0));
+    assert!((u.cost_usd - sum.cost_usd).abs() <= 1e-9 * sum.cost_usd.max(1.0));
+    assert!(u.joules > 0.0 && u.cost_usd > 0.0, "energy and cost are metered: {u:?}");
+    let env = [
+        ("TOKENFAB_CONTROL", format!("http://{addr}")),
+        ("TOKENFAB_TOKEN", TENANT.to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = run_cli(&["usage", "--since", "1h"], &env);
+    let grouped = {
+        let d = u.completion_tokens.to_string();
+        let mut g = String::new();
+        for (i, ch) in d.chars().enumerate() {
+            if i > 0 && (d.len() - i) % 3 == 0 {
+                g.push(',');
+            }
+            g.push(ch);
+        }
+        g
+    };
+    assert!(out.contains(&grouped), "{grouped} not in:\n{out}");
 }

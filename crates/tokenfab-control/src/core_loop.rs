@@ -48,6 +48,11 @@ pub enum Command {
         id: BatchId,
         reply: Reply<Result<BatchView, BatchError>>,
     },
+    Usage {
+        tenant: TenantId,
+        since: Timestamp,
+        reply: Reply<tokenfab_core::control::TenantUsage>,
+    },
     List {
         tenant: TenantId,
         before: Option<BatchId>,
@@ -359,6 +364,10 @@ impl<S: Store> CoreLoop<S> {
             // a crash could still take back.
             Command::Get { tenant, id, reply } => {
                 let r = self.core.batch(&tenant, id);
+                later(replies, reply, r);
+            }
+            Command::Usage { tenant, since, reply } => {
+                let r = self.core.tenant_usage(&tenant, since);
                 later(replies, reply, r);
             }
             Command::List {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokenfab_core::batch_input::{InputLimits, ParsedInput, parse_batch_input};
 use tokenfab_core::control::NewBatch;
 use tokenfab_core::durable::RequestMeta;
-use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, WorkUnitId};
+use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
 use tokenfab_proto::v1::agent_service_server::AgentService;
 use tokenfab_proto::v1::batch_service_server::BatchService;
@@ -182,6 +182,30 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
             .await?
             .map_err(convert::batch_error)?;
         Ok(Response::new(convert::batch(&view)))
+    }
+
+    async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Result<Response<pb::TenantUsage>, Status> {
+        let tenant = self.0.auth.tenant(req.metadata())?;
+        let since_ms = req.get_ref().since_unix_ms;
+        if since_ms < 0 {
+            return Err(Status::invalid_argument(format!(
+                "since_unix_ms: {since_ms} is before 1970; use 0 to count every batch"
+            )));
+        }
+        let since = Timestamp::from_micros((since_ms as u64).saturating_mul(1000));
+        let name = tenant.to_string();
+        let u = self
+            .0
+            .ask(|reply| crate::core_loop::Command::Usage { tenant, since, reply })
+            .await?;
+        Ok(Response::new(pb::TenantUsage {
+            tenant: name,
+            since_unix_ms: since_ms,
+            batches: u.batches,
+            requests_completed: u.requests_completed,
+            requests_failed: u.requests_failed,
+            usage: Some(convert::usage(&u.usage)),
+        }))
     }
 
     async fn list_batches(

@@ -397,6 +397,15 @@ struct Parked {
     max: u32,
 }
 
+/// A tenant's metered usage over some of its batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TenantUsage {
+    pub batches: u64,
+    pub requests_completed: u64,
+    pub requests_failed: u64,
+    pub usage: Usage,
+}
+
 /// What [`ControlCore::lease_or_wait`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LeaseAnswer {
@@ -949,6 +958,26 @@ impl ControlCore {
             crate::admission::Verdict::Admit => None,
             crate::admission::Verdict::Refuse { earliest } => Some(earliest),
         }
+    }
+
+    /// What `tenant`'s batches created at or after `since` used: the sum over those
+    /// batches of their recorded results (token accounting).
+    pub fn tenant_usage(&self, tenant: &TenantId, since: Timestamp) -> TenantUsage {
+        let mut u = TenantUsage::default();
+        for (_, id) in self
+            .by_tenant
+            .range((tenant.clone(), BatchId(0))..=(tenant.clone(), BatchId(u64::MAX)))
+        {
+            let b = &self.batches[id];
+            if b.life.created_at < since {
+                continue;
+            }
+            u.batches += 1;
+            u.requests_completed += u64::from(b.completed);
+            u.requests_failed += u64::from(b.failed);
+            u.usage += b.usage;
+        }
+        u
     }
 
     /// One batch of `tenant`.

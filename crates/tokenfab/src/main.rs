@@ -49,6 +49,8 @@ enum Command {
     Batches(tenant::BatchesCommand),
     /// Download a batch's results (OpenAI Batch output JSONL) and errors.
     Results(tenant::ResultsArgs),
+    /// Your metered usage: batches, requests, tokens, energy, device time and cost.
+    Usage(tenant::UsageArgs),
     /// Simulate a cluster and workload with tokenfab's own scheduling code, or sweep
     /// configurations to find the cheapest one that meets the SLA.
     ///
@@ -98,6 +100,7 @@ fn main() -> std::process::ExitCode {
             Command::Submit(a) => tenant::submit(a).await,
             Command::Batches(c) => tenant::batches(c).await,
             Command::Results(a) => tenant::results(a).await,
+            Command::Usage(a) => tenant::usage(a).await,
             Command::Sim(a) => sim::run(a).await,
         }
     });

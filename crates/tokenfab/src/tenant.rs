@@ -582,3 +582,63 @@ mod tests {
         assert_eq!(v["error"], serde_json::Value::Null);
     }
 }
+
+/// `tokenfab usage`.
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// Count batches created within this long before now (e.g. 24h, 7d); default: all.
+    #[arg(long, value_parser = parse::duration)]
+    since: Option<Duration>,
+}
+
+pub async fn usage(a: UsageArgs) -> anyhow::Result<()> {
+    let mut client = connect(&a.conn).await?;
+    let since_unix_ms = match a.since {
+        None => 0,
+        Some(d) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("the system clock is before 1970")?;
+            now.saturating_sub(d).as_millis() as i64
+        }
+    };
+    let u = client
+        .get_usage(pb::GetUsageRequest { since_unix_ms })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    let usage = u.usage.unwrap_or_default();
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    let window = match a.since {
+        None => "all batches".to_string(),
+        Some(d) => format!("batches created in the last {}", humantime::format_duration(d)),
+    };
+    let per_million = if usage.completion_tokens > 0 {
+        format!("${:.4}", usage.cost_usd / usage.completion_tokens as f64 * 1e6)
+    } else {
+        "-".into()
+    };
+    for (k, v) in [
+        ("tenant", u.tenant.clone()),
+        ("counted", window),
+        ("batches", group(u.batches)),
+        ("requests completed", group(u.requests_completed)),
+        ("requests failed", group(u.requests_failed)),
+        ("prompt tokens", group(usage.prompt_tokens)),
+        ("completion tokens", group(usage.completion_tokens)),
+        ("energy (attributed)", format!("{:.1} kJ", usage.joules / 1e3)),
+        (
+            "device time",
+            format!("{:.1} device-hours", usage.device_seconds / 3600.0),
+        ),
+        ("cost", format!("${:.4}", usage.cost_usd)),
+        ("cost per 1M output tokens", per_million),
+    ] {
+        t.add_row([Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
+    }
+    println!("{t}");
+    Ok(())
+}
