@@ -50,6 +50,8 @@ pub struct ControlConfig {
     pub tenant_weights: BTreeMap<TenantId, f64>,
     /// Tenants' quotas (none unless configured).
     pub tenant_quotas: BTreeMap<TenantId, Quota>,
+    /// The window the throughput SLA is measured over.
+    pub sla_window: Duration,
 }
 
 /// What one tenant may have in the system.
@@ -80,6 +82,7 @@ impl Default for ControlConfig {
             best_effort_classes: ["best-effort".to_string()].into_iter().collect(),
             tenant_weights: BTreeMap::new(),
             tenant_quotas: BTreeMap::new(),
+            sla_window: Duration::from_secs(3600),
         }
     }
 }
@@ -355,6 +358,8 @@ struct Node {
     registration: NodeRegistration,
     /// The node's replicas that the performance model knows (model, replica, window).
     serving: Vec<(ModelId, crate::perf::ReplicaPerf, u32)>,
+    /// The node's accelerator class (of its first device).
+    accelerator: AcceleratorId,
     pricing: Pricing,
     last_seen: Timestamp,
     units: BTreeSet<WorkUnitId>,
@@ -379,6 +384,8 @@ pub struct ControlCore {
     /// Weighted fair queueing of best-effort work: output tokens handed out per tenant,
     /// divided by its weight (the tenant's virtual time).
     tenant_vt: BTreeMap<TenantId, f64>,
+    /// What the cluster delivered over the SLA window.
+    sla: crate::sla::SlaMeter,
     /// Output tokens each tenant submitted, by time, over the last hour (for quotas).
     submitted: BTreeMap<TenantId, VecDeque<(Timestamp, u64)>>,
     /// Leases waiting for work, per model, oldest first; their deadlines; their models.
@@ -419,6 +426,7 @@ pub enum LeaseAnswer {
 impl ControlCore {
     /// An empty control plane.
     pub fn new(config: ControlConfig) -> Self {
+        let sla = crate::sla::SlaMeter::new(config.sla_window);
         ControlCore {
             config,
             batches: BTreeMap::new(),
@@ -431,6 +439,7 @@ impl ControlCore {
             next_batch: 1,
             next_unit: 1,
             tenant_vt: BTreeMap::new(),
+            sla,
             submitted: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_until: BTreeSet::new(),
@@ -980,6 +989,95 @@ impl ControlCore {
         u
     }
 
+    /// The throughput SLA as measured now over the SLA window (see [`crate::sla`]).
+    pub fn sla_document(&mut self, now: Timestamp) -> crate::sla::ThroughputSla {
+        use crate::sla::{SlaClassEntry, SlaPool};
+        let measured = self.sla.pools(now);
+        let covered = self.sla.covered_s(now);
+        // Every (model, accelerator) with capacity or with results in the window.
+        let mut keys: BTreeSet<(ModelId, AcceleratorId)> = measured
+            .iter()
+            .map(|p| (p.model.clone(), p.accelerator.clone()))
+            .collect();
+        for n in self.nodes.values() {
+            for (m, _, _) in &n.serving {
+                keys.insert((m.clone(), n.accelerator.clone()));
+            }
+        }
+        let pools = keys
+            .into_iter()
+            .map(|(model, accelerator)| {
+                let m = measured
+                    .iter()
+                    .find(|p| p.model == model && p.accelerator == accelerator);
+                let (requests, usage, latency) =
+                    m.map_or((0, Usage::default(), [0.0; 3]), |p| (p.requests, p.usage, p.latency_s));
+                // Capacity at the window's mean request shape (a 512/256 reference before any).
+                let (prompt, output) = if requests > 0 {
+                    (
+                        (usage.prompt_tokens / requests) as u32,
+                        (usage.completion_tokens / requests).max(1) as u32,
+                    )
+                } else {
+                    (512, 256)
+                };
+                let (mut devices, mut replicas, mut capacity) = (0u32, 0u32, 0.0);
+                for n in self.nodes.values().filter(|n| n.accelerator == accelerator) {
+                    for (_, perf, window) in n.serving.iter().filter(|(m, _, _)| *m == model) {
+                        replicas += 1;
+                        devices += perf.devices();
+                        capacity += perf.steady_state(*window, prompt, output, f64::MAX).output_tokens_per_s;
+                    }
+                }
+                let out = usage.completion_tokens as f64;
+                SlaPool {
+                    model: model.to_string(),
+                    accelerator: accelerator.to_string(),
+                    devices,
+                    replicas,
+                    committed_output_tokens_per_second: capacity * self.config.admission_headroom,
+                    measured_output_tokens_per_second: if covered > 0.0 { out / covered } else { 0.0 },
+                    requests,
+                    output_tokens: usage.completion_tokens,
+                    prompt_tokens: usage.prompt_tokens,
+                    output_tokens_per_joule: if usage.joules > 0.0 { out / usage.joules } else { 0.0 },
+                    cost_per_million_output_tokens_usd: if out > 0.0 { usage.cost_usd / out * 1e6 } else { 0.0 },
+                    request_latency_seconds: latency.into(),
+                }
+            })
+            .collect();
+        let classes = self
+            .sla
+            .classes(now)
+            .into_iter()
+            .map(|c| SlaClassEntry {
+                committed: !self.config.best_effort_classes.contains(&c.class),
+                attainment: if c.batches > 0 {
+                    c.on_time as f64 / c.batches as f64
+                } else {
+                    1.0
+                },
+                model: c.model.to_string(),
+                class: c.class,
+                batches: c.batches,
+                on_time: c.on_time,
+                completion_seconds: c.completion_s.into(),
+            })
+            .collect();
+        crate::sla::ThroughputSla {
+            api_version: crate::sla::API_VERSION.into(),
+            kind: crate::sla::KIND.into(),
+            metadata: crate::sla::SlaMetadata {
+                generated_at_unix_ms: now.as_micros() / 1000,
+                window_seconds: self.sla.window().as_secs_f64(),
+                covered_seconds: covered,
+            },
+            method: crate::sla::SlaMethod::default(),
+            pools,
+            classes,
+        }
+    }
+
     /// One batch of `tenant`.
     pub fn batch(&self, tenant: &TenantId, id: BatchId) -> Result<BatchView, BatchError> {
         self.owned(tenant, id).map(Batch::view)
@@ -1065,6 +1163,10 @@ impl ControlCore {
         let old = self.nodes.insert(
             node.clone(),
             Node {
+                accelerator: reg
+                    .devices
+                    .first()
+                    .map_or_else(|| AcceleratorId::new("unknown"), |d| d.accelerator.clone()),
                 registration: reg,
                 serving,
                 pricing,
@@ -1217,7 +1319,14 @@ impl ControlCore {
                 (_, ReportedOutcome::Final(outcome)) => {
                     let mut usage = r.usage;
                     usage.cost_usd = pricing.cost_usd(usage.joules, usage.device_seconds);
+                    let ok =
+                        matches!(outcome, Outcome::Response { status_code, .. } if (200..300).contains(&status_code));
                     if let Some(rec) = self.finish(r.req.batch, r.req.index, outcome, usage) {
+                        if ok {
+                            let model = self.batches[&r.req.batch].meta.model.clone();
+                            let accelerator = self.nodes[node].accelerator.clone();
+                            self.sla.result(now, &model, &accelerator, usage, r.latency);
+                        }
                         recorded.push(rec);
                         touched.insert(r.req.batch);
                         summary.recorded += 1;
@@ -1576,6 +1685,16 @@ impl ControlCore {
     /// A final batch keeps only its view.
     fn release_memory(&mut self, id: BatchId) {
         let b = self.batches.get_mut(&id).expect("batch exists");
+        if let Some(ended) = b.life.ended_at() {
+            self.sla.batch_ended(
+                ended,
+                &b.meta.model,
+                &b.meta.sla_class,
+                b.life.created_at,
+                b.meta.deadline,
+                b.life.status(),
+            );
+        }
         b.requests = Vec::new();
         b.pending = VecDeque::new();
         let model = b.meta.model.clone();
@@ -2221,6 +2340,61 @@ mod tests {
         // An hour later the first submissions have aged out.
         let later = T0.saturating_add(Duration::from_secs(3600));
         core.submit(later, new_batch("acme", 25)).unwrap();
+    }
+
+    #[test]
+    fn the_sla_document_reports_what_was_delivered_over_the_window() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        core.register(T0, gpu_node("a"));
+        let id = core.submit(T0, new_batch("acme", 4)).unwrap().meta.id;
+        let g = core.lease(T0, &node("a"), &model(), 4).unwrap().unwrap();
+        let t = T0.saturating_add(Duration::from_secs(10));
+        let results = g
+            .items
+            .iter()
+            .map(|i| ReportedResult {
+                usage: Usage {
+                    prompt_tokens: 10,
+                    completion_tokens: 16,
+                    joules: 8.0,
+                    device_seconds: 0.5,
+                    cost_usd: 0.0,
+                },
+                latency: Duration::from_millis(200 * u64::from(i.req.index + 1)),
+                ..ok(g.unit, i.req)
+            })
+            .collect();
+        core.report(t, &node("a"), results).unwrap();
+        assert_eq!(
+            core.batch(&tenant("acme"), id).unwrap().life.status(),
+            BatchStatus::Completed
+        );
+        let doc = core.sla_document(t);
+        assert_eq!(
+            (doc.api_version.as_str(), doc.kind.as_str()),
+            ("tokenfab.io/v1", "ThroughputSLA")
+        );
+        assert_eq!(doc.metadata.window_seconds, 3600.0);
+        let p = &doc.pools[0];
+        assert_eq!((p.model.as_str(), p.accelerator.as_str()), ("llama-3.1-8b", "h100-sxm"));
+        assert_eq!((p.devices, p.replicas, p.requests, p.output_tokens), (1, 1, 4, 64));
+        assert!((p.output_tokens_per_joule - 2.0).abs() < 1e-12, "64 tokens / 32 J");
+        assert!(p.committed_output_tokens_per_second > 0.0);
+        assert!(
+            (p.request_latency_seconds.p50 - 0.4).abs() < 0.001,
+            "{:?}",
+            p.request_latency_seconds
+        );
+        let c = &doc.classes[0];
+        assert_eq!(
+            (c.class.as_str(), c.committed, c.batches, c.on_time),
+            ("standard", true, 1, 1)
+        );
+        assert_eq!(c.completion_seconds.p99, 10.0);
+        // The document is JSON with the field names of docs/throughput-sla.schema.json.
+        let json = serde_json::to_value(&doc).unwrap();
+        assert!(json["pools"][0]["measuredOutputTokensPerSecond"].is_number());
+        assert!(json["classes"][0]["completionSeconds"]["p99"].is_number());
     }
 
     #[test]

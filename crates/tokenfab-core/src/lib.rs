@@ -21,6 +21,7 @@ pub mod durable;
 pub mod engine;
 pub mod ids;
 pub mod perf;
+pub mod sla;
 pub mod time;
 pub mod usage;
 

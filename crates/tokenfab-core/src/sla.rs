@@ -1,0 +1,413 @@
+//! Measuring the throughput SLA: what the cluster delivered over a sliding window.
+//!
+//! The meter keeps, per (model, accelerator class) pool, counters of recorded results in
+//! fixed time buckets covering the window (output and prompt tokens, attributed joules,
+//! device-seconds, cost, requests), an HDR histogram of request latency per bucket, and
+//! the batches that ended inside the window (for completion-time percentiles and
+//! attainment per SLA class). Buckets older than the window are dropped as time passes,
+//! so every figure describes exactly the last `window` (or less, right after a start).
+//!
+//! The method (what a token is, how energy is attributed, how percentiles are taken) is
+//! written out in `docs/sla.md` and carried in every published document.
+
+use crate::batch::BatchStatus;
+use crate::ids::{AcceleratorId, ModelId};
+use crate::time::Timestamp;
+use crate::usage::Usage;
+use hdrhistogram::Histogram;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// Latency histograms record microseconds up to an hour, with 3 significant digits.
+const LATENCY_MAX_US: u64 = 3_600_000_000;
+
+/// Counters of one pool in one bucket.
+#[derive(Debug, Clone)]
+struct Bucket {
+    start: Timestamp,
+    requests: u64,
+    usage: Usage,
+    latency_us: Histogram<u64>,
+}
+
+impl Bucket {
+    fn new(start: Timestamp) -> Self {
+        Bucket {
+            start,
+            requests: 0,
+            usage: Usage::default(),
+            latency_us: Histogram::new_with_max(LATENCY_MAX_US, 3).expect("valid histogram bounds"),
+        }
+    }
+}
+
+/// A batch that ended inside the window.
+#[derive(Debug, Clone, PartialEq)]
+struct Ended {
+    at: Timestamp,
+    model: ModelId,
+    class: String,
+    completion_s: f64,
+    /// Completed by its deadline.
+    met: bool,
+}
+
+/// Sliding-window measurement of delivered throughput, energy, cost and completion times.
+#[derive(Debug, Clone)]
+pub struct SlaMeter {
+    window: Duration,
+    bucket: Duration,
+    pools: BTreeMap<(ModelId, AcceleratorId), VecDeque<Bucket>>,
+    ended: VecDeque<Ended>,
+    started: Option<Timestamp>,
+}
+
+/// What one pool delivered over the window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolFigures {
+    pub model: ModelId,
+    pub accelerator: AcceleratorId,
+    pub requests: u64,
+    pub usage: Usage,
+    /// Request latency (dispatch to answer) percentiles, seconds: p50, p90, p99.
+    pub latency_s: [f64; 3],
+}
+
+/// Completion times and attainment of one SLA class (one model) over the window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassFigures {
+    pub model: ModelId,
+    pub class: String,
+    pub batches: u64,
+    pub on_time: u64,
+    /// Batch completion time percentiles, seconds: p50, p90, p99 (nearest rank).
+    pub completion_s: [f64; 3],
+}
+
+impl SlaMeter {
+    /// A meter over `window`, in buckets of `window / 60` (at least one second).
+    pub fn new(window: Duration) -> Self {
+        let bucket = (window / 60).max(Duration::from_secs(1));
+        SlaMeter {
+            window,
+            bucket,
+            pools: BTreeMap::new(),
+            ended: VecDeque::new(),
+            started: None,
+        }
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Seconds the figures cover at `now`: the window, or less right after the start.
+    pub fn covered_s(&self, now: Timestamp) -> f64 {
+        let since = self.started.map_or(0.0, |s| now.since(s).as_secs_f64());
+        since.min(self.window.as_secs_f64())
+    }
+
+    fn start(&mut self, now: Timestamp) {
+        if self.started.is_none() {
+            self.started = Some(now);
+        }
+    }
+
+    /// A recorded result of `model` served on `accelerator`.
+    pub fn result(
+        &mut self,
+        now: Timestamp,
+        model: &ModelId,
+        accelerator: &AcceleratorId,
+        usage: Usage,
+        latency: Duration,
+    ) {
+        self.start(now);
+        self.expire(now);
+        let len = self.bucket.as_micros() as u64;
+        let start = Timestamp::from_micros(now.as_micros() / len * len);
+        let ring = self.pools.entry((model.clone(), accelerator.clone())).or_default();
+        if ring.back().is_none_or(|b| b.start < start) {
+            ring.push_back(Bucket::new(start));
+        }
+        let b = ring.back_mut().expect("pushed");
+        b.requests += 1;
+        b.usage += usage;
+        b.latency_us
+            .saturating_record((latency.as_micros() as u64).clamp(1, LATENCY_MAX_US));
+    }
+
+    /// A batch ended at `now` (only completed batches can be on time).
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_ended(
+        &mut self,
+        now: Timestamp,
+        model: &ModelId,
+        class: &str,
+        created: Timestamp,
+        deadline: Timestamp,
+        status: BatchStatus,
+    ) {
+        self.start(now);
+        self.expire(now);
+        self.ended.push_back(Ended {
+            at: now,
+            model: model.clone(),
+            class: class.to_string(),
+            completion_s: now.since(created).as_secs_f64(),
+            met: status == BatchStatus::Completed && now <= deadline,
+        });
+    }
+
+    /// Drops what is older than the window.
+    fn expire(&mut self, now: Timestamp) {
+        let window = self.window;
+        let bucket = self.bucket;
+        for ring in self.pools.values_mut() {
+            while ring
+                .front()
+                .is_some_and(|b| now.since(b.start.saturating_add(bucket)) >= window)
+            {
+                ring.pop_front();
+            }
+        }
+        self.pools.retain(|_, r| !r.is_empty());
+        while self.ended.front().is_some_and(|e| now.since(e.at) >= window) {
+            self.ended.pop_front();
+        }
+    }
+
+    /// The pools' figures over the window ending at `now`.
+    pub fn pools(&mut self, now: Timestamp) -> Vec<PoolFigures> {
+        self.expire(now);
+        self.pools
+            .iter()
+            .map(|((model, accelerator), ring)| {
+                let mut latency = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3).expect("valid histogram bounds");
+                let mut usage = Usage::default();
+                let mut requests = 0;
+                for b in ring {
+                    latency.add(&b.latency_us).expect("same bounds");
+                    usage += b.usage;
+                    requests += b.requests;
+                }
+                let q = |p: f64| latency.value_at_quantile(p) as f64 / 1e6;
+                PoolFigures {
+                    model: model.clone(),
+                    accelerator: accelerator.clone(),
+                    requests,
+                    usage,
+                    latency_s: [q(0.5), q(0.9), q(0.99)],
+                }
+            })
+            .collect()
+    }
+
+    /// Per model and SLA class: batches ended in the window, on time, completion times.
+    pub fn classes(&mut self, now: Timestamp) -> Vec<ClassFigures> {
+        self.expire(now);
+        let mut by: BTreeMap<(ModelId, String), Vec<&Ended>> = BTreeMap::new();
+        for e in &self.ended {
+            by.entry((e.model.clone(), e.class.clone())).or_default().push(e);
+        }
+        by.into_iter()
+            .map(|((model, class), ended)| {
+                let mut times: Vec<f64> = ended.iter().map(|e| e.completion_s).collect();
+                times.sort_by(f64::total_cmp);
+                ClassFigures {
+                    model,
+                    class,
+                    batches: ended.len() as u64,
+                    on_time: ended.iter().filter(|e| e.met).count() as u64,
+                    completion_s: [0.5, 0.9, 0.99].map(|p| nearest_rank(&times, p)),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The nearest-rank percentile of sorted values (the smallest value with at least `p` of
+/// the values at or below it); 0 for none.
+pub fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// `apiVersion` of the published document.
+pub const API_VERSION: &str = "tokenfab.io/v1";
+/// `kind` of the published document.
+pub const KIND: &str = "ThroughputSLA";
+
+/// The published throughput SLA (see `docs/sla.md`; JSON Schema in
+/// `docs/throughput-sla.schema.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThroughputSla {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: SlaMetadata,
+    pub method: SlaMethod,
+    pub pools: Vec<SlaPool>,
+    pub classes: Vec<SlaClassEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlaMetadata {
+    /// When the figures were taken (Unix ms).
+    pub generated_at_unix_ms: u64,
+    /// The measurement window.
+    pub window_seconds: f64,
+    /// How much of the window has data (less than the window right after a start).
+    pub covered_seconds: f64,
+}
+
+/// How the figures are measured, stated in the document itself.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlaMethod {
+    pub specification: String,
+    pub tokens: String,
+    pub throughput: String,
+    pub percentiles: String,
+    pub energy: String,
+    pub cost: String,
+    pub commitment: String,
+}
+
+impl Default for SlaMethod {
+    fn default() -> Self {
+        SlaMethod {
+            specification: "tokenfab.io/v1 ThroughputSLA, docs/sla.md".into(),
+            tokens: "output tokens are the engine-reported usage.completion_tokens of successfully completed requests; prompt tokens are usage.prompt_tokens".into(),
+            throughput: "measured output tokens per second = output tokens of results recorded in the window / covered seconds, per model and accelerator class".into(),
+            percentiles: "nearest rank over batches that ended in the window (completion = end - creation); request latency from an HDR histogram (3 significant digits) of dispatch-to-answer times".into(),
+            energy: "each agent reads its devices' energy counters every 100 ms and shares the energy of an interval among the requests that finished in it, in proportion to their prompt + output tokens; intervals with nothing running are idle energy, charged to no request".into(),
+            cost: "device-seconds x price per device-hour / 3600 + joules x PUE x price per kWh / 3.6e6, per request, with the operator's prices".into(),
+            commitment: "committed output tokens per second = the performance model's steady-state throughput of every registered replica at its concurrency window, for the window's mean prompt and output lengths, times the admission headroom".into(),
+        }
+    }
+}
+
+/// One model on one accelerator class.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlaPool {
+    pub model: String,
+    pub accelerator: String,
+    pub devices: u32,
+    pub replicas: u32,
+    pub committed_output_tokens_per_second: f64,
+    pub measured_output_tokens_per_second: f64,
+    pub requests: u64,
+    pub output_tokens: u64,
+    pub prompt_tokens: u64,
+    pub output_tokens_per_joule: f64,
+    pub cost_per_million_output_tokens_usd: f64,
+    pub request_latency_seconds: Percentiles,
+}
+
+/// One SLA class of one model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlaClassEntry {
+    pub model: String,
+    pub class: String,
+    /// Committed classes are admission-checked; best-effort ones are not.
+    pub committed: bool,
+    pub batches: u64,
+    pub on_time: u64,
+    /// on_time / batches (1 when no batch ended).
+    pub attainment: f64,
+    pub completion_seconds: Percentiles,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+impl From<[f64; 3]> for Percentiles {
+    fn from(v: [f64; 3]) -> Self {
+        Percentiles {
+            p50: v[0],
+            p90: v[1],
+            p99: v[2],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_micros(1_000_000_000);
+
+    fn at(s: u64) -> Timestamp {
+        T0.saturating_add(Duration::from_secs(s))
+    }
+    fn usage(tokens: u64, joules: f64) -> Usage {
+        Usage {
+            prompt_tokens: 10,
+            completion_tokens: tokens,
+            joules,
+            device_seconds: 1.0,
+            cost_usd: 0.01,
+        }
+    }
+
+    #[test]
+    fn nearest_rank_percentiles_on_known_inputs() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(nearest_rank(&v, 0.5), 50.0);
+        assert_eq!(nearest_rank(&v, 0.9), 90.0);
+        assert_eq!(nearest_rank(&v, 0.99), 99.0);
+        assert_eq!(nearest_rank(&[3.0, 7.0], 0.5), 3.0);
+        assert_eq!(nearest_rank(&[3.0, 7.0], 0.51), 7.0);
+        assert_eq!(nearest_rank(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn figures_cover_exactly_the_window() {
+        let (m, a) = (ModelId::from("m"), AcceleratorId::from("h100-sxm"));
+        let mut meter = SlaMeter::new(Duration::from_secs(600));
+        // One result every second for 20 minutes: 100 tokens, 10 J, latency 1..1200 ms.
+        for s in 0..1200 {
+            meter.result(at(s), &m, &a, usage(100, 10.0), Duration::from_millis(s + 1));
+        }
+        let p = &meter.pools(at(1200))[0];
+        // The window is 10 minutes of 10 s buckets: the last 600 results.
+        assert_eq!(p.requests, 600);
+        assert_eq!(p.usage.completion_tokens, 60_000);
+        assert!((p.usage.joules - 6000.0).abs() < 1e-9);
+        // Latencies of the last 600 results are 601..1200 ms: p50 ~ 900 ms, p99 ~ 1194 ms.
+        assert!((p.latency_s[0] - 0.900).abs() < 0.002, "{:?}", p.latency_s);
+        assert!((p.latency_s[2] - 1.194).abs() < 0.002, "{:?}", p.latency_s);
+        assert_eq!(meter.covered_s(at(1200)), 600.0);
+        // Long after, nothing is left.
+        assert!(meter.pools(at(5000)).is_empty());
+    }
+
+    #[test]
+    fn completion_times_and_attainment_per_class() {
+        let m = ModelId::from("m");
+        let mut meter = SlaMeter::new(Duration::from_secs(3600));
+        for (i, done) in [100u64, 200, 300, 400].into_iter().enumerate() {
+            // Deadlines at 250 s after creation: the last two are late.
+            meter.batch_ended(at(done), &m, "standard", at(0), at(250), BatchStatus::Completed);
+            let _ = i;
+        }
+        meter.batch_ended(at(50), &m, "best-effort", at(0), at(10), BatchStatus::Expired);
+        let c = meter.classes(at(500));
+        let std = c.iter().find(|c| c.class == "standard").unwrap();
+        assert_eq!((std.batches, std.on_time), (4, 2));
+        assert_eq!(std.completion_s, [200.0, 400.0, 400.0]);
+        let be = c.iter().find(|c| c.class == "best-effort").unwrap();
+        assert_eq!((be.batches, be.on_time), (1, 0), "an expired batch is never on time");
+    }
+}
