@@ -1013,14 +1013,11 @@ impl ControlCore {
                 let (requests, usage, latency) =
                     m.map_or((0, Usage::default(), [0.0; 3]), |p| (p.requests, p.usage, p.latency_s));
                 // Capacity at the window's mean request shape (a 512/256 reference before any).
-                let (prompt, output) = if requests > 0 {
-                    (
-                        (usage.prompt_tokens / requests) as u32,
-                        (usage.completion_tokens / requests).max(1) as u32,
-                    )
-                } else {
-                    (512, 256)
-                };
+                let prompt = usage.prompt_tokens.checked_div(requests).map_or(512, |p| p as u32);
+                let output = usage
+                    .completion_tokens
+                    .checked_div(requests)
+                    .map_or(256, |o| o.max(1) as u32);
                 let (mut devices, mut replicas, mut capacity) = (0u32, 0u32, 0.0);
                 for n in self.nodes.values().filter(|n| n.accelerator == accelerator) {
                     for (_, perf, window) in n.serving.iter().filter(|(m, _, _)| *m == model) {
