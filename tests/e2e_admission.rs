@@ -38,6 +38,7 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let data = dir.path().join("data");
+    let http_port = free_port();
     let mut server = Proc::spawn(
         "server",
         dir.path(),
@@ -49,6 +50,8 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
             data.to_str().unwrap(),
             "--tenant",
             &format!("acme={TENANT}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{http_port}"),
         ],
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     );
@@ -252,4 +255,80 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         g
     };
     assert!(out.contains(&grouped), "{grouped} not in:\n{out}");
+
+    // The published SLA document: valid against its schema, and saying what happened.
+    let sla_url = format!("http://127.0.0.1:{http_port}");
+    let text = reqwest::get(format!("{sla_url}/v1/sla"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pool = &doc["pools"][0];
+    assert_eq!(pool["model"], "llama-3.1-8b", "{doc:#}");
+    assert_eq!(pool["accelerator"], "h100-sxm", "{doc:#}");
+    assert_eq!(pool["devices"], 1);
+    assert!(pool["measuredOutputTokensPerSecond"].as_f64().unwrap() > 0.0, "{doc:#}");
+    assert!(
+        pool["committedOutputTokensPerSecond"].as_f64().unwrap() > 0.0,
+        "{doc:#}"
+    );
+    assert_eq!(
+        pool["outputTokens"].as_u64().unwrap(),
+        u.completion_tokens,
+        "every result counts"
+    );
+    let classes = doc["classes"].as_array().unwrap();
+    let class = |name: &str| {
+        classes
+            .iter()
+            .find(|c| c["class"] == name)
+            .unwrap_or_else(|| panic!("{doc:#}"))
+    };
+    assert_eq!(class("standard")["onTime"], 1);
+    assert_eq!(class("standard")["committed"], true);
+    assert_eq!(class("best-effort")["batches"], 2, "the cancelled batch ended too");
+    validate_against_schema(&text, dir.path());
+    let out = run_cli(&["sla", "--url", &sla_url], &[]);
+    assert!(
+        out.contains("ThroughputSLA") && out.contains("h100-sxm") && out.contains("best-effort"),
+        "{out}"
+    );
+}
+
+/// Validates `json` against docs/throughput-sla.schema.json with Python's `jsonschema`
+/// (installed by scripts/setup-test-deps.sh). Without it the check is skipped, except in
+/// CI (TOKENFAB_REQUIRE_LLAMA=1), where it fails.
+fn validate_against_schema(json: &str, dir: &std::path::Path) {
+    let python = std::env::var("TOKENFAB_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = std::process::Command::new(&python)
+        .args(["-c", "import jsonschema"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has {
+        assert!(
+            std::env::var("TOKENFAB_REQUIRE_LLAMA").is_err(),
+            "{python} has no jsonschema: run scripts/setup-test-deps.sh"
+        );
+        eprintln!("skipping the JSON Schema check: {python} has no jsonschema (run scripts/setup-test-deps.sh)");
+        return;
+    }
+    let doc = dir.join("sla.json");
+    std::fs::write(&doc, json).unwrap();
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/throughput-sla.schema.json");
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import json,sys,jsonschema; s=json.load(open(sys.argv[1])); jsonschema.Draft202012Validator.check_schema(s); jsonschema.Draft202012Validator(s).validate(json.load(open(sys.argv[2]))); print('valid')",
+            schema,
+            doc.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the SLA document does not match its schema:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -53,6 +53,10 @@ pub enum Command {
         since: Timestamp,
         reply: Reply<tokenfab_core::control::TenantUsage>,
     },
+    /// The throughput SLA document as measured now.
+    Sla {
+        reply: Reply<tokenfab_core::sla::ThroughputSla>,
+    },
     List {
         tenant: TenantId,
         before: Option<BatchId>,
@@ -365,6 +369,9 @@ impl<S: Store> CoreLoop<S> {
             Command::Get { tenant, id, reply } => {
                 let r = self.core.batch(&tenant, id);
                 later(replies, reply, r);
+            }
+            Command::Sla { reply } => {
+                let _ = reply.send(self.core.sla_document(now));
             }
             Command::Usage { tenant, since, reply } => {
                 let r = self.core.tenant_usage(&tenant, since);

@@ -151,6 +151,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let (tx, rx) = mpsc::channel(16_384);
+    let sla_tx = tx.clone();
     let shared = Arc::new(services::Shared {
         tx,
         store,
@@ -187,7 +188,15 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
         if let Some(l) = metrics_listener {
             let m = metrics.clone();
-            let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { m.encode() }));
+            let app = axum::Router::new()
+                .route("/metrics", axum::routing::get(move || async move { m.encode() }))
+                .route(
+                    "/v1/sla",
+                    axum::routing::get(move || {
+                        let tx = sla_tx.clone();
+                        async move { sla_json(tx).await }
+                    }),
+                );
             tokio::spawn(async move {
                 let _ = axum::serve(l, app)
                     .with_graceful_shutdown(async {
@@ -232,6 +241,27 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         shutdown: Some(shutdown_tx),
         task,
     })
+}
+
+/// `GET /v1/sla`: the throughput SLA document (tokenfab.io/v1 ThroughputSLA) as JSON.
+async fn sla_json(tx: mpsc::Sender<core_loop::Command>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (reply, rx) = oneshot::channel();
+    if tx.send(core_loop::Command::Sla { reply }).await.is_err() {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the control plane is stopping",
+        )
+            .into_response();
+    }
+    match rx.await {
+        Ok(doc) => axum::Json(doc).into_response(),
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the control plane is stopping",
+        )
+            .into_response(),
+    }
 }
 
 #[cfg(test)]

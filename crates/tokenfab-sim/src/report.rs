@@ -331,6 +331,7 @@ impl Collector {
                 .collect(),
             series: self.series,
             batch_records: self.batches,
+            sla: None,
         }
     }
 }
@@ -483,6 +484,10 @@ pub struct Report {
     pub series: Vec<SeriesPoint>,
     #[serde(skip)]
     pub batch_records: Vec<BatchRecord>,
+    /// The throughput SLA document the simulated control plane publishes at the end
+    /// (written as `sla.json`; its window covers the whole run).
+    #[serde(skip)]
+    pub sla: Option<tokenfab_core::sla::ThroughputSla>,
 }
 
 impl Report {
@@ -495,6 +500,10 @@ impl Report {
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("report.json"), self.to_json() + "\n")?;
+        if let Some(sla) = &self.sla {
+            let json = serde_json::to_string_pretty(sla).expect("the SLA document serializes");
+            std::fs::write(dir.join("sla.json"), json + "\n")?;
+        }
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("series.csv"))?);
         writeln!(f, "t_s,pool,output_tokens_per_s,power_w,utilization,queue_depth")?;
         for p in &self.series {

@@ -166,6 +166,8 @@ impl<'a> Simulation<'a> {
             max_completion_window: Duration::from_secs(365 * 86400),
             admission: scenario.policies.admission,
             admission_headroom: scenario.policies.admission_headroom,
+            // The SLA document at the end covers the whole run.
+            sla_window: scenario.duration.max(Duration::from_secs(60)) * 2,
             tenant_weights: scenario
                 .workload
                 .tenants
@@ -418,12 +420,15 @@ impl<'a> Simulation<'a> {
             .sample(self.now, &self.engines, self.control.pending_requests());
         let stats = self.control.stats();
         let end = self.now;
+        let sla = self.control.sla_document(end);
         let agents: Vec<_> = self
             .nodes
             .iter()
             .flat_map(|n| n.agent.replicas().map(|(_, s)| s))
             .collect();
-        self.collector.finish(end, &self.engines, &agents, stats, events)
+        let mut report = self.collector.finish(end, &self.engines, &agents, stats, events);
+        report.sla = Some(sla);
+        report
     }
 
     /// Brings every engine to `now`: engines skip ahead over steps in which nothing

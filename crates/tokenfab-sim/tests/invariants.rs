@@ -43,7 +43,7 @@ fn same_scenario_and_seed_give_a_byte_identical_report() {
     let b = run(&s, Path::new("."), 3, |_| {}).unwrap();
     a.write(&dir.path().join("a")).unwrap();
     b.write(&dir.path().join("b")).unwrap();
-    for f in ["report.json", "series.csv", "batches.csv"] {
+    for f in ["report.json", "sla.json", "series.csv", "batches.csv"] {
         let x = std::fs::read(dir.path().join("a").join(f)).unwrap();
         let y = std::fs::read(dir.path().join("b").join(f)).unwrap();
         assert!(x == y, "{f} differs between two runs with the same seed");

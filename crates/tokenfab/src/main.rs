@@ -4,6 +4,7 @@ mod demo;
 mod parse;
 mod serve;
 mod sim;
+mod sla;
 mod tenant;
 
 use clap::{Args, Parser, Subcommand};
@@ -51,6 +52,9 @@ enum Command {
     Results(tenant::ResultsArgs),
     /// Your metered usage: batches, requests, tokens, energy, device time and cost.
     Usage(tenant::UsageArgs),
+    /// The published throughput SLA: committed and measured throughput per model and
+    /// accelerator, tokens/J, cost, and batch completion times per SLA class.
+    Sla(sla::SlaArgs),
     /// Simulate a cluster and workload with tokenfab's own scheduling code, or sweep
     /// configurations to find the cheapest one that meets the SLA.
     ///
@@ -101,6 +105,7 @@ fn main() -> std::process::ExitCode {
             Command::Batches(c) => tenant::batches(c).await,
             Command::Results(a) => tenant::results(a).await,
             Command::Usage(a) => tenant::usage(a).await,
+            Command::Sla(a) => sla::run(a).await,
             Command::Sim(a) => sim::run(a).await,
         }
     });

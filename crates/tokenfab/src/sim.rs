@@ -113,7 +113,7 @@ fn single(path: PathBuf, seed: Option<u64>, out: Option<PathBuf>, plots: bool) -
     report
         .write(&out)
         .with_context(|| format!("cannot write the report to {}", out.display()))?;
-    let mut files = vec!["report.json", "series.csv", "batches.csv"]
+    let mut files = vec!["report.json", "sla.json", "series.csv", "batches.csv"]
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>();
