@@ -56,43 +56,11 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     );
     wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
-    let emu_port = free_port();
-    let mut emu = Proc::spawn(
-        "emu",
-        dir.path(),
-        &[
-            "engine-emu",
-            "--listen",
-            &format!("127.0.0.1:{emu_port}"),
-            "--time-scale",
-            "20",
-        ],
-        &[],
-    );
-    wait_tcp(
-        format!("127.0.0.1:{emu_port}").parse().unwrap(),
-        Duration::from_secs(20),
-        &mut [&mut emu],
-    );
-    let agent = Proc::spawn(
-        "agent",
-        dir.path(),
-        &[
-            "agent",
-            "--control",
-            &format!("http://{addr}"),
-            "--node",
-            "node0",
-            "--replica",
-            &format!("url=http://127.0.0.1:{emu_port},model=llama-3.1-8b,window=32"),
-        ],
-        &[("TOKENFAB_AGENT_TOKEN", AGENT)],
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !agent.log().contains("registered") {
-        assert!(Instant::now() < deadline, "agent did not register:\n{}", agent.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (emu, emu_url) = spawn_emu(dir.path(), "emu", 20.0);
+    let agent = spawn_agent(dir.path(), "node0", &format!("http://{addr}"), &emu_url, 32, AGENT);
+    let procs = [emu, agent];
+    wait_registered(&procs, Duration::from_secs(30)).await;
+    let agent = &procs[1];
     let mut client = tenant_client(addr, TENANT).await;
 
     // 20,000 requests of 2,000 output tokens cannot finish on one H100 in a minute.
@@ -146,28 +114,21 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         .unwrap();
 
     // Best-effort work queued first; committed work submitted after overtakes it.
-    let be = client
-        .create_batch(pb::CreateBatchRequest {
-            options: options(3600, "best-effort", false),
-            input_jsonl: batch("be", 600, 200).into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .batch
-        .unwrap()
-        .id;
-    let committed = client
-        .create_batch(pb::CreateBatchRequest {
-            options: options(3600, "", false),
-            input_jsonl: batch("std", 200, 50).into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .batch
-        .unwrap()
-        .id;
+    let mut ids = Vec::new();
+    for (class, prefix, n, tokens) in [("best-effort", "be", 600, 200), ("", "std", 200, 50)] {
+        let b = client
+            .create_batch(pb::CreateBatchRequest {
+                options: options(3600, class, false),
+                input_jsonl: batch(prefix, n, tokens).into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .batch
+            .unwrap();
+        ids.push(b.id);
+    }
+    let (be, committed) = (ids[0].clone(), ids[1].clone());
     let mut done = std::collections::BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while done.len() < 2 {

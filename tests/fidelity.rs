@@ -157,56 +157,13 @@ async fn live(dir: &std::path::Path) -> Outcome {
     wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
     let mut procs = vec![server];
     for n in 0..2 {
-        let p = free_port();
-        let mut emu = Proc::spawn(
-            &format!("emu{n}"),
-            dir,
-            &[
-                "engine-emu",
-                "--listen",
-                &format!("127.0.0.1:{p}"),
-                "--time-scale",
-                &SCALE.to_string(),
-            ],
-            &[],
-        );
-        wait_tcp(
-            format!("127.0.0.1:{p}").parse().unwrap(),
-            Duration::from_secs(20),
-            &mut [&mut emu],
-        );
+        let (emu, url) = spawn_emu(dir, &format!("emu{n}"), SCALE);
         procs.push(emu);
-        procs.push(Proc::spawn(
-            &format!("agent{n}"),
-            dir,
-            &[
-                "agent",
-                "--control",
-                &control,
-                "--node",
-                &format!("node{n}"),
-                "--replica",
-                &format!("url=http://127.0.0.1:{p},model=llama-3.1-8b,window={WINDOW}"),
-            ],
-            &[("TOKENFAB_AGENT_TOKEN", AGENT)],
-        ));
+        procs.push(spawn_agent(dir, &format!("node{n}"), &control, &url, WINDOW, AGENT));
     }
     let mut client = tenant_client(addr, TENANT).await;
-    // Wait until both agents have registered, so that the first batch meets a ready cluster
-    // as it does in the simulator.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let logs = procs.iter().map(Proc::log).collect::<Vec<_>>().join("\n");
-        if procs
-            .iter()
-            .filter(|p| p.name.starts_with("agent"))
-            .all(|p| p.log().contains("registered"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "agents did not register:\n{logs}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Both agents registered: the first batch meets a ready cluster, as in the simulator.
+    wait_registered(&procs, Duration::from_secs(30)).await;
 
     // Warm up: a small batch opens the agents' engine connections and the control plane's
     // store before time zero (a long-running cluster has done so long ago).

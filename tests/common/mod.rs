@@ -153,3 +153,63 @@ pub async fn fetch_metric(url: &str, name: &str) -> f64 {
     let text = reqwest::get(url).await.unwrap().text().await.unwrap();
     metric_value(&text, name).unwrap_or_else(|| panic!("no {name} at {url}:\n{text}"))
 }
+
+/// An engine emulator of llama-3.1-8b on an H100 at `time_scale`, on a free loopback port,
+/// ready to serve; returns it and its base URL.
+pub fn spawn_emu(dir: &Path, name: &str, time_scale: f64) -> (Proc, String) {
+    let port = free_port();
+    let mut emu = Proc::spawn(
+        name,
+        dir,
+        &[
+            "engine-emu",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--time-scale",
+            &time_scale.to_string(),
+        ],
+        &[],
+    );
+    wait_tcp(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(20),
+        &mut [&mut emu],
+    );
+    (emu, format!("http://127.0.0.1:{port}"))
+}
+
+/// An agent for node `node` driving one llama-3.1-8b replica at `engine` with `window`.
+pub fn spawn_agent(dir: &Path, node: &str, control: &str, engine: &str, window: u32, agent_token: &str) -> Proc {
+    Proc::spawn(
+        &format!("agent-{node}"),
+        dir,
+        &[
+            "agent",
+            "--control",
+            control,
+            "--node",
+            node,
+            "--replica",
+            &format!("url={engine},model=llama-3.1-8b,window={window}"),
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", agent_token)],
+    )
+}
+
+/// Waits until every agent among `procs` has logged its registration.
+pub async fn wait_registered(procs: &[Proc], within: Duration) {
+    let deadline = Instant::now() + within;
+    while !procs
+        .iter()
+        .filter(|p| p.name.starts_with("agent"))
+        .all(|p| p.log().contains("registered"))
+    {
+        let logs: Vec<String> = procs.iter().map(|p| format!("--- {}\n{}", p.name, p.log())).collect();
+        assert!(
+            Instant::now() < deadline,
+            "agents did not register:\n{}",
+            logs.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
