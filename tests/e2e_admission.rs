@@ -251,6 +251,15 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
     assert_eq!(class("standard")["committed"], true);
     assert_eq!(class("best-effort")["batches"], 2, "the cancelled batch ended too");
     validate_against_schema(&text, dir.path());
+    // Metering is exported as Prometheus metrics too.
+    let metrics = reqwest::get(format!("{sla_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported = metric_value(&metrics, "tokenfab_control_tenant_output_tokens{tenant=\"acme\"}");
+    assert_eq!(exported, Some(u.completion_tokens as f64), "{metrics}");
     let out = run_cli(&["sla", "--url", &sla_url], &[]);
     assert!(
         out.contains("ThroughputSLA") && out.contains("h100-sxm") && out.contains("best-effort"),

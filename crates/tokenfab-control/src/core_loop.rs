@@ -289,6 +289,7 @@ impl<S: Store> CoreLoop<S> {
                 }
             }
             self.metrics.observe_core(&self.core.stats());
+            self.metrics.observe_tenants(self.core.tenant_totals());
             if closed && inflight.is_none() {
                 return Ok(());
             }

@@ -1,11 +1,23 @@
 //! Prometheus metrics of the control plane, served on `/metrics` (OpenMetrics text).
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokenfab_core::control::ControlStats;
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use tokenfab_core::TenantId;
+use tokenfab_core::control::{ControlStats, TenantUsage};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    tenant: String,
+}
+
+type PerTenant = Family<TenantLabel, Gauge<f64, AtomicU64>>;
 
 pub struct Metrics {
     registry: Registry,
@@ -17,6 +29,11 @@ pub struct Metrics {
     leases_granted: Gauge,
     leases_expired: Gauge,
     requests_retried: Gauge,
+    tenant_output_tokens: PerTenant,
+    tenant_prompt_tokens: PerTenant,
+    tenant_requests: PerTenant,
+    tenant_joules: PerTenant,
+    tenant_cost_usd: PerTenant,
 }
 
 impl Default for Metrics {
@@ -37,6 +54,11 @@ impl Metrics {
             leases_granted: Gauge::default(),
             leases_expired: Gauge::default(),
             requests_retried: Gauge::default(),
+            tenant_output_tokens: PerTenant::default(),
+            tenant_prompt_tokens: PerTenant::default(),
+            tenant_requests: PerTenant::default(),
+            tenant_joules: PerTenant::default(),
+            tenant_cost_usd: PerTenant::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -79,7 +101,56 @@ impl Metrics {
             "Requests put back in the queue for another try",
             m.requests_retried.clone(),
         );
+        for (name, help, family) in [
+            (
+                "tenant_output_tokens",
+                "Output (completion) tokens of each tenant's recorded results, all batches",
+                &m.tenant_output_tokens,
+            ),
+            (
+                "tenant_prompt_tokens",
+                "Prompt tokens of each tenant's recorded results, all batches",
+                &m.tenant_prompt_tokens,
+            ),
+            (
+                "tenant_requests",
+                "Each tenant's requests with a recorded result (completed or failed)",
+                &m.tenant_requests,
+            ),
+            (
+                "tenant_joules",
+                "Device energy attributed to each tenant's results, joules",
+                &m.tenant_joules,
+            ),
+            (
+                "tenant_cost_usd",
+                "Cost of each tenant's results, US dollars",
+                &m.tenant_cost_usd,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Per-tenant metering (token accounting) from the core's totals.
+    pub fn observe_tenants(&self, totals: &BTreeMap<TenantId, TenantUsage>) {
+        for (tenant, t) in totals {
+            let label = TenantLabel {
+                tenant: tenant.to_string(),
+            };
+            self.tenant_output_tokens
+                .get_or_create(&label)
+                .set(t.usage.completion_tokens as f64);
+            self.tenant_prompt_tokens
+                .get_or_create(&label)
+                .set(t.usage.prompt_tokens as f64);
+            self.tenant_requests
+                .get_or_create(&label)
+                .set((t.requests_completed + t.requests_failed) as f64);
+            self.tenant_joules.get_or_create(&label).set(t.usage.joules);
+            self.tenant_cost_usd.get_or_create(&label).set(t.usage.cost_usd);
+        }
     }
 
     pub fn observe_core(&self, s: &ControlStats) {

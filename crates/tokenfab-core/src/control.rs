@@ -386,6 +386,8 @@ pub struct ControlCore {
     tenant_vt: BTreeMap<TenantId, f64>,
     /// What the cluster delivered over the SLA window.
     sla: crate::sla::SlaMeter,
+    /// Each tenant's usage over all its batches (`batches` counts those submitted).
+    tenant_totals: BTreeMap<TenantId, TenantUsage>,
     /// Output tokens each tenant submitted, by time, over the last hour (for quotas).
     submitted: BTreeMap<TenantId, VecDeque<(Timestamp, u64)>>,
     /// Leases waiting for work, per model, oldest first; their deadlines; their models.
@@ -440,6 +442,7 @@ impl ControlCore {
             next_unit: 1,
             tenant_vt: BTreeMap::new(),
             sla,
+            tenant_totals: BTreeMap::new(),
             submitted: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_until: BTreeSet::new(),
@@ -531,6 +534,16 @@ impl ControlCore {
             core.track(id);
             core.settle(now, id);
         }
+        // Usage totals from the batches as recovered.
+        let mut totals: BTreeMap<TenantId, TenantUsage> = BTreeMap::new();
+        for b in core.batches.values() {
+            let t = totals.entry(b.meta.tenant.clone()).or_default();
+            t.batches += 1;
+            t.requests_completed += u64::from(b.completed);
+            t.requests_failed += u64::from(b.failed);
+            t.usage += b.usage;
+        }
+        core.tenant_totals = totals;
         core
     }
 
@@ -780,6 +793,7 @@ impl ControlCore {
             requests: new.requests,
         }));
         self.by_tenant.insert((meta.tenant.clone(), id));
+        self.tenant_totals.entry(meta.tenant.clone()).or_default().batches += 1;
         if self.config.tenant_quotas.contains_key(&meta.tenant) {
             self.submitted
                 .entry(meta.tenant.clone())
@@ -967,6 +981,12 @@ impl ControlCore {
             crate::admission::Verdict::Admit => None,
             crate::admission::Verdict::Refuse { earliest } => Some(earliest),
         }
+    }
+
+    /// Every tenant's usage over all its batches (for metering metrics; equal to
+    /// [`ControlCore::tenant_usage`] from the beginning).
+    pub fn tenant_totals(&self) -> &BTreeMap<TenantId, TenantUsage> {
+        &self.tenant_totals
     }
 
     /// What `tenant`'s batches created at or after `since` used: the sum over those
@@ -1488,12 +1508,16 @@ impl ControlCore {
             return None;
         }
         r.slot = Slot::Done;
+        let totals = self.tenant_totals.entry(b.meta.tenant.clone()).or_default();
         if outcome.is_success() {
             b.completed += 1;
+            totals.requests_completed += 1;
         } else {
             b.failed += 1;
+            totals.requests_failed += 1;
         }
         b.usage += usage;
+        totals.usage += usage;
         match prev {
             Slot::Leased(unit) => {
                 b.leased -= 1;
@@ -2392,6 +2416,32 @@ mod tests {
         let json = serde_json::to_value(&doc).unwrap();
         assert!(json["pools"][0]["measuredOutputTokensPerSecond"].is_number());
         assert!(json["classes"][0]["completionSeconds"]["p99"].is_number());
+    }
+
+    #[test]
+    fn tenant_totals_match_usage_by_batch_and_survive_recovery() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        core.register(T0, registration("a"));
+        let mut ops = Vec::new();
+        for who in ["acme", "acme", "zeta"] {
+            core.submit(T0, new_batch(who, 3)).unwrap();
+        }
+        let g = core.lease(T0, &node("a"), &model(), 5).unwrap().unwrap();
+        let results = g.items.iter().map(|i| ok(g.unit, i.req)).collect();
+        core.report(T0, &node("a"), results).unwrap();
+        ops.extend(drain(&mut core));
+        for who in ["acme", "zeta"] {
+            assert_eq!(
+                core.tenant_totals()[&tenant(who)],
+                core.tenant_usage(&tenant(who), Timestamp::ZERO)
+            );
+        }
+        assert_eq!(core.tenant_totals()[&tenant("acme")].requests_completed, 5);
+        // After a restart the totals are rebuilt from what was made durable.
+        let mut store = BTreeMap::new();
+        replay(&mut store, &ops);
+        let recovered = ControlCore::recover(ControlConfig::default(), store.into_values().collect(), T0);
+        assert_eq!(recovered.tenant_totals(), core.tenant_totals());
     }
 
     #[test]
