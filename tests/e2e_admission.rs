@@ -251,6 +251,25 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
     assert_eq!(class("standard")["committed"], true);
     assert_eq!(class("best-effort")["batches"], 2, "the cancelled batch ended too");
     validate_against_schema(&text, dir.path());
+    // The same document over gRPC (SlaService), for any tenant.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {TENANT}").parse().unwrap();
+    let mut sla = tokenfab_proto::v1::sla_service_client::SlaServiceClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        },
+    );
+    let wire = sla.get_sla(pb::GetSlaRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (wire.api_version.as_str(), wire.kind.as_str()),
+        ("tokenfab.io/v1", "ThroughputSLA")
+    );
+    assert_eq!(wire.pools[0].output_tokens, u.completion_tokens);
+    assert_eq!(wire.classes.len(), classes.len());
     // Metering is exported as Prometheus metrics too.
     let metrics = reqwest::get(format!("{sla_url}/metrics"))
         .await

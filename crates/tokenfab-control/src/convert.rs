@@ -241,3 +241,62 @@ mod tests {
         assert_eq!(e.message(), "results[0]: outcome is required");
     }
 }
+
+/// The SLA document on the wire.
+pub fn sla(d: &tokenfab_core::sla::ThroughputSla) -> pb::ThroughputSla {
+    let pct = |p: &tokenfab_core::sla::Percentiles| pb::Percentiles {
+        p50: p.p50,
+        p90: p.p90,
+        p99: p.p99,
+    };
+    let m = &d.method;
+    pb::ThroughputSla {
+        api_version: d.api_version.clone(),
+        kind: d.kind.clone(),
+        metadata: Some(pb::SlaMetadata {
+            generated_at_unix_ms: d.metadata.generated_at_unix_ms,
+            window_seconds: d.metadata.window_seconds,
+            covered_seconds: d.metadata.covered_seconds,
+        }),
+        method: Some(pb::SlaMethod {
+            specification: m.specification.clone(),
+            tokens: m.tokens.clone(),
+            throughput: m.throughput.clone(),
+            percentiles: m.percentiles.clone(),
+            energy: m.energy.clone(),
+            cost: m.cost.clone(),
+            commitment: m.commitment.clone(),
+        }),
+        pools: d
+            .pools
+            .iter()
+            .map(|p| pb::SlaPool {
+                model: p.model.clone(),
+                accelerator: p.accelerator.clone(),
+                devices: p.devices,
+                replicas: p.replicas,
+                committed_output_tokens_per_second: p.committed_output_tokens_per_second,
+                measured_output_tokens_per_second: p.measured_output_tokens_per_second,
+                requests: p.requests,
+                output_tokens: p.output_tokens,
+                prompt_tokens: p.prompt_tokens,
+                output_tokens_per_joule: p.output_tokens_per_joule,
+                cost_per_million_output_tokens_usd: p.cost_per_million_output_tokens_usd,
+                request_latency_seconds: Some(pct(&p.request_latency_seconds)),
+            })
+            .collect(),
+        classes: d
+            .classes
+            .iter()
+            .map(|c| pb::SlaClass {
+                model: c.model.clone(),
+                class: c.class.clone(),
+                committed: c.committed,
+                batches: c.batches,
+                on_time: c.on_time,
+                attainment: c.attainment,
+                completion_seconds: Some(pct(&c.completion_seconds)),
+            })
+            .collect(),
+    }
+}

@@ -167,6 +167,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     let batch = BatchServiceServer::new(services::BatchApi(shared.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(64 << 20);
+    let sla = tokenfab_proto::v1::sla_service_server::SlaServiceServer::new(services::SlaApi(shared.clone()));
     let agent = AgentServiceServer::new(services::AgentApi(shared))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
@@ -176,6 +177,9 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         .await;
     health_reporter
         .set_serving::<AgentServiceServer<services::AgentApi<S>>>()
+        .await;
+    health_reporter
+        .set_serving::<tokenfab_proto::v1::sla_service_server::SlaServiceServer<services::SlaApi<S>>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tokenfab_proto::v1::FILE_DESCRIPTOR_SET)
@@ -210,6 +214,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
             .add_service(health)
             .add_service(reflection)
             .add_service(batch)
+            .add_service(sla)
             .add_service(agent)
             // TCP_NODELAY: without it, small replies (leases) wait for the peer's delayed
             // ACK (40 ms on Linux), which capped end-to-end throughput.

@@ -464,3 +464,15 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         Ok(Response::new(pb::ReleaseWorkResponse { released }))
     }
 }
+
+/// The tenant-facing `SlaService`: the published throughput SLA.
+pub struct SlaApi<S>(pub Arc<Shared<S>>);
+
+#[tonic::async_trait]
+impl<S: Store + Clone> tokenfab_proto::v1::sla_service_server::SlaService for SlaApi<S> {
+    async fn get_sla(&self, req: Request<pb::GetSlaRequest>) -> Result<Response<pb::ThroughputSla>, Status> {
+        self.0.auth.tenant(req.metadata())?;
+        let doc = self.0.ask(|reply| Command::Sla { reply }).await?;
+        Ok(Response::new(convert::sla(&doc)))
+    }
+}
