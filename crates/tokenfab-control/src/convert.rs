@@ -213,35 +213,6 @@ pub fn reported(results: Vec<pb::WorkResult>) -> Result<Vec<ReportedResult>, Sta
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reported_energy_must_be_a_finite_non_negative_number() {
-        let result = |joules: f64| pb::WorkResult {
-            outcome: Some(pb::work_result::Outcome::Response(pb::EngineResponse::default())),
-            usage: Some(pb::Usage {
-                joules,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert!(reported(vec![result(1.5)]).is_ok());
-        for bad in [f64::NAN, -1.0, f64::INFINITY] {
-            let e = reported(vec![result(0.0), result(bad)]).unwrap_err();
-            assert_eq!(e.code(), tonic::Code::InvalidArgument);
-            assert!(
-                e.message().starts_with("results[1].usage.joules is "),
-                "{}",
-                e.message()
-            );
-        }
-        let e = reported(vec![pb::WorkResult::default()]).unwrap_err();
-        assert_eq!(e.message(), "results[0]: outcome is required");
-    }
-}
-
 /// The SLA document on the wire.
 pub fn sla(d: &tokenfab_core::sla::ThroughputSla) -> pb::ThroughputSla {
     let pct = |p: &tokenfab_core::sla::Percentiles| pb::Percentiles {
@@ -298,5 +269,34 @@ pub fn sla(d: &tokenfab_core::sla::ThroughputSla) -> pb::ThroughputSla {
                 completion_seconds: Some(pct(&c.completion_seconds)),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_energy_must_be_a_finite_non_negative_number() {
+        let result = |joules: f64| pb::WorkResult {
+            outcome: Some(pb::work_result::Outcome::Response(pb::EngineResponse::default())),
+            usage: Some(pb::Usage {
+                joules,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(reported(vec![result(1.5)]).is_ok());
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            let e = reported(vec![result(0.0), result(bad)]).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().starts_with("results[1].usage.joules is "),
+                "{}",
+                e.message()
+            );
+        }
+        let e = reported(vec![pb::WorkResult::default()]).unwrap_err();
+        assert_eq!(e.message(), "results[0]: outcome is required");
     }
 }
