@@ -544,6 +544,19 @@ impl ControlCore {
             t.usage += b.usage;
         }
         core.tenant_totals = totals;
+        // Quotas count the output tokens asked for in the last hour: rebuild that log.
+        let hour = Duration::from_secs(3600);
+        let mut recent: Vec<(Timestamp, TenantId, u64)> = core
+            .batches
+            .values()
+            .filter(|b| core.config.tenant_quotas.contains_key(&b.meta.tenant))
+            .filter(|b| now.since(b.life.created_at) < hour)
+            .map(|b| (b.life.created_at, b.meta.tenant.clone(), b.output_tokens))
+            .collect();
+        recent.sort();
+        for (t, tenant, tokens) in recent {
+            core.submitted.entry(tenant).or_default().push_back((t, tokens));
+        }
         core
     }
 
@@ -2358,6 +2371,16 @@ mod tests {
         };
         assert_eq!((*used, *asked), (640, 400));
         assert!(e.to_string().contains("retry in 1h"), "{e}");
+        // A restart does not reset the hour's count.
+        let mut store = BTreeMap::new();
+        replay(&mut store, &drain(&mut core));
+        let config = ControlConfig {
+            tenant_quotas: [(tenant("acme"), quota)].into_iter().collect(),
+            ..ControlConfig::default()
+        };
+        let mut recovered = ControlCore::recover(config, store.into_values().collect(), T0);
+        let again = recovered.submit(T0, new_batch("acme", 25)).unwrap_err();
+        assert!(matches!(again, SubmitError::TokenQuota { used: 640, .. }), "{again}");
         // An hour later the first submissions have aged out.
         let later = T0.saturating_add(Duration::from_secs(3600));
         core.submit(later, new_batch("acme", 25)).unwrap();
