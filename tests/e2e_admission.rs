@@ -279,6 +279,23 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         .unwrap();
     let exported = metric_value(&metrics, "tokenfab_control_tenant_output_tokens{tenant=\"acme\"}");
     assert_eq!(exported, Some(u.completion_tokens as f64), "{metrics}");
+    // And the SLA figures (refreshed every 5 s).
+    let gauge =
+        "tokenfab_control_sla_measured_output_tokens_per_second{model=\"llama-3.1-8b\",accelerator=\"h100-sxm\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = reqwest::get(format!("{sla_url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric_value(&metrics, gauge).is_some_and(|v| v > 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {gauge} above 0 in:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let out = run_cli(&["sla", "--url", &sla_url], &[]);
     assert!(
         out.contains("ThroughputSLA") && out.contains("h100-sxm") && out.contains("best-effort"),

@@ -166,7 +166,12 @@ pub struct CoreLoop<S> {
     /// Lease calls waiting for work, by ticket.
     waiting: HashMap<u64, Reply<LeaseReply>>,
     next_ticket: u64,
+    /// When the SLA metrics were last refreshed.
+    sla_observed: std::time::Instant,
 }
+
+/// How often the SLA metrics are refreshed (the loop wakes at least this often when busy).
+const SLA_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The answer to a lease call.
 pub type LeaseReply = Result<Option<pb::WorkUnit>, UnknownNode>;
@@ -206,6 +211,9 @@ impl<S: Store> CoreLoop<S> {
             metrics,
             waiting: HashMap::new(),
             next_ticket: 0,
+            sla_observed: std::time::Instant::now()
+                .checked_sub(SLA_METRICS_EVERY)
+                .unwrap_or_else(std::time::Instant::now),
         })
     }
 
@@ -290,6 +298,11 @@ impl<S: Store> CoreLoop<S> {
             }
             self.metrics.observe_core(&self.core.stats());
             self.metrics.observe_tenants(self.core.tenant_totals());
+            // The SLA figures are recomputed for the metrics at most every few seconds.
+            if self.sla_observed.elapsed() >= SLA_METRICS_EVERY {
+                self.sla_observed = std::time::Instant::now();
+                self.metrics.observe_sla(&self.core.sla_document(now()));
+            }
             if closed && inflight.is_none() {
                 return Ok(());
             }

@@ -17,6 +17,21 @@ struct TenantLabel {
     tenant: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    model: String,
+    accelerator: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    model: String,
+    class: String,
+}
+
+type PerPool = Family<PoolLabel, Gauge<f64, AtomicU64>>;
+type PerClass = Family<ClassLabel, Gauge<f64, AtomicU64>>;
+
 type PerTenant = Family<TenantLabel, Gauge<f64, AtomicU64>>;
 
 pub struct Metrics {
@@ -34,6 +49,12 @@ pub struct Metrics {
     tenant_requests: PerTenant,
     tenant_joules: PerTenant,
     tenant_cost_usd: PerTenant,
+    sla_committed: PerPool,
+    sla_measured: PerPool,
+    sla_tokens_per_joule: PerPool,
+    sla_cost_per_million: PerPool,
+    sla_attainment: PerClass,
+    sla_completion_p99: PerClass,
 }
 
 impl Default for Metrics {
@@ -59,6 +80,12 @@ impl Metrics {
             tenant_requests: PerTenant::default(),
             tenant_joules: PerTenant::default(),
             tenant_cost_usd: PerTenant::default(),
+            sla_committed: PerPool::default(),
+            sla_measured: PerPool::default(),
+            sla_tokens_per_joule: PerPool::default(),
+            sla_cost_per_million: PerPool::default(),
+            sla_attainment: PerClass::default(),
+            sla_completion_p99: PerClass::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -130,7 +157,71 @@ impl Metrics {
         ] {
             registry.register(name, help, family.clone());
         }
+        for (name, help, family) in [
+            (
+                "sla_committed_output_tokens_per_second",
+                "Committed output tokens/s per model and accelerator (the ThroughputSLA document)",
+                &m.sla_committed,
+            ),
+            (
+                "sla_measured_output_tokens_per_second",
+                "Measured output tokens/s over the SLA window per model and accelerator",
+                &m.sla_measured,
+            ),
+            (
+                "sla_output_tokens_per_joule",
+                "Output tokens per attributed joule over the SLA window",
+                &m.sla_tokens_per_joule,
+            ),
+            (
+                "sla_cost_per_million_output_tokens_usd",
+                "Cost per million output tokens over the SLA window, US dollars",
+                &m.sla_cost_per_million,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "sla_attainment",
+            "Share of batches that ended in the SLA window that completed by their deadline",
+            m.sla_attainment.clone(),
+        );
+        registry.register(
+            "sla_completion_p99_seconds",
+            "p99 batch completion time over the SLA window, seconds",
+            m.sla_completion_p99.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The SLA document's figures as gauges.
+    pub fn observe_sla(&self, doc: &tokenfab_core::sla::ThroughputSla) {
+        for p in &doc.pools {
+            let l = PoolLabel {
+                model: p.model.clone(),
+                accelerator: p.accelerator.clone(),
+            };
+            self.sla_committed
+                .get_or_create(&l)
+                .set(p.committed_output_tokens_per_second);
+            self.sla_measured
+                .get_or_create(&l)
+                .set(p.measured_output_tokens_per_second);
+            self.sla_tokens_per_joule
+                .get_or_create(&l)
+                .set(p.output_tokens_per_joule);
+            self.sla_cost_per_million
+                .get_or_create(&l)
+                .set(p.cost_per_million_output_tokens_usd);
+        }
+        for c in &doc.classes {
+            let l = ClassLabel {
+                model: c.model.clone(),
+                class: c.class.clone(),
+            };
+            self.sla_attainment.get_or_create(&l).set(c.attainment);
+            self.sla_completion_p99.get_or_create(&l).set(c.completion_seconds.p99);
+        }
     }
 
     /// Per-tenant metering (token accounting) from the core's totals.
