@@ -544,14 +544,20 @@ impl ControlCore {
             t.usage += b.usage;
         }
         core.tenant_totals = totals;
-        // Quotas count the output tokens asked for in the last hour: rebuild that log.
+        // Quotas count the output tokens asked for in the last hour: rebuild that log (the
+        // store keeps the requests of unfinished batches only; finished ones count the
+        // tokens they used).
         let hour = Duration::from_secs(3600);
         let mut recent: Vec<(Timestamp, TenantId, u64)> = core
             .batches
             .values()
             .filter(|b| core.config.tenant_quotas.contains_key(&b.meta.tenant))
             .filter(|b| now.since(b.life.created_at) < hour)
-            .map(|b| (b.life.created_at, b.meta.tenant.clone(), b.output_tokens))
+            // A finished batch comes back without its requests: count what it used.
+            .map(|b| {
+                let tokens = b.output_tokens.max(b.usage.completion_tokens);
+                (b.life.created_at, b.meta.tenant.clone(), tokens)
+            })
             .collect();
         recent.sort();
         for (t, tenant, tokens) in recent {
@@ -681,6 +687,31 @@ impl ControlCore {
         self.parked_until.insert((until, ticket));
         self.parked_model.insert(ticket, model.clone());
         Ok(LeaseAnswer::Waiting)
+    }
+
+    /// Answers every waiting lease of `node` with no work.
+    fn end_waits_of(&mut self, node: &NodeId) {
+        let mut ended = Vec::new();
+        for (model, q) in &mut self.parked {
+            q.retain(|p| {
+                let mine = &p.node == node;
+                if mine {
+                    ended.push((p.ticket, model.clone()));
+                }
+                !mine
+            });
+        }
+        self.parked.retain(|_, q| !q.is_empty());
+        for (ticket, model) in ended {
+            self.parked_model.remove(&ticket);
+            self.parked_until.retain(|&(_, t)| t != ticket);
+            self.actions.push_back(Action::LeaseReady {
+                ticket,
+                node: node.clone(),
+                model,
+                grant: None,
+            });
+        }
     }
 
     /// Hands queued work to leases that wait for it, first come first served.
@@ -835,6 +866,15 @@ impl ControlCore {
                 usage: Usage::default(),
             },
         );
+        if rank > 0 {
+            // A newly arrived best-effort batch (not work going back on the queue, whose
+            // refund must stand).
+            let (model, tenant) = (
+                self.batches[&id].meta.model.clone(),
+                self.batches[&id].meta.tenant.clone(),
+            );
+            self.activate(&model, &tenant);
+        }
         self.track(id);
         self.actions.push_back(Action::BatchChanged(id));
         Ok(self.batches[&id].view())
@@ -1166,6 +1206,9 @@ impl ControlCore {
 
     /// [`ControlCore::register`] before waiting leases are served.
     fn register_inner(&mut self, now: Timestamp, reg: NodeRegistration) {
+        // Lease calls the node made before (re)registering belong to a process that is
+        // gone or starting over: they end empty rather than take work.
+        self.end_waits_of(&reg.node);
         let accelerator = reg.devices.first().map(|d| d.accelerator.clone());
         let usd_per_device_hour = reg
             .usd_per_device_hour
@@ -1501,14 +1544,10 @@ impl ControlCore {
         }
         self.deadlines.insert((b.meta.deadline, id));
         if !b.pending.is_empty() && matches!(status, BatchStatus::Queued | BatchStatus::InProgress) {
-            let (rank, tenant, model) = (b.rank, b.meta.tenant.clone(), b.meta.model.clone());
-            if rank > 0 {
-                self.activate(&model, &tenant);
-            }
             self.queues
-                .entry(model)
+                .entry(b.meta.model.clone())
                 .or_default()
-                .insert((rank, self.batches[&id].meta.deadline, id));
+                .insert((b.rank, b.meta.deadline, id));
         }
     }
 
@@ -2465,6 +2504,60 @@ mod tests {
         replay(&mut store, &ops);
         let recovered = ControlCore::recover(ControlConfig::default(), store.into_values().collect(), T0);
         assert_eq!(recovered.tenant_totals(), core.tenant_totals());
+    }
+
+    #[test]
+    fn a_node_that_registers_again_gets_no_work_on_its_old_waiting_call() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        core.register(T0, registration("a"));
+        let until = T0.saturating_add(Duration::from_secs(5));
+        assert_eq!(
+            core.lease_or_wait(T0, &node("a"), &model(), 4, until, 1).unwrap(),
+            LeaseAnswer::Waiting
+        );
+        core.register(T0, registration("a"));
+        core.submit(T0, new_batch("acme", 4)).unwrap();
+        let ready: Vec<_> = drain(&mut core)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::LeaseReady { ticket, grant, .. } => Some((ticket, grant.is_some())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ready,
+            [(1, false)],
+            "the old call ends empty and nothing more is sent to it"
+        );
+        assert_eq!(core.poll_timeout(), Some(T0.saturating_add(Duration::from_secs(3600))));
+    }
+
+    #[test]
+    fn work_going_back_on_the_queue_is_refunded_to_its_tenant() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        core.register(T0, registration("a"));
+        let be = |who: &str, n| {
+            let mut b = new_batch(who, n);
+            b.sla_class = Some("best-effort".into());
+            b
+        };
+        core.submit(T0, be("big", 100)).unwrap();
+        core.submit(T0, be("small", 4)).unwrap();
+        // A lease takes all of small's work and part of big's; big still waits.
+        let g = core.lease(T0, &node("a"), &model(), 50).unwrap().unwrap();
+        let vt_big = core.tenant_vt[&tenant("big")];
+        assert_eq!(core.tenant_vt[&tenant("small")], 4.0 * 16.0);
+        // small's requests come back (a release): its charge is refunded in full, and it is
+        // not raised to the busy tenant's level as a newcomer would be.
+        let small: Vec<RequestRef> = g
+            .items
+            .iter()
+            .map(|i| i.req)
+            .filter(|r| core.batches[&r.batch].meta.tenant == tenant("small"))
+            .collect();
+        core.release(T0, &node("a"), g.unit, &small).unwrap();
+        assert_eq!(core.tenant_vt[&tenant("small")], 0.0);
+        assert_eq!(core.tenant_vt[&tenant("big")], vt_big);
     }
 
     #[test]
