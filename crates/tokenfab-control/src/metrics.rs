@@ -196,6 +196,17 @@ impl Metrics {
 
     /// The SLA document's figures as gauges.
     pub fn observe_sla(&self, doc: &tokenfab_core::sla::ThroughputSla) {
+        // Series for pools and classes no longer in the window disappear.
+        for f in [
+            &self.sla_committed,
+            &self.sla_measured,
+            &self.sla_tokens_per_joule,
+            &self.sla_cost_per_million,
+        ] {
+            f.clear();
+        }
+        self.sla_attainment.clear();
+        self.sla_completion_p99.clear();
         for p in &doc.pools {
             let l = PoolLabel {
                 model: p.model.clone(),

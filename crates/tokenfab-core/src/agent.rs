@@ -567,7 +567,14 @@ impl AgentCore {
             // out without their energy share rather than wait; the next good reading's
             // difference covers the gap, so no energy is lost from the books.
             self.sampling = false;
-            self.closing_rest = false;
+            if std::mem::take(&mut self.closing_rest) {
+                // The reading that should have closed a rest never came: what the devices
+                // drew during the rest is unknown and must not be charged to the work that
+                // starts now, so the next reading starts a new baseline instead.
+                for r in &mut self.replicas {
+                    r.last_reading = None;
+                }
+            }
             for r in &mut self.replicas {
                 attribute(r, None, now, &mut self.ready);
             }
@@ -698,13 +705,18 @@ impl AgentCore {
             }
             let Some((i, _)) = best else { break };
             if self.resting && !self.sampling {
-                // Work starts after a rest: read the devices first, to close the rest.
+                // Work starts after a rest: read the devices first, to close the rest, and
+                // dispatch once the reading is in (or given up), so that no busy energy is
+                // booked as idle.
                 self.resting = false;
                 self.sampling = true;
                 self.closing_rest = true;
                 self.sample_started = now;
                 self.sample_at = now.saturating_add(self.config.sample_interval);
                 self.actions.push_back(AgentAction::SampleDevices);
+            }
+            if self.closing_rest {
+                break;
             }
             let r = &mut self.replicas[i];
             let (unit, item) = self.models[r.model].queue.pop_front().expect("checked non-empty");
@@ -1173,21 +1185,71 @@ mod tests {
             next >= T0.saturating_add(Duration::from_secs(1)),
             "rests until the heartbeat: {next}"
         );
-        // Work arrives after 60 s: the devices are read before the first dispatch, and
-        // the 60 s of energy since the baseline is idle, charged to no request.
+        // Work arrives after 60 s: the devices are read first, and only then is the
+        // request dispatched; the 60 s of energy since the baseline is idle, charged to
+        // no request.
         let t2 = T0.saturating_add(Duration::from_secs(60));
         core.lease_done(t2, &ModelId::from("m"), Ok(Some(grant(1, 1))));
-        let actions = drain(&mut core);
-        let sample = actions.iter().position(|a| *a == AgentAction::SampleDevices).unwrap();
-        let dispatch = actions
-            .iter()
-            .position(|a| matches!(a, AgentAction::Dispatch { .. }))
-            .unwrap();
-        assert!(sample < dispatch, "{actions:?}");
+        let first = drain(&mut core);
+        assert!(first.contains(&AgentAction::SampleDevices), "{first:?}");
+        assert!(
+            !first.iter().any(|a| matches!(a, AgentAction::Dispatch { .. })),
+            "no dispatch before the reading: {first:?}"
+        );
         core.device_sample(t2, vec![reading(4200.0, 60.0), reading(4200.0, 60.0)]);
+        assert!(
+            drain(&mut core)
+                .iter()
+                .any(|a| matches!(a, AgentAction::Dispatch { .. }))
+        );
         let idle: f64 = core.replicas().map(|(_, s)| s.idle_j).sum();
         let attributed: f64 = core.replicas().map(|(_, s)| s.attributed_j).sum();
         assert_eq!((idle, attributed), (8400.0, 0.0));
+    }
+
+    #[test]
+    fn a_rest_whose_closing_reading_never_comes_is_charged_to_nobody() {
+        let reading = |j: f64, s: f64| {
+            Some(EnergyReading {
+                energy_j: j,
+                clock_s: s,
+            })
+        };
+        let mut core = started(4);
+        drain(&mut core);
+        core.lease_done(T0, &ModelId::from("m"), Ok(None));
+        core.device_sample(T0, vec![reading(0.0, 0.0), reading(0.0, 0.0)]);
+        core.handle_timeout(T0.saturating_add(Duration::from_millis(100)));
+        drain(&mut core);
+        // An hour of rest, then work; the closing reading hangs and is given up.
+        let t = T0.saturating_add(Duration::from_secs(3600));
+        core.lease_done(t, &ModelId::from("m"), Ok(Some(grant(1, 1))));
+        let first = drain(&mut core);
+        assert!(first.contains(&AgentAction::SampleDevices), "{first:?}");
+        assert!(
+            !first.iter().any(|a| matches!(a, AgentAction::Dispatch { .. })),
+            "{first:?}"
+        );
+        let late = t.saturating_add(Duration::from_millis(300));
+        core.handle_timeout(late);
+        let (replica, unit, item) = drain(&mut core)
+            .into_iter()
+            .find_map(|a| match a {
+                AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
+                _ => None,
+            })
+            .expect("dispatched once the reading is given up");
+        // The request runs 2 s; the next good reading sees the whole hour plus those 2 s.
+        let done = late.saturating_add(Duration::from_secs(2));
+        core.engine_done(done, replica, unit, item.req, answered(5));
+        core.handle_timeout(done);
+        drain(&mut core);
+        core.device_sample(
+            done,
+            vec![reading(360_000.0 + 1_400.0, 3602.3), reading(360_000.0, 3602.3)],
+        );
+        let attributed: f64 = core.replicas().map(|(_, s)| s.attributed_j).sum();
+        assert_eq!(attributed, 0.0, "the unknown hour is not charged to the request");
     }
 
     #[test]

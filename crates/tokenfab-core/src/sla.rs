@@ -101,10 +101,18 @@ impl SlaMeter {
         self.window
     }
 
-    /// Seconds the figures cover at `now`: the window, or less right after the start.
+    /// Seconds the figures cover at `now`: from the start of the oldest bucket kept (up
+    /// to a bucket more than the window), or less right after the start.
     pub fn covered_s(&self, now: Timestamp) -> f64 {
-        let since = self.started.map_or(0.0, |s| now.since(s).as_secs_f64());
-        since.min(self.window.as_secs_f64())
+        let Some(started) = self.started else { return 0.0 };
+        let oldest = self.pools.values().filter_map(|r| r.front()).map(|b| b.start).min();
+        let from = oldest.map_or(started, |o| o.max(started));
+        let kept = now.since(from).as_secs_f64();
+        if oldest.is_some() {
+            kept
+        } else {
+            kept.min(self.window.as_secs_f64())
+        }
     }
 
     fn start(&mut self, now: Timestamp) {
@@ -137,7 +145,8 @@ impl SlaMeter {
             .saturating_record((latency.as_micros() as u64).clamp(1, LATENCY_MAX_US));
     }
 
-    /// A batch ended at `now` (only completed batches can be on time).
+    /// A batch ended at `now` (only completed batches can be on time). Batches the tenant
+    /// cancelled are not counted: their end says nothing about the service.
     #[allow(clippy::too_many_arguments)]
     pub fn batch_ended(
         &mut self,
@@ -150,6 +159,9 @@ impl SlaMeter {
     ) {
         self.start(now);
         self.expire(now);
+        if status == BatchStatus::Cancelled {
+            return;
+        }
         self.ended.push_back(Ended {
             at: now,
             model: model.clone(),
@@ -261,7 +273,8 @@ pub struct SlaMetadata {
     pub generated_at_unix_ms: u64,
     /// The measurement window.
     pub window_seconds: f64,
-    /// How much of the window has data (less than the window right after a start).
+    /// The time the figures cover: from the start of the oldest bucket kept (the window
+    /// plus up to one bucket), less right after a start.
     pub covered_seconds: f64,
 }
 
@@ -388,7 +401,14 @@ mod tests {
         // Latencies of the last 600 results are 601..1200 ms: p50 ~ 900 ms, p99 ~ 1194 ms.
         assert!((p.latency_s[0] - 0.900).abs() < 0.002, "{:?}", p.latency_s);
         assert!((p.latency_s[2] - 1.194).abs() < 0.002, "{:?}", p.latency_s);
+        // The figures cover the buckets kept: 600 s, so the rate is exact.
         assert_eq!(meter.covered_s(at(1200)), 600.0);
+        assert_eq!(p.usage.completion_tokens as f64 / meter.covered_s(at(1200)), 100.0);
+        // Mid-bucket, the oldest bucket kept starts up to a bucket before the window.
+        meter.result(at(1205), &m, &a, usage(100, 10.0), Duration::from_millis(1));
+        let p = &meter.pools(at(1205))[0];
+        assert_eq!(meter.covered_s(at(1205)), 605.0);
+        assert_eq!(p.requests, 601);
         // Long after, nothing is left.
         assert!(meter.pools(at(5000)).is_empty());
     }
@@ -403,11 +423,16 @@ mod tests {
             let _ = i;
         }
         meter.batch_ended(at(50), &m, "best-effort", at(0), at(10), BatchStatus::Expired);
+        meter.batch_ended(at(60), &m, "best-effort", at(0), at(10), BatchStatus::Cancelled);
         let c = meter.classes(at(500));
         let std = c.iter().find(|c| c.class == "standard").unwrap();
         assert_eq!((std.batches, std.on_time), (4, 2));
         assert_eq!(std.completion_s, [200.0, 400.0, 400.0]);
         let be = c.iter().find(|c| c.class == "best-effort").unwrap();
-        assert_eq!((be.batches, be.on_time), (1, 0), "an expired batch is never on time");
+        assert_eq!(
+            (be.batches, be.on_time),
+            (1, 0),
+            "an expired batch is never on time; a cancelled one is not counted"
+        );
     }
 }
