@@ -219,12 +219,7 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
 
     // The published SLA document: valid against its schema, and saying what happened.
     let sla_url = format!("http://127.0.0.1:{http_port}");
-    let text = reqwest::get(format!("{sla_url}/v1/sla"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = http_text(&format!("{sla_url}/v1/sla")).await;
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
     let pool = &doc["pools"][0];
     assert_eq!(pool["model"], "llama-3.1-8b", "{doc:#}");
@@ -274,30 +269,25 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
     );
     assert_eq!(wire.pools[0].output_tokens, u.completion_tokens);
     assert_eq!(wire.classes.len(), classes.len());
-    // Metering is exported as Prometheus metrics too.
-    let metrics = reqwest::get(format!("{sla_url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let exported = metric_value(&metrics, "tokenfab_control_tenant_output_tokens{tenant=\"acme\"}");
-    assert_eq!(exported, Some(u.completion_tokens as f64), "{metrics}");
-    // And the SLA figures (refreshed every 5 s).
-    let gauge =
+    // Metering and the SLA figures are exported as Prometheus metrics too (refreshed every
+    // 5 s).
+    let tenant_gauge = "tokenfab_control_tenant_output_tokens{tenant=\"acme\"}";
+    let sla_gauge =
         "tokenfab_control_sla_measured_output_tokens_per_second{model=\"llama-3.1-8b\",accelerator=\"h100-sxm\"}";
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let metrics = reqwest::get(format!("{sla_url}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metric_value(&metrics, gauge).is_some_and(|v| v > 0.0) {
+        let metrics = http_text(&format!("{sla_url}/metrics")).await;
+        let exported = metric_value(&metrics, tenant_gauge);
+        let measured = metric_value(&metrics, sla_gauge);
+        // A refresh taken after the last result carries exactly the metered usage.
+        if exported == Some(u.completion_tokens as f64) && measured.is_some_and(|v| v > 0.0) {
             break;
         }
-        assert!(Instant::now() < deadline, "no {gauge} above 0 in:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "{tenant_gauge} is {exported:?}, not {} as metered, or {sla_gauge} is not above 0, in:\n{metrics}",
+            u.completion_tokens
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let out = run_cli(&["sla", "--url", &sla_url], &[]);

@@ -107,6 +107,25 @@ policies: {{window: {WINDOW}, report_delay: 100ms, empty_lease_backoff: 500ms, c
     }
 }
 
+/// Submits a llama-3.1-8b batch with the server's default options; returns its id.
+async fn submit(addr: SocketAddr, input: Vec<u8>, what: &str) -> String {
+    let mut client = tenant_client(addr, TENANT).await;
+    client
+        .create_batch(pb::CreateBatchRequest {
+            input_jsonl: input.into(),
+            options: Some(pb::BatchOptions {
+                model: "llama-3.1-8b".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("submitting {what}: {e}"))
+        .into_inner()
+        .batch
+        .unwrap_or_else(|| panic!("no batch in the answer to {what}"))
+        .id
+}
+
 /// Polls until batch `id` has completed; panics with the process logs otherwise.
 async fn wait_done(addr: SocketAddr, id: &str, procs: &[Proc]) -> pb::Batch {
     let mut client = tenant_client(addr, TENANT).await;
@@ -161,7 +180,6 @@ async fn live(dir: &std::path::Path) -> Outcome {
         procs.push(emu);
         procs.push(spawn_agent(dir, &format!("node{n}"), &control, &url, WINDOW, AGENT));
     }
-    let mut client = tenant_client(addr, TENANT).await;
     // Both agents registered: the first batch meets a ready cluster, as in the simulator.
     wait_registered(&procs, Duration::from_secs(30)).await;
 
@@ -172,20 +190,7 @@ async fn live(dir: &std::path::Path) -> Outcome {
         .collect::<Vec<_>>()
         .join("\n")
         .into_bytes();
-    let warm = client
-        .create_batch(pb::CreateBatchRequest {
-            input_jsonl: warm.into(),
-            options: Some(pb::BatchOptions {
-                model: "llama-3.1-8b".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .batch
-        .unwrap()
-        .id;
+    let warm = submit(addr, warm, "the warm-up batch").await;
     wait_done(addr, &warm, &procs).await;
     let mut ids = Vec::new();
     // Time zero is now; batch k is submitted at ARRIVE_S[k] / SCALE wall seconds.
@@ -197,18 +202,7 @@ async fn live(dir: &std::path::Path) -> Outcome {
             .collect::<Vec<_>>()
             .join("\n")
             .into_bytes();
-        let b = client
-            .create_batch(pb::CreateBatchRequest {
-                input_jsonl: content.into(),
-                options: Some(pb::BatchOptions {
-                    model: "llama-3.1-8b".into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("submitting batch {k}: {e}"))
-            .into_inner();
-        ids.push(b.batch.expect("the accepted batch").id);
+        ids.push(submit(addr, content, &format!("batch {k}")).await);
     }
     let mut done = Vec::new();
     for id in &ids {

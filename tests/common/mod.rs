@@ -213,3 +213,11 @@ pub async fn wait_registered(procs: &[Proc], within: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The body of `GET url`, panicking with the error if the request fails.
+pub async fn http_text(url: &str) -> String {
+    let resp = reqwest::get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    resp.text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"))
+}

@@ -170,7 +170,8 @@ pub struct CoreLoop<S> {
     sla_observed: std::time::Instant,
 }
 
-/// How often the SLA metrics are refreshed (the loop wakes at least this often when busy).
+/// How often the metering and SLA metrics are refreshed (agents' heartbeats wake the loop
+/// at least every second).
 const SLA_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The answer to a lease call.
@@ -297,10 +298,11 @@ impl<S: Store> CoreLoop<S> {
                 }
             }
             self.metrics.observe_core(&self.core.stats());
-            self.metrics.observe_tenants(self.core.tenant_totals());
-            // The SLA figures are recomputed for the metrics at most every few seconds.
+            // Metering and SLA figures are refreshed for the metrics every few seconds,
+            // not on every round.
             if self.sla_observed.elapsed() >= SLA_METRICS_EVERY {
                 self.sla_observed = std::time::Instant::now();
+                self.metrics.observe_tenants(self.core.tenant_totals());
                 self.metrics.observe_sla(&self.core.sla_document(now()));
             }
             if closed && inflight.is_none() {

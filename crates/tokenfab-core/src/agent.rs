@@ -1163,14 +1163,16 @@ mod tests {
         assert!(core.poll_timeout().unwrap() > t);
     }
 
+    /// A device reading of `j` joules at `s` seconds.
+    fn reading(j: f64, s: f64) -> Option<EnergyReading> {
+        Some(EnergyReading {
+            energy_j: j,
+            clock_s: s,
+        })
+    }
+
     #[test]
     fn an_idle_agent_rests_its_devices_and_books_the_rest_as_idle_energy() {
-        let reading = |j: f64, s: f64| {
-            Some(EnergyReading {
-                energy_j: j,
-                clock_s: s,
-            })
-        };
         let mut core = started(4);
         drain(&mut core);
         core.lease_done(T0, &ModelId::from("m"), Ok(None));
@@ -1209,12 +1211,6 @@ mod tests {
 
     #[test]
     fn a_rest_whose_closing_reading_never_comes_is_charged_to_nobody() {
-        let reading = |j: f64, s: f64| {
-            Some(EnergyReading {
-                energy_j: j,
-                clock_s: s,
-            })
-        };
         let mut core = started(4);
         drain(&mut core);
         core.lease_done(T0, &ModelId::from("m"), Ok(None));
