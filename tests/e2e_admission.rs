@@ -178,7 +178,10 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         s
     });
     let metered = client
-        .get_usage(pb::GetUsageRequest { since_unix_ms: 0 })
+        .get_usage(pb::GetUsageRequest {
+            since_unix_ms: 0,
+            tenant: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -250,6 +253,29 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         "the batch the tenant cancelled is not counted"
     );
     validate_against_schema(&text, dir.path());
+    // The same measurement as llm-d Benchmark Reports (one per pool), valid against the
+    // llm-d schema, with the pool's figures where the fields map.
+    let reports = http_text(&format!("{sla_url}/v1/sla/llm-d")).await;
+    let parsed: serde_json::Value = serde_json::from_str(&reports).unwrap();
+    let report = &parsed[0];
+    let agg = &report["results"]["request_performance"]["aggregate"];
+    assert_eq!(
+        agg["requests"]["total"].as_u64(),
+        pool["requests"].as_u64(),
+        "{report:#}"
+    );
+    assert_eq!(
+        agg["latency"]["request_latency"]["p99"], pool["requestLatencySeconds"]["p99"],
+        "{report:#}"
+    );
+    assert_eq!(
+        report["scenario"]["stack"][0]["standardized"]["model"]["name"],
+        "llama-3.1-8b"
+    );
+    match llmd_schema() {
+        Some(schema) => validate(&reports, &schema, true, dir.path()),
+        None => eprintln!("skipping the llm-d schema check: shared/data/third-party is not beside this checkout"),
+    }
     // The same document over gRPC (SlaService), for any tenant.
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -301,6 +327,22 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
 /// (installed by scripts/setup-test-deps.sh). Without it the check is skipped, except in
 /// CI (TOKENFAB_REQUIRE_LLAMA=1), where it fails.
 fn validate_against_schema(json: &str, dir: &std::path::Path) {
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/throughput-sla.schema.json");
+    validate(json, std::path::Path::new(schema), false, dir);
+}
+
+/// The llm-d Benchmark Report schema (v0.2.1, from llm-d/llm-d-benchmark, Apache-2.0),
+/// which the project reads from the `shared/data/third-party` folder beside its checkout
+/// instead of copying it.
+fn llmd_schema() -> Option<std::path::PathBuf> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/third-party/llm-d-benchmark-report-v0.2.1.schema.json");
+    path.exists().then_some(path)
+}
+
+/// Validates `json` against the JSON Schema at `schema` (each element, if `each`) with
+/// Draft 2020-12 and format checking.
+fn validate(json: &str, schema: &std::path::Path, each: bool, dir: &std::path::Path) {
     let python = std::env::var("TOKENFAB_PYTHON").unwrap_or_else(|_| "python3".into());
     let has = std::process::Command::new(&python)
         .args(["-c", "import jsonschema"])
@@ -314,21 +356,29 @@ fn validate_against_schema(json: &str, dir: &std::path::Path) {
         eprintln!("skipping the JSON Schema check: {python} has no jsonschema (run scripts/setup-test-deps.sh)");
         return;
     }
-    let doc = dir.join("sla.json");
+    let doc = dir.join("document.json");
     std::fs::write(&doc, json).unwrap();
-    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/throughput-sla.schema.json");
     let out = std::process::Command::new(&python)
         .args([
             "-c",
-            "import json,sys,jsonschema; s=json.load(open(sys.argv[1])); jsonschema.Draft202012Validator.check_schema(s); jsonschema.Draft202012Validator(s).validate(json.load(open(sys.argv[2]))); print('valid')",
-            schema,
+            "import json,sys,jsonschema
+V=jsonschema.Draft202012Validator
+s=json.load(open(sys.argv[1])); V.check_schema(s)
+d=json.load(open(sys.argv[2]))
+docs=d if sys.argv[3]=='each' else [d]
+assert docs, 'no document'
+for x in docs: V(s, format_checker=V.FORMAT_CHECKER).validate(x)
+print('valid', len(docs))",
+            schema.to_str().unwrap(),
             doc.to_str().unwrap(),
+            if each { "each" } else { "one" },
         ])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "the SLA document does not match its schema:\n{}",
+        "the document does not match {}:\n{}\n{json}",
+        schema.display(),
         String::from_utf8_lossy(&out.stderr)
     );
 }

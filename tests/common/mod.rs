@@ -58,6 +58,26 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM (a graceful stop), then waits up to `within` for the process to exit.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?} of SIGTERM:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -212,6 +232,18 @@ pub async fn wait_registered(procs: &[Proc], within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The energy counter of every device an engine emulator emulates, summed, joules.
+pub async fn emu_energy_j(engine: &str) -> f64 {
+    let text = http_text(&format!("{engine}/emu/devices")).await;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["devices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{engine}/emu/devices: {text}"))
+        .iter()
+        .map(|d| d["energy_j"].as_f64().unwrap())
+        .sum()
 }
 
 /// The body of `GET url`, panicking with the error if the request fails.

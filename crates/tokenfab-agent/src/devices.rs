@@ -36,6 +36,9 @@ pub struct DeviceReading {
     pub power_limit_w: f64,
     /// The device's clock, seconds: wall time for real devices, emulated time for emulated ones.
     pub clock_s: f64,
+    /// The generated-token counter of the engine the device serves, when the device source
+    /// knows it (the engine emulator does; NVML does not).
+    pub engine_tokens: Option<u64>,
 }
 
 /// A device operation that failed.
@@ -87,6 +90,9 @@ pub struct EmulatedDevices {
 #[derive(serde::Deserialize)]
 struct EmuDevices {
     clock_s: f64,
+    /// Output tokens the emulated engine generated (older emulators: absent).
+    #[serde(default)]
+    completion_tokens: Option<u64>,
     devices: Vec<EmuDevice>,
 }
 
@@ -186,6 +192,7 @@ impl DeviceBackend for EmulatedDevices {
                         power_w: dev.power_w,
                         power_limit_w: dev.power_limit_w,
                         clock_s: d.clock_s,
+                        engine_tokens: d.completion_tokens,
                     });
                 }
             }

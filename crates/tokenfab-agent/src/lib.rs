@@ -55,6 +55,20 @@ pub struct AgentOptions {
     pub request_timeout: Duration,
 }
 
+/// The power range of the devices `indices` as the backend describes them, if it can set
+/// power limits (the same for all of them: a replica spans one accelerator class).
+fn power_range(devices: &[devices::DeviceInfo], indices: &[u32]) -> Option<tokenfab_core::agent::PowerRange> {
+    let mine: Vec<&devices::DeviceInfo> = devices.iter().filter(|d| indices.contains(&d.index)).collect();
+    let first = mine.first()?;
+    (first.power_limit_max_w > first.power_limit_min_w && mine.len() == indices.len()).then_some(
+        tokenfab_core::agent::PowerRange {
+            min_w: first.power_limit_min_w,
+            max_w: first.power_limit_max_w,
+            current_w: first.power_limit_w,
+        },
+    )
+}
+
 /// An agent that cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -91,6 +105,10 @@ enum Event {
     Reported(Result<(), Status>),
     Heartbeat(Result<pb::HeartbeatResponse, Status>),
     Sampled(Result<Vec<DeviceReading>, String>),
+    PowerSet {
+        replica: usize,
+        result: Result<f64, String>,
+    },
 }
 
 fn now() -> Timestamp {
@@ -135,6 +153,7 @@ pub async fn run(
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
     let engines = EngineClient::new(opts.request_timeout);
+    let infos = devices.devices();
     let specs: Vec<ReplicaSpec> = opts
         .replicas
         .iter()
@@ -144,6 +163,11 @@ pub async fn run(
             devices: r.devices.len() as u32,
             window: r.window,
             max_concurrency: r.max_concurrency,
+            power: power_range(&infos, &r.devices),
+            accelerator: infos
+                .iter()
+                .find(|d| r.devices.first() == Some(&d.index))
+                .map(|d| d.accelerator.clone()),
         })
         .collect();
     let mut shell = Shell {
@@ -163,6 +187,7 @@ pub async fn run(
         shell.perform(&tx);
         if stopping && shell.core.is_drained() {
             tracing::info!("agent drained; exiting");
+            shell.log_books();
             return Ok(());
         }
         let wake = shell.core.poll_timeout();
@@ -264,6 +289,38 @@ impl Shell {
                         let _ = tx.send(Event::Sampled(devices.read().await.map_err(|e| e.to_string())));
                     });
                 }
+                AgentAction::SetPowerLimit { replica, watts } => {
+                    let devices = self.devices.clone();
+                    let indices = self.opts.replicas[replica].devices.clone();
+                    tokio::spawn(async move {
+                        let mut applied = f64::MAX;
+                        let mut result = Ok(0.0);
+                        for i in indices {
+                            match devices.set_power_limit(i, watts).await {
+                                Ok(w) => applied = applied.min(w),
+                                Err(e) => {
+                                    result = Err(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                        let result = result.map(|_| applied);
+                        let _ = tx.send(Event::PowerSet { replica, result });
+                    });
+                }
+                AgentAction::Tuned {
+                    replica,
+                    window,
+                    power_limit_w,
+                    reason,
+                } => {
+                    tracing::info!(
+                        replica = %self.opts.replicas[replica].id,
+                        window,
+                        power_limit_w = power_limit_w.map_or(String::from("unchanged"), |w| format!("{w:.0}")),
+                        "tuner: {reason}"
+                    );
+                }
                 AgentAction::Release { unit, items } => {
                     for r in &items {
                         self.bodies.remove(r);
@@ -344,8 +401,12 @@ impl Shell {
                                 index: w.index,
                             };
                             let attempt = w.attempt;
+                            let prefix = std::str::from_utf8(&w.body)
+                                .ok()
+                                .and_then(tokenfab_core::batch_input::shared_prefix)
+                                .map(|(key, _)| key);
                             self.bodies.insert(req, w);
-                            LeasedItem { req, attempt }
+                            LeasedItem { req, attempt, prefix }
                         })
                         .collect();
                     LeaseGrant {
@@ -375,11 +436,26 @@ impl Shell {
                 let results = std::mem::take(&mut self.in_report);
                 self.core.report_failed(t, results, unknown_node(&e));
             }
+            Event::PowerSet { replica, result } => {
+                if let Err(e) = &result {
+                    tracing::warn!(replica = %self.opts.replicas[replica].id, error = %e, "setting the power limit failed");
+                }
+                self.core.power_limit_done(t, replica, result);
+            }
             Event::Heartbeat(r) => {
                 let reply = match r {
                     Ok(h) if h.reregister => Err(true),
                     Ok(h) => Ok(HeartbeatReply {
                         unknown_units: h.unknown_units.into_iter().map(WorkUnitId).collect(),
+                        directives: h
+                            .directives
+                            .into_iter()
+                            .map(|d| tokenfab_core::control::ReplicaDirective {
+                                replica: ReplicaId::new(d.replica_id),
+                                owed_tokens_per_s: d.owed_output_tokens_per_second,
+                                active: d.active,
+                            })
+                            .collect(),
                     }),
                     Err(e) => Err(unknown_node(&e)),
                 };
@@ -403,6 +479,7 @@ impl Shell {
                         (!mine.is_empty() && mine.len() == rep.devices.len()).then(|| EnergyReading {
                             energy_j: mine.iter().map(|d| d.energy_j).sum(),
                             clock_s: mine[0].clock_s,
+                            tokens: mine[0].engine_tokens,
                         })
                     })
                     .collect();
@@ -411,6 +488,21 @@ impl Shell {
                 }
                 self.core.device_sample(t, per_replica);
             }
+        }
+    }
+
+    /// Logs, per replica, what its devices' energy counters measured over the agent's
+    /// life and how the books split it (a line operators can reconcile against).
+    fn log_books(&self) {
+        for ((spec, s), measured) in self.core.replicas().zip(self.core.measured_energy_j()) {
+            let Some(measured) = measured else { continue };
+            tracing::info!(
+                replica = %spec.id,
+                measured_j = measured,
+                attributed_j = s.attributed_j,
+                idle_j = s.idle_j,
+                "books closed: the device energy counters rose by measured_j between the first and last readings"
+            );
         }
     }
 
@@ -467,15 +559,35 @@ impl Shell {
             replicas: self
                 .core
                 .replicas()
-                .map(|(spec, s)| pb::ReplicaTelemetry {
-                    replica_id: spec.id.to_string(),
-                    window: s.window,
-                    in_flight: s.in_flight,
-                    requests_done: s.requests_done,
-                    prompt_tokens: s.prompt_tokens,
-                    completion_tokens: s.completion_tokens,
-                    errors: s.errors,
-                    mean_latency_ms: s.latency_sum_s * 1e3 / ((s.requests_done + s.errors).max(1) as f64),
+                .zip(self.core.telemetry())
+                .map(|((spec, s), report)| {
+                    let tuning = report.tuning.unwrap_or_default();
+                    let advice = tuning.advice.as_ref();
+                    pb::ReplicaTelemetry {
+                        replica_id: spec.id.to_string(),
+                        window: s.window,
+                        in_flight: s.in_flight,
+                        requests_done: s.requests_done,
+                        prompt_tokens: s.prompt_tokens,
+                        completion_tokens: s.completion_tokens,
+                        errors: s.errors,
+                        mean_latency_ms: s.latency_sum_s * 1e3 / ((s.requests_done + s.errors).max(1) as f64),
+                        attributed_joules: s.attributed_j,
+                        idle_joules: s.idle_j,
+                        power_limit_w: report.power_limit_w.unwrap_or(0.0),
+                        tuner_mode: tuning.mode.name().into(),
+                        objective: tuning.objective,
+                        objective_value: tuning.objective_value,
+                        measured_output_tokens_per_second: tuning.measured_tokens_per_s,
+                        owed_output_tokens_per_second: tuning.owed_tokens_per_s,
+                        holding: tuning.holding,
+                        tuner_moves: tuning.moves,
+                        tuner_reason: tuning.reason,
+                        advised_window: advice.map_or(0, |a| a.window),
+                        advised_power_limit_w: advice.map_or(0.0, |a| a.power_limit_w),
+                        advised_objective_value: advice.map_or(0.0, |a| a.predicted_objective),
+                        current_objective_value: advice.map_or(0.0, |a| a.current_objective),
+                    }
                 })
                 .collect(),
         }

@@ -1,4 +1,5 @@
-//! Bearer-token authentication: one token per tenant, one shared token for agents.
+//! Bearer-token authentication: one token per tenant, one shared token for agents, and
+//! optionally an operator (admin) token that may read every tenant's usage.
 
 use serde::Deserialize;
 use tokenfab_core::TenantId;
@@ -18,6 +19,15 @@ pub struct TenantToken {
 pub struct Auth {
     tenants: Vec<(Vec<u8>, TenantId)>,
     agent_token: Vec<u8>,
+    admin_token: Option<Vec<u8>>,
+}
+
+/// Who a usage query comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Tenant(TenantId),
+    /// The operator (admin token).
+    Operator,
 }
 
 impl std::fmt::Debug for Auth {
@@ -61,7 +71,31 @@ impl Auth {
                 .map(|t| (t.token.as_bytes().to_vec(), TenantId::new(t.name.clone())))
                 .collect(),
             agent_token: agent_token.as_bytes().to_vec(),
+            admin_token: None,
         }
+    }
+
+    /// Also accepts `admin` as the operator's token (for usage queries).
+    pub fn with_admin(mut self, admin: Option<&str>) -> Self {
+        self.admin_token = admin.filter(|a| !a.trim().is_empty()).map(|a| a.as_bytes().to_vec());
+        self
+    }
+
+    /// The configured tenants, by name.
+    pub fn tenant_names(&self) -> Vec<TenantId> {
+        let mut names: Vec<TenantId> = self.tenants.iter().map(|(_, n)| n.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// A tenant, or the operator: for calls the operator may make too.
+    pub fn tenant_or_operator(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        if let Some(admin) = &self.admin_token
+            && same(admin, &bearer(md, "tenant or admin")?)
+        {
+            return Ok(Caller::Operator);
+        }
+        self.tenant(md).map(Caller::Tenant)
     }
 
     /// The tenant a request authenticates as.
@@ -140,5 +174,16 @@ mod tests {
             "a tenant token is not an agent token"
         );
         assert!(!format!("{auth:?}").contains("s3cret"));
+        assert_eq!(
+            auth.tenant_or_operator(&md("Bearer s3cret")).unwrap(),
+            Caller::Tenant(TenantId::from("acme"))
+        );
+        assert!(auth.tenant_or_operator(&md("Bearer op")).is_err(), "no admin token set");
+        let auth = auth.with_admin(Some("op"));
+        assert_eq!(auth.tenant_or_operator(&md("Bearer op")).unwrap(), Caller::Operator);
+        assert!(
+            auth.tenant(&md("Bearer op")).is_err(),
+            "the admin token is not a tenant"
+        );
     }
 }

@@ -84,6 +84,48 @@ pub fn batch(v: &BatchView) -> pb::Batch {
     }
 }
 
+/// Replica telemetry of a heartbeat. Values an agent cannot have measured (negative or
+/// not finite) are dropped as zero.
+pub fn replica_reports(t: pb::Telemetry) -> Vec<tokenfab_core::control::ReplicaReport> {
+    use tokenfab_core::control::{ReplicaReport, TuningReport};
+    use tokenfab_core::tuner::{Advice, TunerMode};
+    let num = |j: f64| if j.is_finite() && j >= 0.0 { j } else { 0.0 };
+    t.replicas
+        .into_iter()
+        .map(|r| {
+            let mode = TunerMode::parse(&r.tuner_mode).unwrap_or_default();
+            let advice = (r.advised_window > 0).then(|| Advice {
+                window: r.advised_window,
+                power_limit_w: num(r.advised_power_limit_w),
+                predicted_objective: num(r.advised_objective_value),
+                predicted_tokens_per_s: 0.0,
+                current_objective: num(r.current_objective_value),
+                current_tokens_per_s: 0.0,
+            });
+            let tuning = (mode != TunerMode::Off).then(|| TuningReport {
+                mode,
+                objective: r.objective.chars().take(64).collect(),
+                objective_value: num(r.objective_value),
+                measured_tokens_per_s: num(r.measured_output_tokens_per_second),
+                owed_tokens_per_s: num(r.owed_output_tokens_per_second),
+                holding: r.holding,
+                moves: r.tuner_moves,
+                reason: r.tuner_reason.chars().take(512).collect(),
+                advice,
+            });
+            ReplicaReport {
+                replica: tokenfab_core::ReplicaId::new(r.replica_id),
+                window: r.window,
+                in_flight: r.in_flight,
+                attributed_j: num(r.attributed_joules),
+                idle_j: num(r.idle_joules),
+                power_limit_w: (r.power_limit_w > 0.0 && r.power_limit_w.is_finite()).then_some(r.power_limit_w),
+                tuning,
+            }
+        })
+        .collect()
+}
+
 pub fn batch_id(s: &str) -> Result<BatchId, Status> {
     s.parse()
         .map_err(|e: tokenfab_core::ids::BadBatchId| Status::invalid_argument(format!("batch_id: {e}")))
@@ -118,6 +160,7 @@ pub fn submit_error(e: SubmitError) -> Status {
             }
             status
         }
+        SubmitError::NoRoomInClass { .. } => Status::resource_exhausted(format!("options.sla_class: {e}")),
     }
 }
 
@@ -216,6 +259,7 @@ pub fn reported(results: Vec<pb::WorkResult>) -> Result<Vec<ReportedResult>, Sta
 /// The SLA document on the wire.
 pub fn sla(d: &tokenfab_core::sla::ThroughputSla) -> pb::ThroughputSla {
     let pct = |p: &tokenfab_core::sla::Percentiles| pb::Percentiles {
+        mean: p.mean,
         p50: p.p50,
         p90: p.p90,
         p99: p.p99,

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
 use tokenfab_core::control::{
     Action, BatchError, BatchView, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch, NodeRegistration,
-    ReportSummary, ReportedResult, SubmitError, UnknownNode,
+    ReplicaReport, ReportSummary, ReportedResult, SubmitError, UnknownNode,
 };
 use tokenfab_core::durable::DurableOp;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
@@ -57,6 +57,10 @@ pub enum Command {
     Sla {
         reply: Reply<tokenfab_core::sla::ThroughputSla>,
     },
+    /// Every replica: its directive and its tuner's last report.
+    Tuning {
+        reply: Reply<tokenfab_core::control::TuningDoc>,
+    },
     List {
         tenant: TenantId,
         before: Option<BatchId>,
@@ -80,6 +84,7 @@ pub enum Command {
     Heartbeat {
         node: NodeId,
         held: Vec<WorkUnitId>,
+        replicas: Vec<ReplicaReport>,
         reply: Reply<Result<HeartbeatReply, UnknownNode>>,
     },
     Lease {
@@ -195,6 +200,7 @@ impl<S: Store> CoreLoop<S> {
         }
         let recovered = batches.len();
         let mut core = ControlCore::recover(config, batches, now());
+        core.restore_idle(store.idle_shares().await?);
         // Completing batches found whole during recovery must be written too.
         let mut set = WriteSet::default();
         while let Some(a) = core.poll_action() {
@@ -302,7 +308,10 @@ impl<S: Store> CoreLoop<S> {
             // not on every round.
             if self.sla_observed.elapsed() >= SLA_METRICS_EVERY {
                 self.sla_observed = std::time::Instant::now();
-                self.metrics.observe_tenants(self.core.tenant_totals());
+                self.metrics
+                    .observe_tenants(self.core.tenant_totals(), self.core.idle_unallocated_j());
+                self.metrics
+                    .observe_replicas(&self.core.replicas_view(now()), self.core.fragmentation());
                 self.metrics.observe_sla(&self.core.sla_document(now()));
             }
             if closed && inflight.is_none() {
@@ -389,6 +398,9 @@ impl<S: Store> CoreLoop<S> {
             Command::Sla { reply } => {
                 let _ = reply.send(self.core.sla_document(now));
             }
+            Command::Tuning { reply } => {
+                let _ = reply.send(self.core.tuning_doc(now));
+            }
             Command::Usage { tenant, since, reply } => {
                 let r = self.core.tenant_usage(&tenant, since);
                 later(replies, reply, r);
@@ -426,8 +438,13 @@ impl<S: Store> CoreLoop<S> {
                 self.core.register(now, registration);
                 let _ = reply.send(());
             }
-            Command::Heartbeat { node, held, reply } => {
-                let _ = reply.send(self.core.heartbeat(now, &node, &held));
+            Command::Heartbeat {
+                node,
+                held,
+                replicas,
+                reply,
+            } => {
+                let _ = reply.send(self.core.heartbeat(now, &node, &held, &replicas));
             }
             Command::Lease {
                 node,

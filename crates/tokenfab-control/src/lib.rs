@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub tenants: Vec<TenantToken>,
     pub agent_token: String,
+    /// The operator's token: may read any tenant's usage. `None`: no operator access.
+    pub admin_token: Option<String>,
     pub control: ControlConfig,
     pub limits: InputLimits,
 }
@@ -122,6 +124,23 @@ fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
             )));
         }
     }
+    if let Some(admin) = &config.admin_token {
+        if admin.trim().is_empty() {
+            return Err(ServerError::Config(
+                "the admin token is empty; give it a secret value or leave --admin-token out".into(),
+            ));
+        }
+        if admin == &config.agent_token {
+            return Err(ServerError::Config(
+                "the admin token equals the agent token; they must differ".into(),
+            ));
+        }
+        if let Some(name) = seen.get(admin.as_str()) {
+            return Err(ServerError::Config(format!(
+                "the admin token equals tenant '{name}'s token; they must differ"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -155,7 +174,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     let shared = Arc::new(services::Shared {
         tx,
         store,
-        auth: Auth::new(&config.tenants, &config.agent_token),
+        auth: Auth::new(&config.tenants, &config.agent_token).with_admin(config.admin_token.as_deref()),
         limits: config.limits,
         models: config.control.models.iter().cloned().collect::<BTreeSet<_>>(),
         lease_ttl: config.control.lease_ttl,
@@ -192,13 +211,29 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
         if let Some(l) = metrics_listener {
             let m = metrics.clone();
+            let llmd_tx = sla_tx.clone();
+            let tuning_tx = sla_tx.clone();
             let app = axum::Router::new()
                 .route("/metrics", axum::routing::get(move || async move { m.encode() }))
                 .route(
                     "/v1/sla",
                     axum::routing::get(move || {
                         let tx = sla_tx.clone();
-                        async move { sla_json(tx).await }
+                        async move { sla_json(tx, false).await }
+                    }),
+                )
+                .route(
+                    "/v1/sla/llm-d",
+                    axum::routing::get(move || {
+                        let tx = llmd_tx.clone();
+                        async move { sla_json(tx, true).await }
+                    }),
+                )
+                .route(
+                    "/v1/tuning",
+                    axum::routing::get(move || {
+                        let tx = tuning_tx.clone();
+                        async move { tuning_json(tx).await }
                     }),
                 );
             tokio::spawn(async move {
@@ -248,8 +283,10 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     })
 }
 
-/// `GET /v1/sla`: the throughput SLA document (tokenfab.io/v1 ThroughputSLA) as JSON.
-async fn sla_json(tx: mpsc::Sender<core_loop::Command>) -> axum::response::Response {
+/// `GET /v1/sla`: the throughput SLA document (tokenfab.io/v1 ThroughputSLA) as JSON;
+/// `GET /v1/sla/llm-d` (`llmd`): the same measurement as a JSON array of llm-d Benchmark
+/// Reports (v0.2.1), one per pool.
+async fn sla_json(tx: mpsc::Sender<core_loop::Command>, llmd: bool) -> axum::response::Response {
     use axum::response::IntoResponse;
     let (reply, rx) = oneshot::channel();
     if tx.send(core_loop::Command::Sla { reply }).await.is_err() {
@@ -260,12 +297,34 @@ async fn sla_json(tx: mpsc::Sender<core_loop::Command>) -> axum::response::Respo
             .into_response();
     }
     match rx.await {
+        Ok(doc) if llmd => axum::Json(tokenfab_core::llmd::benchmark_reports(&doc)).into_response(),
         Ok(doc) => axum::Json(doc).into_response(),
         Err(_) => (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "the control plane is stopping",
         )
             .into_response(),
+    }
+}
+
+/// `GET /v1/tuning`: every replica's knobs, directive and tuner state, fragmentation and
+/// placement's advice, as JSON (see [`tokenfab_core::control::TuningDoc`]).
+async fn tuning_json(tx: mpsc::Sender<core_loop::Command>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let stopping = || {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the control plane is stopping",
+        )
+            .into_response()
+    };
+    let (reply, rx) = oneshot::channel();
+    if tx.send(core_loop::Command::Tuning { reply }).await.is_err() {
+        return stopping();
+    }
+    match rx.await {
+        Ok(doc) => axum::Json(doc).into_response(),
+        Err(_) => stopping(),
     }
 }
 
@@ -285,6 +344,7 @@ mod tests {
                 })
                 .collect(),
             agent_token: agent.into(),
+            admin_token: None,
             control: ControlConfig::default(),
             limits: InputLimits::default(),
         }

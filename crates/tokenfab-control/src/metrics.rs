@@ -24,6 +24,15 @@ struct PoolLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabel {
+    node: String,
+    replica: String,
+    model: String,
+}
+
+type PerReplica = Family<ReplicaLabel, Gauge<f64, AtomicU64>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabel {
     model: String,
     class: String,
@@ -49,12 +58,23 @@ pub struct Metrics {
     tenant_requests: PerTenant,
     tenant_joules: PerTenant,
     tenant_cost_usd: PerTenant,
+    tenant_idle_joules: PerTenant,
+    idle_unallocated_joules: Gauge<f64, AtomicU64>,
     sla_committed: PerPool,
     sla_measured: PerPool,
     sla_tokens_per_joule: PerPool,
     sla_cost_per_million: PerPool,
     sla_attainment: PerClass,
     sla_completion_p99: PerClass,
+    replica_window: PerReplica,
+    replica_power_limit: PerReplica,
+    replica_owed: PerReplica,
+    replica_measured: PerReplica,
+    replica_objective: PerReplica,
+    replica_active: PerReplica,
+    replica_tuner_moves: PerReplica,
+    free_devices: Gauge,
+    stranded_devices: Gauge,
 }
 
 impl Default for Metrics {
@@ -80,12 +100,23 @@ impl Metrics {
             tenant_requests: PerTenant::default(),
             tenant_joules: PerTenant::default(),
             tenant_cost_usd: PerTenant::default(),
+            tenant_idle_joules: PerTenant::default(),
+            idle_unallocated_joules: Gauge::default(),
             sla_committed: PerPool::default(),
             sla_measured: PerPool::default(),
             sla_tokens_per_joule: PerPool::default(),
             sla_cost_per_million: PerPool::default(),
             sla_attainment: PerClass::default(),
             sla_completion_p99: PerClass::default(),
+            replica_window: PerReplica::default(),
+            replica_power_limit: PerReplica::default(),
+            replica_owed: PerReplica::default(),
+            replica_measured: PerReplica::default(),
+            replica_objective: PerReplica::default(),
+            replica_active: PerReplica::default(),
+            replica_tuner_moves: PerReplica::default(),
+            free_devices: Gauge::default(),
+            stranded_devices: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -154,9 +185,68 @@ impl Metrics {
                 "Cost of each tenant's results, US dollars",
                 &m.tenant_cost_usd,
             ),
+            (
+                "tenant_idle_joules",
+                "Each tenant's share of idle device energy, joules (shared by attributed energy over the SLA window)",
+                &m.tenant_idle_joules,
+            ),
         ] {
             registry.register(name, help, family.clone());
         }
+        for (name, help, family) in [
+            (
+                "replica_window",
+                "Concurrency window (requests in flight = batch size) of each replica",
+                &m.replica_window,
+            ),
+            (
+                "replica_power_limit_watts",
+                "Power limit per device the agent set on each replica",
+                &m.replica_power_limit,
+            ),
+            (
+                "replica_owed_output_tokens_per_second",
+                "Output tokens/s each replica owes to deadlines (its share of its model's required rate)",
+                &m.replica_owed,
+            ),
+            (
+                "replica_measured_output_tokens_per_second",
+                "Output tokens/s the replica's tuner measured at its current point",
+                &m.replica_measured,
+            ),
+            (
+                "replica_tuner_objective",
+                "The tuner's objective (e.g. output tokens/J) measured at the current point",
+                &m.replica_objective,
+            ),
+            (
+                "replica_active",
+                "1 when placement lets the replica take work, 0 when it is parked",
+                &m.replica_active,
+            ),
+            (
+                "replica_tuner_moves",
+                "Knob changes each replica's tuner made",
+                &m.replica_tuner_moves,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "free_devices",
+            "Registered devices no replica occupies",
+            m.free_devices.clone(),
+        );
+        registry.register(
+            "stranded_devices",
+            "Free devices no served model can use (no free aligned group in their high-bandwidth domain fits one): fragmentation",
+            m.stranded_devices.clone(),
+        );
+        registry.register(
+            "idle_unallocated_joules",
+            "Idle device energy reported while no tenant had results in the SLA window: charged to nobody",
+            m.idle_unallocated_joules.clone(),
+        );
         for (name, help, family) in [
             (
                 "sla_committed_output_tokens_per_second",
@@ -235,8 +325,49 @@ impl Metrics {
         }
     }
 
-    /// Per-tenant metering (token accounting) from the core's totals.
-    pub fn observe_tenants(&self, totals: &BTreeMap<TenantId, TenantUsage>) {
+    /// Each replica's knobs and its tuner's view, and how fragmented the free devices are.
+    pub fn observe_replicas(
+        &self,
+        replicas: &[tokenfab_core::control::ReplicaView],
+        fragmentation: tokenfab_core::placement::Fragmentation,
+    ) {
+        self.free_devices.set(i64::from(fragmentation.free));
+        self.stranded_devices.set(i64::from(fragmentation.stranded));
+        for f in [
+            &self.replica_window,
+            &self.replica_power_limit,
+            &self.replica_owed,
+            &self.replica_measured,
+            &self.replica_objective,
+            &self.replica_active,
+            &self.replica_tuner_moves,
+        ] {
+            f.clear();
+        }
+        for r in replicas {
+            let l = ReplicaLabel {
+                node: r.node.clone(),
+                replica: r.replica.clone(),
+                model: r.model.clone(),
+            };
+            self.replica_window.get_or_create(&l).set(f64::from(r.window));
+            if let Some(p) = r.power_limit_w {
+                self.replica_power_limit.get_or_create(&l).set(p);
+            }
+            self.replica_owed.get_or_create(&l).set(r.owed_tokens_per_s);
+            self.replica_measured.get_or_create(&l).set(r.measured_tokens_per_s);
+            self.replica_objective.get_or_create(&l).set(r.objective_value);
+            self.replica_active
+                .get_or_create(&l)
+                .set(if r.active { 1.0 } else { 0.0 });
+            self.replica_tuner_moves.get_or_create(&l).set(r.tuner_moves as f64);
+        }
+    }
+
+    /// Per-tenant metering (token accounting) from the core's totals, and the idle energy
+    /// not yet charged to any tenant.
+    pub fn observe_tenants(&self, totals: &BTreeMap<TenantId, TenantUsage>, idle_unallocated_j: f64) {
+        self.idle_unallocated_joules.set(idle_unallocated_j);
         for (tenant, t) in totals {
             let label = TenantLabel {
                 tenant: tenant.to_string(),
@@ -252,6 +383,7 @@ impl Metrics {
                 .set((t.requests_completed + t.requests_failed) as f64);
             self.tenant_joules.get_or_create(&label).set(t.usage.joules);
             self.tenant_cost_usd.get_or_create(&label).set(t.usage.cost_usd);
+            self.tenant_idle_joules.get_or_create(&label).set(t.idle_joules);
         }
     }
 

@@ -1,7 +1,7 @@
 //! The tenant-facing `BatchService` and the agent-facing `AgentService`: authentication,
 //! input parsing, and forwarding to the core loop. No decisions are made here.
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Caller};
 use crate::convert;
 use crate::core_loop::Command;
 use std::collections::BTreeSet;
@@ -185,7 +185,32 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
     }
 
     async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Result<Response<pb::TenantUsage>, Status> {
-        let tenant = self.0.auth.tenant(req.metadata())?;
+        let caller = self.0.auth.tenant_or_operator(req.metadata())?;
+        let asked = req.get_ref().tenant.trim().to_string();
+        let tenant = match caller {
+            Caller::Tenant(me) if asked.is_empty() || asked == me.as_str() => me,
+            Caller::Tenant(me) => {
+                return Err(Status::permission_denied(format!(
+                    "tenant: '{me}' may read only its own usage; another tenant's usage needs the operator's admin token"
+                )));
+            }
+            Caller::Operator if asked.is_empty() => {
+                return Err(Status::invalid_argument(
+                    "tenant: with the admin token, name the tenant whose usage to read",
+                ));
+            }
+            Caller::Operator => {
+                let known = self.0.auth.tenant_names();
+                if !known.iter().any(|t| t.as_str() == asked) {
+                    let names: Vec<&str> = known.iter().map(TenantId::as_str).collect();
+                    return Err(Status::not_found(format!(
+                        "tenant: no tenant named '{asked}'; the configured tenants are {}",
+                        names.join(", ")
+                    )));
+                }
+                TenantId::new(asked)
+            }
+        };
         let since_ms = req.get_ref().since_unix_ms;
         if since_ms < 0 {
             return Err(Status::invalid_argument(format!(
@@ -205,6 +230,8 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
             requests_completed: u.requests_completed,
             requests_failed: u.requests_failed,
             usage: Some(convert::usage(&u.usage)),
+            idle_joules: u.idle_joules,
+            idle_cost_usd: u.idle_cost_usd,
         }))
     }
 
@@ -375,15 +402,34 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         let r = req.into_inner();
         let node = NodeId::new(r.node);
         let held = r.held_units.into_iter().map(WorkUnitId).collect();
-        let reply = self.0.ask(|reply| Command::Heartbeat { node, held, reply }).await?;
+        let replicas = convert::replica_reports(r.telemetry.unwrap_or_default());
+        let reply = self
+            .0
+            .ask(|reply| Command::Heartbeat {
+                node,
+                held,
+                replicas,
+                reply,
+            })
+            .await?;
         Ok(Response::new(match reply {
             Ok(h) => pb::HeartbeatResponse {
                 reregister: false,
                 unknown_units: h.unknown_units.into_iter().map(|u| u.0).collect(),
+                directives: h
+                    .directives
+                    .into_iter()
+                    .map(|d| pb::ReplicaDirective {
+                        replica_id: d.replica.to_string(),
+                        owed_output_tokens_per_second: d.owed_tokens_per_s,
+                        active: d.active,
+                    })
+                    .collect(),
             },
             Err(_) => pb::HeartbeatResponse {
                 reregister: true,
                 unknown_units: vec![],
+                directives: vec![],
             },
         }))
     }

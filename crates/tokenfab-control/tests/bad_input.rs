@@ -34,6 +34,7 @@ async fn fixture() -> Fixture {
             },
         ],
         agent_token: "agent-token".into(),
+        admin_token: None,
         control: ControlConfig::default(),
         limits: InputLimits {
             max_file_bytes: 64 * 1024,

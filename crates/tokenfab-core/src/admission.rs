@@ -5,20 +5,27 @@
 //! a batch's service time is its remaining output tokens over the capacity's output
 //! tokens per second for the batch's own mean prompt and output lengths (from the
 //! performance model at each replica's concurrency window). The scheduler serves committed
-//! batches earliest deadline first, so the check is EDF's: every committed batch, in
-//! deadline order, must finish its work and all the work ahead of it by its deadline, with
-//! capacity derated by a headroom factor (the default 0.9 keeps a tenth in reserve for the
-//! error of the estimate: continuous batching rarely keeps every window full).
+//! work class by class in priority order, and within a class by deadline, so the check is
+//! EDF's over that order: every committed batch, in service order, must finish its work
+//! and all the work ahead of it by its deadline, with capacity derated by a headroom
+//! factor (the default 0.9 keeps a tenth in reserve for the error of the estimate:
+//! continuous batching rarely keeps every window full). (Within a class the queue hands
+//! out work least slack first; on one shared capacity that meets every deadline EDF
+//! meets.)
 //!
 //! A new batch is admitted when it meets its own deadline and makes no batch that would
-//! have met its deadline miss it. A refused batch is told the earliest completion time
-//! that could be promised: the smallest deadline at which it would be admitted.
+//! have met its deadline miss it, whatever that batch's class: a higher class goes first
+//! only into slack that lower classes can spare. A refused batch is told the earliest
+//! completion time that could be promised: the smallest deadline at which it would be
+//! admitted in its class, if any.
 
 use crate::time::{Timestamp, secs};
 
 /// One committed batch as admission sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Work {
+    /// Priority of its class: lower is served first.
+    pub rank: u8,
     pub deadline: Timestamp,
     /// Seconds of the model's whole capacity its remaining requests need.
     pub service_s: f64,
@@ -29,9 +36,10 @@ pub struct Work {
 pub enum Verdict {
     Admit,
     /// Not by its deadline; `earliest` is the earliest later deadline that could be
-    /// admitted.
+    /// admitted in the same class, `None` if none can (its work, served before every lower
+    /// class, would make an admitted batch of a lower class late).
     Refuse {
-        earliest: Timestamp,
+        earliest: Option<Timestamp>,
     },
 }
 
@@ -40,8 +48,9 @@ pub enum Verdict {
 pub fn check(now: Timestamp, committed: &[Work], new: Work, headroom: f64) -> Verdict {
     let h = headroom.clamp(1e-3, 1.0);
     let mut ahead: Vec<Work> = committed.to_vec();
-    // Stable: batches with equal deadlines keep their order, and the new one goes last.
-    ahead.sort_by_key(|w| w.deadline);
+    // Service order. Stable: batches with equal keys keep their order, and the new one
+    // goes last.
+    ahead.sort_by_key(|w| (w.rank, w.deadline));
     let finish = |cum: f64| now.saturating_add(secs(cum / h));
     // Where each committed batch finishes without the new one, and whether it is on time.
     let mut cum = Vec::with_capacity(ahead.len() + 1);
@@ -63,22 +72,32 @@ pub fn check(now: Timestamp, committed: &[Work], new: Work, headroom: f64) -> Ve
             .zip(&on_time[p..])
             .all(|((w, &c), &ok)| !ok || finish(c + new.service_s) <= w.deadline)
     };
-    // The new batch in its own place: after every batch with a deadline at or before its.
-    let p = ahead.partition_point(|w| w.deadline <= new.deadline);
+    // The new batch in its own place: after every batch of a higher class, and of its
+    // class with a deadline at or before its.
+    let key = (new.rank, new.deadline);
+    let p = ahead.partition_point(|w| (w.rank, w.deadline) <= key);
     if finish(cum[p] + new.service_s) <= new.deadline && later_ok(p) {
         return Verdict::Admit;
     }
-    // The earliest later deadline that works: try each place from its own on.
-    for p in p..=ahead.len() {
-        let done = finish(cum[p] + new.service_s);
-        let after = if p == 0 { now } else { ahead[p - 1].deadline };
+    // The earliest later deadline that works: try each place in its class from its own on.
+    let class_end = ahead.partition_point(|w| w.rank <= new.rank);
+    for (p, &before) in cum.iter().enumerate().take(class_end + 1).skip(p) {
+        let done = finish(before + new.service_s);
+        let after = match p.checked_sub(1).map(|i| &ahead[i]) {
+            Some(prev) if prev.rank == new.rank => prev.deadline,
+            _ => now,
+        };
         let deadline = done.max(after).max(new.deadline);
-        let fits_here = ahead.get(p).is_none_or(|w| deadline < w.deadline);
+        let fits_here = ahead.get(p).is_none_or(|w| w.rank > new.rank || deadline < w.deadline);
         if fits_here && later_ok(p) {
-            return Verdict::Refuse { earliest: deadline };
+            return Verdict::Refuse {
+                earliest: Some(deadline),
+            };
         }
     }
-    unreachable!("the last place delays no batch")
+    // Every place in its class delays an on-time batch of a lower class (with one class,
+    // the last place delays no batch and is always found above).
+    Verdict::Refuse { earliest: None }
 }
 
 #[cfg(test)]
@@ -92,9 +111,13 @@ mod tests {
     }
     fn work(deadline_s: u64, service_s: f64) -> Work {
         Work {
+            rank: 0,
             deadline: at(deadline_s),
             service_s,
         }
+    }
+    fn refuse(s: u64) -> Verdict {
+        Verdict::Refuse { earliest: Some(at(s)) }
     }
 
     #[test]
@@ -105,14 +128,8 @@ mod tests {
             Verdict::Admit,
             "90 s at 90% of capacity take 100 s"
         );
-        assert_eq!(
-            check(T0, &[], work(100, 150.0), 1.0),
-            Verdict::Refuse { earliest: at(150) }
-        );
-        assert_eq!(
-            check(T0, &[], work(100, 90.0), 0.5),
-            Verdict::Refuse { earliest: at(180) }
-        );
+        assert_eq!(check(T0, &[], work(100, 150.0), 1.0), refuse(150));
+        assert_eq!(check(T0, &[], work(100, 90.0), 0.5), refuse(180));
     }
 
     #[test]
@@ -121,16 +138,10 @@ mod tests {
         assert_eq!(check(T0, &[work(100, 60.0)], work(80, 30.0), 1.0), Verdict::Admit);
         // ... but 50 s due at 80 would push the committed one to 110, past its 100.
         // Behind it instead, the new batch finishes at 110.
-        assert_eq!(
-            check(T0, &[work(100, 60.0)], work(80, 50.0), 1.0),
-            Verdict::Refuse { earliest: at(110) }
-        );
+        assert_eq!(check(T0, &[work(100, 60.0)], work(80, 50.0), 1.0), refuse(110));
         // Due after the committed batch: it waits for it.
         assert_eq!(check(T0, &[work(100, 60.0)], work(200, 50.0), 1.0), Verdict::Admit);
-        assert_eq!(
-            check(T0, &[work(100, 60.0)], work(100, 50.0), 1.0),
-            Verdict::Refuse { earliest: at(110) }
-        );
+        assert_eq!(check(T0, &[work(100, 60.0)], work(100, 50.0), 1.0), refuse(110));
     }
 
     #[test]
@@ -139,10 +150,7 @@ mod tests {
         let late = work(100, 200.0);
         // A new batch due after it still only has to meet its own deadline.
         assert_eq!(check(T0, &[late], work(300, 50.0), 1.0), Verdict::Admit);
-        assert_eq!(
-            check(T0, &[late], work(220, 50.0), 1.0),
-            Verdict::Refuse { earliest: at(250) }
-        );
+        assert_eq!(check(T0, &[late], work(220, 50.0), 1.0), refuse(250));
     }
 
     #[test]
@@ -158,9 +166,11 @@ mod tests {
             (200, 300.0),
         ] {
             if let Verdict::Refuse { earliest } = check(T0, &committed, work(deadline, service), 1.0) {
+                let earliest = earliest.expect("one class: a later place always exists");
                 refused += 1;
                 assert!(earliest > at(deadline));
                 let retry = Work {
+                    rank: 0,
                     deadline: earliest,
                     service_s: service,
                 };
@@ -170,6 +180,7 @@ mod tests {
                     "refused ({deadline}, {service}) with earliest {earliest}, which is refused too"
                 );
                 let sooner = Work {
+                    rank: 0,
                     deadline: Timestamp::from_micros(earliest.as_micros() - 1_000_000),
                     service_s: service,
                 };
@@ -181,5 +192,32 @@ mod tests {
             }
         }
         assert!(refused >= 3, "the cases exercise refusals: {refused}");
+    }
+
+    #[test]
+    fn a_higher_class_goes_first_only_into_slack_lower_classes_can_spare() {
+        let premium = |d: u64, s: f64| Work {
+            rank: 0,
+            deadline: at(d),
+            service_s: s,
+        };
+        let standard = |d: u64, s: f64| Work {
+            rank: 1,
+            deadline: at(d),
+            service_s: s,
+        };
+        // A standard batch of 60 s due at 100 leaves 40 s of slack.
+        let admitted = [standard(100, 60.0)];
+        // A premium batch is served first, even with a later deadline: 30 s fits the slack.
+        assert_eq!(check(T0, &admitted, premium(500, 30.0), 1.0), Verdict::Admit);
+        // 50 s does not, whatever its deadline: it would always go first.
+        assert_eq!(
+            check(T0, &admitted, premium(500, 50.0), 1.0),
+            Verdict::Refuse { earliest: None }
+        );
+        // A standard batch of 50 s queues behind the admitted one in deadline order.
+        assert_eq!(check(T0, &admitted, standard(500, 50.0), 1.0), Verdict::Admit);
+        // Premium work already admitted is ahead of a new standard batch.
+        assert_eq!(check(T0, &[premium(500, 80.0)], standard(100, 30.0), 1.0), refuse(110));
     }
 }

@@ -19,6 +19,7 @@ use crate::control::{HeartbeatReply, LeaseGrant, LeasedItem, ReportedOutcome, Re
 use crate::durable::Outcome;
 use crate::ids::{ModelId, ReplicaId, RequestRef, WorkUnitId};
 use crate::time::Timestamp;
+use crate::tuner::{Observation, ReplicaTuner, TunerMode, TunerStatus};
 use crate::usage::Usage;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -38,6 +39,10 @@ pub struct AgentConfig {
     pub report_delay: Duration,
     /// How often device energy counters are read.
     pub sample_interval: Duration,
+    /// While every replica is idle, how often the devices are still read so that idle
+    /// energy reaches the books (and the control plane) as it accrues; zero: only when
+    /// work starts again.
+    pub idle_sample_interval: Duration,
     /// Heartbeat period until the control plane says otherwise.
     pub heartbeat_interval: Duration,
     /// Wait after a lease came back empty.
@@ -49,6 +54,34 @@ pub struct AgentConfig {
     pub error_backoff: Duration,
     /// First wait before sending work to a replica that failed; doubles up to 30 s.
     pub replica_backoff: Duration,
+    /// The batch-size and power tuner of each replica (see [`crate::tuner`]).
+    pub tuner: crate::tuner::TunerConfig,
+    /// Which replica gets the next request.
+    pub routing: Routing,
+}
+
+/// How the agent picks the replica for the next request (among replicas of the model with
+/// room in their window).
+/// How far into its model's queue a replica looks for a request whose prompt prefix it
+/// holds (or that has none) before it takes the oldest anyway.
+pub const AFFINITY_LOOKAHEAD: usize = 64;
+
+/// Prefixes whose replica the agent remembers (forgotten all at once beyond this).
+const MAX_PREFIX_HOMES: usize = 65_536;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// The replica with the most free room relative to its window takes the next request,
+    /// but requests sharing a prompt prefix stay with the replica that took the first of
+    /// them (whose prefix cache holds it): a replica skips requests whose prefix belongs to
+    /// another replica, looking up to [`AFFINITY_LOOKAHEAD`] deep, and takes the oldest
+    /// request when it finds none of its own.
+    #[default]
+    PrefixAffinity,
+    /// The replica with the most free room relative to its window.
+    LeastLoaded,
+    /// Each replica in turn (what a plain load balancer does).
+    RoundRobin,
 }
 
 impl Default for AgentConfig {
@@ -60,13 +93,31 @@ impl Default for AgentConfig {
             report_max_bytes: 16 << 20,
             report_delay: Duration::from_millis(20),
             sample_interval: Duration::from_millis(100),
+            idle_sample_interval: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(1),
             empty_lease_backoff: Duration::from_millis(100),
             lease_wait: Duration::from_secs(5),
             error_backoff: Duration::from_millis(500),
             replica_backoff: Duration::from_millis(500),
+            tuner: crate::tuner::TunerConfig::default(),
+            routing: Routing::LeastLoaded,
         }
     }
+}
+
+/// Where the agent is in closing its books on shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Not shut down, or still draining.
+    Open,
+    /// The last device reading is on its way.
+    Reading,
+    /// The last reading is in: the last heartbeat is to be sent.
+    Read,
+    /// The last heartbeat (with the last reading's telemetry) is on its way.
+    Reporting,
+    /// Done: the agent may exit.
+    Closed,
 }
 
 /// A device sample not back after this many sample intervals is given up.
@@ -83,6 +134,20 @@ pub struct ReplicaSpec {
     pub window: u32,
     /// The window never goes above this (the engine's own limit).
     pub max_concurrency: u32,
+    /// The power limit range of the replica's devices, when the agent can set it.
+    pub power: Option<PowerRange>,
+    /// The accelerator class of the replica's devices, if known (for the performance
+    /// model's advice).
+    pub accelerator: Option<crate::ids::AcceleratorId>,
+}
+
+/// A settable power limit, per device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PowerRange {
+    pub min_w: f64,
+    pub max_w: f64,
+    /// The limit now.
+    pub current_w: f64,
 }
 
 /// Something the shell must do.
@@ -107,6 +172,17 @@ pub enum AgentAction {
     SampleDevices,
     /// Give these leased requests back.
     Release { unit: WorkUnitId, items: Vec<RequestRef> },
+    /// Set the power limit of every device of replica `replica` to `watts`; answer with
+    /// `power_limit_done`.
+    SetPowerLimit { replica: usize, watts: f64 },
+    /// The tuner of replica `replica` changed its knobs (already applied to the window;
+    /// the power limit follows as `SetPowerLimit`): for logs.
+    Tuned {
+        replica: usize,
+        window: u32,
+        power_limit_w: Option<f64>,
+        reason: String,
+    },
 }
 
 /// What an engine call returned.
@@ -139,6 +215,9 @@ pub struct EnergyReading {
     /// The devices' clock, seconds (wall time for real devices, emulated time for
     /// emulated ones).
     pub clock_s: f64,
+    /// The engine's counter of output tokens generated, if it has one (emulators and vLLM
+    /// do); otherwise the tuner counts the tokens of finished requests.
+    pub tokens: Option<u64>,
 }
 
 /// Counters of one replica, for telemetry.
@@ -168,14 +247,35 @@ struct Replica {
     backoff: Duration,
     stats: ReplicaStats,
     last_reading: Option<EnergyReading>,
+    /// The first reading of the replica's devices: the books start there.
+    first_reading: Option<EnergyReading>,
     carried_j: f64,
     carried_device_s: f64,
     /// Finished since the last sample, waiting for their energy share.
     finished: Vec<(ReportedResult, WorkUnitId)>,
+    /// The replica's tuner (active mode).
+    tuner: Option<crate::tuner::ReplicaTuner>,
+    /// The power limit set on its devices, if the agent set one.
+    power_limit_w: Option<f64>,
+    /// A power-limit change is on its way (tuner decisions wait for it).
+    setting_power: bool,
+    /// Receives work (placement may park a replica: it then idles).
+    active: bool,
+    /// Output tokens/s the control plane says the replica owes to deadlines.
+    owed: f64,
+    /// What the performance model recommends (advisory mode), refreshed now and then.
+    advice: Option<crate::tuner::Advice>,
+    advised_at: Timestamp,
+    /// The replica's engine has a generated-token counter (its readings carry it).
+    engine_counter: bool,
+    /// The performance model of the replica, if its accelerator is in the catalog.
+    perf: Option<crate::perf::ReplicaPerf>,
+    /// Output tokens at the last advice (advisory mode measures throughput between two).
+    advice_tokens: u64,
 }
 
 /// Work and leasing of one model.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ModelState {
     id: ModelId,
     queue: VecDeque<(WorkUnitId, LeasedItem)>,
@@ -186,12 +286,16 @@ struct ModelState {
 }
 
 /// The agent's state machine.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AgentCore {
     config: AgentConfig,
     replicas: Vec<Replica>,
     /// Per model the replicas serve (sorted by name): queued work and lease state.
     models: Vec<ModelState>,
+    /// Where round-robin routing looks first.
+    next_replica: usize,
+    /// The replica each shared prefix was first sent to (prefix-affinity routing).
+    prefix_home: BTreeMap<u64, usize>,
     /// When each in-flight request was dispatched (for its latency).
     dispatched_at: BTreeMap<RequestRef, Timestamp>,
     /// Open items per held unit (leased, not yet acknowledged or released).
@@ -210,8 +314,14 @@ pub struct AgentCore {
     /// Sampling paused: every replica is idle, so all energy until work starts again is
     /// idle energy, read in one go when it does.
     resting: bool,
-    /// The sample in flight was taken as work started after a rest: it closes the rest.
+    /// The sample in flight books idle energy: taken as work started after a rest (it
+    /// closes the rest) or during a long rest.
     closing_rest: bool,
+    /// When to read the devices next while resting.
+    rest_sample_at: Timestamp,
+    /// Closing the books on shutdown, once drained: a last reading, then a last heartbeat
+    /// that carries it.
+    closing: Closing,
     /// The latest time seen.
     now: Timestamp,
     shutting_down: bool,
@@ -234,29 +344,16 @@ impl AgentCore {
         let replicas = replicas
             .into_iter()
             .map(|spec| {
-                let window = spec.window.clamp(1, spec.max_concurrency.max(1));
-                Replica {
-                    model: models.iter().position(|m| m.id == spec.model).expect("collected above"),
-                    window,
-                    in_flight: 0,
-                    healthy_at: now,
-                    backoff: config.replica_backoff,
-                    stats: ReplicaStats {
-                        window,
-                        ..ReplicaStats::default()
-                    },
-                    last_reading: None,
-                    carried_j: 0.0,
-                    carried_device_s: 0.0,
-                    finished: Vec::new(),
-                    spec,
-                }
+                let model = models.iter().position(|m| m.id == spec.model).expect("collected above");
+                Replica::new(spec, model, &config, now)
             })
             .collect();
         let mut core = AgentCore {
             config,
             replicas,
             models,
+            next_replica: 0,
+            prefix_home: BTreeMap::new(),
             dispatched_at: BTreeMap::new(),
             held: BTreeMap::new(),
             ready: VecDeque::new(),
@@ -272,6 +369,8 @@ impl AgentCore {
             sampling: false,
             resting: false,
             closing_rest: false,
+            rest_sample_at: Timestamp::MAX,
+            closing: Closing::Open,
             now,
             shutting_down: false,
             actions: VecDeque::new(),
@@ -444,14 +543,168 @@ impl AgentCore {
     pub fn device_sample(&mut self, now: Timestamp, readings: Vec<Option<EnergyReading>>) {
         self.sampling = false;
         let closing_rest = std::mem::take(&mut self.closing_rest);
+        let tokens: Vec<Option<u64>> = readings.iter().map(|r| r.and_then(|r| r.tokens)).collect();
         for (r, reading) in self.replicas.iter_mut().zip(readings) {
+            if r.first_reading.is_none() {
+                r.first_reading = reading;
+            }
             if closing_rest {
                 book_idle(r, reading);
             } else {
                 attribute(r, reading, now, &mut self.ready);
             }
         }
+        if self.closing == Closing::Reading {
+            self.closing = Closing::Read;
+        }
+        if !closing_rest {
+            self.tune(now, &tokens);
+        }
         self.pump(now);
+    }
+
+    /// Feeds each replica's tuner the latest counters and applies what it decides; in
+    /// advisory mode, refreshes the performance model's recommendation instead.
+    fn tune(&mut self, now: Timestamp, tokens: &[Option<u64>]) {
+        for i in 0..self.replicas.len() {
+            let queued = self.models[self.replicas[i].model].queue.len() as u32;
+            let r = &mut self.replicas[i];
+            if self.config.tuner.mode == TunerMode::Advisory {
+                advise(r, &self.config.tuner, now);
+                continue;
+            }
+            let Some(t) = r.tuner.as_mut() else { continue };
+            if r.setting_power {
+                // The tuner waits for its power limit to be in force.
+                continue;
+            }
+            // Tokens from the engine's counter where it has one; from finished requests
+            // otherwise. A replica whose counter failed to read this time is skipped, so
+            // that the two are never mixed.
+            let engine_tokens = tokens.get(i).copied().flatten();
+            if engine_tokens.is_none() && r.engine_counter {
+                continue;
+            }
+            r.engine_counter |= engine_tokens.is_some();
+            t.observe(Observation {
+                at: now,
+                tokens: engine_tokens.unwrap_or(r.stats.completion_tokens),
+                energy_j: r.last_reading.map(|x| x.energy_j),
+                finished: r.stats.requests_done,
+                errors: r.stats.errors,
+                latency_sum_s: r.stats.latency_sum_s,
+                in_flight: r.in_flight,
+                queued,
+                prompt_tokens: r.stats.prompt_tokens,
+                completion_tokens: r.stats.completion_tokens,
+            });
+            while let Some(d) = t.poll_decision() {
+                r.window = d.window.clamp(1, r.spec.max_concurrency.max(1));
+                if let Some(watts) = d.power_limit_w
+                    && r.spec.power.is_some()
+                    && r.power_limit_w != Some(watts)
+                {
+                    r.setting_power = true;
+                    self.actions.push_back(AgentAction::SetPowerLimit { replica: i, watts });
+                }
+                self.actions.push_back(AgentAction::Tuned {
+                    replica: i,
+                    window: r.window,
+                    power_limit_w: d.power_limit_w,
+                    reason: d.reason,
+                });
+            }
+        }
+    }
+
+    /// A power-limit change of replica `replica` is done: `Ok` with the limit now in
+    /// force, or `Err` with why it could not be set (the tuner then leaves power alone).
+    pub fn power_limit_done(&mut self, now: Timestamp, replica: usize, result: Result<f64, String>) {
+        let Some(r) = self.replicas.get_mut(replica) else {
+            return;
+        };
+        r.setting_power = false;
+        match result {
+            Ok(watts) => r.power_limit_w = Some(watts),
+            Err(why) => {
+                r.spec.power = None;
+                if let Some(t) = r.tuner.as_mut() {
+                    t.disable_power(now);
+                }
+                self.actions.push_back(AgentAction::Tuned {
+                    replica,
+                    window: r.window,
+                    power_limit_w: None,
+                    reason: format!("the power limit cannot be set ({why}): tuning the window only"),
+                });
+            }
+        }
+        self.pump(now);
+    }
+
+    /// The control plane's instructions for this node's replicas.
+    fn follow(&mut self, now: Timestamp, directives: &[crate::control::ReplicaDirective]) {
+        for d in directives {
+            let Some(r) = self.replicas.iter_mut().find(|r| r.spec.id == d.replica) else {
+                continue;
+            };
+            r.active = d.active;
+            r.owed = d.owed_tokens_per_s;
+            if let Some(t) = r.tuner.as_mut() {
+                t.set_owed(now, d.owed_tokens_per_s);
+            }
+        }
+        // Work queued for a model none of whose replicas here is active any more goes back
+        // to the control plane, for the active replicas elsewhere.
+        let parked: Vec<bool> = (0..self.models.len())
+            .map(|m| !self.replicas.iter().any(|r| r.model == m && r.active))
+            .collect();
+        if parked.iter().any(|p| *p) {
+            self.release_models(|m| parked[m]);
+        }
+        self.tune(now, &[]);
+    }
+
+    fn tuning_report(&self, r: &Replica) -> Option<crate::control::TuningReport> {
+        let config = &self.config.tuner;
+        let mut t = crate::control::TuningReport {
+            mode: config.mode,
+            objective: config.objective.name().into(),
+            owed_tokens_per_s: r.owed,
+            advice: r.advice.clone(),
+            ..Default::default()
+        };
+        match (config.mode, &r.tuner) {
+            (TunerMode::Off, _) => return None,
+            (TunerMode::Active, Some(tuner)) => {
+                let s = tuner.status();
+                if let Some(e) = s.current {
+                    t.objective_value = e.objective;
+                    t.measured_tokens_per_s = e.tokens_per_s;
+                }
+                t.holding = s.holding;
+                t.moves = s.moves;
+                t.reason = s.last_reason;
+            }
+            _ => {
+                t.reason = match &r.advice {
+                    Some(_) => "advisory: the performance model's recommendation, not applied".into(),
+                    None if r.perf.is_none() => {
+                        "advisory: no performance model for this replica (its accelerator is not in the catalog)".into()
+                    }
+                    None => "advisory: waiting for finished requests to know their shape".into(),
+                };
+            }
+        }
+        Some(t)
+    }
+
+    /// Each replica's tuner, if it runs.
+    pub fn tuner_status(&self) -> Vec<Option<TunerStatus>> {
+        self.replicas
+            .iter()
+            .map(|r| r.tuner.as_ref().map(ReplicaTuner::status))
+            .collect()
     }
 
     pub fn report_acked(&mut self, now: Timestamp) {
@@ -476,27 +729,68 @@ impl AgentCore {
 
     pub fn heartbeat_done(&mut self, now: Timestamp, reply: Result<HeartbeatReply, bool>) {
         self.heartbeating = false;
+        if self.closing == Closing::Reporting {
+            self.closing = Closing::Closed;
+        }
         match reply {
             Err(true) => self.need_registration(),
             Err(false) => {}
-            Ok(h) => self.forget_units(&h.unknown_units),
+            Ok(h) => {
+                self.forget_units(&h.unknown_units);
+                self.follow(now, &h.directives);
+            }
         }
         self.pump(now);
     }
 
     /// Stop taking work: queued requests are released, running ones finish and are
-    /// reported. [`AgentCore::is_drained`] says when it is safe to exit.
+    /// reported; then the devices are read one last time and a last heartbeat carries
+    /// the closed books. [`AgentCore::is_drained`] says when it is safe to exit.
     pub fn shutdown(&mut self, now: Timestamp) {
         self.shutting_down = true;
         self.release_queued();
         self.pump(now);
     }
 
+    /// Shut down, every result acknowledged, and the books closed.
     pub fn is_drained(&self) -> bool {
+        self.closing == Closing::Closed
+    }
+
+    fn work_drained(&self) -> bool {
         self.replicas.iter().all(|r| r.in_flight == 0 && r.finished.is_empty())
             && self.ready.is_empty()
             && self.reporting.is_none()
             && self.models.iter().all(|m| m.queue.is_empty())
+    }
+
+    /// Per replica, what its devices' energy counters rose by from the first reading to
+    /// the last one (`None` without readings). With nothing in flight it equals the
+    /// replica's attributed plus idle energy: the books account for every joule measured.
+    pub fn measured_energy_j(&self) -> Vec<Option<f64>> {
+        self.replicas
+            .iter()
+            .map(|r| match (r.first_reading, r.last_reading) {
+                (Some(a), Some(b)) => Some(b.energy_j - a.energy_j),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What the heartbeat tells the control plane of each replica.
+    pub fn telemetry(&self) -> Vec<crate::control::ReplicaReport> {
+        self.replicas
+            .iter()
+            .map(|r| crate::control::ReplicaReport {
+                replica: r.spec.id.clone(),
+                window: r.window,
+                in_flight: r.in_flight,
+                attributed_j: r.stats.attributed_j,
+                idle_j: r.stats.idle_j,
+                power_limit_w: r.power_limit_w,
+                tuning: self.tuning_report(r),
+            })
+            .collect()
     }
 
     // ---- time -----------------------------------------------------------------------
@@ -508,7 +802,7 @@ impl AgentCore {
             self.sample_started
                 .saturating_add(self.config.sample_interval * SAMPLE_GIVE_UP)
         } else if self.resting {
-            Timestamp::MAX
+            self.rest_sample_at
         } else {
             self.sample_at
         };
@@ -578,6 +872,9 @@ impl AgentCore {
             for r in &mut self.replicas {
                 attribute(r, None, now, &mut self.ready);
             }
+            if self.closing == Closing::Reading {
+                self.closing = Closing::Read;
+            }
         }
         // Idle, with a first reading taken (the baseline a rest is measured from).
         let idle = self
@@ -586,6 +883,19 @@ impl AgentCore {
             .all(|r| r.in_flight == 0 && r.finished.is_empty() && r.last_reading.is_some());
         if self.sample_at <= now && !self.sampling && !self.resting && idle {
             self.resting = true;
+            self.rest_sample_at = if self.config.idle_sample_interval.is_zero() {
+                Timestamp::MAX
+            } else {
+                now.saturating_add(self.config.idle_sample_interval)
+            };
+        }
+        if self.resting && !self.sampling && self.rest_sample_at <= now {
+            // A long rest: book what the idle devices drew so far, and rest on.
+            self.rest_sample_at = now.saturating_add(self.config.idle_sample_interval);
+            self.sampling = true;
+            self.closing_rest = true;
+            self.sample_started = now;
+            self.actions.push_back(AgentAction::SampleDevices);
         }
         if self.sample_at <= now && !self.sampling && !self.resting {
             self.sampling = true;
@@ -661,8 +971,16 @@ impl AgentCore {
     }
 
     fn release_queued(&mut self) {
+        self.release_models(|_| true);
+    }
+
+    /// Gives back the queued work of the models `which` selects.
+    fn release_models(&mut self, which: impl Fn(usize) -> bool) {
         let mut by_unit: BTreeMap<WorkUnitId, Vec<RequestRef>> = BTreeMap::new();
-        for m in &mut self.models {
+        for (i, m) in self.models.iter_mut().enumerate() {
+            if !which(i) {
+                continue;
+            }
             for (unit, item) in m.queue.drain(..) {
                 by_unit.entry(unit).or_default().push(item.req);
             }
@@ -684,15 +1002,40 @@ impl AgentCore {
             self.lease(now);
         }
         self.maybe_report(now);
+        if self.shutting_down {
+            self.close_books(now);
+        }
+    }
+
+    /// On shutdown, once every result is acknowledged: a last device reading, then a last
+    /// heartbeat carrying it.
+    fn close_books(&mut self, now: Timestamp) {
+        if self.closing == Closing::Open && !self.sampling && self.work_drained() {
+            self.closing = Closing::Reading;
+            self.sample_now(now);
+        }
+        if self.closing == Closing::Read && !self.heartbeating {
+            self.heartbeating = true;
+            self.closing = Closing::Reporting;
+            self.actions.push_back(AgentAction::Heartbeat {
+                held: self.held_units(),
+            });
+        }
     }
 
     fn dispatch(&mut self, now: Timestamp) {
         loop {
-            // The healthy replica with work queued and the most free room, relative to
-            // its window.
+            // Among active, healthy replicas with room and work queued for their model:
+            // the one with the most free room relative to its window, or the next in turn.
+            let n = self.replicas.len();
             let mut best: Option<(usize, f64)> = None;
-            for (i, r) in self.replicas.iter().enumerate() {
-                if r.in_flight >= r.window || r.healthy_at > now {
+            for k in 0..n {
+                let i = match self.config.routing {
+                    Routing::PrefixAffinity | Routing::LeastLoaded => k,
+                    Routing::RoundRobin => (self.next_replica + k) % n,
+                };
+                let r = &self.replicas[i];
+                if !r.active || r.in_flight >= r.window || r.healthy_at > now {
                     continue;
                 }
                 if self.models[r.model].queue.is_empty() {
@@ -702,8 +1045,17 @@ impl AgentCore {
                 if best.is_none_or(|(_, l)| load < l) {
                     best = Some((i, load));
                 }
+                if self.config.routing == Routing::RoundRobin {
+                    break;
+                }
             }
             let Some((i, _)) = best else { break };
+            let pick = if self.config.routing == Routing::PrefixAffinity {
+                self.affine_item(now, i)
+            } else {
+                0
+            };
+            self.next_replica = (i + 1) % n;
             if self.resting && !self.sampling {
                 // Work starts after a rest: read the devices first, to close the rest, and
                 // dispatch once the reading is in (or given up), so that no busy energy is
@@ -719,11 +1071,41 @@ impl AgentCore {
                 break;
             }
             let r = &mut self.replicas[i];
-            let (unit, item) = self.models[r.model].queue.pop_front().expect("checked non-empty");
+            let (unit, item) = self.models[r.model].queue.remove(pick).expect("picked from the queue");
             r.in_flight += 1;
             self.dispatched_at.insert(item.req, now);
             self.actions.push_back(AgentAction::Dispatch { replica: i, unit, item });
         }
+    }
+
+    /// Prefix affinity: which queued request (index into its model's queue) replica `i`
+    /// takes. Among the first [`AFFINITY_LOOKAHEAD`], the first that has no shared prefix,
+    /// whose prefix was first sent to `i`, whose prefix is new (it is then `i`'s from now
+    /// on), or whose prefix's replica can no longer take work; if every one of them belongs
+    /// to another replica, the oldest (no replica idles while work waits).
+    fn affine_item(&mut self, now: Timestamp, i: usize) -> usize {
+        let m = self.replicas[i].model;
+        for (k, (_, item)) in self.models[m].queue.iter().take(AFFINITY_LOOKAHEAD).enumerate() {
+            let Some(prefix) = item.prefix else { return k };
+            match self.prefix_home.get(&prefix) {
+                Some(&h) if h == i => return k,
+                Some(&h) => {
+                    let r = &self.replicas[h];
+                    if r.model != m || !r.active || r.healthy_at > now {
+                        self.prefix_home.insert(prefix, i);
+                        return k;
+                    }
+                }
+                None => {
+                    if self.prefix_home.len() >= MAX_PREFIX_HOMES {
+                        self.prefix_home.clear();
+                    }
+                    self.prefix_home.insert(prefix, i);
+                    return k;
+                }
+            }
+        }
+        0
     }
 
     fn lease(&mut self, now: Timestamp) {
@@ -733,7 +1115,11 @@ impl AgentCore {
                 continue;
             }
             let (mut free, mut window, mut healthy) = (0u32, 0u32, false);
-            for r in self.replicas.iter().filter(|r| r.model == m && r.healthy_at <= now) {
+            for r in self
+                .replicas
+                .iter()
+                .filter(|r| r.model == m && r.healthy_at <= now && r.active)
+            {
                 free += r.window - r.in_flight.min(r.window);
                 window += r.window;
                 healthy = true;
@@ -790,6 +1176,91 @@ impl AgentCore {
         let (results, units): (Vec<_>, Vec<_>) = self.ready.drain(..n).map(|(r, u, _)| (r, u)).unzip();
         self.reporting = Some(units);
         self.actions.push_back(AgentAction::Report(results));
+    }
+}
+
+/// How often advisory mode refreshes its recommendation.
+const ADVICE_EVERY: Duration = Duration::from_secs(10);
+
+/// Refreshes the performance model's recommendation for `r` (advisory mode): what the
+/// tuner would choose for the requests the replica has been serving, owing what the
+/// control plane says.
+fn advise(r: &mut Replica, config: &crate::tuner::TunerConfig, now: Timestamp) {
+    let Some(perf) = &r.perf else { return };
+    if now.since(r.advised_at) < ADVICE_EVERY || r.stats.requests_done == 0 {
+        return;
+    }
+    let seconds = now.since(r.advised_at).as_secs_f64();
+    let measured = (r.stats.completion_tokens - r.advice_tokens) as f64 / seconds;
+    r.advised_at = now;
+    r.advice_tokens = r.stats.completion_tokens;
+    let n = r.stats.requests_done;
+    let shape = (
+        (r.stats.prompt_tokens / n) as u32,
+        (r.stats.completion_tokens / n).max(1) as u32,
+    );
+    let power = r.power_limit_w.unwrap_or(perf.max_power_w());
+    r.advice = Some(crate::tuner::advise(
+        perf,
+        config,
+        r.window,
+        r.spec.max_concurrency,
+        power,
+        shape,
+        r.owed,
+        (measured > 0.0).then_some(measured),
+    ));
+}
+
+impl Replica {
+    fn new(spec: ReplicaSpec, model: usize, config: &AgentConfig, now: Timestamp) -> Replica {
+        let window = spec.window.clamp(1, spec.max_concurrency.max(1));
+        let perf = spec
+            .accelerator
+            .as_ref()
+            .and_then(|a| crate::perf::ReplicaPerf::new(&spec.model, a, spec.devices).ok());
+        let tuner = (config.tuner.mode == TunerMode::Active).then(|| {
+            let t = ReplicaTuner::new(
+                config.tuner.clone(),
+                window,
+                spec.max_concurrency,
+                spec.power.map(|p| (p.min_w, p.max_w, p.current_w)),
+                now,
+            );
+            match &perf {
+                Some(p) => t.with_model(p.clone()),
+                None => t,
+            }
+        });
+        // The tuner starts from its grid point nearest the configured window.
+        let window = tuner.as_ref().map_or(window, ReplicaTuner::window);
+        Replica {
+            tuner,
+            power_limit_w: spec.power.map(|p| p.current_w),
+            setting_power: false,
+            active: true,
+            owed: 0.0,
+            advice: None,
+            advised_at: now,
+            engine_counter: false,
+            perf,
+            advice_tokens: 0,
+            model,
+            window,
+            in_flight: 0,
+            healthy_at: now,
+            backoff: config.replica_backoff,
+            stats: ReplicaStats {
+                window,
+                ..ReplicaStats::default()
+            },
+            last_reading: None,
+            first_reading: None,
+            carried_j: 0.0,
+            carried_device_s: 0.0,
+            finished: Vec::new(),
+            spec,
+        }
     }
 }
 
@@ -869,6 +1340,8 @@ mod tests {
             devices: 2,
             window,
             max_concurrency: 64,
+            power: None,
+            accelerator: None,
         }
     }
 
@@ -887,6 +1360,7 @@ mod tests {
                         index: i,
                     },
                     attempt: 1,
+                    prefix: None,
                 })
                 .collect(),
         }
@@ -937,6 +1411,68 @@ mod tests {
         assert_eq!(core.held_units(), [WorkUnitId(1)]);
     }
 
+    /// Requests sharing a prefix stay with the replica that took the first of them; the
+    /// other replica takes the next request that is not tied elsewhere, or the oldest when
+    /// all are. Plain least-loaded routing spreads them.
+    #[test]
+    fn requests_sharing_a_prefix_stay_on_one_replica() {
+        let prefixes = [Some(1), Some(1), Some(1), Some(2), None];
+        let routed = |routing: Routing| -> Vec<(usize, Option<u64>)> {
+            let config = AgentConfig {
+                routing,
+                ..AgentConfig::default()
+            };
+            let mut core = AgentCore::new(config, vec![spec("r0", 4), spec("r1", 4)], T0);
+            drain(&mut core);
+            core.registered(T0, Duration::from_secs(1));
+            drain(&mut core);
+            let mut g = grant(1, prefixes.len() as u32);
+            for (item, p) in g.items.iter_mut().zip(prefixes) {
+                item.prefix = p;
+            }
+            core.lease_done(T0, &ModelId::from("m"), Ok(Some(g)));
+            drain(&mut core)
+                .into_iter()
+                .filter_map(|a| match a {
+                    AgentAction::Dispatch { replica, item, .. } => Some((replica, item.prefix)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Prefix 1 goes to r0 with its first request; r1 skips it for prefix 2, then for
+        // the request without a prefix.
+        assert_eq!(
+            routed(Routing::PrefixAffinity),
+            [(0, Some(1)), (1, Some(2)), (0, Some(1)), (1, None), (0, Some(1))]
+        );
+        assert_eq!(
+            routed(Routing::LeastLoaded),
+            [(0, Some(1)), (1, Some(1)), (0, Some(1)), (1, Some(2)), (0, None)]
+        );
+        // All tied to a busy replica: the idle one takes the oldest rather than idle.
+        let config = AgentConfig {
+            routing: Routing::PrefixAffinity,
+            ..AgentConfig::default()
+        };
+        let mut core = AgentCore::new(config, vec![spec("r0", 1), spec("r1", 1)], T0);
+        drain(&mut core);
+        core.registered(T0, Duration::from_secs(1));
+        drain(&mut core);
+        let mut g = grant(1, 2);
+        for item in &mut g.items {
+            item.prefix = Some(5);
+        }
+        core.lease_done(T0, &ModelId::from("m"), Ok(Some(g)));
+        let replicas: Vec<usize> = drain(&mut core)
+            .into_iter()
+            .filter_map(|a| match a {
+                AgentAction::Dispatch { replica, .. } => Some(replica),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replicas, [0, 1]);
+    }
+
     #[test]
     fn results_wait_for_their_energy_share_then_are_reported_and_acked() {
         let mut core = started(4);
@@ -947,6 +1483,7 @@ mod tests {
                 Some(EnergyReading {
                     energy_j: 100.0,
                     clock_s: 10.0,
+                    tokens: None,
                 }),
                 None,
             ],
@@ -983,6 +1520,7 @@ mod tests {
                 Some(EnergyReading {
                     energy_j: 160.0,
                     clock_s: 10.5,
+                    tokens: None,
                 }),
                 None,
             ],
@@ -1013,22 +1551,13 @@ mod tests {
 
     #[test]
     fn energy_is_shared_by_tokens_and_idle_energy_is_not_charged() {
-        let mut r = Replica {
-            model: 0,
-            spec: spec("r", 4),
-            window: 4,
-            in_flight: 1,
-            healthy_at: T0,
-            backoff: Duration::ZERO,
-            stats: ReplicaStats::default(),
-            last_reading: Some(EnergyReading {
-                energy_j: 0.0,
-                clock_s: 0.0,
-            }),
-            carried_j: 0.0,
-            carried_device_s: 0.0,
-            finished: vec![],
-        };
+        let mut r = Replica::new(spec("r", 4), 0, &AgentConfig::default(), T0);
+        r.in_flight = 1;
+        r.last_reading = Some(EnergyReading {
+            energy_j: 0.0,
+            clock_s: 0.0,
+            tokens: None,
+        });
         let mut ready = VecDeque::new();
         let result = |tokens| ReportedResult {
             unit: WorkUnitId(1),
@@ -1049,6 +1578,7 @@ mod tests {
             Some(EnergyReading {
                 energy_j: 40.0,
                 clock_s: 1.0,
+                tokens: None,
             }),
             T0,
             &mut ready,
@@ -1061,6 +1591,7 @@ mod tests {
             Some(EnergyReading {
                 energy_j: 100.0,
                 clock_s: 2.0,
+                tokens: None,
             }),
             T0,
             &mut ready,
@@ -1074,6 +1605,7 @@ mod tests {
             Some(EnergyReading {
                 energy_j: 130.0,
                 clock_s: 3.0,
+                tokens: None,
             }),
             T0,
             &mut ready,
@@ -1168,6 +1700,7 @@ mod tests {
         Some(EnergyReading {
             energy_j: j,
             clock_s: s,
+            tokens: None,
         })
     }
 
@@ -1285,6 +1818,7 @@ mod tests {
         core.heartbeat_done(
             T0,
             Ok(HeartbeatReply {
+                directives: vec![],
                 unknown_units: vec![WorkUnitId(7)],
             }),
         );
@@ -1330,7 +1864,48 @@ mod tests {
             .any(|a| matches!(a, AgentAction::Report(_)));
         assert!(report, "shutdown reports at once");
         core.report_acked(T0);
-        assert!(core.is_drained());
         assert!(core.held_units().is_empty());
+        // Then the books close: a last device reading, then a last heartbeat carrying it.
+        assert_eq!(drain(&mut core), [AgentAction::SampleDevices]);
+        assert!(!core.is_drained());
+        let reading = |j| {
+            Some(EnergyReading {
+                energy_j: j,
+                clock_s: 1.0,
+                tokens: None,
+            })
+        };
+        core.device_sample(T0, vec![reading(50.0), reading(70.0)]);
+        assert_eq!(drain(&mut core), [AgentAction::Heartbeat { held: vec![] }]);
+        assert!(!core.is_drained(), "waits for the last heartbeat");
+        core.heartbeat_done(T0, Err(false));
+        assert!(core.is_drained(), "a failed last heartbeat does not hold the agent");
+    }
+
+    #[test]
+    fn idle_devices_are_read_now_and_then_and_booked_as_idle() {
+        let mut core = started(4);
+        drain(&mut core);
+        let reading = |j| {
+            Some(EnergyReading {
+                energy_j: j,
+                clock_s: 0.0,
+                tokens: None,
+            })
+        };
+        core.device_sample(T0, vec![reading(0.0), reading(0.0)]);
+        // Nothing runs: at the next sample time the agent rests instead of sampling.
+        let t1 = T0.saturating_add(Duration::from_millis(100));
+        core.handle_timeout(t1);
+        assert!(!drain(&mut core).contains(&AgentAction::SampleDevices));
+        // ... until the idle sample interval has passed.
+        let t2 = t1.saturating_add(AgentConfig::default().idle_sample_interval);
+        assert_eq!(core.poll_timeout().map(|t| t <= t2), Some(true));
+        core.handle_timeout(t2);
+        assert!(drain(&mut core).contains(&AgentAction::SampleDevices));
+        core.device_sample(t2, vec![reading(350.0), reading(360.0)]);
+        let idle: Vec<f64> = core.telemetry().iter().map(|r| r.idle_j).collect();
+        assert_eq!(idle, [350.0, 360.0], "the whole rest so far is idle energy");
+        assert!(core.telemetry().iter().all(|r| r.attributed_j == 0.0));
     }
 }

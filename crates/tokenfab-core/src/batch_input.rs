@@ -198,6 +198,43 @@ struct BodyPeek {
     stream: Option<bool>,
 }
 
+/// Shortest shared prefix worth routing for, in estimated tokens: below this a cache hit
+/// saves less than the imbalance affinity may cost.
+pub const MIN_SHARED_PREFIX_TOKENS: u32 = 64;
+
+#[derive(Deserialize)]
+struct MessagesPeek<'a> {
+    #[serde(borrow)]
+    messages: Option<Vec<&'a RawValue>>,
+}
+
+/// The prompt prefix a chat request shares with others: every message but the last (a
+/// system prompt, few-shot examples, a document questions are asked about), as a key
+/// (FNV-1a of their JSON text) and an estimate of its tokens (bytes / 4). `None` for
+/// completions, for a single message and for prefixes under
+/// [`MIN_SHARED_PREFIX_TOKENS`]. Engines with a prefix cache (vLLM's automatic prefix
+/// caching, llama.cpp's slot reuse, SGLang's radix cache) skip the prefill of a prefix
+/// they hold; agents route requests with one key to one replica so that they do.
+pub fn shared_prefix(body: &str) -> Option<(u64, u32)> {
+    let peek: MessagesPeek = serde_json::from_str(body).ok()?;
+    let messages = peek.messages?;
+    let (_, head) = messages.split_last()?;
+    let bytes: usize = head.iter().map(|m| m.get().len()).sum();
+    let tokens = u32::try_from(bytes / 4).unwrap_or(u32::MAX);
+    if head.is_empty() || tokens < MIN_SHARED_PREFIX_TOKENS {
+        return None;
+    }
+    // FNV-1a, 64-bit: stable across builds and processes (agents and emulators agree).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for m in head {
+        for b in m.get().bytes().chain([b'\n']) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Some((h, tokens))
+}
+
 /// Longest `custom_id` accepted, bytes.
 pub const MAX_CUSTOM_ID_BYTES: usize = 512;
 
@@ -495,6 +532,27 @@ mod tests {
 
     fn parse(text: &str) -> Result<ParsedInput, InputError> {
         parse_batch_input(text.as_bytes(), &model(), &InputLimits::default(), false)
+    }
+
+    #[test]
+    fn requests_sharing_their_leading_messages_share_a_prefix_key() {
+        let system = "You summarize support tickets. ".repeat(20);
+        let chat = |system: &str, user: &str| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{user}"}}]}}"#
+            )
+        };
+        let (k1, tokens) = shared_prefix(&chat(&system, "ticket 1")).unwrap();
+        let (k2, _) = shared_prefix(&chat(&system, "a different ticket")).unwrap();
+        assert_eq!(k1, k2, "the last message is not part of the prefix");
+        assert!((150..200).contains(&tokens), "{tokens}");
+        let other = shared_prefix(&chat(&system.replace("support", "sales"), "ticket 1")).unwrap();
+        assert_ne!(k1, other.0);
+        // One message, a short prefix, a completion, or no JSON: no key.
+        assert_eq!(shared_prefix(r#"{"messages":[{"role":"user","content":"hi"}]}"#), None);
+        assert_eq!(shared_prefix(&chat("be brief", "hi")), None);
+        assert_eq!(shared_prefix(r#"{"prompt":"hello"}"#), None);
+        assert_eq!(shared_prefix("not json"), None);
     }
 
     #[test]

@@ -31,8 +31,22 @@ pub struct ControlConfig {
     pub max_attempts: u32,
     pub default_completion_window: Duration,
     pub max_completion_window: Duration,
-    /// SLA classes a batch may name; the first is the default.
-    pub sla_classes: Vec<String>,
+    /// SLA classes a batch may name, highest priority first (see [`SlaClass`]). Work of a
+    /// class is served before work of every class after it; committed classes must all
+    /// come before best-effort ones.
+    pub sla_classes: Vec<SlaClass>,
+    /// The class of batches that name none.
+    pub default_sla_class: String,
+    /// How committed work is ordered within a class.
+    pub queue_order: QueueOrder,
+    /// The required rate each model is told to deliver plans to finish every batch within
+    /// this share of the time left to its deadline (0 < x <= 1; the rest is reserve).
+    pub deadline_share: f64,
+    /// Placement: which registered replicas take work (see [`crate::placement`]).
+    pub placement: PlacementMode,
+    pub activation: crate::placement::ActivationConfig,
+    /// What placement minimizes per token when it ranks replicas.
+    pub placement_objective: crate::placement::PlacementObjective,
     /// Models batches may run on.
     pub models: BTreeSet<ModelId>,
     pub usd_per_kwh: f64,
@@ -42,9 +56,6 @@ pub struct ControlConfig {
     pub admission: bool,
     /// Share of the estimated capacity admission counts on (0 < x <= 1).
     pub admission_headroom: f64,
-    /// SLA classes without a commitment: never refused for lack of capacity, and served
-    /// only when no committed work is waiting.
-    pub best_effort_classes: BTreeSet<String>,
     /// Tenants' shares of spare capacity (default 1): best-effort work is handed out by
     /// weighted fair queueing over the output tokens each tenant has been given.
     pub tenant_weights: BTreeMap<TenantId, f64>,
@@ -52,6 +63,95 @@ pub struct ControlConfig {
     pub tenant_quotas: BTreeMap<TenantId, Quota>,
     /// The window the throughput SLA is measured over.
     pub sla_window: Duration,
+}
+
+/// An SLA class. Its priority is its place in [`ControlConfig::sla_classes`].
+///
+/// A *committed* class is admission-checked: a batch is accepted only if its deadline can
+/// be met without making any admitted committed batch late, and committed work is
+/// ordered by deadline slack. A *best-effort* class is never refused for lack of
+/// capacity; its work runs only when no work of a higher class waits, shared between
+/// tenants by weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlaClass {
+    pub name: String,
+    pub committed: bool,
+}
+
+impl SlaClass {
+    pub fn committed(name: &str) -> Self {
+        SlaClass {
+            name: name.into(),
+            committed: true,
+        }
+    }
+    pub fn best_effort(name: &str) -> Self {
+        SlaClass {
+            name: name.into(),
+            committed: false,
+        }
+    }
+    /// `standard` (committed) then `best-effort`.
+    pub fn defaults() -> Vec<SlaClass> {
+        vec![SlaClass::committed("standard"), SlaClass::best_effort("best-effort")]
+    }
+
+    /// Checks a list of classes in priority order and the default class: names unique and
+    /// not empty, every committed class before every best-effort one.
+    pub fn check(classes: &[SlaClass], default: &str) -> Result<(), String> {
+        if classes.is_empty() {
+            return Err("at least one SLA class is needed".into());
+        }
+        for (i, c) in classes.iter().enumerate() {
+            if c.name.trim().is_empty() {
+                return Err(format!("SLA class {} has an empty name", i + 1));
+            }
+            if classes[..i].iter().any(|o| o.name == c.name) {
+                return Err(format!("SLA class '{}' is listed twice", c.name));
+            }
+            if c.committed && classes[..i].iter().any(|o| !o.committed) {
+                return Err(format!(
+                    "committed SLA class '{}' comes after a best-effort class: list classes highest priority first, committed ones before best-effort ones (best-effort work must never delay a promise)",
+                    c.name
+                ));
+            }
+        }
+        if !classes.iter().any(|c| c.name == default) {
+            return Err(format!(
+                "the default SLA class '{default}' is not one of the classes ({})",
+                join(classes.iter().map(|c| &c.name))
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether placement decides which replicas take work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlacementMode {
+    /// Every registered replica takes work.
+    #[default]
+    Off,
+    /// Placement decides and shows which replicas it would park, but parks none.
+    Advisory,
+    /// Placement parks surplus replicas: they take no work and idle.
+    Active,
+}
+
+/// How committed batches of one class are ordered for leasing.
+///
+/// Measured on the mixed-fleet scenario overloaded (one H100 node, 3 seeds): with
+/// admission on both orders kept 99.95-100% of batches on time; with admission off,
+/// earliest deadline first kept 0.5-1.0 points more batches on time than least slack
+/// first (which favours big batches due later), so it is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueOrder {
+    /// Least slack first: the batch whose pending work must start soonest to meet its
+    /// deadline (deadline minus the time that work needs at the model's capacity).
+    Slack,
+    /// Earliest deadline first.
+    #[default]
+    Deadline,
 }
 
 /// What one tenant may have in the system.
@@ -71,7 +171,13 @@ impl Default for ControlConfig {
             max_attempts: 4,
             default_completion_window: Duration::from_secs(24 * 3600),
             max_completion_window: Duration::from_secs(7 * 24 * 3600),
-            sla_classes: vec!["standard".into(), "best-effort".into()],
+            sla_classes: SlaClass::defaults(),
+            default_sla_class: "standard".into(),
+            queue_order: QueueOrder::Deadline,
+            deadline_share: 0.8,
+            placement: PlacementMode::Off,
+            activation: crate::placement::ActivationConfig::default(),
+            placement_objective: crate::placement::PlacementObjective::Energy,
             models: Catalog::builtin().model_ids().into_iter().collect(),
             usd_per_kwh: DEFAULT_USD_PER_KWH,
             pue: DEFAULT_PUE,
@@ -79,7 +185,6 @@ impl Default for ControlConfig {
             // On the mixed-fleet scenario under overload, 0.9 and 0.8 kept every admitted
             // batch on time and 1.0 did not (95%); 0.9 refuses less (simulations/README.md).
             admission_headroom: 0.9,
-            best_effort_classes: ["best-effort".to_string()].into_iter().collect(),
             tenant_weights: BTreeMap::new(),
             tenant_quotas: BTreeMap::new(),
             sla_window: Duration::from_secs(3600),
@@ -138,6 +243,10 @@ pub enum SubmitError {
         earliest: Timestamp,
         earliest_in: String,
     },
+    #[error(
+        "the batch cannot be admitted in SLA class '{class}' on {model}: its class is served before lower ones, and its work would make batches already admitted in a lower class miss their deadlines; submit it in a lower class, later, or as best-effort"
+    )]
+    NoRoomInClass { model: ModelId, class: String },
 }
 
 /// A tenant command on a batch that cannot be carried out.
@@ -210,6 +319,10 @@ pub struct LeasedItem {
     pub req: RequestRef,
     /// 1 for the first try.
     pub attempt: u32,
+    /// Key of the prompt prefix the request shares with others, for prefix-affinity
+    /// routing (see [`crate::batch_input::shared_prefix`]). The control plane does not
+    /// read request bodies: it leaves this `None`, and agents fill it from the body.
+    pub prefix: Option<u64>,
 }
 
 /// A granted lease.
@@ -256,6 +369,122 @@ pub struct ReportSummary {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct HeartbeatReply {
     pub unknown_units: Vec<WorkUnitId>,
+    /// What each of the node's replicas should do.
+    pub directives: Vec<ReplicaDirective>,
+}
+
+/// The control plane's instruction for one replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaDirective {
+    pub replica: crate::ids::ReplicaId,
+    /// Output tokens per second the replica owes so that every batch of its model finishes
+    /// by its deadline (its share of the model's required rate; see
+    /// [`ControlCore::required_rate`]). Its tuner keeps at least this much.
+    pub owed_tokens_per_s: f64,
+    /// Whether the replica should take work (placement may park it).
+    pub active: bool,
+}
+
+/// One registered replica as operators see it: what it runs, what it was told, and what
+/// its agent last reported (see [`ControlCore::replicas_view`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaView {
+    pub node: String,
+    pub replica: String,
+    pub model: String,
+    pub accelerator: String,
+    pub devices: u32,
+    pub active: bool,
+    /// What placement decided (the same as `active` unless placement is advisory).
+    pub placement_active: bool,
+    pub window: u32,
+    pub power_limit_w: Option<f64>,
+    /// Output tokens/s the replica owes to deadlines (its share of the model's required
+    /// rate).
+    pub owed_tokens_per_s: f64,
+    pub tuner_mode: String,
+    pub objective: String,
+    pub objective_value: f64,
+    pub measured_tokens_per_s: f64,
+    pub converged: bool,
+    pub tuner_moves: u64,
+    /// Why the tuner made its last move.
+    pub reason: String,
+    /// Advisory mode: the performance model's recommendation.
+    pub advice: Option<AdviceView>,
+}
+
+/// What `GET /v1/tuning` answers: every replica's knobs and tuner state, how fragmented
+/// the free devices are, and placement's advice.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TuningDoc {
+    pub replicas: Vec<ReplicaView>,
+    pub fragmentation: crate::placement::Fragmentation,
+    #[serde(default)]
+    pub plan: Option<PlanView>,
+}
+
+/// Placement's advice on the replica layout (see [`ControlCore::placement_plan`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlanView {
+    pub demand: Vec<DemandView>,
+    pub replicas_now: u32,
+    pub replicas_planned: u32,
+    /// Replicas the plan adds and removes relative to what runs.
+    pub start: Vec<PlacedView>,
+    pub stop: Vec<PlacedView>,
+    pub fragmentation_now: crate::placement::Fragmentation,
+    pub fragmentation_planned: crate::placement::Fragmentation,
+}
+
+/// One model's demand as placement measured it, and what the plan covers of it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DemandView {
+    pub model: String,
+    /// Output tokens/s needed (deadlines or arrivals, whichever needs more).
+    pub tokens_per_s: f64,
+    /// Mean prompt and output tokens of its requests.
+    pub prompt_tokens: u32,
+    pub output_tokens: u32,
+    /// Capacity of the planned replicas at their efficient point, and demand left over.
+    pub planned_tokens_per_s: f64,
+    pub unmet_tokens_per_s: f64,
+}
+
+/// A replica on a device group of a node.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlacedView {
+    pub model: String,
+    pub node: String,
+    pub devices: Vec<u32>,
+}
+
+/// A recommendation, as shown to operators.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdviceView {
+    pub window: u32,
+    pub power_limit_w: f64,
+    pub predicted_objective: f64,
+    pub current_objective: f64,
+}
+
+/// A registered replica as the control core sees it.
+#[derive(Debug, Clone)]
+struct Serving {
+    replica: crate::ids::ReplicaId,
+    model: ModelId,
+    /// Its performance model, when its accelerator and model are in the catalog.
+    perf: Option<crate::perf::ReplicaPerf>,
+    /// The agent's concurrency window now (updated by heartbeats).
+    window: u32,
+    /// Output tokens/s at that window and full power for a reference request shape
+    /// (512 prompt, 256 output tokens), to share work between replicas.
+    cap: Option<f64>,
+    active: bool,
+    /// Placement's decision (in advisory mode `active` stays true).
+    advised_active: bool,
+    /// What the agent last reported of it.
+    report: Option<ReplicaReport>,
 }
 
 /// Something the shell must do.
@@ -304,8 +533,17 @@ struct Request {
 struct Batch {
     meta: BatchMeta,
     life: Lifecycle,
-    /// 0 for committed classes, 1 for best-effort: the queue serves lower first.
+    /// The priority of the batch's SLA class (its index in the class list): the queue
+    /// serves lower first.
     rank: u8,
+    /// Of a committed class (admission-checked, ordered by slack).
+    committed: bool,
+    /// Output tokens per second of the model's whole capacity for requests of this
+    /// batch's mean shape, by the performance model (`None` while no replica is known):
+    /// turns remaining work into the time it needs, for slack ordering.
+    service_rate: Option<f64>,
+    /// The batch's key in its model's queue while it is queued.
+    queued: Option<QueueKey>,
     /// Output tokens asked for (estimated where `max_tokens` is absent) and prompt tokens.
     output_tokens: u64,
     prompt_tokens: u64,
@@ -356,24 +594,27 @@ struct Unit {
 #[derive(Debug, Clone)]
 struct Node {
     registration: NodeRegistration,
-    /// The node's replicas that the performance model knows (model, replica, window).
-    serving: Vec<(ModelId, crate::perf::ReplicaPerf, u32)>,
+    /// The node's replicas.
+    serving: Vec<Serving>,
     /// The node's accelerator class (of its first device).
     accelerator: AcceleratorId,
     pricing: Pricing,
     last_seen: Timestamp,
     units: BTreeSet<WorkUnitId>,
+    /// The idle energy each replica had reported, to turn the cumulative counter into
+    /// increments.
+    idle_seen: BTreeMap<crate::ids::ReplicaId, f64>,
 }
 
 /// The control plane's state machine. See the module docs for the shell's contract.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ControlCore {
     config: ControlConfig,
     batches: BTreeMap<BatchId, Batch>,
     by_tenant: BTreeSet<(TenantId, BatchId)>,
-    /// Batches with pending requests, per model, in deadline order (EDF).
-    /// Key (rank, deadline, id): committed work before best-effort, then earliest deadline.
-    queues: BTreeMap<ModelId, BTreeSet<(u8, Timestamp, BatchId)>>,
+    /// Batches with pending requests, per model, in the order work is handed out (see
+    /// [`queue_key`]).
+    queues: BTreeMap<ModelId, BTreeSet<QueueKey>>,
     /// Non-final batches by deadline.
     deadlines: BTreeSet<(Timestamp, BatchId)>,
     units: BTreeMap<WorkUnitId, Unit>,
@@ -396,10 +637,53 @@ pub struct ControlCore {
     parked_model: BTreeMap<u64, ModelId>,
     actions: VecDeque<Action>,
     stats: ControlStats,
+    /// Idle energy reported while no tenant had results in the SLA window: charged to
+    /// nobody (the operator's), joules.
+    idle_unallocated_j: f64,
+    /// Idle energy charged to each tenant, by the hour it was charged in.
+    tenant_idle: BTreeMap<TenantId, BTreeMap<Timestamp, IdleShare>>,
+    /// Hours of tenants whose idle charge changed since it was last persisted.
+    idle_dirty: BTreeSet<(TenantId, Timestamp)>,
+    idle_persisted_at: Timestamp,
+    /// Each model's required output rate (see [`ControlCore::required_rate`]) and the
+    /// capacity of its active replicas, and when they were computed.
+    required: BTreeMap<ModelId, f64>,
+    capacity: BTreeMap<ModelId, ActiveCapacity>,
+    required_at: Option<Timestamp>,
+    /// Placement's active set (see [`crate::placement::Activation`]).
+    activation: crate::placement::Activation<(NodeId, crate::ids::ReplicaId)>,
+    /// Replica throughput and cost per token at their efficient point, by (model,
+    /// accelerator, devices, request shape bucket).
+    operating: BTreeMap<OperatingKey, (f64, f64)>,
+    /// Output tokens accepted per model over the last [`ARRIVAL_WINDOW`], for placement:
+    /// deadlines alone leave work to the last moment while more keeps arriving.
+    arrivals: VecDeque<(Timestamp, ModelId, f64)>,
+    /// What placement last planned for: each model's output tokens/s (deadlines or
+    /// arrivals, whichever needs more) and mean request shape.
+    demand: BTreeMap<ModelId, (f64, (u32, u32))>,
+}
+
+/// (model, accelerator, devices, prompt-length bucket, output-length bucket).
+type OperatingKey = (ModelId, AcceleratorId, u32, i32, i32);
+
+/// How far back placement looks at the rate work arrives.
+const ARRIVAL_WINDOW: Duration = Duration::from_secs(900);
+
+/// Required rates are recomputed at most this often.
+const REQUIRED_EVERY: Duration = Duration::from_secs(1);
+
+/// Idle-energy charges are persisted at most this often (a crash loses at most this
+/// much of them).
+const IDLE_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn hour_of(t: Timestamp) -> Timestamp {
+    let h = HOUR.as_micros() as u64;
+    Timestamp::from_micros(t.as_micros() / h * h)
 }
 
 /// A lease waiting for work (see [`ControlCore::lease_or_wait`]).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Parked {
     ticket: u64,
     node: NodeId,
@@ -412,7 +696,55 @@ pub struct TenantUsage {
     pub batches: u64,
     pub requests_completed: u64,
     pub requests_failed: u64,
+    /// Sum over the batches of their recorded results.
     pub usage: Usage,
+    /// The tenant's share of idle device energy (energy drawn while nothing ran), joules,
+    /// and its energy cost: not part of any batch (see [`ControlCore::heartbeat`]).
+    pub idle_joules: f64,
+    pub idle_cost_usd: f64,
+}
+
+/// What an agent's heartbeat says of one of its replicas: cumulative counters since the
+/// agent started.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReplicaReport {
+    pub replica: crate::ids::ReplicaId,
+    pub window: u32,
+    pub in_flight: u32,
+    /// Device energy attributed to requests, joules.
+    pub attributed_j: f64,
+    /// Device energy drawn while nothing ran on the replica, joules.
+    pub idle_j: f64,
+    /// The power limit the agent set on the replica's devices, if it set one.
+    pub power_limit_w: Option<f64>,
+    /// The replica's tuner, if one runs (active or advisory).
+    pub tuning: Option<TuningReport>,
+}
+
+/// What a replica's tuner reports.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TuningReport {
+    pub mode: crate::tuner::TunerMode,
+    /// What it maximizes, e.g. "output tokens/J".
+    pub objective: String,
+    /// The objective and the output tokens/s measured at the current point.
+    pub objective_value: f64,
+    pub measured_tokens_per_s: f64,
+    pub owed_tokens_per_s: f64,
+    /// Converged and holding its point.
+    pub holding: bool,
+    pub moves: u64,
+    /// Why it made its last change.
+    pub reason: String,
+    /// Advisory mode: what the performance model recommends.
+    pub advice: Option<crate::tuner::Advice>,
+}
+
+/// Idle energy charged to one tenant in one hour.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct IdleShare {
+    pub joules: f64,
+    pub cost_usd: f64,
 }
 
 /// What [`ControlCore::lease_or_wait`] did.
@@ -449,6 +781,17 @@ impl ControlCore {
             parked_model: BTreeMap::new(),
             actions: VecDeque::new(),
             stats: ControlStats::default(),
+            idle_unallocated_j: 0.0,
+            tenant_idle: BTreeMap::new(),
+            idle_dirty: BTreeSet::new(),
+            idle_persisted_at: Timestamp::ZERO,
+            required: BTreeMap::new(),
+            capacity: BTreeMap::new(),
+            required_at: None,
+            activation: crate::placement::Activation::new(),
+            operating: BTreeMap::new(),
+            arrivals: VecDeque::new(),
+            demand: BTreeMap::new(),
         }
     }
 
@@ -465,9 +808,12 @@ impl ControlCore {
             core.next_batch = core.next_batch.max(id.0 + 1);
             core.by_tenant.insert((rb.meta.tenant.clone(), id));
             let (output_tokens, prompt_tokens) = token_totals(&rb.requests);
-            let rank = core.rank(&rb.meta.sla_class);
+            let (rank, committed) = core.class_of(&rb.meta.sla_class);
             let mut b = Batch {
                 rank,
+                committed,
+                service_rate: None,
+                queued: None,
                 output_tokens,
                 prompt_tokens,
                 meta: rb.meta,
@@ -758,17 +1104,12 @@ impl ControlCore {
             });
         }
         let sla_class = match new.sla_class.filter(|c| !c.is_empty()) {
-            None => self
-                .config
-                .sla_classes
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "standard".into()),
-            Some(c) if self.config.sla_classes.contains(&c) => c,
+            None => self.config.default_sla_class.clone(),
+            Some(c) if self.config.sla_classes.iter().any(|k| k.name == c) => c,
             Some(c) => {
                 return Err(SubmitError::UnknownSlaClass {
                     class: c,
-                    known: join(self.config.sla_classes.iter()),
+                    known: join(self.config.sla_classes.iter().map(|k| &k.name)),
                 });
             }
         };
@@ -789,20 +1130,24 @@ impl ControlCore {
         self.check_quota(now, &new.tenant, output_tokens)?;
         let mut sla_class = sla_class;
         let deadline = now.saturating_add(window);
+        let (rank, committed) = self.class_of(&sla_class);
         if self.config.admission
-            && self.rank(&sla_class) == 0
+            && committed
+            && let Some(service_s) = self.service_s(&new.model, new.requests.len(), output_tokens, prompt_tokens)
             && let Some(earliest) = self.refusal(
                 now,
                 &new.model,
-                deadline,
-                new.requests.len(),
-                output_tokens,
-                prompt_tokens,
+                crate::admission::Work {
+                    rank,
+                    deadline,
+                    service_s,
+                },
             )
         {
-            match self.config.best_effort_classes.iter().next() {
-                Some(be) if new.best_effort_if_late => sla_class = be.clone(),
-                _ => {
+            let best_effort = self.config.sla_classes.iter().find(|c| !c.committed);
+            match (best_effort, earliest) {
+                (Some(be), _) if new.best_effort_if_late => sla_class = be.name.clone(),
+                (_, Some(earliest)) => {
                     return Err(SubmitError::Late {
                         model: new.model,
                         window: crate::time::human(window),
@@ -810,9 +1155,21 @@ impl ControlCore {
                         earliest_in: crate::time::human(earliest.since(now)),
                     });
                 }
+                (_, None) => {
+                    return Err(SubmitError::NoRoomInClass {
+                        model: new.model,
+                        class: sla_class,
+                    });
+                }
             }
         }
-        let rank = self.rank(&sla_class);
+        let (rank, committed) = self.class_of(&sla_class);
+        let service_rate = if committed {
+            let n = new.requests.len().max(1) as u64;
+            self.capacity(&new.model, (prompt_tokens / n) as u32, (output_tokens / n) as u32)
+        } else {
+            None
+        };
         let id = BatchId(self.next_batch);
         self.next_batch += 1;
         let meta = BatchMeta {
@@ -838,6 +1195,9 @@ impl ControlCore {
         }));
         self.by_tenant.insert((meta.tenant.clone(), id));
         self.tenant_totals.entry(meta.tenant.clone()).or_default().batches += 1;
+        if self.config.placement != PlacementMode::Off {
+            self.arrivals.push_back((now, meta.model.clone(), output_tokens as f64));
+        }
         if self.config.tenant_quotas.contains_key(&meta.tenant) {
             self.submitted
                 .entry(meta.tenant.clone())
@@ -848,6 +1208,9 @@ impl ControlCore {
             id,
             Batch {
                 rank,
+                committed,
+                service_rate,
+                queued: None,
                 output_tokens,
                 prompt_tokens,
                 meta,
@@ -866,7 +1229,7 @@ impl ControlCore {
                 usage: Usage::default(),
             },
         );
-        if rank > 0 {
+        if !committed {
             // A newly arrived best-effort batch (not work going back on the queue, whose
             // refund must stand).
             let (model, tenant) = (
@@ -885,7 +1248,7 @@ impl ControlCore {
     /// when leased (agents run what they leased, even for a batch that expired meanwhile)
     /// and refunded when it goes back on the queue.
     fn charge(&mut self, id: BatchId, requests: f64) {
-        let Some(b) = self.batches.get(&id).filter(|b| b.rank > 0) else {
+        let Some(b) = self.batches.get(&id).filter(|b| !b.committed) else {
             return;
         };
         let tokens = b.output_tokens as f64 * requests / f64::from(b.meta.requests.max(1));
@@ -899,16 +1262,19 @@ impl ControlCore {
         *self.tenant_vt.entry(b.meta.tenant.clone()).or_default() += tokens / weight;
     }
 
-    /// The queued batch of `model` to lease from next: committed batches earliest
-    /// deadline first; then the best-effort batch of the tenant with the least virtual
-    /// time (weighted fair queueing), earliest deadline first within a tenant.
-    fn next_to_lease(&self, model: &ModelId) -> Option<(u8, Timestamp, BatchId)> {
+    /// The queued batch of `model` to lease from next: the highest class with work; in a
+    /// committed class the batch with the least slack; in a best-effort class the batch
+    /// of the tenant with the least virtual time (weighted fair queueing), earliest
+    /// deadline first within a tenant.
+    fn next_to_lease(&self, model: &ModelId) -> Option<QueueKey> {
         let q = self.queues.get(model)?;
         let first = *q.first()?;
-        if first.0 == 0 {
+        if self.batches[&first.2].committed {
             return Some(first);
         }
-        q.iter()
+        let rank = first.0;
+        q.range(first..)
+            .take_while(|k| k.0 == rank)
             .min_by(|a, b| {
                 let vt = |k: &(u8, Timestamp, BatchId)| {
                     let tenant = &self.batches[&k.2].meta.tenant;
@@ -972,23 +1338,74 @@ impl ControlCore {
         Ok(())
     }
 
-    /// 0 for a committed SLA class, 1 for a best-effort one.
-    fn rank(&self, class: &str) -> u8 {
-        u8::from(self.config.best_effort_classes.contains(class))
+    /// The priority (place in the class list) of an SLA class and whether it is committed.
+    /// A class no longer configured (a batch recovered after a configuration change) goes
+    /// last, as best-effort.
+    fn class_of(&self, class: &str) -> (u8, bool) {
+        let classes = &self.config.sla_classes;
+        match classes.iter().position(|c| c.name == class) {
+            Some(i) => (i.min(u8::MAX as usize) as u8, classes[i].committed),
+            None => (classes.len().min(u8::MAX as usize) as u8, false),
+        }
+    }
+
+    /// Where a batch goes in its model's queue: by class priority, then, for committed
+    /// work, least slack first (the deadline minus the time its pending requests need at
+    /// the model's capacity: the latest time they can start), for best-effort work by
+    /// deadline.
+    fn queue_key(b: &Batch, order: QueueOrder) -> QueueKey {
+        let slack = order == QueueOrder::Slack && b.committed;
+        let order = match b.service_rate.filter(|r| *r > 0.0 && slack) {
+            Some(rate) => {
+                let pending = b.output_tokens as f64 * b.pending.len() as f64 / f64::from(b.meta.requests.max(1));
+                let need_us = (pending / rate * 1e6).min(u64::MAX as f64) as u64;
+                Timestamp::from_micros(b.meta.deadline.as_micros().saturating_sub(need_us))
+            }
+            None => b.meta.deadline,
+        };
+        (b.rank, order, b.meta.id)
+    }
+
+    /// Puts a batch on its model's queue (or moves it to its current place).
+    fn enqueue(&mut self, id: BatchId) {
+        self.dequeue(id);
+        if self.batches[&id].committed && self.batches[&id].service_rate.is_none() {
+            // Admitted before any replica was known (or recovered): learn its rate now.
+            let b = &self.batches[&id];
+            let n = u64::from(b.meta.requests.max(1));
+            let rate = self.capacity(
+                &b.meta.model,
+                (b.prompt_tokens / n) as u32,
+                (b.output_tokens / n) as u32,
+            );
+            self.batches.get_mut(&id).expect("exists").service_rate = rate;
+        }
+        let b = self.batches.get_mut(&id).expect("exists");
+        let key = Self::queue_key(b, self.config.queue_order);
+        b.queued = Some(key);
+        self.queues.entry(b.meta.model.clone()).or_default().insert(key);
+    }
+
+    /// Takes a batch off its model's queue.
+    fn dequeue(&mut self, id: BatchId) {
+        let Some(b) = self.batches.get_mut(&id) else { return };
+        if let Some(key) = b.queued.take()
+            && let Some(q) = self.queues.get_mut(&b.meta.model)
+        {
+            q.remove(&key);
+        }
     }
 
     /// Output tokens per second all registered replicas of `model` sustain on requests of
     /// this mean shape, by the performance model; `None` if none is known.
     fn capacity(&self, model: &ModelId, prompt_mean: u32, output_mean: u32) -> Option<f64> {
+        // Parked replicas count: placement brings them back as soon as work needs them.
         let c: f64 = self
             .nodes
             .values()
             .flat_map(|n| &n.serving)
-            .filter(|(m, _, _)| m == model)
-            .map(|(_, perf, window)| {
-                perf.steady_state(*window, prompt_mean, output_mean.max(1), f64::MAX)
-                    .output_tokens_per_s
-            })
+            .filter(|s| &s.model == model)
+            .filter_map(|s| Some(replica_capacity(s.perf.as_ref()?, s.window, prompt_mean, output_mean)))
             .sum();
         (c > 0.0).then_some(c)
     }
@@ -1001,35 +1418,27 @@ impl ControlCore {
         Some(output_tokens as f64 / c)
     }
 
-    /// The earliest deadline admission would accept for a new batch, if its own cannot
-    /// be met; `None` if it can (or no capacity is known to judge by).
-    fn refusal(
-        &self,
-        now: Timestamp,
-        model: &ModelId,
-        deadline: Timestamp,
-        requests: usize,
-        output_tokens: u64,
-        prompt_tokens: u64,
-    ) -> Option<Timestamp> {
-        let service_s = self.service_s(model, requests, output_tokens, prompt_tokens)?;
+    /// Whether admission refuses `new` (its service in seconds of the model's capacity):
+    /// `None` if admitted (or no capacity is known to judge by); otherwise the earliest
+    /// deadline it would be admitted with in its class, if any.
+    fn refusal(&self, now: Timestamp, model: &ModelId, new: crate::admission::Work) -> Option<Option<Timestamp>> {
         // Every unfinished batch of a committed class on this model.
         let committed: Vec<crate::admission::Work> = self
             .deadlines
             .iter()
             .map(|(_, id)| &self.batches[id])
-            .filter(|b| &b.meta.model == model && b.rank == 0)
+            .filter(|b| &b.meta.model == model && b.committed)
             .filter_map(|b| {
                 let total = b.meta.requests.max(1);
                 let left = total.saturating_sub(b.done());
                 let s = self.service_s(model, total as usize, b.output_tokens, b.prompt_tokens)?;
                 Some(crate::admission::Work {
+                    rank: b.rank,
                     deadline: b.meta.deadline,
                     service_s: s * f64::from(left) / f64::from(total),
                 })
             })
             .collect();
-        let new = crate::admission::Work { deadline, service_s };
         match crate::admission::check(now, &committed, new, self.config.admission_headroom) {
             crate::admission::Verdict::Admit => None,
             crate::admission::Verdict::Refuse { earliest } => Some(earliest),
@@ -1043,7 +1452,8 @@ impl ControlCore {
     }
 
     /// What `tenant`'s batches created at or after `since` used: the sum over those
-    /// batches of their recorded results (token accounting).
+    /// batches of their recorded results (token accounting), and the idle energy charged
+    /// to the tenant in the hours from `since`'s hour on.
     pub fn tenant_usage(&self, tenant: &TenantId, since: Timestamp) -> TenantUsage {
         let mut u = TenantUsage::default();
         for (_, id) in self
@@ -1059,6 +1469,12 @@ impl ControlCore {
             u.requests_failed += u64::from(b.failed);
             u.usage += b.usage;
         }
+        if let Some(hours) = self.tenant_idle.get(tenant) {
+            for share in hours.range(hour_of(since)..).map(|(_, s)| s) {
+                u.idle_joules += share.joules;
+                u.idle_cost_usd += share.cost_usd;
+            }
+        }
         u
     }
 
@@ -1073,8 +1489,8 @@ impl ControlCore {
             .map(|p| (p.model.clone(), p.accelerator.clone()))
             .collect();
         for n in self.nodes.values() {
-            for (m, _, _) in &n.serving {
-                keys.insert((m.clone(), n.accelerator.clone()));
+            for s in n.serving.iter().filter(|s| s.perf.is_some()) {
+                keys.insert((s.model.clone(), n.accelerator.clone()));
             }
         }
         let pools = keys
@@ -1083,8 +1499,9 @@ impl ControlCore {
                 let m = measured
                     .iter()
                     .find(|p| p.model == model && p.accelerator == accelerator);
-                let (requests, usage, latency) =
-                    m.map_or((0, Usage::default(), [0.0; 3]), |p| (p.requests, p.usage, p.latency_s));
+                let (requests, usage, latency) = m.map_or((0, Usage::default(), Default::default()), |p| {
+                    (p.requests, p.usage, p.latency_s)
+                });
                 // Capacity at the window's mean request shape (a 512/256 reference before any).
                 let prompt = usage.prompt_tokens.checked_div(requests).map_or(512, |p| p as u32);
                 let output = usage
@@ -1093,10 +1510,11 @@ impl ControlCore {
                     .map_or(256, |o| o.max(1) as u32);
                 let (mut devices, mut replicas, mut capacity) = (0u32, 0u32, 0.0);
                 for n in self.nodes.values().filter(|n| n.accelerator == accelerator) {
-                    for (_, perf, window) in n.serving.iter().filter(|(m, _, _)| *m == model) {
+                    for s in n.serving.iter().filter(|s| s.model == model) {
+                        let Some(perf) = &s.perf else { continue };
                         replicas += 1;
                         devices += perf.devices();
-                        capacity += perf.steady_state(*window, prompt, output, f64::MAX).output_tokens_per_s;
+                        capacity += replica_capacity(perf, s.window, prompt, output);
                     }
                 }
                 let out = usage.completion_tokens as f64;
@@ -1112,7 +1530,7 @@ impl ControlCore {
                     prompt_tokens: usage.prompt_tokens,
                     output_tokens_per_joule: if usage.joules > 0.0 { out / usage.joules } else { 0.0 },
                     cost_per_million_output_tokens_usd: if out > 0.0 { usage.cost_usd / out * 1e6 } else { 0.0 },
-                    request_latency_seconds: latency.into(),
+                    request_latency_seconds: latency,
                 }
             })
             .collect();
@@ -1121,7 +1539,7 @@ impl ControlCore {
             .classes(now)
             .into_iter()
             .map(|c| SlaClassEntry {
-                committed: !self.config.best_effort_classes.contains(&c.class),
+                committed: self.class_of(&c.class).1,
                 attainment: if c.batches > 0 {
                     c.on_time as f64 / c.batches as f64
                 } else {
@@ -1131,7 +1549,7 @@ impl ControlCore {
                 class: c.class,
                 batches: c.batches,
                 on_time: c.on_time,
-                completion_seconds: c.completion_s.into(),
+                completion_seconds: c.completion_s,
             })
             .collect();
         crate::sla::ThroughputSla {
@@ -1177,10 +1595,7 @@ impl ControlCore {
         let b = self.batches.get_mut(&id).expect("owned");
         b.life.cancel(now)?;
         let pending: Vec<u32> = b.pending.drain(..).collect();
-        let key = (b.rank, b.meta.deadline, id);
-        if let Some(q) = self.queues.get_mut(&b.meta.model) {
-            q.remove(&key);
-        }
+        self.dequeue(id);
         self.persist_life(id, None);
         let results = pending
             .into_iter()
@@ -1224,13 +1639,26 @@ impl ControlCore {
         let serving = reg
             .replicas
             .iter()
-            .filter_map(|r| {
-                let first = r.devices.first()?;
-                let accelerator = &reg.devices.iter().find(|d| d.index == *first)?.accelerator;
+            .map(|r| {
+                let accelerator = r
+                    .devices
+                    .first()
+                    .and_then(|first| reg.devices.iter().find(|d| d.index == *first))
+                    .map(|d| &d.accelerator);
                 let tp = r.devices.len() as u32;
-                let perf = crate::perf::ReplicaPerf::new(&r.model, accelerator, tp).ok()?;
+                let perf = accelerator.and_then(|a| crate::perf::ReplicaPerf::new(&r.model, a, tp).ok());
                 let window = if r.window > 0 { r.window } else { r.max_concurrency };
-                Some((r.model.clone(), perf, window.max(1)))
+                let window = window.max(1);
+                Serving {
+                    replica: r.replica.clone(),
+                    model: r.model.clone(),
+                    cap: perf.as_ref().map(|p| replica_capacity(p, window, 512, 256)),
+                    perf,
+                    window,
+                    active: true,
+                    advised_active: true,
+                    report: None,
+                }
             })
             .collect();
         let old = self.nodes.insert(
@@ -1245,6 +1673,7 @@ impl ControlCore {
                 pricing,
                 last_seen: now,
                 units: BTreeSet::new(),
+                idle_seen: BTreeMap::new(),
             },
         );
         if let Some(old) = old {
@@ -1254,15 +1683,45 @@ impl ControlCore {
         }
     }
 
-    /// Keeps a node alive and extends the leases of the units it still holds.
+    /// Keeps a node alive, extends the leases of the units it still holds, and takes its
+    /// replicas' telemetry.
+    ///
+    /// Idle energy (drawn while nothing ran) is shared among the tenants in proportion to
+    /// the device energy attributed to their results over the SLA window, so that the
+    /// tenants' energy adds up to what the devices drew while they used the cluster. Idle
+    /// energy reported when no tenant had results in the window is charged to nobody
+    /// ([`ControlCore::idle_unallocated_j`]): an idle cluster is the operator's cost.
     pub fn heartbeat(
         &mut self,
         now: Timestamp,
         node: &NodeId,
         held: &[WorkUnitId],
+        replicas: &[ReplicaReport],
     ) -> Result<HeartbeatReply, UnknownNode> {
         let n = self.nodes.get_mut(node).ok_or_else(|| UnknownNode(node.clone()))?;
         n.last_seen = now;
+        let mut idle = 0.0;
+        for r in replicas.iter().filter(|r| r.idle_j.is_finite() && r.idle_j >= 0.0) {
+            let seen = n.idle_seen.insert(r.replica.clone(), r.idle_j).unwrap_or(0.0);
+            // A counter that went back means the agent restarted and counts from zero.
+            idle += if r.idle_j >= seen { r.idle_j - seen } else { r.idle_j };
+        }
+        // The agent's windows now (its tuner may have moved them): capacity is estimated
+        // at them.
+        for r in replicas {
+            if let Some(s) = n.serving.iter_mut().find(|s| s.replica == r.replica) {
+                if r.window > 0 && r.window != s.window {
+                    s.window = r.window;
+                    s.cap = s.perf.as_ref().map(|p| replica_capacity(p, s.window, 512, 256));
+                }
+                s.report = Some(r.clone());
+            }
+        }
+        if idle > 0.0 {
+            self.share_idle(now, idle);
+        }
+        self.persist_idle(now, false);
+        let directives = self.directives(now, node);
         let mut reply = HeartbeatReply::default();
         let expires_at = now.saturating_add(self.config.lease_ttl);
         for &u in held {
@@ -1275,7 +1734,410 @@ impl ControlCore {
                 _ => reply.unknown_units.push(u),
             }
         }
+        reply.directives = directives;
         Ok(reply)
+    }
+
+    /// Output tokens per second `model` must produce from `now` on for every unfinished
+    /// batch of it to finish by its deadline, keeping `1 - deadline_share` of each batch's
+    /// remaining time in reserve: over the batches in deadline order (all classes), the largest of the
+    /// remaining output tokens up to and including a batch divided by the time to its
+    /// deadline. Recomputed at most every second.
+    pub fn required_rate(&mut self, model: &ModelId, now: Timestamp) -> f64 {
+        if self
+            .required_at
+            .is_none_or(|t| now.since(t) >= REQUIRED_EVERY || now < t)
+        {
+            self.refresh(now);
+        }
+        self.required.get(model).copied().unwrap_or(0.0)
+    }
+
+    /// Recomputes the required rates, runs placement's activation and totals the active
+    /// capacity (at most once a second, see [`ControlCore::required_rate`]).
+    fn refresh(&mut self, now: Timestamp) {
+        self.required_at = Some(now);
+        let mut cum: BTreeMap<&ModelId, f64> = BTreeMap::new();
+        let mut rate: BTreeMap<ModelId, f64> = BTreeMap::new();
+        // Prompt and output tokens and requests of the unfinished work, per model.
+        let mut work: BTreeMap<ModelId, (f64, f64, f64)> = BTreeMap::new();
+        for (deadline, id) in &self.deadlines {
+            let b = &self.batches[id];
+            let total = f64::from(b.meta.requests.max(1));
+            let left = f64::from(b.meta.requests.saturating_sub(b.done()));
+            let c = cum.entry(&b.meta.model).or_default();
+            *c += b.output_tokens as f64 * left / total;
+            let share = self.config.deadline_share.clamp(0.05, 1.0);
+            let time = (deadline.since(now).as_secs_f64() * share).max(1.0);
+            let r = rate.entry(b.meta.model.clone()).or_default();
+            *r = r.max(*c / time);
+            let w = work.entry(b.meta.model.clone()).or_default();
+            w.0 += b.prompt_tokens as f64 * left / total;
+            w.1 += b.output_tokens as f64 * left / total;
+            w.2 += left;
+        }
+        self.required = rate;
+        if self.config.placement != PlacementMode::Off {
+            self.place(now, &work);
+        }
+        {
+            let mut capacity: BTreeMap<ModelId, ActiveCapacity> = BTreeMap::new();
+            for s in self.nodes.values().flat_map(|n| &n.serving).filter(|s| s.active) {
+                let c = capacity.entry(s.model.clone()).or_default();
+                match s.cap {
+                    Some(cap) => {
+                        c.known += cap;
+                        c.known_replicas += 1;
+                    }
+                    None => c.unknown_replicas += 1,
+                }
+            }
+            self.capacity = capacity;
+        }
+    }
+
+    /// Placement's activation: which replicas take work now.
+    fn place(&mut self, now: Timestamp, work: &BTreeMap<ModelId, (f64, f64, f64)>) {
+        use crate::placement::{Candidate, operating_point};
+        let mut candidates = Vec::new();
+        let objective = self.config.placement_objective;
+        for (node_id, n) in &self.nodes {
+            for s in &n.serving {
+                let Some(perf) = &s.perf else { continue };
+                let shape = match work.get(&s.model) {
+                    Some(&(p, o, r)) if r > 0.0 => ((p / r).round() as u32, (o / r).round().max(1.0) as u32),
+                    _ => (512, 256),
+                };
+                // Shapes within 10% of each other share an estimate.
+                let bucket = |x: u32| (f64::from(x.max(1)).ln() / 1.1f64.ln()).round() as i32;
+                let key = (
+                    s.model.clone(),
+                    n.accelerator.clone(),
+                    perf.devices(),
+                    bucket(shape.0),
+                    bucket(shape.1),
+                );
+                if self.operating.len() > 4096 {
+                    self.operating.clear();
+                }
+                let (tokens_per_s, cost_per_token) = *self.operating.entry(key).or_insert_with(|| {
+                    let (t, c, _) = operating_point(perf, shape, objective, n.pricing.usd_per_device_hour, 1024);
+                    (t, c)
+                });
+                candidates.push(Candidate {
+                    key: (node_id.clone(), s.replica.clone()),
+                    model: s.model.clone(),
+                    tokens_per_s,
+                    cost_per_token,
+                    node: node_id.clone(),
+                });
+            }
+        }
+        while self
+            .arrivals
+            .front()
+            .is_some_and(|(t, _, _)| now.since(*t) > ARRIVAL_WINDOW)
+        {
+            self.arrivals.pop_front();
+        }
+        // Keep up with what arrives as well as with what is due.
+        let mut need = self.required.clone();
+        let mut arriving: BTreeMap<&ModelId, f64> = BTreeMap::new();
+        for (_, model, tokens) in &self.arrivals {
+            *arriving.entry(model).or_default() += tokens;
+        }
+        for (model, tokens) in arriving {
+            let r = need.entry(model.clone()).or_default();
+            *r = r.max(tokens / ARRIVAL_WINDOW.as_secs_f64());
+        }
+        self.activation.update(now, &candidates, &need, &self.config.activation);
+        self.demand = need
+            .iter()
+            .map(|(m, &r)| {
+                let shape = match work.get(m) {
+                    Some(&(p, o, n)) if n > 0.0 => ((p / n).round() as u32, (o / n).round().max(1.0) as u32),
+                    _ => (512, 256),
+                };
+                (m.clone(), (r, shape))
+            })
+            .collect();
+        let enforce = self.config.placement == PlacementMode::Active;
+        for (node_id, n) in self.nodes.iter_mut() {
+            for s in n.serving.iter_mut().filter(|s| s.perf.is_some()) {
+                let on = self.activation.is_active(&(node_id.clone(), s.replica.clone()));
+                s.advised_active = on;
+                if enforce {
+                    s.active = on;
+                }
+            }
+        }
+    }
+
+    /// The registered fleet as placement sees it: nodes with their high-bandwidth domains,
+    /// the replicas on them, and the models served.
+    pub fn fleet(
+        &self,
+    ) -> (
+        Vec<crate::placement::NodeSpec>,
+        Vec<crate::placement::Placed>,
+        Vec<ModelId>,
+    ) {
+        use crate::placement::{NodeSpec, Placed};
+        let mut nodes = Vec::new();
+        let mut placed = Vec::new();
+        let mut models: BTreeSet<ModelId> = BTreeSet::new();
+        for (id, n) in &self.nodes {
+            let mut domains: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+            for d in &n.registration.devices {
+                domains.entry(d.domain).or_default().push(d.index);
+            }
+            nodes.push(NodeSpec {
+                node: id.clone(),
+                accelerator: n.accelerator.clone(),
+                domains: domains
+                    .into_values()
+                    .map(|mut v| {
+                        v.sort_unstable();
+                        v
+                    })
+                    .collect(),
+                usd_per_device_hour: n.pricing.usd_per_device_hour,
+            });
+            for r in &n.registration.replicas {
+                models.insert(r.model.clone());
+                placed.push(Placed {
+                    model: r.model.clone(),
+                    node: id.clone(),
+                    devices: r.devices.clone(),
+                });
+            }
+        }
+        (nodes, placed, models.into_iter().collect())
+    }
+
+    /// How fragmented the free devices of the registered nodes are, for the models this
+    /// cluster serves (see [`crate::placement::fragmentation`]).
+    pub fn fragmentation(&self) -> crate::placement::Fragmentation {
+        let (nodes, placed, models) = self.fleet();
+        crate::placement::fragmentation(&nodes, &placed, &models)
+    }
+
+    /// The replica layout placement would choose for the demand it last measured (see
+    /// [`crate::placement::plan`]), next to the one the agents run. Advice only: agents
+    /// start their engines from their own configuration, so carrying the plan out means
+    /// starting and stopping the replicas it names there. `None` while placement is off
+    /// or has measured no demand yet.
+    pub fn placement_plan(&self) -> Option<PlanView> {
+        use crate::placement::Demand;
+        if self.demand.is_empty() {
+            return None;
+        }
+        let (_, _, models) = self.fleet();
+        let demands: Vec<Demand> = models
+            .iter()
+            .map(|m| {
+                let (tokens_per_s, shape) = self.demand.get(m).copied().unwrap_or((0.0, (512, 256)));
+                Demand {
+                    model: m.clone(),
+                    tokens_per_s,
+                    shape,
+                }
+            })
+            .collect();
+        Some(self.plan_for(&demands))
+    }
+
+    /// The replica layout placement would choose on the registered fleet for `demands`.
+    pub fn plan_for(&self, demands: &[crate::placement::Demand]) -> PlanView {
+        use crate::placement::{PlanConfig, plan};
+        let (nodes, placed, models) = self.fleet();
+        let config = PlanConfig {
+            objective: self.config.placement_objective,
+            margin: self.config.activation.margin,
+            ..PlanConfig::default()
+        };
+        let p = plan(&nodes, demands, &placed, &config);
+        let view = |r: &crate::placement::Placed| PlacedView {
+            model: r.model.to_string(),
+            node: r.node.to_string(),
+            devices: r.devices.clone(),
+        };
+        PlanView {
+            demand: demands
+                .iter()
+                .map(|d| DemandView {
+                    model: d.model.to_string(),
+                    tokens_per_s: d.tokens_per_s,
+                    prompt_tokens: d.shape.0,
+                    output_tokens: d.shape.1,
+                    planned_tokens_per_s: p.capacity.get(&d.model).copied().unwrap_or(0.0),
+                    unmet_tokens_per_s: p.unmet.get(&d.model).copied().unwrap_or(0.0),
+                })
+                .collect(),
+            replicas_now: placed.len() as u32,
+            replicas_planned: p.replicas.len() as u32,
+            start: p.started.iter().map(view).collect(),
+            stop: p.stopped.iter().map(view).collect(),
+            fragmentation_now: crate::placement::fragmentation(&nodes, &placed, &models),
+            fragmentation_planned: p.fragmentation,
+        }
+    }
+
+    /// The tuning document (see [`TuningDoc`]).
+    pub fn tuning_doc(&mut self, now: Timestamp) -> TuningDoc {
+        TuningDoc {
+            replicas: self.replicas_view(now),
+            fragmentation: self.fragmentation(),
+            plan: self.placement_plan(),
+        }
+    }
+
+    /// Every registered replica with its directive and what its agent last reported.
+    pub fn replicas_view(&mut self, now: Timestamp) -> Vec<ReplicaView> {
+        let nodes: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        let mut out = Vec::new();
+        for id in nodes {
+            let directives = self.directives(now, &id);
+            let n = &self.nodes[&id];
+            for (s, d) in n.serving.iter().zip(directives) {
+                let report = s.report.as_ref();
+                let tuning = report.and_then(|r| r.tuning.as_ref());
+                out.push(ReplicaView {
+                    node: id.to_string(),
+                    replica: s.replica.to_string(),
+                    model: s.model.to_string(),
+                    accelerator: n.accelerator.to_string(),
+                    devices: s.perf.as_ref().map_or(0, |p| p.devices()),
+                    active: s.active,
+                    placement_active: s.advised_active,
+                    window: s.window,
+                    power_limit_w: report.and_then(|r| r.power_limit_w),
+                    owed_tokens_per_s: d.owed_tokens_per_s,
+                    tuner_mode: tuning.map_or("off", |t| t.mode.name()).into(),
+                    objective: tuning.map(|t| t.objective.clone()).unwrap_or_default(),
+                    objective_value: tuning.map_or(0.0, |t| t.objective_value),
+                    measured_tokens_per_s: tuning.map_or(0.0, |t| t.measured_tokens_per_s),
+                    converged: tuning.is_some_and(|t| t.holding),
+                    tuner_moves: tuning.map_or(0, |t| t.moves),
+                    reason: tuning.map(|t| t.reason.clone()).unwrap_or_default(),
+                    advice: tuning.and_then(|t| t.advice.as_ref()).map(|a| AdviceView {
+                        window: a.window,
+                        power_limit_w: a.power_limit_w,
+                        predicted_objective: a.predicted_objective,
+                        current_objective: a.current_objective,
+                    }),
+                });
+            }
+        }
+        out
+    }
+
+    /// What each replica of `node` should do: its share of its model's required rate, in
+    /// proportion to its capacity among the model's active replicas.
+    fn directives(&mut self, now: Timestamp, node: &NodeId) -> Vec<ReplicaDirective> {
+        let Some(n) = self.nodes.get(node) else {
+            return Vec::new();
+        };
+        let mine: Vec<(crate::ids::ReplicaId, ModelId, bool, Option<f64>)> = n
+            .serving
+            .iter()
+            .map(|s| (s.replica.clone(), s.model.clone(), s.active, s.cap))
+            .collect();
+        let mut out = Vec::with_capacity(mine.len());
+        for (replica, model, active, cap) in mine {
+            let required = self.required_rate(&model, now);
+            // A replica without a performance model counts as the mean of those with one
+            // (or 1 if none has).
+            let c = self.capacity.get(&model).copied().unwrap_or_default();
+            let mean = if c.known_replicas > 0 {
+                c.known / f64::from(c.known_replicas)
+            } else {
+                1.0
+            };
+            let total = c.known + mean * f64::from(c.unknown_replicas);
+            let own = cap.unwrap_or(mean);
+            let owed = if active && total > 0.0 {
+                required * own / total
+            } else {
+                0.0
+            };
+            out.push(ReplicaDirective {
+                replica,
+                owed_tokens_per_s: owed,
+                active,
+            });
+        }
+        out
+    }
+
+    /// Shares `idle` joules among tenants by their attributed energy over the SLA window.
+    fn share_idle(&mut self, now: Timestamp, idle: f64) {
+        let shares = self.sla.tenant_energy_in_window(now);
+        let total: f64 = shares.iter().map(|(_, j)| j).sum();
+        if total <= 0.0 {
+            self.idle_unallocated_j += idle;
+            return;
+        }
+        let hour = hour_of(now);
+        let per_joule = self.config.pue * self.config.usd_per_kwh / 3.6e6;
+        for (tenant, j) in shares {
+            let joules = idle * j / total;
+            let share = self
+                .tenant_idle
+                .entry(tenant.clone())
+                .or_default()
+                .entry(hour)
+                .or_default();
+            share.joules += joules;
+            share.cost_usd += joules * per_joule;
+            let t = self.tenant_totals.entry(tenant.clone()).or_default();
+            t.idle_joules += joules;
+            t.idle_cost_usd += joules * per_joule;
+            self.idle_dirty.insert((tenant, hour));
+        }
+    }
+
+    /// Persists changed idle charges, at most every [`IDLE_PERSIST_INTERVAL`] unless
+    /// `force`.
+    fn persist_idle(&mut self, now: Timestamp, force: bool) {
+        if self.idle_dirty.is_empty() || (!force && now.since(self.idle_persisted_at) < IDLE_PERSIST_INTERVAL) {
+            return;
+        }
+        self.idle_persisted_at = now;
+        for (tenant, hour) in std::mem::take(&mut self.idle_dirty) {
+            let share = self.tenant_idle[&tenant][&hour];
+            self.actions.push_back(Action::Persist(DurableOp::TenantIdle {
+                tenant,
+                hour,
+                joules: share.joules,
+                cost_usd: share.cost_usd,
+            }));
+        }
+    }
+
+    /// Idle energy charged to nobody since this control plane started (reported while no
+    /// tenant had results in the SLA window), joules.
+    pub fn idle_unallocated_j(&self) -> f64 {
+        self.idle_unallocated_j
+    }
+
+    /// Restores the idle charges read back from the store at startup: (tenant, hour,
+    /// joules, cost).
+    pub fn restore_idle(&mut self, rows: impl IntoIterator<Item = (TenantId, Timestamp, f64, f64)>) {
+        for (tenant, hour, joules, cost_usd) in rows {
+            let share = self
+                .tenant_idle
+                .entry(tenant.clone())
+                .or_default()
+                .entry(hour)
+                .or_default();
+            *share = IdleShare { joules, cost_usd };
+        }
+        for (tenant, hours) in &self.tenant_idle {
+            let t = self.tenant_totals.entry(tenant.clone()).or_default();
+            t.idle_joules = hours.values().map(|s| s.joules).sum();
+            t.idle_cost_usd = hours.values().map(|s| s.cost_usd).sum();
+        }
     }
 
     /// Hands up to `max` pending requests of `model` to `node`, earliest deadline first.
@@ -1293,13 +2155,15 @@ impl ControlCore {
         let mut items = Vec::new();
         let mut started = Vec::new();
         while (items.len() as u32) < max {
-            let Some(key) = self.next_to_lease(model) else { break };
-            let (rank, _, id) = key;
+            let Some((_, _, id)) = self.next_to_lease(model) else {
+                break;
+            };
             let b = self.batches.get_mut(&id).expect("queued batches exist");
-            // Committed work goes in deadline order, whole; best-effort work in small
-            // chunks, so that tenants take turns.
+            // Committed work goes by slack, in large pieces (its slack grows as its
+            // pending work shrinks); best-effort work in small chunks, so that tenants
+            // take turns.
             let room = max - items.len() as u32;
-            let take = if rank == 0 { room } else { room.min(BEST_EFFORT_CHUNK) };
+            let take = if b.committed { room } else { room.min(BEST_EFFORT_CHUNK) };
             let mut n = 0;
             while n < take {
                 let Some(i) = b.pending.pop_front() else {
@@ -1313,6 +2177,7 @@ impl ControlCore {
                 items.push(LeasedItem {
                     req: RequestRef { batch: id, index: i },
                     attempt: r.attempts,
+                    prefix: None,
                 });
             }
             if b.life.status() == BatchStatus::Queued {
@@ -1321,9 +2186,12 @@ impl ControlCore {
             }
             let drained = b.pending.is_empty();
             self.charge(id, f64::from(n));
-            // Drained (or, defensively, found empty): off the queue.
-            if drained && let Some(q) = self.queues.get_mut(model) {
-                q.remove(&key);
+            // Drained (or, defensively, found empty): off the queue; otherwise to its new
+            // place by slack.
+            if drained {
+                self.dequeue(id);
+            } else if self.batches[&id].committed {
+                self.enqueue(id);
             }
         }
         for id in started {
@@ -1395,6 +2263,8 @@ impl ControlCore {
                     let ok =
                         matches!(outcome, Outcome::Response { status_code, .. } if (200..300).contains(&status_code));
                     if let Some(rec) = self.finish(r.req.batch, r.req.index, outcome, usage) {
+                        let tenant = &self.batches[&r.req.batch].meta.tenant;
+                        self.sla.tenant_energy(now, tenant, usage.joules);
                         if ok {
                             let model = self.batches[&r.req.batch].meta.model.clone();
                             let accelerator = self.nodes[node].accelerator.clone();
@@ -1519,8 +2389,9 @@ impl ControlCore {
         let Some(q) = self.queues.get(model) else { return };
         let waiting: BTreeSet<&TenantId> = q
             .iter()
-            .filter(|k| k.0 > 0)
-            .map(|k| &self.batches[&k.2].meta.tenant)
+            .map(|k| &self.batches[&k.2])
+            .filter(|b| !b.committed)
+            .map(|b| &b.meta.tenant)
             .collect();
         if waiting.contains(tenant) {
             return;
@@ -1544,10 +2415,7 @@ impl ControlCore {
         }
         self.deadlines.insert((b.meta.deadline, id));
         if !b.pending.is_empty() && matches!(status, BatchStatus::Queued | BatchStatus::InProgress) {
-            self.queues
-                .entry(b.meta.model.clone())
-                .or_default()
-                .insert((b.rank, b.meta.deadline, id));
+            self.enqueue(id);
         }
     }
 
@@ -1706,11 +2574,7 @@ impl ControlCore {
             .filter(|&i| b.requests[i as usize].slot != Slot::Done)
             .collect();
         b.pending.clear();
-        let key = (b.rank, b.meta.deadline, id);
-        let model = b.meta.model.clone();
-        if let Some(q) = self.queues.get_mut(&model) {
-            q.remove(&key);
-        }
+        self.dequeue(id);
         let results: Vec<_> = open
             .into_iter()
             .filter_map(|i| {
@@ -1770,11 +2634,8 @@ impl ControlCore {
         }
         b.requests = Vec::new();
         b.pending = VecDeque::new();
-        let model = b.meta.model.clone();
         self.deadlines.remove(&(b.meta.deadline, id));
-        if let Some(q) = self.queues.get_mut(&model) {
-            q.remove(&(b.rank, b.meta.deadline, id));
-        }
+        self.dequeue(id);
     }
 
     fn persist_life(&mut self, id: BatchId, totals: Option<BatchTotals>) {
@@ -1794,6 +2655,26 @@ fn cancelled_outcome() -> Outcome {
 fn join<'a>(items: impl Iterator<Item = impl std::fmt::Display + 'a>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
+
+/// Output tokens per second a replica sustains at `window` and full power for requests of
+/// this mean shape (the performance model's steady state).
+fn replica_capacity(perf: &crate::perf::ReplicaPerf, window: u32, prompt_mean: u32, output_mean: u32) -> f64 {
+    perf.steady_state(window, prompt_mean, output_mean.max(1), f64::MAX)
+        .output_tokens_per_s
+}
+
+/// The capacity of a model's active replicas, at the reference request shape.
+#[derive(Debug, Clone, Copy, Default)]
+struct ActiveCapacity {
+    /// Output tokens/s of the replicas with a performance model, and how many they are.
+    known: f64,
+    known_replicas: u32,
+    /// Replicas without a performance model.
+    unknown_replicas: u32,
+}
+
+/// A batch's place in its model's queue: (class priority, order within the class, id).
+type QueueKey = (u8, Timestamp, BatchId);
 
 /// Requests of one best-effort batch handed out before tenants are compared again.
 const BEST_EFFORT_CHUNK: u32 = 8;
@@ -1919,7 +2800,8 @@ mod tests {
                         ));
                     }
                 }
-                Action::BatchChanged(_) | Action::LeaseReady { .. } => {}
+                Action::Persist(DurableOp::TenantIdle { .. }) | Action::BatchChanged(_) | Action::LeaseReady { .. } => {
+                }
             }
         }
     }
@@ -2091,13 +2973,13 @@ mod tests {
         core.register(T0, registration("a"));
         let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
         let t = T0.saturating_add(Duration::from_secs(8));
-        let reply = core.heartbeat(t, &node("a"), &[g.unit, WorkUnitId(999)]).unwrap();
+        let reply = core.heartbeat(t, &node("a"), &[g.unit, WorkUnitId(999)], &[]).unwrap();
         assert_eq!(reply.unknown_units, [WorkUnitId(999)]);
         core.handle_timeout(T0.saturating_add(Duration::from_secs(12)));
         assert_eq!(core.stats().leases_expired, 0);
         assert_eq!(core.poll_timeout(), Some(t.saturating_add(Duration::from_secs(10))));
         assert_eq!(
-            core.heartbeat(t, &node("zz"), &[]).unwrap_err().to_string(),
+            core.heartbeat(t, &node("zz"), &[], &[]).unwrap_err().to_string(),
             "node 'zz' is not registered (the control plane may have restarted); register again"
         );
     }
@@ -2252,6 +3134,72 @@ mod tests {
     }
 
     #[test]
+    fn classes_are_served_in_priority_order_and_committed_work_by_slack() {
+        let config = ControlConfig {
+            sla_classes: vec![
+                SlaClass::committed("premium"),
+                SlaClass::committed("standard"),
+                SlaClass::best_effort("best-effort"),
+            ],
+            admission: false,
+            ..ControlConfig::default()
+        };
+        let mut core = ControlCore::new(config.clone());
+        core.register(T0, gpu_node("a"));
+        let submit = |core: &mut ControlCore, class: &str, n: u32, window_s: u64, tokens: u32| {
+            let mut b = long_batch(n, window_s);
+            b.sla_class = Some(class.into());
+            for r in &mut b.requests {
+                r.max_tokens = Some(tokens);
+            }
+            core.submit(T0, b).unwrap().meta.id
+        };
+        let be = submit(&mut core, "best-effort", 2, 600, 100);
+        let standard = submit(&mut core, "standard", 2, 600, 100);
+        let premium = submit(&mut core, "premium", 2, 7200, 100);
+        let g = core.lease(T0, &node("a"), &model(), 6).unwrap().unwrap();
+        let order: Vec<_> = g.items.iter().map(|i| i.req.batch).collect();
+        assert_eq!(
+            order,
+            [premium, premium, standard, standard, be, be],
+            "premium first even with a later deadline; best-effort last"
+        );
+
+        // Within a class: a big batch due a little later has less slack than a small one
+        // due first, so it starts first; by deadline it would wait.
+        for (order, expected_first) in [(QueueOrder::Slack, 1usize), (QueueOrder::Deadline, 0)] {
+            let mut core = ControlCore::new(ControlConfig {
+                queue_order: order,
+                ..config.clone()
+            });
+            core.register(T0, gpu_node("a"));
+            let small_soon = submit(&mut core, "standard", 10, 3600, 100);
+            let big_later = submit(&mut core, "standard", 1000, 3700, 4000);
+            let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
+            assert_eq!(
+                g.items[0].req.batch,
+                [small_soon, big_later][expected_first],
+                "{order:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn class_lists_are_checked() {
+        let ok = SlaClass::defaults();
+        assert_eq!(SlaClass::check(&ok, "standard"), Ok(()));
+        let e = SlaClass::check(&[SlaClass::best_effort("be"), SlaClass::committed("gold")], "gold").unwrap_err();
+        assert!(e.contains("comes after a best-effort class"), "{e}");
+        let e = SlaClass::check(&ok, "gold").unwrap_err();
+        assert!(
+            e.contains("'gold' is not one of the classes (standard, best-effort)"),
+            "{e}"
+        );
+        let e = SlaClass::check(&[SlaClass::committed("a"), SlaClass::committed("a")], "a").unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
     fn earliest_deadline_is_leased_first() {
         let mut core = ControlCore::new(ControlConfig::default());
         let mut late = new_batch("acme", 2);
@@ -2283,6 +3231,78 @@ mod tests {
         }
         b.completion_window = Some(Duration::from_secs(window_s));
         b
+    }
+
+    /// Active placement: with little work one replica takes it and the others are parked;
+    /// a tight deadline activates them all at once; once that work is gone they are parked
+    /// again, but only after `park_after` (and once the arrival rate placement keeps up
+    /// with has fallen). The plan advises stopping the surplus replicas; advisory
+    /// placement only reports.
+    #[test]
+    fn placement_parks_surplus_replicas_and_wakes_them_for_a_tight_deadline() {
+        let park_after = Duration::from_secs(60);
+        let config = |mode| ControlConfig {
+            admission: false,
+            placement: mode,
+            activation: crate::placement::ActivationConfig {
+                park_after,
+                ..crate::placement::ActivationConfig::default()
+            },
+            ..ControlConfig::default()
+        };
+        let at = |s: u64| T0.saturating_add(Duration::from_secs(s));
+        let active = |core: &mut ControlCore, s: u64| -> (Vec<bool>, Vec<bool>) {
+            core.handle_timeout(at(s));
+            let view = core.replicas_view(at(s));
+            (
+                view.iter().map(|r| r.active).collect(),
+                view.iter().map(|r| r.placement_active).collect(),
+            )
+        };
+        let one = [true, false, false, false];
+        for mode in [PlacementMode::Active, PlacementMode::Advisory] {
+            let mut core = ControlCore::new(config(mode));
+            for n in ["a", "b", "c", "d"] {
+                core.register(T0, gpu_node(n));
+            }
+            // 100 requests x 1,000 tokens in 4 h: about 9 tokens/s, one replica's trickle.
+            core.submit(T0, long_batch(100, 4 * 3600)).unwrap();
+            let (on, advised) = active(&mut core, 2);
+            assert_eq!(advised, one, "{mode:?}");
+            match mode {
+                PlacementMode::Active => assert_eq!(on, one, "active placement enforces"),
+                _ => assert_eq!(on, [true; 4], "advisory placement changes nothing"),
+            }
+            let plan = core.tuning_doc(at(2)).plan.expect("placement measured demand");
+            assert_eq!(plan.replicas_now, 4);
+            assert_eq!((plan.replicas_planned, plan.stop.len()), (1, 3), "{plan:?}");
+            // A parked replica owes nothing.
+            let reply = core.heartbeat(at(2), &node("b"), &[], &[]).unwrap();
+            let d = &reply.directives[0];
+            assert_eq!(d.active, mode != PlacementMode::Active, "{d:?}");
+            if !d.active {
+                assert_eq!(d.owed_tokens_per_s, 0.0);
+            }
+
+            // 20,000 requests x 1,000 tokens due in 30 min need every replica, at once.
+            let big = core.submit(at(10), long_batch(20_000, 1800)).unwrap().meta.id;
+            assert_eq!(active(&mut core, 12), (vec![true; 4], vec![true; 4]), "{mode:?}");
+            core.cancel(at(20), &tenant("acme"), big).unwrap();
+            // The arrival rate of the last 15 minutes still asks for them ...
+            assert_eq!(active(&mut core, 600).1, [true; 4], "{mode:?}");
+            // ... then they are surplus, but parked only after park_after ...
+            let quiet = 20 + 900 + 1;
+            assert_eq!(active(&mut core, quiet).1, [true; 4], "{mode:?}");
+            assert_eq!(
+                active(&mut core, quiet + park_after.as_secs() - 5).1,
+                [true; 4],
+                "{mode:?}"
+            );
+            // ... and then they are.
+            let (on, advised) = active(&mut core, quiet + park_after.as_secs() + 1);
+            assert_eq!(advised, one, "{mode:?}");
+            assert_eq!(on, if mode == PlacementMode::Active { one } else { [true; 4] });
+        }
     }
 
     #[test]
@@ -2664,7 +3684,7 @@ mod tests {
                     }
                     Step::Heartbeat { node } => {
                         let units: Vec<_> = held[node as usize].iter().map(|g| g.unit).collect();
-                        core.heartbeat(now, &nodes[node as usize], &units).unwrap();
+                        core.heartbeat(now, &nodes[node as usize], &units, &[]).unwrap();
                     }
                     Step::Advance { secs } => {
                         now = now.saturating_add(Duration::from_secs(u64::from(secs)));

@@ -104,6 +104,14 @@ pub enum DurableOp {
     },
     /// Results recorded now. Each request appears at most once across all operations ever.
     RecordResults(Vec<RecordedResult>),
+    /// The idle energy charged to `tenant` in the hour starting at `hour` is now `joules`
+    /// (costing `cost_usd`): replaces what was stored for that tenant and hour.
+    TenantIdle {
+        tenant: TenantId,
+        hour: Timestamp,
+        joules: f64,
+        cost_usd: f64,
+    },
 }
 
 /// A batch as read back from durable state at startup.

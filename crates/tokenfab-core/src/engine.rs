@@ -24,6 +24,17 @@ pub struct EngineConfig {
     pub max_batched_tokens: u32,
     /// Power limit per device, watts.
     pub power_limit_w: f64,
+    /// Share of the KV cache that keeps prompt prefixes after their requests finish
+    /// [automatic prefix caching, on by default in vLLM V1]; 0 turns the cache off.
+    pub prefix_cache_share: f64,
+}
+
+/// A prompt prefix a request shares with others (see
+/// [`crate::batch_input::shared_prefix`]): its key and its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub key: u64,
+    pub tokens: u32,
 }
 
 impl Default for EngineConfig {
@@ -32,6 +43,7 @@ impl Default for EngineConfig {
             max_num_seqs: 256,
             max_batched_tokens: 8192,
             power_limit_w: f64::MAX,
+            prefix_cache_share: 0.2,
         }
     }
 }
@@ -70,6 +82,7 @@ struct Seq {
     output: u32,
     prefilled: u32,
     arrived: Timestamp,
+    prefix: Option<Prefix>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +112,51 @@ pub struct EngineStats {
     pub finished: u64,
     /// Seconds the devices spent computing steps.
     pub busy_s: f64,
+    /// Requests with a shared prefix admitted, those whose prefix was cached, and the
+    /// prompt tokens the cache saved from prefill.
+    pub prefix_lookups: u64,
+    pub prefix_hits: u64,
+    pub cached_prompt_tokens: u64,
+}
+
+/// Prefixes kept after their prefill, least recently used first out.
+#[derive(Debug, Clone, Default)]
+struct PrefixCache {
+    /// key -> (tokens, last use).
+    entries: BTreeMap<u64, (u32, u64)>,
+    /// last use -> key.
+    by_use: BTreeMap<u64, u64>,
+    tokens: u64,
+    tick: u64,
+}
+
+impl PrefixCache {
+    fn hit(&mut self, key: u64) -> bool {
+        let Some(e) = self.entries.get_mut(&key) else {
+            return false;
+        };
+        self.by_use.remove(&e.1);
+        self.tick += 1;
+        e.1 = self.tick;
+        self.by_use.insert(self.tick, key);
+        true
+    }
+
+    fn insert(&mut self, p: Prefix, capacity: u64) {
+        if u64::from(p.tokens) > capacity || self.hit(p.key) {
+            return;
+        }
+        while self.tokens + u64::from(p.tokens) > capacity {
+            let Some((_, old)) = self.by_use.pop_first() else { break };
+            if let Some((t, _)) = self.entries.remove(&old) {
+                self.tokens -= u64::from(t);
+            }
+        }
+        self.tick += 1;
+        self.entries.insert(p.key, (p.tokens, self.tick));
+        self.by_use.insert(self.tick, p.key);
+        self.tokens += u64::from(p.tokens);
+    }
 }
 
 /// One engine replica. Drive it with [`submit`](EngineModel::submit),
@@ -130,6 +188,7 @@ pub struct EngineModel {
     energy_at: Timestamp,
     finished: VecDeque<Finished>,
     stats: EngineStats,
+    prefixes: PrefixCache,
 }
 
 impl EngineModel {
@@ -151,6 +210,7 @@ impl EngineModel {
             energy_at: now,
             finished: VecDeque::new(),
             stats: EngineStats::default(),
+            prefixes: PrefixCache::default(),
         }
     }
 
@@ -185,6 +245,21 @@ impl EngineModel {
         prompt_tokens: u32,
         max_output_tokens: u32,
     ) -> Result<(), EngineError> {
+        self.submit_with_prefix(now, id, prompt_tokens, max_output_tokens, None)
+    }
+
+    /// [`submit`](EngineModel::submit) for a request whose prompt starts with `prefix`:
+    /// if the engine's prefix cache holds it when the request is admitted, its tokens are
+    /// not prefilled again (they are still read as context, and still count as prompt
+    /// tokens of the request). A prefix enters the cache once a request has prefilled it.
+    pub fn submit_with_prefix(
+        &mut self,
+        now: Timestamp,
+        id: u64,
+        prompt_tokens: u32,
+        max_output_tokens: u32,
+        prefix: Option<Prefix>,
+    ) -> Result<(), EngineError> {
         if max_output_tokens == 0 {
             return Err(EngineError::NoOutput);
         }
@@ -209,6 +284,7 @@ impl EngineModel {
             output: max_output_tokens,
             prefilled: 0,
             arrived: now,
+            prefix: prefix.filter(|p| p.tokens > 0 && self.config.prefix_cache_share > 0.0),
         });
         if self.step.is_none() {
             self.start_step(now);
@@ -355,13 +431,36 @@ impl EngineModel {
     /// Moves waiting requests into the running set while slots and KV cache allow.
     fn admit(&mut self) {
         let capacity = self.perf.kv_capacity_tokens();
-        while let Some(s) = self.waiting.front() {
+        let mut i = 0;
+        while let Some(s) = self.waiting.get(i) {
             let need = u64::from(s.prompt) + u64::from(s.output);
             if self.running() as u32 >= self.config.max_num_seqs || self.kv_reserved + need > capacity {
                 break;
             }
+            // A request whose prefix another one is prefilling now waits until it is cached
+            // rather than prefill it again (SGLang's in-batch prefix caching does this).
+            if let Some(p) = s.prefix
+                && self
+                    .prefilling
+                    .iter()
+                    .any(|q| q.prefix.is_some_and(|qp| qp.key == p.key))
+            {
+                i += 1;
+                continue;
+            }
             self.kv_reserved += need;
-            let s = self.waiting.pop_front().expect("front exists");
+            let mut s = self.waiting.remove(i).expect("index checked");
+            if let Some(p) = s.prefix {
+                self.stats.prefix_lookups += 1;
+                if self.prefixes.hit(p.key) {
+                    // At least the prompt's last token is computed (it samples the first
+                    // output token).
+                    s.prefilled = p.tokens.min(s.prompt - 1);
+                    s.prefix = None;
+                    self.stats.prefix_hits += 1;
+                    self.stats.cached_prompt_tokens += u64::from(s.prefilled);
+                }
+            }
             self.prefilling.push_back(s);
         }
     }
@@ -388,10 +487,18 @@ impl EngineModel {
         }
         // Prefill chunks advanced; a completed prefill samples the first token.
         let mut completed = Vec::new();
+        let cache_capacity = (self.perf.kv_capacity_tokens() as f64 * self.config.prefix_cache_share) as u64;
         for &(i, chunk) in &step.chunks {
             let s = &mut self.prefilling[i];
             s.prefilled += chunk;
             self.stats.prompt_tokens += u64::from(chunk);
+            // Its prefix is computed: cached for the requests after it.
+            if let Some(p) = s.prefix
+                && s.prefilled >= p.tokens.min(s.prompt)
+            {
+                self.prefixes.insert(p, cache_capacity);
+                s.prefix = None;
+            }
             if s.prefilled == s.prompt {
                 completed.push(i);
             }
@@ -459,6 +566,79 @@ mod tests {
             out.extend(std::iter::from_fn(|| e.poll_finished()));
         }
         out
+    }
+
+    #[test]
+    fn a_cached_prefix_is_not_prefilled_again() {
+        let prefix = Prefix { key: 7, tokens: 3000 };
+        // Request 1 prefills the prefix; request 2, sent after it, finds it cached.
+        let run = |share: f64| {
+            let mut e = engine(EngineConfig {
+                prefix_cache_share: share,
+                ..EngineConfig::default()
+            });
+            e.submit_with_prefix(Timestamp::ZERO, 1, 3200, 4, Some(prefix)).unwrap();
+            let first = run_to_end(&mut e);
+            let t = first[0].finished;
+            let e0 = e.energy_j(t);
+            e.submit_with_prefix(t, 2, 3200, 4, Some(prefix)).unwrap();
+            let second = run_to_end(&mut e);
+            let took = second[0].first_token.since(t);
+            (
+                e.stats(),
+                took,
+                e.energy_j(second[0].finished) - e0,
+                second[0].prompt_tokens,
+            )
+        };
+        let (on, fast, cheap, billed) = run(0.2);
+        let (off, slow, dear, _) = run(0.0);
+        assert_eq!(
+            (on.prefix_lookups, on.prefix_hits, on.cached_prompt_tokens),
+            (2, 1, 3000)
+        );
+        assert_eq!((off.prefix_lookups, off.prefix_hits), (0, 0));
+        assert_eq!(billed, 3200, "cached tokens are still the request's prompt");
+        assert_eq!(
+            on.prompt_tokens + 3000,
+            off.prompt_tokens,
+            "3,000 fewer tokens prefilled"
+        );
+        assert!(
+            fast < slow && cheap < dear,
+            "{fast:?} vs {slow:?}, {cheap} J vs {dear} J"
+        );
+        // Sent together, the second waits for the first to prefill the prefix, then finds
+        // it cached.
+        let mut e = engine(EngineConfig::default());
+        e.submit_with_prefix(Timestamp::ZERO, 1, 3200, 4, Some(prefix)).unwrap();
+        e.submit_with_prefix(Timestamp::ZERO, 2, 3200, 4, Some(prefix)).unwrap();
+        assert_eq!(run_to_end(&mut e).len(), 2);
+        assert_eq!((e.stats().prefix_lookups, e.stats().prefix_hits), (2, 1));
+        // A different prefix misses; a prefix larger than the cache is never kept.
+        let mut e = engine(EngineConfig::default());
+        let huge = Prefix {
+            key: 9,
+            tokens: (e.perf().kv_capacity_tokens() / 4) as u32,
+        };
+        for (id, p) in [(1, prefix), (2, Prefix { key: 8, ..prefix }), (3, huge), (4, huge)] {
+            e.submit_with_prefix(Timestamp::ZERO, id, p.tokens + 10, 2, Some(p))
+                .unwrap();
+            run_to_end(&mut e);
+        }
+        assert_eq!((e.stats().prefix_lookups, e.stats().prefix_hits), (4, 0));
+    }
+
+    #[test]
+    fn the_prefix_cache_evicts_the_least_recently_used() {
+        let mut c = PrefixCache::default();
+        let p = |key| Prefix { key, tokens: 100 };
+        c.insert(p(1), 250);
+        c.insert(p(2), 250);
+        assert!(c.hit(1), "1 is now the most recently used");
+        c.insert(p(3), 250);
+        assert!(c.hit(1) && c.hit(3) && !c.hit(2));
+        assert_eq!(c.tokens, 200);
     }
 
     #[test]

@@ -20,9 +20,12 @@ pub mod control;
 pub mod durable;
 pub mod engine;
 pub mod ids;
+pub mod llmd;
 pub mod perf;
+pub mod placement;
 pub mod sla;
 pub mod time;
+pub mod tuner;
 pub mod usage;
 
 pub use ids::*;

@@ -11,7 +11,7 @@
 //! written out in `docs/sla.md` and carried in every published document.
 
 use crate::batch::BatchStatus;
-use crate::ids::{AcceleratorId, ModelId};
+use crate::ids::{AcceleratorId, ModelId, TenantId};
 use crate::time::Timestamp;
 use crate::usage::Usage;
 use hdrhistogram::Histogram;
@@ -59,7 +59,13 @@ pub struct SlaMeter {
     bucket: Duration,
     pools: BTreeMap<(ModelId, AcceleratorId), VecDeque<Bucket>>,
     ended: VecDeque<Ended>,
+    /// Attributed joules of each tenant's recorded results, per bucket (for sharing idle
+    /// energy).
+    tenants: BTreeMap<TenantId, VecDeque<(Timestamp, f64)>>,
     started: Option<Timestamp>,
+    /// The earliest time a bucket of `pools` or `tenants` ages out (`None`: unknown,
+    /// look).
+    next_expiry: Option<Timestamp>,
 }
 
 /// What one pool delivered over the window.
@@ -69,8 +75,8 @@ pub struct PoolFigures {
     pub accelerator: AcceleratorId,
     pub requests: u64,
     pub usage: Usage,
-    /// Request latency (dispatch to answer) percentiles, seconds: p50, p90, p99.
-    pub latency_s: [f64; 3],
+    /// Request latency (dispatch to answer), seconds.
+    pub latency_s: Percentiles,
 }
 
 /// Completion times and attainment of one SLA class (one model) over the window.
@@ -80,8 +86,8 @@ pub struct ClassFigures {
     pub class: String,
     pub batches: u64,
     pub on_time: u64,
-    /// Batch completion time percentiles, seconds: p50, p90, p99 (nearest rank).
-    pub completion_s: [f64; 3],
+    /// Batch completion times, seconds (percentiles by nearest rank).
+    pub completion_s: Percentiles,
 }
 
 impl SlaMeter {
@@ -93,7 +99,9 @@ impl SlaMeter {
             bucket,
             pools: BTreeMap::new(),
             ended: VecDeque::new(),
+            tenants: BTreeMap::new(),
             started: None,
+            next_expiry: None,
         }
     }
 
@@ -132,10 +140,17 @@ impl SlaMeter {
     ) {
         self.start(now);
         self.expire(now);
-        let len = self.bucket.as_micros() as u64;
-        let start = Timestamp::from_micros(now.as_micros() / len * len);
-        let ring = self.pools.entry((model.clone(), accelerator.clone())).or_default();
-        if ring.back().is_none_or(|b| b.start < start) {
+        let start = self.bucket_start(now);
+        let key = (model.clone(), accelerator.clone());
+        let fresh = self
+            .pools
+            .get(&key)
+            .is_none_or(|r| r.back().is_none_or(|b| b.start < start));
+        if fresh {
+            self.added(start);
+        }
+        let ring = self.pools.entry(key).or_default();
+        if fresh {
             ring.push_back(Bucket::new(start));
         }
         let b = ring.back_mut().expect("pushed");
@@ -143,6 +158,43 @@ impl SlaMeter {
         b.usage += usage;
         b.latency_us
             .saturating_record((latency.as_micros() as u64).clamp(1, LATENCY_MAX_US));
+    }
+
+    /// `joules` of device energy were attributed to a result of `tenant` at `now`.
+    pub fn tenant_energy(&mut self, now: Timestamp, tenant: &TenantId, joules: f64) {
+        if !(joules.is_finite() && joules > 0.0) {
+            return;
+        }
+        self.start(now);
+        self.expire(now);
+        let start = self.bucket_start(now);
+        if let Some((at, j)) = self.tenants.get_mut(tenant).and_then(|r| r.back_mut())
+            && *at == start
+        {
+            *j += joules;
+            return;
+        }
+        self.added(start);
+        self.tenants
+            .entry(tenant.clone())
+            .or_default()
+            .push_back((start, joules));
+    }
+
+    /// Each tenant's attributed joules over the window ending at `now` (tenants with none
+    /// are left out).
+    pub fn tenant_energy_in_window(&mut self, now: Timestamp) -> Vec<(TenantId, f64)> {
+        self.expire(now);
+        self.tenants
+            .iter()
+            .map(|(t, ring)| (t.clone(), ring.iter().map(|(_, j)| j).sum::<f64>()))
+            .filter(|(_, j)| *j > 0.0)
+            .collect()
+    }
+
+    fn bucket_start(&self, now: Timestamp) -> Timestamp {
+        let len = self.bucket.as_micros() as u64;
+        Timestamp::from_micros(now.as_micros() / len * len)
     }
 
     /// A batch ended at `now` (only completed batches can be on time). Batches the tenant
@@ -171,8 +223,19 @@ impl SlaMeter {
         });
     }
 
-    /// Drops what is older than the window.
+    /// Drops what is older than the window. The rings are walked only once something in
+    /// them can have aged out (`next_expiry`), so calling this on every result is cheap.
     fn expire(&mut self, now: Timestamp) {
+        while self.ended.front().is_some_and(|e| now.since(e.at) >= self.window) {
+            self.ended.pop_front();
+        }
+        if self.next_expiry.is_some_and(|t| now < t) {
+            return;
+        }
+        self.expire_rings(now);
+    }
+
+    fn expire_rings(&mut self, now: Timestamp) {
         let window = self.window;
         let bucket = self.bucket;
         for ring in self.pools.values_mut() {
@@ -184,9 +247,33 @@ impl SlaMeter {
             }
         }
         self.pools.retain(|_, r| !r.is_empty());
-        while self.ended.front().is_some_and(|e| now.since(e.at) >= window) {
-            self.ended.pop_front();
+        for ring in self.tenants.values_mut() {
+            while ring
+                .front()
+                .is_some_and(|(at, _)| now.since(at.saturating_add(bucket)) >= window)
+            {
+                ring.pop_front();
+            }
         }
+        self.tenants.retain(|_, r| !r.is_empty());
+        let oldest = self
+            .pools
+            .values()
+            .filter_map(|r| r.front().map(|b| b.start))
+            .chain(self.tenants.values().filter_map(|r| r.front().map(|(at, _)| *at)))
+            .min();
+        self.next_expiry = Some(oldest.map_or(Timestamp::MAX, |t| self.ages_out(t)));
+    }
+
+    /// When a bucket starting at `start` leaves the window.
+    fn ages_out(&self, start: Timestamp) -> Timestamp {
+        start.saturating_add(self.bucket).saturating_add(self.window)
+    }
+
+    /// A bucket starting at `start` was added to a ring.
+    fn added(&mut self, start: Timestamp) {
+        let t = self.ages_out(start);
+        self.next_expiry = self.next_expiry.map(|n| n.min(t));
     }
 
     /// The pools' figures over the window ending at `now`.
@@ -209,7 +296,12 @@ impl SlaMeter {
                     accelerator: accelerator.clone(),
                     requests,
                     usage,
-                    latency_s: [q(0.5), q(0.9), q(0.99)],
+                    latency_s: Percentiles {
+                        mean: if requests > 0 { latency.mean() / 1e6 } else { 0.0 },
+                        p50: q(0.5),
+                        p90: q(0.9),
+                        p99: q(0.99),
+                    },
                 }
             })
             .collect()
@@ -231,7 +323,12 @@ impl SlaMeter {
                     class,
                     batches: ended.len() as u64,
                     on_time: ended.iter().filter(|e| e.met).count() as u64,
-                    completion_s: [0.5, 0.9, 0.99].map(|p| nearest_rank(&times, p)),
+                    completion_s: Percentiles {
+                        mean: times.iter().sum::<f64>() / times.len().max(1) as f64,
+                        p50: nearest_rank(&times, 0.5),
+                        p90: nearest_rank(&times, 0.9),
+                        p99: nearest_rank(&times, 0.99),
+                    },
                 }
             })
             .collect()
@@ -338,21 +435,13 @@ pub struct SlaClassEntry {
     pub completion_seconds: Percentiles,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+/// A distribution's mean and percentiles (0 for an empty one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Percentiles {
+    pub mean: f64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
-}
-
-impl From<[f64; 3]> for Percentiles {
-    fn from(v: [f64; 3]) -> Self {
-        Percentiles {
-            p50: v[0],
-            p90: v[1],
-            p99: v[2],
-        }
-    }
 }
 
 #[cfg(test)]
@@ -399,8 +488,9 @@ mod tests {
         assert_eq!(p.usage.completion_tokens, 60_000);
         assert!((p.usage.joules - 6000.0).abs() < 1e-9);
         // Latencies of the last 600 results are 601..1200 ms: p50 ~ 900 ms, p99 ~ 1194 ms.
-        assert!((p.latency_s[0] - 0.900).abs() < 0.002, "{:?}", p.latency_s);
-        assert!((p.latency_s[2] - 1.194).abs() < 0.002, "{:?}", p.latency_s);
+        assert!((p.latency_s.p50 - 0.900).abs() < 0.002, "{:?}", p.latency_s);
+        assert!((p.latency_s.p99 - 1.194).abs() < 0.002, "{:?}", p.latency_s);
+        assert!((p.latency_s.mean - 0.9005).abs() < 0.002, "{:?}", p.latency_s);
         // The figures cover the buckets kept: 600 s, so the rate is exact.
         assert_eq!(meter.covered_s(at(1200)), 600.0);
         assert_eq!(p.usage.completion_tokens as f64 / meter.covered_s(at(1200)), 100.0);
@@ -427,7 +517,15 @@ mod tests {
         let c = meter.classes(at(500));
         let std = c.iter().find(|c| c.class == "standard").unwrap();
         assert_eq!((std.batches, std.on_time), (4, 2));
-        assert_eq!(std.completion_s, [200.0, 400.0, 400.0]);
+        assert_eq!(
+            std.completion_s,
+            Percentiles {
+                mean: 250.0,
+                p50: 200.0,
+                p90: 400.0,
+                p99: 400.0
+            }
+        );
         let be = c.iter().find(|c| c.class == "best-effort").unwrap();
         assert_eq!(
             (be.batches, be.on_time),

@@ -114,6 +114,7 @@ enum Cmd {
     Submit {
         prompt: u32,
         output: u32,
+        prefix: Option<tokenfab_core::engine::Prefix>,
         reply: oneshot::Sender<Result<Finished, EngineError>>,
     },
     Snapshot {
@@ -137,6 +138,11 @@ struct Metrics {
     running: Gauge,
     waiting: Gauge,
     last_energy: Mutex<f64>,
+    prefix_queries: Counter,
+    prefix_hits: Counter,
+    cached_prompt_tokens: Counter,
+    /// Engine totals already counted (lookups, hits, cached tokens).
+    last_prefix: Mutex<(u64, u64, u64)>,
 }
 
 impl Metrics {
@@ -171,6 +177,21 @@ impl Metrics {
             m.running.clone(),
         );
         r.register("tokenfab_emu_waiting", "Requests waiting for a slot", m.waiting.clone());
+        r.register(
+            "tokenfab_emu_prefix_cache_queries",
+            "Requests with a shared prompt prefix (every message but the last) admitted",
+            m.prefix_queries.clone(),
+        );
+        r.register(
+            "tokenfab_emu_prefix_cache_hits",
+            "Requests whose prefix the prefix cache held",
+            m.prefix_hits.clone(),
+        );
+        r.register(
+            "tokenfab_emu_prefix_cache_tokens",
+            "Prompt tokens the prefix cache saved from prefill",
+            m.cached_prompt_tokens.clone(),
+        );
         m
     }
 }
@@ -287,9 +308,14 @@ async fn run_engine(mut model: EngineModel, mut rx: mpsc::Receiver<Cmd>, clock: 
         }
         for c in cmds {
             match c {
-                Cmd::Submit { prompt, output, reply } => {
+                Cmd::Submit {
+                    prompt,
+                    output,
+                    prefix,
+                    reply,
+                } => {
                     next += 1;
-                    match model.submit(now, next, prompt, output) {
+                    match model.submit_with_prefix(now, next, prompt, output, prefix) {
                         Ok(()) => {
                             waiters.insert(next, reply);
                         }
@@ -436,7 +462,12 @@ impl Emulator {
         Ok(())
     }
 
-    async fn run(&self, prompt: u32, output: u32) -> Result<Finished, Response> {
+    async fn run(
+        &self,
+        prompt: u32,
+        output: u32,
+        prefix: Option<tokenfab_core::engine::Prefix>,
+    ) -> Result<Finished, Response> {
         let (reply, rx) = oneshot::channel();
         let unavailable = || {
             error(
@@ -448,7 +479,12 @@ impl Emulator {
         };
         self.shared
             .tx
-            .send(Cmd::Submit { prompt, output, reply })
+            .send(Cmd::Submit {
+                prompt,
+                output,
+                prefix,
+                reply,
+            })
             .await
             .map_err(|_| unavailable())?;
         match rx.await.map_err(|_| unavailable())? {
@@ -499,14 +535,25 @@ async fn chat_completions(State(emu): State<Emulator>, body: axum::body::Bytes) 
     if req.messages.is_empty() {
         return bad_request("messages must not be empty", Some("messages"));
     }
-    let prompt: u32 = 2 + req
+    let per_message: Vec<u32> = req
         .messages
         .iter()
         .map(|m| 4 + text_tokens(content_bytes(&m.content)))
-        .sum::<u32>();
+        .collect();
+    let prompt: u32 = 2 + per_message.iter().sum::<u32>();
+    // Every message but the last is a prefix other requests may share; the engine's
+    // prefix cache skips its prefill when it holds it (as vLLM's automatic prefix caching
+    // does).
+    let prefix = std::str::from_utf8(&body)
+        .ok()
+        .and_then(tokenfab_core::batch_input::shared_prefix)
+        .map(|(key, _)| tokenfab_core::engine::Prefix {
+            key,
+            tokens: 2 + per_message[..per_message.len() - 1].iter().sum::<u32>(),
+        });
     let output = emu.output_tokens(req.max_completion_tokens.or(req.max_tokens));
     let id = emu.shared.next_id.fetch_add(1, Ordering::Relaxed);
-    match emu.run(prompt, output).await {
+    match emu.run(prompt, output, prefix).await {
         Ok(f) => Json(json!({
             "id": format!("chatcmpl-emu-{id}"),
             "object": "chat.completion",
@@ -540,7 +587,7 @@ async fn completions(State(emu): State<Emulator>, body: axum::body::Bytes) -> Re
     };
     let output = emu.output_tokens(req.max_tokens);
     let id = emu.shared.next_id.fetch_add(1, Ordering::Relaxed);
-    match emu.run(prompt, output).await {
+    match emu.run(prompt, output, None).await {
         Ok(f) => Json(json!({
             "id": format!("cmpl-emu-{id}"),
             "object": "text_completion",
@@ -589,6 +636,7 @@ async fn devices(State(emu): State<Emulator>) -> Response {
         .collect();
     Json(json!({
         "clock_s": s.clock_s,
+        "completion_tokens": s.stats.completion_tokens,
         "time_scale": emu.shared.config.time_scale,
         "running": s.running,
         "waiting": s.waiting,
@@ -632,6 +680,16 @@ async fn metrics(State(emu): State<Emulator>) -> Response {
         m.power_limit.set(s.power_limit_w);
         m.running.set(s.running as i64);
         m.waiting.set(s.waiting as i64);
+        let mut last = m.last_prefix.lock().unwrap_or_else(|p| p.into_inner());
+        let now = (
+            s.stats.prefix_lookups,
+            s.stats.prefix_hits,
+            s.stats.cached_prompt_tokens,
+        );
+        m.prefix_queries.inc_by(now.0.saturating_sub(last.0));
+        m.prefix_hits.inc_by(now.1.saturating_sub(last.1));
+        m.cached_prompt_tokens.inc_by(now.2.saturating_sub(last.2));
+        *last = now;
     }
     let mut text = String::new();
     if encode(&mut text, &m.registry).is_err() {

@@ -8,15 +8,18 @@
 //! batching on the calibrated performance and energy model). There is no simplified
 //! scheduler here: what the simulator decides is what the live system would decide.
 
+pub mod compare;
+pub mod curve;
 pub mod plot;
 pub mod report;
 pub mod scenario;
-mod sim;
+pub mod sim;
 pub mod sweep;
 pub mod workload;
 
 pub use report::Report;
 pub use scenario::{Scenario, ScenarioError};
+pub use sim::Simulation;
 
 use std::path::Path;
 use tokenfab_core::Timestamp;

@@ -213,3 +213,101 @@ pub fn sweep_plot(file: &Path, x_label: &str, points: &[(f64, f64, bool)]) -> Re
         .map_err(|e| fail(file, e))?;
     root.present().map_err(|e| fail(file, e))
 }
+
+/// The operating curve (see [`crate::curve`]): tokens/J and inter-token latency against
+/// the batch size, log-scaled, at full power and at the tuner's power limit, with the
+/// tuner's point and vLLM's default window marked.
+pub fn curve_plot(c: &crate::curve::Curve, file: &Path) -> Result<(), PlotError> {
+    let root = SVGBackend::new(file, (1000, 820)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(file, e))?;
+    let title = format!(
+        "{} on {} (TP {}), {} prompt + {} output tokens per request",
+        c.model, c.accelerator, c.tensor_parallel, c.prompt_tokens, c.output_tokens
+    );
+    let root = root.titled(&title, ("sans-serif", 20)).map_err(|e| fail(file, e))?;
+    let (top, bottom) = root.split_vertically(400);
+    let x_max = c.points.iter().map(|p| f64::from(p.batch)).fold(1.0, f64::max);
+    let tuned = format!("power limit {:.0} W (tuner's)", c.tuner_power_limit_w);
+    let full = format!("full power ({:.0} W)", c.max_power_w);
+    let panels: [(&DrawingArea<SVGBackend, plotters::coord::Shift>, &str, bool); 2] = [
+        (&top, "output tokens per joule", true),
+        (&bottom, "inter-token latency (ms)", false),
+    ];
+    for (area, y_label, energy) in panels {
+        let value = |p: &crate::curve::CurvePoint, tuned: bool| match (energy, tuned) {
+            (true, false) => p.tokens_per_joule_full_power,
+            (true, true) => p.tokens_per_joule_tuned_power,
+            (false, false) => p.inter_token_ms_full_power,
+            (false, true) => p.inter_token_ms_tuned_power,
+        };
+        let y_max = c
+            .points
+            .iter()
+            .flat_map(|p| [value(p, false), value(p, true)])
+            .fold(0.0, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((1.0..x_max).log_scale(), 0.0..y_max.max(1e-9))
+            .map_err(|e| fail(file, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("batch size (sequences in flight, log scale)")
+            .y_desc(y_label)
+            .draw()
+            .map_err(|e| fail(file, e))?;
+        for (i, (name, is_tuned)) in [(&full, false), (&tuned, true)].into_iter().enumerate() {
+            let color = COLORS[i];
+            chart
+                .draw_series(LineSeries::new(
+                    c.points.iter().map(|p| (f64::from(p.batch), value(p, is_tuned))),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| fail(file, e))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        let at = |w: u32, is_tuned: bool| {
+            c.points
+                .iter()
+                .min_by_key(|p| p.batch.abs_diff(w))
+                .map(|p| (f64::from(p.batch), value(p, is_tuned)))
+        };
+        if let Some(p) = at(c.tuner_window.min(c.kv_batch_limit), true) {
+            let label = if c.tuner_window > c.kv_batch_limit {
+                format!(
+                    "tuner: window {} ({} run, the KV cache's limit), {:.0} W",
+                    c.tuner_window, c.kv_batch_limit, c.tuner_power_limit_w
+                )
+            } else {
+                format!("tuner: window {}, {:.0} W", c.tuner_window, c.tuner_power_limit_w)
+            };
+            chart
+                .draw_series([Circle::new(p, 8, COLORS[3].filled())])
+                .map_err(|e| fail(file, e))?
+                .label(label)
+                .legend(|(x, y)| Circle::new((x + 9, y), 5, COLORS[3].filled()));
+        }
+        if let Some(p) = at(256, false) {
+            chart
+                .draw_series([TriangleMarker::new(p, 8, COLORS[2].filled())])
+                .map_err(|e| fail(file, e))?
+                .label("vLLM default: 256 sequences, full power")
+                .legend(|(x, y)| TriangleMarker::new((x + 9, y), 5, COLORS[2].filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(if energy {
+                SeriesLabelPosition::LowerRight
+            } else {
+                SeriesLabelPosition::UpperLeft
+            })
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| fail(file, e))?;
+    }
+    root.present().map_err(|e| fail(file, e))
+}

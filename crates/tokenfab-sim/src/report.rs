@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokenfab_core::agent::ReplicaStats;
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::catalog::Catalog;
-use tokenfab_core::control::ControlStats;
+use tokenfab_core::control::ControlCore;
 use tokenfab_core::usage::Usage;
 use tokenfab_core::{AcceleratorId, Timestamp};
 
@@ -55,6 +55,9 @@ pub struct SeriesPoint {
     pub utilization: f64,
     /// Requests waiting to be leased, cluster-wide.
     pub queue_depth: u64,
+    /// Mean concurrency window and power limit per device of the pool's replicas.
+    pub window_mean: f64,
+    pub power_limit_w_mean: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -65,7 +68,7 @@ struct Cumulative {
 }
 
 /// Collects measurements while a simulation runs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Collector {
     pub(crate) interval: Duration,
     pools: Vec<PoolInfo>,
@@ -86,6 +89,7 @@ pub struct Collector {
     arrivals_s: f64,
     pue: f64,
     usd_per_kwh: f64,
+    tuner_moves: u64,
 }
 
 fn cumulative(engines: &[Engine], pool: usize, now: Timestamp) -> Cumulative {
@@ -144,6 +148,7 @@ impl Collector {
             arrivals_s: s.duration.as_secs_f64(),
             pue: s.site.pue,
             usd_per_kwh: s.site.usd_per_kwh,
+            tuner_moves: 0,
         }
     }
 
@@ -165,6 +170,19 @@ impl Collector {
         self.arrived_prompt_tokens += requests.iter().map(|r| u64::from(r.prompt)).sum::<u64>();
     }
 
+    /// Output tokens of completed requests, batches ended, and those that missed their
+    /// deadline, so far.
+    pub(crate) fn progress(&self) -> (u64, usize, usize) {
+        let tokens = self.batches.iter().map(|b| b.usage.completion_tokens).sum();
+        let missed = self.batches.iter().filter(|b| !b.met).count();
+        (tokens, self.batches.len(), missed)
+    }
+
+    /// A tuner moved a replica's knobs.
+    pub(crate) fn tuned(&mut self) {
+        self.tuner_moves += 1;
+    }
+
     pub(crate) fn refused(&mut self, tenant: usize, requests: usize, why: String) {
         self.refused.push((tenant, requests, why));
     }
@@ -173,7 +191,8 @@ impl Collector {
         self.batches.push(b);
     }
 
-    pub(crate) fn sample(&mut self, now: Timestamp, engines: &[Engine], queue_depth: u64) {
+    /// A point of the time series; `windows` is each engine's concurrency window.
+    pub(crate) fn sample(&mut self, now: Timestamp, engines: &[Engine], windows: &[u32], queue_depth: u64) {
         let dt = now.since(self.last_t).as_secs_f64();
         if dt <= 0.0 && !self.series.is_empty() {
             return;
@@ -183,6 +202,8 @@ impl Collector {
             let prev = self.last[i];
             if dt > 0.0 {
                 let idle_unassigned = f64::from(p.unassigned) * p.idle_w;
+                let mine: Vec<(usize, &Engine)> = engines.iter().enumerate().filter(|(_, e)| e.pool == i).collect();
+                let n = mine.len().max(1) as f64;
                 self.series.push(SeriesPoint {
                     t_s: now.as_secs_f64(),
                     pool: p.name.clone(),
@@ -190,6 +211,8 @@ impl Collector {
                     power_w: (c.energy_j - prev.energy_j) / dt + idle_unassigned,
                     utilization: (c.busy_device_s - prev.busy_device_s) / dt / f64::from(p.devices),
                     queue_depth,
+                    window_mean: mine.iter().map(|(k, _)| f64::from(windows[*k])).sum::<f64>() / n,
+                    power_limit_w_mean: mine.iter().map(|(_, e)| e.model.power_limit_w()).sum::<f64>() / n,
                 });
             }
             self.last[i] = c;
@@ -202,9 +225,12 @@ impl Collector {
         end: Timestamp,
         engines: &[Engine],
         agents: &[ReplicaStats],
-        control: ControlStats,
+        control: &ControlCore,
         events: u64,
     ) -> Report {
+        let metered = control.tenant_totals();
+        let idle_unallocated_j = control.idle_unallocated_j();
+        let control = control.stats();
         let end_s = end.as_secs_f64();
         let mut pools = Vec::new();
         let (mut energy, mut device_usd, mut tokens, mut busy, mut devices) = (0.0, 0.0, 0u64, 0.0, 0u32);
@@ -253,7 +279,13 @@ impl Collector {
             .enumerate()
             .map(|(i, name)| {
                 let mine: Vec<&BatchRecord> = self.batches.iter().filter(|b| b.tenant == i).collect();
+                let m = metered
+                    .get(&tokenfab_core::TenantId::new(name.clone()))
+                    .copied()
+                    .unwrap_or_default();
                 TenantReport {
+                    attributed_energy_j: m.usage.joules,
+                    idle_energy_share_j: m.idle_joules,
                     name: name.clone(),
                     batches: self.arrived_batches[i],
                     requests: self.arrived_requests[i],
@@ -308,6 +340,7 @@ impl Collector {
             energy_j: energy,
             energy_attributed_j: attributed,
             energy_agent_idle_j: agent_idle,
+            energy_idle_unallocated_j: idle_unallocated_j,
             output_tokens_per_joule: out / energy.max(1e-9),
             utilization: busy / (end_s * f64::from(devices)).max(1e-9),
             idle_power_w: self.pools.iter().map(|p| f64::from(p.devices) * p.idle_w).sum(),
@@ -332,6 +365,12 @@ impl Collector {
             series: self.series,
             batch_records: self.batches,
             sla: None,
+            replicas: Vec::new(),
+            prefix_lookups: 0,
+            prefix_hits: 0,
+            cached_prompt_tokens: 0,
+            fragmentation: tokenfab_core::placement::Fragmentation::default(),
+            placement_advice: None,
         }
     }
 }
@@ -425,6 +464,10 @@ pub struct PoolReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct TenantReport {
     pub name: String,
+    /// Device energy attributed to the tenant's results, and its share of idle energy
+    /// (shared by attributed energy over the SLA window, as the live control plane does).
+    pub attributed_energy_j: f64,
+    pub idle_energy_share_j: f64,
     pub batches: u64,
     pub requests: u64,
     /// Output tokens of the tenant's completed requests.
@@ -468,6 +511,9 @@ pub struct Report {
     pub energy_attributed_j: f64,
     /// Energy the agents counted as idle (no request in flight on the replica).
     pub energy_agent_idle_j: f64,
+    /// Idle energy reported while no tenant had results in the SLA window (charged to
+    /// nobody); the rest of the idle energy is in the tenants' `idle_energy_share_j`.
+    pub energy_idle_unallocated_j: f64,
     pub output_tokens_per_joule: f64,
     /// Busy device-seconds / device-seconds.
     pub utilization: f64,
@@ -488,6 +534,28 @@ pub struct Report {
     /// (written as `sla.json`; its window covers the whole run).
     #[serde(skip)]
     pub sla: Option<tokenfab_core::sla::ThroughputSla>,
+    /// Every replica's window and power limit at the end, and how often its tuner moved.
+    pub replicas: Vec<ReplicaEnd>,
+    /// Requests with a shared prompt prefix the engines admitted, those whose prefix their
+    /// engine's cache held, and the prompt tokens not prefilled thanks to it.
+    pub prefix_lookups: u64,
+    pub prefix_hits: u64,
+    pub cached_prompt_tokens: u64,
+    /// Free and stranded devices of the scenario's layout.
+    pub fragmentation: tokenfab_core::placement::Fragmentation,
+    /// The layout placement would choose on this fleet for each model's busiest hour of
+    /// arrivals, next to the scenario's.
+    pub placement_advice: Option<tokenfab_core::control::PlanView>,
+}
+
+/// One replica at the end of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaEnd {
+    pub node: String,
+    pub replica: String,
+    pub window: u32,
+    pub power_limit_w: f64,
+    pub tuner_moves: u64,
 }
 
 impl Report {
@@ -496,21 +564,35 @@ impl Report {
         serde_json::to_string_pretty(self).expect("the report serializes")
     }
 
-    /// Writes `report.json`, `series.csv` and `batches.csv` into `dir`.
+    /// Writes `report.json`, `sla.json`, `llm-d-benchmark-reports.json`, `series.csv` and
+    /// `batches.csv` into `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("report.json"), self.to_json() + "\n")?;
         if let Some(sla) = &self.sla {
             let json = serde_json::to_string_pretty(sla).expect("the SLA document serializes");
             std::fs::write(dir.join("sla.json"), json + "\n")?;
+            let reports = tokenfab_core::llmd::benchmark_reports(sla);
+            let json = serde_json::to_string_pretty(&reports).expect("the reports serialize");
+            std::fs::write(dir.join("llm-d-benchmark-reports.json"), json + "\n")?;
         }
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("series.csv"))?);
-        writeln!(f, "t_s,pool,output_tokens_per_s,power_w,utilization,queue_depth")?;
+        writeln!(
+            f,
+            "t_s,pool,output_tokens_per_s,power_w,utilization,queue_depth,window_mean,power_limit_w_mean"
+        )?;
         for p in &self.series {
             writeln!(
                 f,
-                "{},{},{:.3},{:.3},{:.5},{}",
-                p.t_s, p.pool, p.output_tokens_per_s, p.power_w, p.utilization, p.queue_depth
+                "{},{},{:.3},{:.3},{:.5},{},{:.1},{:.1}",
+                p.t_s,
+                p.pool,
+                p.output_tokens_per_s,
+                p.power_w,
+                p.utilization,
+                p.queue_depth,
+                p.window_mean,
+                p.power_limit_w_mean
             )?;
         }
         f.flush()?;
@@ -652,6 +734,49 @@ impl Report {
                     p.energy_j / 3.6e6,
                     p.output_tokens
                 ),
+            ));
+        }
+        if self.prefix_lookups > 0 {
+            rows.push((
+                "prefix cache".into(),
+                format!(
+                    "{:.1}% of {} requests with a shared prefix found it cached; {} prompt tokens not prefilled",
+                    self.prefix_hits as f64 * 100.0 / self.prefix_lookups as f64,
+                    self.prefix_lookups,
+                    self.cached_prompt_tokens
+                ),
+            ));
+        }
+        let f = self.fragmentation;
+        rows.push((
+            "free devices".into(),
+            format!(
+                "{} of {} serve no replica; {} of them stranded (no served model fits them)",
+                f.free, f.devices, f.stranded
+            ),
+        ));
+        if let Some(a) = &self.placement_advice {
+            let models: Vec<String> = a
+                .demand
+                .iter()
+                .map(|d| format!("{} {:.0} tok/s", d.model, d.tokens_per_s))
+                .collect();
+            let change = if a.start.is_empty() && a.stop.is_empty() {
+                format!("keep all {} replicas", a.replicas_now)
+            } else {
+                format!(
+                    "{} replicas instead of {} (start {}, stop {}; stranded devices {} -> {})",
+                    a.replicas_planned,
+                    a.replicas_now,
+                    a.start.len(),
+                    a.stop.len(),
+                    a.fragmentation_now.stranded,
+                    a.fragmentation_planned.stranded
+                )
+            };
+            rows.push((
+                "placement advice".into(),
+                format!("for the busiest hour ({}): {change}", models.join(", ")),
             ));
         }
         rows

@@ -131,8 +131,10 @@ pub struct Deployment {
     /// Concurrency window (requests in flight) per replica; default `policies.window`.
     #[serde(default)]
     pub window: Option<u32>,
-    /// The engine's own limit on running sequences (vLLM's max_num_seqs); default 256. It
-    /// is raised to the window if smaller, so that the window is what bounds concurrency.
+    /// The engine's own limit on running sequences (vLLM's max_num_seqs); default 256, or
+    /// 1024 with the tuner active (so that the tuner, not the engine, sets the batch size;
+    /// the KV cache still bounds it). It is raised to the window if smaller, so that the
+    /// window is what bounds concurrency.
     #[serde(default)]
     pub max_num_seqs: Option<u32>,
 }
@@ -182,6 +184,20 @@ pub struct Tenant {
     /// Quota: output tokens submitted over any hour (more are refused).
     #[serde(default)]
     pub output_tokens_per_hour: Option<u64>,
+    /// Requests share prompt prefixes (a system prompt, a document asked several
+    /// questions): each request's prompt gets `tokens` more, shared by groups of
+    /// `requests` consecutive requests of a batch (0: the whole batch).
+    #[serde(default)]
+    pub shared_prefix: Option<SharedPrefix>,
+}
+
+/// `workload.tenants[].shared_prefix`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedPrefix {
+    pub tokens: u32,
+    #[serde(default)]
+    pub requests: u32,
 }
 
 fn default_batch_size() -> Dist {
@@ -319,6 +335,169 @@ pub struct Policies {
     /// Share of the estimated capacity admission counts on (0 < x <= 1).
     #[serde(default = "default_headroom")]
     pub admission_headroom: f64,
+    /// SLA classes, highest priority first (committed ones before best-effort ones). By
+    /// default `standard`, any other class a tenant names, then `best-effort`.
+    #[serde(default)]
+    pub sla_classes: Option<Vec<ScenarioClass>>,
+    /// Order of committed work within a class: `deadline` (earliest deadline first, the
+    /// default, as live) or `slack` (least slack first).
+    #[serde(default)]
+    pub queue_order: QueueOrderName,
+    /// The batch-size and power tuner on every replica.
+    #[serde(default)]
+    pub tuner: TunerPolicy,
+    /// How an agent picks the replica for the next request.
+    #[serde(default)]
+    pub routing: RoutingName,
+    /// Which replicas take work (the control plane's placement).
+    #[serde(default)]
+    pub placement: PlacementPolicy,
+}
+
+/// `policies.placement`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementPolicy {
+    /// `off`: every replica takes work; `active`: the fewest, cheapest replicas that cover
+    /// the rate deadlines need take work, the others idle.
+    #[serde(default)]
+    pub mode: PlacementModeName,
+    /// How long a replica must be surplus before it is parked.
+    #[serde(
+        default = "default_park_after",
+        deserialize_with = "human",
+        serialize_with = "ser_human"
+    )]
+    pub park_after: Duration,
+    /// Capacity kept active beyond the required rate, as a fraction of it.
+    #[serde(default = "default_placement_margin")]
+    pub margin: f64,
+}
+
+fn default_park_after() -> Duration {
+    tokenfab_core::placement::ActivationConfig::default().park_after
+}
+fn default_placement_margin() -> f64 {
+    tokenfab_core::placement::ActivationConfig::default().margin
+}
+
+impl Default for PlacementPolicy {
+    fn default() -> Self {
+        PlacementPolicy {
+            mode: PlacementModeName::Off,
+            park_after: default_park_after(),
+            margin: default_placement_margin(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementModeName {
+    #[default]
+    Off,
+    Active,
+}
+
+/// `policies.tuner`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunerPolicy {
+    /// `off`: windows and power limits stay as deployed; `active`: the tuner moves them;
+    /// `advisory`: as off (the advice is only shown live).
+    #[serde(default)]
+    pub mode: TunerModeName,
+    /// What the tuner maximizes.
+    #[serde(default)]
+    pub objective: ObjectiveName,
+    /// Tune the power limit too.
+    #[serde(default = "yes")]
+    pub power: bool,
+    /// Throughput kept above what deadlines need, as a fraction of it.
+    #[serde(default = "default_throughput_margin")]
+    pub throughput_margin: f64,
+    /// The control plane asks for the rate that finishes every batch within this share of
+    /// the time left to its deadline.
+    #[serde(default = "default_deadline_share")]
+    pub deadline_share: f64,
+    /// Finished requests one measurement epoch must hold (more: less noise, slower tuning).
+    #[serde(default = "default_epoch_requests")]
+    pub epoch_requests: u64,
+    /// Follow each replica's performance model (calibrated by and checked against
+    /// measurements); `false`: search by measurement alone.
+    #[serde(default = "yes")]
+    pub model: bool,
+}
+
+fn default_epoch_requests() -> u64 {
+    tokenfab_core::tuner::TunerConfig::default().epoch_min_finished
+}
+
+fn default_throughput_margin() -> f64 {
+    tokenfab_core::tuner::TunerConfig::default().throughput_margin
+}
+fn default_deadline_share() -> f64 {
+    tokenfab_core::control::ControlConfig::default().deadline_share
+}
+
+impl Default for TunerPolicy {
+    fn default() -> Self {
+        TunerPolicy {
+            mode: TunerModeName::Off,
+            objective: ObjectiveName::TokensPerJoule,
+            power: true,
+            throughput_margin: default_throughput_margin(),
+            deadline_share: default_deadline_share(),
+            epoch_requests: default_epoch_requests(),
+            model: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunerModeName {
+    #[default]
+    Off,
+    Advisory,
+    Active,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveName {
+    #[default]
+    TokensPerJoule,
+    TokensPerDollar,
+    Throughput,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingName {
+    #[default]
+    PrefixAffinity,
+    LeastLoaded,
+    RoundRobin,
+}
+
+/// `policies.queue_order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueOrderName {
+    Slack,
+    #[default]
+    Deadline,
+}
+
+/// An SLA class of `policies.sla_classes`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioClass {
+    pub name: String,
+    /// Never refused for lack of capacity; runs only when no higher class waits.
+    #[serde(default)]
+    pub best_effort: bool,
 }
 
 fn yes() -> bool {
@@ -363,6 +542,11 @@ impl Default for Policies {
             lease_wait: default_lease_wait(),
             admission: true,
             admission_headroom: default_headroom(),
+            sla_classes: None,
+            queue_order: QueueOrderName::Deadline,
+            tuner: TunerPolicy::default(),
+            routing: RoutingName::PrefixAffinity,
+            placement: PlacementPolicy::default(),
         }
     }
 }
@@ -638,10 +822,36 @@ impl Scenario {
                 "must be longer than zero; the live agent samples every 100ms".into(),
             );
         }
+        let classes = crate::sim::sla_classes(self);
+        if let Err(m) = tokenfab_core::control::SlaClass::check(&classes, &self.default_sla_class()) {
+            return err("policies.sla_classes".into(), m);
+        }
+        for (i, t) in self.workload.tenants.iter().enumerate() {
+            if let Some(c) = &t.sla_class
+                && !classes.iter().any(|k| &k.name == c)
+            {
+                let names: Vec<&str> = classes.iter().map(|k| k.name.as_str()).collect();
+                return err(
+                    format!("workload.tenants[{i}].sla_class"),
+                    format!("'{c}' is not one of policies.sla_classes ({})", names.join(", ")),
+                );
+            }
+        }
         if self.report.series_interval.is_some_and(|s| s.is_zero()) {
             return err("report.series_interval".into(), "must be longer than zero".into());
         }
         Ok(())
+    }
+
+    /// The class of tenants that name none: `standard` if there is one, otherwise the
+    /// first class.
+    pub fn default_sla_class(&self) -> String {
+        let classes = crate::sim::sla_classes(self);
+        classes
+            .iter()
+            .find(|c| c.name == "standard")
+            .or(classes.first())
+            .map_or_else(|| "standard".into(), |c| c.name.clone())
     }
 
     /// Devices per high-bandwidth domain of a pool.

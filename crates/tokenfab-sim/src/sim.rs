@@ -24,11 +24,13 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 use std::path::Path;
 use std::time::Duration;
-use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec};
+use tokenfab_core::agent::{
+    AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, PowerRange, ReplicaSpec, Routing,
+};
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::control::{
     Action, ControlConfig, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch, NodeDevice,
-    NodeRegistration, NodeReplica,
+    NodeRegistration, NodeReplica, SlaClass,
 };
 use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::engine::{EngineConfig, EngineModel};
@@ -49,7 +51,7 @@ enum Kind {
     Reply,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Reply {
     Registered,
     Lease(ModelId, Option<LeaseGrant>),
@@ -57,6 +59,7 @@ enum Reply {
     Heartbeat(Result<HeartbeatReply, bool>),
 }
 
+#[derive(Clone)]
 struct Event {
     at: Timestamp,
     seq: u64,
@@ -80,6 +83,7 @@ impl Ord for Event {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Node {
     pub agent: AgentCore,
     pub id: NodeId,
@@ -89,19 +93,24 @@ pub(crate) struct Node {
     wake: Option<Timestamp>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Engine {
     pub model: EngineModel,
+    pub model_id: ModelId,
     pub pool: usize,
     pub devices: u32,
     wake: Option<Timestamp>,
 }
 
+#[derive(Clone)]
 struct LiveBatch {
     tenant: usize,
     shapes: Vec<RequestShape>,
 }
 
-/// A simulation in progress.
+/// A simulation in progress. Cloning it forks the run (the oracle tries configurations
+/// from the same state this way).
+#[derive(Clone)]
 pub struct Simulation<'a> {
     pub(crate) scenario: &'a Scenario,
     now: Timestamp,
@@ -123,6 +132,9 @@ pub struct Simulation<'a> {
     ended_shapes: FastMap<BatchId, Vec<RequestShape>>,
     /// Unit of every request running on an engine, by engine request id.
     running: FastMap<u64, WorkUnitId>,
+    /// Prompt and output tokens and requests arrived per model and hour, for placement's
+    /// advice.
+    arrived_hourly: BTreeMap<(ModelId, u64), (u64, u64, u64)>,
     rtt: Duration,
     /// Replies on their way back to agents, in sending order.
     replies: VecDeque<(usize, Reply)>,
@@ -134,6 +146,7 @@ pub struct Simulation<'a> {
     dirty_engines: Vec<usize>,
     /// (node, replica on the node) of every engine.
     owners: Vec<(usize, usize)>,
+    event_count: u64,
 }
 
 fn engine_id(r: RequestRef) -> u64 {
@@ -160,6 +173,21 @@ impl<'a> Simulation<'a> {
             lease_ttl: scenario.policies.lease_ttl,
             models,
             sla_classes: sla_classes(scenario),
+            default_sla_class: scenario.default_sla_class(),
+            deadline_share: scenario.policies.tuner.deadline_share,
+            placement: match scenario.policies.placement.mode {
+                crate::scenario::PlacementModeName::Off => tokenfab_core::control::PlacementMode::Off,
+                crate::scenario::PlacementModeName::Active => tokenfab_core::control::PlacementMode::Active,
+            },
+            activation: tokenfab_core::placement::ActivationConfig {
+                park_after: scenario.policies.placement.park_after,
+                margin: scenario.policies.placement.margin,
+                ..Default::default()
+            },
+            queue_order: match scenario.policies.queue_order {
+                crate::scenario::QueueOrderName::Slack => tokenfab_core::control::QueueOrder::Slack,
+                crate::scenario::QueueOrderName::Deadline => tokenfab_core::control::QueueOrder::Deadline,
+            },
             usd_per_kwh: scenario.site.usd_per_kwh,
             pue: scenario.site.pue,
             // The simulated window is the scenario's; no batch may outlive the run.
@@ -200,10 +228,12 @@ impl<'a> Simulation<'a> {
                 let mut node_engines = Vec::new();
                 let mut replicas = Vec::new();
                 let mut next_device = 0u32;
+                let tuning = scenario.policies.tuner.mode == crate::scenario::TunerModeName::Active;
                 for d in scenario.deployments.iter().filter(|d| d.pool == pool.name) {
                     let model = ModelId::new(d.model.clone());
                     let window = d.window.unwrap_or(scenario.policies.window);
-                    let max_num_seqs = d.max_num_seqs.unwrap_or(256).max(window);
+                    let default_seqs = if tuning { 1024 } else { 256 };
+                    let max_num_seqs = d.max_num_seqs.unwrap_or(default_seqs).max(window);
                     for _ in 0..scenario.replicas_per_node(d) {
                         let perf =
                             ReplicaPerf::new(&model, &accelerator, d.tensor_parallel).map_err(|e| ScenarioError {
@@ -212,6 +242,11 @@ impl<'a> Simulation<'a> {
                                 message: e.to_string(),
                             })?;
                         let limit = pool.power_limit_w.unwrap_or(perf.max_power_w());
+                        let power = PowerRange {
+                            min_w: perf.min_power_w(),
+                            max_w: perf.max_power_w(),
+                            current_w: limit,
+                        };
                         let engine = EngineModel::new(
                             perf,
                             EngineConfig {
@@ -237,10 +272,13 @@ impl<'a> Simulation<'a> {
                             devices: d.tensor_parallel,
                             window,
                             max_concurrency: max_num_seqs,
+                            power: Some(power),
+                            accelerator: Some(accelerator.clone()),
                         });
                         node_engines.push(engines.len());
                         engines.push(Engine {
                             model: engine,
+                            model_id: model.clone(),
                             pool: pi,
                             devices: d.tensor_parallel,
                             wake: None,
@@ -266,6 +304,13 @@ impl<'a> Simulation<'a> {
                         empty_lease_backoff: scenario.policies.empty_lease_backoff,
                         lease_wait: scenario.policies.lease_wait,
                         sample_interval: scenario.policies.energy_sample_interval,
+                        idle_sample_interval: Duration::ZERO,
+                        tuner: tuner_config(scenario, pool),
+                        routing: match scenario.policies.routing {
+                            crate::scenario::RoutingName::PrefixAffinity => Routing::PrefixAffinity,
+                            crate::scenario::RoutingName::LeastLoaded => Routing::LeastLoaded,
+                            crate::scenario::RoutingName::RoundRobin => Routing::RoundRobin,
+                        },
                         ..AgentConfig::default()
                     },
                     specs,
@@ -303,6 +348,7 @@ impl<'a> Simulation<'a> {
             outstanding: FastMap::default(),
             ended_shapes: FastMap::default(),
             running: FastMap::default(),
+            arrived_hourly: BTreeMap::new(),
             rtt: scenario.policies.control_rtt,
             replies: VecDeque::new(),
             waiting: FastMap::default(),
@@ -311,6 +357,7 @@ impl<'a> Simulation<'a> {
             dirty_agents: Vec::new(),
             dirty_engines: Vec::new(),
             owners,
+            event_count: 0,
         };
         match sim.workload.peek() {
             Some(t) => sim.push(t, Kind::Arrival),
@@ -322,9 +369,17 @@ impl<'a> Simulation<'a> {
     }
 
     /// Requests of `grant` are now held by an agent.
-    fn granted(&mut self, grant: &LeaseGrant) {
-        for i in &grant.items {
+    /// Work leased to an agent: counted as outstanding, and each request's prefix key
+    /// filled in from its shape (what a live agent reads from the request body).
+    fn granted(&mut self, grant: &mut LeaseGrant) {
+        for i in &mut grant.items {
             *self.outstanding.entry(i.req.batch).or_default() += 1;
+            i.prefix = self
+                .batches
+                .get(&i.req.batch)
+                .and_then(|b| b.shapes.get(i.req.index as usize))
+                .and_then(|s| s.prefix)
+                .map(|p| p.key);
         }
     }
 
@@ -357,12 +412,95 @@ impl<'a> Simulation<'a> {
     /// Runs to the end: every arrival has come and every batch has ended. `progress` is
     /// called now and then with the simulated time reached.
     pub fn run(mut self, mut progress: impl FnMut(Timestamp)) -> crate::report::Report {
-        let mut events = 0u64;
+        self.run_until(Timestamp::MAX, &mut progress);
+        self.finish(progress)
+    }
+
+    /// Sets every replica to one static configuration: `window` requests in flight (up to
+    /// its engine's limit) and a power limit of `power_fraction` of the device maximum (at
+    /// least the device minimum). For baselines and the oracle; a running tuner would move
+    /// them again.
+    pub fn set_static(&mut self, window: u32, power_fraction: f64) {
+        let now = self.now;
+        for (n, node) in self.nodes.iter_mut().enumerate() {
+            for (r, &e) in node.engines.iter().enumerate() {
+                node.agent.set_window(now, r, window);
+                let model = &mut self.engines[e].model;
+                let perf = model.perf();
+                let watts = (perf.max_power_w() * power_fraction).max(perf.min_power_w());
+                model.set_power_limit(now, watts);
+                self.dirty_engines.push(e);
+            }
+            self.dirty_agents.push(n);
+        }
+    }
+
+    /// Every replica's tuner status, node by node, in the agents' replica order (`None`
+    /// where no tuner runs).
+    pub fn tuners(&self) -> Vec<Option<tokenfab_core::tuner::TunerStatus>> {
+        self.nodes.iter().flat_map(|n| n.agent.tuner_status()).collect()
+    }
+
+    /// Simulated time reached.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// Each engine's concurrency window (its agent's).
+    fn windows(&self) -> Vec<u32> {
+        let mut out = vec![0; self.engines.len()];
+        for node in &self.nodes {
+            for ((_, stats), &e) in node.agent.replicas().zip(&node.engines) {
+                out[e] = stats.window;
+            }
+        }
+        out
+    }
+
+    /// Energy all replicas' devices drew so far, joules (devices no replica occupies draw
+    /// constant idle power and are left out).
+    pub fn energy_j(&self) -> f64 {
+        self.engines.iter().map(|e| e.model.energy_j(self.now)).sum()
+    }
+
+    /// Output tokens of completed requests so far, batches ended so far and those of
+    /// them that missed their deadline.
+    pub fn progress(&self) -> (u64, usize, usize) {
+        self.collector.progress()
+    }
+
+    /// Per model: the output rate its unfinished batches need to meet their deadlines,
+    /// and what its replicas deliver flat out (window `window`, full power, a
+    /// 512-prompt/256-output shape).
+    pub fn backlog(&mut self, window: u32) -> Vec<(f64, f64)> {
+        let now = self.now;
+        let models: std::collections::BTreeSet<ModelId> = self.engines.iter().map(|e| e.model_id.clone()).collect();
+        let mut out = Vec::new();
+        for model in models {
+            let need = self.control.required_rate(&model, now);
+            let have: f64 = self
+                .engines
+                .iter()
+                .filter(|e| e.model_id == model)
+                .map(|e| {
+                    let p = e.model.perf();
+                    p.steady_state(window, 512, 256, p.max_power_w()).output_tokens_per_s
+                })
+                .sum();
+            out.push((need, have));
+        }
+        out
+    }
+
+    /// Runs every event up to `until`, or to the end of the run; the clock then stands at
+    /// `until` (or the run's last event). Returns true once the run is over.
+    pub fn run_until(&mut self, until: Timestamp, progress: &mut impl FnMut(Timestamp)) -> bool {
         self.settle();
-        while let Some(Reverse(ev)) = self.events.pop() {
+        while self.events.peek().is_some_and(|Reverse(ev)| ev.at <= until) {
+            let Reverse(ev) = self.events.pop().expect("peeked");
             self.now = ev.at;
-            events += 1;
-            if events.is_multiple_of(65_536) {
+            self.event_count += 1;
+            if self.event_count.is_multiple_of(65_536) {
                 progress(self.now);
             }
             match ev.kind {
@@ -392,8 +530,9 @@ impl<'a> Simulation<'a> {
                 }
                 Kind::Series => {
                     self.catch_up_engines();
+                    let windows = self.windows();
                     self.collector
-                        .sample(self.now, &self.engines, self.control.pending_requests());
+                        .sample(self.now, &self.engines, &windows, self.control.pending_requests());
                     if !self.finished() {
                         let next = self.now.saturating_add(self.collector.interval);
                         self.push(next, Kind::Series);
@@ -402,9 +541,20 @@ impl<'a> Simulation<'a> {
             }
             self.settle();
             if self.finished() {
-                break;
+                return true;
             }
         }
+        if self.events.is_empty() {
+            return true;
+        }
+        self.now = self.now.max(until);
+        self.catch_up_engines();
+        false
+    }
+
+    /// Ends the run: the books are closed and the report written.
+    pub fn finish(mut self, mut progress: impl FnMut(Timestamp)) -> crate::report::Report {
+        let events = self.event_count;
         // The cluster is there (and billed, and drawing idle power) for the whole
         // scenario, even when the last batch ends before it does.
         self.now = self.now.max(self.duration_end());
@@ -415,20 +565,71 @@ impl<'a> Simulation<'a> {
         for n in 0..self.nodes.len() {
             self.nodes[n].agent.sample_now(self.now);
             self.perform(n);
+            // ... and tell the control plane, which shares the idle energy among tenants.
+            let telemetry = self.nodes[n].agent.telemetry();
+            let _ = self.control.heartbeat(self.now, &self.nodes[n].id, &[], &telemetry);
         }
+        let windows = self.windows();
         self.collector
-            .sample(self.now, &self.engines, self.control.pending_requests());
-        let stats = self.control.stats();
+            .sample(self.now, &self.engines, &windows, self.control.pending_requests());
         let end = self.now;
         let sla = self.control.sla_document(end);
+        let fragmentation = self.control.fragmentation();
+        let advice = self.placement_advice();
         let agents: Vec<_> = self
             .nodes
             .iter()
             .flat_map(|n| n.agent.replicas().map(|(_, s)| s))
             .collect();
-        let mut report = self.collector.finish(end, &self.engines, &agents, stats, events);
+        let mut report = self
+            .collector
+            .finish(end, &self.engines, &agents, &self.control, events);
         report.sla = Some(sla);
+        report.fragmentation = fragmentation;
+        for e in &self.engines {
+            let st = e.model.stats();
+            report.prefix_lookups += st.prefix_lookups;
+            report.prefix_hits += st.prefix_hits;
+            report.cached_prompt_tokens += st.cached_prompt_tokens;
+        }
+        report.placement_advice = advice;
+        for node in &self.nodes {
+            let status = node.agent.tuner_status();
+            for (((spec, stats), &e), tuner) in node.agent.replicas().zip(&node.engines).zip(status) {
+                report.replicas.push(crate::report::ReplicaEnd {
+                    node: node.id.to_string(),
+                    replica: spec.id.to_string(),
+                    window: tuner.as_ref().map_or(stats.window, |t| t.home_window),
+                    power_limit_w: tuner
+                        .as_ref()
+                        .and_then(|t| t.home_power_limit_w)
+                        .unwrap_or_else(|| self.engines[e].model.power_limit_w()),
+                    tuner_moves: tuner.map_or(0, |t| t.moves),
+                });
+            }
+        }
         report
+    }
+
+    /// Placement's layout for each model's busiest hour of arrivals.
+    fn placement_advice(&self) -> Option<tokenfab_core::control::PlanView> {
+        let mut peak: BTreeMap<&ModelId, (u64, u64, u64)> = BTreeMap::new();
+        for ((model, _), &(p, o, n)) in &self.arrived_hourly {
+            let e = peak.entry(model).or_default();
+            if o > e.1 {
+                *e = (p, o, n);
+            }
+        }
+        let demands: Vec<tokenfab_core::placement::Demand> = peak
+            .into_iter()
+            .filter(|(_, (_, _, n))| *n > 0)
+            .map(|(model, (p, o, n))| tokenfab_core::placement::Demand {
+                model: model.clone(),
+                tokens_per_s: o as f64 / 3600.0,
+                shape: ((p / n) as u32, (o / n).max(1) as u32),
+            })
+            .collect();
+        (!demands.is_empty()).then(|| self.control.plan_for(&demands))
     }
 
     /// Brings every engine to `now`: engines skip ahead over steps in which nothing
@@ -474,6 +675,14 @@ impl<'a> Simulation<'a> {
             requests,
             best_effort_if_late: tenant.best_effort_if_late,
         };
+        let hour = self.now.as_micros() / 3_600_000_000;
+        let e = self
+            .arrived_hourly
+            .entry((ModelId::new(tenant.model.clone()), hour))
+            .or_default();
+        for r in &a.requests {
+            *e = (e.0 + u64::from(r.prompt), e.1 + u64::from(r.output), e.2 + 1);
+        }
         match self.control.submit(self.now, new) {
             Ok(view) => {
                 self.collector.arrived(a.tenant, &a.requests);
@@ -572,7 +781,8 @@ impl<'a> Simulation<'a> {
                     // The call was made a while ago; only the answer travels now. All
                     // replies take the same time, so they stay in order.
                     let at = self.now.saturating_add(self.rtt);
-                    if let Some(g) = &grant {
+                    let mut grant = grant;
+                    if let Some(g) = &mut grant {
                         self.granted(g);
                     }
                     self.send(at, n, Reply::Lease(model, grant));
@@ -626,8 +836,8 @@ impl<'a> Simulation<'a> {
                         .lease_or_wait(now, &self.nodes[n].id, &model, max, until, ticket)
                         .expect("simulated nodes are registered");
                     match answer {
-                        LeaseAnswer::Granted(g) => {
-                            self.granted(&g);
+                        LeaseAnswer::Granted(mut g) => {
+                            self.granted(&mut g);
                             self.send(at, n, Reply::Lease(model, Some(g)));
                         }
                         LeaseAnswer::Empty => self.send(at, n, Reply::Lease(model, None)),
@@ -646,7 +856,11 @@ impl<'a> Simulation<'a> {
                         .and_then(|shapes| shapes.get(item.req.index as usize))
                         .copied();
                     let id = engine_id(item.req);
-                    let submitted = shape.map(|s| self.engines[e].model.submit(now, id, s.prompt, s.output));
+                    let submitted = shape.map(|s| {
+                        self.engines[e]
+                            .model
+                            .submit_with_prefix(now, id, s.prompt, s.output, s.prefix)
+                    });
                     match submitted {
                         Some(Ok(())) => {
                             self.running.insert(id, unit);
@@ -678,7 +892,11 @@ impl<'a> Simulation<'a> {
                     self.send(at, n, Reply::Reported);
                 }
                 AgentAction::Heartbeat { held } => {
-                    let r = self.control.heartbeat(now, &self.nodes[n].id, &held).map_err(|_| true);
+                    let telemetry = self.nodes[n].agent.telemetry();
+                    let r = self
+                        .control
+                        .heartbeat(now, &self.nodes[n].id, &held, &telemetry)
+                        .map_err(|_| true);
                     self.send(at, n, Reply::Heartbeat(r));
                 }
                 AgentAction::SampleDevices => {
@@ -692,11 +910,20 @@ impl<'a> Simulation<'a> {
                             Some(EnergyReading {
                                 energy_j: self.engines[e].model.energy_j(now),
                                 clock_s: now.as_secs_f64(),
+                                tokens: Some(self.engines[e].model.stats().completion_tokens),
                             })
                         })
                         .collect();
                     self.nodes[n].agent.device_sample(now, readings);
                 }
+                AgentAction::SetPowerLimit { replica, watts } => {
+                    let e = self.nodes[n].engines[replica];
+                    self.engines[e].model.set_power_limit(now, watts);
+                    self.dirty_engines.push(e);
+                    let applied = self.engines[e].model.power_limit_w();
+                    self.nodes[n].agent.power_limit_done(now, replica, Ok(applied));
+                }
+                AgentAction::Tuned { .. } => self.collector.tuned(),
                 AgentAction::Release { unit, items } => {
                     for r in &items {
                         self.answered(r.batch);
@@ -708,14 +935,61 @@ impl<'a> Simulation<'a> {
     }
 }
 
-fn sla_classes(s: &Scenario) -> Vec<String> {
-    let mut classes = vec!["standard".to_string(), "best-effort".to_string()];
+/// The tuner settings of the agents of `pool`.
+fn tuner_config(scenario: &Scenario, pool: &crate::scenario::Pool) -> tokenfab_core::tuner::TunerConfig {
+    use crate::scenario::{ObjectiveName, TunerModeName};
+    use tokenfab_core::tuner::{Objective, TunerConfig, TunerMode};
+    let t = &scenario.policies.tuner;
+    let price = pool.price_usd_per_hour.unwrap_or_else(|| {
+        tokenfab_core::catalog::Catalog::builtin()
+            .accelerator(&AcceleratorId::new(pool.accelerator.clone()))
+            .map_or(0.0, |a| a.price_usd_per_hour)
+    });
+    TunerConfig {
+        mode: match t.mode {
+            TunerModeName::Off => TunerMode::Off,
+            TunerModeName::Advisory => TunerMode::Advisory,
+            TunerModeName::Active => TunerMode::Active,
+        },
+        objective: match t.objective {
+            ObjectiveName::TokensPerJoule => Objective::TokensPerJoule,
+            ObjectiveName::Throughput => Objective::Throughput,
+            ObjectiveName::TokensPerDollar => Objective::TokensPerDollar {
+                usd_per_device_hour: price,
+                usd_per_kwh: scenario.site.usd_per_kwh,
+                pue: scenario.site.pue,
+            },
+        },
+        tune_power: t.power,
+        throughput_margin: t.throughput_margin,
+        epoch_min_finished: t.epoch_requests.max(1),
+        model_guided: t.model,
+        ..TunerConfig::default()
+    }
+}
+
+/// The scenario's SLA classes in priority order: `policies.sla_classes` if given,
+/// otherwise `standard`, then any other class a tenant names (committed, in the order
+/// named), then `best-effort`.
+pub(crate) fn sla_classes(s: &Scenario) -> Vec<SlaClass> {
+    if let Some(classes) = &s.policies.sla_classes {
+        return classes
+            .iter()
+            .map(|c| SlaClass {
+                name: c.name.clone(),
+                committed: !c.best_effort,
+            })
+            .collect();
+    }
+    let mut classes = vec![SlaClass::committed("standard")];
     for t in &s.workload.tenants {
         if let Some(c) = &t.sla_class
-            && !classes.contains(c)
+            && c != "best-effort"
+            && !classes.iter().any(|k| &k.name == c)
         {
-            classes.push(c.clone());
+            classes.push(SlaClass::committed(c));
         }
     }
+    classes.push(SlaClass::best_effort("best-effort"));
     classes
 }

@@ -1,7 +1,6 @@
 //! Sweeps: one scenario run over combinations of field values, in parallel, answering
 //! "which is the cheapest configuration that meets the SLA?".
 
-use crate::report::Report;
 use crate::scenario::{Scenario, ScenarioError};
 use serde::Serialize;
 use serde_yaml_ng::Value;
@@ -155,6 +154,33 @@ pub fn expand(text: &str, file: &str, varies: &[Vary]) -> Result<Vec<(Params, Sc
         .collect()
 }
 
+/// `f` of every item, on up to `jobs` threads, in the items' order.
+pub fn parallel<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let n = items.len();
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, n.max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    let r = f(&items[i]);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.expect("every item ran"))
+        .collect()
+}
+
 /// Runs every configuration on `jobs` threads; `done` is called after each one.
 pub fn run(
     configs: Vec<(Params, Scenario)>,
@@ -166,30 +192,15 @@ pub fn run(
 ) -> Result<Sweep, ScenarioError> {
     let name = configs.first().map(|c| c.1.name.clone()).unwrap_or_default();
     let n = configs.len();
-    let next = AtomicUsize::new(0);
     let finished = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Report, ScenarioError>>>> = Mutex::new((0..n).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..jobs.clamp(1, n.max(1)) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return;
-                    }
-                    let r = crate::run(&configs[i].1, base, seed, |_| {});
-                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-                    done(finished.fetch_add(1, Ordering::Relaxed) + 1, n);
-                }
-            });
-        }
+    let results = parallel(&configs, jobs, |(_, scenario)| {
+        let r = crate::run(scenario, base, seed, |_| {});
+        done(finished.fetch_add(1, Ordering::Relaxed) + 1, n);
+        r
     });
     let mut rows = Vec::with_capacity(n);
-    for ((params, scenario), r) in configs
-        .into_iter()
-        .zip(results.into_inner().unwrap_or_else(|p| p.into_inner()))
-    {
-        let r = r.expect("every configuration ran")?;
+    for ((params, scenario), r) in configs.into_iter().zip(results) {
+        let r = r?;
         let devices = scenario.pools.iter().map(|p| p.nodes * p.devices_per_node).sum();
         rows.push(SweepRow {
             params,

@@ -15,11 +15,13 @@ use std::path::Path;
 use std::time::Duration;
 use tokenfab_core::Timestamp;
 
-/// One request: prompt and output tokens.
+/// One request: prompt and output tokens, and the prompt prefix it shares with other
+/// requests (its tokens are part of `prompt`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestShape {
     pub prompt: u32,
     pub output: u32,
+    pub prefix: Option<tokenfab_core::engine::Prefix>,
 }
 
 /// A batch arriving.
@@ -30,6 +32,7 @@ pub struct BatchArrival {
     pub requests: Vec<RequestShape>,
 }
 
+#[derive(Clone)]
 enum Source {
     Poisson {
         per_s: f64,
@@ -46,15 +49,20 @@ enum Source {
     },
 }
 
+#[derive(Clone)]
 struct Stream {
     rng: ChaCha8Rng,
     source: Source,
     batch_size: Dist,
     prompt: Dist,
     output: Dist,
+    tenant: usize,
+    shared_prefix: Option<crate::scenario::SharedPrefix>,
+    batches: u64,
 }
 
 /// All tenants' arrivals, merged in time order.
+#[derive(Clone)]
 pub struct Workload {
     streams: Vec<Stream>,
     /// (next arrival, tenant) of every tenant that has one before `end`.
@@ -117,19 +125,46 @@ impl Stream {
     }
 
     fn batch(&mut self) -> Vec<RequestShape> {
-        if let Source::Trace { batches, next } = &mut self.source {
+        let mut shapes = if let Source::Trace { batches, next } = &mut self.source {
             let b = std::mem::take(&mut batches[*next].1);
             *next += 1;
-            return b;
+            b
+        } else {
+            let n = draw(&self.batch_size, &mut self.rng);
+            (0..n)
+                .map(|_| RequestShape {
+                    prompt: draw(&self.prompt, &mut self.rng),
+                    output: draw(&self.output, &mut self.rng),
+                    prefix: None,
+                })
+                .collect()
+        };
+        self.batches += 1;
+        if let Some(sp) = &self.shared_prefix
+            && sp.tokens > 0
+        {
+            for (j, s) in shapes.iter_mut().enumerate() {
+                let group = if sp.requests == 0 {
+                    0
+                } else {
+                    j as u64 / u64::from(sp.requests)
+                };
+                s.prompt = s.prompt.saturating_add(sp.tokens);
+                s.prefix = Some(tokenfab_core::engine::Prefix {
+                    key: mix((self.tenant as u64) << 48 ^ self.batches << 24 ^ group),
+                    tokens: sp.tokens,
+                });
+            }
         }
-        let n = draw(&self.batch_size, &mut self.rng);
-        (0..n)
-            .map(|_| RequestShape {
-                prompt: draw(&self.prompt, &mut self.rng),
-                output: draw(&self.output, &mut self.rng),
-            })
-            .collect()
+        shapes
     }
+}
+
+/// SplitMix64's finalizer: distinct inputs give well-spread prefix keys.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 impl Workload {
@@ -179,6 +214,9 @@ impl Workload {
                 batch_size: t.batch_size.clone(),
                 prompt: t.prompt_tokens.clone(),
                 output: t.output_tokens.clone(),
+                tenant: i,
+                shared_prefix: t.shared_prefix.clone(),
+                batches: 0,
             };
             let first = stream.next_after(Timestamp::ZERO);
             if let Some(at) = first.filter(|&at| at < end) {
@@ -275,6 +313,7 @@ pub fn parse_azure(text: &str) -> Result<Vec<(f64, RequestShape)>, String> {
             RequestShape {
                 prompt: num(ci)?.max(1),
                 output: num(gi)?.max(1),
+                prefix: None,
             },
         ));
     }
@@ -336,6 +375,7 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<(f64, RequestShape)>, String> {
             RequestShape {
                 prompt: l.prompt_tokens.max(1),
                 output: l.output_tokens.max(1),
+                prefix: None,
             },
         ));
     }
@@ -410,7 +450,11 @@ mod tests {
         assert!((r[1].0 - r[0].0 - 3.31941).abs() < 1e-4);
         assert_eq!(
             r[2].1,
-            RequestShape { prompt: 879, output: 1 },
+            RequestShape {
+                prompt: 879,
+                output: 1,
+                prefix: None
+            },
             "zero outputs count as one token"
         );
         let g = group(r, 1.0, Duration::from_secs(60), Timestamp::from_secs_f64(1e9));

@@ -92,6 +92,19 @@ fn every_request_ends_exactly_once_and_tokens_and_energy_add_up() {
         (engine_energy - agents).abs() < slack,
         "measured {engine_energy} J, attributed + idle {agents} J"
     );
+    // Idle energy is shared among the tenants, or charged to nobody when no tenant had
+    // used the cluster within the SLA window: none is lost or counted twice.
+    let shared: f64 = r.tenants.iter().map(|t| t.idle_energy_share_j).sum();
+    assert!(shared > 0.0);
+    assert!(
+        (shared + r.energy_idle_unallocated_j - r.energy_agent_idle_j).abs() < 1e-6 * r.energy_agent_idle_j,
+        "idle {} J = shared {shared} J + unallocated {} J",
+        r.energy_agent_idle_j,
+        r.energy_idle_unallocated_j
+    );
+    let tenant_attributed: f64 = r.tenants.iter().map(|t| t.attributed_energy_j).sum();
+    let batch_attributed: f64 = r.batch_records.iter().map(|b| b.usage.joules).sum();
+    assert!((tenant_attributed - batch_attributed).abs() < 1e-6 * batch_attributed);
     // Energy is the integral of power: the series' power over time adds up to the total.
     let series_energy: f64 = {
         let mut e = 0.0;

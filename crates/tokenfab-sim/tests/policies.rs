@@ -82,3 +82,41 @@ fn admission_keeps_admitted_batches_on_time_under_overload() {
         with.batches.sla_attainment
     );
 }
+
+/// A light load on a node of eight H100s: placement's advice for the busiest hour is fewer
+/// replicas (the rest stopped), and the report counts free and stranded devices of the
+/// scenario's layout (here: three 70B replicas at TP 2 on six devices leave an aligned pair
+/// free, which another 70B replica could use: none stranded).
+#[test]
+fn the_report_advises_a_smaller_layout_for_a_light_load_and_counts_stranded_devices() {
+    let yaml = r#"
+name: light
+description: little 70B work on eight H100s
+duration: 30m
+seed: 3
+pools:
+  - {name: h100, accelerator: h100-sxm, nodes: 1, devices_per_node: 8}
+deployments:
+  - {pool: h100, model: llama-3.1-70b, tensor_parallel: 2, replicas_per_node: 3, window: 64}
+workload:
+  tenants:
+    - {name: a, model: llama-3.1-70b, arrivals: {kind: poisson, batches_per_hour: 4}, batch_size: {kind: fixed, value: 50}, prompt_tokens: {kind: fixed, value: 300}, output_tokens: {kind: fixed, value: 100}, completion_window: 1h}
+"#;
+    let s = Scenario::parse(yaml, "light.yaml").unwrap();
+    let r = run(&s, Path::new("."), s.seed, |_| {}).unwrap();
+    assert_eq!(
+        (r.fragmentation.devices, r.fragmentation.free),
+        (8, 2),
+        "{:?}",
+        r.fragmentation
+    );
+    assert_eq!(
+        r.fragmentation.stranded, 0,
+        "a free aligned pair fits another 70B replica"
+    );
+    let advice = r.placement_advice.expect("arrivals give a demand");
+    assert_eq!(advice.replicas_now, 3);
+    assert_eq!(advice.replicas_planned, 1, "{advice:?}");
+    assert_eq!(advice.stop.len(), 2, "{advice:?}");
+    assert!(advice.demand[0].tokens_per_s > 0.0 && advice.demand[0].unmet_tokens_per_s == 0.0);
+}

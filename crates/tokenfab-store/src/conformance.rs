@@ -11,11 +11,12 @@ use std::time::Duration;
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::batch_input::{InputLimits, parse_batch_input};
 use tokenfab_core::control::{
-    Action, ControlConfig, ControlCore, NewBatch, NodeDevice, NodeRegistration, ReportedOutcome, ReportedResult,
+    Action, ControlConfig, ControlCore, NewBatch, NodeDevice, NodeRegistration, ReplicaReport, ReportedOutcome,
+    ReportedResult,
 };
 use tokenfab_core::durable::{DurableOp, Outcome, RequestMeta};
 use tokenfab_core::usage::Usage;
-use tokenfab_core::{AcceleratorId, ModelId, NodeId, SuperNodeId, TenantId, Timestamp};
+use tokenfab_core::{AcceleratorId, ModelId, NodeId, ReplicaId, SuperNodeId, TenantId, Timestamp};
 
 fn line(id: &str) -> String {
     format!(
@@ -246,4 +247,37 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         out.rows.iter().map(|r| r.custom_id.as_str()).collect::<Vec<_>>(),
         ["a", "c"]
     );
+
+    // Idle energy the agent reports is charged to the tenant that used the devices, and
+    // the latest charge per tenant and hour survives a restart.
+    assert!(store.idle_shares().await.unwrap().is_empty());
+    let replica = |idle_j: f64| ReplicaReport {
+        replica: ReplicaId::from("r0"),
+        idle_j,
+        ..ReplicaReport::default()
+    };
+    recovered.heartbeat(t0, &node, &[], &[replica(100.0)]).unwrap();
+    store.apply(write_set(&mut recovered, &mut inputs)).await.unwrap();
+    let later = t0.saturating_add(Duration::from_secs(10));
+    recovered.heartbeat(later, &node, &[], &[replica(160.0)]).unwrap();
+    store.apply(write_set(&mut recovered, &mut inputs)).await.unwrap();
+    let charged = recovered.tenant_usage(&tenant, Timestamp::ZERO);
+    assert!((charged.idle_joules - 160.0).abs() < 1e-9, "{charged:?}");
+    drop(store);
+    let store = open();
+    let rows = store.idle_shares().await.unwrap();
+    assert_eq!(rows.len(), 1, "one tenant, one hour: {rows:?}");
+    assert_eq!((&rows[0].0, rows[0].2), (&tenant, 160.0));
+    let mut restarted = ControlCore::recover(
+        ControlConfig::default(),
+        store.load().await.unwrap().into_iter().map(|l| l.batch).collect(),
+        later,
+    );
+    restarted.restore_idle(rows);
+    let after = restarted.tenant_usage(&tenant, Timestamp::ZERO);
+    assert_eq!(
+        (after.idle_joules, after.idle_cost_usd),
+        (charged.idle_joules, charged.idle_cost_usd)
+    );
+    assert_eq!(restarted.tenant_totals()[&tenant].idle_joules, charged.idle_joules);
 }

@@ -102,6 +102,9 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
+/// Idle energy charged to a tenant in one hour: (tenant, hour start, joules, cost in USD).
+pub type IdleRow = (tokenfab_core::TenantId, tokenfab_core::Timestamp, f64, f64);
+
 /// Durable state. Every method may be called concurrently; `apply` calls are applied in
 /// the order they complete.
 pub trait Store: Send + Sync + 'static {
@@ -109,6 +112,9 @@ pub trait Store: Send + Sync + 'static {
     fn apply(&self, set: WriteSet) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Everything needed to rebuild the control core, batches in id order.
     fn load(&self) -> impl Future<Output = Result<Vec<LoadedBatch>, StoreError>> + Send;
+    /// The idle-energy charges written by `DurableOp::TenantIdle` (the latest per tenant
+    /// and hour).
+    fn idle_shares(&self) -> impl Future<Output = Result<Vec<IdleRow>, StoreError>> + Send;
     /// A page of at most `limit` rows of a batch's results, from `cursor`.
     fn results(
         &self,

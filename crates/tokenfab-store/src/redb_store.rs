@@ -5,26 +5,31 @@
 //! - `inputs`: (batch, request index) -> [`ParsedRequest`] (line, custom_id, body)
 //! - `line_errors`: (batch, line) -> [`LineError`]
 //! - `results`: (batch, request index) -> [`StoredResult`]
+//! - `tenant_idle`: (tenant, hour start in Unix µs) -> (joules, cost in USD) of idle energy
+//!   charged to the tenant in that hour
 //!
 //! Every [`Store::apply`] is one write transaction committed with `Durability::Immediate`
 //! (fsync), so a returned `apply` survives `kill -9` and power loss.
 
-use crate::{BatchInputs, Cursor, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome, Store, StoreError, WriteSet};
+use crate::{
+    BatchInputs, Cursor, IdleRow, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome, Store, StoreError, WriteSet,
+};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokenfab_core::BatchId;
 use tokenfab_core::batch::Lifecycle;
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
 use tokenfab_core::durable::{BatchMeta, BatchTotals, DurableOp, Outcome, RecoveredBatch, RequestMeta};
 use tokenfab_core::usage::Usage;
+use tokenfab_core::{BatchId, TenantId, Timestamp};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const INPUTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("inputs");
 const LINE_ERRORS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("line_errors");
 const RESULTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("results");
+const TENANT_IDLE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tenant_idle");
 
 /// Bumped whenever the encoding of a table changes.
 const SCHEMA_VERSION: u64 = 1;
@@ -108,6 +113,7 @@ impl RedbStore {
             txn.open_table(INPUTS).map_err(io)?;
             txn.open_table(LINE_ERRORS).map_err(io)?;
             txn.open_table(RESULTS).map_err(io)?;
+            txn.open_table(TENANT_IDLE).map_err(io)?;
         }
         txn.commit().map_err(io)
     }
@@ -120,6 +126,7 @@ impl RedbStore {
             let mut inputs = txn.open_table(INPUTS).map_err(io)?;
             let mut line_errors = txn.open_table(LINE_ERRORS).map_err(io)?;
             let mut results = txn.open_table(RESULTS).map_err(io)?;
+            let mut tenant_idle = txn.open_table(TENANT_IDLE).map_err(io)?;
             for BatchInputs {
                 batch,
                 requests,
@@ -174,6 +181,19 @@ impl RedbStore {
                                 .map_err(io)?;
                         }
                     }
+                    DurableOp::TenantIdle {
+                        tenant,
+                        hour,
+                        joules,
+                        cost_usd,
+                    } => {
+                        tenant_idle
+                            .insert(
+                                (tenant.as_str(), hour.as_micros()),
+                                encode(&(joules, cost_usd))?.as_slice(),
+                            )
+                            .map_err(io)?;
+                    }
                 }
             }
         }
@@ -218,6 +238,24 @@ impl RedbStore {
                 }
             }
             out.push(loaded);
+        }
+        Ok(out)
+    }
+
+    fn idle_blocking(db: &Database) -> Result<Vec<IdleRow>, StoreError> {
+        let txn = db.begin_read().map_err(io)?;
+        let table = txn.open_table(TENANT_IDLE).map_err(io)?;
+        let mut out = Vec::new();
+        for e in table.iter().map_err(io)? {
+            let (k, v) = e.map_err(io)?;
+            let (tenant, hour) = k.value();
+            let (joules, cost_usd): (f64, f64) = decode(v.value(), "idle charge")?;
+            out.push((
+                TenantId::new(tenant.to_string()),
+                Timestamp::from_micros(hour),
+                joules,
+                cost_usd,
+            ));
         }
         Ok(out)
     }
@@ -340,6 +378,13 @@ impl Store for RedbStore {
     async fn load(&self) -> Result<Vec<LoadedBatch>, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || Self::load_blocking(&db))
+            .await
+            .map_err(io)?
+    }
+
+    async fn idle_shares(&self) -> Result<Vec<IdleRow>, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || Self::idle_blocking(&db))
             .await
             .map_err(io)?
     }

@@ -83,6 +83,7 @@ async fn ingest() {
                 token: "t".into(),
             }],
             agent_token: "a".into(),
+            admin_token: None,
             control: ControlConfig {
                 lease_ttl: Duration::from_secs(3600),
                 ..ControlConfig::default()

@@ -104,6 +104,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 token: tenant_token.clone(),
             }],
             agent_token: agent_token.clone(),
+            admin_token: None,
             control: ControlConfig::default(),
             limits: InputLimits::default(),
         },
@@ -142,15 +143,16 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 max_concurrency: Some(a.window.max(256)),
             });
         }
-        let (opts, devices) = serve::agent_setup(
-            control.clone(),
-            agent_token.clone(),
-            format!("node-{n}"),
-            Some(format!("supernode-{n}")),
+        let (opts, devices) = serve::agent_setup(serve::AgentSetup {
+            control: control.clone(),
+            agent_token: agent_token.clone(),
+            node: format!("node-{n}"),
+            super_node: Some(format!("supernode-{n}")),
             replicas,
-            DeviceKind::Emulated,
-            Duration::from_secs(600),
-        )
+            devices: DeviceKind::Emulated,
+            request_timeout: Duration::from_secs(600),
+            tuning: serve::TuningArgs::default(),
+        })
         .await?;
         agents.push(tokio::spawn(tokenfab_agent::run(
             opts,

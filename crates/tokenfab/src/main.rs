@@ -6,6 +6,7 @@ mod serve;
 mod sim;
 mod sla;
 mod tenant;
+mod tuning;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -55,11 +56,19 @@ enum Command {
     /// The published throughput SLA: committed and measured throughput per model and
     /// accelerator, tokens/J, cost, and batch completion times per SLA class.
     Sla(sla::SlaArgs),
+    /// What each replica's batch-size and power tuner does: window, power limit, the rate
+    /// it owes to deadlines, what it measured, why it last moved (or, in advisory mode,
+    /// what the performance model recommends); free and stranded devices, and placement's
+    /// advice on the replica layout.
+    Tuning(tuning::TuningArgs),
     /// Simulate a cluster and workload with tokenfab's own scheduling code, or sweep
     /// configurations to find the cheapest one that meets the SLA.
     ///
     /// `tokenfab sim SCENARIO.yaml [--seed N] [--out DIR]` runs one scenario;
-    /// `tokenfab sim sweep SCENARIO.yaml --vary pools[0].nodes=1,2,4` runs many.
+    /// `tokenfab sim sweep SCENARIO.yaml --vary pools[0].nodes=1,2,4` runs many;
+    /// `tokenfab sim compare SCENARIO.yaml` measures the tuner against static
+    /// configurations and a hindsight oracle; `tokenfab sim curve` draws a model's
+    /// tokens/J and latency against batch size.
     Sim(sim::SimArgs),
 }
 
@@ -79,9 +88,12 @@ fn init_logging(filter: &str) {
         eprintln!("warning: bad --log filter '{filter}' ({e}); using 'warn'");
         tracing_subscriber::EnvFilter::new("warn")
     });
+    // Colours only on a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
@@ -106,6 +118,7 @@ fn main() -> std::process::ExitCode {
             Command::Results(a) => tenant::results(a).await,
             Command::Usage(a) => tenant::usage(a).await,
             Command::Sla(a) => sla::run(a).await,
+            Command::Tuning(a) => tuning::run(a).await,
             Command::Sim(a) => sim::run(a).await,
         }
     });

@@ -15,6 +15,18 @@ pub fn key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// One `--sla-class`: `NAME` (committed) or `NAME:best-effort`.
+pub fn sla_class(s: &str) -> Result<tokenfab_core::control::SlaClass, String> {
+    use tokenfab_core::control::SlaClass;
+    match s.split_once(':') {
+        None if !s.is_empty() => Ok(SlaClass::committed(s)),
+        Some((name, "best-effort")) if !name.is_empty() => Ok(SlaClass::best_effort(name)),
+        _ => Err(format!(
+            "'{s}' is not an SLA class; write NAME for a committed class or NAME:best-effort"
+        )),
+    }
+}
+
 /// One `--replica` of an agent: comma-separated `key=value` pairs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplicaArg {

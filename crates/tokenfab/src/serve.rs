@@ -13,7 +13,7 @@ use tokenfab_control::{ServerConfig, TenantToken};
 use tokenfab_core::agent::AgentConfig;
 use tokenfab_core::batch_input::InputLimits;
 use tokenfab_core::catalog::Catalog;
-use tokenfab_core::control::ControlConfig;
+use tokenfab_core::control::{ControlConfig, QueueOrder, SlaClass};
 use tokenfab_core::engine::EngineConfig;
 use tokenfab_core::{ModelId, NodeId, ReplicaId, SuperNodeId};
 use tokenfab_engine_emu::{EmuConfig, Emulator};
@@ -42,6 +42,10 @@ pub struct ServerArgs {
     /// Token agents must present.
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
     agent_token: String,
+    /// The operator's token: with it, `tokenfab usage --tenant NAME` reads any tenant's
+    /// usage. Not set: no operator access.
+    #[arg(long, env = "TOKENFAB_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// How long a lease lives without a heartbeat from its agent.
     #[arg(long, default_value = "10s", value_parser = parse::duration)]
     lease_ttl: Duration,
@@ -71,6 +75,44 @@ pub struct ServerArgs {
     /// Share of the estimated capacity admission control counts on, in (0, 1].
     #[arg(long, default_value_t = 0.9, value_parser = headroom)]
     admission_headroom: f64,
+    /// An SLA class (repeatable), highest priority first: `NAME` for a committed class
+    /// (admission-checked, its deadlines kept), `NAME:best-effort` for one that is never
+    /// refused and runs only when no higher class waits. Work of a class is served before
+    /// that of every class after it. Default: `standard` then `best-effort:best-effort`.
+    #[arg(long = "sla-class", value_parser = parse::sla_class)]
+    sla_classes: Vec<SlaClass>,
+    /// The SLA class of batches that name none (default: `standard` if listed, else the
+    /// first class).
+    #[arg(long)]
+    default_sla_class: Option<String>,
+    /// Order of committed work within a class: earliest deadline first, or least slack
+    /// first (the batch whose pending work must start soonest).
+    #[arg(long, value_enum, default_value_t = QueueOrderArg::Deadline)]
+    queue_order: QueueOrderArg,
+    /// Placement: `active` keeps only the fewest, cheapest replicas that cover the rate
+    /// deadlines and arrivals need (with a 25% margin) taking work and parks the others
+    /// (they idle); `advisory` shows what it would park, and the replica layout it would
+    /// choose, in `tokenfab tuning` without parking anything; `off`: every replica takes
+    /// work, no advice. Parking saves energy only where parked devices are powered down or
+    /// released; see docs/tuning.md.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Advisory)]
+    placement: PlacementArg,
+    /// A replica is parked only after it has been surplus this long.
+    #[arg(long, default_value = "5m", value_parser = parse::duration)]
+    park_after: Duration,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlacementArg {
+    Off,
+    Advisory,
+    Active,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QueueOrderArg {
+    Deadline,
+    Slack,
 }
 
 #[derive(serde::Deserialize)]
@@ -147,12 +189,27 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         }
         set
     };
+    let sla_classes = if a.sla_classes.is_empty() {
+        SlaClass::defaults()
+    } else {
+        a.sla_classes
+    };
+    let default_sla_class = a.default_sla_class.unwrap_or_else(|| {
+        sla_classes
+            .iter()
+            .find(|c| c.name == "standard")
+            .unwrap_or(&sla_classes[0])
+            .name
+            .clone()
+    });
+    SlaClass::check(&sla_classes, &default_sla_class).map_err(|m| anyhow::anyhow!("--sla-class: {m}"))?;
     let store = RedbStore::open(&a.data_dir)?;
     let config = ServerConfig {
         listen: a.listen,
         metrics_listen: a.metrics_listen,
         tenants,
         agent_token: a.agent_token,
+        admin_token: a.admin_token,
         control: ControlConfig {
             lease_ttl: a.lease_ttl,
             heartbeat_interval: a.heartbeat_interval,
@@ -164,6 +221,21 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             admission_headroom: a.admission_headroom,
             tenant_weights: weights,
             tenant_quotas: quotas,
+            sla_classes,
+            default_sla_class,
+            queue_order: match a.queue_order {
+                QueueOrderArg::Deadline => QueueOrder::Deadline,
+                QueueOrderArg::Slack => QueueOrder::Slack,
+            },
+            placement: match a.placement {
+                PlacementArg::Off => tokenfab_core::control::PlacementMode::Off,
+                PlacementArg::Advisory => tokenfab_core::control::PlacementMode::Advisory,
+                PlacementArg::Active => tokenfab_core::control::PlacementMode::Active,
+            },
+            activation: tokenfab_core::placement::ActivationConfig {
+                park_after: a.park_after,
+                ..Default::default()
+            },
             ..ControlConfig::default()
         },
         limits: InputLimits {
@@ -223,6 +295,122 @@ pub struct AgentArgs {
     /// Longest an engine call may take before it is retried elsewhere.
     #[arg(long, default_value = "10m", value_parser = parse::duration)]
     request_timeout: Duration,
+    #[command(flatten)]
+    tuning: TuningArgs,
+}
+
+/// How the agent tunes its replicas.
+#[derive(Args, Debug, Clone)]
+pub struct TuningArgs {
+    /// The batch-size and power tuner: `active` moves each replica's window (and the power
+    /// limit, where the devices allow) toward the objective while keeping the throughput
+    /// deadlines need; `advisory` only shows what the performance model recommends (in
+    /// telemetry: `tokenfab tuning`); `off` leaves windows and power as configured.
+    #[arg(long, value_enum, default_value_t = TunerArg::Advisory)]
+    pub tuner: TunerArg,
+    /// What the tuner maximizes. Without an energy counter (`--devices none`), tokens per
+    /// joule falls back to tokens per second (a constant-power proxy).
+    #[arg(long, value_enum, default_value_t = ObjectiveArg::TokensPerJoule)]
+    pub tuner_objective: ObjectiveArg,
+    /// Leave power limits alone (tune the window only).
+    #[arg(long)]
+    pub no_power_tuning: bool,
+    /// Price of one device-hour for the tokens-per-dollar objective (default: the
+    /// catalog's indicative price of the devices' class).
+    #[arg(long)]
+    pub usd_per_device_hour: Option<f64>,
+    /// Electricity price and PUE for the tokens-per-dollar objective.
+    #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_USD_PER_KWH)]
+    pub usd_per_kwh: f64,
+    #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_PUE)]
+    pub pue: f64,
+    /// Shortest measurement epoch of the tuner (each point is measured at least this long).
+    #[arg(long, default_value = "3s", value_parser = parse::duration)]
+    pub tuner_epoch: Duration,
+    /// How the agent picks the replica for the next request.
+    #[arg(long, value_enum, default_value_t = RoutingArg::PrefixAffinity)]
+    pub routing: RoutingArg,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TunerArg {
+    Off,
+    Advisory,
+    Active,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ObjectiveArg {
+    TokensPerJoule,
+    TokensPerDollar,
+    Throughput,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoutingArg {
+    /// Least loaded, but requests sharing a prompt prefix (every chat message but the
+    /// last, 64 tokens or more) go to the replica whose prefix cache holds it, unless it
+    /// is a quarter of its window busier than the least loaded.
+    PrefixAffinity,
+    /// The replica with the most free room relative to its window.
+    LeastLoaded,
+    /// Each replica in turn.
+    RoundRobin,
+}
+
+impl TuningArgs {
+    /// The agent core's settings; `accelerator` (of the node's devices) sets the default
+    /// device-hour price.
+    pub fn config(&self, accelerator: Option<&tokenfab_core::AcceleratorId>) -> AgentConfig {
+        use tokenfab_core::tuner::{Objective, TunerConfig, TunerMode};
+        let price = self.usd_per_device_hour.unwrap_or_else(|| {
+            accelerator
+                .and_then(|a| Catalog::builtin().accelerator(a).ok())
+                .map_or(0.0, |a| a.price_usd_per_hour)
+        });
+        AgentConfig {
+            tuner: TunerConfig {
+                mode: match self.tuner {
+                    TunerArg::Off => TunerMode::Off,
+                    TunerArg::Advisory => TunerMode::Advisory,
+                    TunerArg::Active => TunerMode::Active,
+                },
+                objective: match self.tuner_objective {
+                    ObjectiveArg::TokensPerJoule => Objective::TokensPerJoule,
+                    ObjectiveArg::Throughput => Objective::Throughput,
+                    ObjectiveArg::TokensPerDollar => Objective::TokensPerDollar {
+                        usd_per_device_hour: price,
+                        usd_per_kwh: self.usd_per_kwh,
+                        pue: self.pue,
+                    },
+                },
+                tune_power: !self.no_power_tuning,
+                epoch: self.tuner_epoch,
+                ..TunerConfig::default()
+            },
+            routing: match self.routing {
+                RoutingArg::PrefixAffinity => tokenfab_core::agent::Routing::PrefixAffinity,
+                RoutingArg::LeastLoaded => tokenfab_core::agent::Routing::LeastLoaded,
+                RoutingArg::RoundRobin => tokenfab_core::agent::Routing::RoundRobin,
+            },
+            ..AgentConfig::default()
+        }
+    }
+}
+
+impl Default for TuningArgs {
+    fn default() -> Self {
+        TuningArgs {
+            tuner: TunerArg::Advisory,
+            tuner_objective: ObjectiveArg::TokensPerJoule,
+            no_power_tuning: false,
+            usd_per_device_hour: None,
+            usd_per_kwh: tokenfab_core::usage::DEFAULT_USD_PER_KWH,
+            pue: tokenfab_core::usage::DEFAULT_PUE,
+            tuner_epoch: Duration::from_secs(3),
+            routing: RoutingArg::PrefixAffinity,
+        }
+    }
 }
 
 /// Default concurrency window of a replica when none is given.
@@ -230,16 +418,30 @@ pub const DEFAULT_WINDOW: u32 = 64;
 /// Default ceiling of a replica's window (vLLM's default max_num_seqs).
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 256;
 
+/// What an agent is started with.
+pub struct AgentSetup {
+    pub control: String,
+    pub agent_token: String,
+    pub node: String,
+    pub super_node: Option<String>,
+    pub replicas: Vec<parse::ReplicaArg>,
+    pub devices: DeviceKind,
+    pub request_timeout: Duration,
+    pub tuning: TuningArgs,
+}
+
 /// Builds agent options and the device backend from replica arguments.
-pub async fn agent_setup(
-    control: String,
-    agent_token: String,
-    node: String,
-    super_node: Option<String>,
-    replicas: Vec<parse::ReplicaArg>,
-    devices: DeviceKind,
-    request_timeout: Duration,
-) -> anyhow::Result<(AgentOptions, Arc<dyn DeviceBackend>)> {
+pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc<dyn DeviceBackend>)> {
+    let AgentSetup {
+        control,
+        agent_token,
+        node,
+        super_node,
+        replicas,
+        devices,
+        request_timeout,
+        tuning,
+    } = setup;
     let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
     let (backend, indices): (Arc<dyn DeviceBackend>, Vec<Vec<u32>>) =
         match devices {
@@ -281,22 +483,23 @@ pub async fn agent_setup(
         super_node: SuperNodeId::new(super_node.unwrap_or_else(|| node.clone())),
         node: NodeId::new(node),
         replicas,
-        core: AgentConfig::default(),
+        core: tuning.config(backend.devices().first().map(|d| &d.accelerator)),
         request_timeout,
     };
     Ok((opts, backend))
 }
 
 pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
-    let (opts, devices) = agent_setup(
-        a.control,
-        a.agent_token,
-        a.node,
-        a.super_node,
-        a.replicas,
-        a.devices,
-        a.request_timeout,
-    )
+    let (opts, devices) = agent_setup(AgentSetup {
+        control: a.control,
+        agent_token: a.agent_token,
+        node: a.node,
+        super_node: a.super_node,
+        replicas: a.replicas,
+        devices: a.devices,
+        request_timeout: a.request_timeout,
+        tuning: a.tuning,
+    })
     .await?;
     eprintln!(
         "tokenfab agent {} driving {} replica(s), {} device(s), control plane {}",

@@ -6,6 +6,7 @@ use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokenfab_sim::compare::Comparison;
 use tokenfab_sim::sweep::{self, Vary};
 use tokenfab_sim::{Scenario, plot};
 
@@ -35,6 +36,58 @@ enum SimCommand {
     /// Run a scenario over combinations of values and find the cheapest configuration
     /// that meets the SLA.
     Sweep(SweepArgs),
+    /// Compare, on one scenario and workload: static configurations people run today
+    /// (vLLM's default of 256 sequences at full power, fixed windows), tokenfab's tuner,
+    /// and a hindsight oracle that picks the best static window and power limit per phase.
+    /// Prints tokens/J, cost per 1M tokens and SLA attainment of each.
+    Compare(CompareArgs),
+    /// Draw one model's operating curve on one accelerator from the performance model:
+    /// output tokens/J and inter-token latency against batch size, at full power and at
+    /// the tuner's power limit, with the point the tuner settles on (run in the simulator
+    /// on one saturated replica) and vLLM's default marked. Writes curve.svg, curve.csv
+    /// and curve.json.
+    Curve(CurveArgs),
+}
+
+#[derive(Args, Debug)]
+struct CurveArgs {
+    /// Model (from the built-in catalog).
+    #[arg(long, default_value = "llama-3.1-8b")]
+    model: String,
+    /// Accelerator class (from the built-in catalog).
+    #[arg(long, default_value = "h100-sxm")]
+    accelerator: String,
+    /// Devices per replica.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: u32,
+    /// Prompt and output tokens of every request.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: u32,
+    #[arg(long, default_value_t = 256)]
+    output_tokens: u32,
+    /// Directory for curve.svg, curve.csv and curve.json (default: sim-out/curve-MODEL-ACCELERATOR).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Scenario file (YAML).
+    scenario: PathBuf,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Phases the oracle cuts the run into (it tries 12 configurations in each).
+    #[arg(long, default_value_t = 8)]
+    oracle_phases: u32,
+    /// Leave the oracle out (it costs about 12 runs of the scenario).
+    #[arg(long)]
+    no_oracle: bool,
+    /// Directory for compare.json and compare.csv (default: sim-out/<name>-compare).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Runs at once (default: the number of CPU cores).
+    #[arg(long)]
+    jobs: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -63,10 +116,208 @@ pub async fn run(a: SimArgs) -> anyhow::Result<()> {
     // The simulator is CPU-bound and synchronous: keep it off the async workers.
     tokio::task::spawn_blocking(move || match a.command {
         Some(SimCommand::Sweep(s)) => sweep(s),
+        Some(SimCommand::Compare(c)) => compare(c),
+        Some(SimCommand::Curve(c)) => curve(c),
         None => single(a.scenario.expect("clap requires it"), a.seed, a.out, !a.no_plots),
     })
     .await
     .context("the simulation thread failed")?
+}
+
+fn curve(a: CurveArgs) -> anyhow::Result<()> {
+    use tokenfab_sim::curve::{self, CurveSpec};
+    let spec = CurveSpec {
+        model: a.model,
+        accelerator: a.accelerator,
+        tensor_parallel: a.tensor_parallel.max(1),
+        prompt_tokens: a.prompt_tokens.max(1),
+        output_tokens: a.output_tokens.max(1),
+    };
+    let out = a
+        .out
+        .unwrap_or_else(|| Path::new("sim-out").join(format!("curve-{}-{}", spec.model, spec.accelerator)));
+    let c = curve::curve(&spec)?;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "batch",
+        "tok/J full power",
+        "ms/token full power",
+        format!("tok/J at {:.0} W", c.tuner_power_limit_w).as_str(),
+        format!("ms/token at {:.0} W", c.tuner_power_limit_w).as_str(),
+    ]);
+    let mut csv = String::from(
+        "batch,tokens_per_joule_full_power,inter_token_ms_full_power,tokens_per_s_full_power,tokens_per_joule_tuned_power,inter_token_ms_tuned_power,tokens_per_s_tuned_power\n",
+    );
+    for p in &c.points {
+        csv.push_str(&format!(
+            "{},{:.5},{:.4},{:.2},{:.5},{:.4},{:.2}\n",
+            p.batch,
+            p.tokens_per_joule_full_power,
+            p.inter_token_ms_full_power,
+            p.tokens_per_s_full_power,
+            p.tokens_per_joule_tuned_power,
+            p.inter_token_ms_tuned_power,
+            p.tokens_per_s_tuned_power
+        ));
+        let tuner = p.batch == c.tuner_window.min(c.kv_batch_limit);
+        if p.batch.is_power_of_two() || tuner || p.batch == c.kv_batch_limit {
+            t.add_row([
+                Cell::new(match (tuner, p.batch == c.kv_batch_limit) {
+                    (true, _) => format!("{} (tuner)", p.batch),
+                    (false, true) => format!("{} (KV cache full)", p.batch),
+                    _ => p.batch.to_string(),
+                }),
+                Cell::new(format!("{:.2}", p.tokens_per_joule_full_power)).set_alignment(CellAlignment::Right),
+                Cell::new(format!("{:.1}", p.inter_token_ms_full_power)).set_alignment(CellAlignment::Right),
+                Cell::new(format!("{:.2}", p.tokens_per_joule_tuned_power)).set_alignment(CellAlignment::Right),
+                Cell::new(format!("{:.1}", p.inter_token_ms_tuned_power)).set_alignment(CellAlignment::Right),
+            ]);
+        }
+    }
+    println!(
+        "{} on {} (TP {}), {} prompt + {} output tokens per request; KV cache fits {} sequences",
+        c.model, c.accelerator, c.tensor_parallel, c.prompt_tokens, c.output_tokens, c.kv_batch_limit
+    );
+    println!("{t}");
+    println!(
+        "the tuner settled on window {} at {:.0} W after {:.0} simulated s, measuring {:.2} output tokens/J there",
+        c.tuner_window, c.tuner_power_limit_w, c.tuner_settled_s, c.tuner_measured_tokens_per_joule
+    );
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("curve.csv"), csv).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(out.join("curve.json"), serde_json::to_string_pretty(&c)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    plot::curve_plot(&c, &out.join("curve.svg"))?;
+    eprintln!("wrote curve.svg, curve.csv, curve.json to {}", out.display());
+    Ok(())
+}
+
+fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    use tokenfab_sim::compare::{self, CompareOptions};
+    let (scenario, base) = Scenario::load(&a.scenario)?;
+    let seed = a.seed.unwrap_or(scenario.seed);
+    let mut options = CompareOptions {
+        oracle_phases: a.oracle_phases.max(1),
+        oracle: !a.no_oracle,
+        ..CompareOptions::default()
+    };
+    if let Some(j) = a.jobs {
+        options.jobs = j.max(1);
+    }
+    let out = a
+        .out
+        .unwrap_or_else(|| Path::new("sim-out").join(format!("{}-compare", scenario.name)));
+    let variants = 7 + u64::from(options.oracle);
+    eprintln!(
+        "comparing {} policies on {} (about {:.0} runs of the scenario on {} thread(s))",
+        variants,
+        scenario.name,
+        compare::cost_in_runs(&options),
+        options.jobs
+    );
+    let b = bar(
+        variants,
+        "{spinner} [{bar:30}] {pos}/{len} variants {elapsed_precise} {msg}",
+    );
+    b.enable_steady_tick(Duration::from_millis(200));
+    let started = Instant::now();
+    let c = compare::compare(&scenario, &base, seed, &options, |name| {
+        b.inc(1);
+        b.set_message(format!("{name} done"));
+    })?;
+    b.finish_and_clear();
+    println!("{}: {}", scenario.name, scenario.description);
+    println!("{}", compare_table(&c));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("compare.json"), serde_json::to_string_pretty(&c)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    let mut csv = String::from(
+        "variant,output_tokens_per_joule,serving_tokens_per_joule,energy_j,cost_per_million_output_tokens_usd,billed_s,horizon_tokens_per_joule,horizon_cost_per_million_output_tokens_usd,sla_attainment,refused_share,completion_p99_s,output_tokens\n",
+    );
+    for r in &c.rows {
+        csv.push_str(&format!(
+            "{},{:.5},{:.5},{:.1},{:.6},{:.1},{:.5},{:.6},{:.6},{:.6},{:.1},{}\n",
+            r.variant,
+            r.output_tokens_per_joule,
+            r.serving_tokens_per_joule,
+            r.energy_j,
+            r.cost_per_million_output_tokens_usd,
+            r.billed_s,
+            r.horizon_tokens_per_joule,
+            r.horizon_cost_per_million_output_tokens_usd,
+            r.sla_attainment,
+            r.refused_share,
+            r.completion_p99_s,
+            r.output_tokens
+        ));
+    }
+    std::fs::write(out.join("compare.csv"), csv)?;
+    if let Some(o) = c.rows.iter().find(|r| r.variant == "oracle") {
+        let phases: Vec<String> = o
+            .phases
+            .iter()
+            .map(|p| format!("{}@{:.0}%", p.window, p.power_fraction * 100.0))
+            .collect();
+        println!("oracle's choice per phase (window@power): {}", phases.join(" "));
+    }
+    eprintln!(
+        "wrote compare.json, compare.csv to {} ({:.1} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The comparison as a table for a terminal.
+fn compare_table(c: &Comparison) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "variant",
+        "tok/J (all energy)",
+        "tok/J (serving)",
+        "$ / 1M out",
+        "billed",
+        "tok/J (common end)",
+        "$ / 1M (common end)",
+        "on time",
+        "refused",
+        "p99 done",
+        "output tokens",
+    ]);
+    for r in &c.rows {
+        let mark = if c.best_static.as_deref() == Some(r.variant.as_str()) {
+            " (best static)"
+        } else {
+            ""
+        };
+        t.add_row([
+            Cell::new(format!("{}{mark}", r.variant)),
+            Cell::new(format!("{:.3}", r.output_tokens_per_joule)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3}", r.serving_tokens_per_joule)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.4}", r.cost_per_million_output_tokens_usd)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.2} h", r.billed_s / 3600.0)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3}", r.horizon_tokens_per_joule)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.4}", r.horizon_cost_per_million_output_tokens_usd))
+                .set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.2}%", r.sla_attainment * 100.0)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.2}%", r.refused_share * 100.0)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.0} s", r.completion_p99_s)).set_alignment(CellAlignment::Right),
+            Cell::new(r.output_tokens).set_alignment(CellAlignment::Right),
+        ]);
+    }
+    let mut out = t.to_string();
+    out.push_str("\n(common end: every variant's devices counted, idle and billed, until the latest variant finished)");
+    if let Some(v) = c.tuner_vs_best_static {
+        out.push_str(&format!(
+            "\ntuner vs best static ({}): {:+.1}% tokens/J",
+            c.best_static.as_deref().unwrap_or("-"),
+            (v - 1.0) * 100.0
+        ));
+    }
+    if let Some(v) = c.tuner_vs_oracle {
+        out.push_str(&format!("\ntuner vs oracle: {:.1}% of its tokens/J", v * 100.0));
+    }
+    out
 }
 
 fn bar(len: u64, template: &str) -> ProgressBar {

@@ -13,6 +13,10 @@ pub struct SlaArgs {
     /// Print the document as JSON (tokenfab.io/v1 ThroughputSLA) instead of tables.
     #[arg(long)]
     json: bool,
+    /// Print the measurement as llm-d Benchmark Reports (schema v0.2.1, a JSON array with
+    /// one report per model and accelerator), to compare with llm-d and inference-perf runs.
+    #[arg(long, conflicts_with = "json")]
+    llm_d: bool,
 }
 
 pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
@@ -34,6 +38,11 @@ pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
     }
     let doc: ThroughputSla =
         serde_json::from_str(&text).with_context(|| format!("{url} did not answer a ThroughputSLA document"))?;
+    if a.llm_d {
+        let reports = tokenfab_core::llmd::benchmark_reports(&doc);
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(());
+    }
     println!(
         "{} {} over the last {:.0} s (data for {:.0} s)",
         doc.api_version, doc.kind, doc.metadata.window_seconds, doc.metadata.covered_seconds

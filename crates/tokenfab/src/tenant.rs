@@ -591,6 +591,10 @@ pub struct UsageArgs {
     /// Count batches created within this long before now (e.g. 24h, 7d); default: all.
     #[arg(long, value_parser = parse::duration)]
     since: Option<Duration>,
+    /// Another tenant's usage (operators: pass the control plane's admin token as
+    /// --token / TOKENFAB_TOKEN). Default: your own.
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 pub async fn usage(a: UsageArgs) -> anyhow::Result<()> {
@@ -605,7 +609,10 @@ pub async fn usage(a: UsageArgs) -> anyhow::Result<()> {
         }
     };
     let u = client
-        .get_usage(pb::GetUsageRequest { since_unix_ms })
+        .get_usage(pb::GetUsageRequest {
+            since_unix_ms,
+            tenant: a.tenant.unwrap_or_default(),
+        })
         .await
         .map_err(rpc)?
         .into_inner();
@@ -630,6 +637,10 @@ pub async fn usage(a: UsageArgs) -> anyhow::Result<()> {
         ("prompt tokens", group(usage.prompt_tokens)),
         ("completion tokens", group(usage.completion_tokens)),
         ("energy (attributed)", format!("{:.1} kJ", usage.joules / 1e3)),
+        (
+            "idle energy share",
+            format!("{:.1} kJ (${:.4})", u.idle_joules / 1e3, u.idle_cost_usd),
+        ),
         (
             "device time",
             format!("{:.1} device-hours", usage.device_seconds / 3600.0),
