@@ -294,7 +294,13 @@ const GRID: [u32; 8] = [1, 2, 3, 5, 7, 10, 15, 16];
 /// (its `min_gain`), so it stops at the knee, where more concurrency only adds latency.
 /// The test first measures the curve itself with a closed-loop client at every window of
 /// the grid, then lets tokenfab's agent tune the same server from window 1.
+///
+/// A measurement, not a CI gate: on two shared CPU cores neighbouring points of the curve
+/// differ by as much as the noise (docs/tuning.md has the runs), so whether the tuner
+/// passes depends on the run. Run it on a quiet machine with
+/// `cargo nextest run -p tokenfab --test e2e_llama --run-ignored only --no-capture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a noisy measurement on a CPU engine; run it explicitly (see the doc comment)"]
 async fn the_live_tuner_finds_the_knee_of_a_real_llama_cpp_server() {
     let Some((server_bin, gguf)) = locate() else { return };
     let _alone = ALONE.lock().await;
