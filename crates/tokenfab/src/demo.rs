@@ -114,7 +114,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let control = format!("http://{}", server.addr);
 
     // Emulated GPUs: one engine emulator per replica; one agent per node.
+    // Agents stop first: their last act is a closing device reading from the emulators.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (emu_stop_tx, emu_stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -131,7 +133,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             tokio::spawn(tokenfab_engine_emu::serve(
                 listener,
                 emu.clone(),
-                stopped(stop_rx.clone()),
+                stopped(emu_stop_rx.clone()),
             ));
             emulators.push(emu);
             replicas.push(crate::parse::ReplicaArg {
@@ -202,6 +204,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     for agent in agents {
         let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
     }
+    let _ = emu_stop_tx.send(true);
     server.shutdown().await?;
     if !tenant::is_final(&last) || last.request_counts.is_some_and(|c| c.failed > 0) {
         bail!("the demo batch did not complete cleanly");
