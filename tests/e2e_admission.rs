@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
@@ -35,19 +34,10 @@ fn options(window_s: u64, class: &str, best_effort_if_late: bool) -> Option<pb::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yields() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let data = dir.path().join("data");
     let http_port = free_port();
-    let mut server = Proc::spawn(
-        "server",
+    let (server, addr) = start_server(
         dir.path(),
         &[
-            "server",
-            "--listen",
-            &addr.to_string(),
-            "--data-dir",
-            data.to_str().unwrap(),
             "--tenant",
             &format!("acme={TENANT}"),
             "--metrics-listen",
@@ -55,7 +45,6 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
         ],
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     );
-    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
     let (emu, emu_url) = spawn_emu(dir.path(), "emu", 20.0);
     let agent = spawn_agent(dir.path(), "node0", &format!("http://{addr}"), &emu_url, 32, AGENT);
     let procs = [emu, agent];

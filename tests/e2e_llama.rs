@@ -11,7 +11,6 @@ mod common;
 
 use common::*;
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
@@ -117,24 +116,7 @@ async fn a_batch_runs_on_a_real_llama_cpp_server_with_exact_usage() {
     let (_llama, llama_url) = start_llama(&server_bin, &gguf, 16).await;
     let predicted_before = fetch_metric(&format!("{llama_url}/metrics"), "llamacpp:tokens_predicted_total").await;
 
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let data = dir.path().join("data");
-    let mut server = Proc::spawn(
-        "server",
-        dir.path(),
-        &[
-            "server",
-            "--listen",
-            &addr.to_string(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tenant",
-            "t=tok",
-        ],
-        &[("TOKENFAB_AGENT_TOKEN", "agent")],
-    );
-    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
+    let (server, addr) = start_server(dir.path(), &["--tenant", "t=tok"], &[("TOKENFAB_AGENT_TOKEN", "agent")]);
     let _agent = Proc::spawn(
         "agent",
         dir.path(),
@@ -317,26 +299,12 @@ async fn the_live_tuner_finds_the_knee_of_a_real_llama_cpp_server() {
     println!("measured curve (concurrency, output tokens/s): {curve:.1?}");
 
     // tokenfab tunes the same server.
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http = format!("127.0.0.1:{}", free_port());
-    let mut server = Proc::spawn(
-        "server",
+    let (_server, addr) = start_server(
         dir.path(),
-        &[
-            "server",
-            "--listen",
-            &addr.to_string(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--tenant",
-            "t=tok",
-            "--metrics-listen",
-            &http,
-            "--no-admission",
-        ],
+        &["--tenant", "t=tok", "--metrics-listen", &http, "--no-admission"],
         &[("TOKENFAB_AGENT_TOKEN", "agent")],
     );
-    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
     let agent = Proc::spawn(
         "agent",
         dir.path(),

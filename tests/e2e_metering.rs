@@ -60,17 +60,9 @@ async fn usage(addr: SocketAddr, token: &str, tenant: &str) -> Result<pb::Tenant
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_are_charged_every_joule_the_devices_drew_idle_share_included() {
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let data = dir.path().join("data");
-    let mut server = Proc::spawn(
-        "server",
+    let (server, addr) = start_server(
         dir.path(),
         &[
-            "server",
-            "--listen",
-            &addr.to_string(),
-            "--data-dir",
-            data.to_str().unwrap(),
             "--tenant",
             &format!("acme={ACME}"),
             "--tenant",
@@ -78,7 +70,6 @@ async fn tenants_are_charged_every_joule_the_devices_drew_idle_share_included() 
         ],
         &[("TOKENFAB_AGENT_TOKEN", AGENT), ("TOKENFAB_ADMIN_TOKEN", ADMIN)],
     );
-    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
     let (emu0, url0) = spawn_emu(dir.path(), "emu0", 20.0);
     let (emu1, url1) = spawn_emu(dir.path(), "emu1", 20.0);
     // acme runs three times as much as globex. The work is queued before the agents start,

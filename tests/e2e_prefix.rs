@@ -9,7 +9,6 @@
 mod common;
 
 use common::*;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
@@ -42,22 +41,11 @@ fn batch() -> Vec<u8> {
 /// cached) summed over the emulators.
 async fn run(routing: &str) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut server = Proc::spawn(
-        "server",
+    let (_server, addr) = start_server(
         dir.path(),
-        &[
-            "server",
-            "--listen",
-            &addr.to_string(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--tenant",
-            "acme=tok",
-        ],
+        &["--tenant", "acme=tok"],
         &[("TOKENFAB_AGENT_TOKEN", "agent")],
     );
-    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
     let mut procs = Vec::new();
     let mut engines = Vec::new();
     for i in 0..REPLICAS {

@@ -9,7 +9,6 @@
 mod common;
 
 use common::*;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
@@ -103,17 +102,10 @@ policies:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tuner_settles_where_the_simulator_predicts_and_follows_a_tighter_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http = format!("127.0.0.1:{}", free_port());
-    let mut server = Proc::spawn(
-        "server",
+    let (_server, addr) = start_server(
         dir.path(),
         &[
-            "server",
-            "--listen",
-            &addr.to_string(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
             "--tenant",
             &format!("acme={TENANT}"),
             "--metrics-listen",
@@ -124,7 +116,6 @@ async fn the_tuner_settles_where_the_simulator_predicts_and_follows_a_tighter_de
         ],
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     );
-    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
     let port = free_port();
     let mut emu = Proc::spawn(
         "emu",

@@ -153,27 +153,17 @@ async fn wait_done(addr: SocketAddr, id: &str, procs: &[Proc]) -> pb::Batch {
 }
 
 async fn live(dir: &std::path::Path) -> Outcome {
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let control = format!("http://{addr}");
-    let data = dir.join("data");
-    let mut server = Proc::spawn(
-        "server",
+    let (server, addr) = start_server(
         dir,
         &[
-            "server",
-            "--listen",
-            &addr.to_string(),
             "--metrics-listen",
             &format!("127.0.0.1:{}", free_port()),
-            "--data-dir",
-            data.to_str().unwrap(),
             "--tenant",
             &format!("planner={TENANT}"),
         ],
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     );
-    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
+    let control = format!("http://{addr}");
     let mut procs = vec![server];
     for n in 0..2 {
         let (emu, url) = spawn_emu(dir, &format!("emu{n}"), SCALE);

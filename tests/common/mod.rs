@@ -110,6 +110,20 @@ pub fn wait_tcp(addr: SocketAddr, within: Duration, procs: &mut [&mut Proc]) {
     panic!("nothing listening on {addr} after {within:?}");
 }
 
+/// Starts a control plane on a free loopback port with its state in `dir/data`, the
+/// tenants and flags in `args` and the environment in `envs` (the agent token), and waits
+/// until it listens. Returns the process and its gRPC address.
+pub fn start_server(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> (Proc, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let data = dir.join("data");
+    let listen = addr.to_string();
+    let mut all = vec!["server", "--listen", &listen, "--data-dir", data.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut server = Proc::spawn("server", dir, &all, envs);
+    wait_tcp(addr, Duration::from_secs(20), &mut [&mut server]);
+    (server, addr)
+}
+
 pub async fn tenant_client(
     addr: SocketAddr,
     token: &str,

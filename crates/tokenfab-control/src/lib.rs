@@ -283,49 +283,47 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     })
 }
 
+/// Asks the core loop for a document (`command` carries the reply channel) and answers it
+/// as JSON after `shape`, or 503 while the control plane stops.
+async fn ask_json<T, U: serde::Serialize>(
+    tx: mpsc::Sender<core_loop::Command>,
+    command: impl FnOnce(oneshot::Sender<T>) -> core_loop::Command,
+    shape: impl FnOnce(T) -> U,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (reply, rx) = oneshot::channel();
+    if tx.send(command(reply)).await.is_ok()
+        && let Ok(doc) = rx.await
+    {
+        return axum::Json(shape(doc)).into_response();
+    }
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "the control plane is stopping",
+    )
+        .into_response()
+}
+
 /// `GET /v1/sla`: the throughput SLA document (tokenfab.io/v1 ThroughputSLA) as JSON;
 /// `GET /v1/sla/llm-d` (`llmd`): the same measurement as a JSON array of llm-d Benchmark
 /// Reports (v0.2.1), one per pool.
 async fn sla_json(tx: mpsc::Sender<core_loop::Command>, llmd: bool) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let (reply, rx) = oneshot::channel();
-    if tx.send(core_loop::Command::Sla { reply }).await.is_err() {
-        return (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "the control plane is stopping",
+    if llmd {
+        ask_json(
+            tx,
+            |reply| core_loop::Command::Sla { reply },
+            |doc| tokenfab_core::llmd::benchmark_reports(&doc),
         )
-            .into_response();
-    }
-    match rx.await {
-        Ok(doc) if llmd => axum::Json(tokenfab_core::llmd::benchmark_reports(&doc)).into_response(),
-        Ok(doc) => axum::Json(doc).into_response(),
-        Err(_) => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "the control plane is stopping",
-        )
-            .into_response(),
+        .await
+    } else {
+        ask_json(tx, |reply| core_loop::Command::Sla { reply }, |doc| doc).await
     }
 }
 
 /// `GET /v1/tuning`: every replica's knobs, directive and tuner state, fragmentation and
 /// placement's advice, as JSON (see [`tokenfab_core::control::TuningDoc`]).
 async fn tuning_json(tx: mpsc::Sender<core_loop::Command>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let stopping = || {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "the control plane is stopping",
-        )
-            .into_response()
-    };
-    let (reply, rx) = oneshot::channel();
-    if tx.send(core_loop::Command::Tuning { reply }).await.is_err() {
-        return stopping();
-    }
-    match rx.await {
-        Ok(doc) => axum::Json(doc).into_response(),
-        Err(_) => stopping(),
-    }
+    ask_json(tx, |reply| core_loop::Command::Tuning { reply }, |doc| doc).await
 }
 
 #[cfg(test)]

@@ -1761,13 +1761,13 @@ impl ControlCore {
         let mut rate: BTreeMap<ModelId, f64> = BTreeMap::new();
         // Prompt and output tokens and requests of the unfinished work, per model.
         let mut work: BTreeMap<ModelId, (f64, f64, f64)> = BTreeMap::new();
+        let share = self.config.deadline_share.clamp(0.05, 1.0);
         for (deadline, id) in &self.deadlines {
             let b = &self.batches[id];
             let total = f64::from(b.meta.requests.max(1));
             let left = f64::from(b.meta.requests.saturating_sub(b.done()));
             let c = cum.entry(&b.meta.model).or_default();
             *c += b.output_tokens as f64 * left / total;
-            let share = self.config.deadline_share.clamp(0.05, 1.0);
             let time = (deadline.since(now).as_secs_f64() * share).max(1.0);
             let r = rate.entry(b.meta.model.clone()).or_default();
             *r = r.max(*c / time);

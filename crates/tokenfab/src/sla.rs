@@ -19,9 +19,10 @@ pub struct SlaArgs {
     llm_d: bool,
 }
 
-pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
-    let url = format!("{}/v1/sla", a.url.trim_end_matches('/'));
-    let resp = reqwest::get(&url).await.with_context(|| {
+/// GETs `url` from the control plane's HTTP listener; the body, or an error saying what
+/// failed and what to check.
+pub(crate) async fn get_text(url: &str) -> anyhow::Result<String> {
+    let resp = reqwest::get(url).await.with_context(|| {
         format!("cannot reach {url}; is the control plane running with --metrics-listen at that address?")
     })?;
     let status = resp.status();
@@ -32,6 +33,12 @@ pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
     if !status.is_success() {
         anyhow::bail!("{url} answered {status}: {text}");
     }
+    Ok(text)
+}
+
+pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
+    let url = format!("{}/v1/sla", a.url.trim_end_matches('/'));
+    let text = get_text(&url).await?;
     if a.json {
         println!("{text}");
         return Ok(());

@@ -17,17 +17,7 @@ pub struct TuningArgs {
 
 pub async fn run(a: TuningArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/tuning", a.url.trim_end_matches('/'));
-    let resp = reqwest::get(&url).await.with_context(|| {
-        format!("cannot reach {url}; is the control plane running with --metrics-listen at that address?")
-    })?;
-    let status = resp.status();
-    let text = resp
-        .text()
-        .await
-        .with_context(|| format!("reading the answer of {url}"))?;
-    if !status.is_success() {
-        anyhow::bail!("{url} answered {status}: {text}");
-    }
+    let text = crate::sla::get_text(&url).await?;
     if a.json {
         println!("{text}");
         return Ok(());
