@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
 const TENANT: &str = "acme-token";
-const AGENT: &str = "agent-token";
+const AGENT: &str = "agent-secret-of-the-tests";
 
 fn batch(prefix: &str, n: usize, max_tokens: u32) -> Vec<u8> {
     (0..n)

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
 const TENANT: &str = "acme-token";
-const AGENT: &str = "agent-token";
+const AGENT: &str = "agent-secret-of-the-tests";
 
 fn start_server(dir: &std::path::Path, data: &str, port: u16, metrics_port: u16, name: &str) -> Proc {
     Proc::spawn(

@@ -116,7 +116,11 @@ async fn a_batch_runs_on_a_real_llama_cpp_server_with_exact_usage() {
     let (_llama, llama_url) = start_llama(&server_bin, &gguf, 16).await;
     let predicted_before = fetch_metric(&format!("{llama_url}/metrics"), "llamacpp:tokens_predicted_total").await;
 
-    let (server, addr) = start_server(dir.path(), &["--tenant", "t=tok"], &[("TOKENFAB_AGENT_TOKEN", "agent")]);
+    let (server, addr) = start_server(
+        dir.path(),
+        &["--tenant", "t=tok"],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
+    );
     let _agent = Proc::spawn(
         "agent",
         dir.path(),
@@ -131,7 +135,7 @@ async fn a_batch_runs_on_a_real_llama_cpp_server_with_exact_usage() {
             "--replica",
             &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window=8"),
         ],
-        &[("TOKENFAB_AGENT_TOKEN", "agent")],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     );
 
     let input = dir.path().join("batch.jsonl");
@@ -303,7 +307,7 @@ async fn the_live_tuner_finds_the_knee_of_a_real_llama_cpp_server() {
     let (_server, addr) = start_server(
         dir.path(),
         &["--tenant", "t=tok", "--metrics-listen", &http, "--no-admission"],
-        &[("TOKENFAB_AGENT_TOKEN", "agent")],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     );
     let agent = Proc::spawn(
         "agent",
@@ -323,7 +327,7 @@ async fn the_live_tuner_finds_the_knee_of_a_real_llama_cpp_server() {
             "--tuner-objective",
             "throughput",
         ],
-        &[("TOKENFAB_AGENT_TOKEN", "agent")],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     );
     let procs = [agent];
     wait_registered(&procs, Duration::from_secs(30)).await;

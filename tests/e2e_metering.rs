@@ -17,7 +17,7 @@ use tokenfab_proto::v1 as pb;
 const ACME: &str = "acme-token";
 const GLOBEX: &str = "globex-token";
 const ADMIN: &str = "operator-token";
-const AGENT: &str = "agent-token";
+const AGENT: &str = "agent-secret-of-the-tests";
 
 fn batch(prefix: &str, n: usize, max_tokens: u32) -> Vec<u8> {
     (0..n)

@@ -44,7 +44,7 @@ async fn run(routing: &str) -> (f64, f64) {
     let (_server, addr) = start_server(
         dir.path(),
         &["--tenant", "acme=tok"],
-        &[("TOKENFAB_AGENT_TOKEN", "agent")],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     );
     let mut procs = Vec::new();
     let mut engines = Vec::new();
@@ -66,7 +66,7 @@ async fn run(routing: &str) -> (f64, f64) {
         "agent",
         dir.path(),
         &args,
-        &[("TOKENFAB_AGENT_TOKEN", "agent")],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     ));
     wait_registered(&procs, Duration::from_secs(30)).await;
     let mut client = tenant_client(addr, "tok").await;

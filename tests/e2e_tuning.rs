@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
 const TENANT: &str = "acme-token";
-const AGENT: &str = "agent-token";
+const AGENT: &str = "agent-secret-of-the-tests";
 const SCALE: f64 = 10.0;
 /// The emulator counts this many prompt tokens for each line `chat_line` writes.
 const PROMPT: u32 = 10;

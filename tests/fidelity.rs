@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
 const TENANT: &str = "planner-token";
-const AGENT: &str = "agent-token";
+const AGENT: &str = "agent-secret-of-the-tests";
 /// Emulated seconds per wall second in the live run.
 const SCALE: f64 = 5.0;
 /// Batch `k` arrives at `ARRIVE_S[k]` emulated seconds.

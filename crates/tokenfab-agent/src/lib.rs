@@ -46,6 +46,9 @@ pub struct ReplicaConfig {
 pub struct AgentOptions {
     /// Control plane gRPC URL, e.g. `http://127.0.0.1:7443`.
     pub control_url: String,
+    /// This node's token (`tfn1.…`, from `tokenfab admin node-token`), or the cluster's
+    /// agent secret, from which the agent derives its node's token (the secret itself
+    /// never leaves the agent).
     pub agent_token: String,
     pub node: NodeId,
     pub super_node: SuperNodeId,
@@ -146,9 +149,12 @@ pub async fn run(
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .connect_lazy();
-    let token = format!("Bearer {}", opts.agent_token)
-        .parse()
-        .map_err(|_| AgentError::Token)?;
+    let node_token = if tokenfab_identity::is_node_token(opts.agent_token.trim()) {
+        opts.agent_token.trim().to_string()
+    } else {
+        tokenfab_identity::node_token(opts.agent_token.trim(), opts.node.as_str())
+    };
+    let token = format!("Bearer {node_token}").parse().map_err(|_| AgentError::Token)?;
     let client: Client = AgentServiceClient::with_interceptor(channel, Bearer(token))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
@@ -268,7 +274,15 @@ impl Shell {
                     let node = self.opts.node.to_string();
                     tokio::spawn(async move {
                         let req = pb::ReportResultsRequest { node, results: wire };
-                        let r = client.report_results(req).await.map(|_| ());
+                        let r = client.report_results(req).await.map(|r| {
+                            let r = r.into_inner();
+                            if r.not_leased > 0 {
+                                tracing::info!(
+                                    results = r.not_leased,
+                                    "results of work whose lease this node no longer held were not recorded (the lease expired, or the control plane restarted); the work runs again elsewhere"
+                                );
+                            }
+                        });
                         let _ = tx.send(Event::Reported(r));
                     });
                 }
@@ -418,7 +432,7 @@ impl Shell {
                 self.core.lease_done(t, &model, Ok(grant));
             }
             Event::Leased(model, Err(e)) => {
-                tracing::debug!(error = %e.message(), "lease failed");
+                tracing::warn!(error = %e.message(), code = ?e.code(), "leasing work failed; retrying");
                 self.core.lease_done(t, &model, Err(unknown_node(&e)));
             }
             Event::EngineDone {

@@ -146,9 +146,12 @@ pub fn submit_error(e: SubmitError) -> Status {
             Status::invalid_argument(format!("options.completion_window_seconds: {e}"))
         }
         SubmitError::NoRequests => Status::invalid_argument(e.to_string()),
-        SubmitError::TooManyBatches { .. } | SubmitError::TokenQuota { .. } => {
-            Status::resource_exhausted(e.to_string())
-        }
+        SubmitError::Metadata(_) => Status::invalid_argument(format!("options.{e}")),
+        SubmitError::TooManyBatches { .. }
+        | SubmitError::TokenQuota { .. }
+        | SubmitError::TooManyQueued { .. }
+        | SubmitError::StoredBytes { .. }
+        | SubmitError::StorageLow { .. } => Status::resource_exhausted(e.to_string()),
         SubmitError::Late { earliest, .. } => {
             let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(earliest.as_micros());
             let mut status = Status::resource_exhausted(format!(
@@ -167,7 +170,7 @@ pub fn submit_error(e: SubmitError) -> Status {
 pub fn batch_error(e: BatchError) -> Status {
     match e {
         BatchError::NotFound(_) => Status::not_found(e.to_string()),
-        BatchError::Transition(_) => Status::failed_precondition(e.to_string()),
+        BatchError::Transition(_) | BatchError::NotFinished(..) => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -175,10 +178,11 @@ pub fn unknown_node(e: UnknownNode) -> Status {
     Status::not_found(e.to_string())
 }
 
-/// The core loop stopped (its durable store failed): nothing more can be made durable.
+/// The core loop did not answer: the commit the call depended on failed (the store is
+/// being reopened), or the control plane is shutting down.
 pub fn stopped() -> Status {
     Status::unavailable(
-        "the control plane is stopping (its durable store failed or it is shutting down); retry against a healthy control plane",
+        "the control plane could not complete the call (its durable store failed and is being reopened, or it is shutting down); nothing of it was acknowledged: retry",
     )
 }
 

@@ -2,45 +2,61 @@
 //!
 //! RPC handlers send [`Command`]s; the loop applies every command waiting in the channel
 //! to the core, collects what the core asks to persist into one [`WriteSet`], commits it
-//! (one fsync for the whole round: group commit) and only then sends the replies. While a
-//! commit runs, new commands queue up and form the next round, so the commit rate adapts
-//! to the load.
+//! (one fsync for the whole round: group commit) and only then sends the replies that
+//! promise durability. While a commit runs, new commands queue up and form the next
+//! round, so the commit rate adapts to the load.
 //!
-//! Replies that acknowledge something durable (a batch, results, a cancel) and reads
-//! (so nobody sees state a crash could take back) wait for the commit. Agent traffic that
-//! carries nothing durable (register, heartbeat, lease, release) is answered at once:
-//! leases are not durable, and a lease of work whose batch then failed to commit only
-//! causes an engine call whose result is later dropped as unknown (duplicate engine calls
-//! are allowed; duplicate results are not). Without this, every lease would wait for one
-//! or two fsyncs, and lease supply would cap end-to-end throughput.
+//! Only replies that acknowledge something durable (a batch, results, a cancel, a
+//! deletion) wait for the commit. Reads (get, list, watch, usage) are answered at once
+//! from the core's state, so no tenant waits behind another's large commit; a read may
+//! show a change whose commit is still in flight (its submitter has not been told yet).
+//! Agent traffic that carries nothing durable (register, heartbeat, lease, release) is
+//! answered at once too: leases are not durable, and a lease of work whose batch then
+//! failed to commit only causes an engine call whose result is refused (duplicate engine
+//! calls are allowed; duplicate results are not).
 //!
-//! If the store fails, the loop stops without replying: pending callers get UNAVAILABLE
-//! and the server exits, and a restart rebuilds the state from what is durable. The
-//! in-memory state is never trusted past a failed commit.
+//! Request bodies are not held here: a lease's bodies are read from the store by a task
+//! of their own, off this loop, and sent to the agent from there; if the agent is gone,
+//! or the bodies cannot be read, the lease is released. A batch is queued (and can be
+//! leased) as soon as the core accepts it, before its commit: a lease of such a batch
+//! waits for that commit (and only that one) before its bodies are read.
+//!
+//! If a commit fails (a full disk, an I/O error), the replies that depended on it are
+//! dropped (their callers get UNAVAILABLE and retry), the store is reopened and the core
+//! rebuilt from what is durable: the in-memory state is never trusted past a failed
+//! commit, and the control plane keeps serving once the store works again.
 
+use crate::health::Health;
 use crate::metrics::Metrics;
-use prost::bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
 use tokenfab_core::control::{
-    Action, BatchError, BatchView, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch, NodeRegistration,
-    ReplicaReport, ReportSummary, ReportedResult, SubmitError, UnknownNode,
+    Action, BatchError, BatchView, ControlConfig, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch,
+    NodeRegistration, ReplicaReport, ReportSummary, ReportedResult, SubmitError, UnknownNode,
 };
 use tokenfab_core::durable::DurableOp;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
-use tokenfab_store::{BatchInputs, Store, StoreError, WriteSet};
+use tokenfab_store::{BatchInputs, StagedInput, Store, StoreError, WriteSet};
 use tokio::sync::{mpsc, oneshot, watch};
 
 type Reply<T> = oneshot::Sender<T>;
 
+/// A new batch's input, parsed: the file (in the store's staging area) and what the
+/// parser found in it.
+#[derive(Debug)]
+pub struct Inputs {
+    pub file: StagedInput,
+    pub requests: Vec<ParsedRequest>,
+    pub line_errors: Vec<LineError>,
+}
+
 pub enum Command {
     Submit {
         new: NewBatch,
-        requests: Vec<ParsedRequest>,
-        line_errors: Vec<LineError>,
+        inputs: Inputs,
         reply: Reply<Result<BatchView, SubmitError>>,
     },
     Get {
@@ -53,14 +69,6 @@ pub enum Command {
         since: Timestamp,
         reply: Reply<tokenfab_core::control::TenantUsage>,
     },
-    /// The throughput SLA document as measured now.
-    Sla {
-        reply: Reply<tokenfab_core::sla::ThroughputSla>,
-    },
-    /// Every replica: its directive and its tuner's last report.
-    Tuning {
-        reply: Reply<tokenfab_core::control::TuningDoc>,
-    },
     List {
         tenant: TenantId,
         before: Option<BatchId>,
@@ -71,6 +79,11 @@ pub enum Command {
         tenant: TenantId,
         id: BatchId,
         reply: Reply<Result<BatchView, BatchError>>,
+    },
+    Delete {
+        tenant: TenantId,
+        id: BatchId,
+        reply: Reply<Result<(), BatchError>>,
     },
     Watch {
         tenant: TenantId,
@@ -106,26 +119,13 @@ pub enum Command {
         items: Vec<RequestRef>,
         reply: Reply<Result<u32, UnknownNode>>,
     },
-}
-
-/// What a lease hands out for each request: everything but the scheduling metadata.
-struct CachedInput {
-    custom_id: String,
-    url: &'static str,
-    body: Bytes,
-}
-
-fn cache(requests: &[ParsedRequest]) -> Arc<Vec<CachedInput>> {
-    Arc::new(
-        requests
-            .iter()
-            .map(|r| CachedInput {
-                custom_id: r.custom_id.clone(),
-                url: r.endpoint.path(),
-                body: Bytes::from(r.body.clone()),
-            })
-            .collect(),
-    )
+    /// A grant that could not be handed over (the agent hung up, or its bodies could not
+    /// be read): its requests go back on the queue.
+    ReleaseGrant {
+        node: NodeId,
+        unit: WorkUnitId,
+        items: Vec<RequestRef>,
+    },
 }
 
 /// Unix time in microseconds: the control plane's `now`.
@@ -150,6 +150,8 @@ struct Round {
 }
 
 struct InFlight {
+    /// The round's sequence number.
+    seq: u64,
     handle: tokio::task::JoinHandle<Result<(), StoreError>>,
     replies: Replies,
     changed: Vec<BatchId>,
@@ -160,83 +162,149 @@ enum Event {
     Command(Option<Command>),
     Timer,
     Committed(Result<Result<(), StoreError>, tokio::task::JoinError>),
+    Housekeeping,
+}
+
+/// The documents the HTTP endpoints and `SlaService` serve, computed by the loop at most
+/// once a second, only while somebody asks: reading them never reaches the core.
+#[derive(Clone)]
+pub struct Views {
+    pub sla: Arc<tokenfab_core::sla::ThroughputSla>,
+    pub tuning: Arc<tokenfab_core::control::TuningDoc>,
+    pub at: std::time::Instant,
+}
+
+/// Where readers find [`Views`] and ask for fresher ones.
+pub struct ViewBoard {
+    pub rx: watch::Receiver<Views>,
+    wanted: std::sync::atomic::AtomicBool,
+}
+
+impl ViewBoard {
+    /// The latest views, refreshed first when they are older than `max_age` (waiting at
+    /// most two seconds for the loop).
+    pub async fn fresh(&self, max_age: Duration) -> Views {
+        let mut rx = self.rx.clone();
+        let current = rx.borrow_and_update().clone();
+        if current.at.elapsed() <= max_age {
+            return current;
+        }
+        self.wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+        rx.borrow().clone()
+    }
 }
 
 pub struct CoreLoop<S> {
     core: ControlCore,
+    config: ControlConfig,
     store: S,
-    bodies: HashMap<BatchId, Arc<Vec<CachedInput>>>,
+    /// Inputs of batches the core accepted this round, until their commit takes them.
+    inputs: HashMap<BatchId, BatchInputs>,
     watchers: HashMap<BatchId, watch::Sender<BatchView>>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    views: watch::Sender<Views>,
+    board: Arc<ViewBoard>,
+    /// For lease tasks to give back what they could not hand over.
+    commands: mpsc::WeakSender<Command>,
     /// Lease calls waiting for work, by ticket.
     waiting: HashMap<u64, Reply<LeaseReply>>,
     next_ticket: u64,
-    /// When the SLA metrics were last refreshed.
+    /// The sequence number the round being collected will commit as.
+    next_seq: u64,
+    /// Batches created in rounds not yet committed, with their round's number.
+    undurable: HashMap<BatchId, u64>,
+    /// (epoch, the last round committed); the epoch changes when a commit fails and the
+    /// core is rebuilt (what was granted before is void).
+    durable: watch::Sender<(u64, u64)>,
+    /// When the metering and SLA metrics were last refreshed.
     sla_observed: std::time::Instant,
 }
 
-/// How often the metering and SLA metrics are refreshed (agents' heartbeats wake the loop
-/// at least every second).
-const SLA_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the metering and SLA metrics are refreshed.
+const SLA_METRICS_EVERY: Duration = Duration::from_secs(5);
+/// How often free disk space is measured, health updated and wanted views computed.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
 /// The answer to a lease call.
 pub type LeaseReply = Result<Option<pb::WorkUnit>, UnknownNode>;
 
-impl<S: Store> CoreLoop<S> {
+/// Rebuilds a core from what the store holds, and writes what recovery completes.
+async fn rebuild<S: Store>(store: &S, config: &ControlConfig) -> Result<ControlCore, StoreError> {
+    let loaded = store.load().await?;
+    let recovered = loaded.len();
+    let mut core = ControlCore::recover(config.clone(), loaded.into_iter().map(|l| l.batch).collect(), now());
+    core.restore_idle(store.idle_shares().await?);
+    core.restore_history(store.history().await?);
+    core.set_free_bytes(store.free_bytes());
+    // Completing batches found whole during recovery must be written too.
+    let mut set = WriteSet::default();
+    while let Some(a) = core.poll_action() {
+        if let Action::Persist(op) = a {
+            set.ops.push(op);
+        }
+    }
+    store.apply(set).await?;
+    tracing::info!(batches = recovered, "recovered durable state");
+    Ok(core)
+}
+
+impl<S: Store + Clone> CoreLoop<S> {
     /// Rebuilds the core from the store.
     pub async fn recover(
         store: S,
-        config: tokenfab_core::control::ControlConfig,
+        config: ControlConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, StoreError> {
-        let loaded = store.load().await?;
-        let mut bodies = HashMap::new();
-        let mut batches = Vec::with_capacity(loaded.len());
-        for l in loaded {
-            if !l.inputs.is_empty() {
-                bodies.insert(l.batch.meta.id, cache(&l.inputs));
-            }
-            batches.push(l.batch);
-        }
-        let recovered = batches.len();
-        let mut core = ControlCore::recover(config, batches, now());
-        core.restore_idle(store.idle_shares().await?);
-        // Completing batches found whole during recovery must be written too.
-        let mut set = WriteSet::default();
-        while let Some(a) = core.poll_action() {
-            if let Action::Persist(op) = a {
-                set.ops.push(op);
-            }
-        }
-        store.apply(set).await?;
-        tracing::info!(batches = recovered, "recovered durable state");
-        Ok(CoreLoop {
+        health: Arc<Health>,
+        commands: mpsc::WeakSender<Command>,
+    ) -> Result<(Self, Arc<ViewBoard>), StoreError> {
+        let mut core = rebuild(&store, &config).await?;
+        let first = Views {
+            sla: Arc::new(core.sla_document(now())),
+            tuning: Arc::new(core.tuning_doc(now())),
+            at: std::time::Instant::now(),
+        };
+        let (views, rx) = watch::channel(first);
+        let board = Arc::new(ViewBoard {
+            rx,
+            wanted: std::sync::atomic::AtomicBool::new(false),
+        });
+        let me = CoreLoop {
             core,
+            config,
             store,
-            bodies,
+            inputs: HashMap::new(),
             watchers: HashMap::new(),
             metrics,
+            health,
+            views,
+            board: board.clone(),
+            commands,
             waiting: HashMap::new(),
             next_ticket: 0,
+            next_seq: 1,
+            undurable: HashMap::new(),
+            durable: watch::channel((0, 0)).0,
             sla_observed: std::time::Instant::now()
                 .checked_sub(SLA_METRICS_EVERY)
                 .unwrap_or_else(std::time::Instant::now),
-        })
+        };
+        Ok((me, board))
     }
 
-    /// Runs until the channel closes (shutdown) or the store fails.
+    /// Runs until the channel closes (shutdown).
     ///
     /// Commits are pipelined: while one commit is in flight the loop keeps applying
     /// commands; their changes and deferred replies form the next commit, which starts
     /// when the one in flight is done. Commits stay in order, and a round with nothing to
     /// persist still waits behind the commit in flight before its replies go out.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError>
-    where
-        S: Clone,
-    {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError> {
         let mut next = Round::default();
         let mut inflight: Option<InFlight> = None;
         let mut closed = false;
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self.core.poll_timeout();
             let event = tokio::select! {
@@ -248,6 +316,7 @@ impl<S: Store> CoreLoop<S> {
                         None => std::future::pending().await,
                     }
                 } => Event::Committed(r),
+                _ = housekeeping.tick() => Event::Housekeeping,
             };
             match event {
                 Event::Command(Some(first)) => {
@@ -260,28 +329,42 @@ impl<S: Store> CoreLoop<S> {
                     }
                     let now = now();
                     self.core.handle_timeout(now);
-                    let mut inputs = HashMap::new();
                     for cmd in round {
-                        self.apply(now, cmd, &mut inputs, &mut next.replies);
+                        self.apply(now, cmd, &mut next.replies);
                     }
-                    self.collect(&mut next, inputs);
+                    self.collect(&mut next);
                 }
                 Event::Command(None) => closed = true,
                 Event::Timer => {
                     self.core.handle_timeout(now());
-                    self.collect(&mut next, HashMap::new());
+                    self.collect(&mut next);
                 }
+                Event::Housekeeping => self.housekeeping(),
                 Event::Committed(r) => {
                     let done = inflight.take().expect("a commit was in flight");
-                    r.map_err(|e| StoreError::Io(format!("commit task failed: {e}")))??;
-                    self.metrics.commits.inc();
-                    self.metrics
-                        .commit_seconds
-                        .observe(done.started.elapsed().as_secs_f64());
-                    for reply in done.replies {
-                        reply();
+                    let r = r.unwrap_or_else(|e| Err(StoreError::Io(format!("commit task failed: {e}"))));
+                    match r {
+                        Ok(()) => {
+                            let (epoch, _) = *self.durable.borrow();
+                            self.durable.send_replace((epoch, done.seq));
+                            self.undurable.retain(|_, s| *s > done.seq);
+                            self.metrics.commits.inc();
+                            self.metrics
+                                .commit_seconds
+                                .observe(done.started.elapsed().as_secs_f64());
+                            for reply in done.replies {
+                                reply();
+                            }
+                            self.publish(done.changed);
+                        }
+                        Err(e) => {
+                            // Neither the failed round nor the one built on it is
+                            // durable: their callers are not answered (UNAVAILABLE).
+                            drop(done);
+                            next = Round::default();
+                            self.recover_in_place(e, &mut rx).await;
+                        }
                     }
-                    self.publish(done.changed);
                 }
             }
             if inflight.is_none() {
@@ -289,7 +372,10 @@ impl<S: Store> CoreLoop<S> {
                 if !round.set.is_empty() {
                     let store = self.store.clone();
                     let set = round.set;
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
                     inflight = Some(InFlight {
+                        seq,
                         handle: tokio::spawn(async move { store.apply(set).await }),
                         replies: round.replies,
                         changed: round.changed,
@@ -304,36 +390,90 @@ impl<S: Store> CoreLoop<S> {
                 }
             }
             self.metrics.observe_core(&self.core.stats());
-            // Metering and SLA figures are refreshed for the metrics every few seconds,
-            // not on every round.
-            if self.sla_observed.elapsed() >= SLA_METRICS_EVERY {
-                self.sla_observed = std::time::Instant::now();
-                self.metrics
-                    .observe_tenants(self.core.tenant_totals(), self.core.idle_unallocated_j());
-                self.metrics
-                    .observe_replicas(&self.core.replicas_view(now()), self.core.fragmentation());
-                self.metrics.observe_sla(&self.core.sla_document(now()));
-            }
             if closed && inflight.is_none() {
                 return Ok(());
             }
         }
     }
 
+    /// After a failed commit: reopens the store and rebuilds the core from what is
+    /// durable, retrying until that works. Commands that arrive meanwhile are not
+    /// answered (UNAVAILABLE: retry).
+    async fn recover_in_place(&mut self, error: StoreError, rx: &mut mpsc::Receiver<Command>) {
+        tracing::error!(error = %error, "a commit failed; nothing of it was acknowledged. Reopening the store and rebuilding from durable state");
+        self.metrics.store_failures.inc();
+        self.health.store_failed(&error.to_string());
+        self.waiting.clear();
+        self.inputs.clear();
+        self.undurable.clear();
+        let (epoch, _) = *self.durable.borrow();
+        self.durable.send_replace((epoch + 1, 0));
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            while rx.try_recv().is_ok() {}
+            let attempt = async {
+                self.store.reopen().await?;
+                rebuild(&self.store, &self.config).await
+            };
+            match attempt.await {
+                Ok(core) => {
+                    self.core = core;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "the store is not usable yet");
+                    self.health.store_failed(&e.to_string());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.health.store_recovered();
+        tracing::info!("the store works again; serving");
+        let watched: Vec<BatchId> = self.watchers.keys().copied().collect();
+        self.publish(watched);
+    }
+
+    /// Once a second: free disk space into the core, health, metrics, and the views
+    /// somebody asked for.
+    fn housekeeping(&mut self) {
+        let free = self.store.free_bytes();
+        self.core.set_free_bytes(free);
+        let low = self.core.storage_low();
+        self.health.disk(free, self.config.min_free_bytes, low);
+        self.metrics.observe_disk(free, low);
+        let t = now();
+        let wanted = self.board.wanted.swap(false, std::sync::atomic::Ordering::Relaxed);
+        let metrics_due = self.sla_observed.elapsed() >= SLA_METRICS_EVERY;
+        if wanted || metrics_due {
+            let views = Views {
+                sla: Arc::new(self.core.sla_document(t)),
+                tuning: Arc::new(self.core.tuning_doc(t)),
+                at: std::time::Instant::now(),
+            };
+            if metrics_due {
+                self.sla_observed = std::time::Instant::now();
+                self.metrics
+                    .observe_tenants(self.core.tenant_totals(), self.core.idle_unallocated_j());
+                self.metrics
+                    .observe_replicas(&views.tuning.replicas, views.tuning.fragmentation);
+                self.metrics.observe_sla(&views.sla);
+            }
+            self.views.send_replace(views);
+        }
+    }
+
     /// Moves what the core asks for into `round`: operations to persist (with the inputs
-    /// of new batches) and batches whose view changed.
-    fn collect(&mut self, round: &mut Round, mut inputs: HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)>) {
+    /// of new batches), batches whose view changed, and answers to waiting leases.
+    fn collect(&mut self, round: &mut Round) {
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Persist(op) => {
-                    if let DurableOp::CreateBatch { meta, .. } = &op
-                        && let Some((requests, line_errors)) = inputs.remove(&meta.id)
-                    {
-                        round.set.inputs.push(BatchInputs {
-                            batch: meta.id,
-                            requests,
-                            line_errors,
-                        });
+                    if let DurableOp::CreateBatch { meta, .. } = &op {
+                        if let Some(inputs) = self.inputs.remove(&meta.id) {
+                            round.set.inputs.push(inputs);
+                        }
+                        self.undurable.insert(meta.id, self.next_seq);
                     }
                     round.set.ops.push(op);
                 }
@@ -344,66 +484,52 @@ impl<S: Store> CoreLoop<S> {
                     let Some(reply) = self.waiting.remove(&ticket) else {
                         continue;
                     };
-                    let Some(grant) = grant else {
-                        let _ = reply.send(Ok(None));
-                        continue;
-                    };
-                    let (unit, items) = (grant.unit, grant.items.iter().map(|i| i.req).collect::<Vec<_>>());
-                    if reply.send(Ok(Some(self.work_unit(grant)))).is_err() {
-                        // The agent hung up while it waited: its work goes back on the queue.
-                        let _ = self.core.release(now(), &node, unit, &items);
+                    match grant {
+                        Some(grant) => self.hand_over(node, grant, reply),
+                        None => {
+                            let _ = reply.send(Ok(None));
+                        }
                     }
                 }
             }
         }
     }
 
-    fn apply(
-        &mut self,
-        now: Timestamp,
-        cmd: Command,
-        inputs: &mut HashMap<BatchId, (Vec<ParsedRequest>, Vec<LineError>)>,
-        replies: &mut Replies,
-    ) {
+    fn apply(&mut self, now: Timestamp, cmd: Command, replies: &mut Replies) {
         fn later<T: Send + 'static>(replies: &mut Replies, tx: Reply<T>, v: T) {
             replies.push(Box::new(move || {
                 let _ = tx.send(v);
             }));
         }
         match cmd {
-            Command::Submit {
-                new,
-                requests,
-                line_errors,
-                reply,
-            } => {
+            Command::Submit { new, inputs, reply } => {
                 let r = self.core.submit(now, new);
                 if let Ok(v) = &r {
-                    self.bodies.insert(v.meta.id, cache(&requests));
-                    inputs.insert(v.meta.id, (requests, line_errors));
+                    let id = v.meta.id;
+                    self.inputs.insert(
+                        id,
+                        BatchInputs {
+                            batch: id,
+                            file: inputs.file,
+                            requests: inputs.requests,
+                            line_errors: inputs.line_errors,
+                        },
+                    );
                     // Counted once durable, like the acknowledgement.
                     let metrics = self.metrics.clone();
                     replies.push(Box::new(move || {
                         metrics.batches_submitted.inc();
                     }));
                 }
+                // A refused batch's staged input is deleted with `inputs` here.
                 later(replies, reply, r);
             }
-            // Reads are answered after the round's commit too, so nobody sees state that
-            // a crash could still take back.
+            // Reads are answered at once: no tenant waits behind a commit.
             Command::Get { tenant, id, reply } => {
-                let r = self.core.batch(&tenant, id);
-                later(replies, reply, r);
-            }
-            Command::Sla { reply } => {
-                let _ = reply.send(self.core.sla_document(now));
-            }
-            Command::Tuning { reply } => {
-                let _ = reply.send(self.core.tuning_doc(now));
+                let _ = reply.send(self.core.batch(&tenant, id));
             }
             Command::Usage { tenant, since, reply } => {
-                let r = self.core.tenant_usage(&tenant, since);
-                later(replies, reply, r);
+                let _ = reply.send(self.core.tenant_usage(&tenant, since));
             }
             Command::List {
                 tenant,
@@ -411,11 +537,18 @@ impl<S: Store> CoreLoop<S> {
                 limit,
                 reply,
             } => {
-                let r = self.core.list(&tenant, before, limit);
-                later(replies, reply, r);
+                let _ = reply.send(self.core.list(&tenant, before, limit));
             }
             Command::Cancel { tenant, id, reply } => {
                 let r = self.core.cancel(now, &tenant, id);
+                later(replies, reply, r);
+            }
+            Command::Delete { tenant, id, reply } => {
+                let r = self.core.delete_batch(&tenant, id);
+                if r.is_ok() {
+                    // Its watchers see no more changes.
+                    self.watchers.remove(&id);
+                }
                 later(replies, reply, r);
             }
             Command::Watch { tenant, id, reply } => {
@@ -431,7 +564,7 @@ impl<S: Store> CoreLoop<S> {
                             .subscribe()
                     }
                 });
-                later(replies, reply, r);
+                let _ = reply.send(r);
             }
             Command::Register { registration, reply } => {
                 tracing::info!(node = %registration.node, devices = registration.devices.len(), replicas = registration.replicas.len(), "node registered");
@@ -457,9 +590,7 @@ impl<S: Store> CoreLoop<S> {
                 let ticket = self.next_ticket;
                 let until = now.saturating_add(wait);
                 match self.core.lease_or_wait(now, &node, &model, max, until, ticket) {
-                    Ok(LeaseAnswer::Granted(g)) => {
-                        let _ = reply.send(Ok(Some(self.work_unit(g))));
-                    }
+                    Ok(LeaseAnswer::Granted(g)) => self.hand_over(node, g, reply),
                     Ok(LeaseAnswer::Empty) => {
                         let _ = reply.send(Ok(None));
                     }
@@ -473,6 +604,11 @@ impl<S: Store> CoreLoop<S> {
             }
             Command::Report { node, results, reply } => {
                 let r = self.core.report(now, &node, results);
+                if let Ok(s) = &r
+                    && s.not_leased > 0
+                {
+                    tracing::warn!(node = %node, refused = s.not_leased, "results for requests the node holds no lease on were not recorded");
+                }
                 later(replies, reply, r);
             }
             Command::Release {
@@ -483,50 +619,117 @@ impl<S: Store> CoreLoop<S> {
             } => {
                 let _ = reply.send(self.core.release(now, &node, unit, &items));
             }
+            Command::ReleaseGrant { node, unit, items } => {
+                let _ = self.core.release(now, &node, unit, &items);
+            }
         }
     }
 
-    fn work_unit(&self, g: LeaseGrant) -> pb::WorkUnit {
-        let items = g
+    /// Reads a grant's bodies from the store and answers the lease call, off the loop.
+    /// A grant that cannot be handed over goes back on the queue.
+    fn hand_over(&self, node: NodeId, grant: LeaseGrant, reply: Reply<LeaseReply>) {
+        let store = self.store.clone();
+        let commands = self.commands.clone();
+        // The commit this grant's bodies wait for, if any of its batches is that new.
+        let needs = grant
             .items
             .iter()
-            .filter_map(|item| {
-                let input = self.bodies.get(&item.req.batch)?.get(item.req.index as usize)?;
-                Some(pb::WorkItem {
-                    batch: item.req.batch.0,
-                    index: item.req.index,
-                    custom_id: input.custom_id.clone(),
-                    url: input.url.to_string(),
-                    body: input.body.clone(),
-                    attempt: item.attempt,
-                })
-            })
-            .collect();
-        pb::WorkUnit {
-            unit_id: g.unit.0,
-            expires_at_unix_ms: g.expires_at.as_millis() as i64,
-            items,
-        }
+            .filter_map(|i| self.undurable.get(&i.req.batch).copied())
+            .max();
+        let mut durable = self.durable.subscribe();
+        tokio::spawn(async move {
+            if let Some(seq) = needs {
+                let (epoch, _) = *durable.borrow();
+                let committed = durable
+                    .wait_for(|&(e, done)| e != epoch || done >= seq)
+                    .await
+                    .map(|v| v.0 == epoch)
+                    .unwrap_or(false);
+                if !committed {
+                    // The commit failed and the core was rebuilt: this grant is void.
+                    let _ = reply.send(Ok(None));
+                    return;
+                }
+            }
+            let refs: Vec<RequestRef> = grant.items.iter().map(|i| i.req).collect();
+            let answer = match store.bodies(refs.clone()).await {
+                Ok(bodies) => {
+                    let missing = bodies.iter().filter(|b| b.is_none()).count();
+                    if missing > 0 {
+                        tracing::warn!(
+                            missing,
+                            unit = grant.unit.0,
+                            "leased requests whose batch no longer holds its input were left out of the lease"
+                        );
+                    }
+                    Some(work_unit(&grant, bodies))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, unit = grant.unit.0, "cannot read the bodies of a lease; it goes back on the queue");
+                    None
+                }
+            };
+            let sent = match answer {
+                Some(unit) => reply.send(Ok(Some(unit))).is_ok(),
+                None => {
+                    let _ = reply.send(Ok(None));
+                    false
+                }
+            };
+            if !sent && let Some(tx) = commands.upgrade() {
+                let _ = tx
+                    .send(Command::ReleaseGrant {
+                        node,
+                        unit: grant.unit,
+                        items: refs,
+                    })
+                    .await;
+            }
+        });
     }
 
-    /// Sends fresh views to watchers, and drops what final batches no longer need.
+    /// Sends fresh views to watchers, and drops the watchers of final batches.
     fn publish(&mut self, mut changed: Vec<BatchId>) {
         changed.sort_unstable();
         changed.dedup();
         for id in changed {
-            let view = self.core.view(id);
-            let Some(view) = view else { continue };
+            let Some(w) = self.watchers.get(&id) else {
+                continue;
+            };
+            let Some(view) = self.core.view(id) else {
+                self.watchers.remove(&id);
+                continue;
+            };
             let terminal = view.life.status().is_terminal();
-            if let Some(w) = self.watchers.get(&id) {
-                w.send_replace(view);
-                if terminal || w.receiver_count() == 0 {
-                    self.watchers.remove(&id);
-                }
-            }
-            if terminal {
-                self.bodies.remove(&id);
+            w.send_replace(view);
+            if terminal || w.receiver_count() == 0 {
+                self.watchers.remove(&id);
             }
         }
+    }
+}
+
+fn work_unit(g: &LeaseGrant, bodies: Vec<Option<tokenfab_store::LeasedBody>>) -> pb::WorkUnit {
+    let items = g
+        .items
+        .iter()
+        .zip(bodies)
+        .filter_map(|(item, body)| {
+            let body = body?;
+            Some(pb::WorkItem {
+                batch: item.req.batch.0,
+                index: item.req.index,
+                custom_id: body.custom_id,
+                url: body.endpoint.path().to_string(),
+                body: body.body,
+                attempt: item.attempt,
+            })
+        })
+        .collect();
+    pb::WorkUnit {
+        unit_id: g.unit.0,
+        expires_at_unix_ms: g.expires_at.as_millis() as i64,
+        items,
     }
 }
 

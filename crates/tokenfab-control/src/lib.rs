@@ -11,10 +11,13 @@
 pub mod auth;
 mod convert;
 mod core_loop;
+mod health;
+mod http;
 mod metrics;
 mod services;
 
 pub use auth::{Auth, TenantToken};
+pub use health::HealthDoc;
 pub use metrics::Metrics;
 
 use std::collections::BTreeSet;
@@ -37,11 +40,50 @@ pub struct ServerConfig {
     /// HTTP address for `/metrics`; `None` to serve no metrics.
     pub metrics_listen: Option<SocketAddr>,
     pub tenants: Vec<TenantToken>,
-    pub agent_token: String,
-    /// The operator's token: may read any tenant's usage. `None`: no operator access.
-    pub admin_token: Option<String>,
+    /// The cluster's agent secret: every node's token derives from it (see
+    /// [`tokenfab_identity`]).
+    pub agent_secret: String,
+    /// The digest of the operator's token, which may read any tenant's usage. `None`: no
+    /// operator access.
+    pub admin_token: Option<[u8; 32]>,
+    /// The digest of a token the HTTP endpoints (`/metrics`, `/v1/sla`, `/v1/tuning`)
+    /// require as `Authorization: Bearer`; `None`: open (`/healthz` always is).
+    pub http_token: Option<[u8; 32]>,
     pub control: ControlConfig,
     pub limits: InputLimits,
+    pub transport: Transport,
+}
+
+/// Limits of the gRPC transport and of the work one call may start.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    /// Uploads received and parsed at once, in all and per tenant.
+    pub max_uploads: u32,
+    pub max_uploads_per_tenant: u32,
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive pings, and how long to wait for their answer before closing a
+    /// dead connection.
+    pub keepalive_interval: std::time::Duration,
+    pub keepalive_timeout: std::time::Duration,
+    /// The longest any call may take (a long upload included).
+    pub request_timeout: std::time::Duration,
+    /// Largest inline `CreateBatch` message; larger files go up with `UploadBatch`.
+    pub max_inline_bytes: usize,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport {
+            max_uploads: 8,
+            max_uploads_per_tenant: 2,
+            max_concurrent_streams: 256,
+            keepalive_interval: std::time::Duration::from_secs(20),
+            keepalive_timeout: std::time::Duration::from_secs(20),
+            request_timeout: std::time::Duration::from_secs(15 * 60),
+            max_inline_bytes: 32 << 20,
+        }
+    }
 }
 
 /// A control plane that cannot start or stopped with an error.
@@ -90,14 +132,15 @@ impl Server {
     }
 }
 
-/// Tokens must be non-empty and unique: an empty token would let anyone in, a shared one
-/// would make two tenants one.
+/// Tokens must be unique: a shared one would make two tenants one, or a tenant an
+/// operator. (Emptiness is checked where the tokens are read: only digests arrive here.)
 fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
-    if config.agent_token.trim().is_empty() {
+    if config.agent_secret.trim().len() < 16 {
         return Err(ServerError::Config(
-            "an agent token is required (--agent-token or TOKENFAB_AGENT_TOKEN)".into(),
+            "the agent secret must be at least 16 characters (--agent-token-file, or TOKENFAB_AGENT_TOKEN): node tokens derive from it".into(),
         ));
     }
+    let agent = tokenfab_identity::digest(&config.agent_secret);
     let mut seen = std::collections::BTreeMap::new();
     for t in &config.tenants {
         if t.name.trim().is_empty() {
@@ -105,19 +148,13 @@ fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
                 "a tenant has an empty name; write NAME=TOKEN".into(),
             ));
         }
-        if t.token.trim().is_empty() {
+        if t.digest == agent {
             return Err(ServerError::Config(format!(
-                "tenant '{}' has an empty token; give every tenant a secret token",
+                "tenant '{}' uses the agent secret as its token; tenant and agent tokens must differ",
                 t.name
             )));
         }
-        if t.token == config.agent_token {
-            return Err(ServerError::Config(format!(
-                "tenant '{}' uses the agent token; tenant and agent tokens must differ",
-                t.name
-            )));
-        }
-        if let Some(other) = seen.insert(t.token.as_str(), t.name.as_str()) {
+        if let Some(other) = seen.insert(t.digest, t.name.as_str()) {
             return Err(ServerError::Config(format!(
                 "tenants '{other}' and '{}' share a token; tokens must be unique",
                 t.name
@@ -125,17 +162,12 @@ fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
         }
     }
     if let Some(admin) = &config.admin_token {
-        if admin.trim().is_empty() {
+        if admin == &agent {
             return Err(ServerError::Config(
-                "the admin token is empty; give it a secret value or leave --admin-token out".into(),
+                "the admin token equals the agent secret; they must differ".into(),
             ));
         }
-        if admin == &config.agent_token {
-            return Err(ServerError::Config(
-                "the admin token equals the agent token; they must differ".into(),
-            ));
-        }
-        if let Some(name) = seen.get(admin.as_str()) {
+        if let Some(name) = seen.get(admin) {
             return Err(ServerError::Config(format!(
                 "the admin token equals tenant '{name}'s token; they must differ"
             )));
@@ -147,8 +179,20 @@ fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
 /// Recovers state from `store`, binds, and serves in the background.
 pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<Server, ServerError> {
     check_tokens(&config)?;
+    let auth = Auth::new(&config.tenants, &config.agent_secret)
+        .map_err(|e| ServerError::Config(e.to_string()))?
+        .with_admin(config.admin_token);
     let metrics = Arc::new(Metrics::new());
-    let core_loop = core_loop::CoreLoop::recover(store.clone(), config.control.clone(), metrics.clone()).await?;
+    let health = Arc::new(health::Health::new());
+    let (tx, rx) = mpsc::channel(16_384);
+    let (core_loop, views) = core_loop::CoreLoop::recover(
+        store.clone(),
+        config.control.clone(),
+        metrics.clone(),
+        health.clone(),
+        tx.downgrade(),
+    )
+    .await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|cause| ServerError::Bind {
@@ -169,28 +213,43 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let (tx, rx) = mpsc::channel(16_384);
-    let sla_tx = tx.clone();
+    let catalog = tokenfab_core::catalog::Catalog::builtin();
+    let contexts = config
+        .control
+        .models
+        .iter()
+        .filter_map(|m| catalog.model(m).ok().map(|shape| (m.clone(), shape.max_context)))
+        .collect();
+    let t = &config.transport;
     let shared = Arc::new(services::Shared {
         tx,
         store,
-        auth: Auth::new(&config.tenants, &config.agent_token).with_admin(config.admin_token.as_deref()),
+        auth,
         limits: config.limits,
         models: config.control.models.iter().cloned().collect::<BTreeSet<_>>(),
+        contexts,
         lease_ttl: config.control.lease_ttl,
         heartbeat_interval: config.control.heartbeat_interval,
+        uploads: services::UploadGate::new(t.max_uploads, t.max_uploads_per_tenant),
+        metrics: metrics.clone(),
+        min_free_bytes: config.control.min_free_bytes,
+        views: views.clone(),
     });
-    let max_message = (config.limits.max_file_bytes as usize)
-        .saturating_add(1 << 20)
-        .min(256 << 20);
+    // Message sizes follow the configured limits: an inline batch up to
+    // `max_inline_bytes` (plus its options), upload pieces as large, a lease reply within
+    // its byte budget plus one request of the largest line.
+    let inline = t.max_inline_bytes.saturating_add(1 << 20);
+    let lease_reply = (config.control.lease_max_bytes as usize)
+        .saturating_add(config.limits.max_line_bytes)
+        .saturating_add(1 << 20);
     let batch = BatchServiceServer::new(services::BatchApi(shared.clone()))
-        .max_decoding_message_size(max_message)
+        .max_decoding_message_size(inline)
         .max_encoding_message_size(64 << 20);
     let sla = tokenfab_proto::v1::sla_service_server::SlaServiceServer::new(services::SlaApi(shared.clone()));
     let agent = AgentServiceServer::new(services::AgentApi(shared))
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
-    let (health_reporter, health) = tonic_health::server::health_reporter();
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(lease_reply);
+    let (health_reporter, grpc_health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<BatchServiceServer<services::BatchApi<S>>>()
         .await;
@@ -207,35 +266,17 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let http_token = config.http_token;
+    let transport = config.transport.clone();
     let task = tokio::spawn(async move {
         let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
         if let Some(l) = metrics_listener {
-            let m = metrics.clone();
-            let llmd_tx = sla_tx.clone();
-            let tuning_tx = sla_tx.clone();
-            let app = axum::Router::new()
-                .route("/metrics", axum::routing::get(move || async move { m.encode() }))
-                .route(
-                    "/v1/sla",
-                    axum::routing::get(move || {
-                        let tx = sla_tx.clone();
-                        async move { sla_json(tx, false).await }
-                    }),
-                )
-                .route(
-                    "/v1/sla/llm-d",
-                    axum::routing::get(move || {
-                        let tx = llmd_tx.clone();
-                        async move { sla_json(tx, true).await }
-                    }),
-                )
-                .route(
-                    "/v1/tuning",
-                    axum::routing::get(move || {
-                        let tx = tuning_tx.clone();
-                        async move { tuning_json(tx).await }
-                    }),
-                );
+            let app = http::router(http::HttpState {
+                metrics: metrics.clone(),
+                views,
+                health,
+                token: http_token,
+            });
             tokio::spawn(async move {
                 let _ = axum::serve(l, app)
                     .with_graceful_shutdown(async {
@@ -246,7 +287,11 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         }
         let core = tokio::spawn(core_loop.run(rx));
         let grpc = tonic::transport::Server::builder()
-            .add_service(health)
+            .max_concurrent_streams(Some(transport.max_concurrent_streams))
+            .http2_keepalive_interval(Some(transport.keepalive_interval))
+            .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+            .timeout(transport.request_timeout)
+            .add_service(grpc_health)
             .add_service(reflection)
             .add_service(batch)
             .add_service(sla)
@@ -283,49 +328,6 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     })
 }
 
-/// Asks the core loop for a document (`command` carries the reply channel) and answers it
-/// as JSON after `shape`, or 503 while the control plane stops.
-async fn ask_json<T, U: serde::Serialize>(
-    tx: mpsc::Sender<core_loop::Command>,
-    command: impl FnOnce(oneshot::Sender<T>) -> core_loop::Command,
-    shape: impl FnOnce(T) -> U,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let (reply, rx) = oneshot::channel();
-    if tx.send(command(reply)).await.is_ok()
-        && let Ok(doc) = rx.await
-    {
-        return axum::Json(shape(doc)).into_response();
-    }
-    (
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "the control plane is stopping",
-    )
-        .into_response()
-}
-
-/// `GET /v1/sla`: the throughput SLA document (tokenfab.io/v1 ThroughputSLA) as JSON;
-/// `GET /v1/sla/llm-d` (`llmd`): the same measurement as a JSON array of llm-d Benchmark
-/// Reports (v0.2.1), one per pool.
-async fn sla_json(tx: mpsc::Sender<core_loop::Command>, llmd: bool) -> axum::response::Response {
-    if llmd {
-        ask_json(
-            tx,
-            |reply| core_loop::Command::Sla { reply },
-            |doc| tokenfab_core::llmd::benchmark_reports(&doc),
-        )
-        .await
-    } else {
-        ask_json(tx, |reply| core_loop::Command::Sla { reply }, |doc| doc).await
-    }
-}
-
-/// `GET /v1/tuning`: every replica's knobs, directive and tuner state, fragmentation and
-/// placement's advice, as JSON (see [`tokenfab_core::control::TuningDoc`]).
-async fn tuning_json(tx: mpsc::Sender<core_loop::Command>) -> axum::response::Response {
-    ask_json(tx, |reply| core_loop::Command::Tuning { reply }, |doc| doc).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,28 +336,27 @@ mod tests {
         ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
-            tenants: tenants
-                .iter()
-                .map(|(n, t)| TenantToken {
-                    name: n.to_string(),
-                    token: t.to_string(),
-                })
-                .collect(),
-            agent_token: agent.into(),
+            tenants: tenants.iter().map(|(n, t)| TenantToken::new(*n, t)).collect(),
+            agent_secret: agent.into(),
             admin_token: None,
+            http_token: None,
             control: ControlConfig::default(),
             limits: InputLimits::default(),
+            transport: Transport::default(),
         }
     }
 
     #[test]
     fn unsafe_token_setups_are_refused_at_startup() {
         let err = |c: ServerConfig| check_tokens(&c).unwrap_err().to_string();
-        assert!(check_tokens(&config(&[("a", "x"), ("b", "y")], "z")).is_ok());
-        assert!(err(config(&[("a", "x")], " ")).contains("an agent token is required"));
-        assert!(err(config(&[("a", "")], "z")).contains("tenant 'a' has an empty token"));
-        assert!(err(config(&[("a", "x"), ("b", "x")], "z")).contains("tenants 'a' and 'b' share a token"));
-        assert!(err(config(&[("a", "z")], "z")).contains("tenant and agent tokens must differ"));
-        assert!(err(config(&[("", "x")], "z")).contains("empty name"));
+        let secret = "agent-secret-of-16+";
+        assert!(check_tokens(&config(&[("a", "x"), ("b", "y")], secret)).is_ok());
+        assert!(err(config(&[("a", "x")], " ")).contains("at least 16 characters"));
+        assert!(err(config(&[("a", "x"), ("b", "x")], secret)).contains("tenants 'a' and 'b' share a token"));
+        assert!(err(config(&[("a", secret)], secret)).contains("tenant and agent tokens must differ"));
+        assert!(err(config(&[("", "x")], secret)).contains("empty name"));
+        let mut c = config(&[("a", "x")], secret);
+        c.admin_token = Some(tokenfab_identity::digest("x"));
+        assert!(err(c).contains("the admin token equals tenant 'a's token"));
     }
 }

@@ -48,6 +48,13 @@ pub struct Metrics {
     pub batches_submitted: Counter,
     pub commits: Counter,
     pub commit_seconds: Histogram,
+    pub store_failures: Counter,
+    pub uploads_in_progress: Gauge,
+    pub uploads_refused: Counter,
+    store_free_bytes: Gauge,
+    storage_low: Gauge,
+    results_not_leased: Gauge,
+    batches_deleted: Gauge,
     results_recorded: Gauge,
     duplicates_dropped: Gauge,
     leases_granted: Gauge,
@@ -90,6 +97,13 @@ impl Metrics {
             batches_submitted: Counter::default(),
             commits: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            store_failures: Counter::default(),
+            uploads_in_progress: Gauge::default(),
+            uploads_refused: Counter::default(),
+            store_free_bytes: Gauge::default(),
+            storage_low: Gauge::default(),
+            results_not_leased: Gauge::default(),
+            batches_deleted: Gauge::default(),
             results_recorded: Gauge::default(),
             duplicates_dropped: Gauge::default(),
             leases_granted: Gauge::default(),
@@ -133,6 +147,41 @@ impl Metrics {
             "store_commit_seconds",
             "Time to make one round durable",
             m.commit_seconds.clone(),
+        );
+        registry.register(
+            "store_failures",
+            "Commits that failed (the store was reopened and the state rebuilt from what is durable)",
+            m.store_failures.clone(),
+        );
+        registry.register(
+            "uploads_in_progress",
+            "Batch input files being received or parsed now",
+            m.uploads_in_progress.clone(),
+        );
+        registry.register(
+            "uploads_refused",
+            "Uploads refused because too many were in progress",
+            m.uploads_refused.clone(),
+        );
+        registry.register(
+            "store_free_bytes",
+            "Free space where the store writes, bytes",
+            m.store_free_bytes.clone(),
+        );
+        registry.register(
+            "storage_low",
+            "1 while new batches are refused for lack of disk space",
+            m.storage_low.clone(),
+        );
+        registry.register(
+            "results_not_leased",
+            "Results refused because the reporting node held no lease on the request",
+            m.results_not_leased.clone(),
+        );
+        registry.register(
+            "batches_deleted",
+            "Batches deleted (retention ended, or deleted by their tenant)",
+            m.batches_deleted.clone(),
         );
         registry.register(
             "results_recorded",
@@ -387,7 +436,17 @@ impl Metrics {
         }
     }
 
+    /// Free space for the store, and whether new batches are refused for lack of it.
+    pub fn observe_disk(&self, free: Option<u64>, low: bool) {
+        if let Some(f) = free {
+            self.store_free_bytes.set(i64::try_from(f).unwrap_or(i64::MAX));
+        }
+        self.storage_low.set(i64::from(low));
+    }
+
     pub fn observe_core(&self, s: &ControlStats) {
+        self.results_not_leased.set(s.results_not_leased as i64);
+        self.batches_deleted.set(s.batches_deleted as i64);
         self.results_recorded.set(s.results_recorded as i64);
         self.duplicates_dropped.set(s.duplicates_dropped as i64);
         self.leases_granted.set(s.leases_granted as i64);

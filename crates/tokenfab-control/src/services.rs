@@ -3,19 +3,20 @@
 
 use crate::auth::{Auth, Caller};
 use crate::convert;
-use crate::core_loop::Command;
-use std::collections::BTreeSet;
+use crate::core_loop::{Command, Inputs};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfab_core::batch_input::{InputLimits, ParsedInput, parse_batch_input};
-use tokenfab_core::control::NewBatch;
+use tokenfab_core::batch_input::{Endpoint, InputLimits, InputParser, ParsedInput};
+use tokenfab_core::control::{NewBatch, SubmitError};
 use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
 use tokenfab_proto::v1::agent_service_server::AgentService;
 use tokenfab_proto::v1::batch_service_server::BatchService;
 use tokenfab_store::{Cursor, ResultKind, RowOutcome, Store};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,8 +29,15 @@ pub struct Shared<S> {
     pub auth: Auth,
     pub limits: InputLimits,
     pub models: BTreeSet<ModelId>,
+    /// Each model's context length, for checking `max_tokens`.
+    pub contexts: BTreeMap<ModelId, u32>,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
+    pub uploads: UploadGate,
+    pub metrics: Arc<crate::Metrics>,
+    /// New batches are refused while the store has less free space.
+    pub min_free_bytes: u64,
+    pub views: Arc<crate::core_loop::ViewBoard>,
 }
 
 impl<S> Shared<S> {
@@ -41,6 +49,83 @@ impl<S> Shared<S> {
     }
 }
 
+/// Bounds the uploads received and parsed at once, in all and per tenant: each holds a
+/// file being written and, while it is parsed, one line and the requests' locations in
+/// memory. One tenant's uploads cannot take every slot.
+pub struct UploadGate {
+    max: u32,
+    per_tenant: u32,
+    active: std::sync::Mutex<(u32, HashMap<TenantId, u32>)>,
+}
+
+/// A place in the [`UploadGate`], given back when dropped.
+pub struct UploadSlot<'a> {
+    gate: &'a UploadGate,
+    tenant: TenantId,
+}
+
+impl UploadGate {
+    pub fn new(max: u32, per_tenant: u32) -> Self {
+        UploadGate {
+            max: max.max(1),
+            per_tenant: per_tenant.max(1),
+            active: std::sync::Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    fn enter(&self, tenant: &TenantId) -> Result<UploadSlot<'_>, Status> {
+        let mut a = self
+            .active
+            .lock()
+            .map_err(|_| Status::internal("upload gate poisoned"))?;
+        let mine = a.1.get(tenant).copied().unwrap_or(0);
+        if mine >= self.per_tenant {
+            return Err(retry_later(format!(
+                "tenant '{tenant}' has {mine} uploads in progress, the most one tenant may have at once; retry when one has finished"
+            )));
+        }
+        if a.0 >= self.max {
+            return Err(retry_later(format!(
+                "the control plane is receiving {} uploads, the most it takes at once; retry in a few seconds",
+                a.0
+            )));
+        }
+        a.0 += 1;
+        *a.1.entry(tenant.clone()).or_default() += 1;
+        Ok(UploadSlot {
+            gate: self,
+            tenant: tenant.clone(),
+        })
+    }
+
+    fn in_progress(&self) -> u32 {
+        self.active.lock().map(|a| a.0).unwrap_or(0)
+    }
+}
+
+impl Drop for UploadSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.gate.active.lock() {
+            a.0 = a.0.saturating_sub(1);
+            if let Some(n) = a.1.get_mut(&self.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    a.1.remove(&self.tenant);
+                }
+            }
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED with a hint of when to retry (`retry-after-ms` metadata).
+fn retry_later(message: String) -> Status {
+    let mut s = Status::resource_exhausted(message);
+    if let Ok(v) = "2000".parse() {
+        s.metadata_mut().insert("retry-after-ms", v);
+    }
+    s
+}
+
 pub struct BatchApi<S>(pub Arc<Shared<S>>);
 pub struct AgentApi<S>(pub Arc<Shared<S>>);
 
@@ -50,13 +135,25 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 const RESULT_PAGE: usize = 512;
 /// Line errors returned inline in CreateBatchResponse.
 const INLINE_LINE_ERRORS: usize = 20;
+/// Pieces of the input file read at once while parsing it.
+const PARSE_CHUNK: usize = 1 << 20;
+/// Free space is checked again after this much of an upload.
+const SPACE_CHECK_EVERY: u64 = 64 << 20;
+
+/// Where a batch's input comes from.
+enum Source {
+    Inline(prost::bytes::Bytes),
+    Stream(Streaming<pb::UploadBatchChunk>),
+}
 
 impl<S: Store + Clone> BatchApi<S> {
+    /// Checks the options, writes the input file to the store's staging area as it
+    /// arrives, parses it from there, and submits the batch.
     async fn submit(
         &self,
         tenant: TenantId,
         options: pb::BatchOptions,
-        input: Vec<u8>,
+        source: Source,
     ) -> Result<pb::CreateBatchResponse, Status> {
         let s = &self.0;
         if options.model.trim().is_empty() {
@@ -72,21 +169,135 @@ impl<S: Store + Clone> BatchApi<S> {
                 served.join(", ")
             )));
         }
+        let endpoint = match options.endpoint.trim() {
+            "" => None,
+            e => Some(Endpoint::from_path(e).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "options.endpoint: '{e}' is not an endpoint batches can target: use /v1/chat/completions or /v1/completions"
+                ))
+            })?),
+        };
+        tokenfab_core::control::check_metadata(&options.metadata)
+            .map_err(|e| Status::invalid_argument(format!("options.{e}")))?;
+        let _slot = match s.uploads.enter(&tenant) {
+            Ok(slot) => slot,
+            Err(e) => {
+                s.metrics.uploads_refused.inc();
+                return Err(e);
+            }
+        };
+        s.metrics.uploads_in_progress.set(i64::from(s.uploads.in_progress()));
+        let result = self.receive_and_submit(tenant, options, model, endpoint, source).await;
+        drop(_slot);
+        s.metrics.uploads_in_progress.set(i64::from(s.uploads.in_progress()));
+        result
+    }
+
+    fn check_space(&self) -> Result<(), Status> {
+        let s = &self.0;
+        match s.store.free_bytes() {
+            Some(free) if free < s.min_free_bytes => Err(convert::submit_error(SubmitError::StorageLow {
+                free: tokenfab_core::usage::human_bytes(free),
+                min: tokenfab_core::usage::human_bytes(s.min_free_bytes),
+            })),
+            _ => Ok(()),
+        }
+    }
+
+    async fn receive_and_submit(
+        &self,
+        tenant: TenantId,
+        options: pb::BatchOptions,
+        model: ModelId,
+        endpoint: Option<Endpoint>,
+        source: Source,
+    ) -> Result<pb::CreateBatchResponse, Status> {
+        let s = &self.0;
+        self.check_space()?;
+        let staged = s.store.stage().map_err(|e| Status::unavailable(e.to_string()))?;
+        let write_err = |e: std::io::Error| {
+            Status::unavailable(format!(
+                "the control plane cannot store the input file: {e}; retry later"
+            ))
+        };
+        let mut file = tokio::fs::File::create(staged.path()).await.map_err(write_err)?;
+        let limit = s.limits.max_file_bytes;
+        let too_large =
+            |bytes: u64| convert::input_error(tokenfab_core::batch_input::InputError::TooLarge { bytes, limit });
+        let mut written = 0u64;
+        let mut next_check = SPACE_CHECK_EVERY;
+        match source {
+            Source::Inline(data) => {
+                if data.len() as u64 > limit {
+                    return Err(too_large(data.len() as u64));
+                }
+                file.write_all(&data).await.map_err(write_err)?;
+                written = data.len() as u64;
+            }
+            Source::Stream(mut stream) => {
+                while let Some(msg) = stream.message().await? {
+                    match msg.chunk {
+                        Some(pb::upload_batch_chunk::Chunk::Data(d)) => {
+                            written += d.len() as u64;
+                            if written > limit {
+                                return Err(too_large(written));
+                            }
+                            file.write_all(&d).await.map_err(write_err)?;
+                            if written >= next_check {
+                                next_check += SPACE_CHECK_EVERY;
+                                self.check_space()?;
+                            }
+                        }
+                        Some(pb::upload_batch_chunk::Chunk::Options(_)) => {
+                            return Err(Status::invalid_argument(
+                                "options may only be sent once, in the first message",
+                            ));
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        // Durable before the batch can be: the commit that creates the batch only moves it.
+        file.sync_all().await.map_err(write_err)?;
+        drop(file);
         let limits = s.limits;
         let strict = options.strict;
+        let max_context = s.contexts.get(&model).copied();
+        let path = staged.path().to_path_buf();
         let parse_model = model.clone();
-        // Parsing a large file is CPU work: keep it off the async workers.
-        let parsed: ParsedInput =
-            tokio::task::spawn_blocking(move || parse_batch_input(&input, &parse_model, &limits, strict))
-                .await
-                .map_err(|e| Status::internal(format!("input parser failed: {e}")))?
-                .map_err(convert::input_error)?;
+        // Parsing is CPU work: off the async workers, one piece of the file at a time.
+        let parsed: ParsedInput = tokio::task::spawn_blocking(move || {
+            let mut parser = InputParser::new(parse_model, limits, strict)
+                .endpoint(endpoint)
+                .max_context(max_context);
+            let mut f = std::fs::File::open(&path)
+                .map_err(|e| Err(Status::unavailable(format!("cannot read the staged input file: {e}"))))?;
+            let mut buf = vec![0u8; PARSE_CHUNK];
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)
+                    .map_err(|e| Err(Status::unavailable(format!("cannot read the staged input file: {e}"))))?;
+                if n == 0 {
+                    break;
+                }
+                parser.feed(&buf[..n]).map_err(Ok)?;
+            }
+            parser.finish().map_err(Ok)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("input parser failed: {e}")))?
+        .map_err(|e: Result<tokenfab_core::batch_input::InputError, Status>| match e {
+            Ok(input) => convert::input_error(input),
+            Err(status) => status,
+        })?;
+        debug_assert_eq!(parsed.bytes, written);
         let new = NewBatch {
             tenant,
             model,
             sla_class: Some(options.sla_class),
             completion_window: Some(Duration::from_secs(options.completion_window_seconds)),
             metadata: options.metadata.into_iter().collect(),
+            endpoint: parsed.endpoint,
             input_bytes: parsed.bytes,
             lines: parsed.lines,
             invalid_lines: parsed.line_errors.len() as u32,
@@ -103,13 +314,13 @@ impl<S: Store + Clone> BatchApi<S> {
                 line: e.line,
             })
             .collect();
+        let inputs = Inputs {
+            file: staged,
+            requests: parsed.requests,
+            line_errors: parsed.line_errors,
+        };
         let view = s
-            .ask(|reply| Command::Submit {
-                new,
-                requests: parsed.requests,
-                line_errors: parsed.line_errors,
-                reply,
-            })
+            .ask(|reply| Command::Submit { new, inputs, reply })
             .await?
             .map_err(convert::submit_error)?;
         Ok(pb::CreateBatchResponse {
@@ -130,7 +341,7 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
         let options = r
             .options
             .ok_or_else(|| Status::invalid_argument("options is required (at least options.model)"))?;
-        self.submit(tenant, options, r.input_jsonl.to_vec())
+        self.submit(tenant, options, Source::Inline(r.input_jsonl))
             .await
             .map(Response::new)
     }
@@ -150,27 +361,9 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
                 "the first message of an upload must carry options",
             ));
         };
-        let limit = self.0.limits.max_file_bytes;
-        let mut input = Vec::new();
-        while let Some(msg) = stream.message().await? {
-            match msg.chunk {
-                Some(pb::upload_batch_chunk::Chunk::Data(d)) => {
-                    if input.len() as u64 + d.len() as u64 > limit {
-                        return Err(Status::resource_exhausted(format!(
-                            "the input file is over the limit of {limit} bytes; split it into several batches"
-                        )));
-                    }
-                    input.extend_from_slice(&d);
-                }
-                Some(pb::upload_batch_chunk::Chunk::Options(_)) => {
-                    return Err(Status::invalid_argument(
-                        "options may only be sent once, in the first message",
-                    ));
-                }
-                None => {}
-            }
-        }
-        self.submit(tenant, options, input).await.map(Response::new)
+        self.submit(tenant, options, Source::Stream(stream))
+            .await
+            .map(Response::new)
     }
 
     async fn get_batch(&self, req: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {
@@ -271,6 +464,19 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
             .await?
             .map_err(convert::batch_error)?;
         Ok(Response::new(convert::batch(&view)))
+    }
+
+    async fn delete_batch(
+        &self,
+        req: Request<pb::DeleteBatchRequest>,
+    ) -> Result<Response<pb::DeleteBatchResponse>, Status> {
+        let tenant = self.0.auth.tenant(req.metadata())?;
+        let id = convert::batch_id(&req.get_ref().batch_id)?;
+        self.0
+            .ask(|reply| Command::Delete { tenant, id, reply })
+            .await?
+            .map_err(convert::batch_error)?;
+        Ok(Response::new(pb::DeleteBatchResponse {}))
     }
 
     type WatchBatchStream = BoxStream<pb::Batch>;
@@ -388,7 +594,7 @@ fn result_record(row: tokenfab_store::ResultRow) -> pb::ResultRecord {
 #[tonic::async_trait]
 impl<S: Store + Clone> AgentService for AgentApi<S> {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.0.auth.agent(req.metadata())?;
+        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
         let registration = convert::registration(req.into_inner())?;
         self.0.ask(|reply| Command::Register { registration, reply }).await?;
         Ok(Response::new(pb::RegisterResponse {
@@ -398,7 +604,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.0.auth.agent(req.metadata())?;
+        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
         let r = req.into_inner();
         let node = NodeId::new(r.node);
         let held = r.held_units.into_iter().map(WorkUnitId).collect();
@@ -435,7 +641,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
     }
 
     async fn lease_work(&self, req: Request<pb::LeaseWorkRequest>) -> Result<Response<pb::LeaseWorkResponse>, Status> {
-        self.0.auth.agent(req.metadata())?;
+        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
         let r = req.into_inner();
         let (node, model, max) = (NodeId::new(r.node), ModelId::new(r.model), r.max_requests.min(10_000));
         let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
@@ -459,7 +665,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::ReportResultsRequest>,
     ) -> Result<Response<pb::ReportResultsResponse>, Status> {
-        self.0.auth.agent(req.metadata())?;
+        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
         let r = req.into_inner();
         let node = NodeId::new(r.node);
         let results = convert::reported(r.results)?;
@@ -473,6 +679,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
             duplicates: s.duplicates,
             unknown: s.unknown,
             requeued: s.requeued,
+            not_leased: s.not_leased,
         }))
     }
 
@@ -480,7 +687,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::ReleaseWorkRequest>,
     ) -> Result<Response<pb::ReleaseWorkResponse>, Status> {
-        self.0.auth.agent(req.metadata())?;
+        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
         let r = req.into_inner();
         if r.batches.len() != r.indices.len() {
             return Err(Status::invalid_argument(
@@ -518,7 +725,7 @@ pub struct SlaApi<S>(pub Arc<Shared<S>>);
 impl<S: Store + Clone> tokenfab_proto::v1::sla_service_server::SlaService for SlaApi<S> {
     async fn get_sla(&self, req: Request<pb::GetSlaRequest>) -> Result<Response<pb::ThroughputSla>, Status> {
         self.0.auth.tenant(req.metadata())?;
-        let doc = self.0.ask(|reply| Command::Sla { reply }).await?;
-        Ok(Response::new(convert::sla(&doc)))
+        let views = self.0.views.fresh(Duration::from_secs(1)).await;
+        Ok(Response::new(convert::sla(&views.sla)))
     }
 }

@@ -24,23 +24,20 @@ async fn fixture() -> Fixture {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         tenants: vec![
-            TenantToken {
-                name: "acme".into(),
-                token: "acme-token".into(),
-            },
-            TenantToken {
-                name: "rival".into(),
-                token: "rival-token".into(),
-            },
+            TenantToken::new("acme", "acme-token"),
+            TenantToken::new("rival", "rival-token"),
         ],
-        agent_token: "agent-token".into(),
+        agent_secret: "agent-secret-of-this-test".into(),
         admin_token: None,
+        http_token: None,
         control: ControlConfig::default(),
         limits: InputLimits {
             max_file_bytes: 64 * 1024,
             max_line_bytes: 2048,
             max_requests: 1000,
+            max_json_depth: 16,
         },
+        transport: tokenfab_control::Transport::default(),
     };
     let server = tokenfab_control::start(config, store).await.unwrap();
     let channel = Channel::from_shared(format!("http://{}", server.addr))
@@ -182,6 +179,61 @@ async fn bad_batch_input_is_refused_with_what_and_where() {
         "options.sla_class: unknown SLA class 'platinum': choose one of standard, best-effort"
     );
 
+    // Issue 11: a 100 MiB metadata map was committed and broke the tenant's listing.
+    // Metadata is held to OpenAI's limits, checked before anything is read or committed.
+    for (metadata, message) in [
+        (
+            (0..17).map(|i| (format!("k{i}"), "v".to_string())).collect(),
+            "options.metadata: more than 16 key-value pairs; keep at most 16 (as in the OpenAI Batch API)",
+        ),
+        (
+            [("note".to_string(), "x".repeat(513))].into_iter().collect(),
+            "options.metadata: the value of 'note' is 513 characters, over the limit of 512 (as in the OpenAI Batch API)",
+        ),
+    ] {
+        let (code, msg) = refused(
+            &mut f,
+            pb::CreateBatchRequest {
+                options: Some(pb::BatchOptions {
+                    model: m.into(),
+                    metadata,
+                    ..Default::default()
+                }),
+                input_jsonl: line("a").into_bytes().into(),
+            },
+        )
+        .await;
+        assert_eq!((code, msg.as_str()), (Code::InvalidArgument, message));
+    }
+    let (code, msg) = refused(
+        &mut f,
+        pb::CreateBatchRequest {
+            options: Some(pb::BatchOptions {
+                model: m.into(),
+                endpoint: "/v1/embeddings".into(),
+                ..Default::default()
+            }),
+            input_jsonl: line("a").into_bytes().into(),
+        },
+    )
+    .await;
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        msg.starts_with("options.endpoint: '/v1/embeddings' is not an endpoint"),
+        "{msg}"
+    );
+    // More lines than the configured limit.
+    let file = (0..1001)
+        .map(|i| format!("{{\"custom_id\":\"{i}\"}}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (code, msg) = refused(&mut f, create(file, false, m)).await;
+    assert_eq!(code, Code::ResourceExhausted);
+    assert!(
+        msg.starts_with("the input file has more than 1000 requests (line 1001 is request 1001)"),
+        "{msg}"
+    );
+
     // Nothing above created a batch.
     let list = f
         .client
@@ -190,6 +242,50 @@ async fn bad_batch_input_is_refused_with_what_and_where() {
         .unwrap()
         .into_inner();
     assert!(list.batches.is_empty());
+}
+
+/// Issue 11's validation gaps: a byte-order mark made line 1 invalid; a batch could mix
+/// endpoints; JSON nesting was unlimited (accepted, then refused by the agent with a
+/// misleading message); `max_tokens` was not bounded by the model's context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_gaps_are_closed_at_submission() {
+    let mut f = fixture().await;
+    let completion = r#"{"custom_id":"c","method":"POST","url":"/v1/completions","body":{"prompt":"x"}}"#;
+    let deep = format!(
+        r#"{{"custom_id":"d","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":{}"x"{}}}]}}}}"#,
+        "[".repeat(20),
+        "]".repeat(20)
+    );
+    let long = r#"{"custom_id":"l","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"max_tokens":1000000}}"#;
+    let input = format!("\u{feff}{}\n{completion}\n{deep}\n{long}\n", line("a"));
+    let resp = f
+        .client
+        .create_batch(authed("acme-token", create(input, false, "llama-3.1-8b")))
+        .await
+        .unwrap()
+        .into_inner();
+    let counts = resp.batch.unwrap().request_counts.unwrap();
+    assert_eq!(
+        (counts.total, counts.invalid),
+        (4, 3),
+        "line 1 (after the BOM) is valid"
+    );
+    let errors: Vec<(u32, &str)> = resp.line_errors.iter().map(|e| (e.line, e.code.as_str())).collect();
+    assert_eq!(
+        errors,
+        [
+            (2, "endpoint_mismatch"),
+            (3, "json_too_deep"),
+            (4, "max_tokens_too_large")
+        ]
+    );
+    assert!(
+        resp.line_errors[2]
+            .message
+            .contains("llama-3.1-8b's context of 131072 tokens"),
+        "{}",
+        resp.line_errors[2].message
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,10 +440,10 @@ async fn missing_or_wrong_tokens_are_unauthenticated() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("not valid for any tenant"));
-    // The agent token does not open the tenant API.
+    // The agent secret does not open the tenant API.
     let e = f
         .client
-        .list_batches(authed("agent-token", pb::ListBatchesRequest::default()))
+        .list_batches(authed("agent-secret-of-this-test", pb::ListBatchesRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);

@@ -29,6 +29,10 @@ pub struct InputLimits {
     pub max_line_bytes: usize,
     /// Most requests (non-blank lines) in one batch.
     pub max_requests: usize,
+    /// Deepest nesting of JSON arrays and objects in a request body. Engines parse bodies
+    /// with recursion limits of their own (serde_json's is 128); a body that nests deeper
+    /// than they accept is refused here, at submission, not later by the agent.
+    pub max_json_depth: u32,
 }
 
 impl Default for InputLimits {
@@ -37,13 +41,19 @@ impl Default for InputLimits {
             max_file_bytes: 200 * 1024 * 1024,
             max_line_bytes: 1024 * 1024,
             max_requests: 100_000,
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
         }
     }
 }
 
+/// The default [`InputLimits::max_json_depth`]: chat requests nest 4 to 6 levels (body,
+/// messages, message, content parts, tool schemas a few more).
+pub const DEFAULT_MAX_JSON_DEPTH: u32 = 32;
+
 /// The OpenAI endpoints a batch request may target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub enum Endpoint {
+    #[default]
     ChatCompletions,
     Completions,
 }
@@ -63,20 +73,31 @@ impl Endpoint {
     }
 }
 
-/// One valid request of a batch.
+/// One valid request of a batch. Its body is not copied: it stays in the input file, at
+/// `body_offset` (bytes from the start of the file) for `body_len` bytes, JSON text
+/// exactly as given.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ParsedRequest {
     /// 1-based line in the input file.
     pub line: u32,
     pub custom_id: String,
-    pub endpoint: Endpoint,
-    /// The request body, JSON text exactly as given.
-    pub body: String,
+    pub body_offset: u64,
+    pub body_len: u32,
     /// Rough prompt size for scheduling (body bytes / 4). Never billed: billing uses the
     /// engine's own `usage` counts.
     pub prompt_tokens_estimate: u32,
     /// `max_tokens` or `max_completion_tokens`, if the body sets one.
     pub max_tokens: Option<u32>,
+}
+
+impl ParsedRequest {
+    /// The body inside `input`, the file it was parsed from.
+    pub fn body<'a>(&self, input: &'a [u8]) -> &'a [u8] {
+        let start = usize::try_from(self.body_offset).unwrap_or(usize::MAX);
+        input
+            .get(start..start.saturating_add(self.body_len as usize))
+            .unwrap_or_default()
+    }
 }
 
 /// Why one line was refused.
@@ -94,6 +115,12 @@ pub enum LineErrorCode {
     InvalidBody,
     ModelMismatch,
     LineTooLarge,
+    /// The line targets another endpoint than the batch.
+    EndpointMismatch,
+    /// The body nests JSON deeper than [`InputLimits::max_json_depth`].
+    JsonTooDeep,
+    /// `max_tokens` is more than the model's context holds.
+    MaxTokensTooLarge,
 }
 
 impl LineErrorCode {
@@ -112,6 +139,9 @@ impl LineErrorCode {
             LineErrorCode::InvalidBody => "invalid_body",
             LineErrorCode::ModelMismatch => "model_mismatch",
             LineErrorCode::LineTooLarge => "line_too_large",
+            LineErrorCode::EndpointMismatch => "endpoint_mismatch",
+            LineErrorCode::JsonTooDeep => "json_too_deep",
+            LineErrorCode::MaxTokensTooLarge => "max_tokens_too_large",
         }
     }
 }
@@ -169,6 +199,8 @@ fn summarize(errors: &[LineError]) -> String {
 /// The valid requests and the refused lines of one input file.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ParsedInput {
+    /// The endpoint every request targets.
+    pub endpoint: Endpoint,
     pub requests: Vec<ParsedRequest>,
     pub line_errors: Vec<LineError>,
     /// Non-blank lines in the file (= requests + line errors).
@@ -238,78 +270,271 @@ pub fn shared_prefix(body: &str) -> Option<(u64, u32)> {
 /// Longest `custom_id` accepted, bytes.
 pub const MAX_CUSTOM_ID_BYTES: usize = 512;
 
-/// Parses and validates a whole input file for a batch on `model`.
+/// Parses and validates a whole input file for a batch on `model` (see [`InputParser`]
+/// for files read piece by piece).
 pub fn parse_batch_input(
     input: &[u8],
     model: &ModelId,
     limits: &InputLimits,
     strict: bool,
 ) -> Result<ParsedInput, InputError> {
-    let bytes = input.len() as u64;
-    if bytes > limits.max_file_bytes {
-        return Err(InputError::TooLarge {
-            bytes,
-            limit: limits.max_file_bytes,
-        });
-    }
-    let mut out = ParsedInput {
-        bytes,
-        ..ParsedInput::default()
-    };
-    let mut first_line_of: BTreeMap<String, u32> = BTreeMap::new();
-    for (i, raw) in input.split(|&b| b == b'\n').enumerate() {
-        let line_no = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if raw.iter().all(u8::is_ascii_whitespace) {
-            continue;
+    let mut parser = InputParser::new(model.clone(), *limits, strict);
+    parser.feed(input)?;
+    parser.finish()
+}
+
+/// The UTF-8 byte-order mark some editors write at the start of a file; tolerated there.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Parses and validates an input file fed in pieces of any size, holding at most one line
+/// (up to [`InputLimits::max_line_bytes`]) in memory: a file of any size is checked in
+/// bounded memory, and request bodies are located in the file, not copied.
+#[derive(Debug)]
+pub struct InputParser {
+    model: ModelId,
+    limits: InputLimits,
+    strict: bool,
+    /// The endpoint the batch targets: given, or taken from its first valid request.
+    endpoint: Option<(Endpoint, u32)>,
+    max_context: Option<u32>,
+    first_line_of: BTreeMap<String, u32>,
+    out: ParsedInput,
+    /// The line being assembled, its start in the file and number.
+    partial: Vec<u8>,
+    partial_at: u64,
+    line_no: u32,
+    /// Set once the line being assembled is longer than the limit: its length so far,
+    /// and whether it is blank so far (its bytes are not kept).
+    oversized: Option<(u64, bool)>,
+}
+
+impl InputParser {
+    pub fn new(model: ModelId, limits: InputLimits, strict: bool) -> Self {
+        InputParser {
+            model,
+            limits,
+            strict,
+            endpoint: None,
+            max_context: None,
+            first_line_of: BTreeMap::new(),
+            out: ParsedInput::default(),
+            partial: Vec::new(),
+            partial_at: 0,
+            line_no: 0,
+            oversized: None,
         }
-        out.lines += 1;
-        if out.lines as usize > limits.max_requests {
+    }
+
+    /// Every request must target `endpoint` (by default, the one of the first valid
+    /// request).
+    pub fn endpoint(mut self, endpoint: Option<Endpoint>) -> Self {
+        self.endpoint = endpoint.map(|e| (e, 0));
+        self
+    }
+
+    /// Refuse requests whose `max_tokens` is more than the model's context holds.
+    pub fn max_context(mut self, tokens: Option<u32>) -> Self {
+        self.max_context = tokens;
+        self
+    }
+
+    /// Bytes fed so far.
+    pub fn bytes(&self) -> u64 {
+        self.out.bytes
+    }
+
+    /// Feeds the next piece of the file. Fails as soon as the file is over a limit that
+    /// refuses the whole batch.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), InputError> {
+        let start = self.out.bytes;
+        self.out.bytes += chunk.len() as u64;
+        if self.out.bytes > self.limits.max_file_bytes {
+            return Err(InputError::TooLarge {
+                bytes: self.out.bytes,
+                limit: self.limits.max_file_bytes,
+            });
+        }
+        let mut rest = chunk;
+        let mut at = start;
+        while !rest.is_empty() {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.append(&rest[..i]);
+                    self.end_line()?;
+                    at += i as u64 + 1;
+                    self.partial_at = at;
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    self.append(rest);
+                    rest = &[];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, piece: &[u8]) {
+        if let Some((len, blank)) = &mut self.oversized {
+            *len += piece.len() as u64;
+            *blank &= piece.iter().all(u8::is_ascii_whitespace);
+            return;
+        }
+        // One byte over the limit may be the `\r` of a CRLF line end: keep it.
+        if self.partial.len() + piece.len() > self.limits.max_line_bytes.saturating_add(1) {
+            let len = (self.partial.len() + piece.len()) as u64;
+            let blank = self.partial.iter().chain(piece).all(u8::is_ascii_whitespace);
+            self.oversized = Some((len, blank));
+            self.partial = Vec::new();
+        } else {
+            self.partial.extend_from_slice(piece);
+        }
+    }
+
+    fn end_line(&mut self) -> Result<(), InputError> {
+        self.line_no = self.line_no.saturating_add(1);
+        let line_no = self.line_no;
+        let mut raw = std::mem::take(&mut self.partial);
+        let mut offset = self.partial_at;
+        if offset == 0 && raw.starts_with(BOM) {
+            raw.drain(..BOM.len());
+            offset = BOM.len() as u64;
+        }
+        let oversized = self.oversized.take();
+        let blank = match oversized {
+            Some((_, blank)) => blank,
+            None => raw
+                .strip_suffix(b"\r")
+                .unwrap_or(&raw)
+                .iter()
+                .all(u8::is_ascii_whitespace),
+        };
+        if blank {
+            self.partial = raw;
+            self.partial.clear();
+            return Ok(());
+        }
+        self.out.lines += 1;
+        if self.out.lines as usize > self.limits.max_requests {
             return Err(InputError::TooManyRequests {
-                count: out.lines as usize,
-                limit: limits.max_requests,
+                count: self.out.lines as usize,
+                limit: self.limits.max_requests,
                 line: line_no,
             });
         }
-        match parse_line(raw, line_no, model, limits) {
-            Ok(req) => {
-                // A duplicate is refused on its second (and later) appearance.
-                if let Some(&first) = first_line_of.get(&req.custom_id) {
-                    let what = format!(
-                        "custom_id \"{}\" is already used on line {first}; every request needs its own custom_id",
-                        req.custom_id
-                    );
-                    out.line_errors.push(line_error(
-                        line_no,
-                        LineErrorCode::DuplicateCustomId,
-                        Some(req.custom_id),
-                        what,
-                    ));
-                } else {
-                    first_line_of.insert(req.custom_id.clone(), line_no);
-                    out.requests.push(req);
-                }
+        let result = match oversized {
+            Some((len, _)) => Err(too_large(line_no, len, self.limits.max_line_bytes)),
+            None => {
+                let text = raw.strip_suffix(b"\r").unwrap_or(&raw);
+                let rules = LineRules {
+                    model: &self.model,
+                    limits: &self.limits,
+                    endpoint: self.endpoint,
+                    max_context: self.max_context,
+                };
+                parse_line(text, line_no, offset, &rules)
             }
-            Err(e) => out.line_errors.push(e),
+        };
+        // Keep the buffer's allocation for the next line.
+        self.partial = raw;
+        self.partial.clear();
+        match result {
+            // A duplicate is refused on its second (and later) appearance.
+            Ok((req, _)) if self.first_line_of.contains_key(&req.custom_id) => {
+                let first = self.first_line_of[&req.custom_id];
+                let what = format!(
+                    "custom_id \"{}\" is already used on line {first}; every request needs its own custom_id",
+                    req.custom_id
+                );
+                self.out.line_errors.push(line_error(
+                    line_no,
+                    LineErrorCode::DuplicateCustomId,
+                    Some(req.custom_id),
+                    what,
+                ));
+            }
+            Ok((req, endpoint)) => {
+                if self.endpoint.is_none() {
+                    self.endpoint = Some((endpoint, line_no));
+                }
+                self.first_line_of.insert(req.custom_id.clone(), line_no);
+                self.out.requests.push(req);
+            }
+            Err(e) => self.out.line_errors.push(e),
+        }
+        Ok(())
+    }
+
+    /// Ends the file: the last line needs no line break.
+    pub fn finish(mut self) -> Result<ParsedInput, InputError> {
+        if !self.partial.is_empty() || self.oversized.is_some() {
+            self.end_line()?;
+        }
+        let mut out = self.out;
+        out.endpoint = self.endpoint.map_or_else(Endpoint::default, |(e, _)| e);
+        if out.lines == 0 {
+            return Err(InputError::Empty);
+        }
+        let total = out.line_errors.len();
+        if out.requests.is_empty() {
+            return Err(InputError::NoValidLines {
+                errors: out.line_errors,
+                total,
+            });
+        }
+        if self.strict && total > 0 {
+            return Err(InputError::StrictRefused {
+                errors: out.line_errors,
+                total,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn too_large(line: u32, len: u64, limit: usize) -> LineError {
+    line_error(
+        line,
+        LineErrorCode::LineTooLarge,
+        None,
+        format!("the request is {len} bytes, over the limit of {limit} bytes per line; shorten the prompt"),
+    )
+}
+
+/// How deeply `json` nests arrays and objects (0 for a scalar), counted without
+/// recursion so that no input can exhaust the stack.
+pub fn json_depth(json: &[u8]) -> u32 {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0u32, 0u32, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
         }
     }
-    if out.lines == 0 {
-        return Err(InputError::Empty);
-    }
-    let total = out.line_errors.len();
-    if out.requests.is_empty() {
-        return Err(InputError::NoValidLines {
-            errors: out.line_errors,
-            total,
-        });
-    }
-    if strict && total > 0 {
-        return Err(InputError::StrictRefused {
-            errors: out.line_errors,
-            total,
-        });
-    }
-    Ok(out)
+    deepest
+}
+
+/// What a line is checked against.
+struct LineRules<'a> {
+    model: &'a ModelId,
+    limits: &'a InputLimits,
+    /// The batch's endpoint and the line that set it (0: given with the batch).
+    endpoint: Option<(Endpoint, u32)>,
+    max_context: Option<u32>,
 }
 
 /// A serde_json error located by its column in the line (`offset` = where the parsed
@@ -330,18 +555,16 @@ fn line_error(line: u32, code: LineErrorCode, custom_id: Option<String>, what: S
     }
 }
 
-fn parse_line(raw: &[u8], line: u32, model: &ModelId, limits: &InputLimits) -> Result<ParsedRequest, LineError> {
+/// Checks one line (without its line break) that starts `offset` bytes into the file.
+fn parse_line(
+    raw: &[u8],
+    line: u32,
+    offset: u64,
+    rules: &LineRules<'_>,
+) -> Result<(ParsedRequest, Endpoint), LineError> {
+    let (model, limits) = (rules.model, rules.limits);
     if raw.len() > limits.max_line_bytes {
-        return Err(line_error(
-            line,
-            LineErrorCode::LineTooLarge,
-            None,
-            format!(
-                "the request is {} bytes, over the limit of {} bytes per line; shorten the prompt",
-                raw.len(),
-                limits.max_line_bytes
-            ),
-        ));
+        return Err(too_large(line, raw.len() as u64, limits.max_line_bytes));
     }
     let text = std::str::from_utf8(raw).map_err(|e| {
         line_error(
@@ -457,6 +680,23 @@ fn parse_line(raw: &[u8], line: u32, model: &ModelId, limits: &InputLimits) -> R
             ));
         }
     };
+    if let Some((batch, set_by)) = rules.endpoint
+        && batch != endpoint
+    {
+        let why = if set_by == 0 {
+            "the batch was created for".to_string()
+        } else {
+            format!("the batch's first request (line {set_by}) targets")
+        };
+        return Err(err(
+            LineErrorCode::EndpointMismatch,
+            format!(
+                "\"url\" is \"{}\" but {why} {}; a batch targets one endpoint, so submit these requests as another batch",
+                endpoint.path(),
+                batch.path()
+            ),
+        ));
+    }
     let body = parsed.body.ok_or_else(|| {
         err(
             LineErrorCode::MissingBody,
@@ -465,6 +705,16 @@ fn parse_line(raw: &[u8], line: u32, model: &ModelId, limits: &InputLimits) -> R
     })?;
     if !body.get().trim_start().starts_with('{') {
         return Err(err(LineErrorCode::InvalidBody, "\"body\" must be a JSON object".into()));
+    }
+    let depth = json_depth(body.get().as_bytes());
+    if depth > limits.max_json_depth {
+        return Err(err(
+            LineErrorCode::JsonTooDeep,
+            format!(
+                "\"body\" nests JSON arrays and objects {depth} levels deep, over the limit of {}; flatten the request",
+                limits.max_json_depth
+            ),
+        ));
     }
     let peek: BodyPeek = serde_json::from_str(body.get()).map_err(|e| {
         let offset = body.get().as_ptr() as usize - text.as_ptr() as usize;
@@ -505,14 +755,30 @@ fn parse_line(raw: &[u8], line: u32, model: &ModelId, limits: &InputLimits) -> R
         }
         _ => {}
     }
-    Ok(ParsedRequest {
-        line,
-        custom_id,
+    let max_tokens = peek.max_completion_tokens.or(peek.max_tokens);
+    if let (Some(asked), Some(context)) = (max_tokens, rules.max_context)
+        && asked > context
+    {
+        return Err(err(
+            LineErrorCode::MaxTokensTooLarge,
+            format!(
+                "max_tokens is {asked}, more than {model}'s context of {context} tokens holds; ask for at most {context}"
+            ),
+        ));
+    }
+    let body_start = body.get().as_ptr() as usize - text.as_ptr() as usize;
+    let body_len = u32::try_from(body.get().len()).unwrap_or(u32::MAX);
+    Ok((
+        ParsedRequest {
+            line,
+            custom_id,
+            body_offset: offset + body_start as u64,
+            body_len,
+            prompt_tokens_estimate: body_len / 4,
+            max_tokens,
+        },
         endpoint,
-        body: body.get().to_string(),
-        prompt_tokens_estimate: u32::try_from(body.get().len() / 4).unwrap_or(u32::MAX),
-        max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
-    })
+    ))
 }
 
 #[cfg(test)]
@@ -568,7 +834,12 @@ mod tests {
             [(1, "a"), (3, "b")]
         );
         assert_eq!(p.requests[0].max_tokens, Some(16));
-        assert_eq!(p.requests[0].endpoint, Endpoint::ChatCompletions);
+        assert_eq!(p.endpoint, Endpoint::ChatCompletions);
+        let body = std::str::from_utf8(p.requests[1].body(text.as_bytes())).unwrap();
+        assert!(
+            body.starts_with("{\"model\"") && body.ends_with("\"max_tokens\":16}"),
+            "{body}"
+        );
         assert!(p.line_errors.is_empty());
     }
 
@@ -643,7 +914,14 @@ mod tests {
                 "line 2: \"stream\": true is not supported in a batch; remove it",
             ),
         ];
+        let ok_completion = r#"{"custom_id":"ok","method":"POST","url":"/v1/completions","body":{"prompt":"x"}}"#;
         for (line, code, message) in cases {
+            // The first line sets the batch's endpoint: the same as the case's.
+            let ok = if line.contains("\"/v1/completions\"") {
+                ok_completion
+            } else {
+                ok.as_str()
+            };
             let p = parse(&format!("{ok}\n{line}\n")).unwrap();
             assert_eq!(p.requests.len(), 1, "{line}");
             assert_eq!(p.line_errors.len(), 1, "{line}");
@@ -675,6 +953,104 @@ mod tests {
             p.line_errors[0]
                 .message
                 .contains("over the limit of 300 bytes per line"),
+            "{}",
+            p.line_errors[0]
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_tolerated_at_the_start_of_the_file() {
+        let text = format!("\u{feff}{}\n{}\n", chat("a"), chat("b"));
+        let p = parse(&text).unwrap();
+        assert_eq!(p.requests.len(), 2, "{:?}", p.line_errors);
+        let body = std::str::from_utf8(p.requests[0].body(text.as_bytes())).unwrap();
+        assert!(body.starts_with('{') && body.ends_with('}'), "{body}");
+        // Elsewhere it is not whitespace: the line is invalid JSON.
+        let p = parse(&format!("{}\n\u{feff}{}\n", chat("a"), chat("b"))).unwrap();
+        assert_eq!(p.line_errors[0].code, LineErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn a_batch_targets_one_endpoint() {
+        let completion = r#"{"custom_id":"c","method":"POST","url":"/v1/completions","body":{"prompt":"x"}}"#;
+        let p = parse(&format!("{}\n{completion}\n", chat("a"))).unwrap();
+        assert_eq!(p.endpoint, Endpoint::ChatCompletions);
+        assert_eq!(p.requests.len(), 1);
+        assert_eq!(
+            p.line_errors[0].message,
+            "line 2: \"url\" is \"/v1/completions\" but the batch's first request (line 1) targets /v1/chat/completions; a batch targets one endpoint, so submit these requests as another batch"
+        );
+        // An endpoint given with the batch rules from the first line on.
+        let mut parser = InputParser::new(model(), InputLimits::default(), false).endpoint(Some(Endpoint::Completions));
+        parser
+            .feed(format!("{}\n{completion}\n", chat("a")).as_bytes())
+            .unwrap();
+        let p = parser.finish().unwrap();
+        assert_eq!(p.endpoint, Endpoint::Completions);
+        assert_eq!(p.requests.len(), 1);
+        assert!(
+            p.line_errors[0]
+                .message
+                .contains("but the batch was created for /v1/completions"),
+            "{}",
+            p.line_errors[0]
+        );
+    }
+
+    #[test]
+    fn deep_json_and_impossible_max_tokens_are_refused_at_submission() {
+        let deep = format!(
+            r#"{{"custom_id":"d","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":{}1{}}}]}}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        let long = r#"{"custom_id":"l","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"hi"}],"max_tokens":200000}}"#;
+        let mut parser = InputParser::new(model(), InputLimits::default(), false).max_context(Some(131_072));
+        parser
+            .feed(format!("{}\n{deep}\n{long}\n", chat("a")).as_bytes())
+            .unwrap();
+        let p = parser.finish().unwrap();
+        let found: Vec<_> = p.line_errors.iter().map(|e| (e.line, e.code)).collect();
+        assert_eq!(
+            found,
+            [(2, LineErrorCode::JsonTooDeep), (3, LineErrorCode::MaxTokensTooLarge)]
+        );
+        assert_eq!(
+            p.line_errors[0].message,
+            "line 2: \"body\" nests JSON arrays and objects 43 levels deep, over the limit of 32; flatten the request"
+        );
+        assert_eq!(
+            p.line_errors[1].message,
+            "line 3: max_tokens is 200000, more than llama-3.1-8b's context of 131072 tokens holds; ask for at most 131072"
+        );
+        assert_eq!(json_depth(br#"{"a":"[[[[{{{","b":[1,{"c":"\"]"}]}"#), 3);
+    }
+
+    #[test]
+    fn an_oversized_line_is_not_held_in_memory() {
+        let limits = InputLimits {
+            max_line_bytes: 300,
+            ..InputLimits::default()
+        };
+        let mut parser = InputParser::new(model(), limits, false);
+        parser.feed(chat("a").as_bytes()).unwrap();
+        parser.feed(b"\n{\"custom_id\":\"big\",").unwrap();
+        for _ in 0..1000 {
+            parser.feed(&[b'x'; 1000]).unwrap();
+            assert!(parser.partial.capacity() <= 1024, "the oversized line is not buffered");
+        }
+        parser.feed(b"\n").unwrap();
+        parser.feed(chat("b").as_bytes()).unwrap();
+        let p = parser.finish().unwrap();
+        assert_eq!(p.requests.iter().map(|r| r.line).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(
+            p.line_errors.iter().map(|e| (e.line, e.code)).collect::<Vec<_>>(),
+            [(2, LineErrorCode::LineTooLarge)]
+        );
+        assert!(
+            p.line_errors[0]
+                .message
+                .contains("line 2: the request is 1000019 bytes, over the limit of 300"),
             "{}",
             p.line_errors[0]
         );
@@ -764,6 +1140,31 @@ mod tests {
                 Err(InputError::NoValidLines { total, .. }) => prop_assert!(total > 0),
                 Err(e) => prop_assert!(false, "unexpected {e}"),
             }
+        }
+
+        /// Feeding a file in pieces of any sizes parses it exactly as feeding it whole.
+        #[test]
+        fn pieces_of_any_size_parse_as_the_whole(lines in proptest::collection::vec(
+            prop_oneof![
+                "[a-z]{1,4}".prop_map(|id| chat(&id)),
+                "[ -~]{0,30}",
+                Just("\r".to_string()),
+            ], 0..20), cuts in proptest::collection::vec(0usize..400, 0..10)) {
+            let text = lines.join("\n");
+            let mut cuts = cuts;
+            cuts.push(text.len());
+            cuts.sort_unstable();
+            let mut parser = InputParser::new(model(), InputLimits { max_line_bytes: 120, ..InputLimits::default() }, false);
+            let whole_small = parse_batch_input(text.as_bytes(), &model(), &InputLimits { max_line_bytes: 120, ..InputLimits::default() }, false);
+            let mut at = 0;
+            for c in cuts {
+                let c = c.min(text.len());
+                if c > at {
+                    parser.feed(&text.as_bytes()[at..c]).unwrap();
+                    at = c;
+                }
+            }
+            prop_assert_eq!(parser.finish(), whole_small);
         }
     }
 }

@@ -59,10 +59,27 @@ pub struct ControlConfig {
     /// Tenants' shares of spare capacity (default 1): best-effort work is handed out by
     /// weighted fair queueing over the output tokens each tenant has been given.
     pub tenant_weights: BTreeMap<TenantId, f64>,
-    /// Tenants' quotas (none unless configured).
+    /// Tenants' quotas (none unless configured). A limit a tenant's quota leaves unset is
+    /// taken from `default_quota`.
     pub tenant_quotas: BTreeMap<TenantId, Quota>,
+    /// Limits for every tenant (none by default here; the server sets
+    /// [`Quota::SERVER_DEFAULT`]).
+    pub default_quota: Quota,
     /// The window the throughput SLA is measured over.
     pub sla_window: Duration,
+    /// How much request-body data one lease may carry, bytes (at least one request is
+    /// always leased): a lease's reply must fit the transport's message limit.
+    pub lease_max_bytes: u64,
+    /// How long a batch is kept after it reached its final status (its record, results and
+    /// errors); then it is deleted, and its usage kept in its tenant's history. `None`:
+    /// kept until its tenant deletes it (the simulator's choice; the server's default is
+    /// 30 days).
+    pub retention: Option<Duration>,
+    /// Retention for particular tenants.
+    pub tenant_retention: BTreeMap<TenantId, Duration>,
+    /// New batches are refused while the store has less free space than this, bytes, so
+    /// that the results of running work can still be recorded.
+    pub min_free_bytes: u64,
 }
 
 /// An SLA class. Its priority is its place in [`ControlConfig::sla_classes`].
@@ -161,6 +178,73 @@ pub struct Quota {
     pub max_active_batches: Option<u32>,
     /// Output tokens (as asked by `max_tokens`) submitted over any hour.
     pub output_tokens_per_hour: Option<u64>,
+    /// Requests of unfinished batches without a result yet.
+    pub max_queued_requests: Option<u64>,
+    /// Bytes the tenant's batches hold in the store: inputs of unfinished batches and
+    /// results (and error records) of every batch not yet deleted.
+    pub max_stored_bytes: Option<u64>,
+}
+
+impl Quota {
+    /// What the control plane allows every tenant unless configured otherwise: enough
+    /// for heavy use, little enough that one tenant cannot fill the control plane's
+    /// memory or disk for the others.
+    pub const SERVER_DEFAULT: Quota = Quota {
+        max_active_batches: Some(1_000),
+        output_tokens_per_hour: None,
+        max_queued_requests: Some(2_000_000),
+        max_stored_bytes: Some(50 << 30),
+    };
+
+    /// This quota, with each limit it leaves unset taken from `default`.
+    pub fn or(self, default: Quota) -> Quota {
+        Quota {
+            max_active_batches: self.max_active_batches.or(default.max_active_batches),
+            output_tokens_per_hour: self.output_tokens_per_hour.or(default.output_tokens_per_hour),
+            max_queued_requests: self.max_queued_requests.or(default.max_queued_requests),
+            max_stored_bytes: self.max_stored_bytes.or(default.max_stored_bytes),
+        }
+    }
+
+    fn is_unlimited(&self) -> bool {
+        *self == Quota::default()
+    }
+}
+
+/// OpenAI's Batch API limits on batch metadata, which tokenfab applies too.
+pub const MAX_METADATA_PAIRS: usize = 16;
+pub const MAX_METADATA_KEY_CHARS: usize = 64;
+pub const MAX_METADATA_VALUE_CHARS: usize = 512;
+
+/// Checks a batch's metadata against [`MAX_METADATA_PAIRS`] and the key and value
+/// lengths. The shell may call it before reading an upload, to refuse early.
+pub fn check_metadata<'a>(metadata: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<(), SubmitError> {
+    let mut pairs = 0;
+    for (k, v) in metadata {
+        pairs += 1;
+        if pairs > MAX_METADATA_PAIRS {
+            return Err(SubmitError::Metadata(format!(
+                "more than {MAX_METADATA_PAIRS} key-value pairs; keep at most {MAX_METADATA_PAIRS}"
+            )));
+        }
+        let shown: String = k.chars().take(40).collect();
+        if k.is_empty() {
+            return Err(SubmitError::Metadata("a key is empty".into()));
+        }
+        if k.chars().count() > MAX_METADATA_KEY_CHARS {
+            return Err(SubmitError::Metadata(format!(
+                "key '{shown}...' is {} characters, over the limit of {MAX_METADATA_KEY_CHARS}",
+                k.chars().count()
+            )));
+        }
+        if v.chars().count() > MAX_METADATA_VALUE_CHARS {
+            return Err(SubmitError::Metadata(format!(
+                "the value of '{shown}' is {} characters, over the limit of {MAX_METADATA_VALUE_CHARS}",
+                v.chars().count()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Default for ControlConfig {
@@ -187,10 +271,23 @@ impl Default for ControlConfig {
             admission_headroom: 0.9,
             tenant_weights: BTreeMap::new(),
             tenant_quotas: BTreeMap::new(),
+            default_quota: Quota::default(),
             sla_window: Duration::from_secs(3600),
+            lease_max_bytes: DEFAULT_LEASE_MAX_BYTES,
+            retention: None,
+            tenant_retention: BTreeMap::new(),
+            min_free_bytes: 1 << 30,
         }
     }
 }
+
+/// The default [`ControlConfig::lease_max_bytes`]: far below gRPC message limits, and
+/// still hundreds of typical requests per lease.
+pub const DEFAULT_LEASE_MAX_BYTES: u64 = 16 << 20;
+
+/// What a leased request adds to a lease reply beyond its body (its custom_id of at most
+/// 512 bytes, ids, url, framing), bytes.
+pub const LEASED_ITEM_OVERHEAD_BYTES: u64 = 640;
 
 /// A batch that passed input validation, as the shell hands it to the core.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +297,7 @@ pub struct NewBatch {
     pub sla_class: Option<String>,
     pub completion_window: Option<Duration>,
     pub metadata: BTreeMap<String, String>,
+    pub endpoint: crate::batch_input::Endpoint,
     pub input_bytes: u64,
     pub lines: u32,
     pub invalid_lines: u32,
@@ -219,6 +317,30 @@ pub enum SubmitError {
     WindowTooLong { asked_s: u64, max_s: u64 },
     #[error("the batch has no valid request")]
     NoRequests,
+    #[error("metadata: {0} (as in the OpenAI Batch API)")]
+    Metadata(String),
+    #[error(
+        "tenant '{tenant}' may have {limit} requests waiting; it has {queued} and this batch adds {asked}; submit it when more of them have finished"
+    )]
+    TooManyQueued {
+        tenant: TenantId,
+        limit: u64,
+        queued: u64,
+        asked: u64,
+    },
+    #[error(
+        "tenant '{tenant}' may keep {limit} in the store; its batches hold {stored} and this one adds {asked}; delete finished batches you no longer need (tokenfab batches delete ID) and retry"
+    )]
+    StoredBytes {
+        tenant: TenantId,
+        limit: String,
+        stored: String,
+        asked: String,
+    },
+    #[error(
+        "the control plane's disk is nearly full ({free} free, {min} are kept for the results of running work): new batches are refused until an operator frees space; running batches continue"
+    )]
+    StorageLow { free: String, min: String },
     #[error(
         "tenant '{tenant}' already has {active} unfinished batches, its quota; submit this one when one of them has finished (or cancel one)"
     )]
@@ -257,6 +379,8 @@ pub enum BatchError {
     NotFound(BatchId),
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    #[error("{0} is {1}: only a finished batch can be deleted; cancel it first")]
+    NotFinished(BatchId, BatchStatus),
 }
 
 /// An agent call from a node the core does not know.
@@ -363,6 +487,10 @@ pub struct ReportSummary {
     pub duplicates: u32,
     pub unknown: u32,
     pub requeued: u32,
+    /// Results for requests the reporting node does not hold a lease on (its lease
+    /// expired and the request went back on the queue, the control plane restarted, or
+    /// the report is forged): not recorded.
+    pub not_leased: u32,
 }
 
 /// Reply to a heartbeat.
@@ -514,6 +642,10 @@ pub struct ControlStats {
     pub leases_granted: u64,
     pub leases_expired: u64,
     pub requests_retried: u64,
+    /// Results refused because the reporting node held no lease on the request.
+    pub results_not_leased: u64,
+    /// Batches deleted (retention, or by their tenant).
+    pub batches_deleted: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,6 +659,8 @@ enum Slot {
 struct Request {
     slot: Slot,
     attempts: u32,
+    /// Size of its body, bytes.
+    bytes: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -554,6 +688,8 @@ struct Batch {
     completed: u32,
     failed: u32,
     usage: Usage,
+    /// What its results take in the store.
+    result_bytes: u64,
 }
 
 impl Batch {
@@ -578,7 +714,18 @@ impl Batch {
             completed: self.completed,
             failed: self.failed,
             usage: self.usage,
+            result_bytes: self.result_bytes,
         }
+    }
+
+    /// Bytes the batch holds in the store: its input until it is final, its results.
+    fn stored_bytes(&self) -> u64 {
+        let input = if self.life.status().is_terminal() {
+            0
+        } else {
+            self.meta.input_bytes
+        };
+        input + self.result_bytes
     }
 }
 
@@ -661,6 +808,12 @@ pub struct ControlCore {
     /// What placement last planned for: each model's output tokens/s (deadlines or
     /// arrivals, whichever needs more) and mean request shape.
     demand: BTreeMap<ModelId, (f64, (u32, u32))>,
+    /// Final batches by when their retention ends.
+    retained: BTreeSet<(Timestamp, BatchId)>,
+    /// Usage of deleted batches, by tenant and the day they were created.
+    history: BTreeMap<TenantId, BTreeMap<Timestamp, crate::durable::UsageHistory>>,
+    /// Free space in the store as last reported by the shell, bytes (`None`: unknown).
+    free_bytes: Option<u64>,
 }
 
 /// (model, accelerator, devices, prompt-length bucket, output-length bucket).
@@ -676,6 +829,12 @@ const REQUIRED_EVERY: Duration = Duration::from_secs(1);
 /// much of them).
 const IDLE_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 const HOUR: Duration = Duration::from_secs(3600);
+
+/// The start of the (UTC) day `t` falls in.
+fn day_of(t: Timestamp) -> Timestamp {
+    let day = 24 * 3600 * 1_000_000;
+    Timestamp::from_micros(t.as_micros() / day * day)
+}
 
 fn hour_of(t: Timestamp) -> Timestamp {
     let h = HOUR.as_micros() as u64;
@@ -792,6 +951,9 @@ impl ControlCore {
             operating: BTreeMap::new(),
             arrivals: VecDeque::new(),
             demand: BTreeMap::new(),
+            retained: BTreeSet::new(),
+            history: BTreeMap::new(),
+            free_bytes: None,
         }
     }
 
@@ -824,30 +986,36 @@ impl ControlCore {
                 completed: 0,
                 failed: 0,
                 usage: Usage::default(),
+                result_bytes: 0,
             };
             if let Some(t) = rb.totals.filter(|_| b.life.status().is_terminal()) {
                 b.completed = t.completed;
                 b.failed = t.failed;
                 b.usage = t.usage;
+                b.result_bytes = t.result_bytes;
                 core.batches.insert(id, b);
+                core.retain(id);
                 continue;
             }
-            b.requests = vec![
-                Request {
+            b.requests = rb
+                .requests
+                .iter()
+                .map(|r| Request {
                     slot: Slot::Pending,
-                    attempts: 0
-                };
-                rb.requests.len()
-            ];
-            for (index, ok, usage) in rb.results {
-                if let Some(r) = b.requests.get_mut(index as usize).filter(|r| r.slot != Slot::Done) {
+                    attempts: 0,
+                    bytes: r.body_bytes,
+                })
+                .collect();
+            for res in rb.results {
+                if let Some(r) = b.requests.get_mut(res.index as usize).filter(|r| r.slot != Slot::Done) {
                     r.slot = Slot::Done;
-                    if ok {
+                    if res.succeeded {
                         b.completed += 1;
                     } else {
                         b.failed += 1;
                     }
-                    b.usage += usage;
+                    b.usage += res.usage;
+                    b.result_bytes += res.stored_bytes;
                 }
             }
             b.pending = (0..b.requests.len() as u32)
@@ -865,6 +1033,7 @@ impl ControlCore {
             core.batches.insert(id, b);
             if status.is_terminal() {
                 // A final status without totals (not written by this version): keep as is.
+                core.retain(id);
                 continue;
             }
             if status == BatchStatus::Cancelling {
@@ -897,7 +1066,7 @@ impl ControlCore {
         let mut recent: Vec<(Timestamp, TenantId, u64)> = core
             .batches
             .values()
-            .filter(|b| core.config.tenant_quotas.contains_key(&b.meta.tenant))
+            .filter(|b| core.quota_of(&b.meta.tenant).output_tokens_per_hour.is_some())
             .filter(|b| now.since(b.life.created_at) < hour)
             // A finished batch comes back without its requests: count what it used.
             .map(|b| {
@@ -1126,8 +1295,23 @@ impl ControlCore {
         if new.requests.is_empty() {
             return Err(SubmitError::NoRequests);
         }
+        check_metadata(&new.metadata)?;
+        if let Some(free) = self.free_bytes
+            && free < self.config.min_free_bytes
+        {
+            return Err(SubmitError::StorageLow {
+                free: crate::usage::human_bytes(free),
+                min: crate::usage::human_bytes(self.config.min_free_bytes),
+            });
+        }
         let (output_tokens, prompt_tokens) = token_totals(&new.requests);
-        self.check_quota(now, &new.tenant, output_tokens)?;
+        self.check_quota(
+            now,
+            &new.tenant,
+            output_tokens,
+            new.requests.len() as u64,
+            new.input_bytes,
+        )?;
         let mut sla_class = sla_class;
         let deadline = now.saturating_add(window);
         let (rank, committed) = self.class_of(&sla_class);
@@ -1180,6 +1364,7 @@ impl ControlCore {
             completion_window: window,
             deadline,
             metadata: new.metadata,
+            endpoint: new.endpoint,
             input_bytes: new.input_bytes,
             lines: new.lines,
             invalid_lines: new.invalid_lines,
@@ -1188,6 +1373,15 @@ impl ControlCore {
         let mut life = Lifecycle::new(id, now);
         life.queue(now).expect("a new batch can be queued");
         let n = new.requests.len() as u32;
+        let requests: Vec<Request> = new
+            .requests
+            .iter()
+            .map(|r| Request {
+                slot: Slot::Pending,
+                attempts: 0,
+                bytes: r.body_bytes,
+            })
+            .collect();
         self.actions.push_back(Action::Persist(DurableOp::CreateBatch {
             meta: meta.clone(),
             life: life.clone(),
@@ -1198,7 +1392,7 @@ impl ControlCore {
         if self.config.placement != PlacementMode::Off {
             self.arrivals.push_back((now, meta.model.clone(), output_tokens as f64));
         }
-        if self.config.tenant_quotas.contains_key(&meta.tenant) {
+        if self.quota_of(&meta.tenant).output_tokens_per_hour.is_some() {
             self.submitted
                 .entry(meta.tenant.clone())
                 .or_default()
@@ -1215,18 +1409,13 @@ impl ControlCore {
                 prompt_tokens,
                 meta,
                 life,
-                requests: vec![
-                    Request {
-                        slot: Slot::Pending,
-                        attempts: 0
-                    };
-                    n as usize
-                ],
+                requests,
                 pending: (0..n).collect(),
                 leased: 0,
                 completed: 0,
                 failed: 0,
                 usage: Usage::default(),
+                result_bytes: 0,
             },
         );
         if !committed {
@@ -1285,11 +1474,63 @@ impl ControlCore {
             .copied()
     }
 
-    /// Refuses a batch that would take `tenant` over its quota.
-    fn check_quota(&mut self, now: Timestamp, tenant: &TenantId, asked: u64) -> Result<(), SubmitError> {
-        let Some(quota) = self.config.tenant_quotas.get(tenant).copied() else {
+    /// The limits that apply to `tenant`.
+    fn quota_of(&self, tenant: &TenantId) -> Quota {
+        self.config
+            .tenant_quotas
+            .get(tenant)
+            .copied()
+            .unwrap_or_default()
+            .or(self.config.default_quota)
+    }
+
+    /// Refuses a batch (asking for `asked` output tokens, with `requests` requests and an
+    /// input of `input_bytes`) that would take `tenant` over its quota.
+    fn check_quota(
+        &mut self,
+        now: Timestamp,
+        tenant: &TenantId,
+        asked: u64,
+        requests: u64,
+        input_bytes: u64,
+    ) -> Result<(), SubmitError> {
+        let quota = self.quota_of(tenant);
+        if quota.is_unlimited() {
             return Ok(());
-        };
+        }
+        if quota.max_queued_requests.is_some() || quota.max_stored_bytes.is_some() {
+            let (mut queued, mut stored) = (0u64, 0u64);
+            for (_, id) in self
+                .by_tenant
+                .range((tenant.clone(), BatchId(0))..=(tenant.clone(), BatchId(u64::MAX)))
+            {
+                let b = &self.batches[id];
+                if !b.life.status().is_terminal() {
+                    queued += u64::from(b.meta.requests - b.done());
+                }
+                stored += b.stored_bytes();
+            }
+            if let Some(limit) = quota.max_queued_requests
+                && queued + requests > limit
+            {
+                return Err(SubmitError::TooManyQueued {
+                    tenant: tenant.clone(),
+                    limit,
+                    queued,
+                    asked: requests,
+                });
+            }
+            if let Some(limit) = quota.max_stored_bytes
+                && stored + input_bytes > limit
+            {
+                return Err(SubmitError::StoredBytes {
+                    tenant: tenant.clone(),
+                    limit: crate::usage::human_bytes(limit),
+                    stored: crate::usage::human_bytes(stored),
+                    asked: crate::usage::human_bytes(input_bytes),
+                });
+            }
+        }
         if let Some(max) = quota.max_active_batches {
             let active = self
                 .deadlines
@@ -1468,6 +1709,15 @@ impl ControlCore {
             u.requests_completed += u64::from(b.completed);
             u.requests_failed += u64::from(b.failed);
             u.usage += b.usage;
+        }
+        // Deleted batches count by the day they were created.
+        if let Some(days) = self.history.get(tenant) {
+            for h in days.range(day_of(since)..).map(|(_, h)| h) {
+                u.batches += h.batches;
+                u.requests_completed += h.requests_completed;
+                u.requests_failed += h.requests_failed;
+                u.usage += h.usage;
+            }
         }
         if let Some(hours) = self.tenant_idle.get(tenant) {
             for share in hours.range(hour_of(since)..).map(|(_, s)| s) {
@@ -2154,7 +2404,9 @@ impl ControlCore {
         let unit = WorkUnitId(self.next_unit);
         let mut items = Vec::new();
         let mut started = Vec::new();
-        while (items.len() as u32) < max {
+        // Bytes of the bodies leased so far; set when the next one would not fit.
+        let (mut bytes, mut full) = (0u64, false);
+        while (items.len() as u32) < max && !full {
             let Some((_, _, id)) = self.next_to_lease(model) else {
                 break;
             };
@@ -2166,9 +2418,16 @@ impl ControlCore {
             let take = if b.committed { room } else { room.min(BEST_EFFORT_CHUNK) };
             let mut n = 0;
             while n < take {
-                let Some(i) = b.pending.pop_front() else {
+                let Some(&i) = b.pending.front() else {
                     break;
                 };
+                let cost = u64::from(b.requests[i as usize].bytes) + LEASED_ITEM_OVERHEAD_BYTES;
+                if !items.is_empty() && bytes + cost > self.config.lease_max_bytes {
+                    full = true;
+                    break;
+                }
+                bytes += cost;
+                b.pending.pop_front();
                 let r = &mut b.requests[i as usize];
                 r.slot = Slot::Leased(unit);
                 r.attempts += 1;
@@ -2179,6 +2438,10 @@ impl ControlCore {
                     attempt: r.attempts,
                     prefix: None,
                 });
+            }
+            if n == 0 && full {
+                // The lease is full before this batch's next request.
+                break;
             }
             if b.life.status() == BatchStatus::Queued {
                 b.life.start(now).expect("queued batches can start");
@@ -2257,7 +2520,17 @@ impl ControlCore {
                 // A retryable error from a lease that is no longer current: the request
                 // is pending or leased elsewhere; that lease will answer.
                 (_, ReportedOutcome::Retryable { .. }) => summary.duplicates += 1,
-                (_, ReportedOutcome::Final(outcome)) => {
+                // Only the node holding the current lease on a request may record its
+                // result: a node cannot write results into work it was not given (another
+                // tenant's batch, another node's lease), and a lease that expired has been
+                // handed out again (or will be).
+                (Slot::Leased(u), ReportedOutcome::Final(_))
+                    if u != r.unit || self.units.get(&u).is_none_or(|x| &x.node != node) =>
+                {
+                    summary.not_leased += 1;
+                }
+                (Slot::Pending, ReportedOutcome::Final(_)) => summary.not_leased += 1,
+                (Slot::Leased(_), ReportedOutcome::Final(outcome)) => {
                     let mut usage = r.usage;
                     usage.cost_usd = pricing.cost_usd(usage.joules, usage.device_seconds);
                     let ok =
@@ -2278,6 +2551,7 @@ impl ControlCore {
             }
         }
         self.stats.duplicates_dropped += u64::from(summary.duplicates);
+        self.stats.results_not_leased += u64::from(summary.not_leased);
         if !recorded.is_empty() {
             self.actions
                 .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
@@ -2346,7 +2620,8 @@ impl ControlCore {
         let lease = self.unit_expiry.first().map(|&(t, _)| t);
         let deadline = self.deadlines.first().map(|&(t, _)| t);
         let wait = self.parked_until.first().map(|&(t, _)| t);
-        [lease, deadline, wait].into_iter().flatten().min()
+        let retention = self.retained.first().map(|&(t, _)| t);
+        [lease, deadline, wait, retention].into_iter().flatten().min()
     }
 
     /// [`ControlCore::handle_timeout`] before waiting leases are served.
@@ -2364,6 +2639,13 @@ impl ControlCore {
             }
             self.deadlines.pop_first();
             self.expire(now, id);
+        }
+        while let Some(&(t, id)) = self.retained.first() {
+            if t > now {
+                break;
+            }
+            self.retained.pop_first();
+            self.delete(id);
         }
     }
 
@@ -2437,6 +2719,7 @@ impl ControlCore {
             totals.requests_failed += 1;
         }
         b.usage += usage;
+        b.result_bytes += outcome.stored_bytes();
         totals.usage += usage;
         match prev {
             Slot::Leased(unit) => {
@@ -2444,7 +2727,7 @@ impl ControlCore {
                 self.close_unit_item(unit);
             }
             Slot::Pending => {
-                // Reported by a lease that had expired: take it off the pending queue.
+                // Ended while pending (cancelled, expired): take it off the pending queue.
                 if let Some(pos) = b.pending.iter().position(|&i| i == index) {
                     b.pending.remove(pos);
                 }
@@ -2636,6 +2919,95 @@ impl ControlCore {
         b.pending = VecDeque::new();
         self.deadlines.remove(&(b.meta.deadline, id));
         self.dequeue(id);
+        self.actions.push_back(Action::Persist(DurableOp::DropInputs { id }));
+        self.retain(id);
+    }
+
+    /// When a final batch's retention ends, if it does.
+    fn retention_end(&self, b: &Batch) -> Option<Timestamp> {
+        let keep = self
+            .config
+            .tenant_retention
+            .get(&b.meta.tenant)
+            .copied()
+            .or(self.config.retention)?;
+        Some(b.life.ended_at().unwrap_or(b.life.created_at).saturating_add(keep))
+    }
+
+    /// Schedules the deletion of a final batch when its retention ends.
+    fn retain(&mut self, id: BatchId) {
+        if let Some(end) = self.retention_end(&self.batches[&id]) {
+            self.retained.insert((end, id));
+        }
+    }
+
+    /// Deletes a final batch: its usage goes to its tenant's history (by the day it was
+    /// created), and the store deletes everything it held.
+    fn delete(&mut self, id: BatchId) {
+        let Some(end) = self.batches.get(&id).map(|b| self.retention_end(b)) else {
+            return;
+        };
+        if let Some(end) = end {
+            self.retained.remove(&(end, id));
+        }
+        let b = self.batches.remove(&id).expect("checked");
+        self.by_tenant.remove(&(b.meta.tenant.clone(), id));
+        let day = day_of(b.life.created_at);
+        let h = self
+            .history
+            .entry(b.meta.tenant.clone())
+            .or_default()
+            .entry(day)
+            .or_default();
+        h.batches += 1;
+        h.requests_completed += u64::from(b.completed);
+        h.requests_failed += u64::from(b.failed);
+        h.usage += b.usage;
+        let history = *h;
+        self.actions.push_back(Action::Persist(DurableOp::TenantHistory {
+            tenant: b.meta.tenant.clone(),
+            day,
+            history,
+        }));
+        self.actions.push_back(Action::Persist(DurableOp::DeleteBatch { id }));
+        self.stats.batches_deleted += 1;
+    }
+
+    /// A tenant deletes one of its finished batches.
+    pub fn delete_batch(&mut self, tenant: &TenantId, id: BatchId) -> Result<(), BatchError> {
+        let status = self.owned(tenant, id)?.life.status();
+        if !status.is_terminal() {
+            return Err(BatchError::NotFinished(id, status));
+        }
+        self.delete(id);
+        Ok(())
+    }
+
+    /// Restores the usage history of deleted batches (rows written by
+    /// `DurableOp::TenantHistory`), after [`ControlCore::recover`].
+    pub fn restore_history(
+        &mut self,
+        rows: impl IntoIterator<Item = (TenantId, Timestamp, crate::durable::UsageHistory)>,
+    ) {
+        for (tenant, day, h) in rows {
+            let t = self.tenant_totals.entry(tenant.clone()).or_default();
+            t.batches += h.batches;
+            t.requests_completed += h.requests_completed;
+            t.requests_failed += h.requests_failed;
+            t.usage += h.usage;
+            self.history.entry(tenant).or_default().insert(day, h);
+        }
+    }
+
+    /// The store's free space, bytes, as the shell measured it: new batches are refused
+    /// while it is below [`ControlConfig::min_free_bytes`].
+    pub fn set_free_bytes(&mut self, free: Option<u64>) {
+        self.free_bytes = free;
+    }
+
+    /// Whether new batches are refused for lack of disk space.
+    pub fn storage_low(&self) -> bool {
+        self.free_bytes.is_some_and(|f| f < self.config.min_free_bytes)
     }
 
     fn persist_life(&mut self, id: BatchId, totals: Option<BatchTotals>) {
@@ -2716,6 +3088,7 @@ mod tests {
             sla_class: None,
             completion_window: Some(Duration::from_secs(3600)),
             metadata: BTreeMap::new(),
+            endpoint: crate::batch_input::Endpoint::ChatCompletions,
             input_bytes: 100,
             lines: n + 1,
             invalid_lines: 1,
@@ -2724,6 +3097,7 @@ mod tests {
                     line: i + 1,
                     prompt_tokens_estimate: 10,
                     max_tokens: Some(16),
+                    body_bytes: 40,
                 })
                 .collect(),
             best_effort_if_late: false,
@@ -2793,15 +3167,26 @@ mod tests {
                 }
                 Action::Persist(DurableOp::RecordResults(rs)) => {
                     for r in rs {
-                        store.get_mut(&r.req.batch).unwrap().results.push((
-                            r.req.index,
-                            r.outcome.is_success(),
-                            r.usage,
-                        ));
+                        store
+                            .get_mut(&r.req.batch)
+                            .unwrap()
+                            .results
+                            .push(crate::durable::RecoveredResult {
+                                index: r.req.index,
+                                succeeded: r.outcome.is_success(),
+                                usage: r.usage,
+                                stored_bytes: r.outcome.stored_bytes(),
+                            });
                     }
                 }
-                Action::Persist(DurableOp::TenantIdle { .. }) | Action::BatchChanged(_) | Action::LeaseReady { .. } => {
+                Action::Persist(DurableOp::DeleteBatch { id }) => {
+                    store.remove(id);
                 }
+                Action::Persist(
+                    DurableOp::TenantIdle { .. } | DurableOp::DropInputs { .. } | DurableOp::TenantHistory { .. },
+                )
+                | Action::BatchChanged(_)
+                | Action::LeaseReady { .. } => {}
             }
         }
     }
@@ -2888,11 +3273,12 @@ mod tests {
         assert_eq!(core.stats().leases_expired, 1);
         let second = core.lease(later, &node("b"), &model(), 10).unwrap().unwrap();
         assert_eq!(second.items.iter().map(|i| i.attempt).collect::<Vec<_>>(), [2, 2]);
-        // a comes back late with one result; b reports both.
+        // a comes back late with one result: its lease is gone, so it is not recorded
+        // (b holds the lease now); b reports both.
         let s1 = core
             .report(later, &node("a"), vec![ok(first.unit, first.items[0].req)])
             .unwrap();
-        assert_eq!(s1.recorded, 1);
+        assert_eq!((s1.recorded, s1.not_leased), (0, 1));
         let s2 = core
             .report(
                 later,
@@ -2900,7 +3286,7 @@ mod tests {
                 second.items.iter().map(|i| ok(second.unit, i.req)).collect(),
             )
             .unwrap();
-        assert_eq!((s2.recorded, s2.duplicates), (1, 1));
+        assert_eq!((s2.recorded, s2.duplicates), (2, 0));
         let again = core
             .report(later, &node("b"), vec![ok(second.unit, second.items[1].req)])
             .unwrap();
@@ -3410,6 +3796,7 @@ mod tests {
         let quota = Quota {
             max_active_batches: Some(2),
             output_tokens_per_hour: Some(1000),
+            ..Quota::default()
         };
         let mut core = ControlCore::new(ControlConfig {
             tenant_quotas: [(tenant("acme"), quota)].into_iter().collect(),
@@ -3578,6 +3965,255 @@ mod tests {
         core.release(T0, &node("a"), g.unit, &small).unwrap();
         assert_eq!(core.tenant_vt[&tenant("small")], 0.0);
         assert_eq!(core.tenant_vt[&tenant("big")], vt_big);
+    }
+
+    /// Issue 11: a node could record a result for a request that was never leased to it
+    /// (a forged result in another tenant's batch came back in that tenant's download).
+    #[test]
+    fn only_the_node_holding_the_lease_records_a_result() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let victim = core.submit(T0, new_batch("victim", 3)).unwrap().meta.id;
+        core.register(T0, registration("honest"));
+        core.register(T0, registration("evil"));
+        let grant = core.lease(T0, &node("honest"), &model(), 1).unwrap().unwrap();
+        drain(&mut core);
+        let leased = grant.items[0].req;
+        let queued = RequestRef {
+            batch: victim,
+            index: 2,
+        };
+        // A result for queued work nobody holds, for another node's lease (under its own
+        // unit or the other's), and for a request that does not exist.
+        let forged = vec![
+            ok(WorkUnitId(999), queued),
+            ok(grant.unit, leased),
+            ok(WorkUnitId(999), leased),
+            ok(
+                grant.unit,
+                RequestRef {
+                    batch: victim,
+                    index: 7,
+                },
+            ),
+        ];
+        let s = core.report(T0, &node("evil"), forged).unwrap();
+        assert_eq!((s.recorded, s.not_leased, s.unknown), (0, 3, 1));
+        assert!(recorded(&drain(&mut core)).is_empty(), "nothing reaches the store");
+        assert_eq!(core.stats().results_not_leased, 3);
+        // The honest node's result is recorded, once.
+        let s = core.report(T0, &node("honest"), vec![ok(grant.unit, leased)]).unwrap();
+        assert_eq!(s.recorded, 1);
+        assert_eq!(recorded(&drain(&mut core)), [leased]);
+        assert_eq!(core.batch(&tenant("victim"), victim).unwrap().counts.completed, 1);
+    }
+
+    /// Issue 11: all bodies of a lease went into one reply, which could exceed the gRPC
+    /// message limit.
+    #[test]
+    fn leases_are_bounded_in_bytes_and_always_carry_one_request() {
+        let mut core = ControlCore::new(ControlConfig {
+            lease_max_bytes: 10_000,
+            ..ControlConfig::default()
+        });
+        let mut big = new_batch("acme", 30);
+        for r in &mut big.requests {
+            r.body_bytes = 1_000_000;
+        }
+        let mut small = new_batch("acme", 30);
+        for r in &mut small.requests {
+            r.body_bytes = 2_000;
+        }
+        core.submit(T0, big).unwrap();
+        core.register(T0, registration("a"));
+        for _ in 0..3 {
+            let g = core.lease(T0, &node("a"), &model(), 256).unwrap().unwrap();
+            assert_eq!(g.items.len(), 1, "one request over the budget still goes alone");
+        }
+        let id = core
+            .submit(T0.saturating_add(Duration::from_secs(1)), small)
+            .unwrap()
+            .meta
+            .id;
+        let mut leased = 0;
+        while leased < 30 {
+            let g = core.lease(T0, &node("a"), &model(), 256).unwrap().unwrap();
+            if g.items[0].req.batch != id {
+                continue;
+            }
+            let bytes = g.items.len() as u64 * (2_000 + LEASED_ITEM_OVERHEAD_BYTES);
+            assert!(bytes <= 10_000, "{} items", g.items.len());
+            assert_eq!(g.items.len().min(30 - leased), 3.min(30 - leased));
+            leased += g.items.len();
+        }
+    }
+
+    #[test]
+    fn oversized_metadata_is_refused_with_nothing_committed() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let cases: [(BTreeMap<String, String>, &str); 3] = [
+            (
+                (0..17).map(|i| (format!("k{i}"), "v".into())).collect(),
+                "metadata: more than 16 key-value pairs; keep at most 16 (as in the OpenAI Batch API)",
+            ),
+            (
+                [("k".repeat(65), "v".into())].into_iter().collect(),
+                "is 65 characters, over the limit of 64",
+            ),
+            (
+                [("note".into(), "x".repeat(100 << 20))].into_iter().collect(),
+                "metadata: the value of 'note' is 104857600 characters, over the limit of 512",
+            ),
+        ];
+        for (metadata, message) in cases {
+            let mut b = new_batch("acme", 1);
+            b.metadata = metadata;
+            let e = core.submit(T0, b).unwrap_err();
+            assert!(e.to_string().contains(message), "{e}");
+            assert!(drain(&mut core).is_empty(), "nothing to persist");
+        }
+        assert_eq!(core.list(&tenant("acme"), None, 10).0.len(), 0);
+        let mut b = new_batch("acme", 1);
+        b.metadata = (0..16).map(|i| (format!("k{i}"), "é".repeat(512))).collect();
+        assert!(core.submit(T0, b).is_ok(), "16 pairs of 512 characters are allowed");
+    }
+
+    #[test]
+    fn default_limits_bound_queued_requests_and_stored_bytes() {
+        let mut core = ControlCore::new(ControlConfig {
+            default_quota: Quota {
+                max_queued_requests: Some(25),
+                max_stored_bytes: Some(1_000),
+                ..Quota::default()
+            },
+            // One tenant gets more room.
+            tenant_quotas: [(
+                tenant("big"),
+                Quota {
+                    max_queued_requests: Some(100),
+                    ..Quota::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..ControlConfig::default()
+        });
+        core.submit(T0, new_batch("acme", 20)).unwrap();
+        let e = core.submit(T0, new_batch("acme", 10)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tenant 'acme' may have 25 requests waiting; it has 20 and this batch adds 10; submit it when more of them have finished"
+        );
+        core.submit(T0, new_batch("big", 60)).unwrap();
+        // Stored bytes: inputs of unfinished batches (100 bytes each here).
+        let mut other = ControlCore::new(ControlConfig {
+            default_quota: Quota {
+                max_stored_bytes: Some(250),
+                ..Quota::default()
+            },
+            ..ControlConfig::default()
+        });
+        other.submit(T0, new_batch("acme", 1)).unwrap();
+        other.submit(T0, new_batch("acme", 1)).unwrap();
+        let e = other.submit(T0, new_batch("acme", 1)).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "tenant 'acme' may keep 250 B in the store; its batches hold 200 B and this one adds 100 B"
+            ),
+            "{e}"
+        );
+        assert!(
+            drain(&mut core)
+                .iter()
+                .all(|a| !matches!(a, Action::Persist(DurableOp::CreateBatch { meta, .. }) if meta.requests == 10))
+        );
+    }
+
+    #[test]
+    fn finished_batches_are_deleted_when_their_retention_ends_and_their_usage_is_kept() {
+        let retention = Duration::from_secs(3600);
+        let mut core = ControlCore::new(ControlConfig {
+            retention: Some(retention),
+            ..ControlConfig::default()
+        });
+        core.register(T0, registration("a"));
+        let id = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
+        let g = core.lease(T0, &node("a"), &model(), 10).unwrap().unwrap();
+        core.report(T0, &node("a"), g.items.iter().map(|i| ok(g.unit, i.req)).collect())
+            .unwrap();
+        let actions = drain(&mut core);
+        assert!(
+            actions.contains(&Action::Persist(DurableOp::DropInputs { id })),
+            "a finished batch's inputs can go at once"
+        );
+        let before = core.tenant_usage(&tenant("acme"), Timestamp::ZERO);
+        assert_eq!(core.poll_timeout(), Some(T0.saturating_add(retention)));
+        core.handle_timeout(T0.saturating_add(retention));
+        let actions = drain(&mut core);
+        assert!(actions.contains(&Action::Persist(DurableOp::DeleteBatch { id })));
+        assert_eq!(core.batch(&tenant("acme"), id), Err(BatchError::NotFound(id)));
+        assert_eq!(core.list(&tenant("acme"), None, 10).0.len(), 0);
+        let after = core.tenant_usage(&tenant("acme"), Timestamp::ZERO);
+        assert_eq!(after, before, "usage outlives the batch");
+        // And survives a restart, through the history rows.
+        let rows: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Persist(DurableOp::TenantHistory { tenant, day, history }) => {
+                    Some((tenant.clone(), *day, *history))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut again = ControlCore::recover(ControlConfig::default(), vec![], T0);
+        again.restore_history(rows);
+        assert_eq!(again.tenant_usage(&tenant("acme"), Timestamp::ZERO), after);
+        assert_eq!(again.tenant_totals()[&tenant("acme")].batches, 1);
+
+        // A tenant deletes a finished batch itself; an unfinished one must be cancelled first.
+        let live = core.submit(T0, new_batch("acme", 1)).unwrap().meta.id;
+        assert_eq!(
+            core.delete_batch(&tenant("acme"), live).unwrap_err().to_string(),
+            "batch_00000002 is queued: only a finished batch can be deleted; cancel it first"
+        );
+        assert_eq!(
+            core.delete_batch(&tenant("evil"), live),
+            Err(BatchError::NotFound(live))
+        );
+        core.cancel(T0, &tenant("acme"), live).unwrap();
+        core.delete_batch(&tenant("acme"), live).unwrap();
+        assert!(drain(&mut core).contains(&Action::Persist(DurableOp::DeleteBatch { id: live })));
+    }
+
+    #[test]
+    fn a_nearly_full_disk_refuses_new_batches_but_records_running_work() {
+        let mut core = ControlCore::new(ControlConfig {
+            min_free_bytes: 1 << 20,
+            ..ControlConfig::default()
+        });
+        core.register(T0, registration("a"));
+        let id = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
+        let g = core.lease(T0, &node("a"), &model(), 10).unwrap().unwrap();
+        core.set_free_bytes(Some(1000));
+        assert!(core.storage_low());
+        let e = core.submit(T0, new_batch("acme", 1)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("the control plane's disk is nearly full (1000 B free, 1.0 MiB are kept"),
+            "{e}"
+        );
+        let s = core
+            .report(T0, &node("a"), g.items.iter().map(|i| ok(g.unit, i.req)).collect())
+            .unwrap();
+        assert_eq!(s.recorded, 2);
+        assert_eq!(
+            core.batch(&tenant("acme"), id).unwrap().life.status(),
+            BatchStatus::Completed
+        );
+        core.set_free_bytes(Some(2 << 20));
+        assert!(
+            core.submit(T0, new_batch("acme", 1)).is_ok(),
+            "accepted again once space is freed"
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct BatchMeta {
     pub completion_window: Duration,
     pub deadline: Timestamp,
     pub metadata: BTreeMap<String, String>,
+    /// The endpoint every request of the batch targets.
+    pub endpoint: crate::batch_input::Endpoint,
     pub input_bytes: u64,
     /// Non-blank lines of the input file.
     pub lines: u32,
@@ -36,6 +38,8 @@ pub struct RequestMeta {
     pub line: u32,
     pub prompt_tokens_estimate: u32,
     pub max_tokens: Option<u32>,
+    /// Size of the request body: leases are bounded in bytes as well as in requests.
+    pub body_bytes: u32,
 }
 
 impl From<&crate::batch_input::ParsedRequest> for RequestMeta {
@@ -44,6 +48,7 @@ impl From<&crate::batch_input::ParsedRequest> for RequestMeta {
             line: r.line,
             prompt_tokens_estimate: r.prompt_tokens_estimate,
             max_tokens: r.max_tokens,
+            body_bytes: r.body_len,
         }
     }
 }
@@ -67,7 +72,19 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         matches!(self, Outcome::Response { status_code, .. } if (200..300).contains(status_code))
     }
+
+    /// Roughly what storing it takes, bytes (for tenants' stored-bytes limits).
+    pub fn stored_bytes(&self) -> u64 {
+        let payload = match self {
+            Outcome::Response { body, request_id, .. } => body.len() + request_id.len(),
+            Outcome::Error { code, message } => code.len() + message.len(),
+        };
+        payload as u64 + RESULT_OVERHEAD_BYTES
+    }
 }
+
+/// What a stored result takes beyond its payload (keys, usage, encoding), bytes.
+pub const RESULT_OVERHEAD_BYTES: u64 = 64;
 
 /// A result recorded exactly once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +101,8 @@ pub struct BatchTotals {
     pub completed: u32,
     pub failed: u32,
     pub usage: Usage,
+    /// What its results take in the store (see [`Outcome::stored_bytes`]).
+    pub result_bytes: u64,
 }
 
 /// One atomic change to durable state.
@@ -112,6 +131,30 @@ pub enum DurableOp {
         joules: f64,
         cost_usd: f64,
     },
+    /// The batch reached a final status: its request bodies (the input file) are no longer
+    /// needed. The store may delete them once this is committed.
+    DropInputs { id: BatchId },
+    /// The batch is deleted (its retention ended, or its tenant deleted it): its record,
+    /// requests, line errors, results and input. Its usage was added to its tenant's
+    /// history in the same commit.
+    DeleteBatch { id: BatchId },
+    /// The usage of deleted batches created on the day starting at `day`, for `tenant`,
+    /// is now `usage` (replaces what was stored for that tenant and day).
+    TenantHistory {
+        tenant: TenantId,
+        day: Timestamp,
+        history: UsageHistory,
+    },
+}
+
+/// What deleted batches of one tenant and day used: kept after the batches are gone, for
+/// metering.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageHistory {
+    pub batches: u64,
+    pub requests_completed: u64,
+    pub requests_failed: u64,
+    pub usage: Usage,
 }
 
 /// A batch as read back from durable state at startup.
@@ -122,6 +165,16 @@ pub struct RecoveredBatch {
     /// Set for batches in a final status (their requests and results are not loaded).
     pub totals: Option<BatchTotals>,
     pub requests: Vec<RequestMeta>,
-    /// (index, succeeded, usage) of every recorded result.
-    pub results: Vec<(u32, bool, Usage)>,
+    /// Every recorded result.
+    pub results: Vec<RecoveredResult>,
+}
+
+/// What recovery needs of a recorded result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecoveredResult {
+    pub index: u32,
+    pub succeeded: bool,
+    pub usage: Usage,
+    /// See [`Outcome::stored_bytes`].
+    pub stored_bytes: u64,
 }

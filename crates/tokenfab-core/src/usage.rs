@@ -73,3 +73,28 @@ mod tests {
         assert!((c - (2.0 + 0.15)).abs() < 1e-12, "{c}");
     }
 }
+
+/// A byte count as people read it: `512 B`, `3.2 MiB`, `50.0 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod bytes_tests {
+    #[test]
+    fn byte_counts_read_as_people_write_them() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(50 << 30), "50.0 GiB");
+    }
+}

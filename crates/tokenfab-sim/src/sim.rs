@@ -211,6 +211,7 @@ impl<'a> Simulation<'a> {
                     let quota = tokenfab_core::control::Quota {
                         max_active_batches: t.max_active_batches,
                         output_tokens_per_hour: t.output_tokens_per_hour,
+                        ..Default::default()
                     };
                     (TenantId::new(t.name.clone()), quota)
                 })
@@ -661,6 +662,8 @@ impl<'a> Simulation<'a> {
                 line: i as u32 + 1,
                 prompt_tokens_estimate: r.prompt,
                 max_tokens: Some(r.output),
+                // A chat body holds about four bytes per prompt token.
+                body_bytes: r.prompt.saturating_mul(4),
             })
             .collect();
         let new = NewBatch {
@@ -669,6 +672,7 @@ impl<'a> Simulation<'a> {
             sla_class: tenant.sla_class.clone(),
             completion_window: Some(tenant.completion_window),
             metadata: BTreeMap::new(),
+            endpoint: tokenfab_core::batch_input::Endpoint::ChatCompletions,
             input_bytes: 0,
             lines: requests.len() as u32,
             invalid_lines: 0,

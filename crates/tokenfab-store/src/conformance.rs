@@ -8,6 +8,7 @@
 use crate::{BatchInputs, Cursor, ResultKind, RowOutcome, Store, WriteSet};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tokenfab_core::RequestRef;
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::batch_input::{InputLimits, parse_batch_input};
 use tokenfab_core::control::{
@@ -44,10 +45,18 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     let store = open();
     assert!(store.load().await.unwrap().is_empty(), "a new store is empty");
 
-    // A batch of 5 lines, 2 of them invalid.
+    // A batch of 5 lines, 2 of them invalid, its input file staged on the store.
     let model = ModelId::from("llama-3.1-8b");
     let text = format!("{}\nnot json\n{}\n{}\n{}\n", line("a"), line("b"), line("c"), line("a"));
     let parsed = parse_batch_input(text.as_bytes(), &model, &InputLimits::default(), false).unwrap();
+    let staged = store.stage().unwrap();
+    std::fs::write(staged.path(), &text).unwrap();
+    // A staged file that never becomes a batch is removed when dropped.
+    let abandoned = store.stage().unwrap();
+    std::fs::write(abandoned.path(), "x").unwrap();
+    let abandoned_path = abandoned.path().to_path_buf();
+    drop(abandoned);
+    assert!(!abandoned_path.exists());
     assert_eq!((parsed.requests.len(), parsed.line_errors.len()), (3, 2));
     let t0 = Timestamp::from_millis(1_700_000_000_000);
     let mut core = ControlCore::new(ControlConfig::default());
@@ -61,6 +70,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 sla_class: None,
                 completion_window: Some(Duration::from_secs(600)),
                 metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
+                endpoint: parsed.endpoint,
                 input_bytes: parsed.bytes,
                 lines: parsed.lines,
                 invalid_lines: parsed.line_errors.len() as u32,
@@ -74,25 +84,43 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         id.0,
         BatchInputs {
             batch: id,
+            file: staged,
             requests: parsed.requests.clone(),
             line_errors: parsed.line_errors.clone(),
         },
     )]);
     store.apply(write_set(&mut core, &mut inputs)).await.unwrap();
 
-    // Reopened, the batch is there with its bodies, and nothing has a result.
+    // Reopened, the batch is there with its requests, and nothing has a result.
     drop(store);
     let store = open();
     let loaded = store.load().await.unwrap();
     assert_eq!(loaded.len(), 1);
     assert_eq!(loaded[0].batch.meta, view.meta);
     assert_eq!(loaded[0].batch.life.status(), BatchStatus::Queued);
-    assert_eq!(loaded[0].inputs, parsed.requests);
+    assert_eq!(
+        loaded[0].batch.requests,
+        parsed.requests.iter().map(RequestMeta::from).collect::<Vec<_>>()
+    );
     assert_eq!(
         loaded[0].batch.requests.iter().map(|r| r.line).collect::<Vec<_>>(),
         [1, 3, 4]
     );
     assert!(loaded[0].batch.results.is_empty());
+    // Bodies are read when leased, in the order asked, exactly as in the file.
+    let refs = [2u32, 0, 7].map(|index| RequestRef { batch: id, index });
+    let bodies = store.bodies(refs.to_vec()).await.unwrap();
+    assert_eq!(bodies.len(), 3);
+    for (b, r) in bodies
+        .iter()
+        .zip(&[parsed.requests[2].clone(), parsed.requests[0].clone()])
+    {
+        let b = b.as_ref().expect("a queued request has its body");
+        assert_eq!(&b.body[..], r.body(text.as_bytes()));
+        assert_eq!(b.custom_id, r.custom_id);
+        assert_eq!(b.endpoint, parsed.endpoint);
+    }
+    assert!(bodies[2].is_none(), "no request 7");
 
     // Two results: one success, one engine error (HTTP 400).
     let node = NodeId::from("n1");
@@ -182,19 +210,23 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     let store = open();
     let loaded = store.load().await.unwrap();
     let mut results = loaded[0].batch.results.clone();
-    results.sort_by_key(|r| r.0);
+    results.sort_by_key(|r| r.index);
     assert_eq!(
-        results.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        results.iter().map(|r| (r.index, r.succeeded)).collect::<Vec<_>>(),
         [(0, true), (1, false)]
     );
     assert_eq!(
-        results[0].2,
+        results[0].usage,
         Usage {
-            cost_usd: results[0].2.cost_usd,
+            cost_usd: results[0].usage.cost_usd,
             ..usage
         },
         "usage survives"
     );
+    let ReportedOutcome::Final(stored) = response(200) else {
+        unreachable!()
+    };
+    assert_eq!(results[0].stored_bytes, stored.stored_bytes());
     let mut recovered = ControlCore::recover(
         ControlConfig::default(),
         loaded.into_iter().map(|l| l.batch).collect(),
@@ -231,14 +263,20 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     );
     store.apply(write_set(&mut recovered, &mut inputs)).await.unwrap();
 
-    // A final batch loads with its totals and without its inputs.
+    // A final batch loads with its totals and without its requests; its input is gone.
     drop(store);
     let store = open();
     let loaded = store.load().await.unwrap();
     assert_eq!(loaded[0].batch.life.status(), BatchStatus::Completed);
     let totals = loaded[0].batch.totals.expect("final batches store totals");
     assert_eq!((totals.completed, totals.failed), (2, 1));
-    assert!(loaded[0].inputs.is_empty());
+    assert!(totals.result_bytes > 0);
+    assert!(loaded[0].batch.requests.is_empty());
+    assert_eq!(
+        store.bodies(vec![RequestRef { batch: id, index: 0 }]).await.unwrap(),
+        [None],
+        "a finished batch's input is deleted"
+    );
     let out = store
         .results(id, ResultKind::Output, Cursor::default(), 100)
         .await
@@ -280,4 +318,21 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         (charged.idle_joules, charged.idle_cost_usd)
     );
     assert_eq!(restarted.tenant_totals()[&tenant].idle_joules, charged.idle_joules);
+
+    // The batch is deleted (its tenant asks): everything it held goes, its usage stays
+    // in the tenant's history.
+    let used = restarted.tenant_usage(&tenant, Timestamp::ZERO);
+    restarted.delete_batch(&tenant, id).unwrap();
+    store.apply(write_set(&mut restarted, &mut inputs)).await.unwrap();
+    drop(store);
+    let store = open();
+    assert!(store.load().await.unwrap().is_empty(), "the batch record is gone");
+    for kind in [ResultKind::Output, ResultKind::Errors] {
+        let page = store.results(id, kind, Cursor::default(), 100).await.unwrap();
+        assert!(page.rows.is_empty(), "{kind:?} rows are gone");
+    }
+    let mut after_delete = ControlCore::recover(ControlConfig::default(), vec![], later);
+    after_delete.restore_idle(store.idle_shares().await.unwrap());
+    after_delete.restore_history(store.history().await.unwrap());
+    assert_eq!(after_delete.tenant_usage(&tenant, Timestamp::ZERO), used);
 }

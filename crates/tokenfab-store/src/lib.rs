@@ -1,24 +1,31 @@
 //! Durable state for the control plane, behind one trait.
 //!
-//! The control core ([`tokenfab_core::control`]) emits [`DurableOp`]s; the control plane
-//! collects them with the request bodies and line errors of new batches into a
-//! [`WriteSet`] and calls [`Store::apply`], which must return only once the whole set is
-//! durable and never apply part of it. At startup [`Store::load`] reads back everything
-//! needed to rebuild the core ([`tokenfab_core::control::ControlCore::recover`]).
+//! The control core ([`tokenfab_core::control`]) emits
+//! [`DurableOp`](tokenfab_core::durable::DurableOp)s; the control plane collects them with
+//! the input files and line errors of new batches into a [`WriteSet`] and calls
+//! [`Store::apply`], which must return only once the whole set is durable and never apply
+//! part of it. At startup [`Store::load`] reads back everything needed to rebuild the core
+//! ([`tokenfab_core::control::ControlCore::recover`]), without request bodies: those stay
+//! in each batch's input file and are read when they are leased ([`Store::bodies`]), so
+//! the control plane's memory does not grow with the work it holds.
 //!
 //! Backends: [`RedbStore`] (embedded, single node). Replicated backends (Raft, etcd)
 //! implement the same trait and must pass [`conformance`].
 
 pub mod conformance;
+mod migrate;
 mod redb_store;
 
 pub use redb_store::RedbStore;
 
 use std::future::Future;
-use tokenfab_core::BatchId;
-use tokenfab_core::batch_input::{LineError, ParsedRequest};
-use tokenfab_core::durable::{DurableOp, Outcome, RecoveredBatch};
+use std::path::{Path, PathBuf};
+use tokenfab_core::batch_input::{Endpoint, LineError, ParsedRequest};
+use tokenfab_core::durable::{Outcome, RecoveredBatch, UsageHistory};
 use tokenfab_core::usage::Usage;
+use tokenfab_core::{BatchId, RequestRef};
+
+pub use bytes::Bytes;
 
 /// A store that cannot do what was asked.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -31,18 +38,54 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// The inputs of a new batch, written with its `CreateBatch` operation.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// A batch's input file while it is written, on the store's own filesystem, before the
+/// batch is committed. Deleted when dropped, unless a commit took it.
+#[derive(Debug)]
+pub struct StagedInput {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl StagedInput {
+    fn new(path: PathBuf) -> Self {
+        StagedInput { path, armed: true }
+    }
+
+    /// Where to write the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file now belongs to the store.
+    fn take(mut self) -> PathBuf {
+        self.armed = false;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for StagedInput {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The inputs of a new batch, written with its `CreateBatch` operation: the input file
+/// (request bodies stay in it, located by each request's `body_offset` and `body_len`),
+/// the valid requests and the refused lines.
+#[derive(Debug)]
 pub struct BatchInputs {
     pub batch: BatchId,
+    pub file: StagedInput,
     pub requests: Vec<ParsedRequest>,
     pub line_errors: Vec<LineError>,
 }
 
 /// Everything one commit writes, atomically.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Default)]
 pub struct WriteSet {
-    pub ops: Vec<DurableOp>,
+    pub ops: Vec<tokenfab_core::durable::DurableOp>,
     pub inputs: Vec<BatchInputs>,
 }
 
@@ -52,12 +95,19 @@ impl WriteSet {
     }
 }
 
-/// One batch read back at startup.
+/// One batch read back at startup (request bodies are not read: leases read them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadedBatch {
     pub batch: RecoveredBatch,
-    /// The valid requests with their bodies; empty for batches in a final status.
-    pub inputs: Vec<ParsedRequest>,
+}
+
+/// A leased request's body and what the agent needs with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeasedBody {
+    pub req: RequestRef,
+    pub custom_id: String,
+    pub endpoint: Endpoint,
+    pub body: Bytes,
 }
 
 /// Which results to read.
@@ -105,16 +155,34 @@ pub struct Page {
 /// Idle energy charged to a tenant in one hour: (tenant, hour start, joules, cost in USD).
 pub type IdleRow = (tokenfab_core::TenantId, tokenfab_core::Timestamp, f64, f64);
 
+/// Usage of a tenant's deleted batches created on one day: (tenant, day start, usage).
+pub type HistoryRow = (tokenfab_core::TenantId, tokenfab_core::Timestamp, UsageHistory);
+
 /// Durable state. Every method may be called concurrently; `apply` calls are applied in
 /// the order they complete.
 pub trait Store: Send + Sync + 'static {
-    /// Makes the whole set durable, or none of it.
+    /// A new, empty place to write a batch's input file to, before the batch is
+    /// committed (`apply` then keeps it, atomically with the batch).
+    fn stage(&self) -> Result<StagedInput, StoreError>;
+    /// Makes the whole set durable, or none of it. After a failure, call `reopen` before
+    /// anything else: what is durable is what the store holds.
     fn apply(&self, set: WriteSet) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Brings the store back to its durable state after a failed `apply` (for example a
+    /// full disk), so that the caller can rebuild from `load` and go on.
+    fn reopen(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Everything needed to rebuild the control core, batches in id order.
     fn load(&self) -> impl Future<Output = Result<Vec<LoadedBatch>, StoreError>> + Send;
     /// The idle-energy charges written by `DurableOp::TenantIdle` (the latest per tenant
     /// and hour).
     fn idle_shares(&self) -> impl Future<Output = Result<Vec<IdleRow>, StoreError>> + Send;
+    /// The usage of deleted batches written by `DurableOp::TenantHistory`.
+    fn history(&self) -> impl Future<Output = Result<Vec<HistoryRow>, StoreError>> + Send;
+    /// The bodies of leased requests, in the order asked; `None` for a request whose batch
+    /// no longer holds its input (it ended, or was deleted).
+    fn bodies(
+        &self,
+        items: Vec<RequestRef>,
+    ) -> impl Future<Output = Result<Vec<Option<LeasedBody>>, StoreError>> + Send;
     /// A page of at most `limit` rows of a batch's results, from `cursor`.
     fn results(
         &self,
@@ -123,4 +191,6 @@ pub trait Store: Send + Sync + 'static {
         cursor: Cursor,
         limit: usize,
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+    /// Free space where the store writes, bytes (`None` where it cannot be measured).
+    fn free_bytes(&self) -> Option<u64>;
 }

@@ -1,143 +1,270 @@
-//! The embedded single-node store: one redb file in the data directory.
+//! The embedded single-node store: one redb file and one directory of input files in the
+//! data directory.
+//!
+//! ```text
+//! <data dir>/tokenfab.redb        the tables below
+//! <data dir>/inputs/<batch>.jsonl  each unfinished batch's input file, as uploaded
+//! <data dir>/uploads/              input files being written, before their batch commits
+//! ```
 //!
 //! Tables (values are postcard-encoded tokenfab-core types):
 //! - `batches`: batch id -> [`BatchRecord`] (meta, lifecycle, totals once final)
-//! - `inputs`: (batch, request index) -> [`ParsedRequest`] (line, custom_id, body)
+//! - `requests`: (batch, request index) -> [`ParsedRequest`] (line, custom_id, where its
+//!   body is in the input file)
 //! - `line_errors`: (batch, line) -> [`LineError`]
 //! - `results`: (batch, request index) -> [`StoredResult`]
 //! - `tenant_idle`: (tenant, hour start in Unix µs) -> (joules, cost in USD) of idle energy
 //!   charged to the tenant in that hour
+//! - `tenant_history`: (tenant, day start in Unix µs) -> [`UsageHistory`] of its deleted
+//!   batches
 //!
 //! Every [`Store::apply`] is one write transaction committed with `Durability::Immediate`
-//! (fsync), so a returned `apply` survives `kill -9` and power loss.
+//! (fsync), so a returned `apply` survives `kill -9` and power loss. A new batch's input
+//! file is written and fsynced by the shell, moved into `inputs/` (and the directory
+//! fsynced) before the transaction that creates the batch commits; files of batches that
+//! did not commit are removed when the store opens. Input files of final batches are
+//! deleted after the commit that ends them.
 
 use crate::{
-    BatchInputs, Cursor, IdleRow, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome, Store, StoreError, WriteSet,
+    BatchInputs, Cursor, HistoryRow, IdleRow, LeasedBody, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome,
+    StagedInput, Store, StoreError, WriteSet,
 };
+use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use tokenfab_core::batch::Lifecycle;
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
-use tokenfab_core::durable::{BatchMeta, BatchTotals, DurableOp, Outcome, RecoveredBatch, RequestMeta};
+use tokenfab_core::durable::{
+    BatchMeta, BatchTotals, DurableOp, Outcome, RecoveredBatch, RecoveredResult, RequestMeta, UsageHistory,
+};
 use tokenfab_core::usage::Usage;
-use tokenfab_core::{BatchId, TenantId, Timestamp};
+use tokenfab_core::{BatchId, RequestRef, TenantId, Timestamp};
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
-const INPUTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("inputs");
-const LINE_ERRORS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("line_errors");
-const RESULTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("results");
-const TENANT_IDLE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tenant_idle");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
+pub(crate) const REQUESTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("requests");
+pub(crate) const LINE_ERRORS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("line_errors");
+pub(crate) const RESULTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("results");
+pub(crate) const TENANT_IDLE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tenant_idle");
+pub(crate) const TENANT_HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tenant_history");
 
-/// Bumped whenever the encoding of a table changes.
-const SCHEMA_VERSION: u64 = 1;
+/// Bumped whenever the encoding of a table changes; [`crate::migrate`] upgrades older
+/// stores.
+pub(crate) const SCHEMA_VERSION: u64 = 2;
+
+/// Bodies closer together than this in an input file are read with one read.
+const READ_GAP: u64 = 64 * 1024;
+/// Input files kept open for leases.
+const OPEN_FILES: usize = 64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct BatchRecord {
-    meta: BatchMeta,
-    life: Lifecycle,
-    totals: Option<BatchTotals>,
+pub(crate) struct BatchRecord {
+    pub meta: BatchMeta,
+    pub life: Lifecycle,
+    pub totals: Option<BatchTotals>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredResult {
-    outcome: Outcome,
-    usage: Usage,
+pub(crate) struct StoredResult {
+    pub outcome: Outcome,
+    pub usage: Usage,
 }
 
 /// The embedded store. Cheap to clone.
 #[derive(Clone)]
 pub struct RedbStore {
-    db: Arc<Database>,
-    path: PathBuf,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` only while it is being reopened.
+    db: RwLock<Option<Arc<Database>>>,
+    dir: PathBuf,
+    open_inputs: Mutex<HashMap<u64, Arc<File>>>,
+    next_upload: AtomicU64,
 }
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").field("path", &self.path).finish()
+        f.debug_struct("RedbStore").field("dir", &self.inner.dir).finish()
     }
 }
 
-fn io(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_allocvec(v).map_err(io)
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+pub(crate) fn input_path(dir: &Path, batch: u64) -> PathBuf {
+    dir.join("inputs").join(format!("{batch}.jsonl"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
 impl RedbStore {
-    /// Opens (or creates) the store in `dir`, creating the directory if needed.
+    /// Opens (or creates) the store in `dir`, creating the directory if needed, upgrading
+    /// a store written by an older version, and removing input files no batch owns.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let open_err = |cause: String| StoreError::Open {
             path: dir.display().to_string(),
             cause,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let path = dir.join("tokenfab.redb");
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
-                "another tokenfab server is already using it; stop that server or choose another --data-dir".into(),
-            ),
-            other => open_err(other.to_string()),
-        })?;
-        let store = RedbStore { db: Arc::new(db), path };
+        for sub in ["inputs", "uploads"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| open_err(e.to_string()))?;
+        }
+        let db = open_db(dir)?;
+        let store = RedbStore {
+            inner: Arc::new(Inner {
+                db: RwLock::new(Some(Arc::new(db))),
+                dir: dir.to_path_buf(),
+                open_inputs: Mutex::new(HashMap::new()),
+                next_upload: AtomicU64::new(0),
+            }),
+        };
         store.check_schema()?;
+        store.remove_strays()?;
         Ok(store)
     }
 
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.inner
+            .db
+            .read()
+            .map_err(|_| io("store lock poisoned"))?
+            .clone()
+            .ok_or_else(|| io("the store is being reopened"))
+    }
+
     fn check_schema(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(io)?;
-        {
-            let mut meta = txn.open_table(META).map_err(io)?;
-            let found = meta.get("schema").map_err(io)?.map(|v| v.value());
-            match found {
-                None => {
-                    meta.insert("schema", SCHEMA_VERSION).map_err(io)?;
-                }
-                Some(SCHEMA_VERSION) => {}
-                Some(v) => {
-                    return Err(StoreError::Corrupt(format!(
-                        "schema version {v}, this tokenfab reads version {SCHEMA_VERSION}; use a matching tokenfab release"
-                    )));
-                }
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(io)?;
+        let found = {
+            let meta = txn.open_table(META).map_err(io)?;
+            meta.get("schema").map_err(io)?.map(|v| v.value())
+        };
+        match found {
+            None => {
+                let mut meta = txn.open_table(META).map_err(io)?;
+                // A new store, or one from before the schema was recorded: the tables
+                // below decide (a v1 store always recorded its version).
+                meta.insert("schema", SCHEMA_VERSION).map_err(io)?;
             }
-            // Create every table so readers never meet a missing one.
-            txn.open_table(BATCHES).map_err(io)?;
-            txn.open_table(INPUTS).map_err(io)?;
-            txn.open_table(LINE_ERRORS).map_err(io)?;
-            txn.open_table(RESULTS).map_err(io)?;
-            txn.open_table(TENANT_IDLE).map_err(io)?;
+            Some(SCHEMA_VERSION) => {}
+            Some(1) => {
+                drop(txn);
+                crate::migrate::v1_to_v2(&db, &self.inner.dir)?;
+                return self.check_schema();
+            }
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "schema version {v}, this tokenfab reads version {SCHEMA_VERSION}; use a matching tokenfab release"
+                )));
+            }
         }
+        // Create every table so readers never meet a missing one.
+        txn.open_table(BATCHES).map_err(io)?;
+        txn.open_table(REQUESTS).map_err(io)?;
+        txn.open_table(LINE_ERRORS).map_err(io)?;
+        txn.open_table(RESULTS).map_err(io)?;
+        txn.open_table(TENANT_IDLE).map_err(io)?;
+        txn.open_table(TENANT_HISTORY).map_err(io)?;
         txn.commit().map_err(io)
     }
 
-    fn apply_blocking(db: &Database, set: WriteSet) -> Result<(), StoreError> {
+    /// Removes uploads that never became a batch, and input files of batches that did
+    /// not commit or have ended.
+    fn remove_strays(&self) -> Result<(), StoreError> {
+        let dir = &self.inner.dir;
+        for e in std::fs::read_dir(dir.join("uploads")).map_err(io)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(io)?;
+        let batches = txn.open_table(BATCHES).map_err(io)?;
+        for e in std::fs::read_dir(dir.join("inputs")).map_err(io)?.flatten() {
+            let name = e.file_name();
+            let id = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".jsonl"))
+                .and_then(|n| n.parse::<u64>().ok());
+            let live = match id {
+                Some(id) => match batches.get(id).map_err(io)? {
+                    Some(v) => !decode::<BatchRecord>(v.value(), "batch record")?
+                        .life
+                        .status()
+                        .is_terminal(),
+                    None => false,
+                },
+                None => false,
+            };
+            if !live {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_blocking(&self, set: WriteSet) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let dir = &self.inner.dir;
+        // Input files first: in place (and the directory entry durable) before the
+        // transaction that makes their batches exist.
+        let mut inputs = Vec::with_capacity(set.inputs.len());
+        for BatchInputs {
+            batch,
+            file,
+            requests,
+            line_errors,
+        } in set.inputs
+        {
+            let staged = file.take();
+            std::fs::rename(&staged, input_path(dir, batch.0)).map_err(|e| {
+                let _ = std::fs::remove_file(&staged);
+                io(format!("cannot move the input of {batch} into place: {e}"))
+            })?;
+            inputs.push((batch, requests, line_errors));
+        }
+        if !inputs.is_empty() {
+            sync_dir(&dir.join("inputs"))?;
+        }
+        let mut dropped = Vec::new();
         let mut txn = db.begin_write().map_err(io)?;
         txn.set_durability(Durability::Immediate).map_err(io)?;
         {
             let mut batches = txn.open_table(BATCHES).map_err(io)?;
-            let mut inputs = txn.open_table(INPUTS).map_err(io)?;
-            let mut line_errors = txn.open_table(LINE_ERRORS).map_err(io)?;
+            let mut requests_t = txn.open_table(REQUESTS).map_err(io)?;
+            let mut line_errors_t = txn.open_table(LINE_ERRORS).map_err(io)?;
             let mut results = txn.open_table(RESULTS).map_err(io)?;
             let mut tenant_idle = txn.open_table(TENANT_IDLE).map_err(io)?;
-            for BatchInputs {
-                batch,
-                requests,
-                line_errors: errs,
-            } in set.inputs
-            {
+            let mut tenant_history = txn.open_table(TENANT_HISTORY).map_err(io)?;
+            for (batch, requests, errs) in &inputs {
                 for (i, r) in requests.iter().enumerate() {
-                    inputs.insert((batch.0, i as u32), encode(r)?.as_slice()).map_err(io)?;
+                    requests_t
+                        .insert((batch.0, i as u32), encode(r)?.as_slice())
+                        .map_err(io)?;
                 }
-                for e in &errs {
-                    line_errors
+                for e in errs {
+                    line_errors_t
                         .insert((batch.0, e.line), encode(e)?.as_slice())
                         .map_err(io)?;
                 }
@@ -194,16 +321,45 @@ impl RedbStore {
                             )
                             .map_err(io)?;
                     }
+                    DurableOp::TenantHistory { tenant, day, history } => {
+                        tenant_history
+                            .insert((tenant.as_str(), day.as_micros()), encode(&history)?.as_slice())
+                            .map_err(io)?;
+                    }
+                    DurableOp::DropInputs { id } => dropped.push(id.0),
+                    DurableOp::DeleteBatch { id } => {
+                        let range = (id.0, 0)..=(id.0, u32::MAX);
+                        batches.remove(id.0).map_err(io)?;
+                        requests_t.retain_in(range.clone(), |_, _| false).map_err(io)?;
+                        line_errors_t.retain_in(range.clone(), |_, _| false).map_err(io)?;
+                        results.retain_in(range, |_, _| false).map_err(io)?;
+                        dropped.push(id.0);
+                    }
                 }
             }
         }
-        txn.commit().map_err(io)
+        txn.commit().map_err(io)?;
+        // The commit says these inputs are no longer needed: a crash before they are
+        // removed leaves files that the next open removes.
+        if !dropped.is_empty() {
+            let mut open = self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))?;
+            for id in dropped {
+                open.remove(&id);
+                if let Err(e) = std::fs::remove_file(input_path(dir, id))
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing_warn(&format!("cannot delete the input file of batch {id}: {e}"));
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn load_blocking(db: &Database) -> Result<Vec<LoadedBatch>, StoreError> {
+    fn load_blocking(&self) -> Result<Vec<LoadedBatch>, StoreError> {
+        let db = self.db()?;
         let txn = db.begin_read().map_err(io)?;
         let batches = txn.open_table(BATCHES).map_err(io)?;
-        let inputs = txn.open_table(INPUTS).map_err(io)?;
+        let requests = txn.open_table(REQUESTS).map_err(io)?;
         let results = txn.open_table(RESULTS).map_err(io)?;
         let mut out = Vec::new();
         for entry in batches.iter().map_err(io)? {
@@ -219,22 +375,22 @@ impl RedbStore {
                     requests: Vec::new(),
                     results: Vec::new(),
                 },
-                inputs: Vec::new(),
             };
             if !is_final {
-                for e in inputs.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
+                for e in requests.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
                     let (_, v) = e.map_err(io)?;
-                    let r: ParsedRequest = decode(v.value(), "request input")?;
+                    let r: ParsedRequest = decode(v.value(), "request")?;
                     loaded.batch.requests.push(RequestMeta::from(&r));
-                    loaded.inputs.push(r);
                 }
                 for e in results.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
                     let (k, v) = e.map_err(io)?;
                     let r: StoredResult = decode(v.value(), "result")?;
-                    loaded
-                        .batch
-                        .results
-                        .push((k.value().1, r.outcome.is_success(), r.usage));
+                    loaded.batch.results.push(RecoveredResult {
+                        index: k.value().1,
+                        succeeded: r.outcome.is_success(),
+                        usage: r.usage,
+                        stored_bytes: r.outcome.stored_bytes(),
+                    });
                 }
             }
             out.push(loaded);
@@ -242,7 +398,8 @@ impl RedbStore {
         Ok(out)
     }
 
-    fn idle_blocking(db: &Database) -> Result<Vec<IdleRow>, StoreError> {
+    fn idle_blocking(&self) -> Result<Vec<IdleRow>, StoreError> {
+        let db = self.db()?;
         let txn = db.begin_read().map_err(io)?;
         let table = txn.open_table(TENANT_IDLE).map_err(io)?;
         let mut out = Vec::new();
@@ -260,19 +417,106 @@ impl RedbStore {
         Ok(out)
     }
 
+    fn history_blocking(&self) -> Result<Vec<HistoryRow>, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(io)?;
+        let table = txn.open_table(TENANT_HISTORY).map_err(io)?;
+        let mut out = Vec::new();
+        for e in table.iter().map_err(io)? {
+            let (k, v) = e.map_err(io)?;
+            let (tenant, day) = k.value();
+            let h: UsageHistory = decode(v.value(), "usage history")?;
+            out.push((TenantId::new(tenant.to_string()), Timestamp::from_micros(day), h));
+        }
+        Ok(out)
+    }
+
+    /// The open input file of `batch`, or `None` once it is gone.
+    fn input(&self, batch: u64) -> Result<Option<Arc<File>>, StoreError> {
+        let mut open = self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))?;
+        if let Some(f) = open.get(&batch) {
+            return Ok(Some(f.clone()));
+        }
+        let f = match File::open(input_path(&self.inner.dir, batch)) {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(format!("cannot open the input of batch {batch}: {e}"))),
+        };
+        if open.len() >= OPEN_FILES {
+            open.clear();
+        }
+        open.insert(batch, f.clone());
+        Ok(Some(f))
+    }
+
+    fn bodies_blocking(&self, items: Vec<RequestRef>) -> Result<Vec<Option<LeasedBody>>, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(io)?;
+        let batches = txn.open_table(BATCHES).map_err(io)?;
+        let requests = txn.open_table(REQUESTS).map_err(io)?;
+        let mut out: Vec<Option<LeasedBody>> = vec![None; items.len()];
+        let mut by_batch: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (pos, item) in items.iter().enumerate() {
+            by_batch.entry(item.batch.0).or_default().push(pos);
+        }
+        for (batch, positions) in by_batch {
+            let Some(rec) = batches.get(batch).map_err(io)? else {
+                continue;
+            };
+            let endpoint = decode::<BatchRecord>(rec.value(), "batch record")?.meta.endpoint;
+            let Some(file) = self.input(batch)? else {
+                continue;
+            };
+            let mut found: Vec<(usize, ParsedRequest)> = Vec::with_capacity(positions.len());
+            for pos in positions {
+                if let Some(v) = requests.get((batch, items[pos].index)).map_err(io)? {
+                    found.push((pos, decode(v.value(), "request")?));
+                }
+            }
+            found.sort_by_key(|(_, r)| r.body_offset);
+            // Runs of bodies close together in the file are read at once.
+            let mut start = 0;
+            while start < found.len() {
+                let from = found[start].1.body_offset;
+                let mut end = start + 1;
+                let mut to = from + u64::from(found[start].1.body_len);
+                while end < found.len() && found[end].1.body_offset <= to + READ_GAP {
+                    to = to.max(found[end].1.body_offset + u64::from(found[end].1.body_len));
+                    end += 1;
+                }
+                let mut buf = vec![0u8; (to - from) as usize];
+                file.read_exact_at(&mut buf, from)
+                    .map_err(|e| io(format!("cannot read the input of batch {batch}: {e}")))?;
+                let buf = Bytes::from(buf);
+                for (pos, r) in found[start..end].iter() {
+                    let at = (r.body_offset - from) as usize;
+                    out[*pos] = Some(LeasedBody {
+                        req: items[*pos],
+                        custom_id: r.custom_id.clone(),
+                        endpoint,
+                        body: buf.slice(at..at + r.body_len as usize),
+                    });
+                }
+                start = end;
+            }
+        }
+        Ok(out)
+    }
+
     fn results_blocking(
-        db: &Database,
+        &self,
         batch: BatchId,
         kind: ResultKind,
         cursor: Cursor,
         limit: usize,
     ) -> Result<Page, StoreError> {
+        let db = self.db()?;
         let txn = db.begin_read().map_err(io)?;
-        let inputs = txn.open_table(INPUTS).map_err(io)?;
+        let requests = txn.open_table(REQUESTS).map_err(io)?;
         let results = txn.open_table(RESULTS).map_err(io)?;
         let id = batch.0;
         let limit = limit.max(1);
-        // Recorded results from `cursor.index`, filtered by kind, joined with their input.
+        // Recorded results from `cursor.index`, filtered by kind, joined with their request.
         let mut recorded = Vec::new();
         let mut next_index = cursor.index;
         let mut more_results = false;
@@ -288,17 +532,17 @@ impl RedbStore {
                 more_results = true;
                 break;
             }
-            let input: ParsedRequest = match inputs.get((id, index)).map_err(io)? {
-                Some(v) => decode(v.value(), "request input")?,
+            let request: ParsedRequest = match requests.get((id, index)).map_err(io)? {
+                Some(v) => decode(v.value(), "request")?,
                 None => {
-                    return Err(StoreError::Corrupt(format!("result without input: {batch} #{index}")));
+                    return Err(StoreError::Corrupt(format!("result without request: {batch} #{index}")));
                 }
             };
             recorded.push((
                 index,
                 ResultRow {
-                    line: input.line,
-                    custom_id: input.custom_id,
+                    line: request.line,
+                    custom_id: request.custom_id,
                     outcome: RowOutcome::Recorded(r.outcome),
                     usage: r.usage,
                 },
@@ -362,31 +606,100 @@ impl RedbStore {
             next: more.then_some(next),
         })
     }
+
+    /// Closes the database and opens it again (redb refuses every transaction after an
+    /// I/O error until then; opening checks and repairs the file).
+    fn reopen_blocking(&self) -> Result<(), StoreError> {
+        let mut slot = self.inner.db.write().map_err(|_| io("store lock poisoned"))?;
+        if let Some(mut db) = slot.take() {
+            // Readers hold the database only for the length of one call.
+            let started = std::time::Instant::now();
+            loop {
+                match Arc::try_unwrap(db) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) => {
+                        if started.elapsed() > std::time::Duration::from_secs(30) {
+                            *slot = Some(still_shared);
+                            return Err(io("cannot reopen the store: it is still in use after 30 s"));
+                        }
+                        db = still_shared;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))?.clear();
+        *slot = Some(Arc::new(open_db(&self.inner.dir)?));
+        Ok(())
+    }
+}
+
+fn open_db(dir: &Path) -> Result<Database, StoreError> {
+    let path = dir.join("tokenfab.redb");
+    Database::create(&path).map_err(|e| StoreError::Open {
+        path: dir.display().to_string(),
+        cause: match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                "another tokenfab server is already using it; stop that server or choose another --data-dir".into()
+            }
+            other => other.to_string(),
+        },
+    })
+}
+
+/// The store has no logging of its own: problems it can work around go to stderr.
+fn tracing_warn(message: &str) {
+    eprintln!("tokenfab-store: {message}");
+}
+
+/// Runs a blocking store call on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    store: &RedbStore,
+    f: impl FnOnce(RedbStore) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store)).await.map_err(io)?
 }
 
 impl Store for RedbStore {
+    fn stage(&self) -> Result<StagedInput, StoreError> {
+        let n = self.inner.next_upload.fetch_add(1, Ordering::Relaxed);
+        Ok(StagedInput::new(
+            self.inner
+                .dir
+                .join("uploads")
+                .join(format!("{}-{n}.part", std::process::id())),
+        ))
+    }
+
     async fn apply(&self, set: WriteSet) -> Result<(), StoreError> {
         if set.is_empty() {
             return Ok(());
         }
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || Self::apply_blocking(&db, set))
-            .await
-            .map_err(io)?
+        blocking(self, move |s| s.apply_blocking(set)).await
+    }
+
+    async fn reopen(&self) -> Result<(), StoreError> {
+        blocking(self, |s| s.reopen_blocking()).await
     }
 
     async fn load(&self) -> Result<Vec<LoadedBatch>, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || Self::load_blocking(&db))
-            .await
-            .map_err(io)?
+        blocking(self, |s| s.load_blocking()).await
     }
 
     async fn idle_shares(&self) -> Result<Vec<IdleRow>, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || Self::idle_blocking(&db))
-            .await
-            .map_err(io)?
+        blocking(self, |s| s.idle_blocking()).await
+    }
+
+    async fn history(&self) -> Result<Vec<HistoryRow>, StoreError> {
+        blocking(self, |s| s.history_blocking()).await
+    }
+
+    async fn bodies(&self, items: Vec<RequestRef>) -> Result<Vec<Option<LeasedBody>>, StoreError> {
+        blocking(self, move |s| s.bodies_blocking(items)).await
     }
 
     async fn results(
@@ -396,9 +709,11 @@ impl Store for RedbStore {
         cursor: Cursor,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || Self::results_blocking(&db, batch, kind, cursor, limit))
-            .await
-            .map_err(io)?
+        blocking(self, move |s| s.results_blocking(batch, kind, cursor, limit)).await
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        let st = rustix::fs::statvfs(&self.inner.dir).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
     }
 }

@@ -193,7 +193,7 @@ fn main() {
         let cp = format!("127.0.0.1:{}", port());
         let bin = env!("CARGO_BIN_EXE_tokenfab");
         let spawn = |args: &[&str]| {
-            Proc(Command::new(bin).args(args).env("TOKENFAB_AGENT_TOKEN", "a").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+            Proc(Command::new(bin).args(args).env("TOKENFAB_AGENT_TOKEN", "bench-agent-secret-0123").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
         };
         let _server = spawn(&["server", "--listen", &cp, "--data-dir", dir.path().to_str().unwrap(), "--tenant", "t=t"]);
         let replica = format!("url={url},model=smollm2-135m,engine-model=smollm2,window={CONCURRENCY}");

@@ -23,6 +23,9 @@ use tonic::transport::Channel;
 
 const RESPONSE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1795000000,"model":"llama-3.1-8b","choices":[{"index":0,"message":{"role":"assistant","content":"The order arrived damaged; the customer asks for a replacement and a refund of the shipping fee."},"finish_reason":"stop"}],"usage":{"prompt_tokens":41,"completion_tokens":21,"total_tokens":62}}"#;
 
+/// The cluster's agent secret in these benchmarks.
+const SECRET: &str = "bench-agent-secret-0123";
+
 fn authed<T>(token: &str, msg: T) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
@@ -78,12 +81,11 @@ async fn ingest() {
         ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-            tenants: vec![TenantToken {
-                name: "t".into(),
-                token: "t".into(),
-            }],
-            agent_token: "a".into(),
+            tenants: vec![TenantToken::new("t", "t")],
+            agent_secret: SECRET.into(),
             admin_token: None,
+            http_token: None,
+            transport: tokenfab_control::Transport::default(),
             control: ControlConfig {
                 lease_ttl: Duration::from_secs(3600),
                 ..ControlConfig::default()
@@ -92,6 +94,7 @@ async fn ingest() {
                 max_file_bytes: 1 << 30,
                 max_line_bytes: 1 << 20,
                 max_requests: 1_000_000,
+                ..InputLimits::default()
             },
         },
         tokenfab_store::RedbStore::open(dir.path()).unwrap(),
@@ -108,6 +111,7 @@ async fn ingest() {
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
 
+    let node_token = tokenfab_identity::node_token(SECRET, "n");
     let t = Instant::now();
     let id = upload(
         &mut tenant,
@@ -123,7 +127,7 @@ async fn ingest() {
     };
     agent
         .register(authed(
-            "a",
+            &node_token,
             pb::RegisterRequest {
                 node: "n".into(),
                 devices: vec![device],
@@ -136,7 +140,7 @@ async fn ingest() {
     loop {
         let r = agent
             .lease_work(authed(
-                "a",
+                &node_token,
                 pb::LeaseWorkRequest {
                     node: "n".into(),
                     model: "llama-3.1-8b".into(),
@@ -190,9 +194,10 @@ async fn ingest() {
     }
     for shard in shards {
         let mut agent = AgentServiceClient::new(channel.clone()).max_encoding_message_size(256 << 20);
+        let node_token = node_token.clone();
         tasks.push(tokio::spawn(async move {
             for r in shard {
-                let s = agent.report_results(authed("a", r)).await.unwrap().into_inner();
+                let s = agent.report_results(authed(&node_token, r)).await.unwrap().into_inner();
                 assert_eq!(s.recorded as usize, PER_REPORT);
             }
         }));
@@ -248,7 +253,7 @@ impl Drop for Proc {
 fn spawn(args: &[&str]) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_tokenfab"))
         .args(args)
-        .env("TOKENFAB_AGENT_TOKEN", "a")
+        .env("TOKENFAB_AGENT_TOKEN", SECRET)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -99,14 +99,13 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         ServerConfig {
             listen: "127.0.0.1:0".parse()?,
             metrics_listen: None,
-            tenants: vec![TenantToken {
-                name: "demo".into(),
-                token: tenant_token.clone(),
-            }],
-            agent_token: agent_token.clone(),
+            tenants: vec![TenantToken::new("demo", &tenant_token)],
+            agent_secret: agent_token.clone(),
             admin_token: None,
+            http_token: None,
             control: ControlConfig::default(),
             limits: InputLimits::default(),
+            transport: tokenfab_control::Transport::default(),
         },
         RedbStore::open(&data_dir)?,
     )

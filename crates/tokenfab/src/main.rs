@@ -1,5 +1,6 @@
 //! `tokenfab`: one binary for every role. See `tokenfab --help`.
 
+mod admin;
 mod demo;
 mod parse;
 mod serve;
@@ -39,16 +40,20 @@ enum Command {
     /// GPU and no external service.
     Demo(demo::DemoArgs),
     /// Run a control plane (gRPC for tenants and agents, Prometheus metrics).
-    Server(serve::ServerArgs),
+    Server(Box<serve::ServerArgs>),
     /// Run a node agent that drives engine replicas for a control plane.
     Agent(serve::AgentArgs),
     /// Run an OpenAI-compatible engine emulator driven by the performance model.
     EngineEmu(serve::EmuArgs),
     /// Submit a batch file (OpenAI Batch JSONL) and print its id.
     Submit(tenant::SubmitArgs),
-    /// List, show, cancel or watch batches.
+    /// List, show, cancel, watch or delete batches.
     #[command(subcommand)]
     Batches(tenant::BatchesCommand),
+    /// Operator tasks: issue node tokens, hash tenant tokens, back up, restore, verify
+    /// and compact a control plane's store.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Download a batch's results (OpenAI Batch output JSONL) and errors.
     Results(tenant::ResultsArgs),
     /// Your metered usage: batches, requests, tokens, energy, device time and cost.
@@ -110,7 +115,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Demo(a) => demo::run(a).await,
-            Command::Server(a) => serve::server(a).await,
+            Command::Server(a) => serve::server(*a).await,
+            Command::Admin(c) => admin::run(c).await,
             Command::Agent(a) => serve::agent(a).await,
             Command::EngineEmu(a) => serve::engine_emu(a).await,
             Command::Submit(a) => tenant::submit(a).await,

@@ -13,7 +13,7 @@ use tokenfab_control::{ServerConfig, TenantToken};
 use tokenfab_core::agent::AgentConfig;
 use tokenfab_core::batch_input::InputLimits;
 use tokenfab_core::catalog::Catalog;
-use tokenfab_core::control::{ControlConfig, QueueOrder, SlaClass};
+use tokenfab_core::control::{ControlConfig, QueueOrder, Quota, SlaClass};
 use tokenfab_core::engine::EngineConfig;
 use tokenfab_core::{ModelId, NodeId, ReplicaId, SuperNodeId};
 use tokenfab_engine_emu::{EmuConfig, Emulator};
@@ -31,21 +31,39 @@ pub struct ServerArgs {
     /// directory loses nothing that was acknowledged.
     #[arg(long, default_value = "tokenfab-data")]
     data_dir: PathBuf,
-    /// A tenant and its bearer token, NAME=TOKEN (repeatable).
+    /// A tenant and its bearer token, NAME=TOKEN (repeatable). Handy for trials; tokens on
+    /// a command line are visible to every user of the machine (`ps`): use
+    /// --tenants-file in production.
     #[arg(long = "tenant", value_parser = parse::key_value)]
     tenants: Vec<(String, String)>,
-    /// A TOML file of tenants: `[[tenants]]` tables with `name`, `token` and optionally
+    /// A TOML file of tenants: `[[tenants]]` tables with `name`, and `token_sha256` (the
+    /// SHA-256 of the token, from `tokenfab admin hash-token`) or `token`; optionally
     /// `weight` (share of best-effort capacity relative to other tenants, default 1),
-    /// `max_active_batches` and `output_tokens_per_hour` (quotas; none by default).
+    /// `retention` (how long finished batches are kept, e.g. "7d"), and limits
+    /// `max_active_batches`, `max_queued_requests`, `max_stored_bytes`,
+    /// `output_tokens_per_hour` (the --tenant-* defaults otherwise).
     #[arg(long)]
     tenants_file: Option<PathBuf>,
-    /// Token agents must present.
+    /// The cluster's agent secret (at least 16 characters): each node's token derives
+    /// from it (`tokenfab admin node-token NAME`), so a node can act only as itself.
+    /// Prefer --agent-token-file.
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: String,
+    agent_token: Option<String>,
+    /// A file whose first line is the cluster's agent secret.
+    #[arg(long, env = "TOKENFAB_AGENT_TOKEN_FILE")]
+    agent_token_file: Option<PathBuf>,
     /// The operator's token: with it, `tokenfab usage --tenant NAME` reads any tenant's
-    /// usage. Not set: no operator access.
+    /// usage. Not set: no operator access. Prefer --admin-token-file.
     #[arg(long, env = "TOKENFAB_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// A file whose first line is the operator's token.
+    #[arg(long, env = "TOKENFAB_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// A file whose first line is the token the HTTP endpoints (/metrics, /v1/sla,
+    /// /v1/tuning) then require as `Authorization: Bearer`; /healthz stays open. Not set:
+    /// they are open to anyone who can reach --metrics-listen.
+    #[arg(long, env = "TOKENFAB_HTTP_TOKEN_FILE")]
+    http_token_file: Option<PathBuf>,
     /// How long a lease lives without a heartbeat from its agent.
     #[arg(long, default_value = "10s", value_parser = parse::duration)]
     lease_ttl: Duration,
@@ -58,9 +76,52 @@ pub struct ServerArgs {
     /// Models batches may use (comma-separated; default: every model in the catalog).
     #[arg(long, value_delimiter = ',')]
     models: Vec<String>,
-    /// Largest input file, bytes.
-    #[arg(long, default_value_t = 200 * 1024 * 1024)]
+    /// Largest input file (e.g. 200MiB).
+    #[arg(long, default_value = "200MiB", value_parser = parse::bytes)]
     max_file_bytes: u64,
+    /// Most requests (non-blank lines) in one batch.
+    #[arg(long, default_value_t = 100_000)]
+    max_requests_per_batch: usize,
+    /// Largest request line.
+    #[arg(long, default_value = "1MiB", value_parser = parse::bytes)]
+    max_line_bytes: u64,
+    /// Deepest JSON nesting in a request body.
+    #[arg(long, default_value_t = tokenfab_core::batch_input::DEFAULT_MAX_JSON_DEPTH)]
+    max_json_depth: u32,
+    /// Uploads (batch input files) received and parsed at once; more are refused with
+    /// RESOURCE_EXHAUSTED and a retry hint.
+    #[arg(long, default_value_t = 8)]
+    max_uploads: u32,
+    /// Uploads one tenant may have in progress at once.
+    #[arg(long, default_value_t = 2)]
+    max_uploads_per_tenant: u32,
+    /// Default limit on each tenant's unfinished batches.
+    #[arg(long, default_value_t = Quota::SERVER_DEFAULT.max_active_batches.unwrap_or(u32::MAX))]
+    tenant_max_active_batches: u32,
+    /// Default limit on each tenant's requests waiting for a result.
+    #[arg(long, default_value_t = Quota::SERVER_DEFAULT.max_queued_requests.unwrap_or(u64::MAX))]
+    tenant_max_queued_requests: u64,
+    /// Default limit on what each tenant's batches hold in the store (inputs of unfinished
+    /// batches, results of every batch not yet deleted).
+    #[arg(long, default_value = "50GiB", value_parser = parse::bytes)]
+    tenant_max_stored_bytes: u64,
+    /// How long finished batches (their results and errors) are kept before they are
+    /// deleted; their usage is kept. Per tenant: `retention` in the tenants file.
+    #[arg(long, default_value = "30d", value_parser = parse::duration)]
+    retention: Duration,
+    /// New batches are refused while the data directory has less free space than this
+    /// (running work keeps recording its results in it).
+    #[arg(long, default_value = "1GiB", value_parser = parse::bytes)]
+    min_free_space: u64,
+    /// Request-body data one lease may carry (a lease reply must fit a gRPC message).
+    #[arg(long, default_value = "16MiB", value_parser = parse::bytes)]
+    lease_max_bytes: u64,
+    /// Concurrent calls per client connection.
+    #[arg(long, default_value_t = 256)]
+    max_concurrent_streams: u32,
+    /// The longest any call may take (a large upload included).
+    #[arg(long, default_value = "15m", value_parser = parse::duration)]
+    call_timeout: Duration,
     /// Electricity price, $/kWh, for cost accounting.
     #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_USD_PER_KWH)]
     usd_per_kwh: f64,
@@ -126,23 +187,34 @@ struct TenantsFile {
 #[serde(deny_unknown_fields)]
 struct TenantEntry {
     name: String,
-    token: String,
+    /// The token, or (better) its SHA-256 digest in hex.
+    token: Option<String>,
+    token_sha256: Option<String>,
     /// Share of spare (best-effort) capacity relative to other tenants; default 1.
     weight: Option<f64>,
+    /// How long this tenant's finished batches are kept, e.g. "7d".
+    retention: Option<String>,
     /// Quota: unfinished batches at once.
     max_active_batches: Option<u32>,
     /// Quota: output tokens (as asked by `max_tokens`) submitted over any hour.
     output_tokens_per_hour: Option<u64>,
+    /// Quota: requests waiting for a result.
+    max_queued_requests: Option<u64>,
+    /// Quota: bytes held in the store, e.g. "10GiB" or a number.
+    max_stored_bytes: Option<toml::Value>,
 }
 
 pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
-    let mut tenants: Vec<TenantToken> = a
-        .tenants
-        .into_iter()
-        .map(|(name, token)| TenantToken { name, token })
-        .collect();
+    let mut tenants = Vec::new();
+    for (name, token) in &a.tenants {
+        if token.trim().is_empty() {
+            bail!("--tenant {name}=: tenant '{name}' has an empty token; give every tenant a secret token");
+        }
+        tenants.push(TenantToken::new(name.clone(), token));
+    }
     let mut weights = std::collections::BTreeMap::new();
     let mut quotas = std::collections::BTreeMap::new();
+    let mut retention = std::collections::BTreeMap::new();
     if let Some(path) = &a.tenants_file {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read --tenants-file {}", path.display()))?;
@@ -159,21 +231,64 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
                 }
                 weights.insert(tokenfab_core::TenantId::new(t.name.clone()), w);
             }
-            if t.max_active_batches.is_some() || t.output_tokens_per_hour.is_some() {
-                quotas.insert(
-                    tokenfab_core::TenantId::new(t.name.clone()),
-                    tokenfab_core::control::Quota {
-                        max_active_batches: t.max_active_batches,
-                        output_tokens_per_hour: t.output_tokens_per_hour,
-                    },
-                );
+            let where_ = || format!("--tenants-file {}: tenant '{}'", path.display(), t.name);
+            let max_stored_bytes = match &t.max_stored_bytes {
+                None => None,
+                Some(toml::Value::Integer(n)) if *n >= 0 => Some(*n as u64),
+                Some(toml::Value::String(s)) => {
+                    Some(parse::bytes(s).map_err(|e| anyhow::anyhow!("{}: max_stored_bytes: {e}", where_()))?)
+                }
+                Some(other) => bail!(
+                    "{}: max_stored_bytes = {other:?} is not a size; write e.g. \"10GiB\"",
+                    where_()
+                ),
+            };
+            let quota = Quota {
+                max_active_batches: t.max_active_batches,
+                output_tokens_per_hour: t.output_tokens_per_hour,
+                max_queued_requests: t.max_queued_requests,
+                max_stored_bytes,
+            };
+            if quota != Quota::default() {
+                quotas.insert(tokenfab_core::TenantId::new(t.name.clone()), quota);
             }
-            tenants.push(TenantToken {
-                name: t.name,
-                token: t.token,
-            });
+            if let Some(r) = &t.retention {
+                let d = parse::duration(r).map_err(|e| anyhow::anyhow!("{}: retention: {e}", where_()))?;
+                retention.insert(tokenfab_core::TenantId::new(t.name.clone()), d);
+            }
+            let token = match (&t.token, &t.token_sha256) {
+                (Some(_), Some(_)) => bail!("{}: give token or token_sha256, not both", where_()),
+                (None, Some(h)) => TenantToken::hashed(
+                    t.name.clone(),
+                    tokenfab_identity::parse_digest(h)
+                        .map_err(|e| anyhow::anyhow!("{}: token_sha256: {e}", where_()))?,
+                ),
+                (Some(tok), None) if !tok.trim().is_empty() => TenantToken::new(t.name.clone(), tok),
+                _ => bail!(
+                    "{}: no token; add token_sha256 = \"...\" (the SHA-256 of the tenant's token: `tokenfab admin hash-token`)",
+                    where_()
+                ),
+            };
+            tenants.push(token);
         }
     }
+    let agent_secret = match (&a.agent_token, &a.agent_token_file) {
+        (_, Some(f)) => parse::secret_file(f, "agent secret")?,
+        (Some(t), None) => t.clone(),
+        (None, None) => bail!(
+            "the cluster's agent secret is required: --agent-token-file FILE (or TOKENFAB_AGENT_TOKEN); agents derive their node tokens from it"
+        ),
+    };
+    let admin_token = match (&a.admin_token, &a.admin_token_file) {
+        (_, Some(f)) => Some(parse::secret_file(f, "admin token")?),
+        (Some(t), None) if !t.trim().is_empty() => Some(t.clone()),
+        (Some(_), None) => bail!("the admin token is empty; give it a secret value or leave --admin-token out"),
+        (None, None) => None,
+    };
+    let http_token = match &a.http_token_file {
+        Some(f) => Some(tokenfab_identity::digest(&parse::secret_file(f, "HTTP token")?)),
+        None => None,
+    };
     if tenants.is_empty() {
         bail!("no tenant configured: add --tenant NAME=TOKEN or --tenants-file FILE, or nobody can submit batches");
     }
@@ -208,8 +323,9 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         listen: a.listen,
         metrics_listen: a.metrics_listen,
         tenants,
-        agent_token: a.agent_token,
-        admin_token: a.admin_token,
+        agent_secret,
+        admin_token: admin_token.as_deref().map(tokenfab_identity::digest),
+        http_token,
         control: ControlConfig {
             lease_ttl: a.lease_ttl,
             heartbeat_interval: a.heartbeat_interval,
@@ -236,11 +352,30 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
                 park_after: a.park_after,
                 ..Default::default()
             },
+            default_quota: Quota {
+                max_active_batches: Some(a.tenant_max_active_batches),
+                output_tokens_per_hour: None,
+                max_queued_requests: Some(a.tenant_max_queued_requests),
+                max_stored_bytes: Some(a.tenant_max_stored_bytes),
+            },
+            retention: Some(a.retention),
+            tenant_retention: retention,
+            min_free_bytes: a.min_free_space,
+            lease_max_bytes: a.lease_max_bytes,
             ..ControlConfig::default()
         },
         limits: InputLimits {
             max_file_bytes: a.max_file_bytes,
-            ..InputLimits::default()
+            max_requests: a.max_requests_per_batch,
+            max_line_bytes: usize::try_from(a.max_line_bytes).unwrap_or(usize::MAX),
+            max_json_depth: a.max_json_depth,
+        },
+        transport: tokenfab_control::Transport {
+            max_uploads: a.max_uploads,
+            max_uploads_per_tenant: a.max_uploads_per_tenant,
+            max_concurrent_streams: a.max_concurrent_streams,
+            request_timeout: a.call_timeout,
+            ..tokenfab_control::Transport::default()
         },
     };
     let server = tokenfab_control::start(config, store).await?;
@@ -275,9 +410,15 @@ pub struct AgentArgs {
     /// Control plane gRPC URL.
     #[arg(long, env = "TOKENFAB_CONTROL", default_value = "http://127.0.0.1:7443")]
     control: String,
-    /// Token agents present to the control plane.
+    /// This node's token (`tfn1.…`, from `tokenfab admin node-token NAME`), or the
+    /// cluster's agent secret, from which the agent derives its node's token (the secret
+    /// never leaves the agent; a node holding it could act as any node: give production
+    /// nodes only their token). Prefer --agent-token-file.
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: String,
+    agent_token: Option<String>,
+    /// A file whose first line is this node's token (or the cluster's agent secret).
+    #[arg(long, env = "TOKENFAB_AGENT_TOKEN_FILE")]
+    agent_token_file: Option<PathBuf>,
     /// This node's name (unique in the cluster).
     #[arg(long)]
     node: String,
@@ -490,9 +631,17 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
 }
 
 pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    let agent_token = match (&a.agent_token, &a.agent_token_file) {
+        (_, Some(f)) => parse::secret_file(f, "node token")?,
+        (Some(t), None) if !t.trim().is_empty() => t.clone(),
+        _ => bail!(
+            "a node token is required: --agent-token-file FILE (from `tokenfab admin node-token {}`), or TOKENFAB_AGENT_TOKEN",
+            a.node
+        ),
+    };
     let (opts, devices) = agent_setup(AgentSetup {
         control: a.control,
-        agent_token: a.agent_token,
+        agent_token,
         node: a.node,
         super_node: a.super_node,
         replicas: a.replicas,

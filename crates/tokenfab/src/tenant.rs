@@ -151,6 +151,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         metadata: a.metadata.into_iter().collect(),
         strict: a.strict,
         best_effort_if_late: a.best_effort_if_late,
+        endpoint: String::new(),
     };
     let resp = create(&mut client, options, input).await.map_err(rpc)?;
     print_created(&resp);
@@ -186,6 +187,14 @@ pub enum BatchesCommand {
     },
     /// Show a progress bar until the batch ends, then a summary.
     Watch {
+        #[command(flatten)]
+        conn: Connection,
+        id: String,
+    },
+    /// Delete a finished batch now: its results and errors go (its usage stays in
+    /// `tokenfab usage`). Finished batches are deleted anyway when the cluster's
+    /// retention ends; an unfinished batch must be cancelled first.
+    Delete {
         #[command(flatten)]
         conn: Connection,
         id: String,
@@ -249,6 +258,14 @@ pub async fn batches(c: BatchesCommand) -> anyhow::Result<()> {
                 .map_err(rpc)?
                 .into_inner();
             println!("{}  {}", b.id, status_name(b.status));
+        }
+        BatchesCommand::Delete { conn, id } => {
+            let mut client = connect(&conn).await?;
+            client
+                .delete_batch(pb::DeleteBatchRequest { batch_id: id.clone() })
+                .await
+                .map_err(rpc)?;
+            println!("{id}  deleted");
         }
         BatchesCommand::Watch { conn, id } => {
             let mut client = connect(&conn).await?;

@@ -1,0 +1,109 @@
+//! The control plane's HTTP listener: `/metrics` (Prometheus), `/v1/sla` and
+//! `/v1/sla/llm-d` (the published throughput SLA), `/v1/tuning` (replicas and
+//! placement), and `/healthz`.
+//!
+//! None of them reaches the core loop: metrics are read from their registry, and the
+//! documents from the views the loop refreshes at most once a second while somebody asks
+//! for them, so no rate of scrapes can slow the scheduler. With a token configured, every
+//! endpoint but `/healthz` requires `Authorization: Bearer <token>`.
+
+use crate::core_loop::{ViewBoard, Views};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub views: Arc<ViewBoard>,
+    pub health: Arc<Health>,
+    /// Digest of the token the endpoints require, if any.
+    pub token: Option<[u8; 32]>,
+}
+
+/// How old a served document may be.
+const MAX_AGE: Duration = Duration::from_secs(1);
+
+pub fn router(state: HttpState) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/v1/sla", axum::routing::get(sla))
+        .route("/v1/sla/llm-d", axum::routing::get(sla_llmd))
+        .route("/v1/tuning", axum::routing::get(tuning))
+        .route("/healthz", axum::routing::get(healthz))
+        .with_state(state)
+}
+
+/// The refusal of a request without the configured token, if it lacks it.
+fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    let want = state.token.as_ref()?;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    match given {
+        Some(t) if tokenfab_identity::same(want, &tokenfab_identity::digest(t)) => None,
+        Some(_) => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is not this endpoint's token\n",
+            )
+                .into_response(),
+        ),
+        None => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                "this endpoint requires `Authorization: Bearer <token>` (the control plane's --http-token-file)\n",
+            )
+                .into_response(),
+        ),
+    }
+}
+
+async fn views(state: &HttpState) -> Views {
+    state.views.fresh(MAX_AGE).await
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(r) = refusal(&state, &headers) {
+        return r;
+    }
+    state.metrics.encode().into_response()
+}
+
+async fn sla(axum::extract::State(state): axum::extract::State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(r) = refusal(&state, &headers) {
+        return r;
+    }
+    axum::Json(views(&state).await.sla.as_ref().clone()).into_response()
+}
+
+async fn sla_llmd(axum::extract::State(state): axum::extract::State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(r) = refusal(&state, &headers) {
+        return r;
+    }
+    axum::Json(tokenfab_core::llmd::benchmark_reports(&views(&state).await.sla)).into_response()
+}
+
+async fn tuning(axum::extract::State(state): axum::extract::State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(r) = refusal(&state, &headers) {
+        return r;
+    }
+    axum::Json(views(&state).await.tuning.as_ref().clone()).into_response()
+}
+
+/// 200 while the store works (`ok`, or `degraded` when new batches are refused for lack
+/// of disk space); 503 while the store is being reopened after a failure.
+async fn healthz(axum::extract::State(state): axum::extract::State<HttpState>) -> Response {
+    let doc = state.health.doc();
+    let code = if doc.store_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(doc)).into_response()
+}
