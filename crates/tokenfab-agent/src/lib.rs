@@ -56,6 +56,9 @@ pub struct AgentOptions {
     pub core: AgentConfig,
     /// Longest an engine call may take.
     pub request_timeout: Duration,
+    /// TLS to the control plane (an `https://` URL), with this node's client certificate
+    /// where the control plane asks for one.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// The power range of the devices `indices` as the backend describes them, if it can set
@@ -81,6 +84,8 @@ pub enum AgentError {
     Token,
     #[error("no replica configured: give at least one --replica")]
     NoReplicas,
+    #[error("TLS to the control plane: {0}")]
+    Tls(String),
 }
 
 type Client = AgentServiceClient<InterceptedService<Channel, Bearer>>;
@@ -135,11 +140,16 @@ pub async fn run(
     if opts.replicas.is_empty() {
         return Err(AgentError::NoReplicas);
     }
-    let channel = Channel::from_shared(opts.control_url.clone())
-        .map_err(|e| AgentError::ControlUrl {
-            url: opts.control_url.clone(),
-            cause: e.to_string(),
-        })?
+    let mut endpoint = Channel::from_shared(opts.control_url.clone()).map_err(|e| AgentError::ControlUrl {
+        url: opts.control_url.clone(),
+        cause: e.to_string(),
+    })?;
+    if let Some(tls) = &opts.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| AgentError::Tls(e.to_string()))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         // A call that hangs (half-open connection, stuck server) fails instead of
         // blocking the agent's lease, report or heartbeat loop forever.

@@ -45,6 +45,8 @@ pub struct Auth {
     tenants: Vec<([u8; 32], TenantId)>,
     nodes: NodeVerifier,
     admin: Option<[u8; 32]>,
+    /// Agents must also present a client certificate naming their node.
+    node_certificates: bool,
 }
 
 /// Who a usage query comes from.
@@ -90,7 +92,34 @@ impl Auth {
                 .collect(),
             nodes: NodeVerifier::new(agent_secret)?,
             admin: None,
+            node_certificates: false,
         })
+    }
+
+    /// Agents must also present a (verified) client certificate that names their node.
+    pub fn with_node_certificates(mut self, required: bool) -> Self {
+        self.node_certificates = required;
+        self
+    }
+
+    /// An agent call: the node token, and, where required, the client certificate, must
+    /// name the node the call is for.
+    pub fn node_call<T>(&self, req: &tonic::Request<T>, node: &str) -> Result<(), Status> {
+        self.node(req.metadata(), node)?;
+        if !self.node_certificates {
+            return Ok(());
+        }
+        let certs = req.peer_certs().ok_or_else(|| {
+            Status::unauthenticated(
+                "this control plane requires agents to present a client certificate (mutual TLS); give the agent --tls-cert and --tls-key",
+            )
+        })?;
+        match certs.first() {
+            Some(c) if tokenfab_identity::tls::names_node(c, node) => Ok(()),
+            _ => Err(Status::permission_denied(format!(
+                "the client certificate does not name node '{node}': a node's certificate needs a DNS subject alternative name equal to its node name"
+            ))),
+        }
     }
 
     /// Also accepts the token whose digest is `admin` as the operator's (for usage

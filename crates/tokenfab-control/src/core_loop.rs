@@ -181,16 +181,18 @@ pub struct ViewBoard {
 }
 
 impl ViewBoard {
-    /// The latest views, refreshed first when they are older than `max_age` (waiting at
-    /// most two seconds for the loop).
-    pub async fn fresh(&self, max_age: Duration) -> Views {
+    /// Views computed after this call began (so a reader sees every change acknowledged
+    /// before it asked): the loop computes them at its next housekeeping tick, at most
+    /// once a second however many readers wait. Waits at most two seconds, then answers
+    /// the latest views there are.
+    pub async fn fresh(&self) -> Views {
+        let asked = std::time::Instant::now();
         let mut rx = self.rx.clone();
-        let current = rx.borrow_and_update().clone();
-        if current.at.elapsed() <= max_age {
-            return current;
+        if rx.borrow_and_update().at >= asked {
+            return rx.borrow().clone();
         }
         self.wanted.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|v| v.at >= asked)).await;
         rx.borrow().clone()
     }
 }

@@ -24,9 +24,6 @@ pub struct HttpState {
     pub token: Option<[u8; 32]>,
 }
 
-/// How old a served document may be.
-const MAX_AGE: Duration = Duration::from_secs(1);
-
 pub fn router(state: HttpState) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
@@ -65,7 +62,7 @@ fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
 }
 
 async fn views(state: &HttpState) -> Views {
-    state.views.fresh(MAX_AGE).await
+    state.views.fresh().await
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<HttpState>, headers: HeaderMap) -> Response {
@@ -106,4 +103,46 @@ async fn healthz(axum::extract::State(state): axum::extract::State<HttpState>) -
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, axum::Json(doc)).into_response()
+}
+
+/// Serves `app` over TLS on `listener` until `stop` fires: the HTTP listener's
+/// counterpart of `axum::serve`, one task per connection.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            // A client that never finishes its handshake does not hold a task forever.
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTP listener: TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }

@@ -52,6 +52,18 @@ pub struct ServerConfig {
     pub control: ControlConfig,
     pub limits: InputLimits,
     pub transport: Transport,
+    /// TLS on both listeners; `None`: plain text (loopback and trials only).
+    pub tls: Option<ServerTls>,
+}
+
+/// TLS files of a control plane (PEM).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// With it, agents must present a certificate signed by this CA that names their node
+    /// (a DNS subject alternative name equal to the node name), besides their node token.
+    pub agent_ca: Option<std::path::PathBuf>,
 }
 
 /// Limits of the gRPC transport and of the work one call may start.
@@ -181,7 +193,21 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     check_tokens(&config)?;
     let auth = Auth::new(&config.tenants, &config.agent_secret)
         .map_err(|e| ServerError::Config(e.to_string()))?
-        .with_admin(config.admin_token);
+        .with_admin(config.admin_token)
+        .with_node_certificates(config.tls.as_ref().is_some_and(|t| t.agent_ca.is_some()));
+    let grpc_tls = match &config.tls {
+        Some(t) => Some(
+            tokenfab_identity::tls::grpc_server(&t.cert, &t.key, t.agent_ca.as_deref())
+                .map_err(|e| ServerError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let http_tls = match &config.tls {
+        Some(t) => {
+            Some(tokenfab_identity::tls::http_server(&t.cert, &t.key).map_err(|e| ServerError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(health::Health::new());
     let (tx, rx) = mpsc::channel(16_384);
@@ -265,6 +291,12 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         .build_v1()
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = grpc_tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServerError::Config(format!("TLS: {e}")))?;
+    }
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let http_token = config.http_token;
     let transport = config.transport.clone();
@@ -277,16 +309,23 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
                 health,
                 token: http_token,
             });
-            tokio::spawn(async move {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async {
-                        let _ = metrics_stopped.await;
-                    })
-                    .await;
-            });
+            match http_tls {
+                None => {
+                    tokio::spawn(async move {
+                        let _ = axum::serve(l, app)
+                            .with_graceful_shutdown(async {
+                                let _ = metrics_stopped.await;
+                            })
+                            .await;
+                    });
+                }
+                Some(tls) => {
+                    tokio::spawn(http::serve_tls(l, app, tls, metrics_stopped));
+                }
+            }
         }
         let core = tokio::spawn(core_loop.run(rx));
-        let grpc = tonic::transport::Server::builder()
+        let grpc = builder
             .max_concurrent_streams(Some(transport.max_concurrent_streams))
             .http2_keepalive_interval(Some(transport.keepalive_interval))
             .http2_keepalive_timeout(Some(transport.keepalive_timeout))
@@ -343,6 +382,7 @@ mod tests {
             control: ControlConfig::default(),
             limits: InputLimits::default(),
             transport: Transport::default(),
+            tls: None,
         }
     }
 

@@ -594,7 +594,7 @@ fn result_record(row: tokenfab_store::ResultRow) -> pb::ResultRecord {
 #[tonic::async_trait]
 impl<S: Store + Clone> AgentService for AgentApi<S> {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
+        self.0.auth.node_call(&req, &req.get_ref().node)?;
         let registration = convert::registration(req.into_inner())?;
         self.0.ask(|reply| Command::Register { registration, reply }).await?;
         Ok(Response::new(pb::RegisterResponse {
@@ -604,7 +604,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
+        self.0.auth.node_call(&req, &req.get_ref().node)?;
         let r = req.into_inner();
         let node = NodeId::new(r.node);
         let held = r.held_units.into_iter().map(WorkUnitId).collect();
@@ -641,7 +641,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
     }
 
     async fn lease_work(&self, req: Request<pb::LeaseWorkRequest>) -> Result<Response<pb::LeaseWorkResponse>, Status> {
-        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
+        self.0.auth.node_call(&req, &req.get_ref().node)?;
         let r = req.into_inner();
         let (node, model, max) = (NodeId::new(r.node), ModelId::new(r.model), r.max_requests.min(10_000));
         let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
@@ -665,7 +665,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::ReportResultsRequest>,
     ) -> Result<Response<pb::ReportResultsResponse>, Status> {
-        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
+        self.0.auth.node_call(&req, &req.get_ref().node)?;
         let r = req.into_inner();
         let node = NodeId::new(r.node);
         let results = convert::reported(r.results)?;
@@ -687,7 +687,7 @@ impl<S: Store + Clone> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::ReleaseWorkRequest>,
     ) -> Result<Response<pb::ReleaseWorkResponse>, Status> {
-        self.0.auth.node(req.metadata(), &req.get_ref().node)?;
+        self.0.auth.node_call(&req, &req.get_ref().node)?;
         let r = req.into_inner();
         if r.batches.len() != r.indices.len() {
             return Err(Status::invalid_argument(
@@ -725,7 +725,7 @@ pub struct SlaApi<S>(pub Arc<Shared<S>>);
 impl<S: Store + Clone> tokenfab_proto::v1::sla_service_server::SlaService for SlaApi<S> {
     async fn get_sla(&self, req: Request<pb::GetSlaRequest>) -> Result<Response<pb::ThroughputSla>, Status> {
         self.0.auth.tenant(req.metadata())?;
-        let views = self.0.views.fresh(Duration::from_secs(1)).await;
+        let views = self.0.views.fresh().await;
         Ok(Response::new(convert::sla(&views.sla)))
     }
 }

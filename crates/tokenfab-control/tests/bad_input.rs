@@ -38,6 +38,7 @@ async fn fixture() -> Fixture {
             max_json_depth: 16,
         },
         transport: tokenfab_control::Transport::default(),
+        tls: None,
     };
     let server = tokenfab_control::start(config, store).await.unwrap();
     let channel = Channel::from_shared(format!("http://{}", server.addr))

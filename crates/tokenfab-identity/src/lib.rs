@@ -14,6 +14,8 @@
 //! Comparisons take the same time whatever the inputs share, so timing tells an attacker
 //! nothing about how much of a guess was right.
 
+pub mod tls;
+
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 

@@ -86,6 +86,7 @@ async fn ingest() {
             admin_token: None,
             http_token: None,
             transport: tokenfab_control::Transport::default(),
+            tls: None,
             control: ControlConfig {
                 lease_ttl: Duration::from_secs(3600),
                 ..ControlConfig::default()

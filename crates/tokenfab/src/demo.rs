@@ -106,6 +106,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             control: ControlConfig::default(),
             limits: InputLimits::default(),
             transport: tokenfab_control::Transport::default(),
+            tls: None,
         },
         RedbStore::open(&data_dir)?,
     )
@@ -153,6 +154,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             devices: DeviceKind::Emulated,
             request_timeout: Duration::from_secs(600),
             tuning: serve::TuningArgs::default(),
+            tls: None,
         })
         .await?;
         agents.push(tokio::spawn(tokenfab_agent::run(
@@ -176,6 +178,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut client = tenant::connect(&Connection {
         control: control.clone(),
         token: tenant_token,
+        tls_ca: None,
     })
     .await?;
     let options = pb::BatchOptions {

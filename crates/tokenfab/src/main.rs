@@ -86,6 +86,10 @@ pub struct Connection {
     /// Tenant bearer token (issued by the operator).
     #[arg(long, env = "TOKENFAB_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// With an https:// control plane URL: the CA certificate (PEM) that signed the
+    /// control plane's certificate (default: the bundled public roots).
+    #[arg(long, env = "TOKENFAB_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 fn init_logging(filter: &str) {

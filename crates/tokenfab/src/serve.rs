@@ -122,6 +122,18 @@ pub struct ServerArgs {
     /// The longest any call may take (a large upload included).
     #[arg(long, default_value = "15m", value_parser = parse::duration)]
     call_timeout: Duration,
+    /// TLS certificate chain (PEM) for both listeners; with --tls-key, everything the
+    /// control plane serves is encrypted.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) of agents' client certificates: agents must then present a
+    /// certificate signed by it that names their node (a DNS subject alternative name
+    /// equal to --node), besides their node token (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    agent_ca: Option<PathBuf>,
     /// Electricity price, $/kWh, for cost accounting.
     #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_USD_PER_KWH)]
     usd_per_kwh: f64,
@@ -370,6 +382,14 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             max_line_bytes: usize::try_from(a.max_line_bytes).unwrap_or(usize::MAX),
             max_json_depth: a.max_json_depth,
         },
+        tls: match (a.tls_cert, a.tls_key) {
+            (Some(cert), Some(key)) => Some(tokenfab_control::ServerTls {
+                cert,
+                key,
+                agent_ca: a.agent_ca,
+            }),
+            _ => None,
+        },
         transport: tokenfab_control::Transport {
             max_uploads: a.max_uploads,
             max_uploads_per_tenant: a.max_uploads_per_tenant,
@@ -419,6 +439,17 @@ pub struct AgentArgs {
     /// A file whose first line is this node's token (or the cluster's agent secret).
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN_FILE")]
     agent_token_file: Option<PathBuf>,
+    /// With an https:// --control URL: the CA certificate (PEM) that signed the control
+    /// plane's certificate (default: the bundled public roots).
+    #[arg(long, env = "TOKENFAB_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This node's client certificate (PEM), naming the node (a DNS subject alternative
+    /// name equal to --node), for control planes that require mutual TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// This node's name (unique in the cluster).
     #[arg(long)]
     node: String,
@@ -569,6 +600,7 @@ pub struct AgentSetup {
     pub devices: DeviceKind,
     pub request_timeout: Duration,
     pub tuning: TuningArgs,
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Builds agent options and the device backend from replica arguments.
@@ -582,6 +614,7 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
         devices,
         request_timeout,
         tuning,
+        tls,
     } = setup;
     let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
     let (backend, indices): (Arc<dyn DeviceBackend>, Vec<Vec<u32>>) =
@@ -626,6 +659,7 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
         replicas,
         core: tuning.config(backend.devices().first().map(|d| &d.accelerator)),
         request_timeout,
+        tls,
     };
     Ok((opts, backend))
 }
@@ -639,9 +673,22 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
             a.node
         ),
     };
+    let tls = if a.control.starts_with("https://") {
+        let identity = a.tls_cert.as_deref().zip(a.tls_key.as_deref());
+        Some(tokenfab_identity::tls::grpc_client(a.tls_ca.as_deref(), identity)?)
+    } else {
+        if a.tls_ca.is_some() || a.tls_cert.is_some() {
+            bail!(
+                "--tls-ca/--tls-cert are given but --control {} is not https://",
+                a.control
+            );
+        }
+        None
+    };
     let (opts, devices) = agent_setup(AgentSetup {
         control: a.control,
         agent_token,
+        tls,
         node: a.node,
         super_node: a.super_node,
         replicas: a.replicas,

@@ -17,12 +17,25 @@ pub struct SlaArgs {
     /// one report per model and accelerator), to compare with llm-d and inference-perf runs.
     #[arg(long, conflicts_with = "json")]
     llm_d: bool,
+    /// The token the control plane's HTTP endpoints require, if it set one
+    /// (--http-token-file there).
+    #[arg(long, env = "TOKENFAB_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
 }
 
-/// GETs `url` from the control plane's HTTP listener; the body, or an error saying what
-/// failed and what to check.
-pub(crate) async fn get_text(url: &str) -> anyhow::Result<String> {
-    let resp = reqwest::get(url).await.with_context(|| {
+/// GETs `url` from the control plane's HTTP listener (with `token` as a bearer token when
+/// given); the body, or an error saying what failed and what to check.
+pub(crate) async fn get_text(url: &str, token: Option<&str>) -> anyhow::Result<String> {
+    if url.starts_with("https://") {
+        anyhow::bail!(
+            "{url}: this command reads the HTTP endpoints over plain http only; over TLS use e.g. `curl --cacert CA.pem -H 'Authorization: Bearer TOKEN' {url}`"
+        );
+    }
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t.trim());
+    }
+    let resp = req.send().await.with_context(|| {
         format!("cannot reach {url}; is the control plane running with --metrics-listen at that address?")
     })?;
     let status = resp.status();
@@ -38,7 +51,7 @@ pub(crate) async fn get_text(url: &str) -> anyhow::Result<String> {
 
 pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/sla", a.url.trim_end_matches('/'));
-    let text = get_text(&url).await?;
+    let text = get_text(&url, a.http_token.as_deref()).await?;
     if a.json {
         println!("{text}");
         return Ok(());

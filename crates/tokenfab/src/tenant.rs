@@ -29,8 +29,16 @@ pub type Client = BatchServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Connects to the control plane as a tenant.
 pub async fn connect(conn: &Connection) -> anyhow::Result<Client> {
-    let endpoint = Channel::from_shared(conn.control.clone())
+    let mut endpoint = Channel::from_shared(conn.control.clone())
         .with_context(|| format!("--control {} is not a valid URL", conn.control))?;
+    if conn.control.starts_with("https://") {
+        let tls = tokenfab_identity::tls::grpc_client(conn.tls_ca.as_deref(), None)?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("TLS for the control plane connection")?;
+    } else if conn.tls_ca.is_some() {
+        bail!("--tls-ca is given but --control {} is not https://", conn.control);
+    }
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .connect()

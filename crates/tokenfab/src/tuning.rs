@@ -13,11 +13,14 @@ pub struct TuningArgs {
     /// Print the JSON document instead of a table.
     #[arg(long)]
     json: bool,
+    /// The token the control plane's HTTP endpoints require, if it set one.
+    #[arg(long, env = "TOKENFAB_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
 }
 
 pub async fn run(a: TuningArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/tuning", a.url.trim_end_matches('/'));
-    let text = crate::sla::get_text(&url).await?;
+    let text = crate::sla::get_text(&url, a.http_token.as_deref()).await?;
     if a.json {
         println!("{text}");
         return Ok(());
