@@ -536,3 +536,127 @@ async fn a_full_disk_refuses_new_batches_keeps_serving_and_recovers_by_itself() 
     let done = wait_batch(addr, TENANT, &again, Duration::from_secs(10), &[&server]).await;
     assert_eq!(counts(&done).completed, 2, "{done:?}");
 }
+
+/// `tokenfab admin backup` of a control plane that keeps serving, `verify` of its data
+/// directory once stopped, and `restore` into a new one that a control plane serves from:
+/// finished results come back identical and an unfinished batch completes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_backup_restores_into_a_working_control_plane() {
+    const ADMIN: &str = "operator-token";
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [("TOKENFAB_AGENT_TOKEN", AGENT), ("TOKENFAB_ADMIN_TOKEN", ADMIN)];
+    let (server, addr) = start_server(dir.path(), &["--tenant", &format!("acme={TENANT}")], &envs);
+    let (emu, url) = spawn_emu(dir.path(), "emu", 20.0);
+    let agent = spawn_agent(dir.path(), "n1", &format!("http://{addr}"), &url, 8, AGENT);
+    let mut procs = vec![server, emu, agent];
+    wait_registered(&procs, Duration::from_secs(30)).await;
+    let batch = |prefix: &str, n: usize, max_tokens: u32| pb::CreateBatchRequest {
+        options: Some(pb::BatchOptions {
+            model: "llama-3.1-8b".into(),
+            ..Default::default()
+        }),
+        input_jsonl: (0..n)
+            .map(|i| chat_line(&format!("{prefix}{i}"), max_tokens))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .into_bytes()
+            .into(),
+    };
+    let mut c = tenant_client(addr, TENANT).await;
+    let finished = c
+        .create_batch(batch("f", 10, 8))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+        .id;
+    let refs: Vec<&Proc> = procs.iter().collect();
+    wait_batch(addr, TENANT, &finished, Duration::from_secs(60), &refs).await;
+    let running = c
+        .create_batch(batch("r", 40, 3000))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+        .id;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let file = dir.path().join("cluster.tfbackup");
+    let control = format!("http://{addr}");
+    let out = run_cli(
+        &["admin", "backup", "-o", file.to_str().unwrap()],
+        &[("TOKENFAB_CONTROL", &control), ("TOKENFAB_ADMIN_TOKEN", ADMIN)],
+    );
+    assert!(out.contains("read back and checked"), "{out}");
+    assert!(out.contains("2 batches, 50 requests"), "{out}");
+    let refused = std::process::Command::new(bin())
+        .args(["admin", "backup", "-o", dir.path().join("x").to_str().unwrap()])
+        .env("TOKENFAB_CONTROL", &control)
+        .env("TOKENFAB_ADMIN_TOKEN", TENANT)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not the operator's admin token"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let finished_before = results(addr, TENANT, &finished, pb::ResultKind::Output).await;
+
+    // Stop everything; the stopped data directory verifies clean.
+    for p in procs.iter_mut() {
+        p.kill9();
+    }
+    let data = dir.path().join("data");
+    let out = run_cli(&["admin", "verify", "--data-dir", data.to_str().unwrap()], &[]);
+    assert!(out.contains("no problems found"), "{out}");
+
+    // Restore into a new directory and serve from it.
+    let restored = dir.path().join("restored");
+    let out = run_cli(
+        &[
+            "admin",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            restored.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.contains("restored 2 batches, 50 requests"), "{out}");
+    let addr2: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut server = Proc::spawn(
+        "server-restored",
+        dir.path(),
+        &[
+            "server",
+            "--listen",
+            &addr2.to_string(),
+            "--data-dir",
+            restored.to_str().unwrap(),
+            "--tenant",
+            &format!("acme={TENANT}"),
+        ],
+        &envs,
+    );
+    wait_tcp(addr2, Duration::from_secs(20), &mut [&mut server]);
+    let (emu, url) = spawn_emu(dir.path(), "emu2", 100.0);
+    let agent = spawn_agent(dir.path(), "n2", &format!("http://{addr2}"), &url, 64, AGENT);
+    let procs = [server, emu, agent];
+    wait_registered(&procs, Duration::from_secs(30)).await;
+    assert_eq!(
+        results(addr2, TENANT, &finished, pb::ResultKind::Output).await,
+        finished_before
+    );
+    let done = wait_batch(
+        addr2,
+        TENANT,
+        &running,
+        Duration::from_secs(120),
+        &procs.iter().collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(counts(&done).completed, 40, "{done:?}");
+}

@@ -233,10 +233,17 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 pub type LeaseReply = Result<Option<pb::WorkUnit>, UnknownNode>;
 
 /// Rebuilds a core from what the store holds, and writes what recovery completes.
-async fn rebuild<S: Store>(store: &S, config: &ControlConfig) -> Result<ControlCore, StoreError> {
+async fn rebuild<S: Store>(store: &S, config: &ControlConfig) -> Result<(ControlCore, Vec<String>), StoreError> {
     let loaded = store.load().await?;
-    let recovered = loaded.len();
-    let mut core = ControlCore::recover(config.clone(), loaded.into_iter().map(|l| l.batch).collect(), now());
+    for p in &loaded.problems {
+        tracing::error!("{p}");
+    }
+    let recovered = loaded.batches.len();
+    let mut core = ControlCore::recover(
+        config.clone(),
+        loaded.batches.into_iter().map(|l| l.batch).collect(),
+        now(),
+    );
     core.restore_idle(store.idle_shares().await?);
     core.restore_history(store.history().await?);
     core.set_free_bytes(store.free_bytes());
@@ -248,8 +255,12 @@ async fn rebuild<S: Store>(store: &S, config: &ControlConfig) -> Result<ControlC
         }
     }
     store.apply(set).await?;
-    tracing::info!(batches = recovered, "recovered durable state");
-    Ok(core)
+    tracing::info!(
+        batches = recovered,
+        unreadable = loaded.problems.len(),
+        "recovered durable state"
+    );
+    Ok((core, loaded.problems))
 }
 
 impl<S: Store + Clone> CoreLoop<S> {
@@ -261,7 +272,8 @@ impl<S: Store + Clone> CoreLoop<S> {
         health: Arc<Health>,
         commands: mpsc::WeakSender<Command>,
     ) -> Result<(Self, Arc<ViewBoard>), StoreError> {
-        let mut core = rebuild(&store, &config).await?;
+        let (mut core, problems) = rebuild(&store, &config).await?;
+        health.unreadable(problems);
         let first = Views {
             sla: Arc::new(core.sla_document(now())),
             tuning: Arc::new(core.tuning_doc(now())),
@@ -418,8 +430,9 @@ impl<S: Store + Clone> CoreLoop<S> {
                 rebuild(&self.store, &self.config).await
             };
             match attempt.await {
-                Ok(core) => {
+                Ok((core, problems)) => {
                     self.core = core;
+                    self.health.unreadable(problems);
                     break;
                 }
                 Err(e) => {

@@ -22,6 +22,9 @@ pub struct HealthDoc {
     pub disk_free_bytes: Option<u64>,
     pub min_free_bytes: u64,
     pub storage_low: bool,
+    /// Records the store could not read at the last recovery (left out; see
+    /// `tokenfab admin verify`).
+    pub unreadable_records: Vec<String>,
 }
 
 impl Health {
@@ -51,9 +54,17 @@ impl Health {
                 );
                 s.problems.push(problem);
             }
+            if !s.unreadable_records.is_empty() {
+                let problem = format!(
+                    "{} records of the store could not be read and were left out (first: {}); stop the server and run tokenfab admin verify --salvage",
+                    s.unreadable_records.len(),
+                    s.unreadable_records[0]
+                );
+                s.problems.push(problem);
+            }
             s.status = if !s.store_ok {
                 "unavailable"
-            } else if s.storage_low {
+            } else if s.storage_low || !s.unreadable_records.is_empty() {
                 "degraded"
             } else {
                 "ok"
@@ -75,6 +86,10 @@ impl Health {
             s.min_free_bytes = min_free;
             s.storage_low = low;
         });
+    }
+
+    pub fn unreadable(&self, records: Vec<String>) {
+        self.update(|s| s.unreadable_records = records);
     }
 
     pub fn doc(&self) -> HealthDoc {

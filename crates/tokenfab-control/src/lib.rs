@@ -272,6 +272,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         .max_decoding_message_size(inline)
         .max_encoding_message_size(64 << 20);
     let sla = tokenfab_proto::v1::sla_service_server::SlaServiceServer::new(services::SlaApi(shared.clone()));
+    let admin = tokenfab_proto::v1::admin_service_server::AdminServiceServer::new(services::AdminApi(shared.clone()));
     let agent = AgentServiceServer::new(services::AgentApi(shared))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(lease_reply);
@@ -334,6 +335,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
             .add_service(reflection)
             .add_service(batch)
             .add_service(sla)
+            .add_service(admin)
             .add_service(agent)
             // TCP_NODELAY: without it, small replies (leases) wait for the peer's delayed
             // ACK (40 ms on Linux), which capped end-to-end throughput.

@@ -729,3 +729,69 @@ impl<S: Store + Clone> tokenfab_proto::v1::sla_service_server::SlaService for Sl
         Ok(Response::new(convert::sla(&views.sla)))
     }
 }
+
+/// The operator's `AdminService`.
+pub struct AdminApi<S>(pub Arc<Shared<S>>);
+
+/// Pieces of a backup stream sent to the caller at once.
+const BACKUP_PIECE: usize = 1 << 20;
+
+/// Writes the backup stream into gRPC messages of [`BACKUP_PIECE`] bytes (from a
+/// blocking thread: it waits while the caller is slower than the store).
+struct ChunkWriter {
+    tx: mpsc::Sender<Result<pb::BackupChunk, Status>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(BACKUP_PIECE));
+        self.tx
+            .blocking_send(Ok(pb::BackupChunk { data: data.into() }))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the caller hung up"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= BACKUP_PIECE {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store + Clone> tokenfab_proto::v1::admin_service_server::AdminService for AdminApi<S> {
+    type BackupStream = BoxStream<pb::BackupChunk>;
+
+    async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        self.0.auth.operator(req.metadata())?;
+        let (tx, out) = mpsc::channel(4);
+        let writer = ChunkWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(BACKUP_PIECE),
+        };
+        let store = self.0.store.clone();
+        tokio::spawn(async move {
+            match store.backup(Box::new(writer)).await {
+                Ok(s) => tracing::info!(batches = s.batches, results = s.results, bytes = s.bytes, "backup sent"),
+                Err(e) => {
+                    tracing::error!(error = %e, "backup failed");
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!("the backup failed: {e}"))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}

@@ -43,7 +43,7 @@ fn write_set(core: &mut ControlCore, inputs: &mut BTreeMap<u64, BatchInputs>) ->
 /// call (the suite drops and reopens it to check durability); the state must start empty.
 pub async fn check<S: Store>(open: impl Fn() -> S) {
     let store = open();
-    assert!(store.load().await.unwrap().is_empty(), "a new store is empty");
+    assert!(store.load().await.unwrap().batches.is_empty(), "a new store is empty");
 
     // A batch of 5 lines, 2 of them invalid, its input file staged on the store.
     let model = ModelId::from("llama-3.1-8b");
@@ -94,7 +94,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     // Reopened, the batch is there with its requests, and nothing has a result.
     drop(store);
     let store = open();
-    let loaded = store.load().await.unwrap();
+    let loaded = store.load().await.unwrap().batches;
     assert_eq!(loaded.len(), 1);
     assert_eq!(loaded[0].batch.meta, view.meta);
     assert_eq!(loaded[0].batch.life.status(), BatchStatus::Queued);
@@ -208,7 +208,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     // Reopen mid-batch: results survive and the remaining request is still open.
     drop(store);
     let store = open();
-    let loaded = store.load().await.unwrap();
+    let loaded = store.load().await.unwrap().batches;
     let mut results = loaded[0].batch.results.clone();
     results.sort_by_key(|r| r.index);
     assert_eq!(
@@ -266,7 +266,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     // A final batch loads with its totals and without its requests; its input is gone.
     drop(store);
     let store = open();
-    let loaded = store.load().await.unwrap();
+    let loaded = store.load().await.unwrap().batches;
     assert_eq!(loaded[0].batch.life.status(), BatchStatus::Completed);
     let totals = loaded[0].batch.totals.expect("final batches store totals");
     assert_eq!((totals.completed, totals.failed), (2, 1));
@@ -308,7 +308,14 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     assert_eq!((&rows[0].0, rows[0].2), (&tenant, 160.0));
     let mut restarted = ControlCore::recover(
         ControlConfig::default(),
-        store.load().await.unwrap().into_iter().map(|l| l.batch).collect(),
+        store
+            .load()
+            .await
+            .unwrap()
+            .batches
+            .into_iter()
+            .map(|l| l.batch)
+            .collect(),
         later,
     );
     restarted.restore_idle(rows);
@@ -326,7 +333,10 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     store.apply(write_set(&mut restarted, &mut inputs)).await.unwrap();
     drop(store);
     let store = open();
-    assert!(store.load().await.unwrap().is_empty(), "the batch record is gone");
+    assert!(
+        store.load().await.unwrap().batches.is_empty(),
+        "the batch record is gone"
+    );
     for kind in [ResultKind::Output, ResultKind::Errors] {
         let page = store.results(id, kind, Cursor::default(), 100).await.unwrap();
         assert!(page.rows.is_empty(), "{kind:?} rows are gone");

@@ -12,6 +12,7 @@
 //! Backends: [`RedbStore`] (embedded, single node). Replicated backends (Raft, etcd)
 //! implement the same trait and must pass [`conformance`].
 
+pub mod backup;
 pub mod conformance;
 mod migrate;
 mod redb_store;
@@ -101,6 +102,14 @@ pub struct LoadedBatch {
     pub batch: RecoveredBatch,
 }
 
+/// What [`Store::load`] read back.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Loaded {
+    pub batches: Vec<LoadedBatch>,
+    /// Records that could not be read and were left out, for operators.
+    pub problems: Vec<String>,
+}
+
 /// A leased request's body and what the agent needs with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeasedBody {
@@ -170,8 +179,9 @@ pub trait Store: Send + Sync + 'static {
     /// Brings the store back to its durable state after a failed `apply` (for example a
     /// full disk), so that the caller can rebuild from `load` and go on.
     fn reopen(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Everything needed to rebuild the control core, batches in id order.
-    fn load(&self) -> impl Future<Output = Result<Vec<LoadedBatch>, StoreError>> + Send;
+    /// Everything needed to rebuild the control core, batches in id order. Records that
+    /// cannot be read are left out and reported, not fatal.
+    fn load(&self) -> impl Future<Output = Result<Loaded, StoreError>> + Send;
     /// The idle-energy charges written by `DurableOp::TenantIdle` (the latest per tenant
     /// and hour).
     fn idle_shares(&self) -> impl Future<Output = Result<Vec<IdleRow>, StoreError>> + Send;
@@ -193,4 +203,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
     /// Free space where the store writes, bytes (`None` where it cannot be measured).
     fn free_bytes(&self) -> Option<u64>;
+    /// Writes a consistent backup ([`backup`]) to `out` while the store keeps serving.
+    fn backup(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> impl Future<Output = Result<backup::BackupSummary, StoreError>> + Send;
 }

@@ -264,7 +264,7 @@ mod tests {
             txn.commit().unwrap();
         }
         let store = RedbStore::open(dir.path()).unwrap();
-        let loaded = store.load().await.unwrap();
+        let loaded = store.load().await.unwrap().batches;
         assert_eq!(loaded.len(), 2);
         assert_eq!(loaded[1].batch.meta.endpoint, Endpoint::Completions);
         assert_eq!(loaded[1].batch.requests.len(), 2);

@@ -26,7 +26,7 @@
 //! deleted after the commit that ends them.
 
 use crate::{
-    BatchInputs, Cursor, HistoryRow, IdleRow, LeasedBody, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome,
+    BatchInputs, Cursor, HistoryRow, IdleRow, LeasedBody, Loaded, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome,
     StagedInput, Store, StoreError, WriteSet,
 };
 use bytes::Bytes;
@@ -144,6 +144,11 @@ impl RedbStore {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The open database (for a backup).
+    pub(crate) fn db_handle(&self) -> Result<Arc<Database>, StoreError> {
+        self.db()
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
@@ -355,16 +360,27 @@ impl RedbStore {
         Ok(())
     }
 
-    fn load_blocking(&self) -> Result<Vec<LoadedBatch>, StoreError> {
+    /// Reads everything recovery needs. A record that does not decode is skipped and
+    /// reported, not fatal: an unreadable batch record or request leaves its batch out
+    /// (the rest of the store serves on; `tokenfab admin verify --salvage` recovers what
+    /// can be read); an unreadable result leaves its request to run again.
+    fn load_blocking(&self) -> Result<Loaded, StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().map_err(io)?;
         let batches = txn.open_table(BATCHES).map_err(io)?;
         let requests = txn.open_table(REQUESTS).map_err(io)?;
         let results = txn.open_table(RESULTS).map_err(io)?;
         let mut out = Vec::new();
-        for entry in batches.iter().map_err(io)? {
-            let (_, v) = entry.map_err(io)?;
-            let rec: BatchRecord = decode(v.value(), "batch record")?;
+        let mut problems = Vec::new();
+        'batches: for entry in batches.iter().map_err(io)? {
+            let (k, v) = entry.map_err(io)?;
+            let rec: BatchRecord = match decode(v.value(), "batch record") {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(format!("batch {} is left out: {e}", BatchId(k.value())));
+                    continue;
+                }
+            };
             let id = rec.meta.id.0;
             let is_final = rec.life.status().is_terminal() && rec.totals.is_some();
             let mut loaded = LoadedBatch {
@@ -378,13 +394,32 @@ impl RedbStore {
             };
             if !is_final {
                 for e in requests.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
-                    let (_, v) = e.map_err(io)?;
-                    let r: ParsedRequest = decode(v.value(), "request")?;
-                    loaded.batch.requests.push(RequestMeta::from(&r));
+                    let (k, v) = e.map_err(io)?;
+                    match decode::<ParsedRequest>(v.value(), "request") {
+                        Ok(r) => loaded.batch.requests.push(RequestMeta::from(&r)),
+                        Err(e) => {
+                            problems.push(format!(
+                                "batch {} is left out: request {}: {e}; run tokenfab admin verify --salvage",
+                                BatchId(id),
+                                k.value().1
+                            ));
+                            continue 'batches;
+                        }
+                    }
                 }
                 for e in results.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
                     let (k, v) = e.map_err(io)?;
-                    let r: StoredResult = decode(v.value(), "result")?;
+                    let r: StoredResult = match decode(v.value(), "result") {
+                        Ok(r) => r,
+                        Err(e) => {
+                            problems.push(format!(
+                                "the result of {} request {} is unreadable ({e}); the request runs again",
+                                BatchId(id),
+                                k.value().1
+                            ));
+                            continue;
+                        }
+                    };
                     loaded.batch.results.push(RecoveredResult {
                         index: k.value().1,
                         succeeded: r.outcome.is_success(),
@@ -395,7 +430,7 @@ impl RedbStore {
             }
             out.push(loaded);
         }
-        Ok(out)
+        Ok(Loaded { batches: out, problems })
     }
 
     fn idle_blocking(&self) -> Result<Vec<IdleRow>, StoreError> {
@@ -633,7 +668,9 @@ impl RedbStore {
         }
         self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))?.clear();
         *slot = Some(Arc::new(open_db(&self.inner.dir)?));
-        Ok(())
+        drop(slot);
+        // Inputs moved into place for a batch whose commit failed belong to nobody.
+        self.remove_strays()
     }
 }
 
@@ -686,7 +723,7 @@ impl Store for RedbStore {
         blocking(self, |s| s.reopen_blocking()).await
     }
 
-    async fn load(&self) -> Result<Vec<LoadedBatch>, StoreError> {
+    async fn load(&self) -> Result<Loaded, StoreError> {
         blocking(self, |s| s.load_blocking()).await
     }
 
@@ -710,6 +747,14 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<Page, StoreError> {
         blocking(self, move |s| s.results_blocking(batch, kind, cursor, limit)).await
+    }
+
+    async fn backup(&self, out: Box<dyn std::io::Write + Send>) -> Result<crate::backup::BackupSummary, StoreError> {
+        blocking(self, move |s| {
+            let mut out = out;
+            RedbStore::backup(&s, &mut out)
+        })
+        .await
     }
 
     fn free_bytes(&self) -> Option<u64> {

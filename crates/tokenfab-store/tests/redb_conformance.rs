@@ -19,7 +19,7 @@ async fn a_second_server_on_the_same_directory_is_refused_clearly() {
         err.to_string().contains("another tokenfab server is already using it"),
         "{err}"
     );
-    assert!(first.load().await.unwrap().is_empty());
+    assert!(first.load().await.unwrap().batches.is_empty());
 }
 
 #[tokio::test]

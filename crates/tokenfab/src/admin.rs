@@ -2,7 +2,7 @@
 //! data directory.
 
 use crate::parse;
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Subcommand;
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -29,10 +29,114 @@ pub enum AdminCommand {
         #[arg(long, default_value = "NAME")]
         tenant: String,
     },
+    /// Take a consistent backup of a running control plane (every batch, request, result
+    /// and error, the metering history, and the inputs of unfinished batches) into FILE,
+    /// while it keeps serving. Needs the admin token.
+    Backup {
+        /// Where to write the backup (written to FILE.part, then renamed).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Control plane gRPC URL.
+        #[arg(long, env = "TOKENFAB_CONTROL", default_value = "http://127.0.0.1:7443")]
+        control: String,
+        /// A file whose first line is the admin token (default: TOKENFAB_ADMIN_TOKEN).
+        #[arg(long, env = "TOKENFAB_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// With an https:// URL: the CA certificate (PEM) of the control plane.
+        #[arg(long, env = "TOKENFAB_TLS_CA")]
+        tls_ca: Option<PathBuf>,
+    },
+    /// Write a new data directory from a backup (offline; the directory must not hold a
+    /// store). Start the control plane on it afterwards.
+    Restore {
+        /// The backup file.
+        backup: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Check a data directory (offline: stop its control plane first): every record must
+    /// read back and fit with the others. With --salvage DIR, write a new store there
+    /// from everything that can be read. Exits with 1 when it finds problems.
+    Verify {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// An empty directory to write the salvaged store to.
+        #[arg(long)]
+        salvage: Option<PathBuf>,
+    },
+    /// Give space freed by deleted batches back to the filesystem (offline: stop the
+    /// control plane first). The store reuses freed space by itself; this shrinks its file.
+    Compact {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
     match c {
+        AdminCommand::Backup {
+            output,
+            control,
+            admin_token_file,
+            tls_ca,
+        } => backup(&output, &control, admin_token_file.as_deref(), tls_ca.as_deref()).await?,
+        AdminCommand::Restore { backup, data_dir } => {
+            let file = std::fs::File::open(&backup).with_context(|| format!("cannot open {}", backup.display()))?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let bar = bytes_bar(size, "restoring");
+            let reader = bar.wrap_read(file);
+            let s = tokio::task::spawn_blocking(move || {
+                tokenfab_store::backup::restore(reader, &data_dir).map(|s| (s, data_dir))
+            })
+            .await?;
+            bar.finish_and_clear();
+            let (s, data_dir) = s.with_context(|| format!("restoring {}", backup.display()))?;
+            println!(
+                "restored {} batches, {} requests, {} results and {} of inputs into {}",
+                s.batches,
+                s.requests,
+                s.results,
+                tokenfab_core::usage::human_bytes(s.input_bytes),
+                data_dir.display()
+            );
+        }
+        AdminCommand::Verify { data_dir, salvage } => {
+            let r = tokenfab_store::backup::verify(&data_dir, salvage.as_deref())
+                .with_context(|| format!("verifying {}", data_dir.display()))?;
+            let read: Vec<String> = r.read.iter().map(|(t, n)| format!("{t} {n}")).collect();
+            println!("read: {}", read.join(", "));
+            for p in r.problems.iter().take(50) {
+                println!("  {}: {}", p.at, p.what);
+            }
+            if r.problems.len() > 50 {
+                println!("  ... {} more", r.problems.len() - 50);
+            }
+            if let Some(out) = &salvage {
+                let written: Vec<String> = r.salvaged.iter().map(|(t, n)| format!("{t} {n}")).collect();
+                println!("salvaged into {}: {}", out.display(), written.join(", "));
+                if r.inputs_lost > 0 {
+                    println!(
+                        "  {} requests whose input could not be read end with the error input_lost",
+                        r.inputs_lost
+                    );
+                }
+            }
+            if r.problems.is_empty() {
+                println!("no problems found");
+            } else {
+                println!("{} problems found", r.problems.len());
+                std::process::exit(1);
+            }
+        }
+        AdminCommand::Compact { data_dir } => {
+            let (before, after) = tokenfab_store::backup::compact(&data_dir)?;
+            println!(
+                "compacted {}: {} -> {}",
+                data_dir.display(),
+                tokenfab_core::usage::human_bytes(before),
+                tokenfab_core::usage::human_bytes(after)
+            );
+        }
         AdminCommand::NodeToken { node, agent_token_file } => {
             let secret = match agent_token_file {
                 Some(f) => parse::secret_file(&f, "agent secret")?,
@@ -65,5 +169,91 @@ pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn bytes_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = if total > 0 {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+async fn backup(
+    output: &std::path::Path,
+    control: &str,
+    token_file: Option<&std::path::Path>,
+    tls_ca: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let token = match token_file {
+        Some(f) => parse::secret_file(f, "admin token")?,
+        None => std::env::var("TOKENFAB_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+            .context("the admin token is needed: --admin-token-file FILE or TOKENFAB_ADMIN_TOKEN")?,
+    };
+    let mut endpoint = tonic::transport::Channel::from_shared(control.to_string())
+        .with_context(|| format!("--control {control} is not a valid URL"))?;
+    if control.starts_with("https://") {
+        endpoint = endpoint.tls_config(tokenfab_identity::tls::grpc_client(tls_ca, None)?)?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {control}"))?;
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim())
+        .parse()
+        .context("the admin token is not valid ASCII")?;
+    let mut client = tokenfab_proto::v1::admin_service_client::AdminServiceClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", value.clone());
+            Ok(r)
+        },
+    )
+    .max_decoding_message_size(16 << 20);
+    let mut stream = client
+        .backup(tokenfab_proto::v1::BackupRequest {})
+        .await
+        .map_err(crate::tenant::rpc)?
+        .into_inner();
+    let part = output.with_extension("part");
+    let mut file = tokio::fs::File::create(&part)
+        .await
+        .with_context(|| format!("cannot write {}", part.display()))?;
+    let bar = bytes_bar(0, "backing up");
+    let mut written = 0u64;
+    while let Some(chunk) = stream.message().await.map_err(crate::tenant::rpc)? {
+        file.write_all(&chunk.data).await?;
+        written += chunk.data.len() as u64;
+        bar.set_position(written);
+    }
+    file.sync_all().await?;
+    drop(file);
+    bar.finish_and_clear();
+    // Read it back before it replaces anything: every record and its end mark.
+    let check = part.clone();
+    let checked = tokio::task::spawn_blocking(move || -> anyhow::Result<tokenfab_store::backup::BackupSummary> {
+        Ok(tokenfab_store::backup::check(std::fs::File::open(&check)?)?)
+    })
+    .await??;
+    std::fs::rename(&part, output)?;
+    println!(
+        "backup written to {} ({}): {} batches, {} requests, {} results, {} of inputs; read back and checked",
+        output.display(),
+        tokenfab_core::usage::human_bytes(written),
+        checked.batches,
+        checked.requests,
+        checked.results,
+        tokenfab_core::usage::human_bytes(checked.input_bytes)
+    );
     Ok(())
 }
