@@ -12,11 +12,15 @@ cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
 
 # System packages a bare Debian may lack: venv support and a C++ toolchain for the llama.cpp
-# build (pip brings CMake itself). Installed with apt-get only when missing (the script runs
+# build (pip brings CMake itself), curl and mount for two end-to-end tests. Installed with apt-get only when missing (the script runs
 # as root in CI).
 need=()
 python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
 command -v c++ >/dev/null 2>&1 || need+=(g++ make)
+# The TLS test reads the HTTPS listener with curl; the full-disk test mounts a tmpfs
+# (mount, from util-linux) and measures it with df (coreutils).
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v mount >/dev/null 2>&1 || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -51,13 +51,8 @@ fn load_env() {
     }
 }
 
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
+use support::port;
 
 fn body(round: usize, i: usize) -> serde_json::Value {
     serde_json::json!({

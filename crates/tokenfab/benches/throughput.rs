@@ -23,6 +23,9 @@ use tonic::transport::Channel;
 
 const RESPONSE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1795000000,"model":"llama-3.1-8b","choices":[{"index":0,"message":{"role":"assistant","content":"The order arrived damaged; the customer asks for a replacement and a refund of the shipping fee."},"finish_reason":"stop"}],"usage":{"prompt_tokens":41,"completion_tokens":21,"total_tokens":62}}"#;
 
+mod support;
+use support::port;
+
 /// The cluster's agent secret in these benchmarks.
 const SECRET: &str = "bench-agent-secret-0123";
 
@@ -263,14 +266,6 @@ fn spawn(args: &[&str]) -> Proc {
     Proc(child)
 }
 
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_tcp(addr: &str) {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -407,21 +402,9 @@ async fn emulator_alone() {
 }
 
 fn main() {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        if want("ingest") {
-            ingest().await;
-        }
-        if want("e2e") {
-            e2e().await;
-        }
-        if want("emulator") {
-            emulator_alone().await;
-        }
-    });
+    support::run_parts(vec![
+        ("ingest", Box::pin(ingest())),
+        ("e2e", Box::pin(e2e())),
+        ("emulator", Box::pin(emulator_alone())),
+    ]);
 }
