@@ -49,7 +49,7 @@ pub struct AgentOptions {
     /// This node's token (`tfn1.…`, from `tokenfab admin node-token`), or the cluster's
     /// agent secret, from which the agent derives its node's token (the secret itself
     /// never leaves the agent).
-    pub agent_token: String,
+    pub agent_token: tokenfab_identity::Secret,
     pub node: NodeId,
     pub super_node: SuperNodeId,
     pub replicas: Vec<ReplicaConfig>,
@@ -159,10 +159,11 @@ pub async fn run(
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .connect_lazy();
-    let node_token = if tokenfab_identity::is_node_token(opts.agent_token.trim()) {
-        opts.agent_token.trim().to_string()
+    let given = opts.agent_token.expose().trim();
+    let node_token = if tokenfab_identity::is_node_token(given) {
+        given.to_string()
     } else {
-        tokenfab_identity::node_token(opts.agent_token.trim(), opts.node.as_str())
+        tokenfab_identity::node_token(given, opts.node.as_str())
     };
     let token = format!("Bearer {node_token}").parse().map_err(|_| AgentError::Token)?;
     let client: Client = AgentServiceClient::with_interceptor(channel, Bearer(token))

@@ -119,13 +119,16 @@ pub enum Command {
         items: Vec<RequestRef>,
         reply: Reply<Result<u32, UnknownNode>>,
     },
-    /// A grant that could not be handed over (the agent hung up, or its bodies could not
-    /// be read): its requests go back on the queue.
+    /// A grant that could not be handed over (the agent hung up): its requests go back on
+    /// the queue.
     ReleaseGrant {
         node: NodeId,
         unit: WorkUnitId,
         items: Vec<RequestRef>,
     },
+    /// Leased requests whose bodies the store could not read back: they end as
+    /// `input_lost`.
+    InputsLost { unit: WorkUnitId, items: Vec<RequestRef> },
 }
 
 /// Unix time in microseconds: the control plane's `now`.
@@ -158,6 +161,7 @@ struct InFlight {
     started: std::time::Instant,
 }
 
+#[allow(clippy::large_enum_variant)] // one lives on the stack at a time; boxing buys nothing
 enum Event {
     Command(Option<Command>),
     Timer,
@@ -246,6 +250,7 @@ async fn rebuild<S: Store>(store: &S, config: &ControlConfig) -> Result<(Control
     );
     core.restore_idle(store.idle_shares().await?);
     core.restore_history(store.history().await?);
+    core.set_next_batch(loaded.next_batch);
     core.set_free_bytes(store.free_bytes());
     // Completing batches found whole during recovery must be written too.
     let mut set = WriteSet::default();
@@ -521,6 +526,9 @@ impl<S: Store + Clone> CoreLoop<S> {
                 let r = self.core.submit(now, new);
                 if let Ok(v) = &r {
                     let id = v.meta.id;
+                    // Leasable at once, readable only once committed: a lease granted in
+                    // this very round must wait for this round's commit too.
+                    self.undurable.insert(id, self.next_seq);
                     self.inputs.insert(
                         id,
                         BatchInputs {
@@ -637,6 +645,14 @@ impl<S: Store + Clone> CoreLoop<S> {
             Command::ReleaseGrant { node, unit, items } => {
                 let _ = self.core.release(now, &node, unit, &items);
             }
+            Command::InputsLost { unit, items } => {
+                tracing::error!(
+                    unit = unit.0,
+                    requests = items.len(),
+                    "request bodies could not be read back from the store; those requests end as input_lost (run tokenfab admin verify)"
+                );
+                self.core.inputs_lost(now, unit, &items);
+            }
         }
     }
 
@@ -652,9 +668,11 @@ impl<S: Store + Clone> CoreLoop<S> {
             .filter_map(|i| self.undurable.get(&i.req.batch).copied())
             .max();
         let mut durable = self.durable.subscribe();
+        // The epoch of the core that granted it (read now: a rebuild may come before the
+        // task runs).
+        let (epoch, _) = *durable.borrow();
         tokio::spawn(async move {
             if let Some(seq) = needs {
-                let (epoch, _) = *durable.borrow();
                 let committed = durable
                     .wait_for(|&(e, done)| e != epoch || done >= seq)
                     .await
@@ -667,31 +685,33 @@ impl<S: Store + Clone> CoreLoop<S> {
                 }
             }
             let refs: Vec<RequestRef> = grant.items.iter().map(|i| i.req).collect();
-            let answer = match store.bodies(refs.clone()).await {
-                Ok(bodies) => {
-                    let missing = bodies.iter().filter(|b| b.is_none()).count();
-                    if missing > 0 {
-                        tracing::warn!(
-                            missing,
-                            unit = grant.unit.0,
-                            "leased requests whose batch no longer holds its input were left out of the lease"
-                        );
-                    }
-                    Some(work_unit(&grant, bodies))
-                }
+            let bodies = match store.bodies(refs.clone()).await {
+                Ok(bodies) => bodies,
                 Err(e) => {
-                    tracing::error!(error = %e, unit = grant.unit.0, "cannot read the bodies of a lease; it goes back on the queue");
-                    None
-                }
-            };
-            let sent = match answer {
-                Some(unit) => reply.send(Ok(Some(unit))).is_ok(),
-                None => {
+                    // Not released (it would be leased again at once): the lease expires
+                    // and its requests are tried again, attempts counted.
+                    tracing::error!(error = %e, unit = grant.unit.0, "cannot read the bodies of a lease; it will expire and be retried");
                     let _ = reply.send(Ok(None));
-                    false
+                    return;
                 }
             };
-            if !sent && let Some(tx) = commands.upgrade() {
+            let lost: Vec<RequestRef> = refs
+                .iter()
+                .zip(&bodies)
+                .filter(|(_, b)| b.is_none())
+                .map(|(r, _)| *r)
+                .collect();
+            let sent = reply.send(Ok(Some(work_unit(&grant, bodies)))).is_ok();
+            let Some(tx) = commands.upgrade() else { return };
+            if !lost.is_empty() {
+                let _ = tx
+                    .send(Command::InputsLost {
+                        unit: grant.unit,
+                        items: lost,
+                    })
+                    .await;
+            }
+            if !sent {
                 let _ = tx
                     .send(Command::ReleaseGrant {
                         node,

@@ -42,7 +42,7 @@ pub struct ServerConfig {
     pub tenants: Vec<TenantToken>,
     /// The cluster's agent secret: every node's token derives from it (see
     /// [`tokenfab_identity`]).
-    pub agent_secret: String,
+    pub agent_secret: tokenfab_identity::Secret,
     /// The digest of the operator's token, which may read any tenant's usage. `None`: no
     /// operator access.
     pub admin_token: Option<[u8; 32]>,
@@ -147,12 +147,12 @@ impl Server {
 /// Tokens must be unique: a shared one would make two tenants one, or a tenant an
 /// operator. (Emptiness is checked where the tokens are read: only digests arrive here.)
 fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
-    if config.agent_secret.trim().len() < 16 {
+    if config.agent_secret.expose().trim().len() < 16 {
         return Err(ServerError::Config(
             "the agent secret must be at least 16 characters (--agent-token-file, or TOKENFAB_AGENT_TOKEN): node tokens derive from it".into(),
         ));
     }
-    let agent = tokenfab_identity::digest(&config.agent_secret);
+    let agent = tokenfab_identity::digest(config.agent_secret.expose());
     let mut seen = std::collections::BTreeMap::new();
     for t in &config.tenants {
         if t.name.trim().is_empty() {
@@ -191,7 +191,7 @@ fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
 /// Recovers state from `store`, binds, and serves in the background.
 pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<Server, ServerError> {
     check_tokens(&config)?;
-    let auth = Auth::new(&config.tenants, &config.agent_secret)
+    let auth = Auth::new(&config.tenants, config.agent_secret.expose())
         .map_err(|e| ServerError::Config(e.to_string()))?
         .with_admin(config.admin_token)
         .with_node_certificates(config.tls.as_ref().is_some_and(|t| t.agent_ca.is_some()));

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfab_core::batch_input::{Endpoint, InputLimits, InputParser, ParsedInput};
+use tokenfab_core::batch_input::{Endpoint, InputLimits, InputParser, LineError, ParsedInput};
 use tokenfab_core::control::{NewBatch, SubmitError};
 use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
@@ -301,6 +301,7 @@ impl<S: Store + Clone> BatchApi<S> {
             input_bytes: parsed.bytes,
             lines: parsed.lines,
             invalid_lines: parsed.line_errors.len() as u32,
+            line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
             requests: parsed.requests.iter().map(RequestMeta::from).collect(),
             best_effort_if_late: options.best_effort_if_late,
         };

@@ -546,6 +546,27 @@ fn json_error_at(e: &serde_json::Error, offset: usize) -> String {
     format!("{bare} at column {}", offset + e.column())
 }
 
+/// A value from the input as an error message shows it: at most [`QUOTED_CHARS`]
+/// characters, so that messages (kept with the batch's results) stay small whatever the
+/// input holds.
+fn quoted(text: &str) -> String {
+    if text.chars().count() <= QUOTED_CHARS {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(QUOTED_CHARS).collect();
+    format!("{head}... ({} bytes)", text.len())
+}
+
+/// The most characters of an input value an error message repeats.
+pub const QUOTED_CHARS: usize = 80;
+
+impl LineError {
+    /// What it takes in the store, bytes.
+    pub fn stored_bytes(&self) -> u64 {
+        (self.message.len() + self.custom_id.as_ref().map_or(0, String::len) + 32) as u64
+    }
+}
+
 fn line_error(line: u32, code: LineErrorCode, custom_id: Option<String>, what: String) -> LineError {
     LineError {
         line,
@@ -633,7 +654,7 @@ fn parse_line(
                     line,
                     LineErrorCode::InvalidCustomId,
                     None,
-                    format!("\"custom_id\" must be a string, got {}", v.get()),
+                    format!("\"custom_id\" must be a string, got {}", quoted(v.get())),
                 ));
             }
         },
@@ -654,7 +675,7 @@ fn parse_line(
                 LineErrorCode::InvalidMethod,
                 format!(
                     "\"method\" is {}; it must be \"POST\"",
-                    parsed.method.map(RawValue::get).unwrap_or("")
+                    quoted(parsed.method.map(RawValue::get).unwrap_or(""))
                 ),
             ));
         }
@@ -664,7 +685,7 @@ fn parse_line(
         Some(Ok(u)) => Endpoint::from_path(&u).ok_or_else(|| {
             err(
                 LineErrorCode::InvalidUrl,
-                format!("\"url\" is \"{u}\"; it must be {}", allowed()),
+                format!("\"url\" is \"{}\"; it must be {}", quoted(&u), allowed()),
             )
         })?,
         None => {
@@ -730,7 +751,10 @@ fn parse_line(
             let shown = other.as_str().map(str::to_string).unwrap_or_else(|| other.to_string());
             return Err(err(
                 LineErrorCode::ModelMismatch,
-                format!("body.model is \"{shown}\" but the batch is for \"{model}\"; a batch runs one model"),
+                format!(
+                    "body.model is \"{}\" but the batch is for \"{model}\"; a batch runs one model",
+                    quoted(&shown)
+                ),
             ));
         }
     }
@@ -968,6 +992,20 @@ mod tests {
         // Elsewhere it is not whitespace: the line is invalid JSON.
         let p = parse(&format!("{}\n\u{feff}{}\n", chat("a"), chat("b"))).unwrap();
         assert_eq!(p.line_errors[0].code, LineErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn messages_quote_at_most_a_little_of_the_input() {
+        let url = format!("/v1/{}", "x".repeat(100_000));
+        let text = format!(
+            "{}\n{{\"custom_id\":\"u\",\"method\":\"POST\",\"url\":\"{url}\",\"body\":{{}}}}\n",
+            chat("a")
+        );
+        let p = parse(&text).unwrap();
+        let m = &p.line_errors[0].message;
+        assert!(m.len() < 400, "{} bytes", m.len());
+        assert!(m.contains("... (100004 bytes)"), "{m}");
+        assert!(p.line_errors[0].stored_bytes() < 500);
     }
 
     #[test]

@@ -299,6 +299,8 @@ pub struct NewBatch {
     pub metadata: BTreeMap<String, String>,
     pub endpoint: crate::batch_input::Endpoint,
     pub input_bytes: u64,
+    /// What the refused lines' errors take in the store (kept with the results).
+    pub line_error_bytes: u64,
     pub lines: u32,
     pub invalid_lines: u32,
     pub requests: Vec<RequestMeta>,
@@ -718,14 +720,15 @@ impl Batch {
         }
     }
 
-    /// Bytes the batch holds in the store: its input until it is final, its results.
+    /// Bytes the batch holds in the store: its input until it is final, its results and
+    /// its line errors.
     fn stored_bytes(&self) -> u64 {
         let input = if self.life.status().is_terminal() {
             0
         } else {
             self.meta.input_bytes
         };
-        input + self.result_bytes
+        input + self.result_bytes + self.meta.line_error_bytes
     }
 }
 
@@ -1366,6 +1369,7 @@ impl ControlCore {
             metadata: new.metadata,
             endpoint: new.endpoint,
             input_bytes: new.input_bytes,
+            line_error_bytes: new.line_error_bytes,
             lines: new.lines,
             invalid_lines: new.invalid_lines,
             requests: new.requests.len() as u32,
@@ -1506,7 +1510,7 @@ impl ControlCore {
             {
                 let b = &self.batches[id];
                 if !b.life.status().is_terminal() {
-                    queued += u64::from(b.meta.requests - b.done());
+                    queued += u64::from(b.meta.requests.saturating_sub(b.done()));
                 }
                 stored += b.stored_bytes();
             }
@@ -2973,6 +2977,39 @@ impl ControlCore {
         self.stats.batches_deleted += 1;
     }
 
+    /// Batch ids are never handed out again, even after their batches were deleted: `next`
+    /// is the first id the store has not seen (its high-water mark).
+    pub fn set_next_batch(&mut self, next: u64) {
+        self.next_batch = self.next_batch.max(next);
+    }
+
+    /// Leased requests whose bodies cannot be read back from the store (a damaged or
+    /// missing input file) end with the error `input_lost` at once, rather than be
+    /// retried: another try reads the same file.
+    pub fn inputs_lost(&mut self, now: Timestamp, unit: WorkUnitId, items: &[RequestRef]) {
+        let mut recorded = Vec::new();
+        let mut touched = BTreeSet::new();
+        for &req in items {
+            if self.slot(req) != Some(Slot::Leased(unit)) {
+                continue;
+            }
+            let outcome = Outcome::Error {
+                code: "input_lost".into(),
+                message: "the request's body could not be read back from the control plane's store (its input file is damaged or missing); submit it again".into(),
+            };
+            recorded.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
+            touched.insert(req.batch);
+        }
+        if !recorded.is_empty() {
+            self.actions
+                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
+        }
+        for id in touched {
+            self.settle(now, id);
+            self.actions.push_back(Action::BatchChanged(id));
+        }
+    }
+
     /// A tenant deletes one of its finished batches.
     pub fn delete_batch(&mut self, tenant: &TenantId, id: BatchId) -> Result<(), BatchError> {
         let status = self.owned(tenant, id)?.life.status();
@@ -3090,6 +3127,7 @@ mod tests {
             metadata: BTreeMap::new(),
             endpoint: crate::batch_input::Endpoint::ChatCompletions,
             input_bytes: 100,
+            line_error_bytes: 0,
             lines: n + 1,
             invalid_lines: 1,
             requests: (0..n)
@@ -4009,6 +4047,35 @@ mod tests {
 
     /// Issue 11: all bodies of a lease went into one reply, which could exceed the gRPC
     /// message limit.
+    #[test]
+    fn requests_whose_input_cannot_be_read_end_as_input_lost() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        let id = core.submit(T0, new_batch("acme", 2)).unwrap().meta.id;
+        core.register(T0, registration("a"));
+        let g = core.lease(T0, &node("a"), &model(), 2).unwrap().unwrap();
+        drain(&mut core);
+        core.inputs_lost(T0, g.unit, &[g.items[0].req]);
+        let actions = drain(&mut core);
+        let lost: Vec<&Outcome> = actions
+            .iter()
+            .flat_map(|a| match a {
+                Action::Persist(DurableOp::RecordResults(rs)) => rs.iter().map(|r| &r.outcome).collect(),
+                _ => vec![],
+            })
+            .collect();
+        assert!(
+            matches!(lost[..], [Outcome::Error { code, .. }] if code == "input_lost"),
+            "{lost:?}"
+        );
+        // The other request is still leased and completes; the batch ends with both.
+        core.report(T0, &node("a"), vec![ok(g.unit, g.items[1].req)]).unwrap();
+        let b = core.batch(&tenant("acme"), id).unwrap();
+        assert_eq!(
+            (b.counts.completed, b.counts.failed, b.life.status()),
+            (1, 1, BatchStatus::Completed)
+        );
+    }
+
     #[test]
     fn leases_are_bounded_in_bytes_and_always_carry_one_request() {
         let mut core = ControlCore::new(ControlConfig {

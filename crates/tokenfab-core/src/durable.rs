@@ -23,6 +23,8 @@ pub struct BatchMeta {
     /// The endpoint every request of the batch targets.
     pub endpoint: crate::batch_input::Endpoint,
     pub input_bytes: u64,
+    /// What the refused lines' errors take in the store.
+    pub line_error_bytes: u64,
     /// Non-blank lines of the input file.
     pub lines: u32,
     /// Lines refused by validation.

@@ -19,6 +19,46 @@ pub mod tls;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+/// A secret (token, agent secret) that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
 /// Prefix of node tokens (version 1 of the derivation).
 pub const NODE_TOKEN_PREFIX: &str = "tfn1.";
 
@@ -65,7 +105,11 @@ impl NodeVerifier {
         if secret.trim().is_empty() {
             return Err(IdentityError::EmptySecret);
         }
-        Ok(NodeVerifier { secret: secret.into() })
+        // Trimmed as agents trim it: a secret from an environment variable or a file may
+        // carry a line break.
+        Ok(NodeVerifier {
+            secret: secret.trim().into(),
+        })
     }
 
     /// True when `token` is `node`'s token.
@@ -75,7 +119,7 @@ impl NodeVerifier {
 
     /// True when `token` is the secret itself (an agent of an older version sends it).
     pub fn is_secret(&self, token: &str) -> bool {
-        same(self.secret.as_bytes(), token.as_bytes())
+        same(self.secret.as_bytes(), token.trim().as_bytes())
     }
 }
 
@@ -134,6 +178,7 @@ mod tests {
         assert_eq!(node_token("s", "n"), "tfn1.".to_string() + &hex(&node_mac("s", "n")));
         assert_eq!(NodeVerifier::new(" ").unwrap_err(), IdentityError::EmptySecret);
         assert!(!format!("{v:?}").contains("cluster-secret"));
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(<redacted>)");
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub fn http_server(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>,
 }
 
 /// Whether a (verified) certificate names `node`: a DNS subject alternative name equal
-/// to the node name.
+/// to the node name, exactly (a wildcard name names no node).
 pub fn names_node(cert_der: &[u8], node: &str) -> bool {
     let der = rustls_pki_types::CertificateDer::from(cert_der);
     let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
@@ -120,6 +120,9 @@ pub fn names_node(cert_der: &[u8], node: &str) -> bool {
         return false;
     };
     cert.verify_is_valid_for_subject_name(&name).is_ok()
+        && cert
+            .valid_dns_names()
+            .any(|n| !n.contains('*') && n.eq_ignore_ascii_case(node))
 }
 
 #[cfg(test)]
@@ -135,6 +138,14 @@ mod tests {
             .unwrap();
         assert!(names_node(cert.der(), "gpu-1"));
         assert!(!names_node(cert.der(), "gpu-2"));
+        let wildcard = rcgen::CertificateParams::new(vec!["*.nodes.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert!(
+            !names_node(wildcard.der(), "gpu-1.nodes.example"),
+            "a wildcard names no node"
+        );
         assert!(!names_node(b"not a certificate", "gpu-1"));
     }
 

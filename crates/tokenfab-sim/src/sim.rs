@@ -674,6 +674,7 @@ impl<'a> Simulation<'a> {
             metadata: BTreeMap::new(),
             endpoint: tokenfab_core::batch_input::Endpoint::ChatCompletions,
             input_bytes: 0,
+            line_error_bytes: 0,
             lines: requests.len() as u32,
             invalid_lines: 0,
             requests,

@@ -24,8 +24,8 @@
 //! are dropped.
 
 use crate::redb_store::{
-    BATCHES, BatchRecord, LINE_ERRORS, META, REQUESTS, RESULTS, SCHEMA_VERSION, StoredResult, TENANT_HISTORY,
-    TENANT_IDLE, decode, encode, input_path, io,
+    BATCHES, BatchRecord, LINE_ERRORS, META, NEXT_BATCH, REQUESTS, RESULTS, SCHEMA_VERSION, StoredResult,
+    TENANT_HISTORY, TENANT_IDLE, decode, encode, input_path, io,
 };
 use crate::{RedbStore, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
@@ -87,6 +87,11 @@ pub enum Record {
         batch: u64,
         offset: u64,
         data: Vec<u8>,
+    },
+    /// A counter of the store (the next batch id).
+    Meta {
+        key: String,
+        value: u64,
     },
     End {
         records: u64,
@@ -194,7 +199,32 @@ impl RedbStore {
     /// Writes a consistent backup of the store to `out` while the store keeps serving.
     pub fn backup(&self, out: &mut impl Write) -> Result<BackupSummary, StoreError> {
         let db = self.db_handle()?;
-        let txn = db.begin_read().map_err(io)?;
+        // The snapshot, and the input files of the batches unfinished in it, opened while
+        // no commit may delete an input file: a batch that ends meanwhile keeps its file
+        // readable through the open handle.
+        let (txn, inputs) = {
+            let _held = self.hold_deletions()?;
+            let txn = db.begin_read().map_err(io)?;
+            let mut inputs = Vec::new();
+            let t = txn.open_table(BATCHES).map_err(io)?;
+            for e in t.iter().map_err(io)? {
+                let (k, v) = e.map_err(io)?;
+                let id = k.value();
+                let live =
+                    decode::<BatchRecord>(v.value(), "batch record").is_ok_and(|r| !r.life.status().is_terminal());
+                if !live {
+                    continue;
+                }
+                match std::fs::File::open(input_path(self.dir(), id)) {
+                    Ok(f) => inputs.push((id, f)),
+                    // Left out, as the server leaves it out: `verify` reports it.
+                    Err(e) => {
+                        eprintln!("tokenfab-store: backup: the input of batch {id} cannot be opened ({e}); left out")
+                    }
+                }
+            }
+            (txn, inputs)
+        };
         let mut w = Writer {
             out,
             hash: Sha256::new(),
@@ -205,20 +235,11 @@ impl RedbStore {
             schema: SCHEMA_VERSION,
             created_unix_ms: unix_ms(),
         })?;
-        // The input files of unfinished batches, opened while the snapshot is held.
-        let mut inputs = Vec::new();
         {
             let t = txn.open_table(BATCHES).map_err(io)?;
             for e in t.iter().map_err(io)? {
                 let (k, v) = e.map_err(io)?;
                 let id = k.value();
-                if let Ok(rec) = decode::<BatchRecord>(v.value(), "batch record")
-                    && !rec.life.status().is_terminal()
-                {
-                    let f = std::fs::File::open(input_path(self.dir(), id))
-                        .map_err(|e| io(format!("cannot open the input of batch {id}: {e}")))?;
-                    inputs.push((id, f));
-                }
                 w.summary.batches += 1;
                 w.put(&Record::Batch {
                     id,
@@ -263,7 +284,16 @@ impl RedbStore {
                 })?;
             }
         }
+        if let Some(next) = txn.open_table(META).map_err(io)?.get(NEXT_BATCH).map_err(io)? {
+            w.put(&Record::Meta {
+                key: NEXT_BATCH.into(),
+                value: next.value(),
+            })?;
+        }
+        // The database is not needed any more: a reopen after a failed commit need not
+        // wait for the inputs to stream.
         drop(txn);
+        drop(db);
         let mut buf = vec![0u8; INPUT_PIECE];
         for (batch, f) in inputs {
             let mut offset = 0u64;
@@ -366,8 +396,14 @@ fn restore_into(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreErr
         let mut results = txn.open_table(RESULTS).map_err(io)?;
         let mut idle = txn.open_table(TENANT_IDLE).map_err(io)?;
         let mut history = txn.open_table(TENANT_HISTORY).map_err(io)?;
+        let mut meta = txn.open_table(META).map_err(io)?;
         loop {
             match r.next()? {
+                Record::Meta { key, value } => {
+                    if key != "schema" {
+                        meta.insert(key.as_str(), value).map_err(io)?;
+                    }
+                }
                 Record::Header { .. } => return Err(StoreError::Corrupt("a second header inside the backup".into())),
                 Record::Batch { id, value } => {
                     summary.batches += 1;
@@ -545,6 +581,12 @@ pub fn verify(dir: &Path, salvage: Option<&Path>) -> Result<VerifyReport, StoreE
             }
         }
     }
+    let next_batch = txn
+        .open_table(META)
+        .map_err(io)?
+        .get(NEXT_BATCH)
+        .map_err(io)?
+        .map(|v| v.value());
     let mut idle: Vec<(String, u64, (f64, f64))> = Vec::new();
     let mut history: Vec<(String, u64, UsageHistory)> = Vec::new();
     for (table, name) in [(TENANT_IDLE, "tenant_idle"), (TENANT_HISTORY, "tenant_history")] {
@@ -654,6 +696,12 @@ pub fn verify(dir: &Path, salvage: Option<&Path>) -> Result<VerifyReport, StoreE
         let mut t_results = w.open_table(RESULTS).map_err(io)?;
         let mut t_idle = w.open_table(TENANT_IDLE).map_err(io)?;
         let mut t_history = w.open_table(TENANT_HISTORY).map_err(io)?;
+        // Ids are never given out again: the salvaged store starts past every id seen.
+        let seen = batches.keys().next_back().map_or(0, |id| id + 1);
+        w.open_table(META)
+            .map_err(io)?
+            .insert(NEXT_BATCH, next_batch.unwrap_or(0).max(seen))
+            .map_err(io)?;
         let mut count = |t: &'static str| *report.salvaged.entry(t).or_default() += 1;
         for (&id, rec) in &batches {
             t_batches.insert(id, encode(rec)?.as_slice()).map_err(io)?;
@@ -781,6 +829,7 @@ mod tests {
                         input_bytes: parsed.bytes,
                         lines: parsed.lines,
                         invalid_lines: parsed.line_errors.len() as u32,
+                        line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
                         requests: parsed.requests.iter().map(RequestMeta::from).collect(),
                         best_effort_if_late: false,
                     },
@@ -923,6 +972,16 @@ mod tests {
 
         // The server still starts: it leaves the unreadable out and says so.
         let store = RedbStore::open(&data).unwrap();
+        // A lease of the cut-off request gets no body (it ends as input_lost); the others
+        // of the same batch still read.
+        let bodies = store
+            .bodies(vec![
+                RequestRef { batch: live, index: 2 },
+                RequestRef { batch: live, index: 3 },
+            ])
+            .await
+            .unwrap();
+        assert!(bodies[0].is_some() && bodies[1].is_none(), "{bodies:?}");
         let loaded = store.load().await.unwrap();
         assert_eq!(
             loaded.batches.len(),

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokenfab_core::RequestRef;
 use tokenfab_core::batch::BatchStatus;
-use tokenfab_core::batch_input::{InputLimits, parse_batch_input};
+use tokenfab_core::batch_input::{InputLimits, LineError, parse_batch_input};
 use tokenfab_core::control::{
     Action, ControlConfig, ControlCore, NewBatch, NodeDevice, NodeRegistration, ReplicaReport, ReportedOutcome,
     ReportedResult,
@@ -74,6 +74,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 input_bytes: parsed.bytes,
                 lines: parsed.lines,
                 invalid_lines: parsed.line_errors.len() as u32,
+                line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
                 requests: parsed.requests.iter().map(RequestMeta::from).collect(),
                 best_effort_if_late: false,
             },
@@ -341,8 +342,33 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         let page = store.results(id, kind, Cursor::default(), 100).await.unwrap();
         assert!(page.rows.is_empty(), "{kind:?} rows are gone");
     }
+    // Its id is never given out again.
+    let loaded = store.load().await.unwrap();
+    assert!(loaded.next_batch > id.0, "{} after deleting {id}", loaded.next_batch);
     let mut after_delete = ControlCore::recover(ControlConfig::default(), vec![], later);
+    after_delete.set_next_batch(loaded.next_batch);
     after_delete.restore_idle(store.idle_shares().await.unwrap());
     after_delete.restore_history(store.history().await.unwrap());
     assert_eq!(after_delete.tenant_usage(&tenant, Timestamp::ZERO), used);
+    let again = parse_batch_input(line("z").as_bytes(), &model, &InputLimits::default(), false).unwrap();
+    let fresh = after_delete
+        .submit(
+            later,
+            NewBatch {
+                tenant: tenant.clone(),
+                model: model.clone(),
+                sla_class: None,
+                completion_window: None,
+                metadata: BTreeMap::new(),
+                endpoint: again.endpoint,
+                input_bytes: again.bytes,
+                line_error_bytes: 0,
+                lines: again.lines,
+                invalid_lines: 0,
+                requests: again.requests.iter().map(RequestMeta::from).collect(),
+                best_effort_if_late: false,
+            },
+        )
+        .unwrap();
+    assert!(fresh.meta.id > id, "a deleted batch's id is not reused");
 }

@@ -108,6 +108,8 @@ pub struct Loaded {
     pub batches: Vec<LoadedBatch>,
     /// Records that could not be read and were left out, for operators.
     pub problems: Vec<String>,
+    /// The first batch id never given out (ids are not reused, even after deletion).
+    pub next_batch: u64,
 }
 
 /// A leased request's body and what the agent needs with it.

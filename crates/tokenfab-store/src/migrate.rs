@@ -6,7 +6,8 @@
 
 use crate::StoreError;
 use crate::redb_store::{
-    BATCHES, BatchRecord, META, REQUESTS, RESULTS, SCHEMA_VERSION, StoredResult, decode, encode, input_path, io,
+    BATCHES, BatchRecord, LINE_ERRORS, META, REQUESTS, RESULTS, SCHEMA_VERSION, StoredResult, decode, encode,
+    input_path, io,
 };
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::Deserialize;
@@ -70,7 +71,8 @@ pub(crate) fn v1_to_v2(db: &Database, dir: &Path) -> Result<(), StoreError> {
         let mut batches = txn.open_table(BATCHES).map_err(io)?;
         let inputs = txn.open_table(V1_INPUTS).map_err(io)?;
         let mut requests = txn.open_table(REQUESTS).map_err(io)?;
-        let results = txn.open_table(RESULTS).map_err(io)?;
+        let mut results = txn.open_table(RESULTS).map_err(io)?;
+        let line_errors = txn.open_table(LINE_ERRORS).map_err(io)?;
         let mut records = Vec::new();
         for e in batches.iter().map_err(io)? {
             let (_, v) = e.map_err(io)?;
@@ -85,10 +87,13 @@ pub(crate) fn v1_to_v2(db: &Database, dir: &Path) -> Result<(), StoreError> {
                 None
             };
             let (mut offset, mut endpoint) = (0u64, None);
+            let mut mismatched = Vec::new();
             for e in inputs.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
                 let (k, v) = e.map_err(io)?;
                 let r: V1Request = decode(v.value(), "version 1 request")?;
-                endpoint.get_or_insert(r.endpoint);
+                if *endpoint.get_or_insert(r.endpoint) != r.endpoint && live {
+                    mismatched.push((k.value().1, r.endpoint));
+                }
                 let body_len = u32::try_from(r.body.len()).unwrap_or(u32::MAX);
                 if let Some(f) = file.as_mut() {
                     f.write_all(r.body.as_bytes()).map_err(io)?;
@@ -108,10 +113,34 @@ pub(crate) fn v1_to_v2(db: &Database, dir: &Path) -> Result<(), StoreError> {
             if let Some(f) = file {
                 f.sync_all().map_err(io)?;
             }
+            // Version 1 let a batch mix endpoints; version 2 gives a batch one. Unfinished
+            // requests of another endpoint than the batch's first end with an error
+            // rather than be sent to the wrong one.
+            for (index, e) in &mismatched {
+                if results.get((id, *index)).map_err(io)?.is_none() {
+                    let ended = StoredResult {
+                        outcome: tokenfab_core::durable::Outcome::Error {
+                            code: "endpoint_mismatch".into(),
+                            message: format!(
+                                "this request targets {} but its batch's first request another endpoint; since tokenfab 0.2 a batch targets one endpoint: submit it again in a batch of its own",
+                                e.path()
+                            ),
+                        },
+                        usage: Usage::default(),
+                    };
+                    results.insert((id, *index), encode(&ended)?.as_slice()).map_err(io)?;
+                }
+            }
             let mut result_bytes = 0;
             for e in results.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
                 let (_, v) = e.map_err(io)?;
                 result_bytes += decode::<StoredResult>(v.value(), "result")?.outcome.stored_bytes();
+            }
+            let mut line_error_bytes = 0;
+            for e in line_errors.range((id, 0)..=(id, u32::MAX)).map_err(io)? {
+                let (_, v) = e.map_err(io)?;
+                line_error_bytes +=
+                    decode::<tokenfab_core::batch_input::LineError>(v.value(), "line error")?.stored_bytes();
             }
             let m = old.meta;
             let record = BatchRecord {
@@ -125,6 +154,7 @@ pub(crate) fn v1_to_v2(db: &Database, dir: &Path) -> Result<(), StoreError> {
                     metadata: m.metadata,
                     endpoint: endpoint.unwrap_or_default(),
                     input_bytes: m.input_bytes,
+                    line_error_bytes,
                     lines: m.lines,
                     invalid_lines: m.invalid_lines,
                     requests: m.requests,

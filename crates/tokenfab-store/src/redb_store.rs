@@ -58,6 +58,9 @@ pub(crate) const TENANT_HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefi
 /// stores.
 pub(crate) const SCHEMA_VERSION: u64 = 2;
 
+/// The `meta` key of the first batch id not yet given out.
+pub(crate) const NEXT_BATCH: &str = "next_batch";
+
 /// Bodies closer together than this in an input file are read with one read.
 const READ_GAP: u64 = 64 * 1024;
 /// Input files kept open for leases.
@@ -137,6 +140,10 @@ impl RedbStore {
             }),
         };
         store.check_schema()?;
+        // At startup no upload is in progress: every staged file is a leftover.
+        for e in std::fs::read_dir(dir.join("uploads")).map_err(io)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
         store.remove_strays()?;
         Ok(store)
     }
@@ -149,6 +156,12 @@ impl RedbStore {
     /// The open database (for a backup).
     pub(crate) fn db_handle(&self) -> Result<Arc<Database>, StoreError> {
         self.db()
+    }
+
+    /// Holds off the deletion of input files (which commits that end batches make) while
+    /// the guard lives: a backup takes its snapshot and opens the inputs under it.
+    pub(crate) fn hold_deletions(&self) -> Result<std::sync::MutexGuard<'_, HashMap<u64, Arc<File>>>, StoreError> {
+        self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
@@ -196,13 +209,10 @@ impl RedbStore {
         txn.commit().map_err(io)
     }
 
-    /// Removes uploads that never became a batch, and input files of batches that did
-    /// not commit or have ended.
+    /// Removes input files of batches that did not commit or have ended. (Uploads in
+    /// progress are left alone: their handlers own them.)
     fn remove_strays(&self) -> Result<(), StoreError> {
         let dir = &self.inner.dir;
-        for e in std::fs::read_dir(dir.join("uploads")).map_err(io)?.flatten() {
-            let _ = std::fs::remove_file(e.path());
-        }
         let db = self.db()?;
         let txn = db.begin_read().map_err(io)?;
         let batches = txn.open_table(BATCHES).map_err(io)?;
@@ -214,10 +224,10 @@ impl RedbStore {
                 .and_then(|n| n.parse::<u64>().ok());
             let live = match id {
                 Some(id) => match batches.get(id).map_err(io)? {
-                    Some(v) => !decode::<BatchRecord>(v.value(), "batch record")?
-                        .life
-                        .status()
-                        .is_terminal(),
+                    // An unreadable record may be of an unfinished batch: keep its input
+                    // for `tokenfab admin verify --salvage`.
+                    Some(v) => decode::<BatchRecord>(v.value(), "batch record")
+                        .map_or(true, |rec| !rec.life.status().is_terminal()),
                     None => false,
                 },
                 None => false,
@@ -262,6 +272,7 @@ impl RedbStore {
             let mut results = txn.open_table(RESULTS).map_err(io)?;
             let mut tenant_idle = txn.open_table(TENANT_IDLE).map_err(io)?;
             let mut tenant_history = txn.open_table(TENANT_HISTORY).map_err(io)?;
+            let mut meta_t = txn.open_table(META).map_err(io)?;
             for (batch, requests, errs) in &inputs {
                 for (i, r) in requests.iter().enumerate() {
                     requests_t
@@ -282,6 +293,11 @@ impl RedbStore {
                         requests: _,
                     } => {
                         let id = meta.id.0;
+                        // Batch ids are never given out twice, even once deleted.
+                        let next = meta_t.get(NEXT_BATCH).map_err(io)?.map_or(0, |v| v.value());
+                        if id + 1 > next {
+                            meta_t.insert(NEXT_BATCH, id + 1).map_err(io)?;
+                        }
                         let rec = BatchRecord {
                             meta,
                             life,
@@ -372,6 +388,12 @@ impl RedbStore {
         let results = txn.open_table(RESULTS).map_err(io)?;
         let mut out = Vec::new();
         let mut problems = Vec::new();
+        let next_batch = txn
+            .open_table(META)
+            .map_err(io)?
+            .get(NEXT_BATCH)
+            .map_err(io)?
+            .map_or(0, |v| v.value());
         'batches: for entry in batches.iter().map_err(io)? {
             let (k, v) = entry.map_err(io)?;
             let rec: BatchRecord = match decode(v.value(), "batch record") {
@@ -430,7 +452,11 @@ impl RedbStore {
             }
             out.push(loaded);
         }
-        Ok(Loaded { batches: out, problems })
+        Ok(Loaded {
+            batches: out,
+            problems,
+            next_batch,
+        })
     }
 
     fn idle_blocking(&self) -> Result<Vec<IdleRow>, StoreError> {
@@ -498,14 +524,25 @@ impl RedbStore {
             let Some(rec) = batches.get(batch).map_err(io)? else {
                 continue;
             };
-            let endpoint = decode::<BatchRecord>(rec.value(), "batch record")?.meta.endpoint;
-            let Some(file) = self.input(batch)? else {
+            // A batch whose input cannot be read leaves its requests without bodies (the
+            // caller ends them as `input_lost`); the other batches of the lease go on.
+            let Ok(endpoint) = decode::<BatchRecord>(rec.value(), "batch record").map(|r| r.meta.endpoint) else {
                 continue;
+            };
+            let file = match self.input(batch) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing_warn(&e.to_string());
+                    continue;
+                }
             };
             let mut found: Vec<(usize, ParsedRequest)> = Vec::with_capacity(positions.len());
             for pos in positions {
-                if let Some(v) = requests.get((batch, items[pos].index)).map_err(io)? {
-                    found.push((pos, decode(v.value(), "request")?));
+                if let Some(v) = requests.get((batch, items[pos].index)).map_err(io)?
+                    && let Ok(r) = decode(v.value(), "request")
+                {
+                    found.push((pos, r));
                 }
             }
             found.sort_by_key(|(_, r)| r.body_offset);
@@ -520,17 +557,37 @@ impl RedbStore {
                     end += 1;
                 }
                 let mut buf = vec![0u8; (to - from) as usize];
-                file.read_exact_at(&mut buf, from)
-                    .map_err(|e| io(format!("cannot read the input of batch {batch}: {e}")))?;
-                let buf = Bytes::from(buf);
-                for (pos, r) in found[start..end].iter() {
-                    let at = (r.body_offset - from) as usize;
-                    out[*pos] = Some(LeasedBody {
-                        req: items[*pos],
-                        custom_id: r.custom_id.clone(),
-                        endpoint,
-                        body: buf.slice(at..at + r.body_len as usize),
-                    });
+                let run = &found[start..end];
+                if file.read_exact_at(&mut buf, from).is_ok() {
+                    let buf = Bytes::from(buf);
+                    for (pos, r) in run {
+                        let at = (r.body_offset - from) as usize;
+                        out[*pos] = Some(LeasedBody {
+                            req: items[*pos],
+                            custom_id: r.custom_id.clone(),
+                            endpoint,
+                            body: buf.slice(at..at + r.body_len as usize),
+                        });
+                    }
+                } else {
+                    // A damaged file: read what can be read, body by body.
+                    for (pos, r) in run {
+                        let mut body = vec![0u8; r.body_len as usize];
+                        match file.read_exact_at(&mut body, r.body_offset) {
+                            Ok(()) => {
+                                out[*pos] = Some(LeasedBody {
+                                    req: items[*pos],
+                                    custom_id: r.custom_id.clone(),
+                                    endpoint,
+                                    body: Bytes::from(body),
+                                });
+                            }
+                            Err(e) => tracing_warn(&format!(
+                                "cannot read request {} of batch {batch} from its input: {e}",
+                                items[*pos].index
+                            )),
+                        }
+                    }
                 }
                 start = end;
             }

@@ -100,7 +100,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             listen: "127.0.0.1:0".parse()?,
             metrics_listen: None,
             tenants: vec![TenantToken::new("demo", &tenant_token)],
-            agent_secret: agent_token.clone(),
+            agent_secret: agent_token.clone().into(),
             admin_token: None,
             http_token: None,
             control: ControlConfig::default(),
@@ -147,7 +147,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         }
         let (opts, devices) = serve::agent_setup(serve::AgentSetup {
             control: control.clone(),
-            agent_token: agent_token.clone(),
+            agent_token: agent_token.clone().into(),
             node: format!("node-{n}"),
             super_node: Some(format!("supernode-{n}")),
             replicas,
@@ -177,7 +177,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     // Submit and follow, as a tenant would.
     let mut client = tenant::connect(&Connection {
         control: control.clone(),
-        token: tenant_token,
+        token: tenant_token.into(),
         tls_ca: None,
     })
     .await?;

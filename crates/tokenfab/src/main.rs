@@ -85,7 +85,7 @@ pub struct Connection {
     pub control: String,
     /// Tenant bearer token (issued by the operator).
     #[arg(long, env = "TOKENFAB_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: tokenfab_identity::Secret,
     /// With an https:// control plane URL: the CA certificate (PEM) that signed the
     /// control plane's certificate (default: the bundled public roots).
     #[arg(long, env = "TOKENFAB_TLS_CA")]

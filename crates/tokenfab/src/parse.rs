@@ -64,6 +64,14 @@ pub fn secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String>
     Ok(secret)
 }
 
+/// `NAME=TOKEN` of `--tenant`, the token kept out of `Debug` output.
+pub fn tenant_token(s: &str) -> Result<(String, tokenfab_identity::Secret), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.into())),
+        _ => Err("a tenant is NAME=TOKEN".to_string()),
+    }
+}
+
 /// `NAME=VALUE`.
 pub fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

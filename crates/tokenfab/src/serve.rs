@@ -17,6 +17,7 @@ use tokenfab_core::control::{ControlConfig, QueueOrder, Quota, SlaClass};
 use tokenfab_core::engine::EngineConfig;
 use tokenfab_core::{ModelId, NodeId, ReplicaId, SuperNodeId};
 use tokenfab_engine_emu::{EmuConfig, Emulator};
+use tokenfab_identity::Secret;
 use tokenfab_store::RedbStore;
 
 #[derive(Args, Debug)]
@@ -34,8 +35,8 @@ pub struct ServerArgs {
     /// A tenant and its bearer token, NAME=TOKEN (repeatable). Handy for trials; tokens on
     /// a command line are visible to every user of the machine (`ps`): use
     /// --tenants-file in production.
-    #[arg(long = "tenant", value_parser = parse::key_value)]
-    tenants: Vec<(String, String)>,
+    #[arg(long = "tenant", value_parser = parse::tenant_token)]
+    tenants: Vec<(String, Secret)>,
     /// A TOML file of tenants: `[[tenants]]` tables with `name`, and `token_sha256` (the
     /// SHA-256 of the token, from `tokenfab admin hash-token`) or `token`; optionally
     /// `weight` (share of best-effort capacity relative to other tenants, default 1),
@@ -48,14 +49,14 @@ pub struct ServerArgs {
     /// from it (`tokenfab admin node-token NAME`), so a node can act only as itself.
     /// Prefer --agent-token-file.
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: Option<String>,
+    agent_token: Option<Secret>,
     /// A file whose first line is the cluster's agent secret.
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN_FILE")]
     agent_token_file: Option<PathBuf>,
     /// The operator's token: with it, `tokenfab usage --tenant NAME` reads any tenant's
     /// usage. Not set: no operator access. Prefer --admin-token-file.
     #[arg(long, env = "TOKENFAB_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    admin_token: Option<Secret>,
     /// A file whose first line is the operator's token.
     #[arg(long, env = "TOKENFAB_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -219,10 +220,10 @@ struct TenantEntry {
 pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let mut tenants = Vec::new();
     for (name, token) in &a.tenants {
-        if token.trim().is_empty() {
+        if token.expose().trim().is_empty() {
             bail!("--tenant {name}=: tenant '{name}' has an empty token; give every tenant a secret token");
         }
-        tenants.push(TenantToken::new(name.clone(), token));
+        tenants.push(TenantToken::new(name.clone(), token.expose()));
     }
     let mut weights = std::collections::BTreeMap::new();
     let mut quotas = std::collections::BTreeMap::new();
@@ -286,14 +287,14 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     }
     let agent_secret = match (&a.agent_token, &a.agent_token_file) {
         (_, Some(f)) => parse::secret_file(f, "agent secret")?,
-        (Some(t), None) => t.clone(),
+        (Some(t), None) => t.expose().trim().to_string(),
         (None, None) => bail!(
             "the cluster's agent secret is required: --agent-token-file FILE (or TOKENFAB_AGENT_TOKEN); agents derive their node tokens from it"
         ),
     };
     let admin_token = match (&a.admin_token, &a.admin_token_file) {
         (_, Some(f)) => Some(parse::secret_file(f, "admin token")?),
-        (Some(t), None) if !t.trim().is_empty() => Some(t.clone()),
+        (Some(t), None) if !t.expose().trim().is_empty() => Some(t.expose().trim().to_string()),
         (Some(_), None) => bail!("the admin token is empty; give it a secret value or leave --admin-token out"),
         (None, None) => None,
     };
@@ -335,7 +336,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         listen: a.listen,
         metrics_listen: a.metrics_listen,
         tenants,
-        agent_secret,
+        agent_secret: agent_secret.into(),
         admin_token: admin_token.as_deref().map(tokenfab_identity::digest),
         http_token,
         control: ControlConfig {
@@ -435,7 +436,7 @@ pub struct AgentArgs {
     /// never leaves the agent; a node holding it could act as any node: give production
     /// nodes only their token). Prefer --agent-token-file.
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: Option<String>,
+    agent_token: Option<Secret>,
     /// A file whose first line is this node's token (or the cluster's agent secret).
     #[arg(long, env = "TOKENFAB_AGENT_TOKEN_FILE")]
     agent_token_file: Option<PathBuf>,
@@ -593,7 +594,7 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 256;
 /// What an agent is started with.
 pub struct AgentSetup {
     pub control: String,
-    pub agent_token: String,
+    pub agent_token: tokenfab_identity::Secret,
     pub node: String,
     pub super_node: Option<String>,
     pub replicas: Vec<parse::ReplicaArg>,
@@ -665,9 +666,9 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
 }
 
 pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
-    let agent_token = match (&a.agent_token, &a.agent_token_file) {
-        (_, Some(f)) => parse::secret_file(f, "node token")?,
-        (Some(t), None) if !t.trim().is_empty() => t.clone(),
+    let agent_token: Secret = match (&a.agent_token, &a.agent_token_file) {
+        (_, Some(f)) => parse::secret_file(f, "node token")?.into(),
+        (Some(t), None) if !t.expose().trim().is_empty() => t.clone(),
         _ => bail!(
             "a node token is required: --agent-token-file FILE (from `tokenfab admin node-token {}`), or TOKENFAB_AGENT_TOKEN",
             a.node

@@ -20,7 +20,7 @@ pub struct SlaArgs {
     /// The token the control plane's HTTP endpoints require, if it set one
     /// (--http-token-file there).
     #[arg(long, env = "TOKENFAB_HTTP_TOKEN", hide_env_values = true)]
-    http_token: Option<String>,
+    http_token: Option<tokenfab_identity::Secret>,
 }
 
 /// GETs `url` from the control plane's HTTP listener (with `token` as a bearer token when
@@ -51,7 +51,7 @@ pub(crate) async fn get_text(url: &str, token: Option<&str>) -> anyhow::Result<S
 
 pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/sla", a.url.trim_end_matches('/'));
-    let text = get_text(&url, a.http_token.as_deref()).await?;
+    let text = get_text(&url, a.http_token.as_ref().map(tokenfab_identity::Secret::expose)).await?;
     if a.json {
         println!("{text}");
         return Ok(());

@@ -49,7 +49,7 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<Client> {
                 conn.control
             )
         })?;
-    let token = format!("Bearer {}", conn.token)
+    let token = format!("Bearer {}", conn.token.expose())
         .parse()
         .context("the token is not valid ASCII")?;
     Ok(BatchServiceClient::with_interceptor(channel, Bearer(token))

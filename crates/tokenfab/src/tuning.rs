@@ -15,12 +15,12 @@ pub struct TuningArgs {
     json: bool,
     /// The token the control plane's HTTP endpoints require, if it set one.
     #[arg(long, env = "TOKENFAB_HTTP_TOKEN", hide_env_values = true)]
-    http_token: Option<String>,
+    http_token: Option<tokenfab_identity::Secret>,
 }
 
 pub async fn run(a: TuningArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/tuning", a.url.trim_end_matches('/'));
-    let text = crate::sla::get_text(&url, a.http_token.as_deref()).await?;
+    let text = crate::sla::get_text(&url, a.http_token.as_ref().map(tokenfab_identity::Secret::expose)).await?;
     if a.json {
         println!("{text}");
         return Ok(());
