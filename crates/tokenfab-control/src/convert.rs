@@ -141,6 +141,7 @@ pub fn input_error(e: InputError) -> Status {
 pub fn submit_error(e: SubmitError) -> Status {
     match e {
         SubmitError::UnknownModel { .. } => Status::not_found(format!("options.model: {e}")),
+        SubmitError::UnknownFile(_) => Status::not_found(format!("input_file_id: {e}")),
         SubmitError::UnknownSlaClass { .. } => Status::invalid_argument(format!("options.sla_class: {e}")),
         SubmitError::WindowTooLong { .. } => {
             Status::invalid_argument(format!("options.completion_window_seconds: {e}"))

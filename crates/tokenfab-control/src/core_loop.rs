@@ -7,9 +7,11 @@
 //! round, so the commit rate adapts to the load.
 //!
 //! Only replies that acknowledge something durable (a batch, results, a cancel, a
-//! deletion) wait for the commit. Reads (get, list, watch, usage) are answered at once
-//! from the core's state, so no tenant waits behind another's large commit; a read may
-//! show a change whose commit is still in flight (its submitter has not been told yet).
+//! deletion) wait for the commit. A read (get, list, watch, usage) is answered at once
+//! from the core's state unless a batch it shows changed in a round not yet committed;
+//! then it waits for that commit, so that nobody sees a state a crash could take back
+//! (a batch shown completed has all its results in the store). No tenant waits behind a
+//! commit that does not touch its own batches.
 //! Agent traffic that carries nothing durable (register, heartbeat, lease, release) is
 //! answered at once too: leases are not durable, and a lease of work whose batch then
 //! failed to commit only causes an engine call whose result is refused (duplicate engine
@@ -31,18 +33,25 @@ use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tokenfab_core::FileId;
 use tokenfab_core::batch_input::{LineError, ParsedRequest};
 use tokenfab_core::control::{
-    Action, BatchError, BatchView, ControlConfig, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch,
-    NodeRegistration, ReplicaReport, ReportSummary, ReportedResult, SubmitError, UnknownNode,
+    Action, BatchError, BatchView, ControlConfig, ControlCore, FileError, HeartbeatReply, LeaseAnswer, LeaseGrant,
+    NewBatch, NodeRegistration, ReplicaReport, ReportSummary, ReportedResult, SubmitError, UnknownNode,
 };
 use tokenfab_core::durable::DurableOp;
+use tokenfab_core::durable::FileMeta;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
 use tokenfab_store::{BatchInputs, StagedInput, Store, StoreError, WriteSet};
 use tokio::sync::{mpsc, oneshot, watch};
 
 type Reply<T> = oneshot::Sender<T>;
+
+/// A file and when its retention ends.
+pub type FileView = (FileMeta, Option<Timestamp>);
+/// A page of files, and whether more follow.
+pub type FilePage = (Vec<FileView>, bool);
 
 /// A new batch's input, parsed: the file (in the store's staging area) and what the
 /// parser found in it.
@@ -89,6 +98,32 @@ pub enum Command {
         tenant: TenantId,
         id: BatchId,
         reply: Reply<Result<watch::Receiver<BatchView>, BatchError>>,
+    },
+    /// An uploaded file, its content staged.
+    AddFile {
+        tenant: TenantId,
+        filename: String,
+        purpose: String,
+        content: StagedInput,
+        bytes: u64,
+        reply: Reply<Result<FileMeta, SubmitError>>,
+    },
+    GetFile {
+        tenant: TenantId,
+        id: FileId,
+        reply: Reply<Result<FileView, FileError>>,
+    },
+    ListFiles {
+        tenant: TenantId,
+        after: Option<FileId>,
+        limit: usize,
+        ascending: bool,
+        reply: Reply<FilePage>,
+    },
+    DeleteFile {
+        tenant: TenantId,
+        id: FileId,
+        reply: Reply<Result<(), FileError>>,
     },
     Register {
         registration: NodeRegistration,
@@ -207,6 +242,8 @@ pub struct CoreLoop<S> {
     store: S,
     /// Inputs of batches the core accepted this round, until their commit takes them.
     inputs: HashMap<BatchId, BatchInputs>,
+    /// Contents of files the core accepted this round, until their commit takes them.
+    files: HashMap<FileId, StagedInput>,
     watchers: HashMap<BatchId, watch::Sender<BatchView>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -221,6 +258,9 @@ pub struct CoreLoop<S> {
     next_seq: u64,
     /// Batches created in rounds not yet committed, with their round's number.
     undurable: HashMap<BatchId, u64>,
+    /// Batches changed in rounds not yet committed, with the last such round's number:
+    /// reads that show them wait for it.
+    dirty: HashMap<BatchId, u64>,
     /// (epoch, the last round committed); the epoch changes when a commit fails and the
     /// core is rebuilt (what was granted before is void).
     durable: watch::Sender<(u64, u64)>,
@@ -251,6 +291,7 @@ async fn rebuild<S: Store>(store: &S, config: &ControlConfig) -> Result<(Control
     core.restore_idle(store.idle_shares().await?);
     core.restore_history(store.history().await?);
     core.set_next_batch(loaded.next_batch);
+    core.restore_files(loaded.files, loaded.next_file);
     core.set_free_bytes(store.free_bytes());
     // Completing batches found whole during recovery must be written too.
     let mut set = WriteSet::default();
@@ -294,6 +335,7 @@ impl<S: Store + Clone> CoreLoop<S> {
             config,
             store,
             inputs: HashMap::new(),
+            files: HashMap::new(),
             watchers: HashMap::new(),
             metrics,
             health,
@@ -304,6 +346,7 @@ impl<S: Store + Clone> CoreLoop<S> {
             next_ticket: 0,
             next_seq: 1,
             undurable: HashMap::new(),
+            dirty: HashMap::new(),
             durable: watch::channel((0, 0)).0,
             sla_observed: std::time::Instant::now()
                 .checked_sub(SLA_METRICS_EVERY)
@@ -367,6 +410,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                             let (epoch, _) = *self.durable.borrow();
                             self.durable.send_replace((epoch, done.seq));
                             self.undurable.retain(|_, s| *s > done.seq);
+                            self.dirty.retain(|_, s| *s > done.seq);
                             self.metrics.commits.inc();
                             self.metrics
                                 .commit_seconds
@@ -424,7 +468,9 @@ impl<S: Store + Clone> CoreLoop<S> {
         self.health.store_failed(&error.to_string());
         self.waiting.clear();
         self.inputs.clear();
+        self.files.clear();
         self.undurable.clear();
+        self.dirty.clear();
         let (epoch, _) = *self.durable.borrow();
         self.durable.send_replace((epoch + 1, 0));
         let mut backoff = Duration::from_millis(200);
@@ -495,9 +541,17 @@ impl<S: Store + Clone> CoreLoop<S> {
                         }
                         self.undurable.insert(meta.id, self.next_seq);
                     }
+                    if let DurableOp::CreateFile { meta } = &op
+                        && let Some(content) = self.files.remove(&meta.id)
+                    {
+                        round.set.files.push((meta.id, content));
+                    }
                     round.set.ops.push(op);
                 }
-                Action::BatchChanged(id) => round.changed.push(id),
+                Action::BatchChanged(id) => {
+                    self.dirty.insert(id, self.next_seq);
+                    round.changed.push(id);
+                }
                 Action::LeaseReady {
                     ticket, node, grant, ..
                 } => {
@@ -547,12 +601,20 @@ impl<S: Store + Clone> CoreLoop<S> {
                 // A refused batch's staged input is deleted with `inputs` here.
                 later(replies, reply, r);
             }
-            // Reads are answered at once: no tenant waits behind a commit.
+            // Reads are answered at once, unless what they show is not yet durable.
             Command::Get { tenant, id, reply } => {
-                let _ = reply.send(self.core.batch(&tenant, id));
+                let r = self.core.batch(&tenant, id);
+                self.answer_read(replies, reply, r, &[id]);
             }
             Command::Usage { tenant, since, reply } => {
-                let _ = reply.send(self.core.tenant_usage(&tenant, since));
+                let r = self.core.tenant_usage(&tenant, since);
+                let dirty: Vec<BatchId> = self
+                    .dirty
+                    .keys()
+                    .copied()
+                    .filter(|id| self.core.batch(&tenant, *id).is_ok())
+                    .collect();
+                self.answer_read(replies, reply, r, &dirty);
             }
             Command::List {
                 tenant,
@@ -560,7 +622,9 @@ impl<S: Store + Clone> CoreLoop<S> {
                 limit,
                 reply,
             } => {
-                let _ = reply.send(self.core.list(&tenant, before, limit));
+                let r = self.core.list(&tenant, before, limit);
+                let shown: Vec<BatchId> = r.0.iter().map(|v| v.meta.id).collect();
+                self.answer_read(replies, reply, r, &shown);
             }
             Command::Cancel { tenant, id, reply } => {
                 let r = self.core.cancel(now, &tenant, id);
@@ -587,7 +651,49 @@ impl<S: Store + Clone> CoreLoop<S> {
                             .subscribe()
                     }
                 });
+                self.answer_read(replies, reply, r, &[id]);
+            }
+            Command::AddFile {
+                tenant,
+                filename,
+                purpose,
+                content,
+                bytes,
+                reply,
+            } => {
+                let r = self.core.add_file(now, &tenant, filename, bytes, purpose);
+                if let Ok(meta) = &r {
+                    self.files.insert(meta.id, content);
+                }
+                later(replies, reply, r);
+            }
+            Command::GetFile { tenant, id, reply } => {
+                let r = self
+                    .core
+                    .file(&tenant, id)
+                    .map(|f| (f.clone(), self.core.file_expiry(f)));
                 let _ = reply.send(r);
+            }
+            Command::ListFiles {
+                tenant,
+                after,
+                limit,
+                ascending,
+                reply,
+            } => {
+                let (files, more) = self.core.list_files(&tenant, after, limit, ascending);
+                let files = files
+                    .into_iter()
+                    .map(|f| {
+                        let expires = self.core.file_expiry(&f);
+                        (f, expires)
+                    })
+                    .collect();
+                let _ = reply.send((files, more));
+            }
+            Command::DeleteFile { tenant, id, reply } => {
+                let r = self.core.delete_file(&tenant, id);
+                later(replies, reply, r);
             }
             Command::Register { registration, reply } => {
                 tracing::info!(node = %registration.node, devices = registration.devices.len(), replicas = registration.replicas.len(), "node registered");
@@ -653,6 +759,18 @@ impl<S: Store + Clone> CoreLoop<S> {
                 );
                 self.core.inputs_lost(now, unit, &items);
             }
+        }
+    }
+
+    /// Answers a read at once, or, when one of the batches it shows changed in a round
+    /// not yet committed, once that round is durable.
+    fn answer_read<T: Send + 'static>(&self, replies: &mut Replies, tx: Reply<T>, v: T, shows: &[BatchId]) {
+        if shows.iter().any(|id| self.dirty.contains_key(id)) {
+            replies.push(Box::new(move || {
+                let _ = tx.send(v);
+            }));
+        } else {
+            let _ = tx.send(v);
         }
     }
 

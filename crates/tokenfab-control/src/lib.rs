@@ -14,6 +14,7 @@ mod core_loop;
 mod health;
 mod http;
 mod metrics;
+pub mod openai;
 mod services;
 
 pub use auth::{Auth, TenantToken};
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// HTTP address for `/metrics`; `None` to serve no metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// HTTP address for the OpenAI-compatible Files and Batches API; `None`: not served.
+    pub openai_listen: Option<SocketAddr>,
     pub tenants: Vec<TenantToken>,
     /// The cluster's agent secret: every node's token derives from it (see
     /// [`tokenfab_identity`]).
@@ -116,6 +119,8 @@ pub struct Server {
     /// The gRPC address actually bound (useful with port 0).
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The OpenAI-compatible API's address actually bound.
+    pub openai_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServerError>>,
 }
@@ -202,7 +207,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         ),
         None => None,
     };
-    let http_tls = match &config.tls {
+    let http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>> = match &config.tls {
         Some(t) => {
             Some(tokenfab_identity::tls::http_server(&t.cert, &t.key).map_err(|e| ServerError::Config(e.to_string()))?)
         }
@@ -238,6 +243,15 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let openai_listener = match config.openai_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|cause| ServerError::Bind { addr: a, cause })?,
+        ),
+        None => None,
+    };
+    let openai_addr = openai_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let catalog = tokenfab_core::catalog::Catalog::builtin();
     let contexts = config
@@ -273,6 +287,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
         .max_encoding_message_size(64 << 20);
     let sla = tokenfab_proto::v1::sla_service_server::SlaServiceServer::new(services::SlaApi(shared.clone()));
     let admin = tokenfab_proto::v1::admin_service_server::AdminServiceServer::new(services::AdminApi(shared.clone()));
+    let openai_app = openai::router(shared.clone());
     let agent = AgentServiceServer::new(services::AgentApi(shared))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(lease_reply);
@@ -300,6 +315,7 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     }
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let http_token = config.http_token;
+    let openai_tls = http_tls.clone();
     let transport = config.transport.clone();
     let task = tokio::spawn(async move {
         let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
@@ -322,6 +338,23 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
                 }
                 Some(tls) => {
                     tokio::spawn(http::serve_tls(l, app, tls, metrics_stopped));
+                }
+            }
+        }
+        let (stop_openai, openai_stopped) = oneshot::channel::<()>();
+        if let Some(l) = openai_listener {
+            match &openai_tls {
+                None => {
+                    tokio::spawn(async move {
+                        let _ = axum::serve(l, openai_app)
+                            .with_graceful_shutdown(async {
+                                let _ = openai_stopped.await;
+                            })
+                            .await;
+                    });
+                }
+                Some(tls) => {
+                    tokio::spawn(http::serve_tls(l, openai_app, tls.clone(), openai_stopped));
                 }
             }
         }
@@ -359,11 +392,13 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
             },
         };
         let _ = stop_metrics.send(());
+        let _ = stop_openai.send(());
         result
     });
     Ok(Server {
         addr,
         metrics_addr,
+        openai_addr,
         shutdown: Some(shutdown_tx),
         task,
     })
@@ -377,6 +412,7 @@ mod tests {
         ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
+            openai_listen: None,
             tenants: tenants.iter().map(|(n, t)| TenantToken::new(*n, t)).collect(),
             agent_secret: agent.into(),
             admin_token: None,

@@ -15,11 +15,11 @@ use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, W
 use tokenfab_proto::v1 as pb;
 use tokenfab_proto::v1::agent_service_server::AgentService;
 use tokenfab_proto::v1::batch_service_server::BatchService;
-use tokenfab_store::{Cursor, ResultKind, RowOutcome, Store};
+use tokenfab_store::{Cursor, ResultKind, RowOutcome, StagedInput, Store};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 /// What both services share.
@@ -42,7 +42,7 @@ pub struct Shared<S> {
 
 impl<S> Shared<S> {
     /// Sends a command to the core loop and waits for its answer.
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+    pub(crate) async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| convert::stopped())?;
         rx.await.map_err(|_| convert::stopped())
@@ -140,30 +140,130 @@ const PARSE_CHUNK: usize = 1 << 20;
 /// Free space is checked again after this much of an upload.
 const SPACE_CHECK_EVERY: u64 = 64 << 20;
 
-/// Where a batch's input comes from.
-enum Source {
+/// Pieces of an uploaded file as they arrive.
+pub(crate) type ByteStream<'a> = Pin<Box<dyn Stream<Item = Result<prost::bytes::Bytes, Status>> + Send + 'a>>;
+
+/// Where a batch's input (or an uploaded file) comes from.
+pub(crate) enum Source<'a> {
     Inline(prost::bytes::Bytes),
-    Stream(Streaming<pb::UploadBatchChunk>),
+    Stream(ByteStream<'a>),
+    /// A file already in the store (an uploaded file a batch is created from).
+    Stored(std::path::PathBuf),
 }
 
-impl<S: Store + Clone> BatchApi<S> {
-    /// Checks the options, writes the input file to the store's staging area as it
-    /// arrives, parses it from there, and submits the batch.
-    async fn submit(
+/// A batch accepted (durable), and its first invalid lines.
+pub(crate) struct Submitted {
+    pub view: tokenfab_core::control::BatchView,
+    pub line_errors: Vec<pb::RequestError>,
+}
+
+impl<S: Store + Clone> Shared<S> {
+    /// Takes an upload slot for `tenant` (refusing when all are taken) while `work` runs.
+    pub(crate) async fn with_upload_slot<T>(
+        &self,
+        tenant: &TenantId,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let slot = match self.uploads.enter(tenant) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.metrics.uploads_refused.inc();
+                return Err(e);
+            }
+        };
+        self.metrics
+            .uploads_in_progress
+            .set(i64::from(self.uploads.in_progress()));
+        let result = work.await;
+        drop(slot);
+        self.metrics
+            .uploads_in_progress
+            .set(i64::from(self.uploads.in_progress()));
+        result
+    }
+
+    /// Refuses new data while the disk is nearly full.
+    pub(crate) fn check_space(&self) -> Result<(), Status> {
+        match self.store.free_bytes() {
+            Some(free) if free < self.min_free_bytes => Err(convert::submit_error(SubmitError::StorageLow {
+                free: tokenfab_core::usage::human_bytes(free),
+                min: tokenfab_core::usage::human_bytes(self.min_free_bytes),
+            })),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `source` into the store's staging area as it arrives (at most
+    /// `max_file_bytes`), durably; its size in bytes.
+    pub(crate) async fn stage(&self, source: Source<'_>) -> Result<(StagedInput, u64), Status> {
+        self.check_space()?;
+        let staged = self.store.stage().map_err(|e| Status::unavailable(e.to_string()))?;
+        let write_err = |e: std::io::Error| {
+            Status::unavailable(format!("the control plane cannot store the file: {e}; retry later"))
+        };
+        let limit = self.limits.max_file_bytes;
+        let too_large =
+            |bytes: u64| convert::input_error(tokenfab_core::batch_input::InputError::TooLarge { bytes, limit });
+        if let Source::Stored(from) = &source {
+            // A hard link shares the content without copying it; across filesystems, a copy.
+            if std::fs::hard_link(from, staged.path()).is_err() {
+                tokio::fs::copy(from, staged.path()).await.map_err(write_err)?;
+            }
+            let bytes = tokio::fs::metadata(staged.path()).await.map_err(write_err)?.len();
+            if bytes > limit {
+                return Err(too_large(bytes));
+            }
+            return Ok((staged, bytes));
+        }
+        let mut file = tokio::fs::File::create(staged.path()).await.map_err(write_err)?;
+        let mut written = 0u64;
+        let mut next_check = SPACE_CHECK_EVERY;
+        match source {
+            Source::Inline(data) => {
+                if data.len() as u64 > limit {
+                    return Err(too_large(data.len() as u64));
+                }
+                file.write_all(&data).await.map_err(write_err)?;
+                written = data.len() as u64;
+            }
+            Source::Stream(mut stream) => {
+                while let Some(piece) = stream.next().await {
+                    let d = piece?;
+                    written += d.len() as u64;
+                    if written > limit {
+                        return Err(too_large(written));
+                    }
+                    file.write_all(&d).await.map_err(write_err)?;
+                    if written >= next_check {
+                        next_check += SPACE_CHECK_EVERY;
+                        self.check_space()?;
+                    }
+                }
+            }
+            Source::Stored(_) => unreachable!("handled above"),
+        }
+        // Durable before anything that names it can be.
+        file.sync_all().await.map_err(write_err)?;
+        Ok((staged, written))
+    }
+
+    /// Checks the options, stages the input file, parses it from there, and submits the
+    /// batch; answers once it is durable.
+    pub(crate) async fn submit_batch(
         &self,
         tenant: TenantId,
         options: pb::BatchOptions,
-        source: Source,
-    ) -> Result<pb::CreateBatchResponse, Status> {
-        let s = &self.0;
+        source: Source<'_>,
+        input_file: Option<tokenfab_core::FileId>,
+    ) -> Result<Submitted, Status> {
         if options.model.trim().is_empty() {
             return Err(Status::invalid_argument(
                 "options.model is required: name the model every request of the batch runs on",
             ));
         }
         let model = ModelId::new(options.model.clone());
-        if !s.models.contains(&model) {
-            let served: Vec<&str> = s.models.iter().map(ModelId::as_str).collect();
+        if !self.models.contains(&model) {
+            let served: Vec<&str> = self.models.iter().map(ModelId::as_str).collect();
             return Err(Status::not_found(format!(
                 "options.model: unknown model '{model}': this cluster serves {}",
                 served.join(", ")
@@ -179,91 +279,29 @@ impl<S: Store + Clone> BatchApi<S> {
         };
         tokenfab_core::control::check_metadata(&options.metadata)
             .map_err(|e| Status::invalid_argument(format!("options.{e}")))?;
-        let _slot = match s.uploads.enter(&tenant) {
-            Ok(slot) => slot,
-            Err(e) => {
-                s.metrics.uploads_refused.inc();
-                return Err(e);
-            }
-        };
-        s.metrics.uploads_in_progress.set(i64::from(s.uploads.in_progress()));
-        let result = self.receive_and_submit(tenant, options, model, endpoint, source).await;
-        drop(_slot);
-        s.metrics.uploads_in_progress.set(i64::from(s.uploads.in_progress()));
-        result
+        let slot_tenant = tenant.clone();
+        self.with_upload_slot(&slot_tenant, async move {
+            let (staged, written) = self.stage(source).await?;
+            self.parse_and_submit(tenant, options, model, endpoint, staged, written, input_file)
+                .await
+        })
+        .await
     }
 
-    fn check_space(&self) -> Result<(), Status> {
-        let s = &self.0;
-        match s.store.free_bytes() {
-            Some(free) if free < s.min_free_bytes => Err(convert::submit_error(SubmitError::StorageLow {
-                free: tokenfab_core::usage::human_bytes(free),
-                min: tokenfab_core::usage::human_bytes(s.min_free_bytes),
-            })),
-            _ => Ok(()),
-        }
-    }
-
-    async fn receive_and_submit(
+    #[allow(clippy::too_many_arguments)]
+    async fn parse_and_submit(
         &self,
         tenant: TenantId,
         options: pb::BatchOptions,
         model: ModelId,
         endpoint: Option<Endpoint>,
-        source: Source,
-    ) -> Result<pb::CreateBatchResponse, Status> {
-        let s = &self.0;
-        self.check_space()?;
-        let staged = s.store.stage().map_err(|e| Status::unavailable(e.to_string()))?;
-        let write_err = |e: std::io::Error| {
-            Status::unavailable(format!(
-                "the control plane cannot store the input file: {e}; retry later"
-            ))
-        };
-        let mut file = tokio::fs::File::create(staged.path()).await.map_err(write_err)?;
-        let limit = s.limits.max_file_bytes;
-        let too_large =
-            |bytes: u64| convert::input_error(tokenfab_core::batch_input::InputError::TooLarge { bytes, limit });
-        let mut written = 0u64;
-        let mut next_check = SPACE_CHECK_EVERY;
-        match source {
-            Source::Inline(data) => {
-                if data.len() as u64 > limit {
-                    return Err(too_large(data.len() as u64));
-                }
-                file.write_all(&data).await.map_err(write_err)?;
-                written = data.len() as u64;
-            }
-            Source::Stream(mut stream) => {
-                while let Some(msg) = stream.message().await? {
-                    match msg.chunk {
-                        Some(pb::upload_batch_chunk::Chunk::Data(d)) => {
-                            written += d.len() as u64;
-                            if written > limit {
-                                return Err(too_large(written));
-                            }
-                            file.write_all(&d).await.map_err(write_err)?;
-                            if written >= next_check {
-                                next_check += SPACE_CHECK_EVERY;
-                                self.check_space()?;
-                            }
-                        }
-                        Some(pb::upload_batch_chunk::Chunk::Options(_)) => {
-                            return Err(Status::invalid_argument(
-                                "options may only be sent once, in the first message",
-                            ));
-                        }
-                        None => {}
-                    }
-                }
-            }
-        }
-        // Durable before the batch can be: the commit that creates the batch only moves it.
-        file.sync_all().await.map_err(write_err)?;
-        drop(file);
-        let limits = s.limits;
+        staged: StagedInput,
+        written: u64,
+        input_file: Option<tokenfab_core::FileId>,
+    ) -> Result<Submitted, Status> {
+        let limits = self.limits;
         let strict = options.strict;
-        let max_context = s.contexts.get(&model).copied();
+        let max_context = self.contexts.get(&model).copied();
         let path = staged.path().to_path_buf();
         let parse_model = model.clone();
         // Parsing is CPU work: off the async workers, one piece of the file at a time.
@@ -302,10 +340,11 @@ impl<S: Store + Clone> BatchApi<S> {
             lines: parsed.lines,
             invalid_lines: parsed.line_errors.len() as u32,
             line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
+            input_file,
             requests: parsed.requests.iter().map(RequestMeta::from).collect(),
             best_effort_if_late: options.best_effort_if_late,
         };
-        let inline: Vec<pb::RequestError> = parsed
+        let line_errors: Vec<pb::RequestError> = parsed
             .line_errors
             .iter()
             .take(INLINE_LINE_ERRORS)
@@ -320,13 +359,25 @@ impl<S: Store + Clone> BatchApi<S> {
             requests: parsed.requests,
             line_errors: parsed.line_errors,
         };
-        let view = s
+        let view = self
             .ask(|reply| Command::Submit { new, inputs, reply })
             .await?
             .map_err(convert::submit_error)?;
+        Ok(Submitted { view, line_errors })
+    }
+}
+
+impl<S: Store + Clone> BatchApi<S> {
+    async fn submit(
+        &self,
+        tenant: TenantId,
+        options: pb::BatchOptions,
+        source: Source<'_>,
+    ) -> Result<pb::CreateBatchResponse, Status> {
+        let s = self.0.submit_batch(tenant, options, source, None).await?;
         Ok(pb::CreateBatchResponse {
-            batch: Some(convert::batch(&view)),
-            line_errors: inline,
+            batch: Some(convert::batch(&s.view)),
+            line_errors: s.line_errors,
         })
     }
 }
@@ -362,7 +413,19 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
                 "the first message of an upload must carry options",
             ));
         };
-        self.submit(tenant, options, Source::Stream(stream))
+        let pieces = stream.filter_map(|msg| match msg {
+            Ok(pb::UploadBatchChunk {
+                chunk: Some(pb::upload_batch_chunk::Chunk::Data(d)),
+            }) => Some(Ok(d)),
+            Ok(pb::UploadBatchChunk {
+                chunk: Some(pb::upload_batch_chunk::Chunk::Options(_)),
+            }) => Some(Err(Status::invalid_argument(
+                "options may only be sent once, in the first message",
+            ))),
+            Ok(pb::UploadBatchChunk { chunk: None }) => None,
+            Err(e) => Some(Err(e)),
+        });
+        self.submit(tenant, options, Source::Stream(Box::pin(pieces)))
             .await
             .map(Response::new)
     }
@@ -561,7 +624,7 @@ impl<S: Store + Clone> BatchService for BatchApi<S> {
     }
 }
 
-fn result_record(row: tokenfab_store::ResultRow) -> pb::ResultRecord {
+pub(crate) fn result_record(row: tokenfab_store::ResultRow) -> pb::ResultRecord {
     use tokenfab_core::durable::Outcome;
     let outcome = match row.outcome {
         RowOutcome::Recorded(Outcome::Response {

@@ -23,6 +23,7 @@ async fn fixture() -> Fixture {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
+        openai_listen: None,
         tenants: vec![
             TenantToken::new("acme", "acme-token"),
             TenantToken::new("rival", "rival-token"),

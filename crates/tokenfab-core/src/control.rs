@@ -13,8 +13,10 @@
 
 use crate::batch::{BatchStatus, Lifecycle, TransitionError};
 use crate::catalog::Catalog;
-use crate::durable::{BatchMeta, BatchTotals, DurableOp, Outcome, RecordedResult, RecoveredBatch, RequestMeta};
-use crate::ids::{AcceleratorId, BatchId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, WorkUnitId};
+use crate::durable::{
+    BatchMeta, BatchTotals, DurableOp, FileMeta, Outcome, RecordedResult, RecoveredBatch, RequestMeta,
+};
+use crate::ids::{AcceleratorId, BatchId, FileId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, WorkUnitId};
 use crate::time::Timestamp;
 use crate::usage::{DEFAULT_PUE, DEFAULT_USD_PER_KWH, Pricing, Usage};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -301,6 +303,8 @@ pub struct NewBatch {
     pub input_bytes: u64,
     /// What the refused lines' errors take in the store (kept with the results).
     pub line_error_bytes: u64,
+    /// The uploaded file it is created from, if any (its owner is checked by the core).
+    pub input_file: Option<FileId>,
     pub lines: u32,
     pub invalid_lines: u32,
     pub requests: Vec<RequestMeta>,
@@ -321,6 +325,8 @@ pub enum SubmitError {
     NoRequests,
     #[error("metadata: {0} (as in the OpenAI Batch API)")]
     Metadata(String),
+    #[error("input file {0} not found for this tenant; upload it first (POST /v1/files)")]
+    UnknownFile(FileId),
     #[error(
         "tenant '{tenant}' may have {limit} requests waiting; it has {queued} and this batch adds {asked}; submit it when more of them have finished"
     )]
@@ -383,6 +389,14 @@ pub enum BatchError {
     Transition(#[from] TransitionError),
     #[error("{0} is {1}: only a finished batch can be deleted; cancel it first")]
     NotFinished(BatchId, BatchStatus),
+}
+
+/// A tenant command on a file that cannot be carried out.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FileError {
+    /// Also returned for another tenant's file.
+    #[error("file {0} not found for this tenant")]
+    NotFound(FileId),
 }
 
 /// An agent call from a node the core does not know.
@@ -817,6 +831,11 @@ pub struct ControlCore {
     history: BTreeMap<TenantId, BTreeMap<Timestamp, crate::durable::UsageHistory>>,
     /// Free space in the store as last reported by the shell, bytes (`None`: unknown).
     free_bytes: Option<u64>,
+    /// Files tenants uploaded, by tenant, and when each one's retention ends.
+    files: BTreeMap<FileId, FileMeta>,
+    files_by_tenant: BTreeSet<(TenantId, FileId)>,
+    files_retained: BTreeSet<(Timestamp, FileId)>,
+    next_file: u64,
 }
 
 /// (model, accelerator, devices, prompt-length bucket, output-length bucket).
@@ -957,6 +976,10 @@ impl ControlCore {
             retained: BTreeSet::new(),
             history: BTreeMap::new(),
             free_bytes: None,
+            files: BTreeMap::new(),
+            files_by_tenant: BTreeSet::new(),
+            files_retained: BTreeSet::new(),
+            next_file: 1,
         }
     }
 
@@ -1299,6 +1322,11 @@ impl ControlCore {
             return Err(SubmitError::NoRequests);
         }
         check_metadata(&new.metadata)?;
+        if let Some(f) = new.input_file
+            && self.file(&new.tenant, f).is_err()
+        {
+            return Err(SubmitError::UnknownFile(f));
+        }
         if let Some(free) = self.free_bytes
             && free < self.config.min_free_bytes
         {
@@ -1370,6 +1398,7 @@ impl ControlCore {
             endpoint: new.endpoint,
             input_bytes: new.input_bytes,
             line_error_bytes: new.line_error_bytes,
+            input_file: new.input_file,
             lines: new.lines,
             invalid_lines: new.invalid_lines,
             requests: new.requests.len() as u32,
@@ -1513,6 +1542,12 @@ impl ControlCore {
                     queued += u64::from(b.meta.requests.saturating_sub(b.done()));
                 }
                 stored += b.stored_bytes();
+            }
+            for (_, f) in self
+                .files_by_tenant
+                .range((tenant.clone(), FileId(0))..=(tenant.clone(), FileId(u64::MAX)))
+            {
+                stored += self.files[f].bytes;
             }
             if let Some(limit) = quota.max_queued_requests
                 && queued + requests > limit
@@ -2625,7 +2660,8 @@ impl ControlCore {
         let deadline = self.deadlines.first().map(|&(t, _)| t);
         let wait = self.parked_until.first().map(|&(t, _)| t);
         let retention = self.retained.first().map(|&(t, _)| t);
-        [lease, deadline, wait, retention].into_iter().flatten().min()
+        let files = self.files_retained.first().map(|&(t, _)| t);
+        [lease, deadline, wait, retention, files].into_iter().flatten().min()
     }
 
     /// [`ControlCore::handle_timeout`] before waiting leases are served.
@@ -2650,6 +2686,12 @@ impl ControlCore {
             }
             self.retained.pop_first();
             self.delete(id);
+        }
+        while let Some(&(t, id)) = self.files_retained.first() {
+            if t > now {
+                break;
+            }
+            self.drop_file(id);
         }
     }
 
@@ -3020,6 +3062,121 @@ impl ControlCore {
         Ok(())
     }
 
+    /// Accepts an uploaded file of `bytes` bytes (its content staged by the shell, which
+    /// must persist the resulting `CreateFile` with it before acknowledging). Checked
+    /// against the tenant's stored-bytes limit and the free disk space.
+    pub fn add_file(
+        &mut self,
+        now: Timestamp,
+        tenant: &TenantId,
+        filename: String,
+        bytes: u64,
+        purpose: String,
+    ) -> Result<FileMeta, SubmitError> {
+        if let Some(free) = self.free_bytes
+            && free < self.config.min_free_bytes
+        {
+            return Err(SubmitError::StorageLow {
+                free: crate::usage::human_bytes(free),
+                min: crate::usage::human_bytes(self.config.min_free_bytes),
+            });
+        }
+        self.check_quota(now, tenant, 0, 0, bytes)?;
+        let meta = FileMeta {
+            id: FileId(self.next_file),
+            tenant: tenant.clone(),
+            filename,
+            bytes,
+            created_at: now,
+            purpose,
+        };
+        self.next_file += 1;
+        self.actions
+            .push_back(Action::Persist(DurableOp::CreateFile { meta: meta.clone() }));
+        self.keep_file(meta.clone());
+        Ok(meta)
+    }
+
+    fn keep_file(&mut self, meta: FileMeta) {
+        if let Some(end) = self.file_expiry(&meta) {
+            self.files_retained.insert((end, meta.id));
+        }
+        self.files_by_tenant.insert((meta.tenant.clone(), meta.id));
+        self.next_file = self.next_file.max(meta.id.0 + 1);
+        self.files.insert(meta.id, meta);
+    }
+
+    /// When a file's retention ends (files follow their tenant's retention, counted from
+    /// the upload), if it does.
+    pub fn file_expiry(&self, meta: &FileMeta) -> Option<Timestamp> {
+        let keep = self
+            .config
+            .tenant_retention
+            .get(&meta.tenant)
+            .copied()
+            .or(self.config.retention)?;
+        Some(meta.created_at.saturating_add(keep))
+    }
+
+    /// One of `tenant`'s files.
+    pub fn file(&self, tenant: &TenantId, id: FileId) -> Result<&FileMeta, FileError> {
+        self.files
+            .get(&id)
+            .filter(|f| &f.tenant == tenant)
+            .ok_or(FileError::NotFound(id))
+    }
+
+    /// `tenant`'s files after `after` (newest first, or oldest first with `ascending`).
+    pub fn list_files(
+        &self,
+        tenant: &TenantId,
+        after: Option<FileId>,
+        limit: usize,
+        ascending: bool,
+    ) -> (Vec<FileMeta>, bool) {
+        let all = self
+            .files_by_tenant
+            .range((tenant.clone(), FileId(0))..=(tenant.clone(), FileId(u64::MAX)))
+            .map(|(_, id)| *id);
+        let ids: Vec<FileId> = if ascending {
+            all.filter(|id| after.is_none_or(|a| *id > a)).collect()
+        } else {
+            all.rev().filter(|id| after.is_none_or(|a| *id < a)).collect()
+        };
+        let more = ids.len() > limit;
+        (
+            ids.into_iter().take(limit).map(|id| self.files[&id].clone()).collect(),
+            more,
+        )
+    }
+
+    /// A tenant deletes one of its files (batches created from it keep their own copy).
+    pub fn delete_file(&mut self, tenant: &TenantId, id: FileId) -> Result<(), FileError> {
+        self.file(tenant, id)?;
+        self.drop_file(id);
+        Ok(())
+    }
+
+    fn drop_file(&mut self, id: FileId) {
+        let Some(meta) = self.files.remove(&id) else {
+            return;
+        };
+        if let Some(end) = self.file_expiry(&meta) {
+            self.files_retained.remove(&(end, id));
+        }
+        self.files_by_tenant.remove(&(meta.tenant, id));
+        self.actions.push_back(Action::Persist(DurableOp::DeleteFile { id }));
+    }
+
+    /// Restores the files read back from the store (after [`ControlCore::recover`]);
+    /// `next` is the first file id never given out.
+    pub fn restore_files(&mut self, files: impl IntoIterator<Item = FileMeta>, next: u64) {
+        for f in files {
+            self.keep_file(f);
+        }
+        self.next_file = self.next_file.max(next);
+    }
+
     /// Restores the usage history of deleted batches (rows written by
     /// `DurableOp::TenantHistory`), after [`ControlCore::recover`].
     pub fn restore_history(
@@ -3128,6 +3285,7 @@ mod tests {
             endpoint: crate::batch_input::Endpoint::ChatCompletions,
             input_bytes: 100,
             line_error_bytes: 0,
+            input_file: None,
             lines: n + 1,
             invalid_lines: 1,
             requests: (0..n)
@@ -3221,7 +3379,11 @@ mod tests {
                     store.remove(id);
                 }
                 Action::Persist(
-                    DurableOp::TenantIdle { .. } | DurableOp::DropInputs { .. } | DurableOp::TenantHistory { .. },
+                    DurableOp::TenantIdle { .. }
+                    | DurableOp::DropInputs { .. }
+                    | DurableOp::TenantHistory { .. }
+                    | DurableOp::CreateFile { .. }
+                    | DurableOp::DeleteFile { .. },
                 )
                 | Action::BatchChanged(_)
                 | Action::LeaseReady { .. } => {}
@@ -4047,6 +4209,64 @@ mod tests {
 
     /// Issue 11: all bodies of a lease went into one reply, which could exceed the gRPC
     /// message limit.
+    #[test]
+    fn uploaded_files_belong_to_their_tenant_count_toward_its_limits_and_follow_its_retention() {
+        let day = Duration::from_secs(24 * 3600);
+        let mut core = ControlCore::new(ControlConfig {
+            retention: Some(30 * day),
+            tenant_retention: [(tenant("brief"), day)].into_iter().collect(),
+            default_quota: Quota {
+                max_stored_bytes: Some(1_000),
+                ..Quota::default()
+            },
+            ..ControlConfig::default()
+        });
+        let f = core
+            .add_file(T0, &tenant("acme"), "a.jsonl".into(), 600, "batch".into())
+            .unwrap();
+        assert_eq!(f.id.to_string(), "file-00000001");
+        assert!(matches!(
+            drain(&mut core)[..],
+            [Action::Persist(DurableOp::CreateFile { ref meta })] if meta == &f
+        ));
+        assert_eq!(core.file(&tenant("evil"), f.id), Err(FileError::NotFound(f.id)));
+        assert_eq!(core.list_files(&tenant("evil"), None, 10, false).0.len(), 0);
+        assert_eq!(core.delete_file(&tenant("evil"), f.id), Err(FileError::NotFound(f.id)));
+        // Files count toward the tenant's stored bytes.
+        let e = core
+            .add_file(T0, &tenant("acme"), "b.jsonl".into(), 500, "batch".into())
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("tenant 'acme' may keep 1000 B in the store"),
+            "{e}"
+        );
+        // A batch may be made only from the tenant's own file.
+        let mut b = new_batch("evil", 1);
+        b.input_file = Some(f.id);
+        assert_eq!(core.submit(T0, b).unwrap_err(), SubmitError::UnknownFile(f.id));
+        let mut b = new_batch("acme", 1);
+        b.input_file = Some(f.id);
+        assert_eq!(core.submit(T0, b).unwrap().meta.input_file, Some(f.id));
+        // Retention: per tenant, from the upload.
+        let g = core
+            .add_file(T0, &tenant("brief"), "c.jsonl".into(), 10, "batch".into())
+            .unwrap();
+        assert_eq!(core.file_expiry(&g), Some(T0.saturating_add(day)));
+        assert_eq!(core.file_expiry(&f), Some(T0.saturating_add(30 * day)));
+        drain(&mut core);
+        core.handle_timeout(T0.saturating_add(day));
+        assert!(drain(&mut core).contains(&Action::Persist(DurableOp::DeleteFile { id: g.id })));
+        assert!(core.file(&tenant("brief"), g.id).is_err());
+        assert!(core.file(&tenant("acme"), f.id).is_ok());
+        // Ids are never reused, even after a restart.
+        let mut again = ControlCore::new(ControlConfig::default());
+        again.restore_files([f.clone()], 3);
+        let h = again
+            .add_file(T0, &tenant("acme"), "d".into(), 1, "batch".into())
+            .unwrap();
+        assert_eq!(h.id.0, 3);
+    }
+
     #[test]
     fn requests_whose_input_cannot_be_read_end_as_input_lost() {
         let mut core = ControlCore::new(ControlConfig::default());

@@ -3,7 +3,7 @@
 //! depends on them is sent.
 
 use crate::batch::Lifecycle;
-use crate::ids::{BatchId, ModelId, RequestRef, TenantId};
+use crate::ids::{BatchId, FileId, ModelId, RequestRef, TenantId};
 use crate::time::Timestamp;
 use crate::usage::Usage;
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,8 @@ pub struct BatchMeta {
     pub input_bytes: u64,
     /// What the refused lines' errors take in the store.
     pub line_error_bytes: u64,
+    /// The uploaded file the batch was created from (OpenAI-compatible API), if any.
+    pub input_file: Option<FileId>,
     /// Non-blank lines of the input file.
     pub lines: u32,
     /// Lines refused by validation.
@@ -140,6 +142,11 @@ pub enum DurableOp {
     /// requests, line errors, results and input. Its usage was added to its tenant's
     /// history in the same commit.
     DeleteBatch { id: BatchId },
+    /// A file a tenant uploaded (OpenAI-compatible Files API). The shell writes its
+    /// content, staged before, in the same transaction.
+    CreateFile { meta: FileMeta },
+    /// The file is deleted (its tenant deleted it, or its retention ended).
+    DeleteFile { id: FileId },
     /// The usage of deleted batches created on the day starting at `day`, for `tenant`,
     /// is now `usage` (replaces what was stored for that tenant and day).
     TenantHistory {
@@ -147,6 +154,19 @@ pub enum DurableOp {
         day: Timestamp,
         history: UsageHistory,
     },
+}
+
+/// A file a tenant uploaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub id: FileId,
+    pub tenant: TenantId,
+    /// The name the tenant gave it.
+    pub filename: String,
+    pub bytes: u64,
+    pub created_at: Timestamp,
+    /// What it is for (`batch`: a batch input file).
+    pub purpose: String,
 }
 
 /// What deleted batches of one tenant and day used: kept after the batches are gone, for

@@ -31,6 +31,28 @@ impl FromStr for BatchId {
     }
 }
 
+/// A file a tenant uploaded through the OpenAI-compatible Files API. Shown as
+/// `file-00000042`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FileId(pub u64);
+
+impl fmt::Display for FileId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "file-{:08}", self.0)
+    }
+}
+
+impl FromStr for FileId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.strip_prefix("file-")
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
+            .map(FileId)
+            .ok_or(())
+    }
+}
+
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*

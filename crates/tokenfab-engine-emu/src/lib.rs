@@ -427,6 +427,13 @@ const WORDS: [&str; 16] = [
     "joules", "per", "token",
 ];
 
+/// A seed for the filler text from the request body (FNV-1a).
+fn seed_of(body: &[u8]) -> u64 {
+    body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn filler(tokens: u32, seed: u64) -> String {
     let mut s = String::with_capacity(tokens as usize * 6);
     for i in 0..tokens as u64 {
@@ -561,7 +568,9 @@ async fn chat_completions(State(emu): State<Emulator>, body: axum::body::Bytes) 
             "model": emu.shared.config.served_name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": filler(f.completion_tokens, id)},
+                // The text depends on the request only, as a greedy-decoding engine's does:
+                // the same request gets the same answer.
+                "message": {"role": "assistant", "content": filler(f.completion_tokens, seed_of(&body))},
                 "finish_reason": "length",
             }],
             "usage": usage(&f),
@@ -593,7 +602,7 @@ async fn completions(State(emu): State<Emulator>, body: axum::body::Bytes) -> Re
             "object": "text_completion",
             "created": unix_now(),
             "model": emu.shared.config.served_name,
-            "choices": [{"index": 0, "text": filler(f.completion_tokens, id), "finish_reason": "length"}],
+            "choices": [{"index": 0, "text": filler(f.completion_tokens, seed_of(&body)), "finish_reason": "length"}],
             "usage": usage(&f),
         }))
         .into_response(),

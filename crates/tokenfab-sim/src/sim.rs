@@ -675,6 +675,7 @@ impl<'a> Simulation<'a> {
             endpoint: tokenfab_core::batch_input::Endpoint::ChatCompletions,
             input_bytes: 0,
             line_error_bytes: 0,
+            input_file: None,
             lines: requests.len() as u32,
             invalid_lines: 0,
             requests,

@@ -24,8 +24,8 @@
 //! are dropped.
 
 use crate::redb_store::{
-    BATCHES, BatchRecord, LINE_ERRORS, META, NEXT_BATCH, REQUESTS, RESULTS, SCHEMA_VERSION, StoredResult,
-    TENANT_HISTORY, TENANT_IDLE, decode, encode, input_path, io,
+    BATCHES, BatchRecord, FILES, LINE_ERRORS, META, NEXT_BATCH, NEXT_FILE, REQUESTS, RESULTS, SCHEMA_VERSION,
+    StoredResult, TENANT_HISTORY, TENANT_IDLE, decode, encode, file_path, input_path, io,
 };
 use crate::{RedbStore, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
@@ -88,7 +88,17 @@ pub enum Record {
         offset: u64,
         data: Vec<u8>,
     },
-    /// A counter of the store (the next batch id).
+    /// An uploaded file's record, and a piece of its content.
+    File {
+        id: u64,
+        value: Vec<u8>,
+    },
+    FileData {
+        id: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A counter of the store (the next batch or file id).
     Meta {
         key: String,
         value: u64,
@@ -223,8 +233,18 @@ impl RedbStore {
                     }
                 }
             }
-            (txn, inputs)
+            let mut uploads = Vec::new();
+            for e in txn.open_table(FILES).map_err(io)?.iter().map_err(io)? {
+                let (k, v) = e.map_err(io)?;
+                let id = k.value();
+                match std::fs::File::open(file_path(self.dir(), id)) {
+                    Ok(f) => uploads.push((id, v.value().to_vec(), f)),
+                    Err(e) => eprintln!("tokenfab-store: backup: file {id} cannot be opened ({e}); left out"),
+                }
+            }
+            (txn, (inputs, uploads))
         };
+        let (inputs, uploads) = inputs;
         let mut w = Writer {
             out,
             hash: Sha256::new(),
@@ -284,11 +304,13 @@ impl RedbStore {
                 })?;
             }
         }
-        if let Some(next) = txn.open_table(META).map_err(io)?.get(NEXT_BATCH).map_err(io)? {
-            w.put(&Record::Meta {
-                key: NEXT_BATCH.into(),
-                value: next.value(),
-            })?;
+        for key in [NEXT_BATCH, NEXT_FILE] {
+            if let Some(next) = txn.open_table(META).map_err(io)?.get(key).map_err(io)? {
+                w.put(&Record::Meta {
+                    key: key.into(),
+                    value: next.value(),
+                })?;
+            }
         }
         // The database is not needed any more: a reopen after a failed commit need not
         // wait for the inputs to stream.
@@ -311,6 +333,24 @@ impl RedbStore {
                 })?;
                 offset += n as u64;
                 w.summary.input_bytes += n as u64;
+            }
+        }
+        for (id, value, f) in uploads {
+            w.put(&Record::File { id, value })?;
+            let mut offset = 0u64;
+            loop {
+                let n = f
+                    .read_at(&mut buf, offset)
+                    .map_err(|e| io(format!("reading file {id}: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                w.put(&Record::FileData {
+                    id,
+                    offset,
+                    data: buf[..n].to_vec(),
+                })?;
+                offset += n as u64;
             }
         }
         let digest: [u8; 32] = w.hash.clone().finalize().into();
@@ -387,6 +427,7 @@ fn restore_into(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreErr
     let db = Database::create(dir.join("tokenfab.redb")).map_err(io)?;
     let mut summary = BackupSummary::default();
     let mut files: BTreeMap<u64, std::fs::File> = BTreeMap::new();
+    let mut contents: BTreeMap<u64, std::fs::File> = BTreeMap::new();
     let mut txn = db.begin_write().map_err(io)?;
     txn.set_durability(Durability::Immediate).map_err(io)?;
     {
@@ -397,8 +438,19 @@ fn restore_into(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreErr
         let mut idle = txn.open_table(TENANT_IDLE).map_err(io)?;
         let mut history = txn.open_table(TENANT_HISTORY).map_err(io)?;
         let mut meta = txn.open_table(META).map_err(io)?;
+        let mut files_t = txn.open_table(FILES).map_err(io)?;
         loop {
             match r.next()? {
+                Record::File { id, value } => {
+                    files_t.insert(id, value.as_slice()).map_err(io)?;
+                    contents.insert(id, std::fs::File::create(file_path(dir, id)).map_err(io)?);
+                }
+                Record::FileData { id, offset, data } => {
+                    let f = contents
+                        .get(&id)
+                        .ok_or_else(|| StoreError::Corrupt(format!("content of file {id} before its record")))?;
+                    f.write_all_at(&data, offset).map_err(io)?;
+                }
                 Record::Meta { key, value } => {
                     if key != "schema" {
                         meta.insert(key.as_str(), value).map_err(io)?;
@@ -443,7 +495,7 @@ fn restore_into(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreErr
             }
         }
     }
-    for f in files.values() {
+    for f in files.values().chain(contents.values()) {
         f.sync_all().map_err(io)?;
     }
     std::fs::File::open(dir.join("inputs"))
@@ -612,6 +664,37 @@ pub fn verify(dir: &Path, salvage: Option<&Path>) -> Result<VerifyReport, StoreE
             }
         }
     }
+    // Uploaded files: a readable record and all of their content.
+    let mut uploads: Vec<tokenfab_core::durable::FileMeta> = Vec::new();
+    for e in txn.open_table(FILES).map_err(io)?.iter().map_err(io)? {
+        let Ok((k, v)) = e else {
+            report.problem("files".into(), "the table cannot be read to its end");
+            break;
+        };
+        *report.read.entry("files").or_default() += 1;
+        let id = k.value();
+        match decode::<tokenfab_core::durable::FileMeta>(v.value(), "file") {
+            Ok(f) => match std::fs::metadata(file_path(dir, id)) {
+                Ok(m) if m.len() == f.bytes => uploads.push(f),
+                Ok(m) => report.problem(
+                    format!("files/{id}"),
+                    format!(
+                        "holds {} bytes, its record says {}: it is cut short or altered",
+                        m.len(),
+                        f.bytes
+                    ),
+                ),
+                Err(_) => report.problem(format!("files/{id}"), "the content of this uploaded file is missing"),
+            },
+            Err(e) => report.problem(format!("files/{id}"), e.to_string()),
+        }
+    }
+    let next_file = txn
+        .open_table(META)
+        .map_err(io)?
+        .get(NEXT_FILE)
+        .map_err(io)?
+        .map(|v| v.value());
     // Each unfinished batch: every request present, its body in the input file.
     let mut lost: BTreeSet<(u64, u32)> = BTreeSet::new();
     for (&id, rec) in &batches {
@@ -702,6 +785,18 @@ pub fn verify(dir: &Path, salvage: Option<&Path>) -> Result<VerifyReport, StoreE
             .map_err(io)?
             .insert(NEXT_BATCH, next_batch.unwrap_or(0).max(seen))
             .map_err(io)?;
+        let seen_file = uploads.iter().map(|f| f.id.0 + 1).max().unwrap_or(0);
+        w.open_table(META)
+            .map_err(io)?
+            .insert(NEXT_FILE, next_file.unwrap_or(0).max(seen_file))
+            .map_err(io)?;
+        let mut t_files = w.open_table(FILES).map_err(io)?;
+        for f in &uploads {
+            if std::fs::copy(file_path(dir, f.id.0), file_path(out, f.id.0)).is_ok() {
+                t_files.insert(f.id.0, encode(f)?.as_slice()).map_err(io)?;
+                *report.salvaged.entry("files").or_default() += 1;
+            }
+        }
         let mut count = |t: &'static str| *report.salvaged.entry(t).or_default() += 1;
         for (&id, rec) in &batches {
             t_batches.insert(id, encode(rec)?.as_slice()).map_err(io)?;
@@ -830,6 +925,7 @@ mod tests {
                         lines: parsed.lines,
                         invalid_lines: parsed.line_errors.len() as u32,
                         line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
+                        input_file: None,
                         requests: parsed.requests.iter().map(RequestMeta::from).collect(),
                         best_effort_if_late: false,
                     },
@@ -885,6 +981,20 @@ mod tests {
             }
         }
         store.apply(set).await.unwrap();
+        // An uploaded file too.
+        let staged = store.stage().unwrap();
+        std::fs::write(staged.path(), "uploaded content\n").unwrap();
+        let meta = core
+            .add_file(t0, &TenantId::from("acme"), "up.jsonl".into(), 17, "batch".into())
+            .unwrap();
+        let mut set = WriteSet::default();
+        set.files.push((meta.id, staged));
+        while let Some(a) = core.poll_action() {
+            if let Action::Persist(op) = a {
+                set.ops.push(op);
+            }
+        }
+        store.apply(set).await.unwrap();
         (store, ids[0], ids[1])
     }
 
@@ -921,6 +1031,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(errors.rows.len(), 1, "the invalid line is restored");
+        let up = restored
+            .file_path(tokenfab_core::FileId(1))
+            .expect("the uploaded file is restored");
+        assert_eq!(std::fs::read_to_string(up).unwrap(), "uploaded content\n");
 
         // Restoring over a store is refused; a truncated or altered backup is refused and
         // leaves nothing behind.

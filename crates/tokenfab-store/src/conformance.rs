@@ -75,6 +75,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 lines: parsed.lines,
                 invalid_lines: parsed.line_errors.len() as u32,
                 line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
+                input_file: None,
                 requests: parsed.requests.iter().map(RequestMeta::from).collect(),
                 best_effort_if_late: false,
             },
@@ -363,6 +364,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
                 endpoint: again.endpoint,
                 input_bytes: again.bytes,
                 line_error_bytes: 0,
+                input_file: None,
                 lines: again.lines,
                 invalid_lines: 0,
                 requests: again.requests.iter().map(RequestMeta::from).collect(),
@@ -371,4 +373,31 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         )
         .unwrap();
     assert!(fresh.meta.id > id, "a deleted batch's id is not reused");
+
+    // An uploaded file: its content staged, then kept with its record; deleted, both go.
+    let content = format!("{}\n", line("f"));
+    let staged = store.stage().unwrap();
+    std::fs::write(staged.path(), &content).unwrap();
+    let meta = after_delete
+        .add_file(later, &tenant, "q.jsonl".into(), content.len() as u64, "batch".into())
+        .unwrap();
+    let mut set = write_set(&mut after_delete, &mut inputs);
+    set.files.push((meta.id, staged));
+    store.apply(set).await.unwrap();
+    drop(store);
+    let store = open();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.files, std::slice::from_ref(&meta));
+    assert!(loaded.next_file > meta.id.0);
+    let path = store.file_path(meta.id).expect("the content is kept");
+    assert_eq!(std::fs::read_to_string(path).unwrap(), content);
+    after_delete.delete_file(&tenant, meta.id).unwrap();
+    store.apply(write_set(&mut after_delete, &mut inputs)).await.unwrap();
+    drop(store);
+    let store = open();
+    assert!(store.load().await.unwrap().files.is_empty());
+    assert!(
+        store.file_path(meta.id).is_none(),
+        "the content is deleted with the record"
+    );
 }

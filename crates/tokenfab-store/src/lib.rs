@@ -88,11 +88,13 @@ pub struct BatchInputs {
 pub struct WriteSet {
     pub ops: Vec<tokenfab_core::durable::DurableOp>,
     pub inputs: Vec<BatchInputs>,
+    /// The contents of uploaded files created in this commit (`DurableOp::CreateFile`).
+    pub files: Vec<(tokenfab_core::FileId, StagedInput)>,
 }
 
 impl WriteSet {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.inputs.is_empty()
+        self.ops.is_empty() && self.inputs.is_empty() && self.files.is_empty()
     }
 }
 
@@ -110,6 +112,9 @@ pub struct Loaded {
     pub problems: Vec<String>,
     /// The first batch id never given out (ids are not reused, even after deletion).
     pub next_batch: u64,
+    /// Files tenants uploaded, and the first file id never given out.
+    pub files: Vec<tokenfab_core::durable::FileMeta>,
+    pub next_file: u64,
 }
 
 /// A leased request's body and what the agent needs with it.
@@ -205,6 +210,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
     /// Free space where the store writes, bytes (`None` where it cannot be measured).
     fn free_bytes(&self) -> Option<u64>;
+    /// Where an uploaded file's content is, while it exists (readers open it: an open
+    /// file stays readable when the file is deleted meanwhile).
+    fn file_path(&self, id: tokenfab_core::FileId) -> Option<PathBuf>;
     /// Writes a consistent backup ([`backup`]) to `out` while the store keeps serving.
     fn backup(
         &self,

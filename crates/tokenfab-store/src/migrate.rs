@@ -155,6 +155,7 @@ pub(crate) fn v1_to_v2(db: &Database, dir: &Path) -> Result<(), StoreError> {
                     endpoint: endpoint.unwrap_or_default(),
                     input_bytes: m.input_bytes,
                     line_error_bytes,
+                    input_file: None,
                     lines: m.lines,
                     invalid_lines: m.invalid_lines,
                     requests: m.requests,

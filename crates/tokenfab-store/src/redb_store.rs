@@ -53,6 +53,7 @@ pub(crate) const LINE_ERRORS: TableDefinition<(u64, u32), &[u8]> = TableDefiniti
 pub(crate) const RESULTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("results");
 pub(crate) const TENANT_IDLE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tenant_idle");
 pub(crate) const TENANT_HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tenant_history");
+pub(crate) const FILES: TableDefinition<u64, &[u8]> = TableDefinition::new("files");
 
 /// Bumped whenever the encoding of a table changes; [`crate::migrate`] upgrades older
 /// stores.
@@ -60,6 +61,8 @@ pub(crate) const SCHEMA_VERSION: u64 = 2;
 
 /// The `meta` key of the first batch id not yet given out.
 pub(crate) const NEXT_BATCH: &str = "next_batch";
+/// The `meta` key of the first file id not yet given out.
+pub(crate) const NEXT_FILE: &str = "next_file";
 
 /// Bodies closer together than this in an input file are read with one read.
 const READ_GAP: u64 = 64 * 1024;
@@ -115,6 +118,10 @@ pub(crate) fn input_path(dir: &Path, batch: u64) -> PathBuf {
     dir.join("inputs").join(format!("{batch}.jsonl"))
 }
 
+pub(crate) fn file_path(dir: &Path, file: u64) -> PathBuf {
+    dir.join("files").join(format!("{file}"))
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
@@ -127,7 +134,7 @@ impl RedbStore {
             path: dir.display().to_string(),
             cause,
         };
-        for sub in ["inputs", "uploads"] {
+        for sub in ["inputs", "uploads", "files"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| open_err(e.to_string()))?;
         }
         let db = open_db(dir)?;
@@ -206,6 +213,7 @@ impl RedbStore {
         txn.open_table(RESULTS).map_err(io)?;
         txn.open_table(TENANT_IDLE).map_err(io)?;
         txn.open_table(TENANT_HISTORY).map_err(io)?;
+        txn.open_table(FILES).map_err(io)?;
         txn.commit().map_err(io)
     }
 
@@ -236,6 +244,17 @@ impl RedbStore {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        let files = txn.open_table(FILES).map_err(io)?;
+        for e in std::fs::read_dir(dir.join("files")).map_err(io)?.flatten() {
+            let id = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+            let owned = match id {
+                Some(id) => files.get(id).map_err(io)?.is_some(),
+                None => false,
+            };
+            if !owned {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(())
     }
 
@@ -262,6 +281,15 @@ impl RedbStore {
         if !inputs.is_empty() {
             sync_dir(&dir.join("inputs"))?;
         }
+        for (id, staged) in set.files {
+            let staged = staged.take();
+            std::fs::rename(&staged, file_path(dir, id.0)).map_err(|e| {
+                let _ = std::fs::remove_file(&staged);
+                io(format!("cannot move the content of {id} into place: {e}"))
+            })?;
+            sync_dir(&dir.join("files"))?;
+        }
+        let mut dropped_files = Vec::new();
         let mut dropped = Vec::new();
         let mut txn = db.begin_write().map_err(io)?;
         txn.set_durability(Durability::Immediate).map_err(io)?;
@@ -273,6 +301,7 @@ impl RedbStore {
             let mut tenant_idle = txn.open_table(TENANT_IDLE).map_err(io)?;
             let mut tenant_history = txn.open_table(TENANT_HISTORY).map_err(io)?;
             let mut meta_t = txn.open_table(META).map_err(io)?;
+            let mut files_t = txn.open_table(FILES).map_err(io)?;
             for (batch, requests, errs) in &inputs {
                 for (i, r) in requests.iter().enumerate() {
                     requests_t
@@ -348,6 +377,17 @@ impl RedbStore {
                             .map_err(io)?;
                     }
                     DurableOp::DropInputs { id } => dropped.push(id.0),
+                    DurableOp::CreateFile { meta } => {
+                        let next = meta_t.get(NEXT_FILE).map_err(io)?.map_or(0, |v| v.value());
+                        if meta.id.0 + 1 > next {
+                            meta_t.insert(NEXT_FILE, meta.id.0 + 1).map_err(io)?;
+                        }
+                        files_t.insert(meta.id.0, encode(&meta)?.as_slice()).map_err(io)?;
+                    }
+                    DurableOp::DeleteFile { id } => {
+                        files_t.remove(id.0).map_err(io)?;
+                        dropped_files.push(id.0);
+                    }
                     DurableOp::DeleteBatch { id } => {
                         let range = (id.0, 0)..=(id.0, u32::MAX);
                         batches.remove(id.0).map_err(io)?;
@@ -362,7 +402,7 @@ impl RedbStore {
         txn.commit().map_err(io)?;
         // The commit says these inputs are no longer needed: a crash before they are
         // removed leaves files that the next open removes.
-        if !dropped.is_empty() {
+        if !dropped.is_empty() || !dropped_files.is_empty() {
             let mut open = self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))?;
             for id in dropped {
                 open.remove(&id);
@@ -372,6 +412,10 @@ impl RedbStore {
                     tracing_warn(&format!("cannot delete the input file of batch {id}: {e}"));
                 }
             }
+            for id in dropped_files {
+                let _ = std::fs::remove_file(file_path(dir, id));
+            }
+            drop(open);
         }
         Ok(())
     }
@@ -452,10 +496,22 @@ impl RedbStore {
             }
             out.push(loaded);
         }
+        let meta = txn.open_table(META).map_err(io)?;
+        let next_file = meta.get(NEXT_FILE).map_err(io)?.map_or(0, |v| v.value());
+        let mut files = Vec::new();
+        for e in txn.open_table(FILES).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = e.map_err(io)?;
+            match decode::<tokenfab_core::durable::FileMeta>(v.value(), "file") {
+                Ok(f) => files.push(f),
+                Err(e) => problems.push(format!("file {} is left out: {e}", tokenfab_core::FileId(k.value()))),
+            }
+        }
         Ok(Loaded {
             batches: out,
             problems,
             next_batch,
+            files,
+            next_file,
         })
     }
 
@@ -812,6 +868,11 @@ impl Store for RedbStore {
             RedbStore::backup(&s, &mut out)
         })
         .await
+    }
+
+    fn file_path(&self, id: tokenfab_core::FileId) -> Option<PathBuf> {
+        let p = file_path(&self.inner.dir, id.0);
+        p.exists().then_some(p)
     }
 
     fn free_bytes(&self) -> Option<u64> {

@@ -84,6 +84,7 @@ async fn ingest() {
         ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            openai_listen: None,
             tenants: vec![TenantToken::new("t", "t")],
             agent_secret: SECRET.into(),
             admin_token: None,

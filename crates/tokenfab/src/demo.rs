@@ -99,6 +99,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         ServerConfig {
             listen: "127.0.0.1:0".parse()?,
             metrics_listen: None,
+            openai_listen: None,
             tenants: vec![TenantToken::new("demo", &tenant_token)],
             agent_secret: agent_token.clone().into(),
             admin_token: None,

@@ -28,6 +28,10 @@ pub struct ServerArgs {
     /// HTTP address for Prometheus `/metrics` (off when not given).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// HTTP address for the OpenAI-compatible Files and Batches API (off when not given):
+    /// point OpenAI SDKs at http://ADDR/v1 with a tenant token as the API key.
+    #[arg(long)]
+    openai_listen: Option<SocketAddr>,
     /// Directory for durable state (created if missing). Restarting on the same
     /// directory loses nothing that was acknowledged.
     #[arg(long, default_value = "tokenfab-data")]
@@ -335,6 +339,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         listen: a.listen,
         metrics_listen: a.metrics_listen,
+        openai_listen: a.openai_listen,
         tenants,
         agent_secret: agent_secret.into(),
         admin_token: admin_token.as_deref().map(tokenfab_identity::digest),
@@ -407,6 +412,9 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     );
     if let Some(m) = server.metrics_addr {
         eprintln!("metrics on http://{m}/metrics");
+    }
+    if let Some(o) = server.openai_addr {
+        eprintln!("OpenAI-compatible Files and Batches API on http://{o}/v1");
     }
     tokio::select! {
         r = async { server.wait().await } => r?,

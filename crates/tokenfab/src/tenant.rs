@@ -491,25 +491,7 @@ pub struct ResultsArgs {
 
 /// One line of the OpenAI Batch output (or error) file.
 pub fn output_line(batch: &str, r: &pb::ResultRecord) -> serde_json::Value {
-    let id = format!("{batch}_req_{:06}", r.line);
-    match &r.outcome {
-        Some(pb::result_record::Outcome::Response(resp)) => {
-            let body: serde_json::Value = serde_json::from_slice(&resp.body)
-                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&resp.body).into_owned()));
-            serde_json::json!({
-                "id": id, "custom_id": r.custom_id, "line": r.line,
-                "response": {"status_code": resp.status_code, "request_id": resp.request_id, "body": body},
-                "error": null,
-            })
-        }
-        Some(pb::result_record::Outcome::Error(e)) => serde_json::json!({
-            "id": id, "custom_id": r.custom_id, "line": r.line, "response": null,
-            "error": {"code": e.code, "message": e.message},
-        }),
-        None => {
-            serde_json::json!({"id": id, "custom_id": r.custom_id, "line": r.line, "response": null, "error": null})
-        }
-    }
+    tokenfab_control::openai::output_line(batch, r)
 }
 
 async fn download(client: &mut Client, id: &str, kind: pb::ResultKind, out: &mut dyn Write) -> anyhow::Result<u64> {
