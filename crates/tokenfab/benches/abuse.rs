@@ -15,6 +15,9 @@
 //!    restart with those four batches live.
 //! 2. queued: 1,000,000 queued requests (five batches of 200,000 ~230-byte requests), and
 //!    the same after a restart.
+//! 3. openai: a 190 MiB file uploaded through the OpenAI-compatible API (multipart,
+//!    streamed), run as a batch by two agents on engine emulators at 1000x, and its
+//!    output file downloaded: the control plane's resident memory through each step.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -44,6 +47,10 @@ impl Drop for Server {
 }
 
 fn start(data: &std::path::Path) -> Server {
+    start_with(data, &[])
+}
+
+fn start_with(data: &std::path::Path, extra: &[&str]) -> Server {
     let addr: SocketAddr = format!("127.0.0.1:{}", port()).parse().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tokenfab"))
         .args([
@@ -66,6 +73,7 @@ fn start(data: &std::path::Path) -> Server {
             "64MiB",
             "--no-admission",
         ])
+        .args(extra)
         .env("TOKENFAB_AGENT_TOKEN", SECRET)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -308,6 +316,160 @@ async fn queued() {
     restart(server, &data, "with 1,000,000 requests queued").await;
 }
 
+/// A helper process (engine emulator or agent), killed when dropped.
+struct Helper(Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn helper(args: &[&str]) -> Helper {
+    Helper(
+        Command::new(env!("CARGO_BIN_EXE_tokenfab"))
+            .args(args)
+            .env("TOKENFAB_AGENT_TOKEN", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn openai() {
+    const LINES: usize = 100_000;
+    const BYTES: usize = 1_992;
+    let dir = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", port());
+    let server = start_with(&dir.path().join("data"), &["--openai-listen", &api]);
+    let pid = server.child.id();
+    let mut helpers = Vec::new();
+    for i in 0..2 {
+        let emu = format!("127.0.0.1:{}", port());
+        helpers.push(helper(&[
+            "engine-emu", "--listen", &emu, "--time-scale", "1000", "--max-num-seqs", "512",
+        ]));
+        while std::net::TcpStream::connect(&emu).is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        helpers.push(helper(&[
+            "agent",
+            "--control",
+            &format!("http://{}", server.addr),
+            "--node",
+            &format!("n{i}"),
+            "--replica",
+            &format!("url=http://{emu},model=llama-3.1-8b,window=256,max=1024"),
+        ]));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{api}/v1");
+    let idle = memory(pid).0;
+
+    // Upload, streamed: the file is made as it is sent.
+    let sampler = Sampler::start(pid);
+    let per_piece = (1 << 20) / BYTES;
+    let pieces = LINES.div_ceil(per_piece);
+    let body = tonic::codegen::tokio_stream::iter((0..pieces).map(move |p| {
+        let mut data = String::with_capacity(1 << 20);
+        for i in p * per_piece..((p + 1) * per_piece).min(LINES) {
+            data.push_str(&line("o", i, BYTES).replace(r#""max_tokens":64"#, r#""model":"llama-3.1-8b","max_tokens":16"#));
+        }
+        Ok::<_, std::io::Error>(data.into_bytes())
+    }));
+    let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(body)).file_name("big.jsonl");
+    let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+    let t = Instant::now();
+    let file: serde_json::Value = http
+        .post(format!("{base}/files"))
+        .bearer_auth("big-token")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let upload_s = t.elapsed().as_secs_f64();
+    let upload_peak = sampler.peak();
+    let after_upload = memory(pid).0;
+
+    // The batch runs; then its output file streams back.
+    let sampler = Sampler::start(pid);
+    let t = Instant::now();
+    let batch: serde_json::Value = http
+        .post(format!("{base}/batches"))
+        .bearer_auth("big-token")
+        .json(&serde_json::json!({
+            "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = batch["id"].as_str().unwrap_or_else(|| panic!("{batch}")).to_string();
+    let done = loop {
+        let b: serde_json::Value = http
+            .get(format!("{base}/batches/{id}"))
+            .bearer_auth("big-token")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if b["status"] == "completed" {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let run_s = t.elapsed().as_secs_f64();
+    let run_peak = sampler.peak();
+    let before_download = memory(pid).0;
+    let sampler = Sampler::start(pid);
+    let t = Instant::now();
+    let mut resp = http
+        .get(format!("{base}/files/{}/content", done["output_file_id"].as_str().unwrap()))
+        .bearer_auth("big-token")
+        .send()
+        .await
+        .unwrap();
+    let mut downloaded = 0u64;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        downloaded += chunk.len() as u64;
+    }
+    let download_s = t.elapsed().as_secs_f64();
+    let download_peak = sampler.peak();
+    println!(
+        "openai: a {} file uploaded through /v1/files ({LINES} requests), run as a batch, its output downloaded",
+        mib(file["bytes"].as_u64().unwrap_or(0))
+    );
+    println!(
+        "  upload {upload_s:.1} s; batch {run_s:.1} s ({} completed); output file {} in {download_s:.1} s",
+        done["request_counts"]["completed"],
+        mib(downloaded)
+    );
+    println!(
+        "  control plane resident memory: idle {}, peak during the upload {} (after {}), peak while the batch was parsed and ran {}, before the download {}, peak during it {}",
+        mib(idle),
+        mib(upload_peak),
+        mib(after_upload),
+        mib(run_peak),
+        mib(before_download),
+        mib(download_peak)
+    );
+    drop(helpers);
+}
+
 fn main() {
-    support::run_parts(vec![("uploads", Box::pin(uploads())), ("queued", Box::pin(queued()))]);
+    support::run_parts(vec![
+        ("uploads", Box::pin(uploads())),
+        ("queued", Box::pin(queued())),
+        ("openai", Box::pin(openai())),
+    ]);
 }
