@@ -37,23 +37,6 @@ fn python() -> Option<String> {
     None
 }
 
-async fn all_results(addr: std::net::SocketAddr, id: &str, kind: pb::ResultKind) -> Vec<pb::ResultRecord> {
-    let mut c = tenant_client(addr, TENANT).await;
-    let mut s = c
-        .stream_results(pb::StreamResultsRequest {
-            batch_id: id.into(),
-            kind: kind as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.message().await.unwrap() {
-        out.push(r);
-    }
-    out
-}
-
 /// An engine response without what differs between any two calls (its id and time).
 fn comparable(r: &pb::ResultRecord) -> (u32, serde_json::Value, u64, u64) {
     let Some(pb::result_record::Outcome::Response(resp)) = &r.outcome else {
@@ -151,15 +134,15 @@ async fn openai_sdk_clients_work_unchanged_and_match_grpc() {
     let by_id = |rows: Vec<pb::ResultRecord>| -> BTreeMap<String, (u32, serde_json::Value, u64, u64)> {
         rows.iter().map(|r| (r.custom_id.clone(), comparable(r))).collect()
     };
-    let g = by_id(all_results(addr, &grpc_id, pb::ResultKind::Output).await);
-    let r = by_id(all_results(addr, &rest_id, pb::ResultKind::Output).await);
+    let g = by_id(all_results(addr, TENANT, &grpc_id, pb::ResultKind::Output).await);
+    let r = by_id(all_results(addr, TENANT, &rest_id, pb::ResultKind::Output).await);
     assert_eq!(g.len(), 40);
     assert_eq!(
         g, r,
         "the same requests get the same answers and usage through either door"
     );
-    let ge = all_results(addr, &grpc_id, pb::ResultKind::Errors).await;
-    let re = all_results(addr, &rest_id, pb::ResultKind::Errors).await;
+    let ge = all_results(addr, TENANT, &grpc_id, pb::ResultKind::Errors).await;
+    let re = all_results(addr, TENANT, &rest_id, pb::ResultKind::Errors).await;
     assert_eq!(
         ge.iter().map(|e| (e.line, e.outcome.clone())).collect::<Vec<_>>(),
         re.iter().map(|e| (e.line, e.outcome.clone())).collect::<Vec<_>>()

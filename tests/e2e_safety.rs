@@ -78,23 +78,6 @@ async fn upload(
         .map(|r| r.into_inner())
 }
 
-async fn results(addr: SocketAddr, token: &str, id: &str, kind: pb::ResultKind) -> Vec<pb::ResultRecord> {
-    let mut c = tenant_client(addr, token).await;
-    let mut s = c
-        .stream_results(pb::StreamResultsRequest {
-            batch_id: id.into(),
-            kind: kind as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.message().await.unwrap() {
-        out.push(r);
-    }
-    out
-}
-
 fn agent_client(
     addr: SocketAddr,
     token: &str,
@@ -149,7 +132,7 @@ async fn a_batch_of_megabyte_lines_at_window_256_completes() {
         "every 1 MB request answered: {done:?}\n{}",
         procs[0].log()
     );
-    let out = results(addr, TENANT, &id, pb::ResultKind::Output).await;
+    let out = all_results(addr, TENANT, &id, pb::ResultKind::Output).await;
     assert_eq!(out.len(), N);
     assert_eq!(out[0].custom_id, "big-0000");
     // The agent's leases stayed within the reply budget (16 MiB by default): no lease
@@ -272,7 +255,7 @@ async fn a_node_records_results_only_for_its_own_leases_and_registers_only_as_it
     )
     .await;
     assert_eq!(counts(&done).completed, 4);
-    let out = results(addr, TENANT, &victim, pb::ResultKind::Output).await;
+    let out = all_results(addr, TENANT, &victim, pb::ResultKind::Output).await;
     assert_eq!(out.len(), 4);
     for r in &out {
         let Some(pb::result_record::Outcome::Response(resp)) = &r.outcome else {
@@ -399,32 +382,15 @@ async fn a_full_disk_refuses_new_batches_keeps_serving_and_recovers_by_itself() 
     let agent = spawn_agent(dir.path(), "n1", &format!("http://{addr}"), &url, 64, AGENT);
     let procs = [server, emu, agent];
     wait_registered(&procs, Duration::from_secs(30)).await;
-    let batch = |prefix: &'static str, n: usize, max_tokens: u32| {
-        let lines: Vec<String> = (0..n).map(|i| chat_line(&format!("{prefix}{i}"), max_tokens)).collect();
-        pb::CreateBatchRequest {
-            options: Some(pb::BatchOptions {
-                model: "llama-3.1-8b".into(),
-                ..Default::default()
-            }),
-            input_jsonl: lines.join("\n").into_bytes().into(),
-        }
-    };
     let mut c = tenant_client(addr, TENANT).await;
-    let running = c
-        .create_batch(batch("run", 64, 2000))
-        .await
-        .unwrap()
-        .into_inner()
-        .batch
-        .unwrap()
-        .id;
+    let running = create(addr, TENANT, chat_batch("run", 64, 2000)).await;
 
     // The disk fills (another program, say) to 8 MiB free: under the 16 MiB kept.
     let filler = fs.0.join("filler");
     fill(&filler, 8 << 20);
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
-        match c.create_batch(batch("new", 1, 8)).await {
+        match c.create_batch(chat_batch("new", 1, 8)).await {
             Err(e) => break e,
             Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(300)).await,
             Ok(b) => panic!("accepted with the disk nearly full: {b:?}"),
@@ -473,7 +439,7 @@ async fn a_full_disk_refuses_new_batches_keeps_serving_and_recovers_by_itself() 
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let again = loop {
-        match c.create_batch(batch("after", 2, 8)).await {
+        match c.create_batch(chat_batch("after", 2, 8)).await {
             Ok(b) => break b.into_inner().batch.unwrap().id,
             Err(e) if Instant::now() < deadline => {
                 assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
@@ -488,14 +454,7 @@ async fn a_full_disk_refuses_new_batches_keeps_serving_and_recovers_by_itself() 
     // The disk fills up completely while a batch with large results runs: commits fail.
     // The control plane does not exit; it says so, and once space is freed it rebuilds
     // from what is durable and the batch still completes, every request exactly once.
-    let big = c
-        .create_batch(batch("big", 256, 1500))
-        .await
-        .unwrap()
-        .into_inner()
-        .batch
-        .unwrap()
-        .id;
+    let big = create(addr, TENANT, chat_batch("big", 256, 1500)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     fill(&filler, 0);
     let failures = || async {
@@ -550,37 +509,10 @@ async fn an_online_backup_restores_into_a_working_control_plane() {
     let agent = spawn_agent(dir.path(), "n1", &format!("http://{addr}"), &url, 8, AGENT);
     let mut procs = vec![server, emu, agent];
     wait_registered(&procs, Duration::from_secs(30)).await;
-    let batch = |prefix: &str, n: usize, max_tokens: u32| pb::CreateBatchRequest {
-        options: Some(pb::BatchOptions {
-            model: "llama-3.1-8b".into(),
-            ..Default::default()
-        }),
-        input_jsonl: (0..n)
-            .map(|i| chat_line(&format!("{prefix}{i}"), max_tokens))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .into_bytes()
-            .into(),
-    };
-    let mut c = tenant_client(addr, TENANT).await;
-    let finished = c
-        .create_batch(batch("f", 10, 8))
-        .await
-        .unwrap()
-        .into_inner()
-        .batch
-        .unwrap()
-        .id;
+    let finished = create(addr, TENANT, chat_batch("f", 10, 8)).await;
     let refs: Vec<&Proc> = procs.iter().collect();
     wait_batch(addr, TENANT, &finished, Duration::from_secs(60), &refs).await;
-    let running = c
-        .create_batch(batch("r", 40, 3000))
-        .await
-        .unwrap()
-        .into_inner()
-        .batch
-        .unwrap()
-        .id;
+    let running = create(addr, TENANT, chat_batch("r", 40, 3000)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let file = dir.path().join("cluster.tfbackup");
@@ -603,7 +535,7 @@ async fn an_online_backup_restores_into_a_working_control_plane() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    let finished_before = results(addr, TENANT, &finished, pb::ResultKind::Output).await;
+    let finished_before = all_results(addr, TENANT, &finished, pb::ResultKind::Output).await;
 
     // Stop everything; the stopped data directory verifies clean.
     for p in procs.iter_mut() {
@@ -647,7 +579,7 @@ async fn an_online_backup_restores_into_a_working_control_plane() {
     let procs = [server, emu, agent];
     wait_registered(&procs, Duration::from_secs(30)).await;
     assert_eq!(
-        results(addr2, TENANT, &finished, pb::ResultKind::Output).await,
+        all_results(addr2, TENANT, &finished, pb::ResultKind::Output).await,
         finished_before
     );
     let done = wait_batch(

@@ -149,6 +149,54 @@ pub fn chat_line(id: &str, max_tokens: u32) -> String {
     )
 }
 
+/// A batch of `n` chat requests (`PREFIX0`, `PREFIX1`, ...) asking `max_tokens` each, on
+/// llama-3.1-8b with the server's defaults.
+pub fn chat_batch(prefix: &str, n: usize, max_tokens: u32) -> pb::CreateBatchRequest {
+    pb::CreateBatchRequest {
+        options: Some(pb::BatchOptions {
+            model: "llama-3.1-8b".into(),
+            ..Default::default()
+        }),
+        input_jsonl: (0..n)
+            .map(|i| chat_line(&format!("{prefix}{i}"), max_tokens))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .into_bytes()
+            .into(),
+    }
+}
+
+/// Creates a batch as `token`'s tenant; its id.
+pub async fn create(addr: SocketAddr, token: &str, req: pb::CreateBatchRequest) -> String {
+    tenant_client(addr, token)
+        .await
+        .create_batch(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+        .id
+}
+
+/// Every result of a batch of one kind, as `StreamResults` sends them.
+pub async fn all_results(addr: SocketAddr, token: &str, id: &str, kind: pb::ResultKind) -> Vec<pb::ResultRecord> {
+    let mut c = tenant_client(addr, token).await;
+    let mut s = c
+        .stream_results(pb::StreamResultsRequest {
+            batch_id: id.into(),
+            kind: kind as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = s.message().await.unwrap() {
+        out.push(r);
+    }
+    out
+}
+
 /// Runs `tokenfab ARGS` to completion; returns stdout, panicking with stderr on failure.
 pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(bin());

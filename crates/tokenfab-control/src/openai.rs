@@ -412,9 +412,7 @@ async fn list_files<S: Store + Clone>(
     headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&s, &headers)?;
-    let Query(q) = q.map_err(|e| ApiError::invalid("limit", e.body_text()))?;
-    let limit = check_limit(q.limit, 10_000, 10_000)?;
+    let (tenant, q, limit) = list_request(&s, &headers, q, 10_000, 10_000)?;
     let ascending = match q.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,
@@ -449,6 +447,20 @@ fn list(data: Vec<Value>, more: bool) -> Value {
     let first = data.first().and_then(|d| d["id"].as_str().map(str::to_string));
     let last = data.last().and_then(|d| d["id"].as_str().map(str::to_string));
     json!({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more})
+}
+
+/// The caller, its query and the page size of a list call.
+fn list_request<S>(
+    s: &Shared<S>,
+    headers: &HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    default: usize,
+    max: usize,
+) -> Result<(TenantId, ListQuery, usize), ApiError> {
+    let tenant = tenant(s, headers)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid("limit", e.body_text()))?;
+    let limit = check_limit(q.limit, default, max)?;
+    Ok((tenant, q, limit))
 }
 
 fn check_limit(asked: Option<i64>, default: usize, max: usize) -> Result<usize, ApiError> {
@@ -817,9 +829,7 @@ async fn list_batches<S: Store + Clone>(
     headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&s, &headers)?;
-    let Query(q) = q.map_err(|e| ApiError::invalid("limit", e.body_text()))?;
-    let limit = check_limit(q.limit, 20, 100)?;
+    let (tenant, q, limit) = list_request(&s, &headers, q, 20, 100)?;
     let before = match q.after.as_deref() {
         None | Some("") => None,
         Some(a) => Some(

@@ -8,9 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfab_core::batch_input::{Endpoint, InputLimits, InputParser, LineError, ParsedInput};
+use tokenfab_core::batch_input::{Endpoint, InputLimits, InputParser, ParsedInput};
 use tokenfab_core::control::{NewBatch, SubmitError};
-use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
 use tokenfab_proto::v1::agent_service_server::AgentService;
@@ -330,19 +329,12 @@ impl<S: Store + Clone> Shared<S> {
         })?;
         debug_assert_eq!(parsed.bytes, written);
         let new = NewBatch {
-            tenant,
-            model,
             sla_class: Some(options.sla_class),
             completion_window: Some(Duration::from_secs(options.completion_window_seconds)),
             metadata: options.metadata.into_iter().collect(),
-            endpoint: parsed.endpoint,
-            input_bytes: parsed.bytes,
-            lines: parsed.lines,
-            invalid_lines: parsed.line_errors.len() as u32,
-            line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
             input_file,
-            requests: parsed.requests.iter().map(RequestMeta::from).collect(),
             best_effort_if_late: options.best_effort_if_late,
+            ..NewBatch::from_parsed(tenant, model, &parsed)
         };
         let line_errors: Vec<pb::RequestError> = parsed
             .line_errors

@@ -312,6 +312,32 @@ pub struct NewBatch {
     pub best_effort_if_late: bool,
 }
 
+impl NewBatch {
+    /// A batch of the valid requests of `parsed`, for `tenant` on `model`, with the
+    /// server's defaults for everything the tenant did not choose.
+    pub fn from_parsed(tenant: TenantId, model: ModelId, parsed: &crate::batch_input::ParsedInput) -> NewBatch {
+        NewBatch {
+            tenant,
+            model,
+            sla_class: None,
+            completion_window: None,
+            metadata: BTreeMap::new(),
+            endpoint: parsed.endpoint,
+            input_bytes: parsed.bytes,
+            line_error_bytes: parsed
+                .line_errors
+                .iter()
+                .map(crate::batch_input::LineError::stored_bytes)
+                .sum(),
+            input_file: None,
+            lines: parsed.lines,
+            invalid_lines: parsed.line_errors.len() as u32,
+            requests: parsed.requests.iter().map(RequestMeta::from).collect(),
+            best_effort_if_late: false,
+        }
+    }
+}
+
 /// A refused submission.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitError {
@@ -679,6 +705,17 @@ struct Request {
     bytes: u32,
 }
 
+impl Request {
+    /// A request not yet tried.
+    fn pending(meta: &RequestMeta) -> Request {
+        Request {
+            slot: Slot::Pending,
+            attempts: 0,
+            bytes: meta.body_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Batch {
     meta: BatchMeta,
@@ -1023,15 +1060,7 @@ impl ControlCore {
                 core.retain(id);
                 continue;
             }
-            b.requests = rb
-                .requests
-                .iter()
-                .map(|r| Request {
-                    slot: Slot::Pending,
-                    attempts: 0,
-                    bytes: r.body_bytes,
-                })
-                .collect();
+            b.requests = rb.requests.iter().map(Request::pending).collect();
             for res in rb.results {
                 if let Some(r) = b.requests.get_mut(res.index as usize).filter(|r| r.slot != Slot::Done) {
                     r.slot = Slot::Done;
@@ -1327,14 +1356,7 @@ impl ControlCore {
         {
             return Err(SubmitError::UnknownFile(f));
         }
-        if let Some(free) = self.free_bytes
-            && free < self.config.min_free_bytes
-        {
-            return Err(SubmitError::StorageLow {
-                free: crate::usage::human_bytes(free),
-                min: crate::usage::human_bytes(self.config.min_free_bytes),
-            });
-        }
+        self.check_storage()?;
         let (output_tokens, prompt_tokens) = token_totals(&new.requests);
         self.check_quota(
             now,
@@ -1406,15 +1428,7 @@ impl ControlCore {
         let mut life = Lifecycle::new(id, now);
         life.queue(now).expect("a new batch can be queued");
         let n = new.requests.len() as u32;
-        let requests: Vec<Request> = new
-            .requests
-            .iter()
-            .map(|r| Request {
-                slot: Slot::Pending,
-                attempts: 0,
-                bytes: r.body_bytes,
-            })
-            .collect();
+        let requests: Vec<Request> = new.requests.iter().map(Request::pending).collect();
         self.actions.push_back(Action::Persist(DurableOp::CreateBatch {
             meta: meta.clone(),
             life: life.clone(),
@@ -3073,14 +3087,7 @@ impl ControlCore {
         bytes: u64,
         purpose: String,
     ) -> Result<FileMeta, SubmitError> {
-        if let Some(free) = self.free_bytes
-            && free < self.config.min_free_bytes
-        {
-            return Err(SubmitError::StorageLow {
-                free: crate::usage::human_bytes(free),
-                min: crate::usage::human_bytes(self.config.min_free_bytes),
-            });
-        }
+        self.check_storage()?;
         self.check_quota(now, tenant, 0, 0, bytes)?;
         let meta = FileMeta {
             id: FileId(self.next_file),
@@ -3197,6 +3204,17 @@ impl ControlCore {
     /// while it is below [`ControlConfig::min_free_bytes`].
     pub fn set_free_bytes(&mut self, free: Option<u64>) {
         self.free_bytes = free;
+    }
+
+    /// Refuses new data while the store's disk is nearly full.
+    fn check_storage(&self) -> Result<(), SubmitError> {
+        match self.free_bytes {
+            Some(free) if free < self.config.min_free_bytes => Err(SubmitError::StorageLow {
+                free: crate::usage::human_bytes(free),
+                min: crate::usage::human_bytes(self.config.min_free_bytes),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Whether new batches are refused for lack of disk space.

@@ -885,7 +885,6 @@ mod tests {
     use tokenfab_core::control::{
         Action, ControlConfig, ControlCore, NewBatch, NodeRegistration, ReportedOutcome, ReportedResult,
     };
-    use tokenfab_core::durable::RequestMeta;
     use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, Timestamp};
 
     fn line(id: &str) -> String {
@@ -915,19 +914,8 @@ mod tests {
                 .submit(
                     t0,
                     NewBatch {
-                        tenant: TenantId::from("acme"),
-                        model: model.clone(),
-                        sla_class: None,
                         completion_window: Some(Duration::from_secs(3600)),
-                        metadata: Default::default(),
-                        endpoint: parsed.endpoint,
-                        input_bytes: parsed.bytes,
-                        lines: parsed.lines,
-                        invalid_lines: parsed.line_errors.len() as u32,
-                        line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
-                        input_file: None,
-                        requests: parsed.requests.iter().map(RequestMeta::from).collect(),
-                        best_effort_if_late: false,
+                        ..NewBatch::from_parsed(TenantId::from("acme"), model.clone(), &parsed)
                     },
                 )
                 .unwrap();

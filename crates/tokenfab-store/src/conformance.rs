@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokenfab_core::RequestRef;
 use tokenfab_core::batch::BatchStatus;
-use tokenfab_core::batch_input::{InputLimits, LineError, parse_batch_input};
+use tokenfab_core::batch_input::{InputLimits, parse_batch_input};
 use tokenfab_core::control::{
     Action, ControlConfig, ControlCore, NewBatch, NodeDevice, NodeRegistration, ReplicaReport, ReportedOutcome,
     ReportedResult,
@@ -65,19 +65,9 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         .submit(
             t0,
             NewBatch {
-                tenant: tenant.clone(),
-                model: model.clone(),
-                sla_class: None,
                 completion_window: Some(Duration::from_secs(600)),
                 metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
-                endpoint: parsed.endpoint,
-                input_bytes: parsed.bytes,
-                lines: parsed.lines,
-                invalid_lines: parsed.line_errors.len() as u32,
-                line_error_bytes: parsed.line_errors.iter().map(LineError::stored_bytes).sum(),
-                input_file: None,
-                requests: parsed.requests.iter().map(RequestMeta::from).collect(),
-                best_effort_if_late: false,
+                ..NewBatch::from_parsed(tenant.clone(), model.clone(), &parsed)
             },
         )
         .unwrap();
@@ -353,24 +343,7 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     assert_eq!(after_delete.tenant_usage(&tenant, Timestamp::ZERO), used);
     let again = parse_batch_input(line("z").as_bytes(), &model, &InputLimits::default(), false).unwrap();
     let fresh = after_delete
-        .submit(
-            later,
-            NewBatch {
-                tenant: tenant.clone(),
-                model: model.clone(),
-                sla_class: None,
-                completion_window: None,
-                metadata: BTreeMap::new(),
-                endpoint: again.endpoint,
-                input_bytes: again.bytes,
-                line_error_bytes: 0,
-                input_file: None,
-                lines: again.lines,
-                invalid_lines: 0,
-                requests: again.requests.iter().map(RequestMeta::from).collect(),
-                best_effort_if_late: false,
-            },
-        )
+        .submit(later, NewBatch::from_parsed(tenant.clone(), model.clone(), &again))
         .unwrap();
     assert!(fresh.meta.id > id, "a deleted batch's id is not reused");
 

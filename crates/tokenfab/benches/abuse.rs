@@ -349,7 +349,13 @@ async fn openai() {
     for i in 0..2 {
         let emu = format!("127.0.0.1:{}", port());
         helpers.push(helper(&[
-            "engine-emu", "--listen", &emu, "--time-scale", "1000", "--max-num-seqs", "512",
+            "engine-emu",
+            "--listen",
+            &emu,
+            "--time-scale",
+            "1000",
+            "--max-num-seqs",
+            "512",
         ]));
         while std::net::TcpStream::connect(&emu).is_err() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -376,12 +382,16 @@ async fn openai() {
     let body = tonic::codegen::tokio_stream::iter((0..pieces).map(move |p| {
         let mut data = String::with_capacity(1 << 20);
         for i in p * per_piece..((p + 1) * per_piece).min(LINES) {
-            data.push_str(&line("o", i, BYTES).replace(r#""max_tokens":64"#, r#""model":"llama-3.1-8b","max_tokens":16"#));
+            data.push_str(
+                &line("o", i, BYTES).replace(r#""max_tokens":64"#, r#""model":"llama-3.1-8b","max_tokens":16"#),
+            );
         }
         Ok::<_, std::io::Error>(data.into_bytes())
     }));
     let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(body)).file_name("big.jsonl");
-    let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part("file", part);
     let t = Instant::now();
     let file: serde_json::Value = http
         .post(format!("{base}/files"))
@@ -434,7 +444,10 @@ async fn openai() {
     let sampler = Sampler::start(pid);
     let t = Instant::now();
     let mut resp = http
-        .get(format!("{base}/files/{}/content", done["output_file_id"].as_str().unwrap()))
+        .get(format!(
+            "{base}/files/{}/content",
+            done["output_file_id"].as_str().unwrap()
+        ))
         .bearer_auth("big-token")
         .send()
         .await
