@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokenfab_core::FileId;
-use tokenfab_core::batch_input::{LineError, ParsedRequest};
+use tokenfab_core::batch_input::{Endpoint, LineError, ParsedRequest};
 use tokenfab_core::control::{
     Action, BatchError, BatchView, ControlConfig, ControlCore, FileError, HeartbeatReply, LeaseAnswer, LeaseGrant,
     NewBatch, NodeRegistration, ReplicaReport, ReportSummary, ReportedResult, SubmitError, UnknownNode,
@@ -43,7 +43,7 @@ use tokenfab_core::durable::DurableOp;
 use tokenfab_core::durable::FileMeta;
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
-use tokenfab_store::{BatchInputs, StagedInput, Store, StoreError, WriteSet};
+use tokenfab_store::{BatchInputs, LeasedBody, StagedInput, Store, StoreError, WriteSet};
 use tokio::sync::{mpsc, oneshot, watch};
 
 type Reply<T> = oneshot::Sender<T>;
@@ -58,7 +58,9 @@ pub type FilePage = (Vec<FileView>, bool);
 #[derive(Debug)]
 pub struct Inputs {
     pub file: StagedInput,
-    pub requests: Vec<ParsedRequest>,
+    /// The staged file, open for reading (it stays readable when the commit moves it).
+    pub reader: Arc<std::fs::File>,
+    pub requests: Arc<Vec<ParsedRequest>>,
     pub line_errors: Vec<LineError>,
 }
 
@@ -179,6 +181,33 @@ const MAX_ROUND: usize = 4096;
 
 type Replies = Vec<Box<dyn FnOnce() + Send>>;
 
+/// The input of a batch whose commit is under way, as parsed at submission.
+#[derive(Clone)]
+struct Fresh {
+    /// The round that commits it.
+    seq: u64,
+    file: Arc<std::fs::File>,
+    endpoint: Endpoint,
+    requests: Arc<Vec<ParsedRequest>>,
+}
+
+impl Fresh {
+    /// The bodies of `refs` that belong to batches in `fresh` (the others stay `None`).
+    fn read(fresh: &HashMap<BatchId, Fresh>, refs: &[RequestRef]) -> Vec<Option<LeasedBody>> {
+        let mut out = vec![None; refs.len()];
+        for (batch, f) in fresh {
+            let wanted: Vec<(usize, &ParsedRequest)> = refs
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.batch == *batch)
+                .filter_map(|(pos, r)| Some((pos, f.requests.get(r.index as usize)?)))
+                .collect();
+            tokenfab_store::read_bodies(&f.file, f.endpoint, refs, wanted, &mut out);
+        }
+        out
+    }
+}
+
 /// Changes waiting for the next commit, and the replies that depend on it.
 #[derive(Default)]
 struct Round {
@@ -256,14 +285,12 @@ pub struct CoreLoop<S> {
     next_ticket: u64,
     /// The sequence number the round being collected will commit as.
     next_seq: u64,
-    /// Batches created in rounds not yet committed, with their round's number.
-    undurable: HashMap<BatchId, u64>,
+    /// Batches created in rounds not yet committed: leases read their bodies from the
+    /// staged input instead of waiting for the commit.
+    fresh: HashMap<BatchId, Fresh>,
     /// Batches changed in rounds not yet committed, with the last such round's number:
     /// reads that show them wait for it.
     dirty: HashMap<BatchId, u64>,
-    /// (epoch, the last round committed); the epoch changes when a commit fails and the
-    /// core is rebuilt (what was granted before is void).
-    durable: watch::Sender<(u64, u64)>,
     /// When the metering and SLA metrics were last refreshed.
     sla_observed: std::time::Instant,
 }
@@ -318,11 +345,11 @@ impl<S: Store + Clone> CoreLoop<S> {
         health: Arc<Health>,
         commands: mpsc::WeakSender<Command>,
     ) -> Result<(Self, Arc<ViewBoard>), StoreError> {
-        let (mut core, problems) = rebuild(&store, &config).await?;
+        let (core, problems) = rebuild(&store, &config).await?;
         health.unreadable(problems);
         let first = Views {
             sla: Arc::new(core.sla_document(now())),
-            tuning: Arc::new(core.tuning_doc(now())),
+            tuning: Arc::new(core.tuning_doc()),
             at: std::time::Instant::now(),
         };
         let (views, rx) = watch::channel(first);
@@ -345,9 +372,8 @@ impl<S: Store + Clone> CoreLoop<S> {
             waiting: HashMap::new(),
             next_ticket: 0,
             next_seq: 1,
-            undurable: HashMap::new(),
+            fresh: HashMap::new(),
             dirty: HashMap::new(),
-            durable: watch::channel((0, 0)).0,
             sla_observed: std::time::Instant::now()
                 .checked_sub(SLA_METRICS_EVERY)
                 .unwrap_or_else(std::time::Instant::now),
@@ -407,9 +433,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                     let r = r.unwrap_or_else(|e| Err(StoreError::Io(format!("commit task failed: {e}"))));
                     match r {
                         Ok(()) => {
-                            let (epoch, _) = *self.durable.borrow();
-                            self.durable.send_replace((epoch, done.seq));
-                            self.undurable.retain(|_, s| *s > done.seq);
+                            self.fresh.retain(|_, f| f.seq > done.seq);
                             self.dirty.retain(|_, s| *s > done.seq);
                             self.metrics.commits.inc();
                             self.metrics
@@ -469,10 +493,8 @@ impl<S: Store + Clone> CoreLoop<S> {
         self.waiting.clear();
         self.inputs.clear();
         self.files.clear();
-        self.undurable.clear();
+        self.fresh.clear();
         self.dirty.clear();
-        let (epoch, _) = *self.durable.borrow();
-        self.durable.send_replace((epoch + 1, 0));
         let mut backoff = Duration::from_millis(200);
         loop {
             while rx.try_recv().is_ok() {}
@@ -514,7 +536,7 @@ impl<S: Store + Clone> CoreLoop<S> {
         if wanted || metrics_due {
             let views = Views {
                 sla: Arc::new(self.core.sla_document(t)),
-                tuning: Arc::new(self.core.tuning_doc(t)),
+                tuning: Arc::new(self.core.tuning_doc()),
                 at: std::time::Instant::now(),
             };
             if metrics_due {
@@ -535,11 +557,10 @@ impl<S: Store + Clone> CoreLoop<S> {
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Persist(op) => {
-                    if let DurableOp::CreateBatch { meta, .. } = &op {
-                        if let Some(inputs) = self.inputs.remove(&meta.id) {
-                            round.set.inputs.push(inputs);
-                        }
-                        self.undurable.insert(meta.id, self.next_seq);
+                    if let DurableOp::CreateBatch { meta, .. } = &op
+                        && let Some(inputs) = self.inputs.remove(&meta.id)
+                    {
+                        round.set.inputs.push(inputs);
                     }
                     if let DurableOp::CreateFile { meta } = &op
                         && let Some(content) = self.files.remove(&meta.id)
@@ -580,9 +601,17 @@ impl<S: Store + Clone> CoreLoop<S> {
                 let r = self.core.submit(now, new);
                 if let Ok(v) = &r {
                     let id = v.meta.id;
-                    // Leasable at once, readable only once committed: a lease granted in
-                    // this very round must wait for this round's commit too.
-                    self.undurable.insert(id, self.next_seq);
+                    // Leasable at once: until this round commits, leases read its bodies
+                    // from the staged input.
+                    self.fresh.insert(
+                        id,
+                        Fresh {
+                            seq: self.next_seq,
+                            file: inputs.reader,
+                            endpoint: v.meta.endpoint,
+                            requests: inputs.requests.clone(),
+                        },
+                    );
                     self.inputs.insert(
                         id,
                         BatchInputs {
@@ -774,45 +803,54 @@ impl<S: Store + Clone> CoreLoop<S> {
         }
     }
 
-    /// Reads a grant's bodies from the store and answers the lease call, off the loop.
-    /// A grant that cannot be handed over goes back on the queue.
+    /// Reads a grant's bodies and answers the lease call, off the loop: from the store,
+    /// or, for a batch whose commit is under way, from its staged input (a lease does not
+    /// wait for the commit; if that commit fails the core is rebuilt without the batch,
+    /// and results for the lease are refused as not leased). A grant that cannot be
+    /// handed over goes back on the queue.
     fn hand_over(&self, node: NodeId, grant: LeaseGrant, reply: Reply<LeaseReply>) {
         let store = self.store.clone();
         let commands = self.commands.clone();
-        // The commit this grant's bodies wait for, if any of its batches is that new.
-        let needs = grant
+        let fresh: HashMap<BatchId, Fresh> = grant
             .items
             .iter()
-            .filter_map(|i| self.undurable.get(&i.req.batch).copied())
-            .max();
-        let mut durable = self.durable.subscribe();
-        // The epoch of the core that granted it (read now: a rebuild may come before the
-        // task runs).
-        let (epoch, _) = *durable.borrow();
+            .filter_map(|i| Some((i.req.batch, self.fresh.get(&i.req.batch)?.clone())))
+            .collect();
         tokio::spawn(async move {
-            if let Some(seq) = needs {
-                let committed = durable
-                    .wait_for(|&(e, done)| e != epoch || done >= seq)
-                    .await
-                    .map(|v| v.0 == epoch)
-                    .unwrap_or(false);
-                if !committed {
-                    // The commit failed and the core was rebuilt: this grant is void.
-                    let _ = reply.send(Ok(None));
-                    return;
-                }
-            }
             let refs: Vec<RequestRef> = grant.items.iter().map(|i| i.req).collect();
-            let bodies = match store.bodies(refs.clone()).await {
-                Ok(bodies) => bodies,
-                Err(e) => {
-                    // Not released (it would be leased again at once): the lease expires
-                    // and its requests are tried again, attempts counted.
-                    tracing::error!(error = %e, unit = grant.unit.0, "cannot read the bodies of a lease; it will expire and be retried");
-                    let _ = reply.send(Ok(None));
-                    return;
+            let staged: Vec<bool> = refs.iter().map(|r| fresh.contains_key(&r.batch)).collect();
+            let stored: Vec<RequestRef> = refs
+                .iter()
+                .zip(&staged)
+                .filter(|(_, s)| !**s)
+                .map(|(r, _)| *r)
+                .collect();
+            let from_store = if stored.is_empty() {
+                Vec::new()
+            } else {
+                match store.bodies(stored).await {
+                    Ok(bodies) => bodies,
+                    Err(e) => {
+                        // Not released (it would be leased again at once): the lease
+                        // expires and its requests are tried again, attempts counted.
+                        tracing::error!(error = %e, unit = grant.unit.0, "cannot read the bodies of a lease; it will expire and be retried");
+                        let _ = reply.send(Ok(None));
+                        return;
+                    }
                 }
             };
+            let mut bodies = if fresh.is_empty() {
+                vec![None; refs.len()]
+            } else {
+                let (n, refs) = (refs.len(), refs.clone());
+                tokio::task::spawn_blocking(move || Fresh::read(&fresh, &refs))
+                    .await
+                    .unwrap_or_else(|_| vec![None; n])
+            };
+            let mut from_store = from_store.into_iter();
+            for (slot, _) in bodies.iter_mut().zip(&staged).filter(|(_, s)| !**s) {
+                *slot = from_store.next().flatten();
+            }
             let lost: Vec<RequestRef> = refs
                 .iter()
                 .zip(&bodies)

@@ -304,7 +304,8 @@ impl<S: Store + Clone> Shared<S> {
         let path = staged.path().to_path_buf();
         let parse_model = model.clone();
         // Parsing is CPU work: off the async workers, one piece of the file at a time.
-        let parsed: ParsedInput = tokio::task::spawn_blocking(move || {
+        // The file stays open: leases read bodies through it until the batch's commit.
+        let (parsed, reader): (ParsedInput, std::fs::File) = tokio::task::spawn_blocking(move || {
             let mut parser = InputParser::new(parse_model, limits, strict)
                 .endpoint(endpoint)
                 .max_context(max_context);
@@ -319,7 +320,7 @@ impl<S: Store + Clone> Shared<S> {
                 }
                 parser.feed(&buf[..n]).map_err(Ok)?;
             }
-            parser.finish().map_err(Ok)
+            Ok((parser.finish().map_err(Ok)?, f))
         })
         .await
         .map_err(|e| Status::internal(format!("input parser failed: {e}")))?
@@ -348,7 +349,8 @@ impl<S: Store + Clone> Shared<S> {
             .collect();
         let inputs = Inputs {
             file: staged,
-            requests: parsed.requests,
+            reader: Arc::new(reader),
+            requests: Arc::new(parsed.requests),
             line_errors: parsed.line_errors,
         };
         let view = self

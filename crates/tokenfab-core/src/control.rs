@@ -1782,7 +1782,7 @@ impl ControlCore {
     }
 
     /// The throughput SLA as measured now over the SLA window (see [`crate::sla`]).
-    pub fn sla_document(&mut self, now: Timestamp) -> crate::sla::ThroughputSla {
+    pub fn sla_document(&self, now: Timestamp) -> crate::sla::ThroughputSla {
         use crate::sla::{SlaClassEntry, SlaPool};
         let measured = self.sla.pools(now);
         let covered = self.sla.covered_s(now);
@@ -2023,8 +2023,7 @@ impl ControlCore {
         if idle > 0.0 {
             self.share_idle(now, idle);
         }
-        self.persist_idle(now, false);
-        let directives = self.directives(now, node);
+        let directives = self.directives(node);
         let mut reply = HeartbeatReply::default();
         let expires_at = now.saturating_add(self.config.lease_ttl);
         for &u in held {
@@ -2046,18 +2045,30 @@ impl ControlCore {
     /// remaining time in reserve: over the batches in deadline order (all classes), the largest of the
     /// remaining output tokens up to and including a batch divided by the time to its
     /// deadline. Recomputed at most every second.
-    pub fn required_rate(&mut self, model: &ModelId, now: Timestamp) -> f64 {
-        if self
-            .required_at
-            .is_none_or(|t| now.since(t) >= REQUIRED_EVERY || now < t)
-        {
-            self.refresh(now);
-        }
+    pub fn required_rate(&self, model: &ModelId) -> f64 {
         self.required.get(model).copied().unwrap_or(0.0)
     }
 
+    /// When the periodic refresh (required rates, placement) is next due: at once once a
+    /// node is known, then every [`REQUIRED_EVERY`].
+    fn refresh_due(&self) -> Option<Timestamp> {
+        if self.nodes.is_empty() {
+            return None;
+        }
+        Some(
+            self.required_at
+                .map_or(Timestamp::ZERO, |t| t.saturating_add(REQUIRED_EVERY)),
+        )
+    }
+
+    /// When idle-energy charges are next written ([`IDLE_PERSIST_INTERVAL`] after the
+    /// last write, while some are waiting).
+    fn idle_persist_due(&self) -> Option<Timestamp> {
+        (!self.idle_dirty.is_empty()).then(|| self.idle_persisted_at.saturating_add(IDLE_PERSIST_INTERVAL))
+    }
+
     /// Recomputes the required rates, runs placement's activation and totals the active
-    /// capacity (at most once a second, see [`ControlCore::required_rate`]).
+    /// capacity: a timer, every [`REQUIRED_EVERY`] (see [`ControlCore::poll_timeout`]).
     fn refresh(&mut self, now: Timestamp) {
         self.required_at = Some(now);
         let mut cum: BTreeMap<&ModelId, f64> = BTreeMap::new();
@@ -2287,20 +2298,20 @@ impl ControlCore {
     }
 
     /// The tuning document (see [`TuningDoc`]).
-    pub fn tuning_doc(&mut self, now: Timestamp) -> TuningDoc {
+    pub fn tuning_doc(&self) -> TuningDoc {
         TuningDoc {
-            replicas: self.replicas_view(now),
+            replicas: self.replicas_view(),
             fragmentation: self.fragmentation(),
             plan: self.placement_plan(),
         }
     }
 
     /// Every registered replica with its directive and what its agent last reported.
-    pub fn replicas_view(&mut self, now: Timestamp) -> Vec<ReplicaView> {
+    pub fn replicas_view(&self) -> Vec<ReplicaView> {
         let nodes: Vec<NodeId> = self.nodes.keys().cloned().collect();
         let mut out = Vec::new();
         for id in nodes {
-            let directives = self.directives(now, &id);
+            let directives = self.directives(&id);
             let n = &self.nodes[&id];
             for (s, d) in n.serving.iter().zip(directives) {
                 let report = s.report.as_ref();
@@ -2337,7 +2348,7 @@ impl ControlCore {
 
     /// What each replica of `node` should do: its share of its model's required rate, in
     /// proportion to its capacity among the model's active replicas.
-    fn directives(&mut self, now: Timestamp, node: &NodeId) -> Vec<ReplicaDirective> {
+    fn directives(&self, node: &NodeId) -> Vec<ReplicaDirective> {
         let Some(n) = self.nodes.get(node) else {
             return Vec::new();
         };
@@ -2348,7 +2359,7 @@ impl ControlCore {
             .collect();
         let mut out = Vec::with_capacity(mine.len());
         for (replica, model, active, cap) in mine {
-            let required = self.required_rate(&model, now);
+            let required = self.required_rate(&model);
             // A replica without a performance model counts as the mean of those with one
             // (or 1 if none has).
             let c = self.capacity.get(&model).copied().unwrap_or_default();
@@ -2668,14 +2679,28 @@ impl ControlCore {
 
     // ---- time ------------------------------------------------------------------------
 
-    /// When [`ControlCore::handle_timeout`] should next be called.
+    /// When [`ControlCore::handle_timeout`] should next be called. The timers, all of
+    /// them here: lease expiry, batch deadlines, long-poll lease waits, retention of
+    /// batches and files, the periodic refresh of rates owed and placement (every
+    /// second once a node is known), and the writing of idle-energy charges.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let lease = self.unit_expiry.first().map(|&(t, _)| t);
         let deadline = self.deadlines.first().map(|&(t, _)| t);
         let wait = self.parked_until.first().map(|&(t, _)| t);
         let retention = self.retained.first().map(|&(t, _)| t);
         let files = self.files_retained.first().map(|&(t, _)| t);
-        [lease, deadline, wait, retention, files].into_iter().flatten().min()
+        [
+            lease,
+            deadline,
+            wait,
+            retention,
+            files,
+            self.refresh_due(),
+            self.idle_persist_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// [`ControlCore::handle_timeout`] before waiting leases are served.
@@ -2706,6 +2731,14 @@ impl ControlCore {
                 break;
             }
             self.drop_file(id);
+        }
+        // The periodic work: rates owed and placement, then idle-energy charges. A clock
+        // that went back (`now` before the last refresh) refreshes at once.
+        if self.refresh_due().is_some_and(|t| t <= now) || self.required_at.is_some_and(|t| now < t) {
+            self.refresh(now);
+        }
+        if self.idle_persist_due().is_some_and(|t| t <= now) {
+            self.persist_idle(now, false);
         }
     }
 
@@ -3352,6 +3385,33 @@ mod tests {
         }
     }
 
+    /// The next time of each kind of timer (the periodic refresh runs every second once
+    /// a node is known, so tests look at the timer they mean).
+    #[derive(Debug, Default, PartialEq)]
+    struct Timers {
+        lease: Option<Timestamp>,
+        deadline: Option<Timestamp>,
+        wait: Option<Timestamp>,
+        retention: Option<Timestamp>,
+        refresh: Option<Timestamp>,
+    }
+
+    impl Timers {
+        fn without_refresh(self) -> Timers {
+            Timers { refresh: None, ..self }
+        }
+    }
+
+    fn timers(core: &ControlCore) -> Timers {
+        Timers {
+            lease: core.unit_expiry.first().map(|&(t, _)| t),
+            deadline: core.deadlines.first().map(|&(t, _)| t),
+            wait: core.parked_until.first().map(|&(t, _)| t),
+            retention: core.retained.first().map(|&(t, _)| t),
+            refresh: core.refresh_due(),
+        }
+    }
+
     fn drain(core: &mut ControlCore) -> Vec<Action> {
         std::iter::from_fn(|| core.poll_action()).collect()
     }
@@ -3474,7 +3534,11 @@ mod tests {
             "{}",
             done.usage.cost_usd
         );
-        assert_eq!(core.poll_timeout(), None, "no lease and no live batch left");
+        assert_eq!(
+            timers(&core).without_refresh(),
+            Timers::default(),
+            "no lease and no live batch left"
+        );
     }
 
     #[test]
@@ -3484,7 +3548,7 @@ mod tests {
         core.register(T0, registration("a"));
         core.register(T0, registration("b"));
         let first = core.lease(T0, &node("a"), &model(), 10).unwrap().unwrap();
-        assert_eq!(core.poll_timeout(), Some(first.expires_at));
+        assert_eq!(timers(&core).lease, Some(first.expires_at));
         // Agent a goes silent; its lease expires and b gets the work.
         let later = first.expires_at;
         core.handle_timeout(later);
@@ -3525,7 +3589,7 @@ mod tests {
             let answer = core.lease_or_wait(T0, &node(n), &model(), 3, until, ticket).unwrap();
             assert_eq!(answer, LeaseAnswer::Waiting);
         }
-        assert_eq!(core.poll_timeout(), Some(until));
+        assert_eq!(timers(&core).wait, Some(until));
         drain(&mut core);
         // Five requests arrive: a gets 3, b the other 2, at once.
         let t = T0.saturating_add(Duration::from_secs(1));
@@ -3581,7 +3645,7 @@ mod tests {
         assert_eq!(reply.unknown_units, [WorkUnitId(999)]);
         core.handle_timeout(T0.saturating_add(Duration::from_secs(12)));
         assert_eq!(core.stats().leases_expired, 0);
-        assert_eq!(core.poll_timeout(), Some(t.saturating_add(Duration::from_secs(10))));
+        assert_eq!(timers(&core).lease, Some(t.saturating_add(Duration::from_secs(10))));
         assert_eq!(
             core.heartbeat(t, &node("zz"), &[], &[]).unwrap_err().to_string(),
             "node 'zz' is not registered (the control plane may have restarted); register again"
@@ -3728,7 +3792,7 @@ mod tests {
         let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
         core.report(T0, &node("a"), vec![ok(g.unit, g.items[0].req)]).unwrap();
         let deadline = T0.saturating_add(Duration::from_secs(3600));
-        assert_eq!(core.poll_timeout(), Some(deadline));
+        assert_eq!(timers(&core).deadline, Some(deadline));
         core.handle_timeout(deadline);
         let v = core.batch(&tenant("acme"), id).unwrap();
         assert_eq!(
@@ -3857,7 +3921,7 @@ mod tests {
         let at = |s: u64| T0.saturating_add(Duration::from_secs(s));
         let active = |core: &mut ControlCore, s: u64| -> (Vec<bool>, Vec<bool>) {
             core.handle_timeout(at(s));
-            let view = core.replicas_view(at(s));
+            let view = core.replicas_view();
             (
                 view.iter().map(|r| r.active).collect(),
                 view.iter().map(|r| r.placement_active).collect(),
@@ -3877,7 +3941,7 @@ mod tests {
                 PlacementMode::Active => assert_eq!(on, one, "active placement enforces"),
                 _ => assert_eq!(on, [true; 4], "advisory placement changes nothing"),
             }
-            let plan = core.tuning_doc(at(2)).plan.expect("placement measured demand");
+            let plan = core.tuning_doc().plan.expect("placement measured demand");
             assert_eq!(plan.replicas_now, 4);
             assert_eq!((plan.replicas_planned, plan.stop.len()), (1, 3), "{plan:?}");
             // A parked replica owes nothing.
@@ -4154,7 +4218,10 @@ mod tests {
             [(1, false)],
             "the old call ends empty and nothing more is sent to it"
         );
-        assert_eq!(core.poll_timeout(), Some(T0.saturating_add(Duration::from_secs(3600))));
+        assert_eq!(
+            timers(&core).deadline,
+            Some(T0.saturating_add(Duration::from_secs(3600)))
+        );
     }
 
     #[test]
@@ -4451,7 +4518,7 @@ mod tests {
             "a finished batch's inputs can go at once"
         );
         let before = core.tenant_usage(&tenant("acme"), Timestamp::ZERO);
-        assert_eq!(core.poll_timeout(), Some(T0.saturating_add(retention)));
+        assert_eq!(timers(&core).retention, Some(T0.saturating_add(retention)));
         core.handle_timeout(T0.saturating_add(retention));
         let actions = drain(&mut core);
         assert!(actions.contains(&Action::Persist(DurableOp::DeleteBatch { id })));
@@ -4574,6 +4641,112 @@ mod tests {
             Just(Step::Restart),
             Just(Step::Cancel),
         ]
+    }
+
+    #[test]
+    fn the_periodic_refresh_is_a_timer_not_a_side_effect_of_reads() {
+        let mut core = ControlCore::new(ControlConfig::default());
+        assert_eq!(core.poll_timeout(), None, "nothing to do without nodes");
+        core.register(T0, gpu_node("a"));
+        core.submit(T0, long_batch(100, 600)).unwrap();
+        assert_eq!(core.required_rate(&model()), 0.0, "not computed yet");
+        assert!(core.poll_timeout().is_some_and(|t| t <= T0), "due at once");
+        // Reads compute nothing.
+        let _ = (core.tuning_doc(), core.sla_document(T0), core.replicas_view());
+        assert_eq!(core.required_rate(&model()), 0.0);
+        core.handle_timeout(T0);
+        let rate = core.required_rate(&model());
+        assert!(rate > 0.0);
+        assert_eq!(timers(&core).refresh, Some(T0.saturating_add(REQUIRED_EVERY)));
+        assert!(core.poll_timeout() <= timers(&core).refresh);
+    }
+
+    /// One step of the read-invariance test.
+    #[derive(Debug, Clone)]
+    enum Tick {
+        Submit { n: u8, window_s: u16 },
+        LeaseAndReport { node: u8, max: u8 },
+        Heartbeat { node: u8, window: u16 },
+        Advance { ms: u16 },
+        Read,
+    }
+
+    fn tick() -> impl Strategy<Value = Tick> {
+        prop_oneof![
+            (1u8..30, 60u16..3600).prop_map(|(n, window_s)| Tick::Submit { n, window_s }),
+            (0u8..2, 1u8..40).prop_map(|(node, max)| Tick::LeaseAndReport { node, max }),
+            (0u8..2, 1u16..512).prop_map(|(node, window)| Tick::Heartbeat { node, window }),
+            (1u16..5000).prop_map(|ms| Tick::Advance { ms }),
+            Just(Tick::Read),
+        ]
+    }
+
+    /// Runs `ticks` on a fresh core (placement advisory, so the periodic refresh decides
+    /// things), doing every `Read` only if `reads`; everything it decided, in order.
+    fn decisions(ticks: &[Tick], reads: bool) -> Vec<String> {
+        let mut core = ControlCore::new(ControlConfig {
+            placement: PlacementMode::Advisory,
+            ..ControlConfig::default()
+        });
+        let nodes = [node("a"), node("b")];
+        for n in &nodes {
+            core.register(T0, gpu_node(n.as_str()));
+        }
+        let mut now = T0;
+        let mut out = Vec::new();
+        for t in ticks {
+            match t {
+                Tick::Submit { n, window_s } => {
+                    let r = core.submit(now, long_batch(u32::from(*n), u64::from(*window_s)));
+                    out.push(format!("{:?}", r.map(|v| v.meta.id)));
+                }
+                Tick::LeaseAndReport { node, max } => {
+                    if let Some(g) = core
+                        .lease(now, &nodes[*node as usize], &model(), u32::from(*max))
+                        .unwrap()
+                    {
+                        let results = g.items.iter().map(|i| ok(g.unit, i.req)).collect();
+                        out.push(format!("{:?}", core.report(now, &nodes[*node as usize], results)));
+                    }
+                }
+                Tick::Heartbeat { node, window } => {
+                    let report = ReplicaReport {
+                        replica: crate::ids::ReplicaId::from("r0"),
+                        window: u32::from(*window),
+                        ..ReplicaReport::default()
+                    };
+                    out.push(format!(
+                        "{:?}",
+                        core.heartbeat(now, &nodes[*node as usize], &[], &[report])
+                    ));
+                }
+                Tick::Advance { ms } => {
+                    now = now.saturating_add(Duration::from_millis(u64::from(*ms)));
+                    core.handle_timeout(now);
+                }
+                Tick::Read if reads => {
+                    let _ = core.sla_document(now);
+                    let _ = core.tuning_doc();
+                    let _ = core.tenant_usage(&tenant("acme"), Timestamp::ZERO);
+                    let _ = core.list(&tenant("acme"), None, 10);
+                }
+                Tick::Read => {}
+            }
+            out.extend(drain(&mut core).iter().map(|a| format!("{a:?}")));
+            out.push(format!("timeout {:?}", core.poll_timeout()));
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Reads (the SLA document, the tuning view a metrics scrape or `GET /v1/tuning`
+        /// asks for, usage, listings) at any moment change no decision: the same inputs
+        /// give the same actions, replies and timers with and without them.
+        #[test]
+        fn reads_at_any_moment_change_no_decision(ticks in proptest::collection::vec(tick(), 1..80)) {
+            prop_assert_eq!(decisions(&ticks, false), decisions(&ticks, true));
+        }
     }
 
     proptest! {

@@ -109,11 +109,21 @@ impl SlaMeter {
         self.window
     }
 
-    /// Seconds the figures cover at `now`: from the start of the oldest bucket kept (up
-    /// to a bucket more than the window), or less right after the start.
+    /// Whether a bucket starting at `start` is still in the window ending at `now`.
+    fn in_window(&self, now: Timestamp, start: Timestamp) -> bool {
+        now.since(start.saturating_add(self.bucket)) < self.window
+    }
+
+    /// Seconds the figures cover at `now`: from the start of the oldest bucket in the
+    /// window (up to a bucket more than the window), or less right after the start.
     pub fn covered_s(&self, now: Timestamp) -> f64 {
         let Some(started) = self.started else { return 0.0 };
-        let oldest = self.pools.values().filter_map(|r| r.front()).map(|b| b.start).min();
+        let oldest = self
+            .pools
+            .values()
+            .filter_map(|r| r.iter().find(|b| self.in_window(now, b.start)))
+            .map(|b| b.start)
+            .min();
         let from = oldest.map_or(started, |o| o.max(started));
         let kept = now.since(from).as_secs_f64();
         if oldest.is_some() {
@@ -276,16 +286,17 @@ impl SlaMeter {
         self.next_expiry = self.next_expiry.map(|n| n.min(t));
     }
 
-    /// The pools' figures over the window ending at `now`.
-    pub fn pools(&mut self, now: Timestamp) -> Vec<PoolFigures> {
-        self.expire(now);
+    /// The pools' figures over the window ending at `now`. A read: what has aged out is
+    /// left out, not dropped (writes drop it).
+    pub fn pools(&self, now: Timestamp) -> Vec<PoolFigures> {
         self.pools
             .iter()
+            .filter(|(_, ring)| ring.iter().any(|b| self.in_window(now, b.start)))
             .map(|((model, accelerator), ring)| {
                 let mut latency = Histogram::<u64>::new_with_max(LATENCY_MAX_US, 3).expect("valid histogram bounds");
                 let mut usage = Usage::default();
                 let mut requests = 0;
-                for b in ring {
+                for b in ring.iter().filter(|b| self.in_window(now, b.start)) {
                     latency.add(&b.latency_us).expect("same bounds");
                     usage += b.usage;
                     requests += b.requests;
@@ -308,10 +319,10 @@ impl SlaMeter {
     }
 
     /// Per model and SLA class: batches ended in the window, on time, completion times.
-    pub fn classes(&mut self, now: Timestamp) -> Vec<ClassFigures> {
-        self.expire(now);
+    /// A read, like [`SlaMeter::pools`].
+    pub fn classes(&self, now: Timestamp) -> Vec<ClassFigures> {
         let mut by: BTreeMap<(ModelId, String), Vec<&Ended>> = BTreeMap::new();
-        for e in &self.ended {
+        for e in self.ended.iter().filter(|e| now.since(e.at) < self.window) {
             by.entry((e.model.clone(), e.class.clone())).or_default().push(e);
         }
         by.into_iter()

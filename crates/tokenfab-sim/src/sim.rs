@@ -474,11 +474,10 @@ impl<'a> Simulation<'a> {
     /// and what its replicas deliver flat out (window `window`, full power, a
     /// 512-prompt/256-output shape).
     pub fn backlog(&mut self, window: u32) -> Vec<(f64, f64)> {
-        let now = self.now;
         let models: std::collections::BTreeSet<ModelId> = self.engines.iter().map(|e| e.model_id.clone()).collect();
         let mut out = Vec::new();
         for model in models {
-            let need = self.control.required_rate(&model, now);
+            let need = self.control.required_rate(&model);
             let have: f64 = self
                 .engines
                 .iter()

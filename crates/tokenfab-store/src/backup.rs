@@ -923,7 +923,7 @@ mod tests {
             set.inputs.push(BatchInputs {
                 batch: view.meta.id,
                 file: staged,
-                requests: parsed.requests,
+                requests: parsed.requests.into(),
                 line_errors: parsed.line_errors,
             });
             while let Some(a) = core.poll_action() {

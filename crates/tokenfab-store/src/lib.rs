@@ -79,7 +79,8 @@ impl Drop for StagedInput {
 pub struct BatchInputs {
     pub batch: BatchId,
     pub file: StagedInput,
-    pub requests: Vec<ParsedRequest>,
+    /// Shared: the control plane reads bodies of a batch whose commit is under way.
+    pub requests: std::sync::Arc<Vec<ParsedRequest>>,
     pub line_errors: Vec<LineError>,
 }
 
@@ -124,6 +125,68 @@ pub struct LeasedBody {
     pub custom_id: String,
     pub endpoint: Endpoint,
     pub body: Bytes,
+}
+
+/// Bodies closer together than this in an input file are read with one read.
+const READ_GAP: u64 = 64 * 1024;
+
+/// Reads the bodies of `wanted` (each: its position in `items` and `out`, and how its
+/// line was parsed) from `file`, the input they were parsed from, into `out`. Runs of
+/// bodies close together are read at once; in a damaged file, what can be read is read
+/// body by body, and a body that cannot be read stays `None`. Used by the store for
+/// committed batches and by the control plane for a batch whose commit is under way
+/// (its staged input, already parsed).
+pub fn read_bodies(
+    file: &std::fs::File,
+    endpoint: Endpoint,
+    items: &[RequestRef],
+    mut wanted: Vec<(usize, &ParsedRequest)>,
+    out: &mut [Option<LeasedBody>],
+) {
+    use std::os::unix::fs::FileExt;
+    wanted.sort_by_key(|(_, r)| r.body_offset);
+    let body = |pos: usize, r: &ParsedRequest, bytes: Bytes| LeasedBody {
+        req: items[pos],
+        custom_id: r.custom_id.clone(),
+        endpoint,
+        body: bytes,
+    };
+    let mut start = 0;
+    while start < wanted.len() {
+        let from = wanted[start].1.body_offset;
+        let mut end = start + 1;
+        let mut to = from + u64::from(wanted[start].1.body_len);
+        while end < wanted.len() && wanted[end].1.body_offset <= to + READ_GAP {
+            to = to.max(wanted[end].1.body_offset + u64::from(wanted[end].1.body_len));
+            end += 1;
+        }
+        let mut buf = vec![0u8; (to - from) as usize];
+        let run = &wanted[start..end];
+        if file.read_exact_at(&mut buf, from).is_ok() {
+            let buf = Bytes::from(buf);
+            for &(pos, r) in run {
+                let at = (r.body_offset - from) as usize;
+                out[pos] = Some(body(pos, r, buf.slice(at..at + r.body_len as usize)));
+            }
+        } else {
+            for &(pos, r) in run {
+                let mut bytes = vec![0u8; r.body_len as usize];
+                match file.read_exact_at(&mut bytes, r.body_offset) {
+                    Ok(()) => out[pos] = Some(body(pos, r, Bytes::from(bytes))),
+                    Err(e) => tracing_warn(&format!(
+                        "cannot read request {} of batch {} from its input: {e}",
+                        items[pos].index, items[pos].batch
+                    )),
+                }
+            }
+        }
+        start = end;
+    }
+}
+
+/// The store has no logging of its own: problems it can work around go to stderr.
+pub(crate) fn tracing_warn(message: &str) {
+    eprintln!("tokenfab-store: {message}");
 }
 
 /// Which results to read.

@@ -27,14 +27,12 @@
 
 use crate::{
     BatchInputs, Cursor, HistoryRow, IdleRow, LeasedBody, Loaded, LoadedBatch, Page, ResultKind, ResultRow, RowOutcome,
-    StagedInput, Store, StoreError, WriteSet,
+    StagedInput, Store, StoreError, WriteSet, tracing_warn,
 };
-use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -64,8 +62,6 @@ pub(crate) const NEXT_BATCH: &str = "next_batch";
 /// The `meta` key of the first file id not yet given out.
 pub(crate) const NEXT_FILE: &str = "next_file";
 
-/// Bodies closer together than this in an input file are read with one read.
-const READ_GAP: u64 = 64 * 1024;
 /// Input files kept open for leases.
 const OPEN_FILES: usize = 64;
 
@@ -601,52 +597,8 @@ impl RedbStore {
                     found.push((pos, r));
                 }
             }
-            found.sort_by_key(|(_, r)| r.body_offset);
-            // Runs of bodies close together in the file are read at once.
-            let mut start = 0;
-            while start < found.len() {
-                let from = found[start].1.body_offset;
-                let mut end = start + 1;
-                let mut to = from + u64::from(found[start].1.body_len);
-                while end < found.len() && found[end].1.body_offset <= to + READ_GAP {
-                    to = to.max(found[end].1.body_offset + u64::from(found[end].1.body_len));
-                    end += 1;
-                }
-                let mut buf = vec![0u8; (to - from) as usize];
-                let run = &found[start..end];
-                if file.read_exact_at(&mut buf, from).is_ok() {
-                    let buf = Bytes::from(buf);
-                    for (pos, r) in run {
-                        let at = (r.body_offset - from) as usize;
-                        out[*pos] = Some(LeasedBody {
-                            req: items[*pos],
-                            custom_id: r.custom_id.clone(),
-                            endpoint,
-                            body: buf.slice(at..at + r.body_len as usize),
-                        });
-                    }
-                } else {
-                    // A damaged file: read what can be read, body by body.
-                    for (pos, r) in run {
-                        let mut body = vec![0u8; r.body_len as usize];
-                        match file.read_exact_at(&mut body, r.body_offset) {
-                            Ok(()) => {
-                                out[*pos] = Some(LeasedBody {
-                                    req: items[*pos],
-                                    custom_id: r.custom_id.clone(),
-                                    endpoint,
-                                    body: Bytes::from(body),
-                                });
-                            }
-                            Err(e) => tracing_warn(&format!(
-                                "cannot read request {} of batch {batch} from its input: {e}",
-                                items[*pos].index
-                            )),
-                        }
-                    }
-                }
-                start = end;
-            }
+            let wanted: Vec<(usize, &ParsedRequest)> = found.iter().map(|(pos, r)| (*pos, r)).collect();
+            crate::read_bodies(&file, endpoint, &items, wanted, &mut out);
         }
         Ok(out)
     }
@@ -798,11 +750,6 @@ fn open_db(dir: &Path) -> Result<Database, StoreError> {
             other => other.to_string(),
         },
     })
-}
-
-/// The store has no logging of its own: problems it can work around go to stderr.
-fn tracing_warn(message: &str) {
-    eprintln!("tokenfab-store: {message}");
 }
 
 /// Runs a blocking store call on tokio's blocking pool.
