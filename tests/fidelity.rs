@@ -80,7 +80,8 @@ workload:
       completion_window: 1h
 # The live agents' wall-clock timings (20 ms report delay, 100 ms after an empty lease,
 # ~0.4 ms per control-plane call on loopback) last SCALE times longer in emulated time.
-policies: {{window: {WINDOW}, report_delay: 100ms, empty_lease_backoff: 500ms, control_rtt: 2ms}}
+policies: {{window: {WINDOW}, report_delay: 100ms, empty_lease_backoff: 500ms}}
+network: {{control_rtt: 2ms}}
 "#
     );
     let scenario = tokenfab_sim::Scenario::parse(&yaml, "fidelity.yaml").unwrap();

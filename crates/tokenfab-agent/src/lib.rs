@@ -600,7 +600,7 @@ impl Shell {
                         attributed_joules: s.attributed_j,
                         idle_joules: s.idle_j,
                         power_limit_w: report.power_limit_w.unwrap_or(0.0),
-                        tuner_mode: tuning.mode.name().into(),
+                        tuner_mode: tokenfab_core::policy::Choice::name(tuning.mode).into(),
                         objective: tuning.objective,
                         objective_value: tuning.objective_value,
                         measured_output_tokens_per_second: tuning.measured_tokens_per_s,

@@ -93,7 +93,7 @@ pub fn replica_reports(t: pb::Telemetry) -> Vec<tokenfab_core::control::ReplicaR
     t.replicas
         .into_iter()
         .map(|r| {
-            let mode = TunerMode::parse(&r.tuner_mode).unwrap_or_default();
+            let mode = r.tuner_mode.parse().unwrap_or(TunerMode::Off);
             let advice = (r.advised_window > 0).then(|| Advice {
                 window: r.advised_window,
                 power_limit_w: num(r.advised_power_limit_w),

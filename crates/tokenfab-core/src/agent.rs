@@ -69,14 +69,13 @@ pub const AFFINITY_LOOKAHEAD: usize = 64;
 /// Prefixes whose replica the agent remembers (forgotten all at once beyond this).
 const MAX_PREFIX_HOMES: usize = 65_536;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
     /// The replica with the most free room relative to its window takes the next request,
     /// but requests sharing a prompt prefix stay with the replica that took the first of
     /// them (whose prefix cache holds it): a replica skips requests whose prefix belongs to
     /// another replica, looking up to [`AFFINITY_LOOKAHEAD`] deep, and takes the oldest
     /// request when it finds none of its own.
-    #[default]
     PrefixAffinity,
     /// The replica with the most free room relative to its window.
     LeastLoaded,
@@ -85,22 +84,31 @@ pub enum Routing {
 }
 
 impl Default for AgentConfig {
+    /// The default policies ([`crate::policy::Policies::default`]), no device prices.
     fn default() -> Self {
+        crate::policy::Policies::default().agent_config(crate::policy::Prices::none())
+    }
+}
+
+impl AgentConfig {
+    /// The agent's mechanics at their defaults. The fields that come from policy hold
+    /// placeholders here: [`crate::policy::Policies::agent_config`] sets them.
+    pub(crate) fn mechanics() -> Self {
         AgentConfig {
+            report_delay: Duration::ZERO,
+            sample_interval: Duration::ZERO,
+            heartbeat_interval: Duration::ZERO,
+            empty_lease_backoff: Duration::ZERO,
+            lease_wait: Duration::ZERO,
+            tuner: crate::tuner::TunerConfig::mechanics(),
+            routing: Routing::LeastLoaded,
             lease_batch: 1024,
             prefetch: 1.0,
             report_max: 1024,
             report_max_bytes: 16 << 20,
-            report_delay: Duration::from_millis(20),
-            sample_interval: Duration::from_millis(100),
             idle_sample_interval: Duration::from_secs(5),
-            heartbeat_interval: Duration::from_secs(1),
-            empty_lease_backoff: Duration::from_millis(100),
-            lease_wait: Duration::from_secs(5),
             error_backoff: Duration::from_millis(500),
             replica_backoff: Duration::from_millis(500),
-            tuner: crate::tuner::TunerConfig::default(),
-            routing: Routing::LeastLoaded,
         }
     }
 }
@@ -272,6 +280,8 @@ struct Replica {
     perf: Option<crate::perf::ReplicaPerf>,
     /// Output tokens at the last advice (advisory mode measures throughput between two).
     advice_tokens: u64,
+    /// The performance model's values for the advice (see [`crate::tuner::AdviceGrid`]).
+    advice_grid: crate::tuner::AdviceGrid,
 }
 
 /// Work and leasing of one model.
@@ -1203,6 +1213,7 @@ fn advise(r: &mut Replica, config: &crate::tuner::TunerConfig, now: Timestamp) {
     r.advice = Some(crate::tuner::advise(
         perf,
         config,
+        &mut r.advice_grid,
         r.window,
         r.spec.max_concurrency,
         power,
@@ -1245,6 +1256,7 @@ impl Replica {
             engine_counter: false,
             perf,
             advice_tokens: 0,
+            advice_grid: crate::tuner::AdviceGrid::default(),
             model,
             window,
             in_flight: 0,

@@ -146,10 +146,9 @@ impl SlaClass {
 }
 
 /// Whether placement decides which replicas take work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlacementMode {
     /// Every registered replica takes work.
-    #[default]
     Off,
     /// Placement decides and shows which replicas it would park, but parks none.
     Advisory,
@@ -163,13 +162,12 @@ pub enum PlacementMode {
 /// admission on both orders kept 99.95-100% of batches on time; with admission off,
 /// earliest deadline first kept 0.5-1.0 points more batches on time than least slack
 /// first (which favours big batches due later), so it is the default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueOrder {
     /// Least slack first: the batch whose pending work must start soonest to meet its
     /// deadline (deadline minus the time that work needs at the model's capacity).
     Slack,
     /// Earliest deadline first.
-    #[default]
     Deadline,
 }
 
@@ -250,27 +248,34 @@ pub fn check_metadata<'a>(metadata: impl IntoIterator<Item = (&'a String, &'a St
 }
 
 impl Default for ControlConfig {
+    /// The default policies ([`crate::policy::Policies::default`]) and deployment.
     fn default() -> Self {
+        crate::policy::Policies::default().control_config()
+    }
+}
+
+impl ControlConfig {
+    /// The deployment settings at their defaults. The fields that come from policy hold
+    /// placeholders here: [`crate::policy::Policies::control_config`] sets them.
+    pub(crate) fn deployment_defaults() -> Self {
         ControlConfig {
-            lease_ttl: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(1),
-            max_attempts: 4,
-            default_completion_window: Duration::from_secs(24 * 3600),
-            max_completion_window: Duration::from_secs(7 * 24 * 3600),
-            sla_classes: SlaClass::defaults(),
-            default_sla_class: "standard".into(),
+            lease_ttl: Duration::ZERO,
+            heartbeat_interval: Duration::ZERO,
+            max_attempts: 0,
+            sla_classes: Vec::new(),
+            default_sla_class: String::new(),
             queue_order: QueueOrder::Deadline,
-            deadline_share: 0.8,
+            deadline_share: 0.0,
             placement: PlacementMode::Off,
             activation: crate::placement::ActivationConfig::default(),
+            admission: false,
+            admission_headroom: 0.0,
+            default_completion_window: Duration::from_secs(24 * 3600),
+            max_completion_window: Duration::from_secs(7 * 24 * 3600),
             placement_objective: crate::placement::PlacementObjective::Energy,
             models: Catalog::builtin().model_ids().into_iter().collect(),
             usd_per_kwh: DEFAULT_USD_PER_KWH,
             pue: DEFAULT_PUE,
-            admission: true,
-            // On the mixed-fleet scenario under overload, 0.9 and 0.8 kept every admitted
-            // batch on time and 1.0 did not (95%); 0.9 refuses less (simulations/README.md).
-            admission_headroom: 0.9,
             tenant_weights: BTreeMap::new(),
             tenant_quotas: BTreeMap::new(),
             default_quota: Quota::default(),
@@ -940,7 +945,7 @@ pub struct ReplicaReport {
 }
 
 /// What a replica's tuner reports.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TuningReport {
     pub mode: crate::tuner::TunerMode,
     /// What it maximizes, e.g. "output tokens/J".
@@ -956,6 +961,23 @@ pub struct TuningReport {
     pub reason: String,
     /// Advisory mode: what the performance model recommends.
     pub advice: Option<crate::tuner::Advice>,
+}
+
+impl Default for TuningReport {
+    /// The report of a replica whose tuner is off.
+    fn default() -> Self {
+        TuningReport {
+            mode: crate::tuner::TunerMode::Off,
+            objective: String::new(),
+            objective_value: 0.0,
+            measured_tokens_per_s: 0.0,
+            owed_tokens_per_s: 0.0,
+            holding: false,
+            moves: 0,
+            reason: String::new(),
+            advice: None,
+        }
+    }
 }
 
 /// Idle energy charged to one tenant in one hour.
@@ -2327,7 +2349,7 @@ impl ControlCore {
                     window: s.window,
                     power_limit_w: report.and_then(|r| r.power_limit_w),
                     owed_tokens_per_s: d.owed_tokens_per_s,
-                    tuner_mode: tuning.map_or("off", |t| t.mode.name()).into(),
+                    tuner_mode: tuning.map_or("off", |t| crate::policy::Choice::name(t.mode)).into(),
                     objective: tuning.map(|t| t.objective.clone()).unwrap_or_default(),
                     objective_value: tuning.map_or(0.0, |t| t.objective_value),
                     measured_tokens_per_s: tuning.map_or(0.0, |t| t.measured_tokens_per_s),

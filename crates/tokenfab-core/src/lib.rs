@@ -23,6 +23,7 @@ pub mod ids;
 pub mod llmd;
 pub mod perf;
 pub mod placement;
+pub mod policy;
 pub mod sla;
 pub mod time;
 pub mod tuner;

@@ -469,24 +469,29 @@ impl<K: Ord + Clone> Activation<K> {
         self.surplus_since.retain(|k, _| known.contains(k));
         let mut wanted: BTreeSet<K> = BTreeSet::new();
         let models: BTreeSet<&ModelId> = candidates.iter().map(|c| &c.model).collect();
+        // Active replicas per node, counted once (the sort below reads it per comparison).
+        let mut active_on: BTreeMap<&NodeId, usize> = BTreeMap::new();
+        for c in candidates.iter().filter(|c| self.active.contains(&c.key)) {
+            *active_on.entry(&c.node).or_default() += 1;
+        }
         for model in models {
-            let mut mine: Vec<&Candidate<K>> = candidates.iter().filter(|c| &c.model == model).collect();
             // Active replicas first (no churn), then the cheapest per token, then those on
             // nodes with the most active replicas (consolidation).
-            let load = |c: &Candidate<K>| {
-                candidates
-                    .iter()
-                    .filter(|o| o.node == c.node && self.active.contains(&o.key))
-                    .count()
-            };
-            mine.sort_by(|a, b| {
-                self.active
-                    .contains(&b.key)
-                    .cmp(&self.active.contains(&a.key))
+            let mut mine: Vec<(bool, usize, &Candidate<K>)> = candidates
+                .iter()
+                .filter(|c| &c.model == model)
+                .map(|c| {
+                    let load = active_on.get(&c.node).copied().unwrap_or(0);
+                    (self.active.contains(&c.key), load, c)
+                })
+                .collect();
+            mine.sort_by(|(a_on, a_load, a), (b_on, b_load, b)| {
+                b_on.cmp(a_on)
                     .then(a.cost_per_token.total_cmp(&b.cost_per_token))
-                    .then(load(b).cmp(&load(a)))
+                    .then(b_load.cmp(a_load))
                     .then(a.key.cmp(&b.key))
             });
+            let mine: Vec<&Candidate<K>> = mine.into_iter().map(|(_, _, c)| c).collect();
             let need = required.get(model).copied().unwrap_or(0.0) * (1.0 + config.margin);
             let mut have = 0.0;
             for (i, c) in mine.iter().enumerate() {

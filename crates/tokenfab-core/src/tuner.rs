@@ -73,33 +73,15 @@ impl Objective {
 }
 
 /// Whether the tuner acts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TunerMode {
     /// No tuning: the window and power limit stay as configured.
-    #[default]
     Off,
     /// Measure and recommend, change nothing (operators ask for this before they trust an
     /// autotuner); see [`crate::tuner::advise`].
     Advisory,
     /// Measure and move the knobs.
     Active,
-}
-
-impl TunerMode {
-    pub fn name(&self) -> &'static str {
-        match self {
-            TunerMode::Off => "off",
-            TunerMode::Advisory => "advisory",
-            TunerMode::Active => "active",
-        }
-    }
-
-    /// The mode named `s` (as [`TunerMode::name`] writes it).
-    pub fn parse(s: &str) -> Option<TunerMode> {
-        [TunerMode::Off, TunerMode::Advisory, TunerMode::Active]
-            .into_iter()
-            .find(|m| m.name() == s)
-    }
 }
 
 /// Settings of the tuner.
@@ -147,28 +129,39 @@ pub struct TunerConfig {
 }
 
 impl Default for TunerConfig {
+    /// The default policies' tuner ([`crate::policy::Policies::default`]).
     fn default() -> Self {
+        crate::policy::Policies::default()
+            .agent_config(crate::policy::Prices::none())
+            .tuner
+    }
+}
+
+impl TunerConfig {
+    /// The tuner's mechanics at their defaults. The fields that come from policy hold
+    /// placeholders here: [`crate::policy::Policies::agent_config`] sets them.
+    pub(crate) fn mechanics() -> Self {
         TunerConfig {
             mode: TunerMode::Off,
             objective: Objective::TokensPerJoule,
-            tune_power: true,
+            tune_power: false,
+            epoch: Duration::ZERO,
+            epoch_min_finished: 0,
+            throughput_margin: 0.0,
+            model_guided: false,
             min_window: 1,
             // Steps large enough that a real gain shows above the margin: on the H100
             // model, 1.5x the window or 10% less power each gain 3-6% near the optimum.
             window_step: 1.5,
             power_step: 0.1,
             min_gain: 0.03,
-            epoch: Duration::from_secs(3),
-            epoch_min_finished: 24,
             epoch_turnover: 0.25,
             epoch_max: Duration::from_secs(60),
             settle_max: Duration::from_secs(20),
-            throughput_margin: 0.1,
             reprobe_every: 20,
             error_cooldown: Duration::from_secs(120),
             guard: 0.1,
             distrust: Duration::from_secs(600),
-            model_guided: true,
         }
     }
 }
@@ -1295,6 +1288,16 @@ pub struct Advice {
     pub current_tokens_per_s: f64,
 }
 
+/// The performance model's values at the points [`advise`] looked at, for one request
+/// shape: a replica's mean shape settles, and each point costs a steady-state solve, so
+/// advice refreshed every few seconds reads them from here (the same numbers).
+#[derive(Debug, Clone, Default)]
+pub struct AdviceGrid {
+    shape: (u32, u32),
+    /// (window, power limit's bits) -> (objective, output tokens/s).
+    values: BTreeMap<(u32, u64), (f64, f64)>,
+}
+
 /// What the tuner would choose according to the performance model `perf`, for requests
 /// of the mean shape `(prompt, output)` tokens, owing `owed` tokens/s: the grid point that
 /// maximizes `objective` among those that deliver the owed throughput (with the tuner's
@@ -1304,6 +1307,7 @@ pub struct Advice {
 pub fn advise(
     perf: &crate::perf::ReplicaPerf,
     config: &TunerConfig,
+    grid: &mut AdviceGrid,
     window: u32,
     max_window: u32,
     power_limit_w: f64,
@@ -1322,7 +1326,14 @@ pub fn advise(
         vec![power_limit_w]
     };
     let devices = f64::from(perf.devices());
-    let value = |w: u32, p: f64| {
+    if grid.shape != shape {
+        grid.shape = shape;
+        grid.values.clear();
+    }
+    let mut value = |w: u32, p: f64| {
+        if let Some(&v) = grid.values.get(&(w, p.to_bits())) {
+            return v;
+        }
         let s = perf.steady_state(w, shape.0, shape.1, p);
         let objective = match config.objective {
             Objective::TokensPerJoule => 1.0 / s.joules_per_token,
@@ -1337,6 +1348,7 @@ pub fn advise(
                 s.output_tokens_per_s / usd_per_s
             }
         };
+        grid.values.insert((w, p.to_bits()), (objective, s.output_tokens_per_s));
         (objective, s.output_tokens_per_s)
     };
     let (cur_obj, cur_tps) = value(window, power_limit_w);

@@ -28,11 +28,15 @@
 //! variant finished, since a fleet stays up whether or not its work is done.
 
 use crate::report::Report;
-use crate::scenario::{RoutingName, Scenario, ScenarioError, TunerModeName};
+use crate::scenario::{Scenario, ScenarioError};
 use crate::sim::Simulation;
 use serde::Serialize;
 use std::path::Path;
 use tokenfab_core::Timestamp;
+use tokenfab_core::agent::Routing;
+use tokenfab_core::control::PlacementMode;
+use tokenfab_core::policy::ObjectiveKind;
+use tokenfab_core::tuner::TunerMode;
 
 /// A static configuration: window and power limit as a fraction of the device maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -149,9 +153,9 @@ fn row(variant: &str, description: &str, r: &Report) -> CompareRow {
 }
 
 /// The scenario with every deployment at a static window, full power, tuner off.
-fn static_variant(s: &Scenario, window: u32, routing: RoutingName) -> Scenario {
+fn static_variant(s: &Scenario, window: u32, routing: Routing) -> Scenario {
     let mut s = s.clone();
-    s.policies.tuner.mode = TunerModeName::Off;
+    s.policies.tuner.mode = TunerMode::Off;
     s.policies.routing = routing;
     for p in &mut s.pools {
         p.power_limit_w = None;
@@ -174,23 +178,23 @@ pub fn compare(
     let mut variants: Vec<(String, String, Scenario)> = vec![(
         "vllm-default".into(),
         "window 256 (vLLM's default max_num_seqs), full power, round-robin".into(),
-        static_variant(scenario, 256, RoutingName::RoundRobin),
+        static_variant(scenario, 256, Routing::RoundRobin),
     )];
     for w in [64, 128, 256, 512] {
         variants.push((
             format!("static-w{w}"),
             format!("window {w}, full power, least-loaded"),
-            static_variant(scenario, w, RoutingName::LeastLoaded),
+            static_variant(scenario, w, Routing::LeastLoaded),
         ));
     }
     let mut tuned = scenario.clone();
-    tuned.policies.tuner.mode = TunerModeName::Active;
-    tuned.policies.tuner.objective = crate::scenario::ObjectiveName::TokensPerJoule;
+    tuned.policies.tuner.mode = TunerMode::Active;
+    tuned.policies.tuner.objective = ObjectiveKind::TokensPerJoule;
     for p in &mut tuned.pools {
         p.power_limit_w = None;
     }
     let mut placed = tuned.clone();
-    placed.policies.placement.mode = crate::scenario::PlacementModeName::Active;
+    placed.policies.placement.mode = PlacementMode::Active;
     variants.push((
         "tuner".into(),
         "tokenfab's tuner: window and power limit per replica, online, for tokens/J within the deadlines".into(),
@@ -255,7 +259,7 @@ pub fn compare(
 
 /// The hindsight oracle (see the module docs).
 fn oracle(scenario: &Scenario, base: &Path, seed: u64, options: &CompareOptions) -> Result<CompareRow, ScenarioError> {
-    let mut s = static_variant(scenario, 256, RoutingName::LeastLoaded);
+    let mut s = static_variant(scenario, 256, Routing::LeastLoaded);
     let max_window = options.oracle_grid.iter().map(|c| c.window).max().unwrap_or(256);
     for d in &mut s.deployments {
         d.max_num_seqs = Some(max_window.max(256));

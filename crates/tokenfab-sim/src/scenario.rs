@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokenfab_core::catalog::Catalog;
 use tokenfab_core::perf::ReplicaPerf;
+use tokenfab_core::policy::Policies;
 use tokenfab_core::{AcceleratorId, ModelId};
 
 /// A scenario that cannot be simulated: where (file and field path), what, and what is allowed.
@@ -62,8 +63,12 @@ pub struct Scenario {
     /// Which models run where.
     pub deployments: Vec<Deployment>,
     pub workload: Workload,
+    /// tokenfab's policies, the type the live system's flags produce: same names,
+    /// defaults and checks (`tokenfab_core::policy::Policies`).
     #[serde(default)]
     pub policies: Policies,
+    #[serde(default)]
+    pub network: Network,
     #[serde(default)]
     pub report: ReportOptions,
 }
@@ -284,269 +289,20 @@ pub enum Dist {
     },
 }
 
-/// Knobs of tokenfab's policies, as the live system has them.
+/// The simulated network between agents and the control plane (not a policy: the live
+/// system has a real one).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policies {
-    /// Default concurrency window per replica.
-    #[serde(default = "default_window")]
-    pub window: u32,
+#[serde(default, deny_unknown_fields)]
+pub struct Network {
     /// Time for a call between agent and control plane and back.
-    #[serde(default = "default_rtt", deserialize_with = "human", serialize_with = "ser_human")]
+    #[serde(deserialize_with = "human", serialize_with = "ser_human")]
     pub control_rtt: Duration,
-    /// Lease time-to-live.
-    #[serde(default = "default_ttl", deserialize_with = "human", serialize_with = "ser_human")]
-    pub lease_ttl: Duration,
-    /// How long an agent holds finished results to report them together.
-    #[serde(
-        default = "default_report_delay",
-        deserialize_with = "human",
-        serialize_with = "ser_human"
-    )]
-    pub report_delay: Duration,
-    /// How long an agent waits before asking again after a lease came back empty.
-    #[serde(
-        default = "default_empty_lease_backoff",
-        deserialize_with = "human",
-        serialize_with = "ser_human"
-    )]
-    pub empty_lease_backoff: Duration,
-    /// How long the control plane holds a lease call open waiting for work (a long poll);
-    /// `0s` makes agents poll every `empty_lease_backoff` instead.
-    #[serde(
-        default = "default_lease_wait",
-        deserialize_with = "human",
-        serialize_with = "ser_human"
-    )]
-    pub lease_wait: Duration,
-    /// How often each agent reads its devices' energy counters to share energy among the
-    /// requests that finished. Total energy does not depend on it (the engines integrate
-    /// power exactly); the split between batches does, and larger values run faster.
-    #[serde(
-        default = "default_sample_interval",
-        deserialize_with = "human",
-        serialize_with = "ser_human"
-    )]
-    pub energy_sample_interval: Duration,
-    /// Refuse batches of committed SLA classes whose deadline cannot be met (the live
-    /// control plane's admission control).
-    #[serde(default = "yes")]
-    pub admission: bool,
-    /// Share of the estimated capacity admission counts on (0 < x <= 1).
-    #[serde(default = "default_headroom")]
-    pub admission_headroom: f64,
-    /// SLA classes, highest priority first (committed ones before best-effort ones). By
-    /// default `standard`, any other class a tenant names, then `best-effort`.
-    #[serde(default)]
-    pub sla_classes: Option<Vec<ScenarioClass>>,
-    /// Order of committed work within a class: `deadline` (earliest deadline first, the
-    /// default, as live) or `slack` (least slack first).
-    #[serde(default)]
-    pub queue_order: QueueOrderName,
-    /// The batch-size and power tuner on every replica.
-    #[serde(default)]
-    pub tuner: TunerPolicy,
-    /// How an agent picks the replica for the next request.
-    #[serde(default)]
-    pub routing: RoutingName,
-    /// Which replicas take work (the control plane's placement).
-    #[serde(default)]
-    pub placement: PlacementPolicy,
 }
 
-/// `policies.placement`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlacementPolicy {
-    /// `off`: every replica takes work; `active`: the fewest, cheapest replicas that cover
-    /// the rate deadlines need take work, the others idle.
-    #[serde(default)]
-    pub mode: PlacementModeName,
-    /// How long a replica must be surplus before it is parked.
-    #[serde(
-        default = "default_park_after",
-        deserialize_with = "human",
-        serialize_with = "ser_human"
-    )]
-    pub park_after: Duration,
-    /// Capacity kept active beyond the required rate, as a fraction of it.
-    #[serde(default = "default_placement_margin")]
-    pub margin: f64,
-}
-
-fn default_park_after() -> Duration {
-    tokenfab_core::placement::ActivationConfig::default().park_after
-}
-fn default_placement_margin() -> f64 {
-    tokenfab_core::placement::ActivationConfig::default().margin
-}
-
-impl Default for PlacementPolicy {
+impl Default for Network {
     fn default() -> Self {
-        PlacementPolicy {
-            mode: PlacementModeName::Off,
-            park_after: default_park_after(),
-            margin: default_placement_margin(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PlacementModeName {
-    #[default]
-    Off,
-    Active,
-}
-
-/// `policies.tuner`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TunerPolicy {
-    /// `off`: windows and power limits stay as deployed; `active`: the tuner moves them;
-    /// `advisory`: as off (the advice is only shown live).
-    #[serde(default)]
-    pub mode: TunerModeName,
-    /// What the tuner maximizes.
-    #[serde(default)]
-    pub objective: ObjectiveName,
-    /// Tune the power limit too.
-    #[serde(default = "yes")]
-    pub power: bool,
-    /// Throughput kept above what deadlines need, as a fraction of it.
-    #[serde(default = "default_throughput_margin")]
-    pub throughput_margin: f64,
-    /// The control plane asks for the rate that finishes every batch within this share of
-    /// the time left to its deadline.
-    #[serde(default = "default_deadline_share")]
-    pub deadline_share: f64,
-    /// Finished requests one measurement epoch must hold (more: less noise, slower tuning).
-    #[serde(default = "default_epoch_requests")]
-    pub epoch_requests: u64,
-    /// Follow each replica's performance model (calibrated by and checked against
-    /// measurements); `false`: search by measurement alone.
-    #[serde(default = "yes")]
-    pub model: bool,
-}
-
-fn default_epoch_requests() -> u64 {
-    tokenfab_core::tuner::TunerConfig::default().epoch_min_finished
-}
-
-fn default_throughput_margin() -> f64 {
-    tokenfab_core::tuner::TunerConfig::default().throughput_margin
-}
-fn default_deadline_share() -> f64 {
-    tokenfab_core::control::ControlConfig::default().deadline_share
-}
-
-impl Default for TunerPolicy {
-    fn default() -> Self {
-        TunerPolicy {
-            mode: TunerModeName::Off,
-            objective: ObjectiveName::TokensPerJoule,
-            power: true,
-            throughput_margin: default_throughput_margin(),
-            deadline_share: default_deadline_share(),
-            epoch_requests: default_epoch_requests(),
-            model: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TunerModeName {
-    #[default]
-    Off,
-    Advisory,
-    Active,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ObjectiveName {
-    #[default]
-    TokensPerJoule,
-    TokensPerDollar,
-    Throughput,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RoutingName {
-    #[default]
-    PrefixAffinity,
-    LeastLoaded,
-    RoundRobin,
-}
-
-/// `policies.queue_order`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QueueOrderName {
-    Slack,
-    #[default]
-    Deadline,
-}
-
-/// An SLA class of `policies.sla_classes`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScenarioClass {
-    pub name: String,
-    /// Never refused for lack of capacity; runs only when no higher class waits.
-    #[serde(default)]
-    pub best_effort: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_headroom() -> f64 {
-    tokenfab_core::control::ControlConfig::default().admission_headroom
-}
-
-fn default_sample_interval() -> Duration {
-    tokenfab_core::agent::AgentConfig::default().sample_interval
-}
-fn default_lease_wait() -> Duration {
-    tokenfab_core::agent::AgentConfig::default().lease_wait
-}
-fn default_report_delay() -> Duration {
-    tokenfab_core::agent::AgentConfig::default().report_delay
-}
-fn default_empty_lease_backoff() -> Duration {
-    tokenfab_core::agent::AgentConfig::default().empty_lease_backoff
-}
-
-fn default_window() -> u32 {
-    64
-}
-fn default_rtt() -> Duration {
-    Duration::from_millis(1)
-}
-fn default_ttl() -> Duration {
-    Duration::from_secs(10)
-}
-
-impl Default for Policies {
-    fn default() -> Self {
-        Policies {
-            window: default_window(),
-            control_rtt: default_rtt(),
-            lease_ttl: default_ttl(),
-            report_delay: default_report_delay(),
-            empty_lease_backoff: default_empty_lease_backoff(),
-            energy_sample_interval: default_sample_interval(),
-            lease_wait: default_lease_wait(),
-            admission: true,
-            admission_headroom: default_headroom(),
-            sla_classes: None,
-            queue_order: QueueOrderName::Deadline,
-            tuner: TunerPolicy::default(),
-            routing: RoutingName::PrefixAffinity,
-            placement: PlacementPolicy::default(),
+        Network {
+            control_rtt: Duration::from_millis(1),
         }
     }
 }
@@ -586,10 +342,13 @@ impl Scenario {
             };
             // The YAML error repeats the path; keep its message and position only.
             let inner = e.into_inner().to_string();
-            let message = match inner.split_once(": ") {
+            let mut message = match inner.split_once(": ") {
                 Some((prefix, rest)) if path.starts_with(prefix) => rest.to_string(),
                 _ => inner,
             };
+            if path == "policies" && message.contains("unknown field `control_rtt`") {
+                message = "control_rtt moved to network.control_rtt (the simulated network is not a policy of the live system); write `network: {control_rtt: 1ms}`".into();
+            }
             ScenarioError {
                 file: file.into(),
                 path,
@@ -791,41 +550,10 @@ impl Scenario {
                 }
             }
         }
-        if self.policies.window == 0 {
-            return err("policies.window".into(), "must be at least 1".into());
+        if let Err(e) = self.policies.check() {
+            return err(format!("policies.{}", e.field), e.message);
         }
-        let p = &self.policies;
-        if p.lease_ttl < Duration::from_secs(2) {
-            return err(
-                "policies.lease_ttl".into(),
-                format!(
-                    "{} is too short: agents heartbeat every second, so a lease must live at least 2s",
-                    humantime::format_duration(p.lease_ttl)
-                ),
-            );
-        }
-        if !(p.admission_headroom > 0.0 && p.admission_headroom <= 1.0) {
-            return err(
-                "policies.admission_headroom".into(),
-                format!("is {}; must be in (0, 1]", p.admission_headroom),
-            );
-        }
-        if p.empty_lease_backoff.is_zero() {
-            return err(
-                "policies.empty_lease_backoff".into(),
-                "must be longer than zero (agents would ask again at once, forever)".into(),
-            );
-        }
-        if p.energy_sample_interval.is_zero() {
-            return err(
-                "policies.energy_sample_interval".into(),
-                "must be longer than zero; the live agent samples every 100ms".into(),
-            );
-        }
-        let classes = crate::sim::sla_classes(self);
-        if let Err(m) = tokenfab_core::control::SlaClass::check(&classes, &self.default_sla_class()) {
-            return err("policies.sla_classes".into(), m);
-        }
+        let classes = self.policies.classes();
         for (i, t) in self.workload.tenants.iter().enumerate() {
             if let Some(c) = &t.sla_class
                 && !classes.iter().any(|k| &k.name == c)
@@ -833,7 +561,10 @@ impl Scenario {
                 let names: Vec<&str> = classes.iter().map(|k| k.name.as_str()).collect();
                 return err(
                     format!("workload.tenants[{i}].sla_class"),
-                    format!("'{c}' is not one of policies.sla_classes ({})", names.join(", ")),
+                    format!(
+                        "'{c}' is not one of policies.sla_classes ({}); list it there (highest priority first), as the live control plane needs it in --sla-class",
+                        names.join(", ")
+                    ),
                 );
             }
         }
@@ -841,17 +572,6 @@ impl Scenario {
             return err("report.series_interval".into(), "must be longer than zero".into());
         }
         Ok(())
-    }
-
-    /// The class of tenants that name none: `standard` if there is one, otherwise the
-    /// first class.
-    pub fn default_sla_class(&self) -> String {
-        let classes = crate::sim::sla_classes(self);
-        classes
-            .iter()
-            .find(|c| c.name == "standard")
-            .or(classes.first())
-            .map_or_else(|| "standard".into(), |c| c.name.clone())
     }
 
     /// Devices per high-bandwidth domain of a pool.

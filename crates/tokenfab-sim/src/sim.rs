@@ -3,7 +3,7 @@
 //! Components and how they talk, as in the live system:
 //! - one [`ControlCore`] (the control plane's brain);
 //! - one [`AgentCore`] per node; its calls to the control plane are answered after
-//!   `policies.control_rtt`;
+//!   `network.control_rtt`;
 //! - one [`EngineModel`] per replica, driven by the agent's dispatches, reporting finished
 //!   requests back to the agent; device samples read the engines' energy counters.
 //!
@@ -24,17 +24,16 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 use std::path::Path;
 use std::time::Duration;
-use tokenfab_core::agent::{
-    AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, PowerRange, ReplicaSpec, Routing,
-};
+use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, PowerRange, ReplicaSpec};
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::control::{
     Action, ControlConfig, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch, NodeDevice,
-    NodeRegistration, NodeReplica, SlaClass,
+    NodeRegistration, NodeReplica,
 };
 use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::engine::{EngineConfig, EngineModel};
 use tokenfab_core::perf::ReplicaPerf;
+use tokenfab_core::policy::Prices;
 use tokenfab_core::{
     AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, TenantId, Timestamp, WorkUnitId,
 };
@@ -170,30 +169,11 @@ impl<'a> Simulation<'a> {
             .map(|d| ModelId::new(d.model.clone()))
             .collect();
         let control = ControlCore::new(ControlConfig {
-            lease_ttl: scenario.policies.lease_ttl,
             models,
-            sla_classes: sla_classes(scenario),
-            default_sla_class: scenario.default_sla_class(),
-            deadline_share: scenario.policies.tuner.deadline_share,
-            placement: match scenario.policies.placement.mode {
-                crate::scenario::PlacementModeName::Off => tokenfab_core::control::PlacementMode::Off,
-                crate::scenario::PlacementModeName::Active => tokenfab_core::control::PlacementMode::Active,
-            },
-            activation: tokenfab_core::placement::ActivationConfig {
-                park_after: scenario.policies.placement.park_after,
-                margin: scenario.policies.placement.margin,
-                ..Default::default()
-            },
-            queue_order: match scenario.policies.queue_order {
-                crate::scenario::QueueOrderName::Slack => tokenfab_core::control::QueueOrder::Slack,
-                crate::scenario::QueueOrderName::Deadline => tokenfab_core::control::QueueOrder::Deadline,
-            },
             usd_per_kwh: scenario.site.usd_per_kwh,
             pue: scenario.site.pue,
             // The simulated window is the scenario's; no batch may outlive the run.
             max_completion_window: Duration::from_secs(365 * 86400),
-            admission: scenario.policies.admission,
-            admission_headroom: scenario.policies.admission_headroom,
             // The SLA document at the end covers the whole run.
             sla_window: scenario.duration.max(Duration::from_secs(60)) * 2,
             tenant_weights: scenario
@@ -216,7 +196,7 @@ impl<'a> Simulation<'a> {
                     (TenantId::new(t.name.clone()), quota)
                 })
                 .collect(),
-            ..ControlConfig::default()
+            ..scenario.policies.control_config()
         });
         let mut nodes = Vec::new();
         let mut engines = Vec::new();
@@ -229,7 +209,7 @@ impl<'a> Simulation<'a> {
                 let mut node_engines = Vec::new();
                 let mut replicas = Vec::new();
                 let mut next_device = 0u32;
-                let tuning = scenario.policies.tuner.mode == crate::scenario::TunerModeName::Active;
+                let tuning = scenario.policies.tuner.mode == tokenfab_core::tuner::TunerMode::Active;
                 for d in scenario.deployments.iter().filter(|d| d.pool == pool.name) {
                     let model = ModelId::new(d.model.clone());
                     let window = d.window.unwrap_or(scenario.policies.window);
@@ -299,20 +279,18 @@ impl<'a> Simulation<'a> {
                     replicas,
                     usd_per_device_hour: pool.price_usd_per_hour,
                 };
+                let prices = Prices::new(
+                    pool.price_usd_per_hour,
+                    Some(&accelerator),
+                    scenario.site.usd_per_kwh,
+                    scenario.site.pue,
+                );
                 let agent = AgentCore::new(
                     AgentConfig {
-                        report_delay: scenario.policies.report_delay,
-                        empty_lease_backoff: scenario.policies.empty_lease_backoff,
-                        lease_wait: scenario.policies.lease_wait,
-                        sample_interval: scenario.policies.energy_sample_interval,
+                        // The live agent samples idle devices every few seconds; the
+                        // simulator's engines integrate idle energy exactly instead.
                         idle_sample_interval: Duration::ZERO,
-                        tuner: tuner_config(scenario, pool),
-                        routing: match scenario.policies.routing {
-                            crate::scenario::RoutingName::PrefixAffinity => Routing::PrefixAffinity,
-                            crate::scenario::RoutingName::LeastLoaded => Routing::LeastLoaded,
-                            crate::scenario::RoutingName::RoundRobin => Routing::RoundRobin,
-                        },
-                        ..AgentConfig::default()
+                        ..scenario.policies.agent_config(prices)
                     },
                     specs,
                     Timestamp::ZERO,
@@ -350,7 +328,7 @@ impl<'a> Simulation<'a> {
             ended_shapes: FastMap::default(),
             running: FastMap::default(),
             arrived_hourly: BTreeMap::new(),
-            rtt: scenario.policies.control_rtt,
+            rtt: scenario.network.control_rtt,
             replies: VecDeque::new(),
             waiting: FastMap::default(),
             next_ticket: 0,
@@ -741,7 +719,7 @@ impl<'a> Simulation<'a> {
         let now = self.now;
         let agent = &mut self.nodes[n].agent;
         match reply {
-            Reply::Registered => agent.registered(now, Duration::from_secs(1)),
+            Reply::Registered => agent.registered(now, self.control.config().heartbeat_interval),
             Reply::Lease(model, grant) => agent.lease_done(now, &model, Ok(grant)),
             Reply::Reported => agent.report_acked(now),
             Reply::Heartbeat(r) => agent.heartbeat_done(now, r),
@@ -938,63 +916,4 @@ impl<'a> Simulation<'a> {
             }
         }
     }
-}
-
-/// The tuner settings of the agents of `pool`.
-fn tuner_config(scenario: &Scenario, pool: &crate::scenario::Pool) -> tokenfab_core::tuner::TunerConfig {
-    use crate::scenario::{ObjectiveName, TunerModeName};
-    use tokenfab_core::tuner::{Objective, TunerConfig, TunerMode};
-    let t = &scenario.policies.tuner;
-    let price = pool.price_usd_per_hour.unwrap_or_else(|| {
-        tokenfab_core::catalog::Catalog::builtin()
-            .accelerator(&AcceleratorId::new(pool.accelerator.clone()))
-            .map_or(0.0, |a| a.price_usd_per_hour)
-    });
-    TunerConfig {
-        mode: match t.mode {
-            TunerModeName::Off => TunerMode::Off,
-            TunerModeName::Advisory => TunerMode::Advisory,
-            TunerModeName::Active => TunerMode::Active,
-        },
-        objective: match t.objective {
-            ObjectiveName::TokensPerJoule => Objective::TokensPerJoule,
-            ObjectiveName::Throughput => Objective::Throughput,
-            ObjectiveName::TokensPerDollar => Objective::TokensPerDollar {
-                usd_per_device_hour: price,
-                usd_per_kwh: scenario.site.usd_per_kwh,
-                pue: scenario.site.pue,
-            },
-        },
-        tune_power: t.power,
-        throughput_margin: t.throughput_margin,
-        epoch_min_finished: t.epoch_requests.max(1),
-        model_guided: t.model,
-        ..TunerConfig::default()
-    }
-}
-
-/// The scenario's SLA classes in priority order: `policies.sla_classes` if given,
-/// otherwise `standard`, then any other class a tenant names (committed, in the order
-/// named), then `best-effort`.
-pub(crate) fn sla_classes(s: &Scenario) -> Vec<SlaClass> {
-    if let Some(classes) = &s.policies.sla_classes {
-        return classes
-            .iter()
-            .map(|c| SlaClass {
-                name: c.name.clone(),
-                committed: !c.best_effort,
-            })
-            .collect();
-    }
-    let mut classes = vec![SlaClass::committed("standard")];
-    for t in &s.workload.tenants {
-        if let Some(c) = &t.sla_class
-            && c != "best-effort"
-            && !classes.iter().any(|k| &k.name == c)
-        {
-            classes.push(SlaClass::committed(c));
-        }
-    }
-    classes.push(SlaClass::best_effort("best-effort"));
-    classes
 }

@@ -7,6 +7,22 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 24h, 90m, 30s or 1d"))
 }
 
+/// A value of a policy with named choices (`--routing least-loaded`); `--help` lists
+/// the names.
+pub fn choice<T: tokenfab_core::policy::Choice + Send + Sync>() -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(T::CHOICES.iter().map(|(name, _)| PossibleValue::new(*name)))
+        .try_map(|s: String| T::parse_choice(&s))
+}
+
+/// A duration policy's default as `--help` shows it and clap parses it, read from
+/// `Policies::default()` (so that the default is written once, in the core). Leaks the
+/// text: clap keeps it for the life of the command, built once per run.
+pub fn shown(field: fn(&tokenfab_core::policy::Policies) -> Duration) -> &'static str {
+    let d = field(&tokenfab_core::policy::Policies::default());
+    Box::leak(humantime::format_duration(d).to_string().into_boxed_str())
+}
+
 /// A size in bytes: `1048576`, `512KiB`, `16MiB`, `1GiB`, `2TiB` (or KB, MB, GB, TB as
 /// powers of 1000).
 pub fn bytes(s: &str) -> Result<u64, String> {

@@ -11,10 +11,13 @@ use tokenfab_agent::devices::{DeviceBackend, EmulatedDevices, NoDevices};
 use tokenfab_agent::{AgentOptions, ReplicaConfig};
 use tokenfab_control::{ServerConfig, TenantToken};
 use tokenfab_core::agent::AgentConfig;
+use tokenfab_core::agent::Routing;
 use tokenfab_core::batch_input::InputLimits;
 use tokenfab_core::catalog::Catalog;
-use tokenfab_core::control::{ControlConfig, QueueOrder, Quota, SlaClass};
+use tokenfab_core::control::{ControlConfig, PlacementMode, QueueOrder, Quota, SlaClass};
 use tokenfab_core::engine::EngineConfig;
+use tokenfab_core::policy::{ClassPolicy, ObjectiveKind, Policies, PolicyError, Prices};
+use tokenfab_core::tuner::TunerMode;
 use tokenfab_core::{ModelId, NodeId, ReplicaId, SuperNodeId};
 use tokenfab_engine_emu::{EmuConfig, Emulator};
 use tokenfab_identity::Secret;
@@ -69,15 +72,6 @@ pub struct ServerArgs {
     /// they are open to anyone who can reach --metrics-listen.
     #[arg(long, env = "TOKENFAB_HTTP_TOKEN_FILE")]
     http_token_file: Option<PathBuf>,
-    /// How long a lease lives without a heartbeat from its agent.
-    #[arg(long, default_value = "10s", value_parser = parse::duration)]
-    lease_ttl: Duration,
-    /// How often agents heartbeat.
-    #[arg(long, default_value = "1s", value_parser = parse::duration)]
-    heartbeat_interval: Duration,
-    /// Tries per request before it fails with retries_exhausted.
-    #[arg(long, default_value_t = 4)]
-    max_attempts: u32,
     /// Models batches may use (comma-separated; default: every model in the catalog).
     #[arg(long, value_delimiter = ',')]
     models: Vec<String>,
@@ -145,13 +139,30 @@ pub struct ServerArgs {
     /// Site power usage effectiveness (facility energy / IT energy).
     #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_PUE)]
     pue: f64,
+    #[command(flatten)]
+    policies: ControlPolicyArgs,
+}
+
+/// The control plane's policies (see `tokenfab_core::policy::Policies`: a scenario's
+/// `policies:` section sets the same things, with the same defaults).
+#[derive(Args, Debug, Clone)]
+pub struct ControlPolicyArgs {
+    /// How long a lease lives without a heartbeat from its agent.
+    #[arg(long, value_parser = parse::duration, default_value = parse::shown(|p| p.lease_ttl))]
+    lease_ttl: Duration,
+    /// How often agents heartbeat.
+    #[arg(long, value_parser = parse::duration, default_value = parse::shown(|p| p.heartbeat_interval))]
+    heartbeat_interval: Duration,
+    /// Tries per request before it fails with retries_exhausted.
+    #[arg(long, default_value_t = Policies::default().max_attempts)]
+    max_attempts: u32,
     /// Accept every batch, even those whose completion window the cluster cannot meet
     /// (by default such batches of committed SLA classes are refused with the earliest
     /// completion time that could be promised).
     #[arg(long)]
     no_admission: bool,
     /// Share of the estimated capacity admission control counts on, in (0, 1].
-    #[arg(long, default_value_t = 0.9, value_parser = headroom)]
+    #[arg(long, default_value_t = Policies::default().admission_headroom)]
     admission_headroom: f64,
     /// An SLA class (repeatable), highest priority first: `NAME` for a committed class
     /// (admission-checked, its deadlines kept), `NAME:best-effort` for one that is never
@@ -165,32 +176,37 @@ pub struct ServerArgs {
     default_sla_class: Option<String>,
     /// Order of committed work within a class: earliest deadline first, or least slack
     /// first (the batch whose pending work must start soonest).
-    #[arg(long, value_enum, default_value_t = QueueOrderArg::Deadline)]
-    queue_order: QueueOrderArg,
+    #[arg(long, value_parser = parse::choice::<QueueOrder>(), default_value_t = Policies::default().queue_order)]
+    queue_order: QueueOrder,
     /// Placement: `active` keeps only the fewest, cheapest replicas that cover the rate
     /// deadlines and arrivals need (with a 25% margin) taking work and parks the others
     /// (they idle); `advisory` shows what it would park, and the replica layout it would
     /// choose, in `tokenfab tuning` without parking anything; `off`: every replica takes
     /// work, no advice. Parking saves energy only where parked devices are powered down or
     /// released; see docs/tuning.md.
-    #[arg(long, value_enum, default_value_t = PlacementArg::Advisory)]
-    placement: PlacementArg,
+    #[arg(long, value_parser = parse::choice::<PlacementMode>(), default_value_t = Policies::default().placement.mode)]
+    placement: PlacementMode,
     /// A replica is parked only after it has been surplus this long.
-    #[arg(long, default_value = "5m", value_parser = parse::duration)]
+    #[arg(long, value_parser = parse::duration, default_value = parse::shown(|p| p.placement.park_after))]
     park_after: Duration,
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum PlacementArg {
-    Off,
-    Advisory,
-    Active,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum QueueOrderArg {
-    Deadline,
-    Slack,
+impl ControlPolicyArgs {
+    /// Sets the control plane's part of `p` from these flags.
+    pub fn apply(&self, p: &mut Policies) {
+        p.lease_ttl = self.lease_ttl;
+        p.heartbeat_interval = self.heartbeat_interval;
+        p.max_attempts = self.max_attempts;
+        p.admission = !self.no_admission;
+        p.admission_headroom = self.admission_headroom;
+        if !self.sla_classes.is_empty() {
+            p.sla_classes = self.sla_classes.iter().map(ClassPolicy::from).collect();
+        }
+        p.default_sla_class.clone_from(&self.default_sla_class);
+        p.queue_order = self.queue_order;
+        p.placement.mode = self.placement;
+        p.placement.park_after = self.park_after;
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -321,20 +337,11 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         }
         set
     };
-    let sla_classes = if a.sla_classes.is_empty() {
-        SlaClass::defaults()
-    } else {
-        a.sla_classes
-    };
-    let default_sla_class = a.default_sla_class.unwrap_or_else(|| {
-        sla_classes
-            .iter()
-            .find(|c| c.name == "standard")
-            .unwrap_or(&sla_classes[0])
-            .name
-            .clone()
-    });
-    SlaClass::check(&sla_classes, &default_sla_class).map_err(|m| anyhow::anyhow!("--sla-class: {m}"))?;
+    let mut policies = Policies::default();
+    a.policies.apply(&mut policies);
+    policies
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}", policy_flag_error(&e)))?;
     let store = RedbStore::open(&a.data_dir)?;
     let config = ServerConfig {
         listen: a.listen,
@@ -345,31 +352,11 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         admin_token: admin_token.as_deref().map(tokenfab_identity::digest),
         http_token,
         control: ControlConfig {
-            lease_ttl: a.lease_ttl,
-            heartbeat_interval: a.heartbeat_interval,
-            max_attempts: a.max_attempts.max(1),
             models,
             usd_per_kwh: a.usd_per_kwh,
             pue: a.pue,
-            admission: !a.no_admission,
-            admission_headroom: a.admission_headroom,
             tenant_weights: weights,
             tenant_quotas: quotas,
-            sla_classes,
-            default_sla_class,
-            queue_order: match a.queue_order {
-                QueueOrderArg::Deadline => QueueOrder::Deadline,
-                QueueOrderArg::Slack => QueueOrder::Slack,
-            },
-            placement: match a.placement {
-                PlacementArg::Off => tokenfab_core::control::PlacementMode::Off,
-                PlacementArg::Advisory => tokenfab_core::control::PlacementMode::Advisory,
-                PlacementArg::Active => tokenfab_core::control::PlacementMode::Active,
-            },
-            activation: tokenfab_core::placement::ActivationConfig {
-                park_after: a.park_after,
-                ..Default::default()
-            },
             default_quota: Quota {
                 max_active_batches: Some(a.tenant_max_active_batches),
                 output_tokens_per_hour: None,
@@ -380,7 +367,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             tenant_retention: retention,
             min_free_bytes: a.min_free_space,
             lease_max_bytes: a.lease_max_bytes,
-            ..ControlConfig::default()
+            ..policies.control_config()
         },
         limits: InputLimits {
             max_file_bytes: a.max_file_bytes,
@@ -487,12 +474,12 @@ pub struct TuningArgs {
     /// limit, where the devices allow) toward the objective while keeping the throughput
     /// deadlines need; `advisory` only shows what the performance model recommends (in
     /// telemetry: `tokenfab tuning`); `off` leaves windows and power as configured.
-    #[arg(long, value_enum, default_value_t = TunerArg::Advisory)]
-    pub tuner: TunerArg,
+    #[arg(long, value_parser = parse::choice::<TunerMode>(), default_value_t = Policies::default().tuner.mode)]
+    pub tuner: TunerMode,
     /// What the tuner maximizes. Without an energy counter (`--devices none`), tokens per
     /// joule falls back to tokens per second (a constant-power proxy).
-    #[arg(long, value_enum, default_value_t = ObjectiveArg::TokensPerJoule)]
-    pub tuner_objective: ObjectiveArg,
+    #[arg(long, value_parser = parse::choice::<ObjectiveKind>(), default_value_t = Policies::default().tuner.objective)]
+    pub tuner_objective: ObjectiveKind,
     /// Leave power limits alone (tune the window only).
     #[arg(long)]
     pub no_power_tuning: bool,
@@ -506,96 +493,58 @@ pub struct TuningArgs {
     #[arg(long, default_value_t = tokenfab_core::usage::DEFAULT_PUE)]
     pub pue: f64,
     /// Shortest measurement epoch of the tuner (each point is measured at least this long).
-    #[arg(long, default_value = "3s", value_parser = parse::duration)]
+    #[arg(long, value_parser = parse::duration, default_value = parse::shown(|p| p.tuner.epoch))]
     pub tuner_epoch: Duration,
-    /// How the agent picks the replica for the next request.
-    #[arg(long, value_enum, default_value_t = RoutingArg::PrefixAffinity)]
-    pub routing: RoutingArg,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TunerArg {
-    Off,
-    Advisory,
-    Active,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ObjectiveArg {
-    TokensPerJoule,
-    TokensPerDollar,
-    Throughput,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum RoutingArg {
-    /// Least loaded, but requests sharing a prompt prefix (every chat message but the
-    /// last, 64 tokens or more) go to the replica whose prefix cache holds it, unless it
-    /// is a quarter of its window busier than the least loaded.
-    PrefixAffinity,
-    /// The replica with the most free room relative to its window.
-    LeastLoaded,
-    /// Each replica in turn.
-    RoundRobin,
+    /// How the agent picks the replica for the next request: `prefix-affinity` (least
+    /// loaded, but requests sharing a prompt prefix of 64 tokens or more go to the replica
+    /// whose prefix cache holds it, unless it is a quarter of its window busier than the
+    /// least loaded), `least-loaded` (the most free room relative to its window) or
+    /// `round-robin` (each replica in turn).
+    #[arg(long, value_parser = parse::choice::<Routing>(), default_value_t = Policies::default().routing)]
+    pub routing: Routing,
 }
 
 impl TuningArgs {
+    /// Sets the agent's part of `p` from these flags.
+    pub fn apply(&self, p: &mut Policies) {
+        p.tuner.mode = self.tuner;
+        p.tuner.objective = self.tuner_objective;
+        p.tuner.power = !self.no_power_tuning;
+        p.tuner.epoch = self.tuner_epoch;
+        p.routing = self.routing;
+    }
+
     /// The agent core's settings; `accelerator` (of the node's devices) sets the default
     /// device-hour price.
     pub fn config(&self, accelerator: Option<&tokenfab_core::AcceleratorId>) -> AgentConfig {
-        use tokenfab_core::tuner::{Objective, TunerConfig, TunerMode};
-        let price = self.usd_per_device_hour.unwrap_or_else(|| {
-            accelerator
-                .and_then(|a| Catalog::builtin().accelerator(a).ok())
-                .map_or(0.0, |a| a.price_usd_per_hour)
-        });
-        AgentConfig {
-            tuner: TunerConfig {
-                mode: match self.tuner {
-                    TunerArg::Off => TunerMode::Off,
-                    TunerArg::Advisory => TunerMode::Advisory,
-                    TunerArg::Active => TunerMode::Active,
-                },
-                objective: match self.tuner_objective {
-                    ObjectiveArg::TokensPerJoule => Objective::TokensPerJoule,
-                    ObjectiveArg::Throughput => Objective::Throughput,
-                    ObjectiveArg::TokensPerDollar => Objective::TokensPerDollar {
-                        usd_per_device_hour: price,
-                        usd_per_kwh: self.usd_per_kwh,
-                        pue: self.pue,
-                    },
-                },
-                tune_power: !self.no_power_tuning,
-                epoch: self.tuner_epoch,
-                ..TunerConfig::default()
-            },
-            routing: match self.routing {
-                RoutingArg::PrefixAffinity => tokenfab_core::agent::Routing::PrefixAffinity,
-                RoutingArg::LeastLoaded => tokenfab_core::agent::Routing::LeastLoaded,
-                RoutingArg::RoundRobin => tokenfab_core::agent::Routing::RoundRobin,
-            },
-            ..AgentConfig::default()
-        }
+        let mut p = Policies::default();
+        self.apply(&mut p);
+        p.agent_config(Prices::new(
+            self.usd_per_device_hour,
+            accelerator,
+            self.usd_per_kwh,
+            self.pue,
+        ))
     }
 }
 
 impl Default for TuningArgs {
+    /// The flags' defaults (an agent started with none of them).
     fn default() -> Self {
+        let p = Policies::default();
         TuningArgs {
-            tuner: TunerArg::Advisory,
-            tuner_objective: ObjectiveArg::TokensPerJoule,
-            no_power_tuning: false,
+            tuner: p.tuner.mode,
+            tuner_objective: p.tuner.objective,
+            no_power_tuning: !p.tuner.power,
             usd_per_device_hour: None,
             usd_per_kwh: tokenfab_core::usage::DEFAULT_USD_PER_KWH,
             pue: tokenfab_core::usage::DEFAULT_PUE,
-            tuner_epoch: Duration::from_secs(3),
-            routing: RoutingArg::PrefixAffinity,
+            tuner_epoch: p.tuner.epoch,
+            routing: p.routing,
         }
     }
 }
 
-/// Default concurrency window of a replica when none is given.
-pub const DEFAULT_WINDOW: u32 = 64;
 /// Default ceiling of a replica's window (vLLM's default max_num_seqs).
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 256;
 
@@ -655,7 +604,7 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
                 model: ModelId::new(r.model),
                 engine_url: r.url,
                 devices,
-                window: r.window.unwrap_or(DEFAULT_WINDOW).min(max),
+                window: r.window.unwrap_or(Policies::default().window).min(max),
                 max_concurrency: max,
             }
         })
@@ -781,13 +730,139 @@ pub async fn engine_emu(a: EmuArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn headroom(s: &str) -> Result<f64, String> {
-    let x: f64 = s.parse().map_err(|e| format!("'{s}' is not a number: {e}"))?;
-    if x > 0.0 && x <= 1.0 {
-        Ok(x)
-    } else {
-        Err(format!(
-            "{x} is outside (0, 1]: it is the share of capacity to count on, e.g. 0.9"
-        ))
+/// A policy out of range, named by its flag.
+fn policy_flag_error(e: &PolicyError) -> String {
+    let flag = match e.field {
+        "sla_classes" => "--sla-class / --default-sla-class".to_string(),
+        f => format!("--{}", f.replace(['_', '.'], "-")),
+    };
+    format!("{flag}: {}", e.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use tokenfab_core::policy::Choice;
+
+    /// A scenario with the given `policies:` section (empty: none).
+    fn scenario(policies: &str) -> tokenfab_sim::Scenario {
+        let yaml = format!(
+            r#"
+name: t
+description: policies
+duration: 1h
+pools: [{{name: p, accelerator: h100-sxm, nodes: 1, devices_per_node: 1}}]
+deployments: [{{pool: p, model: llama-3.1-8b}}]
+workload:
+  tenants: [{{name: a, model: llama-3.1-8b, arrivals: {{kind: poisson, batches_per_hour: 1}}, completion_window: 1h}}]
+{policies}
+"#
+        );
+        tokenfab_sim::Scenario::parse(&yaml, "t.yaml").unwrap()
+    }
+
+    /// The policies of a control plane and an agent started with `server` and `agent`
+    /// flags.
+    fn live(server: &[&str], agent: &[&str]) -> Policies {
+        let mut p = Policies::default();
+        let cli = crate::Cli::try_parse_from([&["tokenfab", "server"], server].concat()).unwrap();
+        let crate::Command::Server(s) = cli.command else {
+            unreachable!()
+        };
+        s.policies.apply(&mut p);
+        let base = [
+            "tokenfab",
+            "agent",
+            "--node",
+            "n",
+            "--replica",
+            "url=http://127.0.0.1:1,model=llama-3.1-8b",
+        ];
+        let cli = crate::Cli::try_parse_from([&base[..], agent].concat()).unwrap();
+        let crate::Command::Agent(a) = cli.command else {
+            unreachable!()
+        };
+        a.tuning.apply(&mut p);
+        p
+    }
+
+    #[test]
+    fn an_empty_command_line_and_an_empty_scenario_configure_the_same_cores() {
+        let live = live(&[], &[]);
+        let simulated = scenario("").policies;
+        assert_eq!(live, simulated);
+        assert_eq!(live, Policies::default());
+        assert_eq!(scenario("policies: {}").policies, live);
+        // And the agent cores they configure (the control core's configuration is
+        // derived by the same function from equal policies).
+        let prices = Prices::new(None, Some(&tokenfab_core::AcceleratorId::new("h100-sxm")), 0.1, 1.2);
+        assert_eq!(live.agent_config(prices), simulated.agent_config(prices));
+        assert_eq!(TuningArgs::default().config(None), AgentConfig::default());
+    }
+
+    /// Every value a live flag accepts, set through a scenario, configures the cores the
+    /// same way: the simulator can express every mode the live system has.
+    #[test]
+    fn the_simulator_can_express_every_live_mode() {
+        fn names<T: Choice>() -> Vec<&'static str> {
+            T::CHOICES.iter().map(|(n, _)| *n).collect()
+        }
+        let command = <crate::Cli as clap::CommandFactory>::command();
+        let flag_values = |sub: &str, flag: &str| -> Vec<String> {
+            let sub = command.find_subcommand(sub).unwrap();
+            let arg = sub.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap();
+            arg.get_possible_values()
+                .iter()
+                .map(|v| v.get_name().to_string())
+                .collect()
+        };
+        // (flag's subcommand, flag, scenario policies with VALUE, names the core knows)
+        let cases = [
+            (
+                "server",
+                "placement",
+                "{placement: {mode: VALUE}}",
+                names::<PlacementMode>(),
+            ),
+            ("server", "queue-order", "{queue_order: VALUE}", names::<QueueOrder>()),
+            ("agent", "tuner", "{tuner: {mode: VALUE}}", names::<TunerMode>()),
+            (
+                "agent",
+                "tuner-objective",
+                "{tuner: {objective: VALUE}}",
+                names::<ObjectiveKind>(),
+            ),
+            ("agent", "routing", "{routing: VALUE}", names::<Routing>()),
+        ];
+        for (sub, flag, yaml, core) in cases {
+            let values = flag_values(sub, flag);
+            assert_eq!(values, core, "--{flag} offers the core's values");
+            for v in &values {
+                let arg = format!("--{flag}={v}");
+                let live = if sub == "server" {
+                    live(&[&arg], &[])
+                } else {
+                    live(&[], &[&arg])
+                };
+                // Scenarios write snake_case; both spellings are accepted.
+                for spelling in [v.clone(), v.replace('-', "_")] {
+                    let simulated = scenario(&format!("policies: {}", yaml.replace("VALUE", &spelling))).policies;
+                    assert_eq!(simulated, live, "--{flag} {v} vs policies {yaml} with {spelling}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_policy_out_of_range_names_its_flag() {
+        let p = live(&["--admission-headroom", "1.5"], &[]);
+        let e = p.check().unwrap_err();
+        assert_eq!(
+            policy_flag_error(&e),
+            "--admission-headroom: is 1.5; it must be in (0, 1]"
+        );
+        let p = live(&["--lease-ttl", "1s"], &[]);
+        assert!(policy_flag_error(&p.check().unwrap_err()).starts_with("--lease-ttl: 1s is too short"));
     }
 }
