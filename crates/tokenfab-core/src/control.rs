@@ -17,6 +17,7 @@ use crate::durable::{
     BatchMeta, BatchTotals, DurableOp, FileMeta, Outcome, RecordedResult, RecoveredBatch, RequestMeta,
 };
 use crate::ids::{AcceleratorId, BatchId, FileId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, WorkUnitId};
+use crate::perf::{REFERENCE_SHAPE, length_bucket};
 use crate::time::Timestamp;
 use crate::usage::{DEFAULT_PUE, DEFAULT_USD_PER_KWH, Pricing, Usage};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -647,6 +648,8 @@ pub struct AdviceView {
 #[derive(Debug, Clone)]
 struct Serving {
     replica: crate::ids::ReplicaId,
+    /// (node, replica): placement's key for it, shared rather than copied on each refresh.
+    key: std::sync::Arc<(NodeId, crate::ids::ReplicaId)>,
     model: ModelId,
     /// Its performance model, when its accelerator and model are in the catalog.
     perf: Option<crate::perf::ReplicaPerf>,
@@ -857,10 +860,10 @@ pub struct ControlCore {
     capacity: BTreeMap<ModelId, ActiveCapacity>,
     required_at: Option<Timestamp>,
     /// Placement's active set (see [`crate::placement::Activation`]).
-    activation: crate::placement::Activation<(NodeId, crate::ids::ReplicaId)>,
+    activation: crate::placement::Activation<std::sync::Arc<(NodeId, crate::ids::ReplicaId)>>,
     /// Replica throughput and cost per token at their efficient point, by (model,
     /// accelerator, devices, request shape bucket).
-    operating: BTreeMap<OperatingKey, (f64, f64)>,
+    operating: OperatingPoints,
     /// Output tokens accepted per model over the last [`ARRIVAL_WINDOW`], for placement:
     /// deadlines alone leave work to the last moment while more keeps arriving.
     arrivals: VecDeque<(Timestamp, ModelId, f64)>,
@@ -880,8 +883,9 @@ pub struct ControlCore {
     next_file: u64,
 }
 
-/// (model, accelerator, devices, prompt-length bucket, output-length bucket).
-type OperatingKey = (ModelId, AcceleratorId, u32, i32, i32);
+/// Model -> accelerator -> (devices, prompt-length bucket, output-length bucket) ->
+/// (tokens/s, cost per token): nested so that a lookup borrows the names.
+type OperatingPoints = BTreeMap<ModelId, BTreeMap<AcceleratorId, BTreeMap<(u32, i32, i32), (f64, f64)>>>;
 
 /// How far back placement looks at the rate work arrives.
 const ARRIVAL_WINDOW: Duration = Duration::from_secs(900);
@@ -1721,7 +1725,7 @@ impl ControlCore {
             .values()
             .flat_map(|n| &n.serving)
             .filter(|s| &s.model == model)
-            .filter_map(|s| Some(replica_capacity(s.perf.as_ref()?, s.window, prompt_mean, output_mean)))
+            .filter_map(|s| Some(s.perf.as_ref()?.capacity(s.window, (prompt_mean, output_mean))))
             .sum();
         (c > 0.0).then_some(c)
     }
@@ -1839,7 +1843,7 @@ impl ControlCore {
                         let Some(perf) = &s.perf else { continue };
                         replicas += 1;
                         devices += perf.devices();
-                        capacity += replica_capacity(perf, s.window, prompt, output);
+                        capacity += perf.capacity(s.window, (prompt, output));
                     }
                 }
                 let out = usage.completion_tokens as f64;
@@ -1976,8 +1980,9 @@ impl ControlCore {
                 let window = window.max(1);
                 Serving {
                     replica: r.replica.clone(),
+                    key: std::sync::Arc::new((node.clone(), r.replica.clone())),
                     model: r.model.clone(),
-                    cap: perf.as_ref().map(|p| replica_capacity(p, window, 512, 256)),
+                    cap: perf.as_ref().map(|p| p.capacity(window, REFERENCE_SHAPE)),
                     perf,
                     window,
                     active: true,
@@ -2037,7 +2042,7 @@ impl ControlCore {
             if let Some(s) = n.serving.iter_mut().find(|s| s.replica == r.replica) {
                 if r.window > 0 && r.window != s.window {
                     s.window = r.window;
-                    s.cap = s.perf.as_ref().map(|p| replica_capacity(p, s.window, 512, 256));
+                    s.cap = s.perf.as_ref().map(|p| p.capacity(s.window, REFERENCE_SHAPE));
                 }
                 s.report = Some(r.clone());
             }
@@ -2142,30 +2147,43 @@ impl ControlCore {
                 let Some(perf) = &s.perf else { continue };
                 let shape = match work.get(&s.model) {
                     Some(&(p, o, r)) if r > 0.0 => ((p / r).round() as u32, (o / r).round().max(1.0) as u32),
-                    _ => (512, 256),
+                    _ => REFERENCE_SHAPE,
                 };
-                // Shapes within 10% of each other share an estimate.
-                let bucket = |x: u32| (f64::from(x.max(1)).ln() / 1.1f64.ln()).round() as i32;
-                let key = (
-                    s.model.clone(),
-                    n.accelerator.clone(),
-                    perf.devices(),
-                    bucket(shape.0),
-                    bucket(shape.1),
-                );
-                if self.operating.len() > 4096 {
-                    self.operating.clear();
-                }
-                let (tokens_per_s, cost_per_token) = *self.operating.entry(key).or_insert_with(|| {
-                    let (t, c, _) = operating_point(perf, shape, objective, n.pricing.usd_per_device_hour, 1024);
-                    (t, c)
-                });
+                let point = (perf.devices(), length_bucket(shape.0), length_bucket(shape.1));
+                let known = self
+                    .operating
+                    .get(&s.model)
+                    .and_then(|a| a.get(&n.accelerator))
+                    .and_then(|p| p.get(&point))
+                    .copied();
+                let (tokens_per_s, cost_per_token) = match known {
+                    Some(x) => x,
+                    None => {
+                        let cached: usize = self
+                            .operating
+                            .values()
+                            .flat_map(|a| a.values())
+                            .map(BTreeMap::len)
+                            .sum();
+                        if cached > 4096 {
+                            self.operating.clear();
+                        }
+                        let (t, c, _) = operating_point(perf, shape, objective, n.pricing.usd_per_device_hour, 1024);
+                        self.operating
+                            .entry(s.model.clone())
+                            .or_default()
+                            .entry(n.accelerator.clone())
+                            .or_default()
+                            .insert(point, (t, c));
+                        (t, c)
+                    }
+                };
                 candidates.push(Candidate {
-                    key: (node_id.clone(), s.replica.clone()),
-                    model: s.model.clone(),
+                    key: s.key.clone(),
+                    model: &s.model,
                     tokens_per_s,
                     cost_per_token,
-                    node: node_id.clone(),
+                    node: node_id,
                 });
             }
         }
@@ -2192,15 +2210,15 @@ impl ControlCore {
             .map(|(m, &r)| {
                 let shape = match work.get(m) {
                     Some(&(p, o, n)) if n > 0.0 => ((p / n).round() as u32, (o / n).round().max(1.0) as u32),
-                    _ => (512, 256),
+                    _ => REFERENCE_SHAPE,
                 };
                 (m.clone(), (r, shape))
             })
             .collect();
         let enforce = self.config.placement == PlacementMode::Active;
-        for (node_id, n) in self.nodes.iter_mut() {
+        for n in self.nodes.values_mut() {
             for s in n.serving.iter_mut().filter(|s| s.perf.is_some()) {
-                let on = self.activation.is_active(&(node_id.clone(), s.replica.clone()));
+                let on = self.activation.is_active(&s.key);
                 s.advised_active = on;
                 if enforce {
                     s.active = on;
@@ -2272,7 +2290,7 @@ impl ControlCore {
         let demands: Vec<Demand> = models
             .iter()
             .map(|m| {
-                let (tokens_per_s, shape) = self.demand.get(m).copied().unwrap_or((0.0, (512, 256)));
+                let (tokens_per_s, shape) = self.demand.get(m).copied().unwrap_or((0.0, REFERENCE_SHAPE));
                 Demand {
                     model: m.clone(),
                     tokens_per_s,
@@ -3297,10 +3315,6 @@ fn join<'a>(items: impl Iterator<Item = impl std::fmt::Display + 'a>) -> String 
 
 /// Output tokens per second a replica sustains at `window` and full power for requests of
 /// this mean shape (the performance model's steady state).
-fn replica_capacity(perf: &crate::perf::ReplicaPerf, window: u32, prompt_mean: u32, output_mean: u32) -> f64 {
-    perf.steady_state(window, prompt_mean, output_mean.max(1), f64::MAX)
-        .output_tokens_per_s
-}
 
 /// The capacity of a model's active replicas, at the reference request shape.
 #[derive(Debug, Clone, Copy, Default)]

@@ -39,6 +39,29 @@ use crate::ids::{AcceleratorId, ModelId};
 /// The accelerator the calibration was fitted on; other classes scale from it.
 const REFERENCE_ACCELERATOR: &str = "h100-sxm";
 
+/// The request shape (prompt, output tokens) capacities are quoted at where the work's
+/// own shape is not known.
+pub const REFERENCE_SHAPE: (u32, u32) = (512, 256);
+
+/// Lengths within 10% of each other share a bucket (and so an estimate): the bucket of
+/// `tokens`.
+pub fn length_bucket(tokens: u32) -> i32 {
+    (f64::from(tokens.max(1)).ln() / 1.1f64.ln()).round() as i32
+}
+
+/// The length a bucket stands for.
+pub fn bucket_length(bucket: i32) -> u32 {
+    1.1f64.powi(bucket).round().max(1.0) as u32
+}
+
+/// `shape` with each length moved to its bucket's length.
+pub fn bucketed(shape: (u32, u32)) -> (u32, u32) {
+    (
+        bucket_length(length_bucket(shape.0)),
+        bucket_length(length_bucket(shape.1)),
+    )
+}
+
 /// What one engine step computes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepShape {
@@ -266,6 +289,13 @@ impl ReplicaPerf {
             }
         }
         phases.at_clock(self, lo)
+    }
+
+    /// Output tokens/s of the replica at window `window` for requests of `shape`, at full
+    /// power: the capacity placement, admission and owed rates count on.
+    pub fn capacity(&self, window: u32, shape: (u32, u32)) -> f64 {
+        self.steady_state(window, shape.0, shape.1.max(1), f64::MAX)
+            .output_tokens_per_s
     }
 
     /// Throughput and energy with `batch` sequences always running, each with

@@ -425,14 +425,14 @@ impl Default for ActivationConfig {
 
 /// One replica as activation sees it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Candidate<K> {
+pub struct Candidate<'a, K> {
     pub key: K,
-    pub model: ModelId,
+    pub model: &'a ModelId,
     /// Output tokens/s at its efficient operating point, and its cost per token there.
     pub tokens_per_s: f64,
     pub cost_per_token: f64,
     /// Its node, to keep load together.
-    pub node: NodeId,
+    pub node: &'a NodeId,
 }
 
 /// Which replicas take work, with hysteresis (see the module docs).
@@ -460,7 +460,7 @@ impl<K: Ord + Clone> Activation<K> {
     pub fn update(
         &mut self,
         now: Timestamp,
-        candidates: &[Candidate<K>],
+        candidates: &[Candidate<'_, K>],
         required: &BTreeMap<ModelId, f64>,
         config: &ActivationConfig,
     ) -> (Vec<K>, Vec<K>) {
@@ -468,20 +468,20 @@ impl<K: Ord + Clone> Activation<K> {
         self.active.retain(|k| known.contains(k));
         self.surplus_since.retain(|k, _| known.contains(k));
         let mut wanted: BTreeSet<K> = BTreeSet::new();
-        let models: BTreeSet<&ModelId> = candidates.iter().map(|c| &c.model).collect();
+        let models: BTreeSet<&ModelId> = candidates.iter().map(|c| c.model).collect();
         // Active replicas per node, counted once (the sort below reads it per comparison).
         let mut active_on: BTreeMap<&NodeId, usize> = BTreeMap::new();
         for c in candidates.iter().filter(|c| self.active.contains(&c.key)) {
-            *active_on.entry(&c.node).or_default() += 1;
+            *active_on.entry(c.node).or_default() += 1;
         }
         for model in models {
             // Active replicas first (no churn), then the cheapest per token, then those on
             // nodes with the most active replicas (consolidation).
-            let mut mine: Vec<(bool, usize, &Candidate<K>)> = candidates
+            let mut mine: Vec<(bool, usize, &Candidate<'_, K>)> = candidates
                 .iter()
-                .filter(|c| &c.model == model)
+                .filter(|c| c.model == model)
                 .map(|c| {
-                    let load = active_on.get(&c.node).copied().unwrap_or(0);
+                    let load = active_on.get(c.node).copied().unwrap_or(0);
                     (self.active.contains(&c.key), load, c)
                 })
                 .collect();
@@ -491,7 +491,7 @@ impl<K: Ord + Clone> Activation<K> {
                     .then(b_load.cmp(a_load))
                     .then(a.key.cmp(&b.key))
             });
-            let mine: Vec<&Candidate<K>> = mine.into_iter().map(|(_, _, c)| c).collect();
+            let mine: Vec<&Candidate<'_, K>> = mine.into_iter().map(|(_, _, c)| c).collect();
             let need = required.get(model).copied().unwrap_or(0.0) * (1.0 + config.margin);
             let mut have = 0.0;
             for (i, c) in mine.iter().enumerate() {
@@ -674,13 +674,15 @@ mod tests {
 
     #[test]
     fn activation_keeps_the_fewest_cheapest_replicas_and_parks_only_after_a_while() {
-        let cands: Vec<Candidate<u32>> = (0..8)
+        let model = m("x");
+        let nodes: Vec<NodeId> = (0..4).map(|i| NodeId::new(format!("n{i}"))).collect();
+        let cands: Vec<Candidate<'_, u32>> = (0..8)
             .map(|i| Candidate {
                 key: i,
-                model: m("x"),
+                model: &model,
                 tokens_per_s: 1000.0,
                 cost_per_token: if i < 4 { 1.0 } else { 2.0 },
-                node: NodeId::new(format!("n{}", i / 4)),
+                node: &nodes[i as usize / 4],
             })
             .collect();
         let config = ActivationConfig::default();
@@ -711,13 +713,15 @@ mod tests {
 
     #[test]
     fn a_steady_load_with_noise_never_flaps() {
-        let cands: Vec<Candidate<u32>> = (0..16)
+        let model = m("x");
+        let nodes: Vec<NodeId> = (0..4).map(|i| NodeId::new(format!("n{i}"))).collect();
+        let cands: Vec<Candidate<'_, u32>> = (0..16)
             .map(|i| Candidate {
                 key: i,
-                model: m("x"),
+                model: &model,
                 tokens_per_s: 1000.0,
                 cost_per_token: 1.0,
-                node: NodeId::new(format!("n{}", i / 8)),
+                node: &nodes[i as usize / 8],
             })
             .collect();
         let mut a = Activation::new();

@@ -1288,14 +1288,34 @@ pub struct Advice {
     pub current_tokens_per_s: f64,
 }
 
-/// The performance model's values at the points [`advise`] looked at, for one request
-/// shape: a replica's mean shape settles, and each point costs a steady-state solve, so
-/// advice refreshed every few seconds reads them from here (the same numbers).
+/// The performance model's figures at each point of the tuner's grid, for one request
+/// shape: a replica's mean shape settles (advice is for its 10% bucket), and each point
+/// costs a steady-state solve, so advice refreshed every few seconds reads them from here
+/// (the same numbers).
 #[derive(Debug, Clone, Default)]
 pub struct AdviceGrid {
-    shape: (u32, u32),
-    /// (window, power limit's bits) -> (objective, output tokens/s).
-    values: BTreeMap<(u32, u64), (f64, f64)>,
+    /// What the figures were computed for: shape, window range and powers.
+    key: Option<((u32, u32), u32, u32, Vec<u64>)>,
+    windows: Vec<u32>,
+    powers: Vec<f64>,
+    /// (objective, output tokens/s), power-major: `values[p * windows.len() + w]`.
+    values: Vec<(f64, f64)>,
+}
+
+/// The objective `objective` gives a steady state `s` of a replica of `devices` devices.
+fn objective_of(objective: Objective, s: &crate::perf::SteadyState, devices: f64) -> f64 {
+    match objective {
+        Objective::TokensPerJoule => 1.0 / s.joules_per_token,
+        Objective::Throughput => s.output_tokens_per_s,
+        Objective::TokensPerDollar {
+            usd_per_device_hour,
+            usd_per_kwh,
+            pue,
+        } => {
+            let usd_per_s = devices * usd_per_device_hour / 3600.0 + s.power_w * devices * pue * usd_per_kwh / 3.6e6;
+            s.output_tokens_per_s / usd_per_s
+        }
+    }
 }
 
 /// What the tuner would choose according to the performance model `perf`, for requests
@@ -1315,49 +1335,54 @@ pub fn advise(
     owed: f64,
     measured_tokens_per_s: Option<f64>,
 ) -> Advice {
-    let windows = window_grid(
-        config.min_window.clamp(1, max_window.max(1)),
-        max_window.max(1),
-        config.window_step,
-    );
+    let devices = f64::from(perf.devices());
+    // A replica's mean shape drifts by a token now and then; advice is for its bucket.
+    let shape = crate::perf::bucketed(shape);
+    let min_window = config.min_window.clamp(1, max_window.max(1));
     let powers = if config.tune_power {
         power_grid(perf.min_power_w(), perf.max_power_w(), config.power_step)
     } else {
         vec![power_limit_w]
     };
-    let devices = f64::from(perf.devices());
-    if grid.shape != shape {
-        grid.shape = shape;
-        grid.values.clear();
+    let key = (
+        shape,
+        min_window,
+        max_window.max(1),
+        powers.iter().map(|p| p.to_bits()).collect(),
+    );
+    if grid.key.as_ref() != Some(&key) {
+        let windows = window_grid(min_window, max_window.max(1), config.window_step);
+        grid.values = powers
+            .iter()
+            .flat_map(|&p| windows.iter().map(move |&w| (w, p)))
+            .map(|(w, p)| {
+                let s = perf.steady_state(w, shape.0, shape.1, p);
+                (objective_of(config.objective, &s, devices), s.output_tokens_per_s)
+            })
+            .collect();
+        grid.windows = windows;
+        grid.powers = powers;
+        grid.key = Some(key);
     }
-    let mut value = |w: u32, p: f64| {
-        if let Some(&v) = grid.values.get(&(w, p.to_bits())) {
-            return v;
-        }
-        let s = perf.steady_state(w, shape.0, shape.1, p);
-        let objective = match config.objective {
-            Objective::TokensPerJoule => 1.0 / s.joules_per_token,
-            Objective::Throughput => s.output_tokens_per_s,
-            Objective::TokensPerDollar {
-                usd_per_device_hour,
-                usd_per_kwh,
-                pue,
-            } => {
-                let usd_per_s =
-                    devices * usd_per_device_hour / 3600.0 + s.power_w * devices * pue * usd_per_kwh / 3.6e6;
-                s.output_tokens_per_s / usd_per_s
+    let value = |w: u32, p: f64| {
+        let at = grid.windows.iter().position(|&x| x == w);
+        let pi = grid.powers.iter().position(|&x| x.to_bits() == p.to_bits());
+        match (at, pi) {
+            (Some(wi), Some(pi)) => grid.values[pi * grid.windows.len() + wi],
+            _ => {
+                let s = perf.steady_state(w, shape.0, shape.1, p);
+                (objective_of(config.objective, &s, devices), s.output_tokens_per_s)
             }
-        };
-        grid.values.insert((w, p.to_bits()), (objective, s.output_tokens_per_s));
-        (objective, s.output_tokens_per_s)
+        }
     };
     let (cur_obj, cur_tps) = value(window, power_limit_w);
     let scale = measured_tokens_per_s.filter(|m| *m > 0.0).map_or(1.0, |m| m / cur_tps);
     let need = owed * (1.0 + config.throughput_margin);
     let mut best: Option<(u32, f64, f64, f64)> = None;
-    for &p in &powers {
-        for &w in &windows {
-            let (obj, tps) = value(w, p);
+    let n = grid.windows.len();
+    for (pi, &p) in grid.powers.iter().enumerate() {
+        for (wi, &w) in grid.windows.iter().enumerate() {
+            let (obj, tps) = grid.values[pi * n + wi];
             if tps * scale < need {
                 continue;
             }
@@ -1369,8 +1394,8 @@ pub fn advise(
     }
     // Nothing delivers the owed rate: the fastest point.
     let (w, p, obj, tps) = best.unwrap_or_else(|| {
-        let w = *windows.last().expect("non-empty");
-        let p = powers[0];
+        let w = *grid.windows.last().expect("non-empty");
+        let p = grid.powers[0];
         let (o, t) = value(w, p);
         (w, p, o, t)
     });

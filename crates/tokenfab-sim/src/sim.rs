@@ -460,10 +460,7 @@ impl<'a> Simulation<'a> {
                 .engines
                 .iter()
                 .filter(|e| e.model_id == model)
-                .map(|e| {
-                    let p = e.model.perf();
-                    p.steady_state(window, 512, 256, p.max_power_w()).output_tokens_per_s
-                })
+                .map(|e| e.model.perf().capacity(window, tokenfab_core::perf::REFERENCE_SHAPE))
                 .sum();
             out.push((need, have));
         }
