@@ -3313,9 +3313,6 @@ fn join<'a>(items: impl Iterator<Item = impl std::fmt::Display + 'a>) -> String 
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// Output tokens per second a replica sustains at `window` and full power for requests of
-/// this mean shape (the performance model's steady state).
-
 /// The capacity of a model's active replicas, at the reference request shape.
 #[derive(Debug, Clone, Copy, Default)]
 struct ActiveCapacity {

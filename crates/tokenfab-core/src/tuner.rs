@@ -1294,13 +1294,16 @@ pub struct Advice {
 /// (the same numbers).
 #[derive(Debug, Clone, Default)]
 pub struct AdviceGrid {
-    /// What the figures were computed for: shape, window range and powers.
-    key: Option<((u32, u32), u32, u32, Vec<u64>)>,
+    /// What the figures were computed for.
+    key: Option<GridKey>,
     windows: Vec<u32>,
     powers: Vec<f64>,
     /// (objective, output tokens/s), power-major: `values[p * windows.len() + w]`.
     values: Vec<(f64, f64)>,
 }
+
+/// Shape, smallest and largest window, and the power limits' bits.
+type GridKey = ((u32, u32), u32, u32, Vec<u64>);
 
 /// The objective `objective` gives a steady state `s` of a replica of `devices` devices.
 fn objective_of(objective: Objective, s: &crate::perf::SteadyState, devices: f64) -> f64 {
