@@ -2,7 +2,10 @@
 //! emulators. A batch with malformed lines completes with exactly one result per valid
 //! request; an agent killed with SIGKILL mid-batch has its leases expire and re-leased;
 //! the control plane killed with SIGKILL mid-batch and restarted on the same data
-//! directory loses no accepted batch and no recorded result.
+//! directory loses no accepted batch and no recorded result. The control plane runs with
+//! the flight recorder on, and both of its runs (before and after the SIGKILL) replay
+//! through fresh cores to the same replies and actions (`tokenfab sim replay`); a core that
+//! decides differently makes the replay report where.
 
 mod common;
 
@@ -33,6 +36,8 @@ fn start_server(dir: &std::path::Path, data: &str, port: u16, metrics_port: u16,
             "2s",
             "--heartbeat-interval",
             "250ms",
+            "--record",
+            &dir.join("recording").to_string_lossy(),
         ],
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     )
@@ -295,5 +300,60 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(first["response"]["status_code"], 200);
     assert_eq!(std::fs::read_to_string(&err_file).unwrap().lines().count(), 3);
+
+    // The flight recording replays: the run killed with SIGKILL (up to its last complete
+    // line) and the restarted one, each through a fresh core, to identical replies and
+    // actions.
+    server.terminate(Duration::from_secs(10));
+    let recording = dir.path().join("recording");
+    let replay = std::process::Command::new(bin())
+        .args(["sim", "replay", recording.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&replay.stdout).to_string();
+    assert!(
+        replay.status.success() && out.contains("every run replays to identical replies and actions"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let mut segments: Vec<_> = std::fs::read_dir(&recording)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert_eq!(
+        segments.len(),
+        2,
+        "one recorded run per start of the control plane: {segments:?}"
+    );
+    // "2 run(s), N inputs replayed in S s"
+    let inputs: u64 = out
+        .lines()
+        .find(|l| l.contains(" inputs replayed"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        inputs > 100,
+        "the runs' registrations, submissions, leases, reports and heartbeats: {out}"
+    );
+
+    // A changed decision: the first run replayed by a core whose leases live 7 s instead
+    // of 2 s (leases of the killed agent expire later) diverges, and the replay says where.
+    let text = std::fs::read_to_string(&segments[0]).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let mut start: serde_json::Value = serde_json::from_str(first).unwrap();
+    start["start"]["config"]["lease_ttl"] = serde_json::json!({"secs": 7, "nanos": 0});
+    std::fs::write(&segments[0], format!("{start}\n{rest}")).unwrap();
+    let replay = std::process::Command::new(bin())
+        .args(["sim", "replay", recording.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(!replay.status.success(), "a divergence fails the replay: {stdout}");
+    assert!(
+        stdout.contains("DIVERGES at line") && stdout.contains("recorded: ["),
+        "{stdout}"
+    );
     drop(emus);
 }

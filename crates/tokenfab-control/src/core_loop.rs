@@ -41,8 +41,10 @@ use tokenfab_core::control::{
 };
 use tokenfab_core::durable::DurableOp;
 use tokenfab_core::durable::FileMeta;
+use tokenfab_core::protocol::{ControlInput, ControlReply, ControlStart};
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
+use tokenfab_record::Recorder;
 use tokenfab_store::{BatchInputs, LeasedBody, StagedInput, Store, StoreError, WriteSet};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -293,6 +295,8 @@ pub struct CoreLoop<S> {
     dirty: HashMap<BatchId, u64>,
     /// When the metering and SLA metrics were last refreshed.
     sla_observed: std::time::Instant,
+    /// The flight recorder (`--record`): every input the core receives.
+    recorder: Option<Recorder>,
 }
 
 /// How often the metering and SLA metrics are refreshed.
@@ -303,26 +307,43 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// The answer to a lease call.
 pub type LeaseReply = Result<Option<pb::WorkUnit>, UnknownNode>;
 
-/// Rebuilds a core from what the store holds, and writes what recovery completes.
-async fn rebuild<S: Store>(store: &S, config: &ControlConfig) -> Result<(ControlCore, Vec<String>), StoreError> {
+/// Rebuilds a core from what the store holds, and writes what recovery completes. With a
+/// flight recorder, the core's start is a new segment of the recording.
+async fn rebuild<S: Store>(
+    store: &S,
+    config: &ControlConfig,
+    recorder: &mut Option<Recorder>,
+) -> Result<(ControlCore, Vec<String>), StoreError> {
     let loaded = store.load().await?;
     for p in &loaded.problems {
         tracing::error!("{p}");
     }
     let recovered = loaded.batches.len();
-    let mut core = ControlCore::recover(
-        config.clone(),
-        loaded.batches.into_iter().map(|l| l.batch).collect(),
-        now(),
-    );
-    core.restore_idle(store.idle_shares().await?);
-    core.restore_history(store.history().await?);
-    core.set_next_batch(loaded.next_batch);
-    core.restore_files(loaded.files, loaded.next_file);
-    core.set_free_bytes(store.free_bytes());
+    let start = ControlStart {
+        batches: loaded.batches.into_iter().map(|l| l.batch).collect(),
+        idle: store.idle_shares().await?,
+        history: store.history().await?,
+        next_batch: loaded.next_batch,
+        files: loaded.files,
+        next_file: loaded.next_file,
+        free_bytes: store.free_bytes(),
+    };
+    let at = now();
+    if let Some(r) = recorder.as_mut() {
+        r.start(at, config, &start);
+    }
+    let mut core = ControlCore::start(config.clone(), start, at);
     // Completing batches found whole during recovery must be written too.
     let mut set = WriteSet::default();
+    let mut actions = Vec::new();
     while let Some(a) = core.poll_action() {
+        actions.push(a);
+    }
+    if let Some(r) = recorder.as_mut() {
+        r.actions(&actions);
+        r.flush();
+    }
+    for a in actions {
         if let Action::Persist(op) = a {
             set.ops.push(op);
         }
@@ -344,8 +365,9 @@ impl<S: Store + Clone> CoreLoop<S> {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         commands: mpsc::WeakSender<Command>,
+        mut recorder: Option<Recorder>,
     ) -> Result<(Self, Arc<ViewBoard>), StoreError> {
-        let (core, problems) = rebuild(&store, &config).await?;
+        let (core, problems) = rebuild(&store, &config, &mut recorder).await?;
         health.unreadable(problems);
         let first = Views {
             sla: Arc::new(core.sla_document(now())),
@@ -377,6 +399,7 @@ impl<S: Store + Clone> CoreLoop<S> {
             sla_observed: std::time::Instant::now()
                 .checked_sub(SLA_METRICS_EVERY)
                 .unwrap_or_else(std::time::Instant::now),
+            recorder,
         };
         Ok((me, board))
     }
@@ -416,7 +439,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                         }
                     }
                     let now = now();
-                    self.core.handle_timeout(now);
+                    self.call(now, ControlInput::Timeout);
                     for cmd in round {
                         self.apply(now, cmd, &mut next.replies);
                     }
@@ -424,7 +447,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                 }
                 Event::Command(None) => closed = true,
                 Event::Timer => {
-                    self.core.handle_timeout(now());
+                    self.call(now(), ControlInput::Timeout);
                     self.collect(&mut next);
                 }
                 Event::Housekeeping => self.housekeeping(),
@@ -500,7 +523,7 @@ impl<S: Store + Clone> CoreLoop<S> {
             while rx.try_recv().is_ok() {}
             let attempt = async {
                 self.store.reopen().await?;
-                rebuild(&self.store, &self.config).await
+                rebuild(&self.store, &self.config, &mut self.recorder).await
             };
             match attempt.await {
                 Ok((core, problems)) => {
@@ -526,7 +549,7 @@ impl<S: Store + Clone> CoreLoop<S> {
     /// somebody asked for.
     fn housekeeping(&mut self) {
         let free = self.store.free_bytes();
-        self.core.set_free_bytes(free);
+        self.call(now(), ControlInput::FreeBytes(free));
         let low = self.core.storage_low();
         self.health.disk(free, self.config.min_free_bytes, low);
         self.metrics.observe_disk(free, low);
@@ -554,7 +577,15 @@ impl<S: Store + Clone> CoreLoop<S> {
     /// Moves what the core asks for into `round`: operations to persist (with the inputs
     /// of new batches), batches whose view changed, and answers to waiting leases.
     fn collect(&mut self, round: &mut Round) {
+        let mut actions = Vec::new();
         while let Some(a) = self.core.poll_action() {
+            actions.push(a);
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.actions(&actions);
+            r.flush();
+        }
+        for a in actions {
             match a {
                 Action::Persist(op) => {
                     if let DurableOp::CreateBatch { meta, .. } = &op
@@ -590,6 +621,16 @@ impl<S: Store + Clone> CoreLoop<S> {
         }
     }
 
+    /// Hands one input to the core (and to the flight recorder, with the core's reply).
+    fn call(&mut self, now: Timestamp, input: ControlInput) -> ControlReply {
+        let recorded = self.recorder.as_ref().and_then(|r| r.prepare(&input));
+        let reply = self.core.handle(now, input);
+        if let Some(r) = self.recorder.as_mut() {
+            r.input(now, recorded, &reply);
+        }
+        reply
+    }
+
     fn apply(&mut self, now: Timestamp, cmd: Command, replies: &mut Replies) {
         fn later<T: Send + 'static>(replies: &mut Replies, tx: Reply<T>, v: T) {
             replies.push(Box::new(move || {
@@ -598,7 +639,9 @@ impl<S: Store + Clone> CoreLoop<S> {
         }
         match cmd {
             Command::Submit { new, inputs, reply } => {
-                let r = self.core.submit(now, new);
+                let ControlReply::Submitted(r) = self.call(now, ControlInput::Submit(new)) else {
+                    unreachable!("a submission is answered as one")
+                };
                 if let Ok(v) = &r {
                     let id = v.meta.id;
                     // Leasable at once: until this round commits, leases read its bodies
@@ -656,11 +699,16 @@ impl<S: Store + Clone> CoreLoop<S> {
                 self.answer_read(replies, reply, r, &shown);
             }
             Command::Cancel { tenant, id, reply } => {
-                let r = self.core.cancel(now, &tenant, id);
+                let ControlReply::Cancelled(r) = self.call(now, ControlInput::Cancel { tenant, batch: id }) else {
+                    unreachable!("a cancellation is answered as one")
+                };
                 later(replies, reply, r);
             }
             Command::Delete { tenant, id, reply } => {
-                let r = self.core.delete_batch(&tenant, id);
+                let ControlReply::BatchDeleted(r) = self.call(now, ControlInput::DeleteBatch { tenant, batch: id })
+                else {
+                    unreachable!("a deletion is answered as one")
+                };
                 if r.is_ok() {
                     // Its watchers see no more changes.
                     self.watchers.remove(&id);
@@ -690,7 +738,15 @@ impl<S: Store + Clone> CoreLoop<S> {
                 bytes,
                 reply,
             } => {
-                let r = self.core.add_file(now, &tenant, filename, bytes, purpose);
+                let input = ControlInput::AddFile {
+                    tenant,
+                    filename,
+                    bytes,
+                    purpose,
+                };
+                let ControlReply::FileAdded(r) = self.call(now, input) else {
+                    unreachable!("an upload is answered as one")
+                };
                 if let Ok(meta) = &r {
                     self.files.insert(meta.id, content);
                 }
@@ -721,12 +777,14 @@ impl<S: Store + Clone> CoreLoop<S> {
                 let _ = reply.send((files, more));
             }
             Command::DeleteFile { tenant, id, reply } => {
-                let r = self.core.delete_file(&tenant, id);
+                let ControlReply::FileDeleted(r) = self.call(now, ControlInput::DeleteFile { tenant, file: id }) else {
+                    unreachable!("a deletion is answered as one")
+                };
                 later(replies, reply, r);
             }
             Command::Register { registration, reply } => {
                 tracing::info!(node = %registration.node, devices = registration.devices.len(), replicas = registration.replicas.len(), "node registered");
-                self.core.register(now, registration);
+                self.call(now, ControlInput::Register(registration));
                 let _ = reply.send(());
             }
             Command::Heartbeat {
@@ -735,7 +793,11 @@ impl<S: Store + Clone> CoreLoop<S> {
                 replicas,
                 reply,
             } => {
-                let _ = reply.send(self.core.heartbeat(now, &node, &held, &replicas));
+                let ControlReply::Heartbeat(r) = self.call(now, ControlInput::Heartbeat { node, held, replicas })
+                else {
+                    unreachable!("a heartbeat is answered as one")
+                };
+                let _ = reply.send(r);
             }
             Command::Lease {
                 node,
@@ -747,7 +809,17 @@ impl<S: Store + Clone> CoreLoop<S> {
                 self.next_ticket += 1;
                 let ticket = self.next_ticket;
                 let until = now.saturating_add(wait);
-                match self.core.lease_or_wait(now, &node, &model, max, until, ticket) {
+                let input = ControlInput::LeaseOrWait {
+                    node: node.clone(),
+                    model,
+                    max,
+                    until,
+                    ticket,
+                };
+                let ControlReply::LeaseOrWait(r) = self.call(now, input) else {
+                    unreachable!("a lease is answered as one")
+                };
+                match r {
                     Ok(LeaseAnswer::Granted(g)) => self.hand_over(node, g, reply),
                     Ok(LeaseAnswer::Empty) => {
                         let _ = reply.send(Ok(None));
@@ -761,7 +833,15 @@ impl<S: Store + Clone> CoreLoop<S> {
                 }
             }
             Command::Report { node, results, reply } => {
-                let r = self.core.report(now, &node, results);
+                let ControlReply::Reported(r) = self.call(
+                    now,
+                    ControlInput::Report {
+                        node: node.clone(),
+                        results,
+                    },
+                ) else {
+                    unreachable!("a report is answered as one")
+                };
                 if let Ok(s) = &r
                     && s.not_leased > 0
                 {
@@ -775,10 +855,13 @@ impl<S: Store + Clone> CoreLoop<S> {
                 items,
                 reply,
             } => {
-                let _ = reply.send(self.core.release(now, &node, unit, &items));
+                let ControlReply::Released(r) = self.call(now, ControlInput::Release { node, unit, items }) else {
+                    unreachable!("a release is answered as one")
+                };
+                let _ = reply.send(r);
             }
             Command::ReleaseGrant { node, unit, items } => {
-                let _ = self.core.release(now, &node, unit, &items);
+                self.call(now, ControlInput::Release { node, unit, items });
             }
             Command::InputsLost { unit, items } => {
                 tracing::error!(
@@ -786,7 +869,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                     requests = items.len(),
                     "request bodies could not be read back from the store; those requests end as input_lost (run tokenfab admin verify)"
                 );
-                self.core.inputs_lost(now, unit, &items);
+                self.call(now, ControlInput::InputsLost { unit, items });
             }
         }
     }

@@ -36,6 +36,9 @@ use tokio::task::JoinHandle;
 /// How to run a control plane.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Flight recorder: the folder every input of the core is written to, and the most
+    /// bytes kept there (see [`tokenfab_record`]). `None`: nothing recorded.
+    pub record: Option<(std::path::PathBuf, u64)>,
     /// gRPC address (tenants and agents).
     pub listen: SocketAddr,
     /// HTTP address for `/metrics`; `None` to serve no metrics.
@@ -216,12 +219,21 @@ pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<S
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(health::Health::new());
     let (tx, rx) = mpsc::channel(16_384);
+    let recorder = match &config.record {
+        Some((dir, max_bytes)) => {
+            let r = tokenfab_record::Recorder::open(dir, *max_bytes).map_err(|e| ServerError::Config(e.to_string()))?;
+            tracing::info!(dir = %dir.display(), max_bytes, "flight recorder on: every input of the core is written there (replay: tokenfab sim replay DIR)");
+            Some(r)
+        }
+        None => None,
+    };
     let (core_loop, views) = core_loop::CoreLoop::recover(
         store.clone(),
         config.control.clone(),
         metrics.clone(),
         health.clone(),
         tx.downgrade(),
+        recorder,
     )
     .await?;
     let listener = TcpListener::bind(config.listen)
@@ -410,6 +422,7 @@ mod tests {
 
     fn config(tenants: &[(&str, &str)], agent: &str) -> ServerConfig {
         ServerConfig {
+            record: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
             openai_listen: None,

@@ -21,6 +21,7 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     let config = ServerConfig {
+        record: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         openai_listen: None,

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 /// Settings of the control core.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ControlConfig {
     /// How long a lease lives without a heartbeat from its agent.
     pub lease_ttl: Duration,
@@ -92,7 +92,7 @@ pub struct ControlConfig {
 /// ordered by deadline slack. A *best-effort* class is never refused for lack of
 /// capacity; its work runs only when no work of a higher class waits, shared between
 /// tenants by weight.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SlaClass {
     pub name: String,
     pub committed: bool,
@@ -173,7 +173,7 @@ pub enum QueueOrder {
 }
 
 /// What one tenant may have in the system.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Quota {
     /// Unfinished batches at once.
     pub max_active_batches: Option<u32>,
@@ -298,7 +298,7 @@ pub const DEFAULT_LEASE_MAX_BYTES: u64 = 16 << 20;
 pub const LEASED_ITEM_OVERHEAD_BYTES: u64 = 640;
 
 /// A batch that passed input validation, as the shell hands it to the core.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NewBatch {
     pub tenant: TenantId,
     pub model: ModelId,
@@ -432,12 +432,12 @@ pub enum FileError {
 }
 
 /// An agent call from a node the core does not know.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("node '{0}' is not registered (the control plane may have restarted); register again")]
 pub struct UnknownNode(pub NodeId);
 
 /// Counts of a batch's requests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
     pub total: u32,
     pub completed: u32,
@@ -446,7 +446,7 @@ pub struct Counts {
 }
 
 /// A batch as queries see it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BatchView {
     pub meta: BatchMeta,
     pub life: Lifecycle,
@@ -455,7 +455,7 @@ pub struct BatchView {
 }
 
 /// One device of a registered node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeDevice {
     pub index: u32,
     pub accelerator: AcceleratorId,
@@ -463,7 +463,7 @@ pub struct NodeDevice {
 }
 
 /// One engine replica of a registered node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeReplica {
     pub replica: crate::ids::ReplicaId,
     pub model: ModelId,
@@ -474,7 +474,7 @@ pub struct NodeReplica {
 }
 
 /// A node announcing itself.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRegistration {
     pub node: NodeId,
     pub super_node: SuperNodeId,
@@ -486,7 +486,7 @@ pub struct NodeRegistration {
 }
 
 /// One request handed to an agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LeasedItem {
     pub req: RequestRef,
     /// 1 for the first try.
@@ -498,7 +498,7 @@ pub struct LeasedItem {
 }
 
 /// A granted lease.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LeaseGrant {
     pub unit: WorkUnitId,
     pub expires_at: Timestamp,
@@ -506,7 +506,7 @@ pub struct LeaseGrant {
 }
 
 /// How a reported request ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ReportedOutcome {
     Final(Outcome),
     /// No answer from the engine; try again (up to `max_attempts`).
@@ -518,7 +518,7 @@ pub enum ReportedOutcome {
 
 /// A finished request, as an agent reports it. `usage.cost_usd` is ignored: the core
 /// prices the work itself.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReportedResult {
     pub unit: WorkUnitId,
     pub req: RequestRef,
@@ -529,7 +529,7 @@ pub struct ReportedResult {
 }
 
 /// What happened to a report.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReportSummary {
     pub recorded: u32,
     pub duplicates: u32,
@@ -542,7 +542,7 @@ pub struct ReportSummary {
 }
 
 /// Reply to a heartbeat.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct HeartbeatReply {
     pub unknown_units: Vec<WorkUnitId>,
     /// What each of the node's replicas should do.
@@ -550,7 +550,7 @@ pub struct HeartbeatReply {
 }
 
 /// The control plane's instruction for one replica.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaDirective {
     pub replica: crate::ids::ReplicaId,
     /// Output tokens per second the replica owes so that every batch of its model finishes
@@ -933,7 +933,7 @@ pub struct TenantUsage {
 
 /// What an agent's heartbeat says of one of its replicas: cumulative counters since the
 /// agent started.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaReport {
     pub replica: crate::ids::ReplicaId,
     pub window: u32,
@@ -949,7 +949,7 @@ pub struct ReplicaReport {
 }
 
 /// What a replica's tuner reports.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TuningReport {
     pub mode: crate::tuner::TunerMode,
     /// What it maximizes, e.g. "output tokens/J".

@@ -180,7 +180,7 @@ pub struct UsageHistory {
 }
 
 /// A batch as read back from durable state at startup.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RecoveredBatch {
     pub meta: BatchMeta,
     pub life: Lifecycle,
@@ -192,7 +192,7 @@ pub struct RecoveredBatch {
 }
 
 /// What recovery needs of a recorded result.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RecoveredResult {
     pub index: u32,
     pub succeeded: bool,

@@ -24,6 +24,7 @@ pub mod llmd;
 pub mod perf;
 pub mod placement;
 pub mod policy;
+pub mod protocol;
 pub mod sla;
 pub mod time;
 pub mod tuner;

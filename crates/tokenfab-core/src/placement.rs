@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// What placement minimizes per output token.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub enum PlacementObjective {
     /// Device energy per token (at each replica's most efficient power limit).
     #[default]
@@ -403,7 +403,7 @@ pub fn fragmentation(nodes: &[NodeSpec], replicas: &[Placed], models: &[ModelId]
 }
 
 /// Settings of activation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ActivationConfig {
     /// Capacity kept active beyond the required rate, as a fraction of it.
     pub margin: f64,

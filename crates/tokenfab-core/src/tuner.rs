@@ -1276,7 +1276,7 @@ fn nearest(grid: &[u32], x: u32) -> usize {
 }
 
 /// A recommendation of the performance model for a replica, for advisory mode.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Advice {
     pub window: u32,
     pub power_limit_w: f64,

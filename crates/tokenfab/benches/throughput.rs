@@ -82,6 +82,7 @@ async fn ingest() {
     let dir = tempfile::tempdir().unwrap();
     let server = tokenfab_control::start(
         ServerConfig {
+            record: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
             openai_listen: None,

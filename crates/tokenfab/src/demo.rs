@@ -97,6 +97,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     // Control plane.
     let server = tokenfab_control::start(
         ServerConfig {
+            record: None,
             listen: "127.0.0.1:0".parse()?,
             metrics_listen: None,
             openai_listen: None,

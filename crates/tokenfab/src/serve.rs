@@ -115,6 +115,15 @@ pub struct ServerArgs {
     /// Request-body data one lease may carry (a lease reply must fit a gRPC message).
     #[arg(long, default_value = "16MiB", value_parser = parse::bytes)]
     lease_max_bytes: u64,
+    /// Flight recorder: write every input the control core receives into this folder, one
+    /// file per run of the core, to replay it with `tokenfab sim replay DIR` (which checks
+    /// that the same code decides the same) or to reproduce an incident. Off by default.
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// The most the recording folder may hold: the oldest runs are deleted whole to stay
+    /// under it, and a run that alone reaches it stops being recorded.
+    #[arg(long, default_value = "1GiB", value_parser = parse::bytes, requires = "record")]
+    record_max_bytes: u64,
     /// Concurrent calls per client connection.
     #[arg(long, default_value_t = 256)]
     max_concurrent_streams: u32,
@@ -344,6 +353,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}", policy_flag_error(&e)))?;
     let store = RedbStore::open(&a.data_dir)?;
     let config = ServerConfig {
+        record: a.record.clone().map(|dir| (dir, a.record_max_bytes)),
         listen: a.listen,
         metrics_listen: a.metrics_listen,
         openai_listen: a.openai_listen,

@@ -47,6 +47,17 @@ enum SimCommand {
     /// on one saturated replica) and vLLM's default marked. Writes curve.svg, curve.csv
     /// and curve.json.
     Curve(CurveArgs),
+    /// Replay a flight recording (`tokenfab server --record DIR`) through fresh control
+    /// cores of this build and check that they decide exactly as the recorded ones did:
+    /// the same replies and the same actions in the same order. Reports the first
+    /// divergence of each run and exits with status 1 if there is one.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    /// The recording folder (or one control-*.jsonl file of it).
+    dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -118,10 +129,56 @@ pub async fn run(a: SimArgs) -> anyhow::Result<()> {
         Some(SimCommand::Sweep(s)) => sweep(s),
         Some(SimCommand::Compare(c)) => compare(c),
         Some(SimCommand::Curve(c)) => curve(c),
+        Some(SimCommand::Replay(r)) => replay(r),
         None => single(a.scenario.expect("clap requires it"), a.seed, a.out, !a.no_plots),
     })
     .await
     .context("the simulation thread failed")?
+}
+
+fn replay(a: ReplayArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec!["run (segment)", "inputs", "actions", "result"]);
+    let segments = tokenfab_record::replay(&a.dir, |s| {
+        let name = s
+            .file
+            .file_name()
+            .map_or_else(|| s.file.display().to_string(), |n| n.to_string_lossy().into());
+        let verdict = match (&s.divergence, s.cut_short) {
+            (Some(d), _) => format!("DIVERGES at line {}", d.line),
+            (None, true) => "identical (ends mid-line: the process was killed)".to_string(),
+            (None, false) => "identical".to_string(),
+        };
+        eprintln!("replayed {name}: {verdict}");
+        table.add_row(vec![
+            Cell::new(name),
+            Cell::new(s.inputs).set_alignment(CellAlignment::Right),
+            Cell::new(s.actions).set_alignment(CellAlignment::Right),
+            Cell::new(verdict),
+        ]);
+    })?;
+    println!("{table}");
+    let diverged: Vec<_> = segments.iter().filter_map(|s| s.divergence.as_ref()).collect();
+    let inputs: u64 = segments.iter().map(|s| s.inputs).sum();
+    println!(
+        "{} run(s), {inputs} inputs replayed in {:.1} s",
+        segments.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if diverged.is_empty() {
+        println!("every run replays to identical replies and actions");
+        return Ok(());
+    }
+    for d in &diverged {
+        println!("{d}");
+    }
+    bail!(
+        "{} of {} run(s) diverge: this build decides differently from the one that recorded",
+        diverged.len(),
+        segments.len()
+    )
 }
 
 fn curve(a: CurveArgs) -> anyhow::Result<()> {
