@@ -387,6 +387,16 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     b
 }
 
+/// The table `tokenfab sim SCENARIO` prints.
+fn summary_table(report: &tokenfab_sim::report::Report) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["", "simulated"]);
+    for (k, v) in report.summary() {
+        t.add_row([Cell::new(k), Cell::new(v)]);
+    }
+    t.to_string()
+}
+
 fn single(path: PathBuf, seed: Option<u64>, out: Option<PathBuf>, plots: bool) -> anyhow::Result<()> {
     let (scenario, base) = Scenario::load(&path)?;
     let seed = seed.unwrap_or(scenario.seed);
@@ -412,12 +422,7 @@ fn single(path: PathBuf, seed: Option<u64>, out: Option<PathBuf>, plots: bool) -
     }
     let wall = started.elapsed().as_secs_f64();
     println!("{}: {}", scenario.name, scenario.description);
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(["", "simulated"]);
-    for (k, v) in report.summary() {
-        t.add_row([Cell::new(k), Cell::new(v)]);
-    }
-    println!("{t}");
+    println!("{}", summary_table(&report));
     report
         .write(&out)
         .with_context(|| format!("cannot write the report to {}", out.display()))?;
@@ -542,4 +547,85 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Snapshots of what `tokenfab sim` and `tokenfab sla` print, so that a change to the
+    //! simulator's results or to the tables' layout shows up as a reviewed diff
+    //! (`UPDATE_EXPECT=1 cargo test -p tokenfab` rewrites them).
+    use super::*;
+    use expect_test::expect;
+
+    /// Twenty simulated minutes of one 2-GPU node with a committed and a best-effort
+    /// tenant: small enough for a debug build, busy enough for every row to mean something.
+    const SCENARIO: &str = r#"
+name: snapshot
+description: "A small node for the output snapshots"
+duration: 20m
+seed: 7
+pools:
+  - {name: h100, accelerator: h100-sxm, nodes: 1, devices_per_node: 2}
+deployments:
+  - {pool: h100, model: llama-3.1-8b, tensor_parallel: 1, window: 64}
+workload:
+  tenants:
+    - name: support
+      model: llama-3.1-8b
+      arrivals: {kind: poisson, batches_per_hour: 12}
+      batch_size: {kind: uniform, min: 50, max: 150}
+      completion_window: 30m
+    - name: eval
+      model: llama-3.1-8b
+      arrivals: {kind: poisson, batches_per_hour: 6}
+      batch_size: {kind: fixed, value: 100}
+      completion_window: 1h
+      sla_class: best-effort
+"#;
+
+    fn report() -> tokenfab_sim::report::Report {
+        let scenario = Scenario::parse(SCENARIO, "snapshot.yaml").unwrap();
+        tokenfab_sim::run(&scenario, Path::new("."), scenario.seed, |_| {}).unwrap()
+    }
+
+    #[test]
+    fn the_simulators_summary_and_the_sla_tables_are_as_reviewed() {
+        let report = report();
+        expect![[r#"
+            ┌───────────────────────────┬──────────────────────────────────────────────────────────────────────────────────────────────────────────────────┐
+            │                           ┆ simulated                                                                                                        │
+            ╞═══════════════════════════╪══════════════════════════════════════════════════════════════════════════════════════════════════════════════════╡
+            │ scenario                  ┆ snapshot (seed 7)                                                                                                │
+            │ simulated                 ┆ 20.0 min of arrivals, the last batch ended at 19.3 min, devices billed for 20.0 min                              │
+            │ requests                  ┆ 621 arrived, 621 completed, 0 failed, 0 refused                                                                  │
+            │ batches                   ┆ 6 arrived; 6 completed                                                                                           │
+            │ output tokens             ┆ 159634 (133/s)                                                                                                   │
+            │ batch completion time     ┆ p50 9.8 s, p90 11.9 s, p99 11.9 s, max 11.9 s                                                                    │
+            │ SLA attainment            ┆ 100.00% of batches by their deadline                                                                             │
+            │   class best-effort       ┆ 3 batches, 100.00% on time, p99 11.9 s                                                                           │
+            │   class standard          ┆ 3 batches, 100.00% on time, p99 10.0 s                                                                           │
+            │ device utilization        ┆ 4.4%                                                                                                             │
+            │ energy                    ┆ 0.1 kWh (0.0 kWh attributed to requests, idle power 0.1 kW)                                                      │
+            │ output tokens/J           ┆ 0.74                                                                                                             │
+            │ cost                      ┆ $1.34 (devices $1.33, energy $0.01)                                                                              │
+            │ cost per 1M output tokens ┆ $8.3973                                                                                                          │
+            │   pool h100               ┆ 2 x h100-sxm: 4.4% busy, 0.1 kWh, 159634 output tokens                                                           │
+            │ free devices              ┆ 0 of 2 serve no replica; 0 of them stranded (no served model fits them)                                          │
+            │ placement advice          ┆ for the busiest hour (llama-3.1-8b 44 tok/s): 1 replicas instead of 2 (start 0, stop 1; stranded devices 0 -> 0) │
+            └───────────────────────────┴──────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘"#]].assert_eq(&summary_table(&report));
+        let sla = report.sla.as_ref().expect("the run has an SLA document");
+        expect![[r#"
+            tokenfab.io/v1 ThroughputSLA over the last 2400 s (data for 895 s)
+            ┌──────────────┬─────────────┬─────────┬─────────────────┬────────────────┬───────┬────────────┬───────────────────┐
+            │ model        ┆ accelerator ┆ devices ┆ committed tok/s ┆ measured tok/s ┆ tok/J ┆ $ / 1M out ┆ latency p50 / p99 │
+            ╞══════════════╪═════════════╪═════════╪═════════════════╪════════════════╪═══════╪════════════╪═══════════════════╡
+            │ llama-3.1-8b ┆ h100-sxm    ┆       2 ┆            8019 ┆            178 ┆  2.94 ┆     0.3799 ┆ 2.49 s / 9.77 s   │
+            └──────────────┴─────────────┴─────────┴─────────────────┴────────────────┴───────┴────────────┴───────────────────┘
+            ┌──────────────┬─────────────┬─────────────┬─────────┬─────────┬────────────────────────────┐
+            │ model        ┆ SLA class   ┆ committed   ┆ batches ┆ on time ┆ completion p50 / p90 / p99 │
+            ╞══════════════╪═════════════╪═════════════╪═════════╪═════════╪════════════════════════════╡
+            │ llama-3.1-8b ┆ best-effort ┆ best-effort ┆       3 ┆ 100.00% ┆ 12 s / 12 s / 12 s         │
+            │ llama-3.1-8b ┆ standard    ┆ yes         ┆       3 ┆ 100.00% ┆ 9 s / 10 s / 10 s          │
+            └──────────────┴─────────────┴─────────────┴─────────┴─────────┴────────────────────────────┘"#]].assert_eq(&crate::sla::render(sla));
+    }
 }

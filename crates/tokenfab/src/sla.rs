@@ -63,8 +63,14 @@ pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
     }
-    println!(
-        "{} {} over the last {:.0} s (data for {:.0} s)",
+    println!("{}", render(&doc));
+    Ok(())
+}
+
+/// The tables `tokenfab sla` prints for `doc`.
+pub fn render(doc: &ThroughputSla) -> String {
+    let mut out = format!(
+        "{} {} over the last {:.0} s (data for {:.0} s)\n",
         doc.api_version, doc.kind, doc.metadata.window_seconds, doc.metadata.covered_seconds
     );
     let mut pools = Table::new();
@@ -93,7 +99,7 @@ pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
             )),
         ]);
     }
-    println!("{pools}");
+    out.push_str(&format!("{pools}\n"));
     let mut classes = Table::new();
     classes.load_preset(UTF8_FULL_CONDENSED).set_header([
         "model",
@@ -117,9 +123,9 @@ pub async fn run(a: SlaArgs) -> anyhow::Result<()> {
         ]);
     }
     if doc.classes.is_empty() {
-        println!("no batch ended in the window yet");
+        out.push_str("no batch ended in the window yet");
     } else {
-        println!("{classes}");
+        out.push_str(&classes.to_string());
     }
-    Ok(())
+    out
 }
