@@ -887,6 +887,9 @@ pub struct ControlCore {
 /// (tokens/s, cost per token): nested so that a lookup borrows the names.
 type OperatingPoints = BTreeMap<ModelId, BTreeMap<AcceleratorId, BTreeMap<(u32, i32, i32), (f64, f64)>>>;
 
+/// Prompt tokens, output tokens and requests of a model's unfinished work.
+type Work = (f64, f64, f64);
+
 /// How far back placement looks at the rate work arrives.
 const ARRIVAL_WINDOW: Duration = Duration::from_secs(900);
 
@@ -2098,25 +2101,24 @@ impl ControlCore {
     /// capacity: a timer, every [`REQUIRED_EVERY`] (see [`ControlCore::poll_timeout`]).
     fn refresh(&mut self, now: Timestamp) {
         self.required_at = Some(now);
-        let mut cum: BTreeMap<&ModelId, f64> = BTreeMap::new();
-        let mut rate: BTreeMap<ModelId, f64> = BTreeMap::new();
-        // Prompt and output tokens and requests of the unfinished work, per model.
-        let mut work: BTreeMap<ModelId, (f64, f64, f64)> = BTreeMap::new();
+        // Per model: cumulative output tokens owed in deadline order, the rate that needs,
+        // and the prompt and output tokens and requests of the unfinished work.
+        let mut per_model: BTreeMap<&ModelId, (f64, f64, Work)> = BTreeMap::new();
         let share = self.config.deadline_share.clamp(0.05, 1.0);
         for (deadline, id) in &self.deadlines {
             let b = &self.batches[id];
             let total = f64::from(b.meta.requests.max(1));
             let left = f64::from(b.meta.requests.saturating_sub(b.done()));
-            let c = cum.entry(&b.meta.model).or_default();
+            let (c, r, w) = per_model.entry(&b.meta.model).or_default();
             *c += b.output_tokens as f64 * left / total;
             let time = (deadline.since(now).as_secs_f64() * share).max(1.0);
-            let r = rate.entry(b.meta.model.clone()).or_default();
             *r = r.max(*c / time);
-            let w = work.entry(b.meta.model.clone()).or_default();
             w.0 += b.prompt_tokens as f64 * left / total;
             w.1 += b.output_tokens as f64 * left / total;
             w.2 += left;
         }
+        let rate: BTreeMap<ModelId, f64> = per_model.iter().map(|(m, (_, r, _))| ((*m).clone(), *r)).collect();
+        let work: BTreeMap<ModelId, Work> = per_model.into_iter().map(|(m, (_, _, w))| (m.clone(), w)).collect();
         self.required = rate;
         if self.config.placement != PlacementMode::Off {
             self.place(now, &work);

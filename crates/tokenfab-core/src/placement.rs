@@ -464,54 +464,75 @@ impl<K: Ord + Clone> Activation<K> {
         required: &BTreeMap<ModelId, f64>,
         config: &ActivationConfig,
     ) -> (Vec<K>, Vec<K>) {
-        let known: BTreeSet<&K> = candidates.iter().map(|c| &c.key).collect();
-        self.active.retain(|k| known.contains(k));
-        self.surplus_since.retain(|k, _| known.contains(k));
-        let mut wanted: BTreeSet<K> = BTreeSet::new();
+        // Each candidate's standing, looked up once (keys compare by name, which is what
+        // costs here on a large fleet).
+        let on: Vec<bool> = candidates.iter().map(|c| self.active.contains(&c.key)).collect();
+        let surplus = candidates
+            .iter()
+            .filter(|c| self.surplus_since.contains_key(&c.key))
+            .count();
+        // Forget replicas that are gone (only when some are: the common case is none).
+        if on.iter().filter(|&&x| x).count() != self.active.len() || surplus != self.surplus_since.len() {
+            let known: BTreeSet<&K> = candidates.iter().map(|c| &c.key).collect();
+            self.active.retain(|k| known.contains(k));
+            self.surplus_since.retain(|k, _| known.contains(k));
+        }
+        // Ties go to the smaller key; when the candidates come sorted by key (as the
+        // control plane builds them), their position says the same without comparing names.
+        let sorted = candidates.windows(2).all(|w| w[0].key < w[1].key);
+        let mut wanted = vec![false; candidates.len()];
         let models: BTreeSet<&ModelId> = candidates.iter().map(|c| c.model).collect();
         // Active replicas per node, counted once (the sort below reads it per comparison).
         let mut active_on: BTreeMap<&NodeId, usize> = BTreeMap::new();
-        for c in candidates.iter().filter(|c| self.active.contains(&c.key)) {
+        for (c, _) in candidates.iter().zip(&on).filter(|(_, on)| **on) {
             *active_on.entry(c.node).or_default() += 1;
         }
+        let load: Vec<usize> = candidates
+            .iter()
+            .map(|c| active_on.get(c.node).copied().unwrap_or(0))
+            .collect();
         for model in models {
             // Active replicas first (no churn), then the cheapest per token, then those on
             // nodes with the most active replicas (consolidation).
-            let mut mine: Vec<(bool, usize, &Candidate<'_, K>)> = candidates
-                .iter()
-                .filter(|c| c.model == model)
-                .map(|c| {
-                    let load = active_on.get(c.node).copied().unwrap_or(0);
-                    (self.active.contains(&c.key), load, c)
-                })
+            let mut mine: Vec<usize> = (0..candidates.len())
+                .filter(|&i| candidates[i].model == model)
                 .collect();
-            mine.sort_by(|(a_on, a_load, a), (b_on, b_load, b)| {
-                b_on.cmp(a_on)
-                    .then(a.cost_per_token.total_cmp(&b.cost_per_token))
-                    .then(b_load.cmp(a_load))
-                    .then(a.key.cmp(&b.key))
+            mine.sort_by(|&a, &b| {
+                on[b]
+                    .cmp(&on[a])
+                    .then(candidates[a].cost_per_token.total_cmp(&candidates[b].cost_per_token))
+                    .then(load[b].cmp(&load[a]))
+                    .then_with(|| {
+                        if sorted {
+                            a.cmp(&b)
+                        } else {
+                            candidates[a].key.cmp(&candidates[b].key)
+                        }
+                    })
             });
-            let mine: Vec<&Candidate<'_, K>> = mine.into_iter().map(|(_, _, c)| c).collect();
             let need = required.get(model).copied().unwrap_or(0.0) * (1.0 + config.margin);
             let mut have = 0.0;
-            for (i, c) in mine.iter().enumerate() {
-                if have >= need && i as u32 >= config.min_active {
+            for (n, &i) in mine.iter().enumerate() {
+                if have >= need && n as u32 >= config.min_active {
                     break;
                 }
-                wanted.insert(c.key.clone());
-                have += c.tokens_per_s;
+                wanted[i] = true;
+                have += candidates[i].tokens_per_s;
             }
         }
         let mut activated = Vec::new();
         let mut parked = Vec::new();
-        for c in candidates {
+        for (i, c) in candidates.iter().enumerate() {
             let k = &c.key;
-            if wanted.contains(k) {
-                self.surplus_since.remove(k);
-                if self.active.insert(k.clone()) {
+            if wanted[i] {
+                if surplus > 0 {
+                    self.surplus_since.remove(k);
+                }
+                if !on[i] {
+                    self.active.insert(k.clone());
                     activated.push(k.clone());
                 }
-            } else if self.active.contains(k) {
+            } else if on[i] {
                 let since = *self.surplus_since.entry(k.clone()).or_insert(now);
                 if now.since(since) >= config.park_after {
                     self.active.remove(k);
