@@ -126,12 +126,14 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
                 &format!("node{i}"),
                 "--replica",
                 &format!("url={},model=llama-3.1-8b,window=32", emu_urls[i]),
+                "--record",
+                &dir.path().join("recording").to_string_lossy(),
             ],
             &[("TOKENFAB_AGENT_TOKEN", AGENT)],
         )
     };
     let mut agent0 = agent(0);
-    let agent1 = agent(1);
+    let mut agent1 = agent(1);
 
     // 1,500 valid requests and three malformed lines.
     let mut lines: Vec<String> = (0..1500).map(|i| chat_line(&format!("req-{i:04}"), 48)).collect();
@@ -301,10 +303,11 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     assert_eq!(first["response"]["status_code"], 200);
     assert_eq!(std::fs::read_to_string(&err_file).unwrap().lines().count(), 3);
 
-    // The flight recording replays: the run killed with SIGKILL (up to its last complete
-    // line) and the restarted one, each through a fresh core, to identical replies and
-    // actions.
+    // The flight recording replays: the control plane's run killed with SIGKILL (up to its
+    // last complete line) and its restarted one, the agent killed with SIGKILL and the one
+    // that lived, each through a fresh core, to identical replies and actions.
     server.terminate(Duration::from_secs(10));
+    agent1.terminate(Duration::from_secs(10));
     let recording = dir.path().join("recording");
     let replay = std::process::Command::new(bin())
         .args(["sim", "replay", recording.to_str().unwrap()])
@@ -321,12 +324,27 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
         .map(|e| e.unwrap().path())
         .collect();
     segments.sort();
+    let named = |prefix: &str| -> Vec<std::path::PathBuf> {
+        segments
+            .iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    let control_runs = named("control-");
     assert_eq!(
-        segments.len(),
+        control_runs.len(),
         2,
         "one recorded run per start of the control plane: {segments:?}"
     );
-    // "2 run(s), N inputs replayed in S s"
+    assert_eq!(
+        named("agent-node0-").len(),
+        1,
+        "the agent killed with SIGKILL: {segments:?}"
+    );
+    assert_eq!(named("agent-node1-").len(), 1, "{segments:?}");
+    assert!(out.contains("agent node0") && out.contains("agent node1"), "{out}");
+    // "4 run(s), N inputs replayed in S s"
     let inputs: u64 = out
         .lines()
         .find(|l| l.contains(" inputs replayed"))
@@ -338,13 +356,13 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
         "the runs' registrations, submissions, leases, reports and heartbeats: {out}"
     );
 
-    // A changed decision: the first run replayed by a core whose leases live 7 s instead
+    // A changed decision: the control plane's first run replayed by a core whose leases live 7 s instead
     // of 2 s (leases of the killed agent expire later) diverges, and the replay says where.
-    let text = std::fs::read_to_string(&segments[0]).unwrap();
+    let text = std::fs::read_to_string(&control_runs[0]).unwrap();
     let (first, rest) = text.split_once('\n').unwrap();
     let mut start: serde_json::Value = serde_json::from_str(first).unwrap();
     start["start"]["config"]["lease_ttl"] = serde_json::json!({"secs": 7, "nanos": 0});
-    std::fs::write(&segments[0], format!("{start}\n{rest}")).unwrap();
+    std::fs::write(&control_runs[0], format!("{start}\n{rest}")).unwrap();
     let replay = std::process::Command::new(bin())
         .args(["sim", "replay", recording.to_str().unwrap()])
         .output()

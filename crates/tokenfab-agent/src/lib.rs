@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, ReplicaSpec};
 use tokenfab_core::control::{HeartbeatReply, LeaseGrant, LeasedItem, ReportedOutcome, ReportedResult};
 use tokenfab_core::durable::Outcome;
+use tokenfab_core::protocol::{AgentInput, CallFailure, ReplicaIndex};
 use tokenfab_core::usage::Usage;
 use tokenfab_core::{BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
@@ -59,6 +60,9 @@ pub struct AgentOptions {
     /// TLS to the control plane (an `https://` URL), with this node's client certificate
     /// where the control plane asks for one.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Flight recorder: the folder every input of the agent core is written to, and the
+    /// most bytes this node's recordings may take there. `None`: nothing recorded.
+    pub record: Option<(std::path::PathBuf, u64)>,
 }
 
 /// The power range of the devices `indices` as the backend describes them, if it can set
@@ -86,6 +90,8 @@ pub enum AgentError {
     NoReplicas,
     #[error("TLS to the control plane: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Record(String),
 }
 
 type Client = AgentServiceClient<InterceptedService<Channel, Bearer>>;
@@ -127,8 +133,12 @@ fn now() -> Timestamp {
     )
 }
 
-fn unknown_node(s: &Status) -> bool {
-    s.code() == Code::NotFound
+fn failure(s: &Status) -> CallFailure {
+    if s.code() == Code::NotFound {
+        CallFailure::UnknownNode
+    } else {
+        CallFailure::Unavailable
+    }
 }
 
 /// Runs the agent until `shutdown` completes and its in-flight work is reported.
@@ -187,8 +197,20 @@ pub async fn run(
                 .map(|d| d.accelerator.clone()),
         })
         .collect();
+    let started = now();
+    let recorder = match &opts.record {
+        Some((dir, max_bytes)) => {
+            let mut r = tokenfab_record::Recorder::open_agent(dir, *max_bytes, opts.node.as_str())
+                .map_err(|e| AgentError::Record(e.to_string()))?;
+            r.start_agent(started, opts.node.as_str(), &opts.core, &specs);
+            tracing::info!(dir = %dir.display(), "flight recorder on: every input of the agent core is written there (replay: tokenfab sim replay DIR)");
+            Some(r)
+        }
+        None => None,
+    };
     let mut shell = Shell {
-        core: AgentCore::new(opts.core.clone(), specs, now()),
+        core: AgentCore::new(opts.core.clone(), specs, started),
+        recorder,
         opts: Arc::new(opts),
         client,
         engines,
@@ -214,11 +236,11 @@ pub async fn run(
                     shell.on_event(ev);
                 }
             }
-            _ = sleep_until_unix(wake) => shell.core.handle_timeout(now()),
+            _ = sleep_until_unix(wake) => shell.input(now(), AgentInput::Timeout),
             _ = &mut shutdown, if !stopping => {
                 tracing::info!("shutting down: releasing queued work, finishing running requests");
                 stopping = true;
-                shell.core.shutdown(now());
+                shell.input(now(), AgentInput::Shutdown);
             }
         }
     }
@@ -233,6 +255,7 @@ async fn sleep_until_unix(t: Option<Timestamp>) {
 
 struct Shell {
     core: AgentCore,
+    recorder: Option<tokenfab_record::Recorder>,
     opts: Arc<AgentOptions>,
     client: Client,
     engines: EngineClient,
@@ -245,8 +268,21 @@ struct Shell {
 }
 
 impl Shell {
+    /// Hands one input to the core (recording it first when the recorder is on).
+    fn input(&mut self, t: Timestamp, input: AgentInput) {
+        if let Some(r) = self.recorder.as_mut() {
+            r.agent_input(t, &input);
+        }
+        self.core.handle(t, input);
+    }
+
     fn perform(&mut self, tx: &tokio::sync::mpsc::UnboundedSender<Event>) {
-        while let Some(action) = self.core.poll_action() {
+        let actions: Vec<AgentAction> = std::iter::from_fn(|| self.core.poll_action()).collect();
+        if let Some(r) = self.recorder.as_mut() {
+            r.agent_actions(&actions);
+            r.flush();
+        }
+        for action in actions {
             let tx = tx.clone();
             match action {
                 AgentAction::Register => {
@@ -409,11 +445,11 @@ impl Shell {
         match ev {
             Event::Registered(Ok(hb)) => {
                 tracing::info!(node = %self.opts.node, "registered with the control plane");
-                self.core.registered(t, hb);
+                self.input(t, AgentInput::Registered { heartbeat_interval: hb });
             }
             Event::Registered(Err(e)) => {
                 tracing::warn!(error = %e.message(), code = ?e.code(), "registration failed; retrying");
-                self.core.register_failed(t);
+                self.input(t, AgentInput::RegisterFailed);
             }
             Event::Leased(model, Ok(unit)) => {
                 let grant = unit.map(|u| {
@@ -440,36 +476,68 @@ impl Shell {
                         items,
                     }
                 });
-                self.core.lease_done(t, &model, Ok(grant));
+                self.input(
+                    t,
+                    AgentInput::Leased {
+                        model,
+                        result: Ok(grant),
+                    },
+                );
             }
             Event::Leased(model, Err(e)) => {
                 tracing::warn!(error = %e.message(), code = ?e.code(), "leasing work failed; retrying");
-                self.core.lease_done(t, &model, Err(unknown_node(&e)));
+                self.input(
+                    t,
+                    AgentInput::Leased {
+                        model,
+                        result: Err(failure(&e)),
+                    },
+                );
             }
             Event::EngineDone {
                 replica,
                 unit,
                 req,
                 reply,
-            } => self.core.engine_done(t, replica, unit, req, reply),
+            } => self.input(
+                t,
+                AgentInput::EngineDone {
+                    replica: ReplicaIndex(replica),
+                    unit,
+                    req,
+                    reply,
+                },
+            ),
             Event::Reported(Ok(())) => {
                 self.in_report.clear();
-                self.core.report_acked(t);
+                self.input(t, AgentInput::ReportAcked);
             }
             Event::Reported(Err(e)) => {
                 tracing::warn!(error = %e.message(), "report failed; results kept and sent again");
                 let results = std::mem::take(&mut self.in_report);
-                self.core.report_failed(t, results, unknown_node(&e));
+                self.input(
+                    t,
+                    AgentInput::ReportFailed {
+                        results,
+                        failure: failure(&e),
+                    },
+                );
             }
             Event::PowerSet { replica, result } => {
                 if let Err(e) = &result {
                     tracing::warn!(replica = %self.opts.replicas[replica].id, error = %e, "setting the power limit failed");
                 }
-                self.core.power_limit_done(t, replica, result);
+                self.input(
+                    t,
+                    AgentInput::PowerLimitSet {
+                        replica: ReplicaIndex(replica),
+                        result,
+                    },
+                );
             }
             Event::Heartbeat(r) => {
                 let reply = match r {
-                    Ok(h) if h.reregister => Err(true),
+                    Ok(h) if h.reregister => Err(CallFailure::UnknownNode),
                     Ok(h) => Ok(HeartbeatReply {
                         unknown_units: h.unknown_units.into_iter().map(WorkUnitId).collect(),
                         directives: h
@@ -482,9 +550,9 @@ impl Shell {
                             })
                             .collect(),
                     }),
-                    Err(e) => Err(unknown_node(&e)),
+                    Err(e) => Err(failure(&e)),
                 };
-                self.core.heartbeat_done(t, reply);
+                self.input(t, AgentInput::HeartbeatDone(reply));
             }
             Event::Sampled(r) => {
                 let readings = match r {
@@ -511,7 +579,7 @@ impl Shell {
                 if !readings.is_empty() {
                     self.last_readings = readings;
                 }
-                self.core.device_sample(t, per_replica);
+                self.input(t, AgentInput::DeviceSample(per_replica));
             }
         }
     }

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 /// Settings of the agent core.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AgentConfig {
     /// Most requests asked for in one lease.
     pub lease_batch: u32,
@@ -132,7 +132,7 @@ enum Closing {
 const SAMPLE_GIVE_UP: u32 = 3;
 
 /// One engine replica the agent drives.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaSpec {
     pub id: ReplicaId,
     pub model: ModelId,
@@ -150,7 +150,7 @@ pub struct ReplicaSpec {
 }
 
 /// A settable power limit, per device.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PowerRange {
     pub min_w: f64,
     pub max_w: f64,
@@ -194,7 +194,7 @@ pub enum AgentAction {
 }
 
 /// What an engine call returned.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum EngineReply {
     /// The engine answered with an HTTP response.
     Answered {
@@ -216,7 +216,7 @@ impl EngineReply {
 }
 
 /// A reading of one replica's devices.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EnergyReading {
     /// Energy counter summed over the replica's devices, joules.
     pub energy_j: f64,

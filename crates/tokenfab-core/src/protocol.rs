@@ -10,7 +10,12 @@
 //!
 //! Reads (`batch`, `list`, `sla_document`, ...) take `&self` and are not inputs: they
 //! change nothing.
+//!
+//! The agent core has the same shape: [`AgentInput`] through [`AgentCore::handle`], with
+//! named types ([`CallFailure`], [`ReplicaIndex`]) where its methods take flags and bare
+//! indexes.
 
+use crate::agent::{AgentCore, EnergyReading, EngineReply};
 use crate::control::{
     BatchError, BatchView, ControlConfig, ControlCore, FileError, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch,
     NodeRegistration, ReplicaReport, ReportSummary, ReportedResult, SubmitError, UnknownNode,
@@ -202,5 +207,166 @@ impl ControlCore {
                 ControlReply::Done
             }
         }
+    }
+}
+
+/// Why a call to the control plane failed, as the agent core needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallFailure {
+    /// The control plane does not know this node (it restarted, or the node's lease on
+    /// its registration ended): register again.
+    UnknownNode,
+    /// Anything else (unreachable, overloaded, timed out): try again later.
+    Unavailable,
+}
+
+/// A replica of an agent, by its position in the agent's replica list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReplicaIndex(pub usize);
+
+/// One thing that happens to an agent core.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentInput {
+    /// The time [`AgentCore::poll_timeout`] asked for (or later) has come.
+    Timeout,
+    /// Stop taking work and close the books ([`AgentCore::shutdown`]).
+    Shutdown,
+    /// Read the devices now.
+    SampleNow,
+    SetWindow {
+        replica: ReplicaIndex,
+        window: u32,
+    },
+    Registered {
+        heartbeat_interval: std::time::Duration,
+    },
+    RegisterFailed,
+    Leased {
+        model: ModelId,
+        result: Result<Option<LeaseGrant>, CallFailure>,
+    },
+    EngineDone {
+        replica: ReplicaIndex,
+        unit: WorkUnitId,
+        req: RequestRef,
+        reply: EngineReply,
+    },
+    ReportAcked,
+    /// A report failed: its results come back to be sent again.
+    ReportFailed {
+        results: Vec<ReportedResult>,
+        failure: CallFailure,
+    },
+    PowerLimitSet {
+        replica: ReplicaIndex,
+        result: Result<f64, String>,
+    },
+    HeartbeatDone(Result<HeartbeatReply, CallFailure>),
+    /// Each replica's devices read together (`None`: not every device of it answered).
+    DeviceSample(Vec<Option<EnergyReading>>),
+}
+
+impl AgentInput {
+    /// The input's name, for divergence reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentInput::Timeout => "timeout",
+            AgentInput::Shutdown => "shutdown",
+            AgentInput::SampleNow => "sample_now",
+            AgentInput::SetWindow { .. } => "set_window",
+            AgentInput::Registered { .. } => "registered",
+            AgentInput::RegisterFailed => "register_failed",
+            AgentInput::Leased { .. } => "leased",
+            AgentInput::EngineDone { .. } => "engine_done",
+            AgentInput::ReportAcked => "report_acked",
+            AgentInput::ReportFailed { .. } => "report_failed",
+            AgentInput::PowerLimitSet { .. } => "power_limit_set",
+            AgentInput::HeartbeatDone(_) => "heartbeat_done",
+            AgentInput::DeviceSample(_) => "device_sample",
+        }
+    }
+}
+
+impl AgentCore {
+    /// Applies one input at `now`; what to do next comes out of
+    /// [`AgentCore::poll_action`].
+    pub fn handle(&mut self, now: Timestamp, input: AgentInput) {
+        let unknown = |f: CallFailure| f == CallFailure::UnknownNode;
+        match input {
+            AgentInput::Timeout => self.handle_timeout(now),
+            AgentInput::Shutdown => self.shutdown(now),
+            AgentInput::SampleNow => self.sample_now(now),
+            AgentInput::SetWindow { replica, window } => self.set_window(now, replica.0, window),
+            AgentInput::Registered { heartbeat_interval } => self.registered(now, heartbeat_interval),
+            AgentInput::RegisterFailed => self.register_failed(now),
+            AgentInput::Leased { model, result } => self.lease_done(now, &model, result.map_err(unknown)),
+            AgentInput::EngineDone {
+                replica,
+                unit,
+                req,
+                reply,
+            } => self.engine_done(now, replica.0, unit, req, reply),
+            AgentInput::ReportAcked => self.report_acked(now),
+            AgentInput::ReportFailed { results, failure } => self.report_failed(now, results, unknown(failure)),
+            AgentInput::PowerLimitSet { replica, result } => self.power_limit_done(now, replica.0, result),
+            AgentInput::HeartbeatDone(reply) => self.heartbeat_done(now, reply.map_err(unknown)),
+            AgentInput::DeviceSample(readings) => self.device_sample(now, readings),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{AgentAction, AgentConfig, ReplicaSpec};
+    use crate::ids::ReplicaId;
+    use std::time::Duration;
+
+    fn registered_agent(now: Timestamp) -> AgentCore {
+        let spec = ReplicaSpec {
+            id: ReplicaId::from("r0"),
+            model: ModelId::from("m"),
+            devices: 1,
+            window: 4,
+            max_concurrency: 8,
+            power: None,
+            accelerator: None,
+        };
+        let mut core = AgentCore::new(AgentConfig::default(), vec![spec], now);
+        core.handle(now, AgentInput::Timeout);
+        while core.poll_action().is_some() {}
+        core.handle(
+            now,
+            AgentInput::Registered {
+                heartbeat_interval: Duration::from_secs(1),
+            },
+        );
+        while core.poll_action().is_some() {}
+        core
+    }
+
+    fn registers_again(core: &mut AgentCore, now: Timestamp) -> bool {
+        let later = now.saturating_add(Duration::from_secs(60));
+        core.handle(later, AgentInput::Timeout);
+        std::iter::from_fn(|| core.poll_action()).any(|a| matches!(a, AgentAction::Register))
+    }
+
+    #[test]
+    fn a_failed_call_says_whether_the_node_must_register_again() {
+        let t = Timestamp::from_micros(1_000_000);
+        let mut core = registered_agent(t);
+        core.handle(t, AgentInput::HeartbeatDone(Err(CallFailure::Unavailable)));
+        assert!(
+            !registers_again(&mut core, t),
+            "an unreachable control plane is retried, not re-registered with"
+        );
+        let mut core = registered_agent(t);
+        core.handle(t, AgentInput::HeartbeatDone(Err(CallFailure::UnknownNode)));
+        assert!(
+            registers_again(&mut core, t),
+            "a control plane that forgot the node gets a new registration"
+        );
     }
 }

@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 /// What the tuner maximizes.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Objective {
     /// Output tokens per joule of device energy.
     TokensPerJoule,
@@ -85,7 +85,7 @@ pub enum TunerMode {
 }
 
 /// Settings of the tuner.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TunerConfig {
     pub mode: TunerMode,
     pub objective: Objective,

@@ -26,8 +26,9 @@ use std::fs::File;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use tokenfab_core::Timestamp;
+use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, ReplicaSpec};
 use tokenfab_core::control::{Action, ControlConfig, ControlCore};
-use tokenfab_core::protocol::{ControlInput, ControlReply, ControlStart};
+use tokenfab_core::protocol::{AgentInput, ControlInput, ControlReply, ControlStart};
 
 /// The format's version, in every `start` line.
 pub const VERSION: u32 = 1;
@@ -56,6 +57,19 @@ enum Line {
         digest: String,
         head: String,
     },
+    /// An agent core's start: its configuration and replicas.
+    StartAgent {
+        version: u32,
+        at: Timestamp,
+        node: String,
+        config: Box<AgentConfig>,
+        replicas: Vec<ReplicaSpec>,
+    },
+    /// An input of an agent core (it answers through its actions).
+    AgentInput {
+        at: Timestamp,
+        input: Box<AgentInput>,
+    },
 }
 
 /// One line of a recording, as written (the input already serialized).
@@ -79,6 +93,17 @@ enum LineOut<'a> {
         digest: String,
         head: String,
     },
+    StartAgent {
+        version: u32,
+        at: Timestamp,
+        node: &'a str,
+        config: &'a AgentConfig,
+        replicas: &'a [ReplicaSpec],
+    },
+    AgentInput {
+        at: Timestamp,
+        input: &'a AgentInput,
+    },
 }
 
 /// A digest of an output: its `Debug` text (the core's types print deterministically:
@@ -97,9 +122,15 @@ fn actions_digest(actions: &[Action]) -> (String, String) {
     digest_of(&format!("{actions:?}"))
 }
 
+fn agent_actions_digest(actions: &[AgentAction]) -> (String, String) {
+    digest_of(&format!("{actions:?}"))
+}
+
 /// Writes what a control core receives into a folder.
 pub struct Recorder {
     dir: PathBuf,
+    /// What its files are called: `control`, or `agent-<node>`.
+    prefix: String,
     max_bytes: u64,
     /// Finished segments in the folder, oldest first, with their sizes.
     old: std::collections::VecDeque<(PathBuf, u64)>,
@@ -123,15 +154,23 @@ pub struct OpenError {
     source: std::io::Error,
 }
 
-/// The segment files in `dir`, oldest first.
-fn segment_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The segment files in `dir` whose names start with `prefix` (any recording: `None`),
+/// oldest first within each prefix.
+fn segment_files(dir: &Path, prefix: Option<&str>) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("control-") && n.ends_with(".jsonl"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.ends_with(".jsonl")
+                    && match prefix {
+                        Some(prefix) => n
+                            .strip_prefix(prefix)
+                            .and_then(|rest| rest.strip_prefix('-'))
+                            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit())),
+                        None => n.starts_with("control-") || n.starts_with("agent-"),
+                    }
+            })
         })
         .collect();
     files.sort();
@@ -139,14 +178,25 @@ fn segment_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 impl Recorder {
-    /// Records into `dir` (created if missing), keeping at most `max_bytes` there.
+    /// Records a control core into `dir` (created if missing), keeping at most `max_bytes`
+    /// of control-core recordings there.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Recorder, OpenError> {
+        Recorder::open_as(dir, max_bytes, "control")
+    }
+
+    /// Records the agent core of node `node` into `dir`, keeping at most `max_bytes` of
+    /// that node's recordings there.
+    pub fn open_agent(dir: &Path, max_bytes: u64, node: &str) -> Result<Recorder, OpenError> {
+        Recorder::open_as(dir, max_bytes, &format!("agent-{node}"))
+    }
+
+    fn open_as(dir: &Path, max_bytes: u64, prefix: &str) -> Result<Recorder, OpenError> {
         let err = |source| OpenError {
             dir: dir.display().to_string(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(err)?;
-        let old = segment_files(dir)
+        let old = segment_files(dir, Some(prefix))
             .map_err(err)?
             .into_iter()
             .map(|p| {
@@ -156,6 +206,7 @@ impl Recorder {
             .collect();
         Ok(Recorder {
             dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
             max_bytes,
             old,
             current: None,
@@ -163,8 +214,53 @@ impl Recorder {
         })
     }
 
-    /// Begins a new segment: a core started at `at` with `config` from `state`.
+    /// Begins a new segment: a control core started at `at` with `config` from `state`.
     pub fn start(&mut self, at: Timestamp, config: &ControlConfig, state: &ControlStart) {
+        if self.new_segment(at) {
+            self.write(&LineOut::Start {
+                version: VERSION,
+                at,
+                config,
+                state,
+            });
+        }
+    }
+
+    /// Begins a new segment: the agent core of `node` started at `at`.
+    pub fn start_agent(&mut self, at: Timestamp, node: &str, config: &AgentConfig, replicas: &[ReplicaSpec]) {
+        if self.new_segment(at) {
+            self.write(&LineOut::StartAgent {
+                version: VERSION,
+                at,
+                node,
+                config,
+                replicas,
+            });
+        }
+    }
+
+    /// Records an input of an agent core (before the core takes it).
+    pub fn agent_input(&mut self, at: Timestamp, input: &AgentInput) {
+        if self.recording() {
+            self.write(&LineOut::AgentInput { at, input });
+        }
+    }
+
+    /// Records the actions the shell took from an agent core.
+    pub fn agent_actions(&mut self, actions: &[AgentAction]) {
+        if !self.recording() {
+            return;
+        }
+        let (digest, head) = agent_actions_digest(actions);
+        self.write(&LineOut::Actions {
+            n: actions.len(),
+            digest,
+            head,
+        });
+    }
+
+    /// Closes the segment being written and opens the next; false if it cannot.
+    fn new_segment(&mut self, at: Timestamp) -> bool {
         if let Some(mut s) = self.current.take() {
             let _ = s.out.flush();
             self.old.push_back((s.path, s.bytes));
@@ -172,7 +268,8 @@ impl Recorder {
         let unix_ms = at.as_micros() / 1000;
         let path = loop {
             let name = format!(
-                "control-{unix_ms:013}-{:07}-{:03}.jsonl",
+                "{}-{unix_ms:013}-{:07}-{:03}.jsonl",
+                self.prefix,
                 std::process::id(),
                 self.segments
             );
@@ -190,14 +287,12 @@ impl Recorder {
                     bytes: 0,
                     stopped: false,
                 });
-                self.write(&LineOut::Start {
-                    version: VERSION,
-                    at,
-                    config,
-                    state,
-                });
+                true
             }
-            Err(e) => tracing::warn!("flight recorder: cannot create {}: {e}; not recording", path.display()),
+            Err(e) => {
+                tracing::warn!("flight recorder: cannot create {}: {e}; not recording", path.display());
+                false
+            }
         }
     }
 
@@ -334,6 +429,8 @@ impl std::fmt::Display for Divergence {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentReplay {
     pub file: PathBuf,
+    /// Whose core it recorded: `control`, or `agent NODE`.
+    pub core: String,
     pub inputs: u64,
     pub action_batches: u64,
     pub actions: u64,
@@ -347,7 +444,9 @@ pub struct SegmentReplay {
 pub enum ReplayError {
     #[error("cannot read the recording {path}: {source}")]
     Io { path: String, source: std::io::Error },
-    #[error("{path} holds no recording (no control-*.jsonl files); record with `tokenfab server --record DIR`")]
+    #[error(
+        "{path} holds no recording (no control-*.jsonl or agent-*.jsonl files); record with `tokenfab server --record DIR` or `tokenfab agent --record DIR`"
+    )]
     Empty { path: String },
     #[error("{path}:{line}: {message}")]
     Format { path: String, line: usize, message: String },
@@ -363,7 +462,7 @@ pub fn replay(dir: &Path, mut progress: impl FnMut(&SegmentReplay)) -> Result<Ve
     let files = if dir.is_file() {
         vec![dir.to_path_buf()]
     } else {
-        segment_files(dir).map_err(io(dir))?
+        segment_files(dir, None).map_err(io(dir))?
     };
     if files.is_empty() {
         return Err(ReplayError::Empty {
@@ -377,6 +476,12 @@ pub fn replay(dir: &Path, mut progress: impl FnMut(&SegmentReplay)) -> Result<Ve
         out.push(r);
     }
     Ok(out)
+}
+
+/// The core a segment replays through.
+enum Core {
+    Control(Box<ControlCore>),
+    Agent(Box<AgentCore>),
 }
 
 /// Replays one segment file.
@@ -395,6 +500,7 @@ pub fn replay_segment(file: &Path) -> Result<SegmentReplay, ReplayError> {
     }
     let mut result = SegmentReplay {
         file: file.to_path_buf(),
+        core: String::new(),
         inputs: 0,
         action_batches: 0,
         actions: 0,
@@ -406,7 +512,7 @@ pub fn replay_segment(file: &Path) -> Result<SegmentReplay, ReplayError> {
         line,
         message,
     };
-    let mut core: Option<ControlCore> = None;
+    let mut core: Option<Core> = None;
     let count = lines.len();
     for (i, text) in lines.iter().enumerate() {
         let n = i + 1;
@@ -429,6 +535,16 @@ pub fn replay_segment(file: &Path) -> Result<SegmentReplay, ReplayError> {
                 replayed: format!("[{}] {}", replayed.0, replayed.1),
             })
         };
+        let check_version = |version: u32| {
+            if version == VERSION {
+                Ok(())
+            } else {
+                Err(format(
+                    n,
+                    format!("recorded in format version {version}; this tokenfab replays version {VERSION}"),
+                ))
+            }
+        };
         match line {
             Line::Start {
                 version,
@@ -436,20 +552,30 @@ pub fn replay_segment(file: &Path) -> Result<SegmentReplay, ReplayError> {
                 config,
                 state,
             } => {
-                if version != VERSION {
-                    return Err(format(
-                        n,
-                        format!("recorded in format version {version}; this tokenfab replays version {VERSION}"),
-                    ));
-                }
+                check_version(version)?;
                 if core.is_some() {
                     return Err(format(n, "a second start line in one segment".into()));
                 }
-                core = Some(ControlCore::start(*config, *state, at));
+                core = Some(Core::Control(Box::new(ControlCore::start(*config, *state, at))));
+                result.core = "control".into();
+            }
+            Line::StartAgent {
+                version,
+                at,
+                node,
+                config,
+                replicas,
+            } => {
+                result.core = format!("agent {node}");
+                check_version(version)?;
+                if core.is_some() {
+                    return Err(format(n, "a second start line in one segment".into()));
+                }
+                core = Some(Core::Agent(Box::new(AgentCore::new(*config, replicas, at))));
             }
             Line::Input { at, input, reply, head } => {
-                let Some(c) = core.as_mut() else {
-                    return Err(format(n, "an input before the start line".into()));
+                let Some(Core::Control(c)) = core.as_mut() else {
+                    return Err(format(n, "a control-core input outside a control-core segment".into()));
                 };
                 let what = input.kind().to_string();
                 let got = reply_digest(&c.handle(at, *input));
@@ -459,20 +585,30 @@ pub fn replay_segment(file: &Path) -> Result<SegmentReplay, ReplayError> {
                     break;
                 }
             }
-            Line::Actions { n: count, digest, head } => {
-                let Some(c) = core.as_mut() else {
-                    return Err(format(n, "actions before the start line".into()));
+            Line::AgentInput { at, input } => {
+                let Some(Core::Agent(c)) = core.as_mut() else {
+                    return Err(format(n, "an agent-core input outside an agent-core segment".into()));
                 };
-                let mut actions = Vec::new();
-                while let Some(a) = c.poll_action() {
-                    actions.push(a);
-                }
+                c.handle(at, *input);
+                result.inputs += 1;
+            }
+            Line::Actions { n: count, digest, head } => {
+                let (len, got) = match core.as_mut() {
+                    None => return Err(format(n, "actions before the start line".into())),
+                    Some(Core::Control(c)) => {
+                        let actions: Vec<Action> = std::iter::from_fn(|| c.poll_action()).collect();
+                        (actions.len(), actions_digest(&actions))
+                    }
+                    Some(Core::Agent(c)) => {
+                        let actions: Vec<AgentAction> = std::iter::from_fn(|| c.poll_action()).collect();
+                        (actions.len(), agent_actions_digest(&actions))
+                    }
+                };
                 result.action_batches += 1;
-                result.actions += actions.len() as u64;
-                let got = actions_digest(&actions);
-                if got.0 != digest || actions.len() != count {
+                result.actions += len as u64;
+                if got.0 != digest || len != count {
                     result.divergence = diverged(
-                        format!("actions ({count} recorded, {} replayed)", actions.len()),
+                        format!("actions ({count} recorded, {len} replayed)"),
                         None,
                         (digest, &head),
                         got,
@@ -616,7 +752,7 @@ mod tests {
         let mut rec = Recorder::open(dir.path(), 1 << 30).unwrap();
         run(&mut rec, ControlConfig::default());
         drop(rec);
-        let file = segment_files(dir.path()).unwrap().remove(0);
+        let file = segment_files(dir.path(), None).unwrap().remove(0);
         let text = std::fs::read_to_string(&file).unwrap();
         // Kill the process in the middle of the last line.
         std::fs::write(&file, &text[..text.len() - 10]).unwrap();
@@ -631,14 +767,16 @@ mod tests {
         let mut rec = Recorder::open(dir.path(), 1 << 30).unwrap();
         run(&mut rec, ControlConfig::default());
         drop(rec);
-        let one = std::fs::metadata(&segment_files(dir.path()).unwrap()[0]).unwrap().len();
+        let one = std::fs::metadata(&segment_files(dir.path(), None).unwrap()[0])
+            .unwrap()
+            .len();
         // Room for a bit more than two segments.
         let bound = one * 5 / 2;
         for _ in 0..4 {
             let mut rec = Recorder::open(dir.path(), bound).unwrap();
             run(&mut rec, ControlConfig::default());
         }
-        let files = segment_files(dir.path()).unwrap();
+        let files = segment_files(dir.path(), None).unwrap();
         let total: u64 = files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
         assert!(total <= bound, "{total} > {bound}");
         assert!(files.len() >= 2, "{files:?}");

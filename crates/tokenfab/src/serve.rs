@@ -475,6 +475,13 @@ pub struct AgentArgs {
     request_timeout: Duration,
     #[command(flatten)]
     tuning: TuningArgs,
+    /// Flight recorder: write every input the agent core receives into this folder (files
+    /// agent-NODE-*.jsonl, one per run), to replay with `tokenfab sim replay DIR`.
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// The most this node's recordings may take in the folder (oldest runs deleted whole).
+    #[arg(long, default_value = "1GiB", value_parser = parse::bytes, requires = "record")]
+    record_max_bytes: u64,
 }
 
 /// How the agent tunes its replicas.
@@ -628,6 +635,7 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
         core: tuning.config(backend.devices().first().map(|d| &d.accelerator)),
         request_timeout,
         tls,
+        record: None,
     };
     Ok((opts, backend))
 }
@@ -653,7 +661,8 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         }
         None
     };
-    let (opts, devices) = agent_setup(AgentSetup {
+    let record = a.record.clone().map(|dir| (dir, a.record_max_bytes));
+    let (mut opts, devices) = agent_setup(AgentSetup {
         control: a.control,
         agent_token,
         tls,
@@ -665,6 +674,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         tuning: a.tuning,
     })
     .await?;
+    opts.record = record;
     eprintln!(
         "tokenfab agent {} driving {} replica(s), {} device(s), control plane {}",
         opts.node,

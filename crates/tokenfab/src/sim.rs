@@ -140,7 +140,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
-    table.set_header(vec!["run (segment)", "inputs", "actions", "result"]);
+    table.set_header(vec!["run (segment)", "core", "inputs", "actions", "result"]);
     let segments = tokenfab_record::replay(&a.dir, |s| {
         let name = s
             .file
@@ -154,6 +154,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<()> {
         eprintln!("replayed {name}: {verdict}");
         table.add_row(vec![
             Cell::new(name),
+            Cell::new(&s.core),
             Cell::new(s.inputs).set_alignment(CellAlignment::Right),
             Cell::new(s.actions).set_alignment(CellAlignment::Right),
             Cell::new(verdict),
