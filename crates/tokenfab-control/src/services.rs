@@ -261,13 +261,7 @@ impl<S: Store + Clone> Shared<S> {
             ));
         }
         let model = ModelId::new(options.model.clone());
-        if !self.models.contains(&model) {
-            let served: Vec<&str> = self.models.iter().map(ModelId::as_str).collect();
-            return Err(Status::not_found(format!(
-                "options.model: unknown model '{model}': this cluster serves {}",
-                served.join(", ")
-            )));
-        }
+        tokenfab_core::control::check_model(&self.models, &model).map_err(crate::convert::submit_error)?;
         let endpoint = match options.endpoint.trim() {
             "" => None,
             e => Some(Endpoint::from_path(e).ok_or_else(|| {

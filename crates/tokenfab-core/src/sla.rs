@@ -18,6 +18,12 @@ use hdrhistogram::Histogram;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+/// Whether a batch that ended with `status` at `ended` met its `deadline`: it completed,
+/// and by then. The one rule the SLA document and the simulator's report count by.
+pub fn deadline_met(status: BatchStatus, ended: Option<Timestamp>, deadline: Timestamp) -> bool {
+    status == BatchStatus::Completed && ended.is_some_and(|t| t <= deadline)
+}
+
 /// Latency histograms record microseconds up to an hour, with 3 significant digits.
 const LATENCY_MAX_US: u64 = 3_600_000_000;
 
@@ -229,7 +235,7 @@ impl SlaMeter {
             model: model.clone(),
             class: class.to_string(),
             completion_s: now.since(created).as_secs_f64(),
-            met: status == BatchStatus::Completed && now <= deadline,
+            met: deadline_met(status, Some(now), deadline),
         });
     }
 

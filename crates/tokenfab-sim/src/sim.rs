@@ -25,7 +25,6 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 use std::path::Path;
 use std::time::Duration;
 use tokenfab_core::agent::{AgentAction, AgentConfig, AgentCore, EnergyReading, EngineReply, PowerRange, ReplicaSpec};
-use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::control::{
     Action, ControlConfig, ControlCore, HeartbeatReply, LeaseAnswer, LeaseGrant, NewBatch, NodeDevice,
     NodeRegistration, NodeReplica,
@@ -785,8 +784,7 @@ impl<'a> Simulation<'a> {
                     arrived: view.life.created_at,
                     ended: view.life.ended_at().unwrap_or(self.now),
                     deadline: view.meta.deadline,
-                    met: status == BatchStatus::Completed
-                        && view.life.ended_at().is_some_and(|t| t <= view.meta.deadline),
+                    met: tokenfab_core::sla::deadline_met(status, view.life.ended_at(), view.meta.deadline),
                     status,
                     requests: view.meta.requests,
                     completed: view.counts.completed,

@@ -304,6 +304,19 @@ pub const DEFAULT_LEASE_MAX_BYTES: u64 = 16 << 20;
 /// 512 bytes, ids, url, framing), bytes.
 pub const LEASED_ITEM_OVERHEAD_BYTES: u64 = 640;
 
+/// Whether a cluster serving `served` takes batches for `model`: the first check of a
+/// submission (shells run it before staging an upload, so a wrong model costs no upload).
+pub fn check_model(served: &BTreeSet<ModelId>, model: &ModelId) -> Result<(), SubmitError> {
+    if served.contains(model) {
+        Ok(())
+    } else {
+        Err(SubmitError::UnknownModel {
+            model: model.clone(),
+            served: join(served.iter()),
+        })
+    }
+}
+
 /// A batch that passed input validation, as the shell hands it to the core.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NewBatch {
@@ -1269,12 +1282,7 @@ impl ControlCore {
 
     /// [`ControlCore::submit`] before waiting leases are served.
     fn submit_inner(&mut self, now: Timestamp, new: NewBatch) -> Result<BatchView, SubmitError> {
-        if !self.config.models.contains(&new.model) {
-            return Err(SubmitError::UnknownModel {
-                model: new.model,
-                served: join(self.config.models.iter()),
-            });
-        }
+        check_model(&self.config.models, &new.model)?;
         let sla_class = match new.sla_class.filter(|c| !c.is_empty()) {
             None => self.config.default_sla_class.clone(),
             Some(c) if self.config.sla_classes.iter().any(|k| k.name == c) => c,
