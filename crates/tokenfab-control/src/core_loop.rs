@@ -307,6 +307,17 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// The answer to a lease call.
 pub type LeaseReply = Result<Option<pb::WorkUnit>, UnknownNode>;
 
+/// Everything the core asks the shell to do now, recorded (and the recording flushed:
+/// this ends a round) when the flight recorder is on.
+fn take_actions(core: &mut ControlCore, recorder: &mut Option<Recorder>) -> Vec<Action> {
+    let actions: Vec<Action> = std::iter::from_fn(|| core.poll_action()).collect();
+    if let Some(r) = recorder.as_mut() {
+        r.actions(&actions);
+        r.flush();
+    }
+    actions
+}
+
 /// Rebuilds a core from what the store holds, and writes what recovery completes. With a
 /// flight recorder, the core's start is a new segment of the recording.
 async fn rebuild<S: Store>(
@@ -335,15 +346,7 @@ async fn rebuild<S: Store>(
     let mut core = ControlCore::start(config.clone(), start, at);
     // Completing batches found whole during recovery must be written too.
     let mut set = WriteSet::default();
-    let mut actions = Vec::new();
-    while let Some(a) = core.poll_action() {
-        actions.push(a);
-    }
-    if let Some(r) = recorder.as_mut() {
-        r.actions(&actions);
-        r.flush();
-    }
-    for a in actions {
+    for a in take_actions(&mut core, recorder) {
         if let Action::Persist(op) = a {
             set.ops.push(op);
         }
@@ -577,15 +580,7 @@ impl<S: Store + Clone> CoreLoop<S> {
     /// Moves what the core asks for into `round`: operations to persist (with the inputs
     /// of new batches), batches whose view changed, and answers to waiting leases.
     fn collect(&mut self, round: &mut Round) {
-        let mut actions = Vec::new();
-        while let Some(a) = self.core.poll_action() {
-            actions.push(a);
-        }
-        if let Some(r) = self.recorder.as_mut() {
-            r.actions(&actions);
-            r.flush();
-        }
-        for a in actions {
+        for a in take_actions(&mut self.core, &mut self.recorder) {
             match a {
                 Action::Persist(op) => {
                     if let DurableOp::CreateBatch { meta, .. } = &op

@@ -115,15 +115,8 @@ pub struct ServerArgs {
     /// Request-body data one lease may carry (a lease reply must fit a gRPC message).
     #[arg(long, default_value = "16MiB", value_parser = parse::bytes)]
     lease_max_bytes: u64,
-    /// Flight recorder: write every input the control core receives into this folder, one
-    /// file per run of the core, to replay it with `tokenfab sim replay DIR` (which checks
-    /// that the same code decides the same) or to reproduce an incident. Off by default.
-    #[arg(long, value_name = "DIR")]
-    record: Option<PathBuf>,
-    /// The most the recording folder may hold: the oldest runs are deleted whole to stay
-    /// under it, and a run that alone reaches it stops being recorded.
-    #[arg(long, default_value = "1GiB", value_parser = parse::bytes, requires = "record")]
-    record_max_bytes: u64,
+    #[command(flatten)]
+    record: RecordArgs,
     /// Concurrent calls per client connection.
     #[arg(long, default_value_t = 256)]
     max_concurrent_streams: u32,
@@ -353,7 +346,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}", policy_flag_error(&e)))?;
     let store = RedbStore::open(&a.data_dir)?;
     let config = ServerConfig {
-        record: a.record.clone().map(|dir| (dir, a.record_max_bytes)),
+        record: a.record.folder(),
         listen: a.listen,
         metrics_listen: a.metrics_listen,
         openai_listen: a.openai_listen,
@@ -475,13 +468,30 @@ pub struct AgentArgs {
     request_timeout: Duration,
     #[command(flatten)]
     tuning: TuningArgs,
-    /// Flight recorder: write every input the agent core receives into this folder (files
-    /// agent-NODE-*.jsonl, one per run), to replay with `tokenfab sim replay DIR`.
+    #[command(flatten)]
+    record: RecordArgs,
+}
+
+/// The flight recorder's flags, the same for the server and the agent.
+#[derive(Args, Debug, Clone)]
+pub struct RecordArgs {
+    /// Flight recorder: write every input this process's core receives into this folder
+    /// (control-*.jsonl or agent-NODE-*.jsonl, one file per run of the core), to replay it
+    /// with `tokenfab sim replay DIR` (which checks that the same code decides the same)
+    /// or to reproduce an incident. Off by default.
     #[arg(long, value_name = "DIR")]
     record: Option<PathBuf>,
-    /// The most this node's recordings may take in the folder (oldest runs deleted whole).
+    /// The most this process's recordings may take in the folder: the oldest runs are
+    /// deleted whole to stay under it, and a run that alone reaches it stops being recorded.
     #[arg(long, default_value = "1GiB", value_parser = parse::bytes, requires = "record")]
     record_max_bytes: u64,
+}
+
+impl RecordArgs {
+    /// The folder and its bound, when recording.
+    fn folder(&self) -> Option<(PathBuf, u64)> {
+        self.record.clone().map(|dir| (dir, self.record_max_bytes))
+    }
 }
 
 /// How the agent tunes its replicas.
@@ -661,7 +671,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         }
         None
     };
-    let record = a.record.clone().map(|dir| (dir, a.record_max_bytes));
+    let record = a.record.folder();
     let (mut opts, devices) = agent_setup(AgentSetup {
         control: a.control,
         agent_token,
