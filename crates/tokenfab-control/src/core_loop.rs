@@ -41,7 +41,7 @@ use tokenfab_core::control::{
 };
 use tokenfab_core::durable::DurableOp;
 use tokenfab_core::durable::FileMeta;
-use tokenfab_core::protocol::{ControlInput, ControlReply, ControlStart};
+use tokenfab_core::protocol::{ControlInput, ControlReply, ControlStart, Durable, InputSeq, Persisted};
 use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, TenantId, Timestamp, WorkUnitId};
 use tokenfab_proto::v1 as pb;
 use tokenfab_record::Recorder;
@@ -181,7 +181,9 @@ pub fn now() -> Timestamp {
 /// The most commands applied in one round before committing.
 const MAX_ROUND: usize = 4096;
 
-type Replies = Vec<Box<dyn FnOnce() + Send>>;
+/// What to do once a round's writes are committed: answer the callers whose
+/// [`Durable`] replies the mark opens.
+type Replies = Vec<Box<dyn FnOnce(Persisted) + Send>>;
 
 /// The input of a batch whose commit is under way, as parsed at submission.
 #[derive(Clone)]
@@ -216,11 +218,15 @@ struct Round {
     set: WriteSet,
     replies: Replies,
     changed: Vec<BatchId>,
+    /// The last input whose actions the round holds.
+    through: InputSeq,
 }
 
 struct InFlight {
     /// The round's sequence number.
     seq: u64,
+    /// The last input whose writes it commits.
+    through: InputSeq,
     handle: tokio::task::JoinHandle<Result<(), StoreError>>,
     replies: Replies,
     changed: Vec<BatchId>,
@@ -465,8 +471,9 @@ impl<S: Store + Clone> CoreLoop<S> {
                             self.metrics
                                 .commit_seconds
                                 .observe(done.started.elapsed().as_secs_f64());
+                            let persisted = self.core.advance(done.through);
                             for reply in done.replies {
-                                reply();
+                                reply(persisted);
                             }
                             self.publish(done.changed);
                         }
@@ -489,6 +496,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                     self.next_seq += 1;
                     inflight = Some(InFlight {
                         seq,
+                        through: round.through,
                         handle: tokio::spawn(async move { store.apply(set).await }),
                         replies: round.replies,
                         changed: round.changed,
@@ -496,8 +504,9 @@ impl<S: Store + Clone> CoreLoop<S> {
                     });
                 } else {
                     // Nothing to persist and nothing in flight: all state is durable.
+                    let persisted = self.core.advance(round.through);
                     for reply in round.replies {
-                        reply();
+                        reply(persisted);
                     }
                     self.publish(round.changed);
                 }
@@ -580,6 +589,7 @@ impl<S: Store + Clone> CoreLoop<S> {
     /// Moves what the core asks for into `round`: operations to persist (with the inputs
     /// of new batches), batches whose view changed, and answers to waiting leases.
     fn collect(&mut self, round: &mut Round) {
+        round.through = self.core.handled();
         for a in take_actions(&mut self.core, &mut self.recorder) {
             match a {
                 Action::Persist(op) => {
@@ -627,9 +637,19 @@ impl<S: Store + Clone> CoreLoop<S> {
     }
 
     fn apply(&mut self, now: Timestamp, cmd: Command, replies: &mut Replies) {
-        fn later<T: Send + 'static>(replies: &mut Replies, tx: Reply<T>, v: T) {
-            replies.push(Box::new(move || {
-                let _ = tx.send(v);
+        /// Answers once the round's commit opens the reply.
+        fn later<T: Send + 'static>(replies: &mut Replies, tx: Reply<T>, v: Durable<T>) {
+            replies.push(Box::new(move |persisted| match v.release(persisted) {
+                Ok(v) => {
+                    let _ = tx.send(v);
+                }
+                // Cannot happen while rounds commit in order; if it did, the caller is
+                // not answered (UNAVAILABLE) rather than told something not yet durable.
+                Err(v) => tracing::error!(
+                    needs = v.needs().0,
+                    committed = persisted.through().0,
+                    "a reply came up before the writes it promises were committed; not answered"
+                ),
             }));
         }
         match cmd {
@@ -637,7 +657,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                 let ControlReply::Submitted(r) = self.call(now, ControlInput::Submit(new)) else {
                     unreachable!("a submission is answered as one")
                 };
-                if let Ok(v) = &r {
+                if let Ok(v) = r.peek() {
                     let id = v.meta.id;
                     // Leasable at once: until this round commits, leases read its bodies
                     // from the staged input.
@@ -661,7 +681,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                     );
                     // Counted once durable, like the acknowledgement.
                     let metrics = self.metrics.clone();
-                    replies.push(Box::new(move || {
+                    replies.push(Box::new(move |_| {
                         metrics.batches_submitted.inc();
                     }));
                 }
@@ -704,7 +724,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                 else {
                     unreachable!("a deletion is answered as one")
                 };
-                if r.is_ok() {
+                if r.peek().is_ok() {
                     // Its watchers see no more changes.
                     self.watchers.remove(&id);
                 }
@@ -742,7 +762,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                 let ControlReply::FileAdded(r) = self.call(now, input) else {
                     unreachable!("an upload is answered as one")
                 };
-                if let Ok(meta) = &r {
+                if let Ok(meta) = r.peek() {
                     self.files.insert(meta.id, content);
                 }
                 later(replies, reply, r);
@@ -837,7 +857,7 @@ impl<S: Store + Clone> CoreLoop<S> {
                 ) else {
                     unreachable!("a report is answered as one")
                 };
-                if let Ok(s) = &r
+                if let Ok(s) = r.peek()
                     && s.not_leased > 0
                 {
                     tracing::warn!(node = %node, refused = s.not_leased, "results for requests the node holds no lease on were not recorded");
@@ -873,7 +893,7 @@ impl<S: Store + Clone> CoreLoop<S> {
     /// not yet committed, once that round is durable.
     fn answer_read<T: Send + 'static>(&self, replies: &mut Replies, tx: Reply<T>, v: T, shows: &[BatchId]) {
         if shows.iter().any(|id| self.dirty.contains_key(id)) {
-            replies.push(Box::new(move || {
+            replies.push(Box::new(move |_| {
                 let _ = tx.send(v);
             }));
         } else {

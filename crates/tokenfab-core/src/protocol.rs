@@ -115,20 +115,89 @@ impl ControlInput {
 }
 
 /// The core's answer to one [`ControlInput`].
+///
+/// An answer that tells a tenant or an agent that something is kept (a batch accepted,
+/// a cancellation, a deletion, a file, recorded results) is [`Durable`]: the shell can
+/// open it only with the [`Persisted`] mark that [`ControlCore::advance`] gives once the
+/// store has committed the writes it depends on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ControlReply {
     /// Inputs with nothing to answer (timeouts, registrations, lost inputs, free space).
     Done,
-    Submitted(Result<BatchView, SubmitError>),
-    Cancelled(Result<BatchView, BatchError>),
-    BatchDeleted(Result<(), BatchError>),
-    FileAdded(Result<FileMeta, SubmitError>),
-    FileDeleted(Result<(), FileError>),
+    Submitted(Durable<Result<BatchView, SubmitError>>),
+    Cancelled(Durable<Result<BatchView, BatchError>>),
+    BatchDeleted(Durable<Result<(), BatchError>>),
+    FileAdded(Durable<Result<FileMeta, SubmitError>>),
+    FileDeleted(Durable<Result<(), FileError>>),
     Heartbeat(Result<HeartbeatReply, UnknownNode>),
     Lease(Result<Option<LeaseGrant>, UnknownNode>),
     LeaseOrWait(Result<LeaseAnswer, UnknownNode>),
-    Reported(Result<ReportSummary, UnknownNode>),
+    Reported(Durable<Result<ReportSummary, UnknownNode>>),
     Released(Result<u32, UnknownNode>),
+}
+
+/// The number of an input [`ControlCore::handle`] applied, counted from 1 by each core.
+/// The writes an input causes leave the core through [`ControlCore::poll_action`] before
+/// any later input is applied, so "every write up to input N is committed" is one number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InputSeq(pub u64);
+
+/// An answer that must not reach its caller before the writes of its input are durable
+/// (persist before reply). It opens only with a [`Persisted`] mark that covers its input:
+/// the same step as raft-rs's `Ready` / `advance`, where messages that depend on the log
+/// go out only after the log is persisted. A reply the shell drops (a failed commit) is
+/// never answered, which is what the caller must see.
+#[derive(Clone, PartialEq)]
+#[must_use = "a durable reply is answered with release() once its writes are committed"]
+pub struct Durable<T> {
+    value: T,
+    needs: InputSeq,
+}
+
+/// Proof from the core that the shell committed every write up to an input
+/// ([`ControlCore::advance`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Persisted(InputSeq);
+
+impl<T> Durable<T> {
+    fn of(needs: InputSeq, value: T) -> Self {
+        Durable { value, needs }
+    }
+
+    /// The input whose writes must be committed first.
+    pub fn needs(&self) -> InputSeq {
+        self.needs
+    }
+
+    /// The answer, when `persisted` covers its input; otherwise the reply back, unopened.
+    pub fn release(self, persisted: Persisted) -> Result<T, Durable<T>> {
+        if persisted.0 >= self.needs {
+            Ok(self.value)
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Looks at the answer without releasing it: for the flight recorder and for logs,
+    /// never to tell the caller.
+    pub fn peek(&self) -> &T {
+        &self.value
+    }
+}
+
+/// Shows the answer only, so that a recording's digest of a reply does not depend on the
+/// input's number.
+impl<T: std::fmt::Debug> std::fmt::Debug for Durable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+impl Persisted {
+    /// Up to which input the writes are committed.
+    pub fn through(&self) -> InputSeq {
+        self.0
+    }
 }
 
 /// Everything a core starts from: what the store holds.
@@ -160,25 +229,36 @@ impl ControlCore {
         core
     }
 
-    /// Applies one input at `now` and answers it.
+    /// Applies one input at `now` and answers it. The input's writes are in
+    /// [`ControlCore::poll_action`]'s queue when this returns; a [`Durable`] answer opens
+    /// once the shell has committed them and called [`ControlCore::advance`].
     pub fn handle(&mut self, now: Timestamp, input: ControlInput) -> ControlReply {
+        self.handled.0 += 1;
+        let needs = self.handled;
         match input {
             ControlInput::Timeout => {
                 self.handle_timeout(now);
                 ControlReply::Done
             }
-            ControlInput::Submit(new) => ControlReply::Submitted(self.submit(now, new)),
-            ControlInput::Cancel { tenant, batch } => ControlReply::Cancelled(self.cancel(now, &tenant, batch)),
+            ControlInput::Submit(new) => ControlReply::Submitted(Durable::of(needs, self.submit(now, new))),
+            ControlInput::Cancel { tenant, batch } => {
+                ControlReply::Cancelled(Durable::of(needs, self.cancel(now, &tenant, batch)))
+            }
             ControlInput::DeleteBatch { tenant, batch } => {
-                ControlReply::BatchDeleted(self.delete_batch(&tenant, batch))
+                ControlReply::BatchDeleted(Durable::of(needs, self.delete_batch(&tenant, batch)))
             }
             ControlInput::AddFile {
                 tenant,
                 filename,
                 bytes,
                 purpose,
-            } => ControlReply::FileAdded(self.add_file(now, &tenant, filename, bytes, purpose)),
-            ControlInput::DeleteFile { tenant, file } => ControlReply::FileDeleted(self.delete_file(&tenant, file)),
+            } => ControlReply::FileAdded(Durable::of(
+                needs,
+                self.add_file(now, &tenant, filename, bytes, purpose),
+            )),
+            ControlInput::DeleteFile { tenant, file } => {
+                ControlReply::FileDeleted(Durable::of(needs, self.delete_file(&tenant, file)))
+            }
             ControlInput::Register(reg) => {
                 self.register(now, reg);
                 ControlReply::Done
@@ -194,7 +274,9 @@ impl ControlCore {
                 until,
                 ticket,
             } => ControlReply::LeaseOrWait(self.lease_or_wait(now, &node, &model, max, until, ticket)),
-            ControlInput::Report { node, results } => ControlReply::Reported(self.report(now, &node, results)),
+            ControlInput::Report { node, results } => {
+                ControlReply::Reported(Durable::of(needs, self.report(now, &node, results)))
+            }
             ControlInput::Release { node, unit, items } => {
                 ControlReply::Released(self.release(now, &node, unit, &items))
             }
@@ -207,6 +289,22 @@ impl ControlCore {
                 ControlReply::Done
             }
         }
+    }
+
+    /// The number of the last input applied: a shell that has taken every action so far
+    /// and committed its writes may [`ControlCore::advance`] to it.
+    pub fn handled(&self) -> InputSeq {
+        self.handled
+    }
+
+    /// The shell has committed every write the core asked for up to input `through`
+    /// (taken from [`ControlCore::handled`] after draining the actions): the mark that
+    /// releases the [`Durable`] answers of those inputs. A simulator, whose store never
+    /// fails, advances right after each input.
+    pub fn advance(&mut self, through: InputSeq) -> Persisted {
+        debug_assert!(through <= self.handled, "advance past the last input applied");
+        self.persisted = self.persisted.max(through.min(self.handled));
+        Persisted(self.persisted)
     }
 }
 

@@ -33,6 +33,7 @@ use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::engine::{EngineConfig, EngineModel};
 use tokenfab_core::perf::ReplicaPerf;
 use tokenfab_core::policy::Prices;
+use tokenfab_core::protocol::{ControlInput, ControlReply};
 use tokenfab_core::{
     AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, TenantId, Timestamp, WorkUnitId,
 };
@@ -662,7 +663,13 @@ impl<'a> Simulation<'a> {
         for r in &a.requests {
             *e = (e.0 + u64::from(r.prompt), e.1 + u64::from(r.output), e.2 + 1);
         }
-        match self.control.submit(self.now, new) {
+        let ControlReply::Submitted(answer) = self.control.handle(self.now, ControlInput::Submit(new)) else {
+            unreachable!("a submission is answered as one")
+        };
+        // The simulated store commits at once and never fails: what the core asked to
+        // persist is durable as soon as it asked.
+        let persisted = self.control.advance(self.control.handled());
+        match answer.release(persisted).expect("the simulated store has committed it") {
             Ok(view) => {
                 self.collector.arrived(a.tenant, &a.requests);
                 self.tenant_of.insert(view.meta.id, a.tenant);
@@ -866,7 +873,10 @@ impl<'a> Simulation<'a> {
                     }
                 }
                 AgentAction::Report(results) => {
-                    let _ = self.control.report(now, &self.nodes[n].id, results);
+                    let node = self.nodes[n].id.clone();
+                    // The agent's answer does not depend on the summary (the shell only
+                    // says the call got through), so it is not opened here.
+                    let _ = self.control.handle(now, ControlInput::Report { node, results });
                     self.send(at, n, Reply::Reported);
                 }
                 AgentAction::Heartbeat { held } => {

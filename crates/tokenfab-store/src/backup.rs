@@ -885,6 +885,7 @@ mod tests {
     use tokenfab_core::control::{
         Action, ControlConfig, ControlCore, NewBatch, NodeRegistration, ReportedOutcome, ReportedResult,
     };
+    use tokenfab_core::protocol::{ControlInput, ControlReply};
     use tokenfab_core::{BatchId, ModelId, NodeId, RequestRef, SuperNodeId, TenantId, Timestamp};
 
     fn line(id: &str) -> String {
@@ -910,18 +911,18 @@ mod tests {
             let parsed = parse_batch_input(text.as_bytes(), &model, &InputLimits::default(), false).unwrap();
             let staged = store.stage().unwrap();
             std::fs::write(staged.path(), &text).unwrap();
-            let view = core
-                .submit(
-                    t0,
-                    NewBatch {
-                        completion_window: Some(Duration::from_secs(3600)),
-                        ..NewBatch::from_parsed(TenantId::from("acme"), model.clone(), &parsed)
-                    },
-                )
-                .unwrap();
+            let ControlReply::Submitted(submitted) = core.handle(
+                t0,
+                ControlInput::Submit(NewBatch {
+                    completion_window: Some(Duration::from_secs(3600)),
+                    ..NewBatch::from_parsed(TenantId::from("acme"), model.clone(), &parsed)
+                }),
+            ) else {
+                unreachable!("a submission is answered as one")
+            };
             let mut set = WriteSet::default();
             set.inputs.push(BatchInputs {
-                batch: view.meta.id,
+                batch: submitted.peek().as_ref().unwrap().meta.id,
                 file: staged,
                 requests: parsed.requests.into(),
                 line_errors: parsed.line_errors,
@@ -932,7 +933,8 @@ mod tests {
                 }
             }
             store.apply(set).await.unwrap();
-            ids.push(view.meta.id);
+            let view = submitted.release(core.advance(core.handled())).expect("committed");
+            ids.push(view.unwrap().meta.id);
         }
         let node = NodeId::from("n");
         core.register(
@@ -961,7 +963,9 @@ mod tests {
                 latency: Duration::ZERO,
             })
             .collect();
-        core.report(t0, &node, results).unwrap();
+        let ControlReply::Reported(_) = core.handle(t0, ControlInput::Report { node, results }) else {
+            unreachable!("a report is answered as one")
+        };
         let mut set = WriteSet::default();
         while let Some(a) = core.poll_action() {
             if let Action::Persist(op) = a {
@@ -972,11 +976,19 @@ mod tests {
         // An uploaded file too.
         let staged = store.stage().unwrap();
         std::fs::write(staged.path(), "uploaded content\n").unwrap();
-        let meta = core
-            .add_file(t0, &TenantId::from("acme"), "up.jsonl".into(), 17, "batch".into())
-            .unwrap();
+        let ControlReply::FileAdded(added) = core.handle(
+            t0,
+            ControlInput::AddFile {
+                tenant: TenantId::from("acme"),
+                filename: "up.jsonl".into(),
+                bytes: 17,
+                purpose: "batch".into(),
+            },
+        ) else {
+            unreachable!("an upload is answered as one")
+        };
         let mut set = WriteSet::default();
-        set.files.push((meta.id, staged));
+        set.files.push((added.peek().as_ref().unwrap().id, staged));
         while let Some(a) = core.poll_action() {
             if let Action::Persist(op) = a {
                 set.ops.push(op);

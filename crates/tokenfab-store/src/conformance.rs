@@ -16,6 +16,7 @@ use tokenfab_core::control::{
     ReportedResult,
 };
 use tokenfab_core::durable::{DurableOp, Outcome, RequestMeta};
+use tokenfab_core::protocol::{ControlInput, ControlReply, InputSeq, Persisted};
 use tokenfab_core::usage::Usage;
 use tokenfab_core::{AcceleratorId, ModelId, NodeId, ReplicaId, SuperNodeId, TenantId, Timestamp};
 
@@ -37,6 +38,13 @@ fn write_set(core: &mut ControlCore, inputs: &mut BTreeMap<u64, BatchInputs>) ->
         }
     }
     set
+}
+
+/// Commits what the core asks to persist, as a shell does, and returns the mark that
+/// opens the answers waiting for it.
+async fn commit<S: Store>(store: &S, core: &mut ControlCore, inputs: &mut BTreeMap<u64, BatchInputs>) -> Persisted {
+    store.apply(write_set(core, inputs)).await.unwrap();
+    core.advance(core.handled())
 }
 
 /// Runs the suite. `open` must return a store over the same durable state on every
@@ -61,17 +69,18 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     let t0 = Timestamp::from_millis(1_700_000_000_000);
     let mut core = ControlCore::new(ControlConfig::default());
     let tenant = TenantId::from("acme");
-    let view = core
-        .submit(
-            t0,
-            NewBatch {
-                completion_window: Some(Duration::from_secs(600)),
-                metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
-                ..NewBatch::from_parsed(tenant.clone(), model.clone(), &parsed)
-            },
-        )
-        .unwrap();
-    let id = view.meta.id;
+    let ControlReply::Submitted(submitted) = core.handle(
+        t0,
+        ControlInput::Submit(NewBatch {
+            completion_window: Some(Duration::from_secs(600)),
+            metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            ..NewBatch::from_parsed(tenant.clone(), model.clone(), &parsed)
+        }),
+    ) else {
+        unreachable!("a submission is answered as one")
+    };
+    // The shell stages the batch's input by its id before the commit, as the live one does.
+    let id = submitted.peek().as_ref().unwrap().meta.id;
     let mut inputs = BTreeMap::from([(
         id.0,
         BatchInputs {
@@ -81,7 +90,9 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
             line_errors: parsed.line_errors.clone(),
         },
     )]);
-    store.apply(write_set(&mut core, &mut inputs)).await.unwrap();
+    let persisted = commit(&store, &mut core, &mut inputs).await;
+    let view = submitted.release(persisted).expect("committed").unwrap();
+    assert_eq!(view.meta.id, id);
 
     // Reopened, the batch is there with its requests, and nothing has a result.
     drop(store);
@@ -161,8 +172,17 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
             latency: std::time::Duration::ZERO,
         },
     ];
-    core.report(t0, &node, reports).unwrap();
-    store.apply(write_set(&mut core, &mut inputs)).await.unwrap();
+    let ControlReply::Reported(reported) = core.handle(
+        t0,
+        ControlInput::Report {
+            node: node.clone(),
+            results: reports,
+        },
+    ) else {
+        unreachable!("a report is answered as one")
+    };
+    let persisted = commit(&store, &mut core, &mut inputs).await;
+    assert_eq!(reported.release(persisted).expect("committed").unwrap().recorded, 2);
 
     let out = store
         .results(id, ResultKind::Output, Cursor::default(), 100)
@@ -236,24 +256,30 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     );
     let g = recovered.lease(t0, &node, &model, 10).unwrap().unwrap();
     assert_eq!(g.items.iter().map(|i| i.req.index).collect::<Vec<_>>(), [2]);
-    recovered
-        .report(
-            t0,
-            &node,
-            vec![ReportedResult {
+    let ControlReply::Reported(reported) = recovered.handle(
+        t0,
+        ControlInput::Report {
+            node: node.clone(),
+            results: vec![ReportedResult {
                 unit: g.unit,
                 req: g.items[0].req,
                 outcome: response(200),
                 usage,
                 latency: std::time::Duration::ZERO,
             }],
-        )
-        .unwrap();
+        },
+    ) else {
+        unreachable!("a report is answered as one")
+    };
     assert_eq!(
         recovered.batch(&tenant, id).unwrap().life.status(),
         BatchStatus::Completed
     );
-    store.apply(write_set(&mut recovered, &mut inputs)).await.unwrap();
+    let before = recovered.handled();
+    let early = reported.release(recovered.advance(InputSeq(before.0 - 1)));
+    let reported = early.expect_err("an answer does not open before its writes are committed");
+    let persisted = commit(&store, &mut recovered, &mut inputs).await;
+    assert_eq!(reported.release(persisted).expect("committed").unwrap().recorded, 1);
 
     // A final batch loads with its totals and without its requests; its input is gone.
     drop(store);
@@ -324,8 +350,17 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     // The batch is deleted (its tenant asks): everything it held goes, its usage stays
     // in the tenant's history.
     let used = restarted.tenant_usage(&tenant, Timestamp::ZERO);
-    restarted.delete_batch(&tenant, id).unwrap();
-    store.apply(write_set(&mut restarted, &mut inputs)).await.unwrap();
+    let ControlReply::BatchDeleted(deleted) = restarted.handle(
+        later,
+        ControlInput::DeleteBatch {
+            tenant: tenant.clone(),
+            batch: id,
+        },
+    ) else {
+        unreachable!("a deletion is answered as one")
+    };
+    let persisted = commit(&store, &mut restarted, &mut inputs).await;
+    deleted.release(persisted).expect("committed").unwrap();
     drop(store);
     let store = open();
     assert!(
@@ -345,21 +380,38 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     after_delete.restore_history(store.history().await.unwrap());
     assert_eq!(after_delete.tenant_usage(&tenant, Timestamp::ZERO), used);
     let again = parse_batch_input(line("z").as_bytes(), &model, &InputLimits::default(), false).unwrap();
-    let fresh = after_delete
-        .submit(later, NewBatch::from_parsed(tenant.clone(), model.clone(), &again))
-        .unwrap();
+    let ControlReply::Submitted(fresh) = after_delete.handle(
+        later,
+        ControlInput::Submit(NewBatch::from_parsed(tenant.clone(), model.clone(), &again)),
+    ) else {
+        unreachable!("a submission is answered as one")
+    };
+    let fresh = fresh.peek().clone().unwrap();
     assert!(fresh.meta.id > id, "a deleted batch's id is not reused");
 
     // An uploaded file: its content staged, then kept with its record; deleted, both go.
     let content = format!("{}\n", line("f"));
     let staged = store.stage().unwrap();
     std::fs::write(staged.path(), &content).unwrap();
-    let meta = after_delete
-        .add_file(later, &tenant, "q.jsonl".into(), content.len() as u64, "batch".into())
-        .unwrap();
+    let ControlReply::FileAdded(added) = after_delete.handle(
+        later,
+        ControlInput::AddFile {
+            tenant: tenant.clone(),
+            filename: "q.jsonl".into(),
+            bytes: content.len() as u64,
+            purpose: "batch".into(),
+        },
+    ) else {
+        unreachable!("an upload is answered as one")
+    };
+    let id_of_file = added.peek().as_ref().unwrap().id;
     let mut set = write_set(&mut after_delete, &mut inputs);
-    set.files.push((meta.id, staged));
+    set.files.push((id_of_file, staged));
     store.apply(set).await.unwrap();
+    let meta = added
+        .release(after_delete.advance(after_delete.handled()))
+        .expect("committed")
+        .unwrap();
     drop(store);
     let store = open();
     let loaded = store.load().await.unwrap();
@@ -367,8 +419,17 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
     assert!(loaded.next_file > meta.id.0);
     let path = store.file_path(meta.id).expect("the content is kept");
     assert_eq!(std::fs::read_to_string(path).unwrap(), content);
-    after_delete.delete_file(&tenant, meta.id).unwrap();
-    store.apply(write_set(&mut after_delete, &mut inputs)).await.unwrap();
+    let ControlReply::FileDeleted(gone) = after_delete.handle(
+        later,
+        ControlInput::DeleteFile {
+            tenant: tenant.clone(),
+            file: meta.id,
+        },
+    ) else {
+        unreachable!("a file deletion is answered as one")
+    };
+    let persisted = commit(&store, &mut after_delete, &mut inputs).await;
+    gone.release(persisted).expect("committed").unwrap();
     drop(store);
     let store = open();
     assert!(store.load().await.unwrap().files.is_empty());

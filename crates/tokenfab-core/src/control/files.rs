@@ -6,7 +6,7 @@ impl ControlCore {
     /// Accepts an uploaded file of `bytes` bytes (its content staged by the shell, which
     /// must persist the resulting `CreateFile` with it before acknowledging). Checked
     /// against the tenant's stored-bytes limit and the free disk space.
-    pub fn add_file(
+    pub(crate) fn add_file(
         &mut self,
         now: Timestamp,
         tenant: &TenantId,
@@ -85,7 +85,7 @@ impl ControlCore {
     }
 
     /// A tenant deletes one of its files (batches created from it keep their own copy).
-    pub fn delete_file(&mut self, tenant: &TenantId, id: FileId) -> Result<(), FileError> {
+    pub(crate) fn delete_file(&mut self, tenant: &TenantId, id: FileId) -> Result<(), FileError> {
         self.file(tenant, id)?;
         self.drop_file(id);
         Ok(())

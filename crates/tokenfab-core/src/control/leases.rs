@@ -215,10 +215,19 @@ impl ControlCore {
                     if u == r.unit && self.units.get(&u).is_some_and(|x| &x.node == node) =>
                 {
                     touched.insert(r.req.batch);
-                    if self.retry_or_fail(now, r.req, &code, &message, &mut recorded) {
-                        summary.requeued += 1;
-                    } else {
-                        summary.recorded += 1;
+                    match self.requeue_or_end(
+                        r.req,
+                        u,
+                        LeaseEnd::Failed {
+                            code: &code,
+                            message: &message,
+                        },
+                    ) {
+                        Fate::Requeued => summary.requeued += 1,
+                        Fate::Ended(rec) => {
+                            recorded.push(rec);
+                            summary.recorded += 1;
+                        }
                     }
                 }
                 // A retryable error from a lease that is no longer current: the request
@@ -256,14 +265,7 @@ impl ControlCore {
         }
         self.stats.duplicates_dropped += u64::from(summary.duplicates);
         self.stats.results_not_leased += u64::from(summary.not_leased);
-        if !recorded.is_empty() {
-            self.actions
-                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
-        }
-        for id in touched {
-            self.settle(now, id);
-            self.actions.push_back(Action::BatchChanged(id));
-        }
+        self.conclude(now, recorded, touched);
         Ok(summary)
     }
 
@@ -290,70 +292,68 @@ impl ControlCore {
             }
             touched.insert(req.batch);
             released += 1;
-            let b = self.batches.get_mut(&req.batch).expect("slot exists");
-            if b.life.status() == BatchStatus::Cancelling {
-                // Nothing will lease it again: it ends now.
-                recorded.extend(self.finish(req.batch, req.index, cancelled_outcome(), Usage::default()));
-                continue;
+            if let Fate::Ended(rec) = self.requeue_or_end(req, unit, LeaseEnd::Released) {
+                recorded.push(rec);
             }
-            let r = &mut b.requests[req.index as usize];
-            r.slot = Slot::Pending;
-            // A release is not a failed attempt.
-            r.attempts = r.attempts.saturating_sub(1);
-            b.leased -= 1;
-            b.pending.push_front(req.index);
-            self.charge(req.batch, -1.0);
-            self.close_unit_item(unit);
         }
-        if !recorded.is_empty() {
-            self.actions
-                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
-        }
-        for id in touched {
-            self.track(id);
-            self.settle(now, id);
-            self.actions.push_back(Action::BatchChanged(id));
-        }
+        self.conclude(now, recorded, touched);
         Ok(released)
     }
 
-    /// A retryable failure: requeue, or record the failure once attempts are used up.
-    /// Returns true when requeued.
-    pub(super) fn retry_or_fail(
-        &mut self,
-        _now: Timestamp,
-        req: RequestRef,
-        code: &str,
-        message: &str,
-        out: &mut Vec<RecordedResult>,
-    ) -> bool {
+    /// The one place where a leased request's lease ends without a result: the request
+    /// goes back to the front of its batch's queue, or, when it cannot be tried again
+    /// (its batch is being cancelled, or it has used up its attempts), it ends with the
+    /// reason. The caller persists what ended and settles the batch ([`Self::conclude`]).
+    pub(super) fn requeue_or_end(&mut self, req: RequestRef, unit: WorkUnitId, end: LeaseEnd<'_>) -> Fate {
         let max = self.config.max_attempts;
         let b = self.batches.get_mut(&req.batch).expect("slot exists");
         let r = &mut b.requests[req.index as usize];
-        if r.attempts < max && matches!(b.life.status(), BatchStatus::Queued | BatchStatus::InProgress) {
-            let Slot::Leased(unit) = r.slot else {
-                unreachable!("checked by caller")
-            };
+        debug_assert_eq!(r.slot, Slot::Leased(unit), "only a leased request's lease can end");
+        let status = b.life.status();
+        let active = matches!(status, BatchStatus::Queued | BatchStatus::InProgress);
+        // A release hands the request back unstarted: not a failed attempt.
+        let again = active && (matches!(end, LeaseEnd::Released) || r.attempts < max);
+        if again {
             r.slot = Slot::Pending;
+            if matches!(end, LeaseEnd::Released) {
+                r.attempts = r.attempts.saturating_sub(1);
+            } else {
+                self.stats.requests_retried += 1;
+            }
             b.leased -= 1;
             b.pending.push_front(req.index);
             self.charge(req.batch, -1.0);
             self.close_unit_item(unit);
             self.track(req.batch);
-            self.stats.requests_retried += 1;
-            return true;
+            return Fate::Requeued;
         }
         let attempts = r.attempts;
-        let outcome = if matches!(b.life.status(), BatchStatus::Cancelling) {
-            cancelled_outcome()
-        } else {
-            Outcome::Error {
+        let outcome = match end {
+            _ if status == BatchStatus::Cancelling => cancelled_outcome(),
+            LeaseEnd::Failed { code, message } => Outcome::Error {
                 code: "retries_exhausted".into(),
                 message: format!("no answer after {attempts} attempts; last error ({code}): {message}"),
-            }
+            },
+            LeaseEnd::Lost { why } => Outcome::Error {
+                code: "retries_exhausted".into(),
+                message: format!("no answer after {attempts} attempts; the last lease ended because {why}"),
+            },
+            LeaseEnd::Released => unreachable!("a released request of a live batch is always requeued"),
         };
-        out.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
-        false
+        Fate::Ended(
+            self.finish(req.batch, req.index, outcome, Usage::default())
+                .expect("a leased request has no result yet"),
+        )
+    }
+
+    /// After requests ended or went back to their queues: persist the results, move each
+    /// touched batch on (completed, cancelled) and say that it changed.
+    pub(super) fn conclude(&mut self, now: Timestamp, recorded: Vec<RecordedResult>, touched: BTreeSet<BatchId>) {
+        self.persist_results(recorded);
+        for id in touched {
+            self.settle(now, id);
+            self.actions.push_back(Action::BatchChanged(id));
+        }
     }
 
     pub(super) fn close_unit_item(&mut self, unit: WorkUnitId) {
@@ -362,7 +362,13 @@ impl ControlCore {
         };
         u.open -= 1;
         if u.open == 0 {
-            let u = self.units.remove(&unit).expect("present");
+            self.forget_unit(unit);
+        }
+    }
+
+    /// Takes a unit out of every index that holds it.
+    fn forget_unit(&mut self, unit: WorkUnitId) {
+        if let Some(u) = self.units.remove(&unit) {
             self.unit_expiry.remove(&(u.expires_at, unit));
             if let Some(n) = self.nodes.get_mut(&u.node) {
                 n.units.remove(&unit);
@@ -373,51 +379,24 @@ impl ControlCore {
     /// Ends a unit (lease expired, or its agent re-registered): its open requests are
     /// pending again, or fail once they have used up their attempts.
     pub(super) fn drop_unit(&mut self, now: Timestamp, unit: WorkUnitId, why: &str) {
-        let Some(u) = self.units.remove(&unit) else {
+        let Some(u) = self.units.get(&unit) else {
             return;
         };
-        self.unit_expiry.remove(&(u.expires_at, unit));
-        if let Some(n) = self.nodes.get_mut(&u.node) {
-            n.units.remove(&unit);
-        }
         let mut recorded = Vec::new();
         let mut touched = BTreeSet::new();
-        for req in u.items.iter().rev() {
-            if self.slot(*req) != Some(Slot::Leased(unit)) {
+        // Back to front, so that the requests go back to their queues in leased order.
+        for req in u.items.clone().into_iter().rev() {
+            if self.slot(req) != Some(Slot::Leased(unit)) {
                 continue;
             }
-            let b = self.batches.get_mut(&req.batch).expect("slot exists");
-            let r = &mut b.requests[req.index as usize];
-            b.leased -= 1;
             touched.insert(req.batch);
-            let status = b.life.status();
-            if status == BatchStatus::Cancelling {
-                r.slot = Slot::Pending;
-                recorded.extend(self.finish(req.batch, req.index, cancelled_outcome(), Usage::default()));
-            } else if r.attempts >= self.config.max_attempts {
-                let attempts = r.attempts;
-                r.slot = Slot::Pending;
-                let outcome = Outcome::Error {
-                    code: "retries_exhausted".into(),
-                    message: format!("no answer after {attempts} attempts; the last lease ended because {why}"),
-                };
-                recorded.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
-            } else {
-                r.slot = Slot::Pending;
-                b.pending.push_front(req.index);
-                self.stats.requests_retried += 1;
-                self.charge(req.batch, -1.0);
+            if let Fate::Ended(rec) = self.requeue_or_end(req, unit, LeaseEnd::Lost { why }) {
+                recorded.push(rec);
             }
         }
-        if !recorded.is_empty() {
-            self.actions
-                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
-        }
-        for id in touched {
-            self.track(id);
-            self.settle(now, id);
-            self.actions.push_back(Action::BatchChanged(id));
-        }
+        // Closing its last open request took it out already; this covers a unit with none.
+        self.forget_unit(unit);
+        self.conclude(now, recorded, touched);
     }
 
     /// Leased requests whose bodies cannot be read back from the store (a damaged or
@@ -437,13 +416,25 @@ impl ControlCore {
             recorded.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
             touched.insert(req.batch);
         }
-        if !recorded.is_empty() {
-            self.actions
-                .push_back(Action::Persist(DurableOp::RecordResults(recorded)));
-        }
-        for id in touched {
-            self.settle(now, id);
-            self.actions.push_back(Action::BatchChanged(id));
-        }
+        self.conclude(now, recorded, touched);
     }
+}
+
+/// Why a leased request's lease ended without a result ([`ControlCore::requeue_or_end`]).
+pub(super) enum LeaseEnd<'a> {
+    /// The agent handed it back unstarted.
+    Released,
+    /// The agent reported a retryable error.
+    Failed { code: &'a str, message: &'a str },
+    /// The lease ended on the control plane's side: it expired, or its agent registered
+    /// again.
+    Lost { why: &'a str },
+}
+
+/// What became of a request whose lease ended.
+pub(super) enum Fate {
+    /// Pending again, at the front of its batch.
+    Requeued,
+    /// Ended, with this result to persist.
+    Ended(RecordedResult),
 }

@@ -839,6 +839,10 @@ struct Node {
 #[derive(Debug, Clone)]
 pub struct ControlCore {
     config: ControlConfig,
+    /// The last input [`ControlCore::handle`] applied, and the last whose writes the
+    /// shell said are committed (see [`crate::protocol::Durable`]).
+    pub(crate) handled: crate::protocol::InputSeq,
+    pub(crate) persisted: crate::protocol::InputSeq,
     batches: BTreeMap<BatchId, Batch>,
     by_tenant: BTreeSet<(TenantId, BatchId)>,
     /// Batches with pending requests, per model, in the order work is handed out (see
@@ -1030,6 +1034,8 @@ impl ControlCore {
         let sla = crate::sla::SlaMeter::new(config.sla_window);
         ControlCore {
             config,
+            handled: Default::default(),
+            persisted: Default::default(),
             batches: BTreeMap::new(),
             by_tenant: BTreeSet::new(),
             queues: BTreeMap::new(),
@@ -1145,10 +1151,7 @@ impl ControlCore {
                     .into_iter()
                     .filter_map(|i| core.finish(id, i, cancelled_outcome(), Usage::default()))
                     .collect();
-                if !results.is_empty() {
-                    core.actions
-                        .push_back(Action::Persist(DurableOp::RecordResults(results)));
-                }
+                core.persist_results(results);
             }
             core.track(id);
             core.settle(now, id);
@@ -1215,7 +1218,7 @@ impl ControlCore {
 
     /// Accepts a validated batch. The batch is queued at once; the shell must persist the
     /// resulting `CreateBatch` (with the bodies it holds) before acknowledging.
-    pub fn submit(&mut self, now: Timestamp, new: NewBatch) -> Result<BatchView, SubmitError> {
+    pub(crate) fn submit(&mut self, now: Timestamp, new: NewBatch) -> Result<BatchView, SubmitError> {
         let r = self.submit_inner(now, new);
         self.serve_parked(now);
         r
@@ -1230,7 +1233,7 @@ impl ControlCore {
 
     /// Records finished requests, exactly once each (retryable failures go back on the
     /// queue).
-    pub fn report(
+    pub(crate) fn report(
         &mut self,
         now: Timestamp,
         node: &NodeId,
@@ -1436,7 +1439,7 @@ impl ControlCore {
     }
 
     /// Cancels a batch: pending requests end as `batch_cancelled`, leased ones finish.
-    pub fn cancel(&mut self, now: Timestamp, tenant: &TenantId, id: BatchId) -> Result<BatchView, BatchError> {
+    pub(crate) fn cancel(&mut self, now: Timestamp, tenant: &TenantId, id: BatchId) -> Result<BatchView, BatchError> {
         self.owned(tenant, id)?;
         let b = self.batches.get_mut(&id).expect("owned");
         b.life.cancel(now)?;
@@ -1447,10 +1450,7 @@ impl ControlCore {
             .into_iter()
             .filter_map(|i| self.finish(id, i, cancelled_outcome(), Usage::default()))
             .collect::<Vec<_>>();
-        if !results.is_empty() {
-            self.actions
-                .push_back(Action::Persist(DurableOp::RecordResults(results)));
-        }
+        self.persist_results(results);
         self.settle(now, id);
         self.actions.push_back(Action::BatchChanged(id));
         Ok(self.batches[&id].view())
@@ -1623,10 +1623,7 @@ impl ControlCore {
                 self.finish(id, i, outcome, Usage::default())
             })
             .collect();
-        if !results.is_empty() {
-            self.actions
-                .push_back(Action::Persist(DurableOp::RecordResults(results)));
-        }
+        self.persist_results(results);
         let totals = self.batches[&id].totals();
         self.persist_life(id, Some(totals));
         self.release_memory(id);
@@ -1735,7 +1732,7 @@ impl ControlCore {
     }
 
     /// A tenant deletes one of its finished batches.
-    pub fn delete_batch(&mut self, tenant: &TenantId, id: BatchId) -> Result<(), BatchError> {
+    pub(crate) fn delete_batch(&mut self, tenant: &TenantId, id: BatchId) -> Result<(), BatchError> {
         let status = self.owned(tenant, id)?.life.status();
         if !status.is_terminal() {
             return Err(BatchError::NotFinished(id, status));
@@ -1780,6 +1777,14 @@ impl ControlCore {
     /// Whether new batches are refused for lack of disk space.
     pub fn storage_low(&self) -> bool {
         self.free_bytes.is_some_and(|f| f < self.config.min_free_bytes)
+    }
+
+    /// Persists newly recorded results (nothing when there are none).
+    fn persist_results(&mut self, results: Vec<RecordedResult>) {
+        if !results.is_empty() {
+            self.actions
+                .push_back(Action::Persist(DurableOp::RecordResults(results)));
+        }
     }
 
     fn persist_life(&mut self, id: BatchId, totals: Option<BatchTotals>) {

@@ -1538,3 +1538,40 @@ proptest! {
         prop_assert_eq!(v.counts.completed + v.counts.failed, n);
     }
 }
+
+#[test]
+fn a_durable_answer_opens_only_once_its_writes_are_committed() {
+    use crate::protocol::{ControlInput, ControlReply};
+    let t = Timestamp::from_micros(1_000_000);
+    let mut core = ControlCore::new(ControlConfig::default());
+    let submit = |n: u32| ControlInput::Submit(new_batch("acme", n));
+    let ControlReply::Submitted(first) = core.handle(t, submit(1)) else {
+        panic!("a submission is answered as one")
+    };
+    // The shell takes the first input's writes and commits them...
+    let writes: Vec<Action> = std::iter::from_fn(|| core.poll_action()).collect();
+    assert!(
+        writes
+            .iter()
+            .any(|a| matches!(a, Action::Persist(DurableOp::CreateBatch { .. })))
+    );
+    let after_first = core.handled();
+    // ...while a second input arrives, whose writes are not committed yet.
+    let ControlReply::Submitted(second) = core.handle(t, submit(2)) else {
+        panic!("a submission is answered as one")
+    };
+    assert!(second.needs() > first.needs());
+    let persisted = core.advance(after_first);
+    let second = second
+        .release(persisted)
+        .expect_err("an answer whose writes are not committed stays closed");
+    let view = first.release(persisted).expect("its writes are committed").unwrap();
+    assert_eq!(view.meta.requests, 1);
+    let view = second
+        .release(core.advance(core.handled()))
+        .expect("now committed")
+        .unwrap();
+    assert_eq!(view.meta.requests, 2);
+    // A mark never goes back.
+    assert_eq!(core.advance(after_first).through(), core.handled());
+}
