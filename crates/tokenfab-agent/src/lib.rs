@@ -216,7 +216,6 @@ pub async fn run(
         engines,
         devices,
         bodies: HashMap::new(),
-        in_report: Vec::new(),
         last_readings: Vec::new(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
@@ -262,8 +261,6 @@ struct Shell {
     devices: Arc<dyn DeviceBackend>,
     /// Bodies of leased requests, until dispatched.
     bodies: HashMap<RequestRef, pb::WorkItem>,
-    /// The results of the report in flight, to give back to the core if it fails.
-    in_report: Vec<ReportedResult>,
     last_readings: Vec<DeviceReading>,
 }
 
@@ -317,7 +314,8 @@ impl Shell {
                 AgentAction::Report(results) => {
                     let mut client = self.client.clone();
                     let wire: Vec<pb::WorkResult> = results.iter().map(work_result).collect();
-                    self.in_report = results;
+                    // The core keeps the results until the call is answered.
+                    drop(results);
                     let node = self.opts.node.to_string();
                     tokio::spawn(async move {
                         let req = pb::ReportResultsRequest { node, results: wire };
@@ -508,20 +506,10 @@ impl Shell {
                     reply,
                 },
             ),
-            Event::Reported(Ok(())) => {
-                self.in_report.clear();
-                self.input(t, AgentInput::ReportAcked);
-            }
+            Event::Reported(Ok(())) => self.input(t, AgentInput::ReportAcked),
             Event::Reported(Err(e)) => {
                 tracing::warn!(error = %e.message(), "report failed; results kept and sent again");
-                let results = std::mem::take(&mut self.in_report);
-                self.input(
-                    t,
-                    AgentInput::ReportFailed {
-                        results,
-                        failure: failure(&e),
-                    },
-                );
+                self.input(t, AgentInput::ReportFailed(failure(&e)));
             }
             Event::PowerSet { replica, result } => {
                 if let Err(e) = &result {
@@ -567,13 +555,16 @@ impl Shell {
                     .replicas
                     .iter()
                     .map(|rep| {
-                        let mine: Vec<&DeviceReading> =
-                            readings.iter().filter(|d| rep.devices.contains(&d.index)).collect();
-                        (!mine.is_empty() && mine.len() == rep.devices.len()).then(|| EnergyReading {
-                            energy_j: mine.iter().map(|d| d.energy_j).sum(),
-                            clock_s: mine[0].clock_s,
-                            tokens: mine[0].engine_tokens,
-                        })
+                        let mine: Vec<EnergyReading> = readings
+                            .iter()
+                            .filter(|d| rep.devices.contains(&d.index))
+                            .map(|d| EnergyReading {
+                                energy_j: d.energy_j,
+                                clock_s: d.clock_s,
+                                tokens: d.engine_tokens,
+                            })
+                            .collect();
+                        EnergyReading::of_devices(rep.devices.len(), &mine)
                     })
                     .collect();
                 if !readings.is_empty() {

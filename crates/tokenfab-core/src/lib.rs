@@ -21,6 +21,7 @@ pub mod durable;
 pub mod engine;
 pub mod ids;
 pub mod llmd;
+pub mod objective;
 pub mod perf;
 pub mod placement;
 pub mod policy;

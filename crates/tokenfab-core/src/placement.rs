@@ -39,20 +39,11 @@
 
 use crate::catalog::Catalog;
 use crate::ids::{AcceleratorId, ModelId, NodeId};
+use crate::objective::Objective;
 use crate::perf::ReplicaPerf;
 use crate::time::Timestamp;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-
-/// What placement minimizes per output token.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
-pub enum PlacementObjective {
-    /// Device energy per token (at each replica's most efficient power limit).
-    #[default]
-    Energy,
-    /// Dollars per token: device time at its price plus energy (at full power).
-    Cost { usd_per_kwh: f64, pue: f64 },
-}
 
 /// One node as placement sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +108,10 @@ pub struct Plan {
 /// Settings of the planner.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanConfig {
-    pub objective: PlacementObjective,
+    /// Minimized per output token ([`Objective::cost_per_token`]): energy at each
+    /// replica's most efficient power limit, or dollars (each node at its own device
+    /// price) or device time at full power.
+    pub objective: Objective,
     /// Capacity placed beyond the demand, as a fraction of it.
     pub margin: f64,
     /// A running replica is moved only if the new placement is cheaper per token by more
@@ -130,7 +124,7 @@ pub struct PlanConfig {
 impl Default for PlanConfig {
     fn default() -> Self {
         PlanConfig {
-            objective: PlacementObjective::Energy,
+            objective: Objective::TokensPerJoule,
             margin: 0.2,
             move_cost: 0.1,
             max_batch: 1024,
@@ -156,7 +150,7 @@ pub struct Choice {
 pub fn operating_point(
     perf: &ReplicaPerf,
     shape: (u32, u32),
-    objective: PlacementObjective,
+    objective: Objective,
     usd_per_device_hour: f64,
     max_batch: u32,
 ) -> (f64, f64, f64) {
@@ -165,18 +159,11 @@ pub fn operating_point(
     let devices = f64::from(perf.devices());
     let eval = |watts: f64| {
         let s = perf.steady_state(batch, shape.0, shape.1.max(1), watts);
-        let cost = match objective {
-            PlacementObjective::Energy => s.joules_per_token,
-            PlacementObjective::Cost { usd_per_kwh, pue } => {
-                let usd_per_s =
-                    devices * usd_per_device_hour / 3600.0 + s.power_w * devices * pue * usd_per_kwh / 3.6e6;
-                usd_per_s / s.output_tokens_per_s
-            }
-        };
+        let cost = objective.cost_per_token(&s, devices, usd_per_device_hour);
         (s.output_tokens_per_s, cost, watts)
     };
     match objective {
-        PlacementObjective::Energy => {
+        Objective::TokensPerJoule => {
             // The most efficient power limit on a coarse grid.
             let (lo, hi) = (perf.min_power_w(), perf.max_power_w());
             (0..=10)
@@ -184,7 +171,7 @@ pub fn operating_point(
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .expect("eleven points")
         }
-        PlacementObjective::Cost { .. } => eval(perf.max_power_w()),
+        Objective::TokensPerDollar { .. } | Objective::Throughput => eval(perf.max_power_w()),
     }
 }
 
@@ -583,7 +570,9 @@ mod tests {
                 .collect()
         };
         let demands = [demand("llama-3.1-8b", 8000.0), demand("llama-3.1-70b", 1500.0)];
-        let cost = PlacementObjective::Cost {
+        let cost = Objective::TokensPerDollar {
+            // Each node's own price stands in for this one.
+            usd_per_device_hour: 0.0,
             usd_per_kwh: 0.1,
             pue: 1.2,
         };
@@ -591,7 +580,7 @@ mod tests {
         // the H100 at any price. The catalog's 0.65 $/h L40S is within 2% of the H100.
         for (price, objective, cheapest_8b) in [
             (0.45, cost, "l40s"),
-            (0.45, PlacementObjective::Energy, "h100-sxm"),
+            (0.45, Objective::TokensPerJoule, "h100-sxm"),
             (0.65, cost, "h100-sxm"),
         ] {
             let nodes = fleet(price);
@@ -677,7 +666,8 @@ mod tests {
             .chain([NodeSpec::uniform("l0", "l40s", 8, 1, 0.65)])
             .collect();
         let config = PlanConfig {
-            objective: PlacementObjective::Cost {
+            objective: Objective::TokensPerDollar {
+                usd_per_device_hour: 0.0,
                 usd_per_kwh: 0.1,
                 pue: 1.2,
             },
@@ -806,8 +796,9 @@ mod tests {
         /// re-plan from the result keeps the same rules.
         #[test]
         fn topology_is_never_violated(nodes in fleet(), demands in demands(), objective in prop_oneof![
-            Just(PlacementObjective::Energy),
-            Just(PlacementObjective::Cost { usd_per_kwh: 0.1, pue: 1.2 }),
+            Just(Objective::TokensPerJoule),
+            Just(Objective::TokensPerDollar { usd_per_device_hour: 0.0, usd_per_kwh: 0.1, pue: 1.2 }),
+            Just(Objective::Throughput),
         ]) {
             let config = PlanConfig { objective, ..PlanConfig::default() };
             let first = plan(&nodes, &demands, &[], &config);

@@ -352,11 +352,8 @@ pub enum AgentInput {
         reply: EngineReply,
     },
     ReportAcked,
-    /// A report failed: its results come back to be sent again.
-    ReportFailed {
-        results: Vec<ReportedResult>,
-        failure: CallFailure,
-    },
+    /// A report failed: the core sends its results again (it kept them).
+    ReportFailed(CallFailure),
     PowerLimitSet {
         replica: ReplicaIndex,
         result: Result<f64, String>,
@@ -379,7 +376,7 @@ impl AgentInput {
             AgentInput::Leased { .. } => "leased",
             AgentInput::EngineDone { .. } => "engine_done",
             AgentInput::ReportAcked => "report_acked",
-            AgentInput::ReportFailed { .. } => "report_failed",
+            AgentInput::ReportFailed(_) => "report_failed",
             AgentInput::PowerLimitSet { .. } => "power_limit_set",
             AgentInput::HeartbeatDone(_) => "heartbeat_done",
             AgentInput::DeviceSample(_) => "device_sample",
@@ -391,7 +388,6 @@ impl AgentCore {
     /// Applies one input at `now`; what to do next comes out of
     /// [`AgentCore::poll_action`].
     pub fn handle(&mut self, now: Timestamp, input: AgentInput) {
-        let unknown = |f: CallFailure| f == CallFailure::UnknownNode;
         match input {
             AgentInput::Timeout => self.handle_timeout(now),
             AgentInput::Shutdown => self.shutdown(now),
@@ -399,7 +395,7 @@ impl AgentCore {
             AgentInput::SetWindow { replica, window } => self.set_window(now, replica.0, window),
             AgentInput::Registered { heartbeat_interval } => self.registered(now, heartbeat_interval),
             AgentInput::RegisterFailed => self.register_failed(now),
-            AgentInput::Leased { model, result } => self.lease_done(now, &model, result.map_err(unknown)),
+            AgentInput::Leased { model, result } => self.lease_done(now, &model, result),
             AgentInput::EngineDone {
                 replica,
                 unit,
@@ -407,9 +403,9 @@ impl AgentCore {
                 reply,
             } => self.engine_done(now, replica.0, unit, req, reply),
             AgentInput::ReportAcked => self.report_acked(now),
-            AgentInput::ReportFailed { results, failure } => self.report_failed(now, results, unknown(failure)),
+            AgentInput::ReportFailed(failure) => self.report_failed(now, failure),
             AgentInput::PowerLimitSet { replica, result } => self.power_limit_done(now, replica.0, result),
-            AgentInput::HeartbeatDone(reply) => self.heartbeat_done(now, reply.map_err(unknown)),
+            AgentInput::HeartbeatDone(reply) => self.heartbeat_done(now, reply),
             AgentInput::DeviceSample(readings) => self.device_sample(now, readings),
         }
     }

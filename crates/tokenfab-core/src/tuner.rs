@@ -45,32 +45,7 @@ use crate::time::Timestamp;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-/// What the tuner maximizes.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum Objective {
-    /// Output tokens per joule of device energy.
-    TokensPerJoule,
-    /// Output tokens per dollar: device time at `usd_per_device_hour` plus energy at
-    /// `usd_per_kwh` and `pue`. Device time dominates, so this favours throughput.
-    TokensPerDollar {
-        usd_per_device_hour: f64,
-        usd_per_kwh: f64,
-        pue: f64,
-    },
-    /// Output tokens per second. Used where no energy counter exists (e.g. an engine on a
-    /// CPU): with the machine's power constant, tokens per joule is proportional to it.
-    Throughput,
-}
-
-impl Objective {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Objective::TokensPerJoule => "output tokens/J",
-            Objective::TokensPerDollar { .. } => "output tokens/$",
-            Objective::Throughput => "output tokens/s",
-        }
-    }
-}
+pub use crate::objective::Objective;
 
 /// Whether the tuner acts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -706,17 +681,10 @@ impl ReplicaTuner {
         };
         let objective = match (self.config.objective, joules) {
             (Objective::TokensPerJoule, Some(j)) => tokens / j,
-            (
-                Objective::TokensPerDollar {
-                    usd_per_device_hour,
-                    usd_per_kwh,
-                    pue,
-                },
-                j,
-            ) => {
+            (o @ Objective::TokensPerDollar { .. }, j) => {
                 // Per device: the objective compares points of one replica, so the device
                 // count cancels; energy is per replica, a small part of the cost.
-                let usd = seconds * usd_per_device_hour / 3600.0 + j.unwrap_or(0.0) * pue * usd_per_kwh / 3.6e6;
+                let usd = o.pricing().expect("priced").cost_usd(j.unwrap_or(0.0), seconds);
                 tokens / usd.max(1e-12)
             }
             // No energy counter: tokens per second (a constant-power proxy).
@@ -997,11 +965,9 @@ impl ReplicaTuner {
         let objective = match self.config.objective {
             Objective::TokensPerJoule => tps / watts.max(1e-9),
             Objective::Throughput => tps,
-            Objective::TokensPerDollar {
-                usd_per_device_hour,
-                usd_per_kwh,
-                pue,
-            } => tps / (devices * usd_per_device_hour / 3600.0 + watts * pue * usd_per_kwh / 3.6e6).max(1e-12),
+            o @ Objective::TokensPerDollar { .. } => {
+                tps / o.pricing().expect("priced").cost_usd(watts, devices).max(1e-12)
+            }
         };
         Some((objective, tps))
     }
@@ -1310,12 +1276,9 @@ fn objective_of(objective: Objective, s: &crate::perf::SteadyState, devices: f64
     match objective {
         Objective::TokensPerJoule => 1.0 / s.joules_per_token,
         Objective::Throughput => s.output_tokens_per_s,
-        Objective::TokensPerDollar {
-            usd_per_device_hour,
-            usd_per_kwh,
-            pue,
-        } => {
-            let usd_per_s = devices * usd_per_device_hour / 3600.0 + s.power_w * devices * pue * usd_per_kwh / 3.6e6;
+        o @ Objective::TokensPerDollar { .. } => {
+            // One second of the replica at this power.
+            let usd_per_s = o.pricing().expect("priced").cost_usd(s.power_w * devices, devices);
             s.output_tokens_per_s / usd_per_s
         }
     }

@@ -47,8 +47,20 @@ pub struct Pricing {
 }
 
 impl Pricing {
+    /// The one cost rule: device time at its price plus energy (with the site's PUE) at
+    /// its price. Every cost and every cost-based objective goes through it.
     pub fn cost_usd(&self, joules: f64, device_seconds: f64) -> f64 {
-        device_seconds * self.usd_per_device_hour / 3600.0 + joules * self.pue * self.usd_per_kwh / 3.6e6
+        self.device_usd(device_seconds) + self.energy_usd(joules)
+    }
+
+    /// Dollars for `device_seconds` of device time.
+    pub fn device_usd(&self, device_seconds: f64) -> f64 {
+        device_seconds * self.usd_per_device_hour / 3600.0
+    }
+
+    /// Dollars for `joules` of device energy, the facility's overhead (PUE) included.
+    pub fn energy_usd(&self, joules: f64) -> f64 {
+        joules * self.pue * self.usd_per_kwh / 3.6e6
     }
 }
 

@@ -234,11 +234,17 @@ impl Collector {
         let end_s = end.as_secs_f64();
         let mut pools = Vec::new();
         let (mut energy, mut device_usd, mut tokens, mut busy, mut devices) = (0.0, 0.0, 0u64, 0.0, 0u32);
+        // The site's energy price (device time is priced per pool below).
+        let site = tokenfab_core::usage::Pricing {
+            usd_per_device_hour: 0.0,
+            usd_per_kwh: self.usd_per_kwh,
+            pue: self.pue,
+        };
         for (i, p) in self.pools.iter().enumerate() {
             let c = cumulative(engines, i, end);
             let pool_energy = c.energy_j + f64::from(p.unassigned) * p.idle_w * end_s;
             let usd_devices = f64::from(p.devices) * p.price_usd_per_hour * end_s / 3600.0;
-            let usd_energy = pool_energy * self.pue * self.usd_per_kwh / 3.6e6;
+            let usd_energy = site.energy_usd(pool_energy);
             pools.push(PoolReport {
                 name: p.name.clone(),
                 accelerator: p.accelerator.clone(),
@@ -260,7 +266,7 @@ impl Collector {
         }
         let attributed: f64 = agents.iter().map(|a| a.attributed_j).sum();
         let agent_idle: f64 = agents.iter().map(|a| a.idle_j).sum();
-        let energy_usd = energy * self.pue * self.usd_per_kwh / 3.6e6;
+        let energy_usd = site.energy_usd(energy);
         let mut usage = Usage::default();
         let (mut completed, mut failed) = (0u64, 0u64);
         let mut status_counts: BTreeMap<&'static str, u64> = BTreeMap::new();

@@ -33,7 +33,7 @@ use tokenfab_core::durable::RequestMeta;
 use tokenfab_core::engine::{EngineConfig, EngineModel};
 use tokenfab_core::perf::ReplicaPerf;
 use tokenfab_core::policy::Prices;
-use tokenfab_core::protocol::{ControlInput, ControlReply};
+use tokenfab_core::protocol::{CallFailure, ControlInput, ControlReply};
 use tokenfab_core::{
     AcceleratorId, BatchId, ModelId, NodeId, ReplicaId, RequestRef, SuperNodeId, TenantId, Timestamp, WorkUnitId,
 };
@@ -55,7 +55,7 @@ enum Reply {
     Registered,
     Lease(ModelId, Option<LeaseGrant>),
     Reported,
-    Heartbeat(Result<HeartbeatReply, bool>),
+    Heartbeat(Result<HeartbeatReply, CallFailure>),
 }
 
 #[derive(Clone)]
@@ -876,6 +876,8 @@ impl<'a> Simulation<'a> {
                     let node = self.nodes[n].id.clone();
                     // The agent's answer does not depend on the summary (the shell only
                     // says the call got through), so it is not opened here.
+                    // The agent keeps its own copy until the call is answered.
+                    let results = results.as_ref().clone();
                     let _ = self.control.handle(now, ControlInput::Report { node, results });
                     self.send(at, n, Reply::Reported);
                 }
@@ -884,7 +886,7 @@ impl<'a> Simulation<'a> {
                     let r = self
                         .control
                         .heartbeat(now, &self.nodes[n].id, &held, &telemetry)
-                        .map_err(|_| true);
+                        .map_err(|_| CallFailure::UnknownNode);
                     self.send(at, n, Reply::Heartbeat(r));
                 }
                 AgentAction::SampleDevices => {

@@ -331,7 +331,12 @@ impl ControlCore {
             return;
         }
         let hour = hour_of(now);
-        let per_joule = self.config.pue * self.config.usd_per_kwh / 3.6e6;
+        let per_joule = crate::usage::Pricing {
+            usd_per_device_hour: 0.0,
+            usd_per_kwh: self.config.usd_per_kwh,
+            pue: self.config.pue,
+        }
+        .energy_usd(1.0);
         for (tenant, j) in shares {
             let joules = idle * j / total;
             let share = self

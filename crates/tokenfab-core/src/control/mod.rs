@@ -56,7 +56,7 @@ pub struct ControlConfig {
     pub placement: PlacementMode,
     pub activation: crate::placement::ActivationConfig,
     /// What placement minimizes per token when it ranks replicas.
-    pub placement_objective: crate::placement::PlacementObjective,
+    pub placement_objective: crate::objective::Objective,
     /// Models batches may run on.
     pub models: BTreeSet<ModelId>,
     pub usd_per_kwh: f64,
@@ -280,7 +280,7 @@ impl ControlConfig {
             admission_headroom: 0.0,
             default_completion_window: Duration::from_secs(24 * 3600),
             max_completion_window: Duration::from_secs(7 * 24 * 3600),
-            placement_objective: crate::placement::PlacementObjective::Energy,
+            placement_objective: crate::objective::Objective::TokensPerJoule,
             models: Catalog::builtin().model_ids().into_iter().collect(),
             usd_per_kwh: DEFAULT_USD_PER_KWH,
             pue: DEFAULT_PUE,
