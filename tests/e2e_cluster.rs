@@ -5,13 +5,17 @@
 //! directory loses no accepted batch and no recorded result. The control plane runs with
 //! the flight recorder on, and both of its runs (before and after the SIGKILL) replay
 //! through fresh cores to the same replies and actions (`tokenfab sim replay`); a core that
-//! decides differently makes the replay report where.
+//! decides differently makes the replay report where. Metrics scrapes and `GET
+//! /v1/tuning` and `/v1/sla` calls at irregular moments during the run change no decision:
+//! the replay, which does not see them, matches what the live cores did.
 
 mod common;
 
 use common::*;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokenfab_proto::v1 as pb;
 
@@ -134,6 +138,37 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     };
     let mut agent0 = agent(0);
     let mut agent1 = agent(1);
+
+    // Reads at irregular moments all through the run (Prometheus scrapes, `GET /v1/tuning`
+    // and `/v1/sla`): the live cores serve them while deciding, the replay below feeds the
+    // recorded inputs only, so a read that changed a decision would make it diverge.
+    let reading = Arc::new(AtomicBool::new(true));
+    // One reader per endpoint, so that a view that waits for the next refresh (up to a
+    // second) does not hold back the scrapes.
+    let readers: Vec<_> = ["/metrics", "/v1/tuning", "/v1/sla"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let reading = reading.clone();
+            let url = format!("http://127.0.0.1:{metrics_port}{path}");
+            tokio::spawn(async move {
+                let (mut reads, mut seed) = (0u32, 0x9e37_79b9_7f4a_7c15u64 ^ i as u64);
+                while reading.load(Ordering::Relaxed) {
+                    if let Ok(r) = reqwest::get(&url).await
+                        && r.status().is_success()
+                        && r.bytes().await.is_ok()
+                    {
+                        reads += 1;
+                    }
+                    seed = seed
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    tokio::time::sleep(Duration::from_millis((seed >> 40) % 100)).await;
+                }
+                (path, reads)
+            })
+        })
+        .collect();
 
     // 1,500 valid requests and three malformed lines.
     let mut lines: Vec<String> = (0..1500).map(|i| chat_line(&format!("req-{i:04}"), 48)).collect();
@@ -306,6 +341,16 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     // The flight recording replays: the control plane's run killed with SIGKILL (up to its
     // last complete line) and its restarted one, the agent killed with SIGKILL and the one
     // that lived, each through a fresh core, to identical replies and actions.
+    reading.store(false, Ordering::Relaxed);
+    let mut reads = Vec::new();
+    for r in readers {
+        reads.push(r.await.unwrap());
+    }
+    assert!(
+        reads.iter().all(|(_, n)| *n >= 3) && reads.iter().map(|(_, n)| n).sum::<u32>() >= 30,
+        "too few reads answered during the run: {reads:?}"
+    );
+    eprintln!("reads answered during the run: {reads:?}");
     server.terminate(Duration::from_secs(10));
     agent1.terminate(Duration::from_secs(10));
     let recording = dir.path().join("recording");

@@ -104,13 +104,13 @@ pub fn replica_reports(t: pb::Telemetry) -> Vec<tokenfab_core::control::ReplicaR
             });
             let tuning = (mode != TunerMode::Off).then(|| TuningReport {
                 mode,
-                objective: r.objective.chars().take(64).collect(),
+                objective: r.objective.chars().take(64).collect::<String>().into(),
                 objective_value: num(r.objective_value),
                 measured_tokens_per_s: num(r.measured_output_tokens_per_second),
                 owed_tokens_per_s: num(r.owed_output_tokens_per_second),
                 holding: r.holding,
                 moves: r.tuner_moves,
-                reason: r.tuner_reason.chars().take(512).collect(),
+                reason: r.tuner_reason.chars().take(512).collect::<String>().into(),
                 advice,
             });
             ReplicaReport {

@@ -83,6 +83,31 @@ pub struct Demand {
     pub shape: (u32, u32),
 }
 
+impl Demand {
+    /// Each model's demand in its busiest hour: from per-hour arrivals `(model, prompt
+    /// tokens, output tokens, requests)`, the hour with the most output tokens, as output
+    /// tokens per second over that hour at that hour's mean request shape. What a fleet
+    /// must be sized for when the load follows a day's pattern (`tokenfab sim`'s placement
+    /// advice).
+    pub fn busiest_hours<'a>(hourly: impl IntoIterator<Item = (&'a ModelId, (u64, u64, u64))>) -> Vec<Demand> {
+        let mut peak: BTreeMap<&ModelId, (u64, u64, u64)> = BTreeMap::new();
+        for (model, (p, o, n)) in hourly {
+            let e = peak.entry(model).or_default();
+            if o > e.1 {
+                *e = (p, o, n);
+            }
+        }
+        peak.into_iter()
+            .filter(|(_, (_, _, n))| *n > 0)
+            .map(|(model, (p, o, n))| Demand {
+                model: model.clone(),
+                tokens_per_s: o as f64 / 3600.0,
+                shape: ((p / n) as u32, (o / n).max(1) as u32),
+            })
+            .collect()
+    }
+}
+
 /// A replica on a device group.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Placed {
@@ -535,6 +560,21 @@ impl<K: Ord + Clone> Activation<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busiest_hours_size_each_model_for_its_peak_hour() {
+        let (a, b) = (ModelId::new("a"), ModelId::new("b"));
+        let hourly = [
+            (&a, (3_600, 36_000, 10)),
+            (&a, (72_000, 72_000, 100)),
+            (&b, (0, 0, 0)),
+            (&a, (1, 7_200, 1)),
+        ];
+        let d = Demand::busiest_hours(hourly);
+        assert_eq!(d.len(), 1, "a model with no requests needs nothing: {d:?}");
+        assert_eq!(d[0].model, a);
+        assert_eq!((d[0].tokens_per_s, d[0].shape), (20.0, (720, 720)));
+    }
     use proptest::prelude::*;
 
     fn m(name: &str) -> ModelId {

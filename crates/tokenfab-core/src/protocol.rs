@@ -264,7 +264,7 @@ impl ControlCore {
                 ControlReply::Done
             }
             ControlInput::Heartbeat { node, held, replicas } => {
-                ControlReply::Heartbeat(self.heartbeat(now, &node, &held, &replicas))
+                ControlReply::Heartbeat(self.heartbeat(now, &node, &held, replicas))
             }
             ControlInput::Lease { node, model, max } => ControlReply::Lease(self.lease(now, &node, &model, max)),
             ControlInput::LeaseOrWait {

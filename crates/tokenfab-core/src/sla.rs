@@ -157,18 +157,22 @@ impl SlaMeter {
         self.start(now);
         self.expire(now);
         let start = self.bucket_start(now);
-        let key = (model.clone(), accelerator.clone());
-        let fresh = self
+        // The common case, a result for the current bucket of a known pool, copies no key
+        // (the map is keyed by owned names; a pool is found by comparing them in place).
+        let known = self
             .pools
-            .get(&key)
-            .is_none_or(|r| r.back().is_none_or(|b| b.start < start));
-        if fresh {
-            self.added(start);
-        }
-        let ring = self.pools.entry(key).or_default();
-        if fresh {
-            ring.push_back(Bucket::new(start));
-        }
+            .iter_mut()
+            .find(|((m, a), _)| m == model && a == accelerator)
+            .map(|(_, r)| r);
+        let ring = match known {
+            Some(r) if r.back().is_some_and(|b| b.start >= start) => r,
+            _ => {
+                self.added(start);
+                let ring = self.pools.entry((model.clone(), accelerator.clone())).or_default();
+                ring.push_back(Bucket::new(start));
+                ring
+            }
+        };
         let b = ring.back_mut().expect("pushed");
         b.requests += 1;
         b.usage += usage;

@@ -287,7 +287,12 @@ fn oracle(scenario: &Scenario, base: &Path, seed: u64, options: &CompareOptions)
             let done = fork.run_until(until, &mut |_| {});
             let energy = fork.energy_j() - start_energy;
             let (tokens, _, missed) = fork.progress();
-            let feasible = fork.backlog(max_window).iter().all(|&(need, have)| need <= 0.9 * have);
+            // Admission's rule: the capacity counted on is derated by its headroom.
+            let headroom = s.policies.admission_headroom;
+            let feasible = fork
+                .backlog(max_window)
+                .iter()
+                .all(|&(need, have)| need <= headroom * have);
             (
                 fork,
                 done,

@@ -542,7 +542,7 @@ impl<'a> Simulation<'a> {
             self.perform(n);
             // ... and tell the control plane, which shares the idle energy among tenants.
             let telemetry = self.nodes[n].agent.telemetry();
-            let _ = self.control.heartbeat(self.now, &self.nodes[n].id, &[], &telemetry);
+            let _ = self.control.heartbeat(self.now, &self.nodes[n].id, &[], telemetry);
         }
         let windows = self.windows();
         self.collector
@@ -588,22 +588,9 @@ impl<'a> Simulation<'a> {
 
     /// Placement's layout for each model's busiest hour of arrivals.
     fn placement_advice(&self) -> Option<tokenfab_core::control::PlanView> {
-        let mut peak: BTreeMap<&ModelId, (u64, u64, u64)> = BTreeMap::new();
-        for ((model, _), &(p, o, n)) in &self.arrived_hourly {
-            let e = peak.entry(model).or_default();
-            if o > e.1 {
-                *e = (p, o, n);
-            }
-        }
-        let demands: Vec<tokenfab_core::placement::Demand> = peak
-            .into_iter()
-            .filter(|(_, (_, _, n))| *n > 0)
-            .map(|(model, (p, o, n))| tokenfab_core::placement::Demand {
-                model: model.clone(),
-                tokens_per_s: o as f64 / 3600.0,
-                shape: ((p / n) as u32, (o / n).max(1) as u32),
-            })
-            .collect();
+        let demands = tokenfab_core::placement::Demand::busiest_hours(
+            self.arrived_hourly.iter().map(|((model, _), &work)| (model, work)),
+        );
         (!demands.is_empty()).then(|| self.control.plan_for(&demands))
     }
 
@@ -885,7 +872,7 @@ impl<'a> Simulation<'a> {
                     let telemetry = self.nodes[n].agent.telemetry();
                     let r = self
                         .control
-                        .heartbeat(now, &self.nodes[n].id, &held, &telemetry)
+                        .heartbeat(now, &self.nodes[n].id, &held, telemetry)
                         .map_err(|_| CallFailure::UnknownNode);
                     self.send(at, n, Reply::Heartbeat(r));
                 }

@@ -313,11 +313,11 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         ..ReplicaReport::default()
     };
     // Charges are written by the core's timer, which a shell runs when it is due.
-    recovered.heartbeat(t0, &node, &[], &[replica(100.0)]).unwrap();
+    recovered.heartbeat(t0, &node, &[], vec![replica(100.0)]).unwrap();
     recovered.handle_timeout(t0);
     store.apply(write_set(&mut recovered, &mut inputs)).await.unwrap();
     let later = t0.saturating_add(Duration::from_secs(10));
-    recovered.heartbeat(later, &node, &[], &[replica(160.0)]).unwrap();
+    recovered.heartbeat(later, &node, &[], vec![replica(160.0)]).unwrap();
     recovered.handle_timeout(later);
     store.apply(write_set(&mut recovered, &mut inputs)).await.unwrap();
     let charged = recovered.tenant_usage(&tenant, Timestamp::ZERO);

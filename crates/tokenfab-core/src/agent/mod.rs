@@ -610,7 +610,7 @@ impl AgentCore {
         let config = &self.config.tuner;
         let mut t = crate::control::TuningReport {
             mode: config.mode,
-            objective: config.objective.name().into(),
+            objective: std::borrow::Cow::Borrowed(config.objective.name()),
             owed_tokens_per_s: r.owed,
             advice: r.advice.clone(),
             ..Default::default()
@@ -625,7 +625,7 @@ impl AgentCore {
                 }
                 t.holding = s.holding;
                 t.moves = s.moves;
-                t.reason = s.last_reason;
+                t.reason = s.last_reason.into();
             }
             _ => {
                 t.reason = match &r.advice {

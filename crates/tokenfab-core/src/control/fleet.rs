@@ -84,13 +84,19 @@ impl ControlCore {
         now: Timestamp,
         node: &NodeId,
         held: &[WorkUnitId],
-        replicas: &[ReplicaReport],
+        replicas: Vec<ReplicaReport>,
     ) -> Result<HeartbeatReply, UnknownNode> {
         let n = self.nodes.get_mut(node).ok_or_else(|| UnknownNode(node.clone()))?;
         n.last_seen = now;
         let mut idle = 0.0;
         for r in replicas.iter().filter(|r| r.idle_j.is_finite() && r.idle_j >= 0.0) {
-            let seen = n.idle_seen.insert(r.replica.clone(), r.idle_j).unwrap_or(0.0);
+            let seen = match n.idle_seen.get_mut(&r.replica) {
+                Some(seen) => std::mem::replace(seen, r.idle_j),
+                None => {
+                    n.idle_seen.insert(r.replica.clone(), r.idle_j);
+                    0.0
+                }
+            };
             // A counter that went back means the agent restarted and counts from zero.
             idle += if r.idle_j >= seen { r.idle_j - seen } else { r.idle_j };
         }
@@ -102,7 +108,7 @@ impl ControlCore {
                     s.window = r.window;
                     s.cap = s.perf.as_ref().map(|p| p.capacity(s.window, REFERENCE_SHAPE));
                 }
-                s.report = Some(r.clone());
+                s.report = Some(r);
             }
         }
         if idle > 0.0 {

@@ -252,9 +252,9 @@ impl ControlCore {
                         let tenant = &self.batches[&r.req.batch].meta.tenant;
                         self.sla.tenant_energy(now, tenant, usage.joules);
                         if ok {
-                            let model = self.batches[&r.req.batch].meta.model.clone();
-                            let accelerator = self.nodes[node].accelerator.clone();
-                            self.sla.result(now, &model, &accelerator, usage, r.latency);
+                            let model = &self.batches[&r.req.batch].meta.model;
+                            let accelerator = &self.nodes[node].accelerator;
+                            self.sla.result(now, model, accelerator, usage, r.latency);
                         }
                         recorded.push(rec);
                         touched.insert(r.req.batch);

@@ -979,8 +979,9 @@ pub struct ReplicaReport {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TuningReport {
     pub mode: crate::tuner::TunerMode,
-    /// What it maximizes, e.g. "output tokens/J".
-    pub objective: String,
+    /// What it maximizes, e.g. "output tokens/J". (Mostly fixed text: sent with every
+    /// heartbeat, so not copied when it need not be.)
+    pub objective: std::borrow::Cow<'static, str>,
     /// The objective and the output tokens/s measured at the current point.
     pub objective_value: f64,
     pub measured_tokens_per_s: f64,
@@ -989,7 +990,7 @@ pub struct TuningReport {
     pub holding: bool,
     pub moves: u64,
     /// Why it made its last change.
-    pub reason: String,
+    pub reason: std::borrow::Cow<'static, str>,
     /// Advisory mode: what the performance model recommends.
     pub advice: Option<crate::tuner::Advice>,
 }
@@ -999,13 +1000,13 @@ impl Default for TuningReport {
     fn default() -> Self {
         TuningReport {
             mode: crate::tuner::TunerMode::Off,
-            objective: String::new(),
+            objective: "".into(),
             objective_value: 0.0,
             measured_tokens_per_s: 0.0,
             owed_tokens_per_s: 0.0,
             holding: false,
             moves: 0,
-            reason: String::new(),
+            reason: "".into(),
             advice: None,
         }
     }

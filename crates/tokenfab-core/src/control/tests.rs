@@ -328,13 +328,15 @@ fn heartbeats_keep_leases_alive() {
     core.register(T0, registration("a"));
     let g = core.lease(T0, &node("a"), &model(), 1).unwrap().unwrap();
     let t = T0.saturating_add(Duration::from_secs(8));
-    let reply = core.heartbeat(t, &node("a"), &[g.unit, WorkUnitId(999)], &[]).unwrap();
+    let reply = core
+        .heartbeat(t, &node("a"), &[g.unit, WorkUnitId(999)], vec![])
+        .unwrap();
     assert_eq!(reply.unknown_units, [WorkUnitId(999)]);
     core.handle_timeout(T0.saturating_add(Duration::from_secs(12)));
     assert_eq!(core.stats().leases_expired, 0);
     assert_eq!(timers(&core).lease, Some(t.saturating_add(Duration::from_secs(10))));
     assert_eq!(
-        core.heartbeat(t, &node("zz"), &[], &[]).unwrap_err().to_string(),
+        core.heartbeat(t, &node("zz"), &[], vec![]).unwrap_err().to_string(),
         "node 'zz' is not registered (the control plane may have restarted); register again"
     );
 }
@@ -632,7 +634,7 @@ fn placement_parks_surplus_replicas_and_wakes_them_for_a_tight_deadline() {
         assert_eq!(plan.replicas_now, 4);
         assert_eq!((plan.replicas_planned, plan.stop.len()), (1, 3), "{plan:?}");
         // A parked replica owes nothing.
-        let reply = core.heartbeat(at(2), &node("b"), &[], &[]).unwrap();
+        let reply = core.heartbeat(at(2), &node("b"), &[], vec![]).unwrap();
         let d = &reply.directives[0];
         assert_eq!(d.active, mode != PlacementMode::Active, "{d:?}");
         if !d.active {
@@ -1403,7 +1405,7 @@ fn decisions(ticks: &[Tick], reads: bool) -> Vec<String> {
                 };
                 out.push(format!(
                     "{:?}",
-                    core.heartbeat(now, &nodes[*node as usize], &[], &[report])
+                    core.heartbeat(now, &nodes[*node as usize], &[], vec![report])
                 ));
             }
             Tick::Advance { ms } => {
@@ -1484,7 +1486,7 @@ proptest! {
                 }
                 Step::Heartbeat { node } => {
                     let units: Vec<_> = held[node as usize].iter().map(|g| g.unit).collect();
-                    core.heartbeat(now, &nodes[node as usize], &units, &[]).unwrap();
+                    core.heartbeat(now, &nodes[node as usize], &units, vec![]).unwrap();
                 }
                 Step::Advance { secs } => {
                     now = now.saturating_add(Duration::from_secs(u64::from(secs)));
