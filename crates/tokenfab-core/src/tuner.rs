@@ -976,26 +976,27 @@ impl ReplicaTuner {
     /// margin); ties go to the smaller window. None delivering it: the fastest.
     fn model_best(&self) -> Option<(usize, usize)> {
         let need = self.owed * (1.0 + self.config.throughput_margin);
-        let mut best: Option<((usize, usize), f64)> = None;
-        let mut fastest: Option<((usize, usize), f64)> = None;
+        let mut points = Vec::with_capacity(self.powers.len().max(1) * self.windows.len());
         for pi in 0..self.powers.len().max(1) {
             for wi in 0..self.windows.len() {
                 if self.banned.is_some_and(|(b, _)| wi >= b) {
                     continue;
                 }
                 let (objective, tps) = self.predict((wi, pi))?;
-                if fastest.is_none_or(|(_, t)| tps > t * (1.0 + 1e-6)) {
-                    fastest = Some(((wi, pi), tps));
-                }
-                if tps < need {
-                    continue;
-                }
-                if best.is_none_or(|(_, o)| objective > o * (1.0 + 1e-3)) {
-                    best = Some(((wi, pi), objective));
-                }
+                points.push(((wi, pi), objective, tps));
             }
         }
-        best.or(fastest).map(|(at, _)| at)
+        let best = best_point(points.iter().copied(), need, 1e-3, |_, _| false);
+        best.or_else(|| {
+            // None delivers it: the fastest.
+            let mut fastest: Option<((usize, usize), f64)> = None;
+            for &(at, _, tps) in &points {
+                if fastest.is_none_or(|(_, t)| tps > t * (1.0 + 1e-6)) {
+                    fastest = Some((at, tps));
+                }
+            }
+            fastest.map(|(at, _)| at)
+        })
     }
 
     /// An epoch when following the model: calibrate, check the last move, move to the
@@ -1268,6 +1269,31 @@ pub struct AdviceGrid {
     values: Vec<(f64, f64)>,
 }
 
+/// The one best-point search of the tuner (model-guided moves and advisory mode): among
+/// `points` (a point, its objective, its output tokens/s) that deliver `need` tokens/s,
+/// the one with the highest objective, where a later point must beat the best so far by
+/// more than `min_gain` (relative) unless `preferred(later, best)` holds and it is at
+/// least as good. `None` when no point delivers the need.
+pub(crate) fn best_point<P: Copy>(
+    points: impl IntoIterator<Item = (P, f64, f64)>,
+    need: f64,
+    min_gain: f64,
+    preferred: impl Fn(&P, &P) -> bool,
+) -> Option<P> {
+    let mut best: Option<(P, f64)> = None;
+    for (p, objective, tps) in points {
+        if tps < need {
+            continue;
+        }
+        let better =
+            best.is_none_or(|(b, bo)| objective > bo * (1.0 + min_gain) || (preferred(&p, &b) && objective >= bo));
+        if better {
+            best = Some((p, objective));
+        }
+    }
+    best.map(|(p, _)| p)
+}
+
 /// Shape, smallest and largest window, and the power limits' bits.
 type GridKey = ((u32, u32), u32, u32, Vec<u64>);
 
@@ -1344,20 +1370,16 @@ pub fn advise(
     let (cur_obj, cur_tps) = value(window, power_limit_w);
     let scale = measured_tokens_per_s.filter(|m| *m > 0.0).map_or(1.0, |m| m / cur_tps);
     let need = owed * (1.0 + config.throughput_margin);
-    let mut best: Option<(u32, f64, f64, f64)> = None;
     let n = grid.windows.len();
-    for (pi, &p) in grid.powers.iter().enumerate() {
-        for (wi, &w) in grid.windows.iter().enumerate() {
-            let (obj, tps) = grid.values[pi * n + wi];
-            if tps * scale < need {
-                continue;
-            }
-            let better = best.is_none_or(|(bw, _, bo, _)| obj > bo * (1.0 + config.min_gain) || (w < bw && obj >= bo));
-            if better {
-                best = Some((w, p, obj, tps));
-            }
-        }
-    }
+    let (windows, values) = (&grid.windows, &grid.values);
+    let points = grid.powers.iter().enumerate().flat_map(|(pi, &p)| {
+        windows.iter().enumerate().map(move |(wi, &w)| {
+            let (obj, tps) = values[pi * n + wi];
+            ((w, p, obj, tps), obj, tps * scale)
+        })
+    });
+    // A smaller window at least as good wins: less latency for the same objective.
+    let best = best_point(points, need, config.min_gain, |a: &(u32, f64, f64, f64), b| a.0 < b.0);
     // Nothing delivers the owed rate: the fastest point.
     let (w, p, obj, tps) = best.unwrap_or_else(|| {
         let w = *grid.windows.last().expect("non-empty");

@@ -44,14 +44,16 @@ impl Sampler {
         )
     }
 
-    /// Where readings stand once the one on its way is in (or given up).
+    /// Where readings stand once the one on its way is in (or given up). A reading that
+    /// comes in after it was given up changes nothing (a rest goes on).
     fn after_reading(&self) -> Sampler {
         match self {
             Sampler::Reading {
                 books: Books::RestGoesOn,
                 ..
             } => Sampler::Resting,
-            _ => Sampler::Working,
+            Sampler::Reading { .. } => Sampler::Working,
+            other => *other,
         }
     }
 }

@@ -66,8 +66,6 @@ pub struct AgentConfig {
     pub routing: Routing,
 }
 
-/// How the agent picks the replica for the next request (among replicas of the model with
-/// room in their window).
 /// How far into its model's queue a replica looks for a request whose prompt prefix it
 /// holds (or that has none) before it takes the oldest anyway.
 pub const AFFINITY_LOOKAHEAD: usize = 64;
@@ -75,6 +73,8 @@ pub const AFFINITY_LOOKAHEAD: usize = 64;
 /// Prefixes whose replica the agent remembers (forgotten all at once beyond this).
 const MAX_PREFIX_HOMES: usize = 65_536;
 
+/// How the agent picks the replica for the next request (among replicas of the model with
+/// room in their window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
     /// The replica with the most free room relative to its window takes the next request,
@@ -655,7 +655,8 @@ impl AgentCore {
         self.pump(now);
     }
 
-    /// A report failed; the results come back to be sent again.
+    /// A report failed: its results (which the core kept) go back to the front of the
+    /// queue, to be sent again after the error backoff.
     pub fn report_failed(&mut self, now: Timestamp, failure: CallFailure) {
         if let Some(report) = self.reporting.take() {
             // No copy when the shell has let go of the report (it has: the call is over).

@@ -598,3 +598,26 @@ fn a_replica_reads_only_when_every_device_answers() {
     );
     assert_eq!(EnergyReading::of_devices(0, &[]), None, "no devices, no reading");
 }
+
+#[test]
+fn a_late_reading_does_not_end_a_rest() {
+    let mut core = started(4);
+    drain(&mut core);
+    core.lease_done(T0, &ModelId::from("m"), Ok(None));
+    core.device_sample(T0, vec![reading(0.0, 0.0), reading(0.0, 0.0)]);
+    drain(&mut core);
+    let t1 = T0.saturating_add(Duration::from_millis(100));
+    core.handle_timeout(t1);
+    assert!(!drain(&mut core).contains(&AgentAction::SampleDevices), "resting");
+    // A reading the core had given up on comes in late (the shell does not cancel device
+    // reads): it is booked, and the rest goes on.
+    core.device_sample(t1, vec![reading(10.0, 0.1), reading(10.0, 0.1)]);
+    drain(&mut core);
+    let t2 = T0.saturating_add(Duration::from_secs(60));
+    core.lease_done(t2, &ModelId::from("m"), Ok(Some(grant(1, 1))));
+    let first = drain(&mut core);
+    assert!(
+        first.contains(&AgentAction::SampleDevices) && !first.iter().any(|a| matches!(a, AgentAction::Dispatch { .. })),
+        "work after the rest still waits for the reading that closes it: {first:?}"
+    );
+}

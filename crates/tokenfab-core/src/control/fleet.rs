@@ -60,12 +60,11 @@ impl ControlCore {
                 serving,
                 pricing,
                 last_seen: now,
-                units: BTreeSet::new(),
                 idle_seen: BTreeMap::new(),
             },
         );
-        if let Some(old) = old {
-            for unit in old.units {
+        if old.is_some() {
+            for unit in self.units.of_node(&node) {
                 self.drop_unit(now, unit, "its agent registered again (it restarted)");
             }
         }
@@ -118,13 +117,8 @@ impl ControlCore {
         let mut reply = HeartbeatReply::default();
         let expires_at = now.saturating_add(self.config.lease_ttl);
         for &u in held {
-            match self.units.get_mut(&u) {
-                Some(unit) if &unit.node == node => {
-                    self.unit_expiry.remove(&(unit.expires_at, u));
-                    unit.expires_at = expires_at;
-                    self.unit_expiry.insert((expires_at, u));
-                }
-                _ => reply.unknown_units.push(u),
+            if !self.units.renew(u, node, expires_at) {
+                reply.unknown_units.push(u);
             }
         }
         reply.directives = directives;

@@ -26,32 +26,18 @@ impl ControlCore {
         if until <= now {
             return Ok(LeaseAnswer::Empty);
         }
-        self.parked.entry(model.clone()).or_default().push_back(Parked {
+        let wait = index::Parked {
             ticket,
             node: node.clone(),
             max,
-        });
-        self.parked_until.insert((until, ticket));
-        self.parked_model.insert(ticket, model.clone());
+        };
+        self.waits.park(model, wait, until);
         Ok(LeaseAnswer::Waiting)
     }
 
     /// Answers every waiting lease of `node` with no work.
     pub(super) fn end_waits_of(&mut self, node: &NodeId) {
-        let mut ended = Vec::new();
-        for (model, q) in &mut self.parked {
-            q.retain(|p| {
-                let mine = &p.node == node;
-                if mine {
-                    ended.push((p.ticket, model.clone()));
-                }
-                !mine
-            });
-        }
-        self.parked.retain(|_, q| !q.is_empty());
-        for (ticket, model) in ended {
-            self.parked_model.remove(&ticket);
-            self.parked_until.retain(|&(_, t)| t != ticket);
+        for (ticket, model) in self.waits.take_node(node) {
             self.actions.push_back(Action::LeaseReady {
                 ticket,
                 node: node.clone(),
@@ -63,22 +49,20 @@ impl ControlCore {
 
     /// Hands queued work to leases that wait for it, first come first served.
     pub(super) fn serve_parked(&mut self, now: Timestamp) {
-        if self.parked.is_empty() {
+        if self.waits.is_empty() {
             return;
         }
         let models: Vec<ModelId> = self
-            .parked
-            .iter()
-            .filter(|(m, q)| !q.is_empty() && self.queues.get(*m).is_some_and(|b| !b.is_empty()))
-            .map(|(m, _)| m.clone())
+            .waits
+            .models()
+            .filter(|m| self.queues.get(*m).is_some_and(|b| !b.is_empty()))
+            .cloned()
             .collect();
         for model in models {
             while self.queues.get(&model).is_some_and(|b| !b.is_empty()) {
-                let Some(p) = self.parked.get_mut(&model).and_then(VecDeque::pop_front) else {
+                let Some(p) = self.waits.pop(&model) else {
                     break;
                 };
-                self.parked_model.remove(&p.ticket);
-                self.parked_until.retain(|&(_, t)| t != p.ticket);
                 // A node that is no longer registered gets an empty answer.
                 let grant = self.lease(now, &p.node, &model, p.max).ok().flatten();
                 self.actions.push_back(Action::LeaseReady {
@@ -87,9 +71,6 @@ impl ControlCore {
                     model: model.clone(),
                     grant,
                 });
-            }
-            if self.parked.get(&model).is_some_and(VecDeque::is_empty) {
-                self.parked.remove(&model);
             }
         }
     }
@@ -172,15 +153,13 @@ impl ControlCore {
         let expires_at = now.saturating_add(self.config.lease_ttl);
         self.units.insert(
             unit,
-            Unit {
+            index::Unit {
                 node: node.clone(),
                 expires_at,
                 items: items.iter().map(|i| i.req).collect(),
                 open: items.len() as u32,
             },
         );
-        self.unit_expiry.insert((expires_at, unit));
-        self.nodes.get_mut(node).expect("checked").units.insert(unit);
         self.stats.leases_granted += 1;
         Ok(Some(LeaseGrant {
             unit,
@@ -212,7 +191,7 @@ impl ControlCore {
             match (slot, r.outcome) {
                 (Slot::Done, _) => summary.duplicates += 1,
                 (Slot::Leased(u), ReportedOutcome::Retryable { code, message })
-                    if u == r.unit && self.units.get(&u).is_some_and(|x| &x.node == node) =>
+                    if u == r.unit && self.units.held_by(&u, node) =>
                 {
                     touched.insert(r.req.batch);
                     match self.requeue_or_end(
@@ -237,9 +216,7 @@ impl ControlCore {
                 // result: a node cannot write results into work it was not given (another
                 // tenant's batch, another node's lease), and a lease that expired has been
                 // handed out again (or will be).
-                (Slot::Leased(u), ReportedOutcome::Final(_))
-                    if u != r.unit || self.units.get(&u).is_none_or(|x| &x.node != node) =>
-                {
+                (Slot::Leased(u), ReportedOutcome::Final(_)) if u != r.unit || !self.units.held_by(&u, node) => {
                     summary.not_leased += 1;
                 }
                 (Slot::Pending, ReportedOutcome::Final(_)) => summary.not_leased += 1,
@@ -265,7 +242,7 @@ impl ControlCore {
         }
         self.stats.duplicates_dropped += u64::from(summary.duplicates);
         self.stats.results_not_leased += u64::from(summary.not_leased);
-        self.conclude(now, recorded, touched);
+        self.conclude(now, recorded, touched, false);
         Ok(summary)
     }
 
@@ -280,7 +257,7 @@ impl ControlCore {
         if !self.nodes.contains_key(node) {
             return Err(UnknownNode(node.clone()));
         }
-        if self.units.get(&unit).is_none_or(|u| &u.node != node) {
+        if !self.units.held_by(&unit, node) {
             return Ok(0);
         }
         let mut released = 0;
@@ -296,7 +273,7 @@ impl ControlCore {
                 recorded.push(rec);
             }
         }
-        self.conclude(now, recorded, touched);
+        self.conclude(now, recorded, touched, true);
         Ok(released)
     }
 
@@ -346,34 +323,29 @@ impl ControlCore {
         )
     }
 
-    /// After requests ended or went back to their queues: persist the results, move each
-    /// touched batch on (completed, cancelled) and say that it changed.
-    pub(super) fn conclude(&mut self, now: Timestamp, recorded: Vec<RecordedResult>, touched: BTreeSet<BatchId>) {
+    /// After requests ended or went back to their queues: persist the results, put each
+    /// touched batch back in its place in the queue if `retrack` (a release or a lost
+    /// lease, which may change a batch's service order), move it on (completed,
+    /// cancelled) and say that it changed.
+    pub(super) fn conclude(
+        &mut self,
+        now: Timestamp,
+        recorded: Vec<RecordedResult>,
+        touched: BTreeSet<BatchId>,
+        retrack: bool,
+    ) {
         self.persist_results(recorded);
         for id in touched {
+            if retrack {
+                self.track(id);
+            }
             self.settle(now, id);
             self.actions.push_back(Action::BatchChanged(id));
         }
     }
 
     pub(super) fn close_unit_item(&mut self, unit: WorkUnitId) {
-        let Some(u) = self.units.get_mut(&unit) else {
-            return;
-        };
-        u.open -= 1;
-        if u.open == 0 {
-            self.forget_unit(unit);
-        }
-    }
-
-    /// Takes a unit out of every index that holds it.
-    fn forget_unit(&mut self, unit: WorkUnitId) {
-        if let Some(u) = self.units.remove(&unit) {
-            self.unit_expiry.remove(&(u.expires_at, unit));
-            if let Some(n) = self.nodes.get_mut(&u.node) {
-                n.units.remove(&unit);
-            }
-        }
+        self.units.close_item(unit);
     }
 
     /// Ends a unit (lease expired, or its agent re-registered): its open requests are
@@ -395,8 +367,8 @@ impl ControlCore {
             }
         }
         // Closing its last open request took it out already; this covers a unit with none.
-        self.forget_unit(unit);
-        self.conclude(now, recorded, touched);
+        self.units.remove(unit);
+        self.conclude(now, recorded, touched, true);
     }
 
     /// Leased requests whose bodies cannot be read back from the store (a damaged or
@@ -416,7 +388,7 @@ impl ControlCore {
             recorded.extend(self.finish(req.batch, req.index, outcome, Usage::default()));
             touched.insert(req.batch);
         }
-        self.conclude(now, recorded, touched);
+        self.conclude(now, recorded, touched, false);
     }
 }
 

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 mod files;
 mod fleet;
+mod index;
 mod leases;
 mod metering;
 mod queue;
@@ -812,15 +813,6 @@ impl Batch {
 }
 
 #[derive(Debug, Clone)]
-struct Unit {
-    node: NodeId,
-    expires_at: Timestamp,
-    items: Vec<RequestRef>,
-    /// Items still leased under this unit.
-    open: u32,
-}
-
-#[derive(Debug, Clone)]
 struct Node {
     registration: NodeRegistration,
     /// The node's replicas.
@@ -829,7 +821,6 @@ struct Node {
     accelerator: AcceleratorId,
     pricing: Pricing,
     last_seen: Timestamp,
-    units: BTreeSet<WorkUnitId>,
     /// The idle energy each replica had reported, to turn the cumulative counter into
     /// increments.
     idle_seen: BTreeMap<crate::ids::ReplicaId, f64>,
@@ -850,8 +841,8 @@ pub struct ControlCore {
     queues: BTreeMap<ModelId, BTreeSet<QueueKey>>,
     /// Non-final batches by deadline.
     deadlines: BTreeSet<(Timestamp, BatchId)>,
-    units: BTreeMap<WorkUnitId, Unit>,
-    unit_expiry: BTreeSet<(Timestamp, WorkUnitId)>,
+    /// Work units out on lease (by id, expiry and node).
+    units: index::Units,
     nodes: BTreeMap<NodeId, Node>,
     next_batch: u64,
     next_unit: u64,
@@ -864,10 +855,8 @@ pub struct ControlCore {
     tenant_totals: BTreeMap<TenantId, TenantUsage>,
     /// Output tokens each tenant submitted, by time, over the last hour (for quotas).
     submitted: BTreeMap<TenantId, VecDeque<(Timestamp, u64)>>,
-    /// Leases waiting for work, per model, oldest first; their deadlines; their models.
-    parked: BTreeMap<ModelId, VecDeque<Parked>>,
-    parked_until: BTreeSet<(Timestamp, u64)>,
-    parked_model: BTreeMap<u64, ModelId>,
+    /// Lease calls waiting for work (by model, end and ticket).
+    waits: index::Waits,
     actions: VecDeque<Action>,
     stats: ControlStats,
     /// Idle energy reported while no tenant had results in the SLA window: charged to
@@ -934,14 +923,6 @@ fn day_of(t: Timestamp) -> Timestamp {
 fn hour_of(t: Timestamp) -> Timestamp {
     let h = HOUR.as_micros() as u64;
     Timestamp::from_micros(t.as_micros() / h * h)
-}
-
-/// A lease waiting for work (see [`ControlCore::lease_or_wait`]).
-#[derive(Debug, Clone)]
-struct Parked {
-    ticket: u64,
-    node: NodeId,
-    max: u32,
 }
 
 /// A tenant's metered usage over some of its batches.
@@ -1041,8 +1022,7 @@ impl ControlCore {
             by_tenant: BTreeSet::new(),
             queues: BTreeMap::new(),
             deadlines: BTreeSet::new(),
-            units: BTreeMap::new(),
-            unit_expiry: BTreeSet::new(),
+            units: index::Units::default(),
             nodes: BTreeMap::new(),
             next_batch: 1,
             next_unit: 1,
@@ -1050,9 +1030,7 @@ impl ControlCore {
             sla,
             tenant_totals: BTreeMap::new(),
             submitted: BTreeMap::new(),
-            parked: BTreeMap::new(),
-            parked_until: BTreeSet::new(),
-            parked_model: BTreeMap::new(),
+            waits: index::Waits::default(),
             actions: VecDeque::new(),
             stats: ControlStats::default(),
             idle_unallocated_j: 0.0,
@@ -1261,23 +1239,13 @@ impl ControlCore {
     /// Expires leases, batches and lease waits whose time has come.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.handle_timeout_inner(now);
-        while let Some(&(t, ticket)) = self.parked_until.first() {
-            if t > now {
-                break;
-            }
-            self.parked_until.pop_first();
-            if let Some(model) = self.parked_model.remove(&ticket)
-                && let Some(q) = self.parked.get_mut(&model)
-                && let Some(i) = q.iter().position(|p| p.ticket == ticket)
-            {
-                let p = q.remove(i).expect("found");
-                self.actions.push_back(Action::LeaseReady {
-                    ticket,
-                    node: p.node,
-                    model,
-                    grant: None,
-                });
-            }
+        while let Some((p, model)) = self.waits.take_ended(now) {
+            self.actions.push_back(Action::LeaseReady {
+                ticket: p.ticket,
+                node: p.node,
+                model,
+                grant: None,
+            });
         }
         self.serve_parked(now);
     }
@@ -1473,9 +1441,9 @@ impl ControlCore {
     /// batches and files, the periodic refresh of rates owed and placement (every
     /// second once a node is known), and the writing of idle-energy charges.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let lease = self.unit_expiry.first().map(|&(t, _)| t);
+        let lease = self.units.first_expiring().map(|(t, _)| t);
         let deadline = self.deadlines.first().map(|&(t, _)| t);
-        let wait = self.parked_until.first().map(|&(t, _)| t);
+        let wait = self.waits.next_end();
         let retention = self.retained.first().map(|&(t, _)| t);
         let files = self.files_retained.first().map(|&(t, _)| t);
         [
@@ -1494,7 +1462,7 @@ impl ControlCore {
 
     /// [`ControlCore::handle_timeout`] before waiting leases are served.
     fn handle_timeout_inner(&mut self, now: Timestamp) {
-        while let Some(&(t, unit)) = self.unit_expiry.first() {
+        while let Some((t, unit)) = self.units.first_expiring() {
             if t > now {
                 break;
             }

@@ -91,9 +91,9 @@ impl Timers {
 
 fn timers(core: &ControlCore) -> Timers {
     Timers {
-        lease: core.unit_expiry.first().map(|&(t, _)| t),
+        lease: core.units.first_expiring().map(|(t, _)| t),
         deadline: core.deadlines.first().map(|&(t, _)| t),
-        wait: core.parked_until.first().map(|&(t, _)| t),
+        wait: core.waits.next_end(),
         retention: core.retained.first().map(|&(t, _)| t),
         refresh: core.refresh_due(),
     }
