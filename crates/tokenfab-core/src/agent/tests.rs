@@ -377,8 +377,8 @@ fn reading(j: f64, s: f64) -> Option<EnergyReading> {
     })
 }
 
-#[test]
-fn an_idle_agent_rests_its_devices_and_books_the_rest_as_idle_energy() {
+/// An agent with nothing to do, resting since 100 ms after its baseline reading (at 0 J).
+fn resting() -> (AgentCore, Timestamp) {
     let mut core = started(4);
     drain(&mut core);
     core.lease_done(T0, &ModelId::from("m"), Ok(None));
@@ -387,7 +387,13 @@ fn an_idle_agent_rests_its_devices_and_books_the_rest_as_idle_energy() {
     drain(&mut core);
     let t1 = T0.saturating_add(Duration::from_millis(100));
     core.handle_timeout(t1);
-    assert!(!drain(&mut core).contains(&AgentAction::SampleDevices));
+    assert!(!drain(&mut core).contains(&AgentAction::SampleDevices), "resting");
+    (core, t1)
+}
+
+#[test]
+fn an_idle_agent_rests_its_devices_and_books_the_rest_as_idle_energy() {
+    let (mut core, _) = resting();
     let next = core.poll_timeout().unwrap();
     assert!(
         next >= T0.saturating_add(Duration::from_secs(1)),
@@ -417,12 +423,7 @@ fn an_idle_agent_rests_its_devices_and_books_the_rest_as_idle_energy() {
 
 #[test]
 fn a_rest_whose_closing_reading_never_comes_is_charged_to_nobody() {
-    let mut core = started(4);
-    drain(&mut core);
-    core.lease_done(T0, &ModelId::from("m"), Ok(None));
-    core.device_sample(T0, vec![reading(0.0, 0.0), reading(0.0, 0.0)]);
-    core.handle_timeout(T0.saturating_add(Duration::from_millis(100)));
-    drain(&mut core);
+    let (mut core, _) = resting();
     // An hour of rest, then work; the closing reading hangs and is given up.
     let t = T0.saturating_add(Duration::from_secs(3600));
     core.lease_done(t, &ModelId::from("m"), Ok(Some(grant(1, 1))));
@@ -601,14 +602,7 @@ fn a_replica_reads_only_when_every_device_answers() {
 
 #[test]
 fn a_late_reading_does_not_end_a_rest() {
-    let mut core = started(4);
-    drain(&mut core);
-    core.lease_done(T0, &ModelId::from("m"), Ok(None));
-    core.device_sample(T0, vec![reading(0.0, 0.0), reading(0.0, 0.0)]);
-    drain(&mut core);
-    let t1 = T0.saturating_add(Duration::from_millis(100));
-    core.handle_timeout(t1);
-    assert!(!drain(&mut core).contains(&AgentAction::SampleDevices), "resting");
+    let (mut core, t1) = resting();
     // A reading the core had given up on comes in late (the shell does not cancel device
     // reads): it is booked, and the rest goes on.
     core.device_sample(t1, vec![reading(10.0, 0.1), reading(10.0, 0.1)]);
