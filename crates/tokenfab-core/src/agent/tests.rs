@@ -19,6 +19,17 @@ fn drain(core: &mut AgentCore) -> Vec<AgentAction> {
     std::iter::from_fn(|| core.poll_action()).collect()
 }
 
+/// The dispatches among the core's actions: (replica, unit, item).
+fn dispatches(core: &mut AgentCore) -> Vec<(usize, WorkUnitId, LeasedItem)> {
+    drain(core)
+        .into_iter()
+        .filter_map(|a| match a {
+            AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn grant(unit: u64, n: u32) -> LeaseGrant {
     LeaseGrant {
         unit: WorkUnitId(unit),
@@ -159,13 +170,7 @@ fn results_wait_for_their_energy_share_then_are_reported_and_acked() {
         ],
     );
     core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 2))));
-    let dispatched: Vec<_> = drain(&mut core)
-        .into_iter()
-        .filter_map(|a| match a {
-            AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
-            _ => None,
-        })
-        .collect();
+    let dispatched = dispatches(&mut core);
     assert_eq!(dispatched.len(), 2, "one on each replica");
     let t1 = T0.saturating_add(Duration::from_millis(50));
     for &(replica, unit, item) in &dispatched {
@@ -288,13 +293,7 @@ fn a_failing_replica_is_rested_and_its_request_retried() {
     let mut core = started(1);
     drain(&mut core);
     core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 4))));
-    let first = drain(&mut core)
-        .into_iter()
-        .find_map(|a| match a {
-            AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
-            _ => None,
-        })
-        .unwrap();
+    let first = dispatches(&mut core).into_iter().next().unwrap();
     let reply = EngineReply::Unreachable {
         code: "connect_failed".into(),
         message: "connection refused".into(),
@@ -435,12 +434,9 @@ fn a_rest_whose_closing_reading_never_comes_is_charged_to_nobody() {
     );
     let late = t.saturating_add(Duration::from_millis(300));
     core.handle_timeout(late);
-    let (replica, unit, item) = drain(&mut core)
+    let (replica, unit, item) = dispatches(&mut core)
         .into_iter()
-        .find_map(|a| match a {
-            AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
-            _ => None,
-        })
+        .next()
         .expect("dispatched once the reading is given up");
     // The request runs 2 s; the next good reading sees the whole hour plus those 2 s.
     let done = late.saturating_add(Duration::from_secs(2));
@@ -460,13 +456,7 @@ fn an_overdue_device_sample_does_not_hold_results_back() {
     let mut core = started(4);
     drain(&mut core);
     core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 1))));
-    let (replica, unit, item) = drain(&mut core)
-        .into_iter()
-        .find_map(|a| match a {
-            AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
-            _ => None,
-        })
-        .unwrap();
+    let (replica, unit, item) = dispatches(&mut core).into_iter().next().unwrap();
     core.engine_done(T0, replica, unit, item.req, answered(5));
     // The sample asked for at T0 never comes back.
     let late = T0.saturating_add(Duration::from_millis(300));
@@ -512,13 +502,7 @@ fn shutdown_releases_queued_work_and_drains() {
     let mut core = started(1);
     drain(&mut core);
     core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 5))));
-    let dispatched: Vec<_> = drain(&mut core)
-        .into_iter()
-        .filter_map(|a| match a {
-            AgentAction::Dispatch { replica, unit, item } => Some((replica, unit, item)),
-            _ => None,
-        })
-        .collect();
+    let dispatched = dispatches(&mut core);
     core.shutdown(T0);
     let released: usize = drain(&mut core)
         .iter()
