@@ -25,6 +25,7 @@ pub mod objective;
 pub mod perf;
 pub mod placement;
 pub mod policy;
+pub mod profile;
 pub mod protocol;
 pub mod sla;
 pub mod time;

@@ -47,6 +47,11 @@ enum SimCommand {
     /// on one saturated replica) and vLLM's default marked. Writes curve.svg, curve.csv
     /// and curve.json.
     Curve(CurveArgs),
+    /// Write the performance model's engine profile of one model on one accelerator: its
+    /// predicted decode step time and per-device power against batch, context length and
+    /// power limit, in the engine-profile format (docs/engine-profiles.md). This is the
+    /// prior that a measured profile of a real engine replaces.
+    Profile(ProfileArgs),
     /// Replay a flight recording (`tokenfab server --record DIR`) through fresh control
     /// cores of this build and check that they decide exactly as the recorded ones did:
     /// the same replies and the same actions in the same order. Reports the first
@@ -77,6 +82,32 @@ struct CurveArgs {
     #[arg(long, default_value_t = 256)]
     output_tokens: u32,
     /// Directory for curve.svg, curve.csv and curve.json (default: sim-out/curve-MODEL-ACCELERATOR).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ProfileArgs {
+    /// Model (from the built-in catalog).
+    #[arg(long, default_value = "llama-3.1-8b")]
+    model: String,
+    /// Accelerator class (from the built-in catalog).
+    #[arg(long, default_value = "h100-sxm")]
+    accelerator: String,
+    /// Devices per replica.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: u32,
+    /// Decode batch sizes of the table.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128,256,512,1024")]
+    batches: Vec<u32>,
+    /// Context lengths (tokens per sequence) of the table.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192")]
+    contexts: Vec<u32>,
+    /// Power limits of the table, as fractions from the device's minimum limit (0) to its
+    /// maximum (1).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    power_fractions: Vec<f64>,
+    /// Write the profile (TOML) here instead of to standard output.
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -129,6 +160,7 @@ pub async fn run(a: SimArgs) -> anyhow::Result<()> {
         Some(SimCommand::Sweep(s)) => sweep(s),
         Some(SimCommand::Compare(c)) => compare(c),
         Some(SimCommand::Curve(c)) => curve(c),
+        Some(SimCommand::Profile(p)) => profile(p),
         Some(SimCommand::Replay(r)) => replay(r),
         None => single(a.scenario.expect("clap requires it"), a.seed, a.out, !a.no_plots),
     })
@@ -180,6 +212,57 @@ fn replay(a: ReplayArgs) -> anyhow::Result<()> {
         diverged.len(),
         segments.len()
     )
+}
+
+fn profile(a: ProfileArgs) -> anyhow::Result<()> {
+    use tokenfab_core::profile::EngineProfile;
+    let text = model_profile(&a)?.to_toml();
+    // Checked on the way out, as any reader will check it.
+    EngineProfile::from_toml(&text)?;
+    match &a.out {
+        Some(path) => {
+            std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote the model's profile of {} on {} ({} batches x {} contexts x {} power limits) to {}",
+                a.model,
+                a.accelerator,
+                a.batches.len(),
+                a.contexts.len(),
+                a.power_fractions.len(),
+                path.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+fn model_profile(a: &ProfileArgs) -> anyhow::Result<tokenfab_core::profile::EngineProfile> {
+    use tokenfab_core::perf::ReplicaPerf;
+    let perf = ReplicaPerf::new(
+        &tokenfab_core::ModelId::new(&a.model),
+        &tokenfab_core::AcceleratorId::new(&a.accelerator),
+        a.tensor_parallel.max(1),
+    )?;
+    if let Some(f) = a.power_fractions.iter().find(|f| !(0.0..=1.0).contains(*f)) {
+        anyhow::bail!("--power-fractions: {f} is outside 0 (the device's minimum limit) to 1 (its maximum)");
+    }
+    let (lo, hi) = (perf.min_power_w(), perf.max_power_w());
+    let mut powers: Vec<f64> = a.power_fractions.iter().map(|f| lo + (hi - lo) * f).collect();
+    powers.sort_by(f64::total_cmp);
+    powers.dedup();
+    let today = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let profile = tokenfab_core::profile::EngineProfile::from_model(
+        &perf,
+        &a.model,
+        &a.accelerator,
+        &a.batches,
+        &a.contexts,
+        &powers,
+        &today,
+    )
+    .map_err(|e| anyhow::anyhow!("{e} (check --batches, --contexts and --power-fractions)"))?;
+    Ok(profile)
 }
 
 fn curve(a: CurveArgs) -> anyhow::Result<()> {
@@ -556,6 +639,34 @@ mod tests {
     //! simulator's results or to the tables' layout shows up as a reviewed diff
     //! (`UPDATE_EXPECT=1 cargo test -p tokenfab` rewrites them).
     use super::*;
+
+    #[test]
+    fn the_model_profile_reads_back_and_bad_options_are_named() {
+        use tokenfab_core::profile::{EngineProfile, ProfileSource};
+        let mut a = ProfileArgs {
+            model: "llama-3.1-8b".into(),
+            accelerator: "h100-sxm".into(),
+            tensor_parallel: 1,
+            batches: vec![1, 64, 512],
+            contexts: vec![512, 4096],
+            power_fractions: vec![1.0, 0.0],
+            out: None,
+        };
+        let back = EngineProfile::from_toml(&model_profile(&a).unwrap().to_toml()).unwrap();
+        assert_eq!(back.power_limits_w, [200.0, 700.0], "the H100's limits, ascending");
+        assert_eq!(back.provenance.source, ProfileSource::Model);
+        assert!(back.decode_step(512, 4096, 700.0).seconds > back.decode_step(1, 512, 700.0).seconds);
+        a.power_fractions = vec![1.5];
+        let e = model_profile(&a).unwrap_err().to_string();
+        assert!(e.contains("--power-fractions: 1.5 is outside"), "{e}");
+        a.power_fractions = vec![1.0];
+        a.batches = vec![64, 8];
+        let e = model_profile(&a).unwrap_err().to_string();
+        assert!(e.contains("batches[1]") && e.contains("ascending"), "{e}");
+        a.batches = vec![8];
+        a.accelerator = "no-such-chip".into();
+        assert!(model_profile(&a).is_err());
+    }
     use expect_test::expect;
 
     /// Twenty simulated minutes of one 2-GPU node with a committed and a best-effort
