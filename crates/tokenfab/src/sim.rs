@@ -65,8 +65,9 @@ struct ReplayArgs {
     dir: PathBuf,
 }
 
+/// One replica of a model on an accelerator class, from the built-in catalog.
 #[derive(Args, Debug)]
-struct CurveArgs {
+struct ReplicaArgs {
     /// Model (from the built-in catalog).
     #[arg(long, default_value = "llama-3.1-8b")]
     model: String,
@@ -76,6 +77,12 @@ struct CurveArgs {
     /// Devices per replica.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: u32,
+}
+
+#[derive(Args, Debug)]
+struct CurveArgs {
+    #[command(flatten)]
+    replica: ReplicaArgs,
     /// Prompt and output tokens of every request.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: u32,
@@ -88,15 +95,8 @@ struct CurveArgs {
 
 #[derive(Args, Debug)]
 struct ProfileArgs {
-    /// Model (from the built-in catalog).
-    #[arg(long, default_value = "llama-3.1-8b")]
-    model: String,
-    /// Accelerator class (from the built-in catalog).
-    #[arg(long, default_value = "h100-sxm")]
-    accelerator: String,
-    /// Devices per replica.
-    #[arg(long, default_value_t = 1)]
-    tensor_parallel: u32,
+    #[command(flatten)]
+    replica: ReplicaArgs,
     /// Decode batch sizes of the table.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128,256,512,1024")]
     batches: Vec<u32>,
@@ -224,8 +224,8 @@ fn profile(a: ProfileArgs) -> anyhow::Result<()> {
             std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
             eprintln!(
                 "wrote the model's profile of {} on {} ({} batches x {} contexts x {} power limits) to {}",
-                a.model,
-                a.accelerator,
+                a.replica.model,
+                a.replica.accelerator,
                 a.batches.len(),
                 a.contexts.len(),
                 a.power_fractions.len(),
@@ -240,9 +240,9 @@ fn profile(a: ProfileArgs) -> anyhow::Result<()> {
 fn model_profile(a: &ProfileArgs) -> anyhow::Result<tokenfab_core::profile::EngineProfile> {
     use tokenfab_core::perf::ReplicaPerf;
     let perf = ReplicaPerf::new(
-        &tokenfab_core::ModelId::new(&a.model),
-        &tokenfab_core::AcceleratorId::new(&a.accelerator),
-        a.tensor_parallel.max(1),
+        &tokenfab_core::ModelId::new(&a.replica.model),
+        &tokenfab_core::AcceleratorId::new(&a.replica.accelerator),
+        a.replica.tensor_parallel.max(1),
     )?;
     if let Some(f) = a.power_fractions.iter().find(|f| !(0.0..=1.0).contains(*f)) {
         anyhow::bail!("--power-fractions: {f} is outside 0 (the device's minimum limit) to 1 (its maximum)");
@@ -254,8 +254,8 @@ fn model_profile(a: &ProfileArgs) -> anyhow::Result<tokenfab_core::profile::Engi
     let today = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let profile = tokenfab_core::profile::EngineProfile::from_model(
         &perf,
-        &a.model,
-        &a.accelerator,
+        &a.replica.model,
+        &a.replica.accelerator,
         &a.batches,
         &a.contexts,
         &powers,
@@ -268,9 +268,9 @@ fn model_profile(a: &ProfileArgs) -> anyhow::Result<tokenfab_core::profile::Engi
 fn curve(a: CurveArgs) -> anyhow::Result<()> {
     use tokenfab_sim::curve::{self, CurveSpec};
     let spec = CurveSpec {
-        model: a.model,
-        accelerator: a.accelerator,
-        tensor_parallel: a.tensor_parallel.max(1),
+        model: a.replica.model,
+        accelerator: a.replica.accelerator,
+        tensor_parallel: a.replica.tensor_parallel.max(1),
         prompt_tokens: a.prompt_tokens.max(1),
         output_tokens: a.output_tokens.max(1),
     };
@@ -644,9 +644,11 @@ mod tests {
     fn the_model_profile_reads_back_and_bad_options_are_named() {
         use tokenfab_core::profile::{EngineProfile, ProfileSource};
         let mut a = ProfileArgs {
-            model: "llama-3.1-8b".into(),
-            accelerator: "h100-sxm".into(),
-            tensor_parallel: 1,
+            replica: ReplicaArgs {
+                model: "llama-3.1-8b".into(),
+                accelerator: "h100-sxm".into(),
+                tensor_parallel: 1,
+            },
             batches: vec![1, 64, 512],
             contexts: vec![512, 4096],
             power_fractions: vec![1.0, 0.0],
@@ -664,7 +666,7 @@ mod tests {
         let e = model_profile(&a).unwrap_err().to_string();
         assert!(e.contains("batches[1]") && e.contains("ascending"), "{e}");
         a.batches = vec![8];
-        a.accelerator = "no-such-chip".into();
+        a.replica.accelerator = "no-such-chip".into();
         assert!(model_profile(&a).is_err());
     }
     use expect_test::expect;
