@@ -78,6 +78,20 @@ pub struct StepShape {
     pub routed_tokens: u32,
 }
 
+impl StepShape {
+    /// A pure decode step: `batch` sequences with `context` tokens of context each.
+    pub fn decode(batch: u32, context: u32) -> StepShape {
+        let kv = u64::from(batch) * u64::from(context);
+        StepShape {
+            seqs: batch,
+            tokens: batch,
+            kv_read_tokens: kv,
+            attended_tokens: kv,
+            routed_tokens: batch,
+        }
+    }
+}
+
 /// Time, power and energy of one step, per device.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepCost {
@@ -470,13 +484,7 @@ mod tests {
     #[test]
     fn power_limit_is_respected_and_saves_energy_when_memory_bound() {
         let m = h100("llama-3.1-8b", 1);
-        let shape = StepShape {
-            seqs: 8,
-            tokens: 8,
-            kv_read_tokens: 8 * 400,
-            attended_tokens: 8 * 400,
-            routed_tokens: 8,
-        };
+        let shape = StepShape::decode(8, 400);
         let full = m.step(&shape, 700.0);
         let capped = m.step(&shape, 300.0);
         assert!(full.power_w > 300.0);
@@ -524,13 +532,7 @@ mod tests {
     #[test]
     fn moe_reads_fewer_weights_at_small_batch() {
         let m = ReplicaPerf::new(&ModelId::from("qwen3-30b-a3b"), &AcceleratorId::from("h100-sxm"), 1).unwrap();
-        let one = StepShape {
-            seqs: 1,
-            tokens: 1,
-            kv_read_tokens: 100,
-            attended_tokens: 100,
-            routed_tokens: 1,
-        };
+        let one = StepShape::decode(1, 100);
         let many = StepShape {
             routed_tokens: 256,
             tokens: 256,

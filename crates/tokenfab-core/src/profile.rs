@@ -185,7 +185,12 @@ impl EngineProfile {
                 .map(|&p| {
                     contexts
                         .iter()
-                        .map(|&c| batches.iter().map(|&b| f(&perf.step(&decode_shape(b, c), p))).collect())
+                        .map(|&c| {
+                            batches
+                                .iter()
+                                .map(|&b| f(&perf.step(&crate::perf::StepShape::decode(b, c), p)))
+                                .collect()
+                        })
                         .collect()
                 })
                 .collect()
@@ -211,18 +216,6 @@ impl EngineProfile {
         };
         profile.check()?;
         Ok(profile)
-    }
-}
-
-/// A decode step of `batch` sequences with `context` tokens of context each.
-pub fn decode_shape(batch: u32, context: u32) -> crate::perf::StepShape {
-    let kv = u64::from(batch) * u64::from(context);
-    crate::perf::StepShape {
-        seqs: batch,
-        tokens: batch,
-        kv_read_tokens: kv,
-        attended_tokens: kv,
-        routed_tokens: batch,
     }
 }
 
@@ -415,7 +408,7 @@ mod tests {
         let mut worst: f64 = 0.0;
         for b in [2, 8, 24, 48, 100, 180, 400, 700] {
             for c in [256, 512, 2048, 4096] {
-                let want = perf.step(&decode_shape(b, c), 700.0).seconds;
+                let want = perf.step(&crate::perf::StepShape::decode(b, c), 700.0).seconds;
                 let got = p.decode_step(b, c, 700.0).seconds;
                 worst = worst.max((got / want - 1.0).abs());
             }
