@@ -156,6 +156,22 @@ pub struct OpenError {
 
 /// The segment files in `dir` whose names start with `prefix` (any recording: `None`),
 /// oldest first within each prefix.
+/// Whether `rest` is what follows a recorder's prefix in a segment's name
+/// (`{unix_ms:013}-{:07}-{:03}.jsonl`), so that node `n1`'s files are not taken for node
+/// `n1-5`'s or the other way round.
+fn is_segment_suffix(rest: &str) -> bool {
+    let Some(stem) = rest.strip_suffix(".jsonl") else {
+        return false;
+    };
+    let parts: Vec<&str> = stem.split('-').collect();
+    // The time has 13 digits; the process id and the segment number at least one each.
+    parts.len() == 3
+        && parts[0].len() == 13
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn segment_files(dir: &Path, prefix: Option<&str>) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
@@ -167,7 +183,7 @@ fn segment_files(dir: &Path, prefix: Option<&str>) -> std::io::Result<Vec<PathBu
                         Some(prefix) => n
                             .strip_prefix(prefix)
                             .and_then(|rest| rest.strip_prefix('-'))
-                            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit())),
+                            .is_some_and(is_segment_suffix),
                         None => n.starts_with("control-") || n.starts_with("agent-"),
                     }
             })
@@ -792,6 +808,27 @@ mod tests {
         let s = &replay(small.path(), |_| {}).unwrap()[0];
         assert_eq!(s.divergence, None);
         assert!(s.inputs > 0 && s.inputs < 2 + 37 * 2, "{}", s.inputs);
+    }
+
+    #[test]
+    fn a_node_whose_name_extends_another_keeps_its_own_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "agent-n1-1795000000000-0000042-000.jsonl",
+            "agent-n1-5-1795000000000-0000042-000.jsonl",
+            "agent-n1-notes.jsonl",
+        ] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let names = |prefix| -> Vec<String> {
+            segment_files(dir.path(), Some(prefix))
+                .unwrap()
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names("agent-n1"), ["agent-n1-1795000000000-0000042-000.jsonl"]);
+        assert_eq!(names("agent-n1-5"), ["agent-n1-5-1795000000000-0000042-000.jsonl"]);
     }
 
     #[test]
