@@ -973,7 +973,9 @@ impl ReplicaTuner {
     }
 
     /// The grid point the model predicts best among those delivering the owed rate (with
-    /// margin); ties go to the smaller window. None delivering it: the fastest.
+    /// margin), a later point needing a 0.1% better objective: near-ties go to the point
+    /// searched first (the lower power limit, then the smaller window). None delivering
+    /// it: the fastest.
     fn model_best(&self) -> Option<(usize, usize)> {
         let need = self.owed * (1.0 + self.config.throughput_margin);
         let mut points = Vec::with_capacity(self.powers.len().max(1) * self.windows.len());

@@ -48,9 +48,19 @@ pub struct Pricing {
 
 impl Pricing {
     /// The one cost rule: device time at its price plus energy (with the site's PUE) at
-    /// its price. Every cost and every cost-based objective goes through it.
+    /// its price. Every cost the cores compute and every cost-based objective goes
+    /// through it (the simulator's bill of a whole pool prices its device-hours itself).
     pub fn cost_usd(&self, joules: f64, device_seconds: f64) -> f64 {
         self.device_usd(device_seconds) + self.energy_usd(joules)
+    }
+
+    /// A site's energy price alone (device time unpriced).
+    pub fn energy_only(usd_per_kwh: f64, pue: f64) -> Pricing {
+        Pricing {
+            usd_per_device_hour: 0.0,
+            usd_per_kwh,
+            pue,
+        }
     }
 
     /// Dollars for `device_seconds` of device time.

@@ -235,11 +235,7 @@ impl Collector {
         let mut pools = Vec::new();
         let (mut energy, mut device_usd, mut tokens, mut busy, mut devices) = (0.0, 0.0, 0u64, 0.0, 0u32);
         // The site's energy price (device time is priced per pool below).
-        let site = tokenfab_core::usage::Pricing {
-            usd_per_device_hour: 0.0,
-            usd_per_kwh: self.usd_per_kwh,
-            pue: self.pue,
-        };
+        let site = tokenfab_core::usage::Pricing::energy_only(self.usd_per_kwh, self.pue);
         for (i, p) in self.pools.iter().enumerate() {
             let c = cumulative(engines, i, end);
             let pool_energy = c.energy_j + f64::from(p.unassigned) * p.idle_w * end_s;

@@ -331,12 +331,7 @@ impl ControlCore {
             return;
         }
         let hour = hour_of(now);
-        let per_joule = crate::usage::Pricing {
-            usd_per_device_hour: 0.0,
-            usd_per_kwh: self.config.usd_per_kwh,
-            pue: self.config.pue,
-        }
-        .energy_usd(1.0);
+        let per_joule = Pricing::energy_only(self.config.usd_per_kwh, self.config.pue).energy_usd(1.0);
         for (tenant, j) in shares {
             let joules = idle * j / total;
             let share = self

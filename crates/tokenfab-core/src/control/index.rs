@@ -62,6 +62,14 @@ impl Units {
         Some(u)
     }
 
+    /// Takes the requests out of unit `id` (its count of open items stays).
+    pub(super) fn take_items(&mut self, id: WorkUnitId) -> Vec<RequestRef> {
+        self.by_id
+            .get_mut(&id)
+            .map(|u| std::mem::take(&mut u.items))
+            .unwrap_or_default()
+    }
+
     /// Extends `id`'s lease to `expires_at` if `node` holds it; false otherwise.
     pub(super) fn renew(&mut self, id: WorkUnitId, node: &NodeId, expires_at: Timestamp) -> bool {
         match self.by_id.get_mut(&id) {

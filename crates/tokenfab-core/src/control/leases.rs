@@ -351,13 +351,13 @@ impl ControlCore {
     /// Ends a unit (lease expired, or its agent re-registered): its open requests are
     /// pending again, or fail once they have used up their attempts.
     pub(super) fn drop_unit(&mut self, now: Timestamp, unit: WorkUnitId, why: &str) {
-        let Some(u) = self.units.get(&unit) else {
+        if self.units.get(&unit).is_none() {
             return;
-        };
+        }
         let mut recorded = Vec::new();
         let mut touched = BTreeSet::new();
         // Back to front, so that the requests go back to their queues in leased order.
-        for req in u.items.clone().into_iter().rev() {
+        for req in self.units.take_items(unit).into_iter().rev() {
             if self.slot(req) != Some(Slot::Leased(unit)) {
                 continue;
             }
