@@ -43,10 +43,16 @@ pub enum Verdict {
     },
 }
 
+/// The capacity admission counts on out of `capacity`: derated by `headroom`, which is
+/// taken within (0.001, 1].
+pub fn derated(capacity: f64, headroom: f64) -> f64 {
+    capacity * headroom.clamp(1e-3, 1.0)
+}
+
 /// Whether `new` can be admitted at `now` next to `committed` (in any order), with
 /// `headroom` (0 < headroom <= 1) of the capacity counted on.
 pub fn check(now: Timestamp, committed: &[Work], new: Work, headroom: f64) -> Verdict {
-    let h = headroom.clamp(1e-3, 1.0);
+    let h = derated(1.0, headroom);
     let mut ahead: Vec<Work> = committed.to_vec();
     // Service order. Stable: batches with equal keys keep their order, and the new one
     // goes last.
