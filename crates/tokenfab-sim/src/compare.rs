@@ -292,7 +292,7 @@ fn oracle(scenario: &Scenario, base: &Path, seed: u64, options: &CompareOptions)
             let feasible = fork
                 .backlog(max_window)
                 .iter()
-                .all(|&(need, have)| need <= headroom * have);
+                .all(|&(need, have)| need <= tokenfab_core::admission::derated(have, headroom));
             (
                 fork,
                 done,
