@@ -35,6 +35,8 @@
 
 use crate::catalog::{Accelerator, Calibration, Catalog, CatalogError, ModelShape};
 use crate::ids::{AcceleratorId, ModelId};
+use crate::profile::{Compiled, ProfileError, Profiles};
+use std::sync::Arc;
 
 /// The accelerator the calibration was fitted on; other classes scale from it.
 const REFERENCE_ACCELERATOR: &str = "h100-sxm";
@@ -148,6 +150,9 @@ pub struct ReplicaPerf {
     min_power_w: f64,
     kv_capacity_tokens: u64,
     price_usd_per_hour: f64,
+    /// Where the replica's curve comes from a profile (measured, or a truth that differs
+    /// from the model), the profile; the model above fills in what it does not say.
+    profile: Option<Arc<Compiled>>,
 }
 
 impl ReplicaPerf {
@@ -251,7 +256,45 @@ impl ReplicaPerf {
             min_power_w: acc.power_limit_min_w,
             kv_capacity_tokens: kv_capacity as u64,
             price_usd_per_hour: acc.price_usd_per_hour,
+            profile: None,
         })
+    }
+
+    /// The replica whose decode steps follow `profile` instead of the model; the model
+    /// still gives the memory, the power range and the price, and whatever the profile
+    /// does not measure (see [`ReplicaPerf::step`]). The profile must be of this model,
+    /// accelerator and tensor-parallel degree.
+    pub fn with_profile(mut self, model: &ModelId, accelerator: &AcceleratorId, profile: Arc<Compiled>) -> Result<Self, ProfileError> {
+        let wrong = |field: &str, got: String, want: String| ProfileError {
+            field: field.into(),
+            message: format!("is {got}, but the replica it was given to has {want}"),
+        };
+        if profile.model != model.as_str() {
+            return Err(wrong("model", profile.model.clone(), model.to_string()));
+        }
+        if profile.accelerator != accelerator.as_str() {
+            return Err(wrong("accelerator", profile.accelerator.clone(), accelerator.to_string()));
+        }
+        if profile.tensor_parallel != self.tp {
+            return Err(wrong("tensor_parallel", profile.tensor_parallel.to_string(), self.tp.to_string()));
+        }
+        self.profile = Some(profile);
+        Ok(self)
+    }
+
+    /// The model of a replica as `profiles` describe it: the profile of this model,
+    /// accelerator and degree where there is one, the performance model otherwise.
+    pub fn believed(model: &ModelId, accelerator: &AcceleratorId, tp: u32, profiles: &Profiles) -> Result<Self, CatalogError> {
+        let perf = Self::new(model, accelerator, tp)?;
+        Ok(match profiles.find(model.as_str(), accelerator.as_str(), perf.tp) {
+            Some(p) => perf.with_profile(model, accelerator, p.clone()).expect("found by the same key"),
+            None => perf,
+        })
+    }
+
+    /// The profile the replica's steps follow, if any.
+    pub fn profile(&self) -> Option<&Compiled> {
+        self.profile.as_deref()
     }
 
     /// Devices the replica spans.
@@ -281,8 +324,72 @@ impl ReplicaPerf {
 
     /// Cost of one engine step under `power_limit_w` (per device; clamped to the device's
     /// allowed range).
+    ///
+    /// With a profile, the step is the profile's decode step at the step's sequences and
+    /// mean context, plus its prompt tokens at the profile's `prefill_s_per_token`; where
+    /// the profile has none, it is the model's whole step scaled by the profile's decode
+    /// step over the model's (time and power each). Power is the profile's, or the
+    /// model's where the profile has no power figures. Below the lowest power limit the profile measured, time and
+    /// power change from that limit as the model says they would.
     pub fn step(&self, s: &StepShape, power_limit_w: f64) -> StepCost {
         let limit = power_limit_w.clamp(self.min_power_w, self.max_power_w);
+        match &self.profile {
+            None => self.model_step(s, limit),
+            Some(p) => self.profiled_step(p, s, limit),
+        }
+    }
+
+    fn profiled_step(&self, p: &Compiled, s: &StepShape, limit: f64) -> StepCost {
+        let seqs = s.seqs.max(1);
+        let context = u32::try_from(s.kv_read_tokens / u64::from(seqs)).unwrap_or(u32::MAX);
+        let prompt_tokens = s.tokens.saturating_sub(s.seqs);
+        let decode_shape = StepShape::decode(seqs, context);
+        let lowest = p.lowest_power_limit_w();
+        let (mut decode, below) = if limit < lowest {
+            let (at, from) = (self.model_step(&decode_shape, limit), self.model_step(&decode_shape, lowest));
+            (p.decode_step(seqs, context, lowest), Some((at.seconds / from.seconds, at.power_w / from.power_w)))
+        } else {
+            (p.decode_step(seqs, context, limit), None)
+        };
+        if let Some((time, power)) = below {
+            decode.seconds *= time;
+            decode.power_w = decode.power_w.map(|w| w * power);
+        }
+        let (seconds, power_w) = match p.prefill_s_per_token() {
+            // Measured: prompt tokens add their own time at the decode step's power.
+            Some(per_token) => (
+                decode.seconds + per_token * f64::from(prompt_tokens),
+                decode.power_w.unwrap_or_else(|| self.model_step(s, limit).power_w),
+            ),
+            None if prompt_tokens == 0 => (
+                decode.seconds,
+                decode.power_w.unwrap_or_else(|| self.model_step(s, limit).power_w),
+            ),
+            // Not measured: the model's whole step, scaled by how far the profile's decode
+            // step is from the model's (time and power alike).
+            None => {
+                let (whole, alone) = (self.model_step(s, limit), self.model_step(&decode_shape, limit));
+                let power = match decode.power_w {
+                    Some(w) => whole.power_w * w / alone.power_w,
+                    None => whole.power_w,
+                };
+                (whole.seconds * decode.seconds / alone.seconds, power)
+            }
+        };
+        let seconds = seconds.max(1e-9);
+        // Not clamped to the limit: at its lowest clock a device may draw more than a
+        // very low limit (the model says so too), and a measured figure is what it is.
+        let power_w = power_w.max(0.0);
+        let unlimited = p.decode_step(seqs, context, p.top_power_limit_w()).seconds;
+        StepCost {
+            seconds,
+            power_w,
+            energy_j: power_w * seconds,
+            clock: (unlimited / decode.seconds).min(1.0),
+        }
+    }
+
+    fn model_step(&self, s: &StepShape, limit: f64) -> StepCost {
         let phases = self.phases(s);
         let full = phases.at_clock(self, 1.0);
         if full.power_w <= limit {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokenfab_core::catalog::Catalog;
 use tokenfab_core::perf::ReplicaPerf;
 use tokenfab_core::policy::Policies;
+use tokenfab_core::profile::{EngineProfile, Profiles};
 use tokenfab_core::{AcceleratorId, ModelId};
 
 /// A scenario that cannot be simulated: where (file and field path), what, and what is allowed.
@@ -69,8 +70,61 @@ pub struct Scenario {
     pub policies: Policies,
     #[serde(default)]
     pub network: Network,
+    /// Engine profiles (docs/engine-profiles.md): what the simulated engines do and what
+    /// the control plane and agents believe they do. Without them both are the
+    /// performance model.
+    #[serde(default, skip_serializing_if = "ScenarioProfiles::is_empty")]
+    pub profiles: ScenarioProfiles,
     #[serde(default)]
     pub report: ReportOptions,
+}
+
+/// Profile files, relative to the scenario file. A replica whose model, accelerator and
+/// tensor-parallel degree no profile of a list describes follows the performance model
+/// in that role.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioProfiles {
+    /// What the simulated engines really do.
+    #[serde(default)]
+    pub truth: Vec<String>,
+    /// What the control plane (admission, owed rates) and the agents (tuner) believe.
+    #[serde(default)]
+    pub belief: Vec<String>,
+}
+
+impl ScenarioProfiles {
+    fn is_empty(&self) -> bool {
+        self.truth.is_empty() && self.belief.is_empty()
+    }
+
+    /// Reads the truth and belief profiles, files relative to `base`; `file` names the
+    /// scenario in errors.
+    pub fn load(&self, base: &Path, file: &str) -> Result<(Profiles, Profiles), ScenarioError> {
+        let read = |list: &[String], role: &str| -> Result<Profiles, ScenarioError> {
+            let mut profiles = Vec::new();
+            for (i, name) in list.iter().enumerate() {
+                let at = format!("profiles.{role}[{i}]");
+                let path = base.join(name);
+                let text = std::fs::read_to_string(&path).map_err(|e| ScenarioError {
+                    file: file.into(),
+                    path: at.clone(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?;
+                profiles.push(EngineProfile::from_toml(&text).map_err(|e| ScenarioError {
+                    file: file.into(),
+                    path: at.clone(),
+                    message: format!("{}: {e}", path.display()),
+                })?);
+            }
+            Profiles::new(&profiles).map_err(|e| ScenarioError {
+                file: file.into(),
+                path: format!("profiles.{role}"),
+                message: e.to_string(),
+            })
+        };
+        Ok((read(&self.truth, "truth")?, read(&self.belief, "belief")?))
+    }
 }
 
 /// Where the cluster runs: what energy costs there.

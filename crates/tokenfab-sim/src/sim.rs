@@ -163,6 +163,7 @@ impl<'a> Simulation<'a> {
     /// Builds the cluster of `scenario`; trace files are read relative to `base`.
     pub fn new(scenario: &'a Scenario, base: &Path, seed: u64) -> Result<Self, ScenarioError> {
         let workload = Workload::new(scenario, base, seed)?;
+        let (truth, belief) = scenario.profiles.load(base, &scenario.name)?;
         let models = scenario
             .deployments
             .iter()
@@ -196,6 +197,7 @@ impl<'a> Simulation<'a> {
                     (TenantId::new(t.name.clone()), quota)
                 })
                 .collect(),
+            profiles: belief.clone(),
             ..scenario.policies.control_config()
         });
         let mut nodes = Vec::new();
@@ -217,7 +219,7 @@ impl<'a> Simulation<'a> {
                     let max_num_seqs = d.max_num_seqs.unwrap_or(default_seqs).max(window);
                     for _ in 0..scenario.replicas_per_node(d) {
                         let perf =
-                            ReplicaPerf::new(&model, &accelerator, d.tensor_parallel).map_err(|e| ScenarioError {
+                            ReplicaPerf::believed(&model, &accelerator, d.tensor_parallel, &truth).map_err(|e| ScenarioError {
                                 file: scenario.name.clone(),
                                 path: "deployments".into(),
                                 message: e.to_string(),
@@ -290,6 +292,7 @@ impl<'a> Simulation<'a> {
                         // The live agent samples idle devices every few seconds; the
                         // simulator's engines integrate idle energy exactly instead.
                         idle_sample_interval: Duration::ZERO,
+                        profiles: belief.clone(),
                         ..scenario.policies.agent_config(prices)
                     },
                     specs,

@@ -107,6 +107,15 @@ struct ProfileArgs {
     /// maximum (1).
     #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
     power_fractions: Vec<f64>,
+    /// A truth that differs from the model, for a scenario's `profiles.truth`: steps take
+    /// this many times as long as the model predicts (1.3 = an engine 30% slower).
+    #[arg(long, value_name = "FACTOR")]
+    slower: Option<f64>,
+    /// A truth whose energy per token falls with the batch like a memory-bound engine's,
+    /// toward the floor the model predicts at this batch, instead of the model's shape
+    /// (power follows, within each power limit).
+    #[arg(long, value_name = "BATCH")]
+    energy_floor_batch: Option<u32>,
     /// Write the profile (TOML) here instead of to standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -262,6 +271,18 @@ fn model_profile(a: &ProfileArgs) -> anyhow::Result<tokenfab_core::profile::Engi
         &today,
     )
     .map_err(|e| anyhow::anyhow!("{e} (check --batches, --contexts and --power-fractions)"))?;
+    let profile = match a.slower {
+        Some(f) if !(f.is_finite() && f > 0.0) => {
+            anyhow::bail!("--slower: {f} is not a positive factor (1.3 = steps take 30% longer)")
+        }
+        Some(f) => profile.slower(f),
+        None => profile,
+    };
+    let profile = match a.energy_floor_batch {
+        Some(0) => anyhow::bail!("--energy-floor-batch: give a batch of at least 1"),
+        Some(b) => profile.energy_floor(b, perf.idle_power_w())?,
+        None => profile,
+    };
     Ok(profile)
 }
 
@@ -652,6 +673,8 @@ mod tests {
             batches: vec![1, 64, 512],
             contexts: vec![512, 4096],
             power_fractions: vec![1.0, 0.0],
+            slower: None,
+            energy_floor_batch: None,
             out: None,
         };
         let back = EngineProfile::from_toml(&model_profile(&a).unwrap().to_toml()).unwrap();
@@ -665,6 +688,15 @@ mod tests {
         a.batches = vec![64, 8];
         let e = model_profile(&a).unwrap_err().to_string();
         assert!(e.contains("batches[1]") && e.contains("ascending"), "{e}");
+        a.batches = vec![1, 64, 512];
+        a.slower = Some(1.3);
+        a.energy_floor_batch = Some(64);
+        let truth = model_profile(&a).unwrap();
+        assert!((truth.step_s[0][0][2] / back.step_s[1][0][2] - 1.3).abs() < 1e-9);
+        assert!(truth.provenance.notes.contains("x1.3") && truth.provenance.notes.contains("floor"));
+        a.slower = Some(-1.0);
+        assert!(model_profile(&a).unwrap_err().to_string().contains("--slower"));
+        a.slower = None;
         a.batches = vec![8];
         a.replica.accelerator = "no-such-chip".into();
         assert!(model_profile(&a).is_err());

@@ -64,6 +64,10 @@ pub struct AgentConfig {
     pub tuner: crate::tuner::TunerConfig,
     /// Which replica gets the next request.
     pub routing: Routing,
+    /// Measured engine profiles: the curve the tuner believes for replicas they describe
+    /// (the performance model for the others).
+    #[serde(default)]
+    pub profiles: crate::profile::Profiles,
 }
 
 /// How far into its model's queue a replica looks for a request whose prompt prefix it
@@ -108,6 +112,7 @@ impl AgentConfig {
             lease_wait: Duration::ZERO,
             tuner: crate::tuner::TunerConfig::mechanics(),
             routing: Routing::LeastLoaded,
+            profiles: crate::profile::Profiles::default(),
             lease_batch: 1024,
             prefetch: 1.0,
             report_max: 1024,
@@ -1009,7 +1014,7 @@ impl Replica {
         let perf = spec
             .accelerator
             .as_ref()
-            .and_then(|a| crate::perf::ReplicaPerf::new(&spec.model, a, spec.devices).ok());
+            .and_then(|a| crate::perf::ReplicaPerf::believed(&spec.model, a, spec.devices, &config.profiles).ok());
         let tuner = (config.tuner.mode == TunerMode::Active).then(|| {
             let t = ReplicaTuner::new(
                 config.tuner.clone(),

@@ -33,7 +33,8 @@ impl ControlCore {
                     .and_then(|first| reg.devices.iter().find(|d| d.index == *first))
                     .map(|d| &d.accelerator);
                 let tp = r.devices.len() as u32;
-                let perf = accelerator.and_then(|a| crate::perf::ReplicaPerf::new(&r.model, a, tp).ok());
+                let perf = accelerator
+                    .and_then(|a| crate::perf::ReplicaPerf::believed(&r.model, a, tp, &self.config.profiles).ok());
                 let window = if r.window > 0 { r.window } else { r.max_concurrency };
                 let window = window.max(1);
                 Serving {

@@ -67,6 +67,10 @@ pub struct ControlConfig {
     pub admission: bool,
     /// Share of the estimated capacity admission counts on (0 < x <= 1).
     pub admission_headroom: f64,
+    /// Measured engine profiles: the curve admission and the owed rates believe for the
+    /// replicas they describe (the performance model for the others).
+    #[serde(default)]
+    pub profiles: crate::profile::Profiles,
     /// Tenants' shares of spare capacity (default 1): best-effort work is handed out by
     /// weighted fair queueing over the output tokens each tenant has been given.
     pub tenant_weights: BTreeMap<TenantId, f64>,
@@ -285,6 +289,7 @@ impl ControlConfig {
             models: Catalog::builtin().model_ids().into_iter().collect(),
             usd_per_kwh: DEFAULT_USD_PER_KWH,
             pue: DEFAULT_PUE,
+            profiles: crate::profile::Profiles::default(),
             tenant_weights: BTreeMap::new(),
             tenant_quotas: BTreeMap::new(),
             default_quota: Quota::default(),
