@@ -671,6 +671,15 @@ impl Shell {
                         advised_power_limit_w: advice.map_or(0.0, |a| a.power_limit_w),
                         advised_objective_value: advice.map_or(0.0, |a| a.predicted_objective),
                         current_objective_value: advice.map_or(0.0, |a| a.current_objective),
+                        recalibration: report.calibration.map(|c| pb::Recalibration {
+                            time_factor: c.time,
+                            power_factor: c.power,
+                            uncertainty: c.uncertainty,
+                            samples: c.samples,
+                            power_samples: c.power_samples,
+                            model_error: c.model_error.unwrap_or(-1.0),
+                            energy_error: c.energy_error.unwrap_or(-1.0),
+                        }),
                     }
                 })
                 .collect(),

@@ -121,9 +121,28 @@ pub fn replica_reports(t: pb::Telemetry) -> Vec<tokenfab_core::control::ReplicaR
                 idle_j: num(r.idle_joules),
                 power_limit_w: (r.power_limit_w > 0.0 && r.power_limit_w.is_finite()).then_some(r.power_limit_w),
                 tuning,
+                calibration: r.recalibration.as_ref().and_then(recalibration),
             }
         })
         .collect()
+}
+
+/// A replica's recalibration as an agent reported it; factors an agent cannot have
+/// measured (not positive, not finite) drop it.
+fn recalibration(r: &pb::Recalibration) -> Option<tokenfab_core::recal::Correction> {
+    let factor = |x: f64| x.is_finite() && x > 0.0;
+    let known = |x: f64| (x.is_finite() && x >= 0.0).then_some(x);
+    (factor(r.time_factor) && factor(r.power_factor) && r.uncertainty.is_finite() && r.uncertainty >= 0.0).then(|| {
+        tokenfab_core::recal::Correction {
+            time: r.time_factor,
+            power: r.power_factor,
+            uncertainty: r.uncertainty,
+            samples: r.samples,
+            power_samples: r.power_samples,
+            model_error: known(r.model_error),
+            energy_error: known(r.energy_error),
+        }
+    })
 }
 
 pub fn batch_id(s: &str) -> Result<BatchId, Status> {

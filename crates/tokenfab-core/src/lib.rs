@@ -27,6 +27,7 @@ pub mod placement;
 pub mod policy;
 pub mod profile;
 pub mod protocol;
+pub mod recal;
 pub mod sla;
 pub mod time;
 pub mod tuner;

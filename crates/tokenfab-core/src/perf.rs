@@ -153,6 +153,9 @@ pub struct ReplicaPerf {
     /// Where the replica's curve comes from a profile (measured, or a truth that differs
     /// from the model), the profile; the model above fills in what it does not say.
     profile: Option<Arc<Compiled>>,
+    /// A correction measured online ([`crate::recal`]): step times and power times these.
+    time_factor: f64,
+    power_factor: f64,
 }
 
 impl ReplicaPerf {
@@ -257,6 +260,8 @@ impl ReplicaPerf {
             kv_capacity_tokens: kv_capacity as u64,
             price_usd_per_hour: acc.price_usd_per_hour,
             profile: None,
+            time_factor: 1.0,
+            power_factor: 1.0,
         })
     }
 
@@ -264,7 +269,12 @@ impl ReplicaPerf {
     /// still gives the memory, the power range and the price, and whatever the profile
     /// does not measure (see [`ReplicaPerf::step`]). The profile must be of this model,
     /// accelerator and tensor-parallel degree.
-    pub fn with_profile(mut self, model: &ModelId, accelerator: &AcceleratorId, profile: Arc<Compiled>) -> Result<Self, ProfileError> {
+    pub fn with_profile(
+        mut self,
+        model: &ModelId,
+        accelerator: &AcceleratorId,
+        profile: Arc<Compiled>,
+    ) -> Result<Self, ProfileError> {
         let wrong = |field: &str, got: String, want: String| ProfileError {
             field: field.into(),
             message: format!("is {got}, but the replica it was given to has {want}"),
@@ -273,10 +283,18 @@ impl ReplicaPerf {
             return Err(wrong("model", profile.model.clone(), model.to_string()));
         }
         if profile.accelerator != accelerator.as_str() {
-            return Err(wrong("accelerator", profile.accelerator.clone(), accelerator.to_string()));
+            return Err(wrong(
+                "accelerator",
+                profile.accelerator.clone(),
+                accelerator.to_string(),
+            ));
         }
         if profile.tensor_parallel != self.tp {
-            return Err(wrong("tensor_parallel", profile.tensor_parallel.to_string(), self.tp.to_string()));
+            return Err(wrong(
+                "tensor_parallel",
+                profile.tensor_parallel.to_string(),
+                self.tp.to_string(),
+            ));
         }
         self.profile = Some(profile);
         Ok(self)
@@ -284,12 +302,28 @@ impl ReplicaPerf {
 
     /// The model of a replica as `profiles` describe it: the profile of this model,
     /// accelerator and degree where there is one, the performance model otherwise.
-    pub fn believed(model: &ModelId, accelerator: &AcceleratorId, tp: u32, profiles: &Profiles) -> Result<Self, CatalogError> {
+    pub fn believed(
+        model: &ModelId,
+        accelerator: &AcceleratorId,
+        tp: u32,
+        profiles: &Profiles,
+    ) -> Result<Self, CatalogError> {
         let perf = Self::new(model, accelerator, tp)?;
         Ok(match profiles.find(model.as_str(), accelerator.as_str(), perf.tp) {
-            Some(p) => perf.with_profile(model, accelerator, p.clone()).expect("found by the same key"),
+            Some(p) => perf
+                .with_profile(model, accelerator, p.clone())
+                .expect("found by the same key"),
             None => perf,
         })
+    }
+
+    /// The replica corrected by what it measured: every step `time` times as long, its
+    /// devices drawing `power` times the power (see [`crate::recal`]).
+    pub fn corrected(&self, time: f64, power: f64) -> Self {
+        let mut c = self.clone();
+        c.time_factor = if time.is_finite() && time > 0.0 { time } else { 1.0 };
+        c.power_factor = if power.is_finite() && power > 0.0 { power } else { 1.0 };
+        c
     }
 
     /// The profile the replica's steps follow, if any.
@@ -333,9 +367,19 @@ impl ReplicaPerf {
     /// power change from that limit as the model says they would.
     pub fn step(&self, s: &StepShape, power_limit_w: f64) -> StepCost {
         let limit = power_limit_w.clamp(self.min_power_w, self.max_power_w);
-        match &self.profile {
+        let cost = match &self.profile {
             None => self.model_step(s, limit),
             Some(p) => self.profiled_step(p, s, limit),
+        };
+        if self.time_factor == 1.0 && self.power_factor == 1.0 {
+            return cost;
+        }
+        let (seconds, power_w) = (cost.seconds * self.time_factor, cost.power_w * self.power_factor);
+        StepCost {
+            seconds,
+            power_w,
+            energy_j: power_w * seconds,
+            clock: cost.clock,
         }
     }
 
@@ -346,8 +390,14 @@ impl ReplicaPerf {
         let decode_shape = StepShape::decode(seqs, context);
         let lowest = p.lowest_power_limit_w();
         let (mut decode, below) = if limit < lowest {
-            let (at, from) = (self.model_step(&decode_shape, limit), self.model_step(&decode_shape, lowest));
-            (p.decode_step(seqs, context, lowest), Some((at.seconds / from.seconds, at.power_w / from.power_w)))
+            let (at, from) = (
+                self.model_step(&decode_shape, limit),
+                self.model_step(&decode_shape, lowest),
+            );
+            (
+                p.decode_step(seqs, context, lowest),
+                Some((at.seconds / from.seconds, at.power_w / from.power_w)),
+            )
         } else {
             (p.decode_step(seqs, context, limit), None)
         };

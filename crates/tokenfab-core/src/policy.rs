@@ -218,6 +218,32 @@ impl Default for TunerPolicy {
     }
 }
 
+/// `recalibration`: each replica's belief about itself corrected online from its own
+/// telemetry (see [`crate::recal`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecalibrationPolicy {
+    /// Correct the beliefs; `false` keeps the profile (or the performance model) as given.
+    pub enabled: bool,
+    /// Shortest measurement interval.
+    #[serde(with = "human_duration")]
+    pub interval: Duration,
+    /// How far a belief may be off before anything was measured (relative): capacity
+    /// estimates count on that much less until measurements narrow it.
+    pub prior_error: f64,
+}
+
+impl Default for RecalibrationPolicy {
+    fn default() -> Self {
+        let c = crate::recal::RecalConfig::default();
+        RecalibrationPolicy {
+            enabled: c.enabled,
+            interval: c.interval,
+            prior_error: c.prior_error,
+        }
+    }
+}
+
 /// Every decision-shaping setting (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -258,6 +284,7 @@ pub struct Policies {
     pub queue_order: QueueOrder,
     pub placement: PlacementPolicy,
     pub tuner: TunerPolicy,
+    pub recalibration: RecalibrationPolicy,
     /// How an agent picks the replica for the next request.
     pub routing: Routing,
 }
@@ -291,6 +318,7 @@ impl Default for Policies {
             queue_order: QueueOrder::Deadline,
             placement: PlacementPolicy::default(),
             tuner: TunerPolicy::default(),
+            recalibration: RecalibrationPolicy::default(),
             routing: Routing::PrefixAffinity,
         }
     }
@@ -392,6 +420,15 @@ impl Policies {
         if self.empty_lease_backoff.is_zero() {
             return bad("empty_lease_backoff", "must be longer than zero".into());
         }
+        if !(self.recalibration.prior_error >= 0.0 && self.recalibration.prior_error < 1.0) {
+            return bad(
+                "recalibration.prior_error",
+                format!("is {}; it must be in [0, 1)", self.recalibration.prior_error),
+            );
+        }
+        if self.recalibration.interval.is_zero() {
+            return bad("recalibration.interval", "must be longer than zero".into());
+        }
         if self.energy_sample_interval.is_zero() {
             return bad("energy_sample_interval", "must be longer than zero".into());
         }
@@ -436,6 +473,7 @@ impl Policies {
             },
             admission: self.admission,
             admission_headroom: self.admission_headroom,
+            belief_prior_error: self.recalibration.prior_error,
             ..ControlConfig::deployment_defaults()
         }
     }
@@ -472,6 +510,12 @@ impl Policies {
                 ..TunerConfig::mechanics()
             },
             routing: self.routing,
+            recalibration: crate::recal::RecalConfig {
+                enabled: self.recalibration.enabled,
+                interval: self.recalibration.interval,
+                prior_error: self.recalibration.prior_error,
+                ..crate::recal::RecalConfig::default()
+            },
             ..AgentConfig::mechanics()
         }
     }

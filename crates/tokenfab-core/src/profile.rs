@@ -274,7 +274,10 @@ impl EngineProfile {
     /// Needs power figures.
     pub fn energy_floor(&self, floor_batch: u32, idle_w: f64) -> Result<EngineProfile, ProfileError> {
         let Some(power) = &self.power_w else {
-            return fail("power_w", "is absent; an energy shape needs the profile's power figures");
+            return fail(
+                "power_w",
+                "is absent; an energy shape needs the profile's power figures",
+            );
         };
         let compiled = self.compile();
         let mut new_power = power.clone();
@@ -495,10 +498,12 @@ pub struct Profiles(Arc<Vec<(EngineProfile, Arc<Compiled>)>>);
 impl std::fmt::Debug for Profiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(
-                self.iter()
-                    .map(|p| format!("{} on {} x{} ({:?})", p.model, p.accelerator, p.tensor_parallel, p.provenance.source)),
-            )
+            .entries(self.iter().map(|p| {
+                format!(
+                    "{} on {} x{} ({:?})",
+                    p.model, p.accelerator, p.tensor_parallel, p.provenance.source
+                )
+            }))
             .finish()
     }
 }
@@ -803,7 +808,10 @@ mod tests {
             let got = jpt(&floored, b);
             assert!(got >= 0.99 * reachable, "batch {b}: {got} < {reachable}");
         }
-        assert!(jpt(&floored, 128) > 1.1 * jpt(&p, 128), "the truth's energy differs from the model's");
+        assert!(
+            jpt(&floored, 128) > 1.1 * jpt(&p, 128),
+            "the truth's energy differs from the model's"
+        );
         // Steps take as long as before; power stays within the limit.
         assert_eq!(floored.step_s, p.step_s);
         for (pi, per) in floored.power_w.as_ref().unwrap().iter().enumerate() {

@@ -403,6 +403,17 @@ impl ReplicaTuner {
         self
     }
 
+    /// Replaces the performance model it follows (the agent's recalibration corrected
+    /// it): its own throughput calibration starts again from 1, the correction having
+    /// taken in what it had measured.
+    pub fn set_model(&mut self, perf: crate::perf::ReplicaPerf) {
+        if let Some(g) = self.guide.as_mut() {
+            g.perf = perf;
+            g.calibration = 1.0;
+            g.calibrated = 0;
+        }
+    }
+
     /// The window the tuner has set (or would set, in advisory mode).
     pub fn window(&self) -> u32 {
         self.windows[self.wi]

@@ -219,10 +219,12 @@ impl<'a> Simulation<'a> {
                     let max_num_seqs = d.max_num_seqs.unwrap_or(default_seqs).max(window);
                     for _ in 0..scenario.replicas_per_node(d) {
                         let perf =
-                            ReplicaPerf::believed(&model, &accelerator, d.tensor_parallel, &truth).map_err(|e| ScenarioError {
-                                file: scenario.name.clone(),
-                                path: "deployments".into(),
-                                message: e.to_string(),
+                            ReplicaPerf::believed(&model, &accelerator, d.tensor_parallel, &truth).map_err(|e| {
+                                ScenarioError {
+                                    file: scenario.name.clone(),
+                                    path: "deployments".into(),
+                                    message: e.to_string(),
+                                }
                             })?;
                         let limit = pool.power_limit_w.unwrap_or(perf.max_power_w());
                         let power = PowerRange {

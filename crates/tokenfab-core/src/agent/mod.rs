@@ -68,6 +68,9 @@ pub struct AgentConfig {
     /// (the performance model for the others).
     #[serde(default)]
     pub profiles: crate::profile::Profiles,
+    /// Each replica's belief corrected online from its telemetry.
+    #[serde(default)]
+    pub recalibration: crate::recal::RecalConfig,
 }
 
 /// How far into its model's queue a replica looks for a request whose prompt prefix it
@@ -113,6 +116,7 @@ impl AgentConfig {
             tuner: crate::tuner::TunerConfig::mechanics(),
             routing: Routing::LeastLoaded,
             profiles: crate::profile::Profiles::default(),
+            recalibration: crate::recal::RecalConfig::default(),
             lease_batch: 1024,
             prefetch: 1.0,
             report_max: 1024,
@@ -316,8 +320,12 @@ struct Replica {
     advised_at: Timestamp,
     /// The replica's engine has a generated-token counter (its readings carry it).
     engine_counter: bool,
-    /// The performance model of the replica, if its accelerator is in the catalog.
+    /// What the replica believes about itself (its profile, or the performance model, if
+    /// its accelerator is in the catalog), corrected by what it measured.
     perf: Option<crate::perf::ReplicaPerf>,
+    /// The belief before correction, and its online recalibration ([`crate::recal`]).
+    belief: Option<crate::perf::ReplicaPerf>,
+    recal: crate::recal::Recalibrator,
     /// Output tokens at the last advice (advisory mode measures throughput between two).
     advice_tokens: u64,
     /// The performance model's values for the advice (see [`crate::tuner::AdviceGrid`]).
@@ -515,13 +523,8 @@ impl AgentCore {
         for i in 0..self.replicas.len() {
             let queued = self.models[self.replicas[i].model].queue.len() as u32;
             let r = &mut self.replicas[i];
-            if self.config.tuner.mode == TunerMode::Advisory {
-                advise(r, &self.config.tuner, now);
-                continue;
-            }
-            let Some(t) = r.tuner.as_mut() else { continue };
             if r.setting_power {
-                // The tuner waits for its power limit to be in force.
+                // The tuner and the recalibration wait for a power limit to be in force.
                 continue;
             }
             // Tokens from the engine's counter where it has one; from finished requests
@@ -532,7 +535,7 @@ impl AgentCore {
                 continue;
             }
             r.engine_counter |= engine_tokens.is_some();
-            t.observe(Observation {
+            let observation = Observation {
                 at: now,
                 tokens: engine_tokens.unwrap_or(r.stats.completion_tokens),
                 energy_j: r.last_reading.map(|x| x.energy_j),
@@ -543,7 +546,24 @@ impl AgentCore {
                 queued,
                 prompt_tokens: r.stats.prompt_tokens,
                 completion_tokens: r.stats.completion_tokens,
-            });
+            };
+            if let Some(belief) = &r.belief {
+                let power = r.power_limit_w.unwrap_or(belief.max_power_w());
+                if r.recal.observe(belief, &observation, r.window, power) {
+                    let c = r.recal.correction();
+                    let corrected = belief.corrected(c.time, c.power);
+                    if let Some(t) = r.tuner.as_mut() {
+                        t.set_model(corrected.clone());
+                    }
+                    r.perf = Some(corrected);
+                }
+            }
+            if self.config.tuner.mode == TunerMode::Advisory {
+                advise(r, &self.config.tuner, now);
+                continue;
+            }
+            let Some(t) = r.tuner.as_mut() else { continue };
+            t.observe(observation);
             while let Some(d) = t.poll_decision() {
                 r.window = d.window.clamp(1, r.spec.max_concurrency.max(1));
                 if let Some(watts) = d.power_limit_w
@@ -736,6 +756,7 @@ impl AgentCore {
                 idle_j: r.stats.idle_j,
                 power_limit_w: r.power_limit_w,
                 tuning: self.tuning_report(r),
+                calibration: r.belief.as_ref().map(|_| r.recal.correction()),
             })
             .collect()
     }
@@ -1039,7 +1060,9 @@ impl Replica {
             advice: None,
             advised_at: now,
             engine_counter: false,
+            belief: perf.clone(),
             perf,
+            recal: crate::recal::Recalibrator::new(config.recalibration.clone()),
             advice_tokens: 0,
             advice_grid: crate::tuner::AdviceGrid::default(),
             model,

@@ -23,6 +23,7 @@ impl ControlCore {
             pue: self.config.pue,
         };
         let node = reg.node.clone();
+        let prior = crate::recal::Correction::prior(self.config.belief_prior_error);
         let serving = reg
             .replicas
             .iter()
@@ -41,7 +42,8 @@ impl ControlCore {
                     replica: r.replica.clone(),
                     key: std::sync::Arc::new((node.clone(), r.replica.clone())),
                     model: r.model.clone(),
-                    cap: perf.as_ref().map(|p| p.capacity(window, REFERENCE_SHAPE)),
+                    cap: perf.as_ref().map(|p| believed_capacity(p, window, &prior)),
+                    calibration: prior,
                     perf,
                     window,
                     active: true,
@@ -100,13 +102,17 @@ impl ControlCore {
             // A counter that went back means the agent restarted and counts from zero.
             idle += if r.idle_j >= seen { r.idle_j - seen } else { r.idle_j };
         }
-        // The agent's windows now (its tuner may have moved them): capacity is estimated
-        // at them.
+        // The agent's windows now (its tuner may have moved them) and its replicas'
+        // recalibration: capacity is estimated at them.
         for r in replicas {
             if let Some(s) = n.serving.iter_mut().find(|s| s.replica == r.replica) {
-                if r.window > 0 && r.window != s.window {
-                    s.window = r.window;
-                    s.cap = s.perf.as_ref().map(|p| p.capacity(s.window, REFERENCE_SHAPE));
+                let calibration = r.calibration.unwrap_or(s.calibration);
+                if (r.window > 0 && r.window != s.window) || calibration != s.calibration {
+                    if r.window > 0 {
+                        s.window = r.window;
+                    }
+                    s.calibration = calibration;
+                    s.cap = s.perf.as_ref().map(|p| believed_capacity(p, s.window, &calibration));
                 }
                 s.report = Some(r);
             }
@@ -392,4 +398,11 @@ impl ControlCore {
             t.idle_cost_usd = hours.values().map(|s| s.cost_usd).sum();
         }
     }
+}
+
+/// Output tokens/s a replica is counted on for at `window`: its belief's capacity, divided
+/// by its measured time correction raised by that correction's uncertainty (so that
+/// admission counts on less while the correction is uncertain; see [`crate::recal`]).
+fn believed_capacity(perf: &crate::perf::ReplicaPerf, window: u32, c: &crate::recal::Correction) -> f64 {
+    perf.capacity(window, REFERENCE_SHAPE) / c.conservative_time()
 }

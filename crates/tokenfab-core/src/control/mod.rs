@@ -71,6 +71,10 @@ pub struct ControlConfig {
     /// replicas they describe (the performance model for the others).
     #[serde(default)]
     pub profiles: crate::profile::Profiles,
+    /// How far a replica's belief may be off before it reported a measurement (see
+    /// [`crate::recal::RecalConfig::prior_error`]).
+    #[serde(default)]
+    pub belief_prior_error: f64,
     /// Tenants' shares of spare capacity (default 1): best-effort work is handed out by
     /// weighted fair queueing over the output tokens each tenant has been given.
     pub tenant_weights: BTreeMap<TenantId, f64>,
@@ -290,6 +294,7 @@ impl ControlConfig {
             usd_per_kwh: DEFAULT_USD_PER_KWH,
             pue: DEFAULT_PUE,
             profiles: crate::profile::Profiles::default(),
+            belief_prior_error: crate::recal::RecalConfig::default().prior_error,
             tenant_weights: BTreeMap::new(),
             tenant_quotas: BTreeMap::new(),
             default_quota: Quota::default(),
@@ -682,8 +687,11 @@ struct Serving {
     /// The agent's concurrency window now (updated by heartbeats).
     window: u32,
     /// Output tokens/s at that window and full power for a reference request shape
-    /// (512 prompt, 256 output tokens), to share work between replicas.
+    /// (512 prompt, 256 output tokens), to share work between replicas; corrected by the
+    /// replica's recalibration.
     cap: Option<f64>,
+    /// The replica's recalibration as last reported (the prior until then).
+    calibration: crate::recal::Correction,
     active: bool,
     /// Placement's decision (in advisory mode `active` stays true).
     advised_active: bool,
@@ -959,6 +967,10 @@ pub struct ReplicaReport {
     pub power_limit_w: Option<f64>,
     /// The replica's tuner, if one runs (active or advisory).
     pub tuning: Option<TuningReport>,
+    /// How the replica's belief about itself is corrected by what it measured (absent
+    /// when it has no belief).
+    #[serde(default)]
+    pub calibration: Option<crate::recal::Correction>,
 }
 
 /// What a replica's tuner reports.
