@@ -276,4 +276,24 @@ async fn the_tuner_settles_where_the_simulator_predicts_and_follows_a_tighter_de
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+    // The online recalibration measured what the belief (the performance model, in
+    // emulated time) got wrong here: every step takes a tenth of the believed time, since
+    // the emulator runs at 10x. It shows in /v1/tuning and in the metrics.
+    let doc: serde_json::Value = serde_json::from_str(&http_text(&format!("{url}/v1/tuning")).await).unwrap();
+    let c = &doc["replicas"][0]["calibration"];
+    eprintln!("recalibration: {c}");
+    assert_eq!(doc["replicas"][0]["belief"], "model", "{doc}");
+    let time = c["time"].as_f64().expect("a time correction");
+    assert!(c["samples"].as_u64().unwrap() >= 3, "{c}");
+    assert!(
+        (time * SCALE - 1.0).abs() < 0.15,
+        "steps take 1/{SCALE} of the believed time, measured x{time:.3}"
+    );
+    let metrics = http_text(&format!("{url}/metrics")).await;
+    let shown: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tokenfab_control_replica_step_time_correction_ratio{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the correction is a metric:\n{metrics}"));
+    assert!((shown - time).abs() < 0.05, "{shown} vs {time}");
 }

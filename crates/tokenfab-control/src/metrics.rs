@@ -80,6 +80,10 @@ pub struct Metrics {
     replica_objective: PerReplica,
     replica_active: PerReplica,
     replica_tuner_moves: PerReplica,
+    replica_time_correction: PerReplica,
+    replica_power_correction: PerReplica,
+    replica_correction_uncertainty: PerReplica,
+    replica_model_error: PerReplica,
     free_devices: Gauge,
     stranded_devices: Gauge,
 }
@@ -129,6 +133,10 @@ impl Metrics {
             replica_objective: PerReplica::default(),
             replica_active: PerReplica::default(),
             replica_tuner_moves: PerReplica::default(),
+            replica_time_correction: PerReplica::default(),
+            replica_power_correction: PerReplica::default(),
+            replica_correction_uncertainty: PerReplica::default(),
+            replica_model_error: PerReplica::default(),
             free_devices: Gauge::default(),
             stranded_devices: Gauge::default(),
             registry: Registry::default(),
@@ -278,6 +286,26 @@ impl Metrics {
                 "Knob changes each replica's tuner made",
                 &m.replica_tuner_moves,
             ),
+            (
+                "replica_step_time_correction_ratio",
+                "Measured over believed step time of each replica (online recalibration; 1.3 = 30% slower than its profile or the performance model says)",
+                &m.replica_time_correction,
+            ),
+            (
+                "replica_power_correction_ratio",
+                "Measured over believed device power of each replica (online recalibration)",
+                &m.replica_power_correction,
+            ),
+            (
+                "replica_correction_uncertainty_ratio",
+                "Relative standard error of the step-time correction (the assumed prior error before any measurement); capacity estimates count on that much less",
+                &m.replica_correction_uncertainty,
+            ),
+            (
+                "replica_model_error_ratio",
+                "How far each replica's corrected belief was from the throughput it measured in its last interval (relative)",
+                &m.replica_model_error,
+            ),
         ] {
             registry.register(name, help, family.clone());
         }
@@ -390,6 +418,10 @@ impl Metrics {
             &self.replica_objective,
             &self.replica_active,
             &self.replica_tuner_moves,
+            &self.replica_time_correction,
+            &self.replica_power_correction,
+            &self.replica_correction_uncertainty,
+            &self.replica_model_error,
         ] {
             f.clear();
         }
@@ -410,6 +442,14 @@ impl Metrics {
                 .get_or_create(&l)
                 .set(if r.active { 1.0 } else { 0.0 });
             self.replica_tuner_moves.get_or_create(&l).set(r.tuner_moves as f64);
+            if let Some(c) = &r.calibration {
+                self.replica_time_correction.get_or_create(&l).set(c.time);
+                self.replica_power_correction.get_or_create(&l).set(c.power);
+                self.replica_correction_uncertainty.get_or_create(&l).set(c.uncertainty);
+                if let Some(e) = c.model_error {
+                    self.replica_model_error.get_or_create(&l).set(e);
+                }
+            }
         }
     }
 

@@ -69,6 +69,15 @@ pub enum ProfileSource {
     Model,
 }
 
+impl ProfileSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProfileSource::Measured => "measured",
+            ProfileSource::Model => "model",
+        }
+    }
+}
+
 /// One engine on one accelerator class: decode step time and per-device power against
 /// decode batch, context length and power limit. See the module docs for the format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

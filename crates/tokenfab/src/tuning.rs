@@ -42,6 +42,7 @@ pub async fn run(a: TuningArgs) -> anyhow::Result<()> {
         "owed tok/s",
         "measured tok/s",
         "objective",
+        "belief (correction)",
         "last decision",
     ]);
     for r in &doc.replicas {
@@ -71,6 +72,7 @@ pub async fn run(a: TuningArgs) -> anyhow::Result<()> {
             Cell::new(format!("{:.0}", r.owed_tokens_per_s)).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.0}", r.measured_tokens_per_s)).set_alignment(CellAlignment::Right),
             Cell::new(objective),
+            Cell::new(belief_text(r)),
             Cell::new(decision),
         ]);
     }
@@ -84,6 +86,35 @@ pub async fn run(a: TuningArgs) -> anyhow::Result<()> {
         println!("{}", plan_text(plan));
     }
     Ok(())
+}
+
+/// A replica's belief and how its measurements correct it, e.g. `model: step time x1.28
+/// ± 3%, power x0.91; error 2.1%`.
+fn belief_text(r: &tokenfab_core::control::ReplicaView) -> String {
+    let Some(c) = &r.calibration else {
+        return "-".into();
+    };
+    if c.samples == 0 {
+        return format!(
+            "{}: not measured yet (± {:.0}% assumed)",
+            r.belief,
+            c.uncertainty * 100.0
+        );
+    }
+    let power = if c.power_samples > 0 {
+        format!(", power x{:.2}", c.power)
+    } else {
+        String::new()
+    };
+    let error = c
+        .model_error
+        .map_or(String::new(), |e| format!("; error {:.1}%", e * 100.0));
+    format!(
+        "{}: step time x{:.2} ± {:.0}%{power}{error}",
+        r.belief,
+        c.time,
+        c.uncertainty * 100.0
+    )
 }
 
 /// Placement's advice in words.

@@ -619,6 +619,14 @@ pub struct ReplicaView {
     pub reason: String,
     /// Advisory mode: the performance model's recommendation.
     pub advice: Option<AdviceView>,
+    /// Whether the replica's belief about itself is a profile (`profile (measured)`,
+    /// `profile (model)`) or the performance model (`model`); empty when it has none.
+    #[serde(default)]
+    pub belief: String,
+    /// How the replica's belief is corrected by what it measured, as the control plane
+    /// counts on it (the prior until the agent reports).
+    #[serde(default)]
+    pub calibration: Option<crate::recal::Correction>,
 }
 
 /// What `GET /v1/tuning` answers: every replica's knobs and tuner state, how fragmented

@@ -311,6 +311,11 @@ impl ControlCore {
                         predicted_objective: a.predicted_objective,
                         current_objective: a.current_objective,
                     }),
+                    belief: s.perf.as_ref().map_or(String::new(), |p| match p.profile() {
+                        Some(c) => format!("profile ({})", c.source.name()),
+                        None => "model".into(),
+                    }),
+                    calibration: s.perf.as_ref().map(|_| s.calibration),
                 });
             }
         }
