@@ -160,11 +160,32 @@ mod tests {
     #[test]
     fn builtin_catalog_parses_and_has_required_entries() {
         let c = Catalog::builtin();
-        for a in ["h100-sxm", "h200-sxm", "a100-sxm-80g", "l40s"] {
+        for a in [
+            "h100-sxm",
+            "h200-sxm",
+            "a100-sxm-80g",
+            "l40s",
+            "ascend-910b",
+            "ascend-910c",
+            "cloudmatrix-384",
+            "edge-cpu",
+        ] {
             let acc = c.accelerator(&AcceleratorId::from(a)).unwrap();
             assert!(acc.bf16_tflops > 0.0 && acc.memory_tb_s > 0.0 && !acc.src.is_empty());
             assert!(acc.idle_power_w < acc.max_power_w);
+            assert!(acc.power_limit_min_w < acc.max_power_w, "{a}");
         }
+        // The classes from outside NVIDIA's line are marked uncalibrated, and the
+        // super-node class is one high-bandwidth domain of 384 devices.
+        for a in ["ascend-910b", "ascend-910c", "cloudmatrix-384", "edge-cpu"] {
+            assert!(!c.accelerator(&AcceleratorId::from(a)).unwrap().calibrated, "{a}");
+        }
+        assert_eq!(
+            c.accelerator(&AcceleratorId::from("cloudmatrix-384"))
+                .unwrap()
+                .domain_size,
+            384
+        );
         for m in ["llama-3.1-8b", "llama-3.1-70b"] {
             let shape = c.model(&ModelId::from(m)).unwrap();
             assert_eq!(

@@ -734,7 +734,7 @@ workload:
             ),
             (
                 GOOD.replace("accelerator: h100-sxm", "accelerator: tpu-v5"),
-                "s.yaml: pools[0].accelerator: unknown accelerator 'tpu-v5': the catalog knows a100-sxm-80g, h100-sxm, h200-sxm, l40s",
+                "s.yaml: pools[0].accelerator: unknown accelerator 'tpu-v5': the catalog knows a100-sxm-80g, ascend-910b, ascend-910c, cloudmatrix-384, edge-cpu, h100-sxm, h200-sxm, l40s",
             ),
             (
                 GOOD.replace("duration: 1h", "duration: soon"),

@@ -1,6 +1,7 @@
 //! `tokenfab`: one binary for every role. See `tokenfab --help`.
 
 mod admin;
+mod calibrate;
 mod demo;
 mod parse;
 mod serve;
@@ -75,6 +76,12 @@ enum Command {
     /// configurations and a hindsight oracle; `tokenfab sim curve` draws a model's
     /// tokens/J and latency against batch size.
     Sim(sim::SimArgs),
+    /// Measure a live OpenAI-compatible engine (llama-server, vLLM, ...) over a grid of
+    /// requests in flight and prompt lengths, and write its engine profile (decode step
+    /// time against batch and context, prefill cost per token) with a fit report: how well
+    /// the profile predicts what was measured. The simulator and the tuner can then believe
+    /// the measured curve instead of the performance model (docs/engine-profiles.md).
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// Where the control plane is and who the tenant is.
@@ -130,6 +137,7 @@ fn main() -> std::process::ExitCode {
             Command::Sla(a) => sla::run(a).await,
             Command::Tuning(a) => tuning::run(a).await,
             Command::Sim(a) => sim::run(a).await,
+            Command::Calibrate(a) => calibrate::run(a).await,
         }
     });
     match result {
