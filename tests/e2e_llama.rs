@@ -48,8 +48,13 @@ fn locate() -> Option<(String, String)> {
     }
 }
 
-/// Starts llama-server on a free port and waits for /health.
+/// Starts llama-server on a free port with two threads and waits for /health.
 async fn start_llama(server: &str, model: &str, slots: u32) -> (Llama, String) {
+    start_llama_threads(server, model, slots, 2).await
+}
+
+/// Starts llama-server with `threads` threads.
+async fn start_llama_threads(server: &str, model: &str, slots: u32, threads: u32) -> (Llama, String) {
     let port = free_port();
     let child = Command::new(server)
         .args([
@@ -60,7 +65,7 @@ async fn start_llama(server: &str, model: &str, slots: u32) -> (Llama, String) {
             "--port",
             &port.to_string(),
             "-t",
-            "2",
+            &threads.to_string(),
             "-np",
             &slots.to_string(),
         ])
@@ -384,4 +389,288 @@ async fn the_live_tuner_finds_the_knee_of_a_real_llama_cpp_server() {
         rate_at(window)
     );
     // What is left of the batch ends with the processes when the test ends.
+}
+
+/// Output tokens of workload request `i`: 24 to 72 (mean 48), spread by a hash of `i`.
+fn fidelity_output(i: usize) -> u32 {
+    24 + ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as u32 * 48 / 63
+}
+
+/// A workload request whose prompt the server counts the same for every `i`.
+fn fidelity_body(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": format!("Write one sentence about topic number {:03}.", i % 1000)}],
+        "max_tokens": fidelity_output(i),
+        "ignore_eos": true,
+        "temperature": 0,
+    })
+}
+
+/// Fidelity against a real engine, not the emulator: `tokenfab calibrate` measures
+/// llama-server (SmolLM2-135M on this machine's CPU) on a grid (1 to 12 requests in flight,
+/// 32-token outputs); the simulator, believing and running that profile, predicts a
+/// different workload (two batches of 40 requests with 24- to 72-token outputs, the second
+/// arriving while the first runs, window 6: a point between the grid's); then the same
+/// workload runs live through a control plane and an agent against the same server. The
+/// test prints the predicted and measured throughput and each batch's completion time.
+///
+/// The goal is 10%. On a shared 2-core machine the engine's own speed moves by 10 to 20%
+/// between two runs a minute apart (the calibration and the live run): in six runs the
+/// largest error was 27% and all three figures were within 11% in four. The bound the
+/// test enforces is `TOLERANCE`, set from those runs (see docs/engine-profiles.md,
+/// "Fidelity against llama-server").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_predicts_a_real_engine_from_its_calibrated_profile() {
+    let Some((server_bin, gguf)) = locate() else { return };
+    let _alone = ALONE.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_llama, llama_url) = start_llama(&server_bin, &gguf, 16).await;
+    const PER_BATCH: usize = 40;
+    const WINDOW: u32 = 6;
+    const TOLERANCE: f64 = 0.35;
+    const SECOND_AFTER_S: f64 = 10.0;
+
+    // 1. Calibrate.
+    let profile = dir.path().join("smollm2-edge-cpu.toml");
+    let started = Instant::now();
+    let out = run_cli(
+        &[
+            "calibrate",
+            "--url",
+            &llama_url,
+            "--served-model",
+            "smollm2",
+            "--model",
+            "smollm2-135m",
+            "--accelerator",
+            "edge-cpu",
+            "--concurrency",
+            "1,2,4,8,12",
+            "--prompt-tokens",
+            "16,48",
+            "--output-tokens",
+            "32",
+            "--warmup",
+            "1s",
+            "--measure",
+            "5s",
+            "--quiet",
+            "--out",
+            profile.to_str().unwrap(),
+        ],
+        &[],
+    );
+    println!("calibration ({:.0} s):\n{out}", started.elapsed().as_secs_f64());
+    let text = std::fs::read_to_string(&profile).unwrap();
+    let p = tokenfab_core::profile::EngineProfile::from_toml(&text).unwrap();
+    assert_eq!(p.provenance.source, tokenfab_core::profile::ProfileSource::Measured);
+    assert!(p.provenance.engine.starts_with("llama.cpp"), "{:?}", p.provenance);
+
+    // The workload's prompt length, as the server counts it (the chat template included).
+    let http = reqwest::Client::new();
+    let one: serde_json::Value = http
+        .post(format!("{llama_url}/v1/chat/completions"))
+        .body(
+            serde_json::json!({"model": "smollm2", "messages": fidelity_body(0)["messages"], "max_tokens": 1})
+                .to_string(),
+        )
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let prompt = one["usage"]["prompt_tokens"].as_u64().expect("usage") as u32;
+
+    // 2. The simulator's prediction, believing and running the profile.
+    let mut trace = String::new();
+    for (k, at) in [0.0, SECOND_AFTER_S].iter().enumerate() {
+        for i in 0..PER_BATCH {
+            trace.push_str(&format!(
+                "{{\"t_s\": {at}, \"prompt_tokens\": {prompt}, \"output_tokens\": {}}}\n",
+                fidelity_output(k * PER_BATCH + i)
+            ));
+        }
+    }
+    std::fs::write(dir.path().join("trace.jsonl"), trace).unwrap();
+    let yaml = format!(
+        r#"
+name: fidelity-llama
+description: one llama-server replica of SmolLM2-135M on this machine's CPU, as calibrated
+duration: 30s
+pools:
+  - {{name: cpu, accelerator: edge-cpu, nodes: 1, devices_per_node: 1}}
+deployments:
+  - {{pool: cpu, model: smollm2-135m, window: {WINDOW}, max_num_seqs: 16}}
+workload:
+  tenants:
+    - name: t
+      model: smollm2-135m
+      arrivals: {{kind: trace, file: trace.jsonl, format: jsonl, batch_every: 10s}}
+      completion_window: 1h
+policies: {{window: {WINDOW}, admission: false, tuner: {{mode: off}}}}
+profiles:
+  truth: [{name}]
+  belief: [{name}]
+"#,
+        name = profile.file_name().unwrap().to_str().unwrap()
+    );
+    let scenario = tokenfab_sim::Scenario::parse(&yaml, "fidelity-llama.yaml").unwrap();
+    let report = tokenfab_sim::run(&scenario, dir.path(), 1, |_| {}).unwrap();
+    assert_eq!(report.batch_records.len(), 2);
+    let first = report.batch_records[0].arrived.as_secs_f64();
+    let sim_completion: Vec<f64> = report
+        .batch_records
+        .iter()
+        .map(|b| b.ended.as_secs_f64() - b.arrived.as_secs_f64())
+        .collect();
+    let sim_last = report
+        .batch_records
+        .iter()
+        .map(|b| b.ended.as_secs_f64())
+        .fold(0.0, f64::max);
+    let sim_throughput = report.requests.completion_tokens as f64 / (sim_last - first);
+    // What the performance model alone (no profile) would have predicted, for the record.
+    let unprofiled = yaml.split("profiles:").next().unwrap();
+    let plain = tokenfab_sim::run(
+        &tokenfab_sim::Scenario::parse(unprofiled, "fidelity-llama-model.yaml").unwrap(),
+        dir.path(),
+        1,
+        |_| {},
+    )
+    .unwrap();
+    let plain_last = plain
+        .batch_records
+        .iter()
+        .map(|b| b.ended.as_secs_f64())
+        .fold(0.0, f64::max);
+    let plain_throughput = plain.requests.completion_tokens as f64 / (plain_last - first);
+
+    // 3. The same workload, live.
+    let (_server, addr) = start_server(
+        dir.path(),
+        &["--tenant", "t=tok", "--no-admission"],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
+    );
+    let agent = Proc::spawn(
+        "agent",
+        dir.path(),
+        &[
+            "agent",
+            "--control",
+            &format!("http://{addr}"),
+            "--node",
+            "cpu-node",
+            "--devices",
+            "none",
+            "--replica",
+            &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window={WINDOW},max=16"),
+            "--tuner",
+            "off",
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
+    );
+    let procs = [agent];
+    wait_registered(&procs, Duration::from_secs(30)).await;
+    let mut c = tenant_client(addr, "tok").await;
+    let batch = |k: usize| {
+        (0..PER_BATCH)
+            .map(|i| {
+                let n = k * PER_BATCH + i;
+                serde_json::json!({"custom_id": format!("f{n:03}"), "method": "POST", "url": "/v1/chat/completions", "body": fidelity_body(n)})
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut ids = Vec::new();
+    let t0 = Instant::now();
+    for k in 0..2 {
+        if k == 1 {
+            tokio::time::sleep(Duration::from_secs_f64(SECOND_AFTER_S).saturating_sub(t0.elapsed())).await;
+        }
+        let b = c
+            .create_batch(pb::CreateBatchRequest {
+                input_jsonl: batch(k).into_bytes().into(),
+                options: Some(pb::BatchOptions {
+                    model: "smollm2-135m".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .batch
+            .unwrap();
+        ids.push(b.id);
+    }
+    let mut live = Vec::new();
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let b = c
+                .get_batch(pb::GetBatchRequest { batch_id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if is_final(&b) {
+                assert_eq!(b.status, pb::BatchStatus::Completed as i32, "{b:?}");
+                live.push(b);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{id} did not finish\n{}", procs[0].log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let usage: Vec<(u64, u64)> = live
+        .iter()
+        .map(|b| {
+            let u = b.usage.as_ref().unwrap();
+            (u.prompt_tokens, u.completion_tokens)
+        })
+        .collect();
+    let live_prompt: u64 = usage.iter().map(|u| u.0).sum();
+    assert_eq!(
+        live_prompt,
+        u64::from(prompt) * 2 * PER_BATCH as u64,
+        "every workload prompt counts {prompt} tokens, as the prediction assumed"
+    );
+    let live_completion: Vec<f64> = live
+        .iter()
+        .map(|b| (b.completed_at_unix_ms - b.created_at_unix_ms) as f64 / 1e3)
+        .collect();
+    let live_first = live.iter().map(|b| b.created_at_unix_ms).min().unwrap();
+    let live_last = live.iter().map(|b| b.completed_at_unix_ms).max().unwrap();
+    let live_tokens: u64 = usage.iter().map(|u| u.1).sum();
+    assert_eq!(live_tokens, report.requests.completion_tokens, "the same output tokens");
+    let live_throughput = live_tokens as f64 / ((live_last - live_first) as f64 / 1e3);
+
+    let rel = |predicted: f64, measured: f64| predicted / measured - 1.0;
+    let rows = [
+        ("throughput, output tokens/s", sim_throughput, live_throughput),
+        ("batch 1 completion, s", sim_completion[0], live_completion[0]),
+        ("batch 2 completion, s", sim_completion[1], live_completion[1]),
+    ];
+    println!(
+        "fidelity against llama-server (predicted by the simulator from the calibrated profile vs measured live):"
+    );
+    for (what, p, m) in rows {
+        println!(
+            "  {what:<30} predicted {p:>8.2}  measured {m:>8.2}  error {:+.1}%",
+            rel(p, m) * 100.0
+        );
+    }
+    println!(
+        "  (the performance model without the profile predicts {plain_throughput:.2} output tokens/s: error {:+.1}%)",
+        rel(plain_throughput, live_throughput) * 100.0
+    );
+    for (what, p, m) in rows {
+        assert!(
+            rel(p, m).abs() <= TOLERANCE,
+            "{what}: predicted {p:.2}, measured {m:.2}: more than {:.0}% apart",
+            TOLERANCE * 100.0
+        );
+    }
 }

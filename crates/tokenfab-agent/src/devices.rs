@@ -78,6 +78,49 @@ impl DeviceBackend for NoDevices {
     }
 }
 
+/// Devices the agent was told of but cannot read (e.g. a CPU serving llama.cpp, declared
+/// with `--accelerator`): they register with their class, so that the replicas have a
+/// belief (a profile or the performance model) and the control plane a capacity estimate,
+/// but there is no energy counter and no power limit to set (the limit range is one
+/// point, so the tuner leaves power alone).
+#[derive(Debug, Clone)]
+pub struct DeclaredDevices {
+    info: Vec<DeviceInfo>,
+}
+
+impl DeclaredDevices {
+    /// `count` devices of class `accelerator` with `max_power_w` as their (fixed) limit.
+    pub fn new(accelerator: &AcceleratorId, count: u32, max_power_w: f64) -> DeclaredDevices {
+        DeclaredDevices {
+            info: (0..count)
+                .map(|index| DeviceInfo {
+                    index,
+                    accelerator: accelerator.clone(),
+                    uuid: format!("declared-{accelerator}-{index}"),
+                    memory_bytes: 0,
+                    power_limit_w: max_power_w,
+                    power_limit_min_w: max_power_w,
+                    power_limit_max_w: max_power_w,
+                    domain: index,
+                    emulated: false,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl DeviceBackend for DeclaredDevices {
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.info.clone()
+    }
+    fn read(&self) -> BoxFuture<'_, Result<Vec<DeviceReading>, DeviceError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn set_power_limit(&self, index: u32, _watts: f64) -> BoxFuture<'_, Result<f64, DeviceError>> {
+        Box::pin(async move { Err(DeviceError::NoSuchDevice { index }) })
+    }
+}
+
 /// Emulated devices, read from engine emulators. Each emulator hosts the devices of one
 /// replica; `engines[i]` = (base URL, node device indices it emulates, in order).
 #[derive(Debug, Clone)]

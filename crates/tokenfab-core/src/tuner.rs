@@ -1223,7 +1223,7 @@ fn reverse(p: Probe) -> Probe {
 
 /// Windows from `min` to `max`, each about `step` times the previous (whole numbers,
 /// no repeats), `max` included.
-fn window_grid(min: u32, max: u32, step: f64) -> Vec<u32> {
+pub fn window_grid(min: u32, max: u32, step: f64) -> Vec<u32> {
     let step = step.max(1.05);
     let mut out = vec![min];
     let mut x = f64::from(min);

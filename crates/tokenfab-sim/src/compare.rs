@@ -4,10 +4,21 @@
 //! - `vllm-default`: every replica runs vLLM's default of up to 256 sequences at full
 //!   power, requests spread round-robin: what a deployment gets without tuning.
 //! - `static-wN`: every replica at window N (64, 128, 256, 512) and full power, least-loaded
-//!   routing: the configurations operators pick by hand. The best of them by tokens/J at
-//!   equal or better SLA attainment is the *best static* baseline.
+//!   routing: the configurations operators pick by hand.
+//! - `hindsight-static`: the best of a grid of static settings chosen in hindsight: every
+//!   window of the grid times every power limit from the device minimum to its maximum
+//!   (as a share of each pool's range), each run over the whole scenario; the one with the
+//!   most tokens/J among those with the highest SLA attainment any reached. This is the
+//!   best a careful operator could set by hand once, knowing the workload. Its grid
+//!   (`static_grid`, default 7 windows x 5 power limits; `full_grid` for every window and
+//!   power limit the tuner can reach) is in the comparison's JSON with every point's
+//!   figures.
+//! - The *best static* baseline is the best (same rule) of all static variants above.
 //! - `tuner`: the scenario with `policies.tuner.mode: active` (objective tokens/J): each
-//!   replica's window and power limit are tuned online from measurements.
+//!   replica's window and power limit are tuned online from measurements, on beliefs
+//!   corrected online (`policies.recalibration`).
+//! - `tuner-no-recal`: the same, with the recalibration off (the beliefs stay what the
+//!   scenario gives; the tuner's own throughput calibration still runs).
 //! - `tuner+placement`: the tuner, and the control plane's placement keeps active only
 //!   the replicas that the deadlines and the arrival rate need (`policies.placement.mode:
 //!   active`); parked replicas idle (the simulator does not power them off or stop
@@ -55,6 +66,8 @@ pub struct CompareOptions {
     pub oracle_grid: Vec<StaticConfig>,
     /// Skip the oracle (it costs about one run per grid point).
     pub oracle: bool,
+    /// The static settings the hindsight-best static row chooses from; empty: no such row.
+    pub static_grid: Vec<StaticConfig>,
     /// Threads.
     pub jobs: usize,
 }
@@ -62,18 +75,55 @@ pub struct CompareOptions {
 impl Default for CompareOptions {
     fn default() -> Self {
         let mut grid = Vec::new();
-        for window in [128, 256, 512] {
+        // Up to the tuner's largest window (1,024).
+        for window in [64, 128, 256, 512, 1024] {
             // 0 is the device's minimum power limit (29% of the maximum on an H100).
             for power_fraction in [1.0, 0.75, 0.55, 0.4, 0.0] {
                 grid.push(StaticConfig { window, power_fraction });
+            }
+        }
+        let mut static_grid = Vec::new();
+        for window in [16, 32, 64, 128, 256, 512, 1024] {
+            for power_fraction in [1.0, 0.75, 0.5, 0.25, 0.0] {
+                static_grid.push(StaticConfig { window, power_fraction });
             }
         }
         CompareOptions {
             oracle_phases: 8,
             oracle_grid: grid,
             oracle: true,
+            static_grid,
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
+    }
+}
+
+impl CompareOptions {
+    /// Every window and power limit the tuner can reach (its default grid: windows from 1
+    /// to 1,024 about 1.5x apart, power limits in steps of a tenth of the maximum down to
+    /// the minimum, as shares of the range), for both the hindsight-best static row and
+    /// the oracle.
+    pub fn full_grid(mut self) -> Self {
+        let t = tokenfab_core::tuner::TunerConfig::default();
+        let windows = tokenfab_core::tuner::window_grid(1, 1024, t.window_step);
+        let mut powers = vec![1.0];
+        let mut f: f64 = 1.0;
+        while f - t.power_step > 1e-9 {
+            f -= t.power_step;
+            powers.push((f * 100.0).round() / 100.0);
+        }
+        powers.push(0.0);
+        let grid: Vec<StaticConfig> = windows
+            .iter()
+            .flat_map(|&window| {
+                powers
+                    .iter()
+                    .map(move |&power_fraction| StaticConfig { window, power_fraction })
+            })
+            .collect();
+        self.static_grid = grid.clone();
+        self.oracle_grid = grid;
+        self
     }
 }
 
@@ -116,6 +166,9 @@ pub struct Comparison {
     pub scenario: String,
     pub seed: u64,
     pub rows: Vec<CompareRow>,
+    /// Every point of the hindsight-best static row's grid (`static-grid-wN-pP`, P the
+    /// power limit as a percentage of each pool's range above its minimum).
+    pub static_grid: Vec<CompareRow>,
     /// The best static baseline: highest tokens/J among the static variants with the
     /// highest SLA attainment any of them reached.
     pub best_static: Option<String>,
@@ -167,6 +220,20 @@ fn static_variant(s: &Scenario, window: u32, routing: Routing) -> Scenario {
     s
 }
 
+/// The scenario with every deployment at window `window` and every pool's power limit at
+/// `power_fraction` of its range (0: the minimum), tuner off, least-loaded routing.
+fn static_at(s: &Scenario, c: StaticConfig) -> Scenario {
+    let mut s = static_variant(s, c.window, Routing::LeastLoaded);
+    let catalog = tokenfab_core::catalog::Catalog::builtin();
+    for p in &mut s.pools {
+        if let Ok(a) = catalog.accelerator(&tokenfab_core::AcceleratorId::new(p.accelerator.clone())) {
+            let w = a.power_limit_min_w + (a.max_power_w - a.power_limit_min_w) * c.power_fraction;
+            p.power_limit_w = Some(w.clamp(a.power_limit_min_w, a.max_power_w));
+        }
+    }
+    s
+}
+
 /// Runs the comparison. `progress` is told the name of each variant as it finishes.
 pub fn compare(
     scenario: &Scenario,
@@ -195,10 +262,17 @@ pub fn compare(
     }
     let mut placed = tuned.clone();
     placed.policies.placement.mode = PlacementMode::Active;
+    let mut unrecalibrated = tuned.clone();
+    unrecalibrated.policies.recalibration.enabled = false;
     variants.push((
         "tuner".into(),
-        "tokenfab's tuner: window and power limit per replica, online, for tokens/J within the deadlines".into(),
+        "tokenfab's tuner: window and power limit per replica, online, for tokens/J within the deadlines, on recalibrated beliefs".into(),
         tuned,
+    ));
+    variants.push((
+        "tuner-no-recal".into(),
+        "the tuner on the beliefs as given (no online recalibration)".into(),
+        unrecalibrated,
     ));
     variants.push((
         "tuner+placement".into(),
@@ -213,6 +287,44 @@ pub fn compare(
     let mut rows = Vec::new();
     for r in results {
         rows.push(r?);
+    }
+    let grid_names: Vec<(String, Scenario)> = options
+        .static_grid
+        .iter()
+        .map(|&c| {
+            (
+                format!("static-grid-w{}-p{:.0}", c.window, c.power_fraction * 100.0),
+                static_at(scenario, c),
+            )
+        })
+        .collect();
+    let mut static_grid = Vec::new();
+    for r in crate::sweep::parallel(&grid_names, options.jobs, |(name, s)| {
+        let r = crate::run(s, base, seed, |_| {}).map(|r| row(name, "a static window and power limit", &r));
+        progress(name);
+        r
+    }) {
+        static_grid.push(r?);
+    }
+    let grid_top = static_grid.iter().map(|r| r.sla_attainment).fold(0.0, f64::max);
+    if let Some((i, best)) = static_grid
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.sla_attainment >= grid_top)
+        .max_by(|a, b| a.1.output_tokens_per_joule.total_cmp(&b.1.output_tokens_per_joule))
+    {
+        let c = options.static_grid[i];
+        let mut r = best.clone();
+        r.variant = "hindsight-static".into();
+        r.description = format!(
+            "the best of {} static settings in hindsight: window {}, power limit at {:.0}% of each pool's range ({})",
+            options.static_grid.len(),
+            c.window,
+            c.power_fraction * 100.0,
+            best.variant
+        );
+        r.phases = vec![c];
+        rows.push(r);
     }
     if options.oracle {
         let r = oracle(scenario, base, seed, options)?;
@@ -233,7 +345,7 @@ pub fn compare(
     }
     let statics: Vec<&CompareRow> = rows
         .iter()
-        .filter(|r| r.variant.starts_with("static-") || r.variant == "vllm-default")
+        .filter(|r| r.variant.starts_with("static-") || r.variant == "vllm-default" || r.variant == "hindsight-static")
         .collect();
     let top = statics.iter().map(|r| r.sla_attainment).fold(0.0, f64::max);
     let best_static = statics
@@ -254,6 +366,7 @@ pub fn compare(
         tuner_vs_oracle: tpj("oracle").zip(tuner).map(|(o, t)| t / o),
         best_static,
         rows,
+        static_grid,
     })
 }
 
@@ -351,7 +464,7 @@ fn oracle(scenario: &Scenario, base: &Path, seed: u64, options: &CompareOptions)
 
 /// How long a comparison will take, roughly, in runs of the scenario.
 pub fn cost_in_runs(options: &CompareOptions) -> f64 {
-    let statics = 7.0;
+    let statics = 8.0 + options.static_grid.len() as f64;
     let oracle = if options.oracle {
         // The grid, plus about two flat-out checks of the rest per phase.
         options.oracle_grid.len() as f64 + f64::from(options.oracle_phases)

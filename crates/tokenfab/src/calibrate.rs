@@ -7,8 +7,9 @@
 //! - the decode step time is the median gap between two tokens of one stream (steps that
 //!   also prefilled a new request are longer; the median leaves them out);
 //! - the throughput is the tokens that arrived per second;
-//! - at one request in flight, the time to the first token against the prompt length
-//!   gives the prefill cost per prompt token (the slope of a least-squares line).
+//! - at the fewest requests in flight, the time to the first token against the prompt
+//!   length gives the prefill cost per prompt token (the slope of a least-squares line;
+//!   with one prompt length, that time less one decode step, per token).
 //!
 //! The profile's table is the decode step time against batch (the requests in flight) and
 //! context (prompt plus half the output), with the prefill cost per token. The fit report
@@ -376,13 +377,27 @@ async fn measure_point(
             let mut done = Vec::new();
             let mut n = first;
             let mut signal = Some(decoding);
+            let mut failures = 0;
             while window.get().is_none_or(|(_, until)| Instant::now() < *until) {
                 // Output lengths spread over 0.5x to 1.5x the asked length (the same mean),
                 // so that the clients' requests do not start and end in step: an engine
                 // in steady state prefills one request now and then, not all at once.
                 let output = spread(a.output_tokens, n);
-                done.push(Stream::run(&http, &base, &a, n, prompt, output, signal.take()).await?);
                 n += 1;
+                match Stream::run(&http, &base, &a, n - 1, prompt, output, signal.clone()).await {
+                    Ok(s) => {
+                        signal = None;
+                        done.push(s);
+                    }
+                    // A request that fails now and then (a connection reset) is tried
+                    // again; a fourth failure at this point ends the calibration.
+                    Err(e) if failures < 3 => {
+                        failures += 1;
+                        eprintln!("a request failed ({e:#}); trying again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e.context("the fourth failed request at this grid point")),
+                }
             }
             anyhow::Ok(done)
         });

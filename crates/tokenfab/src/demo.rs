@@ -154,6 +154,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             super_node: Some(format!("supernode-{n}")),
             replicas,
             devices: DeviceKind::Emulated,
+            accelerator: None,
+            profiles: Default::default(),
             request_timeout: Duration::from_secs(600),
             tuning: serve::TuningArgs::default(),
             tls: None,

@@ -75,6 +75,13 @@ pub struct ServerArgs {
     /// Models batches may use (comma-separated; default: every model in the catalog).
     #[arg(long, value_delimiter = ',')]
     models: Vec<String>,
+    /// An engine profile (repeatable; docs/engine-profiles.md, e.g. from `tokenfab
+    /// calibrate`): the curve admission and the rates owed to deadlines believe for
+    /// replicas of its model, accelerator and tensor-parallel degree, instead of the
+    /// performance model (each replica's belief is then corrected online from what its
+    /// agent measures).
+    #[arg(long = "profile", value_name = "FILE")]
+    profiles: Vec<PathBuf>,
     /// Largest input file (e.g. 200MiB).
     #[arg(long, default_value = "200MiB", value_parser = parse::bytes)]
     max_file_bytes: u64,
@@ -370,6 +377,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             tenant_retention: retention,
             min_free_bytes: a.min_free_space,
             lease_max_bytes: a.lease_max_bytes,
+            profiles: read_profiles(&a.profiles)?,
             ..policies.control_config()
         },
         limits: InputLimits {
@@ -414,6 +422,19 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads `--profile` files; an error names the file and the field.
+pub fn read_profiles(paths: &[PathBuf]) -> anyhow::Result<tokenfab_core::profile::Profiles> {
+    let mut list = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("--profile {}: cannot read it", p.display()))?;
+        list.push(
+            tokenfab_core::profile::EngineProfile::from_toml(&text)
+                .with_context(|| format!("--profile {}", p.display()))?,
+        );
+    }
+    tokenfab_core::profile::Profiles::new(&list).context("--profile")
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -463,6 +484,17 @@ pub struct AgentArgs {
     /// Where device power and energy come from.
     #[arg(long, value_enum, default_value_t = DeviceKind::Emulated)]
     devices: DeviceKind,
+    /// With `--devices none`: the accelerator class (from the catalog, e.g. edge-cpu) each
+    /// replica runs on. It registers one such device per replica, so that the replicas
+    /// have a belief (a profile given with --profile, or the performance model) and the
+    /// control plane a capacity estimate; nothing is read from them.
+    #[arg(long, requires = "devices")]
+    accelerator: Option<String>,
+    /// An engine profile (repeatable; docs/engine-profiles.md, e.g. from `tokenfab
+    /// calibrate`): the curve the tuner believes for replicas of its model, accelerator and
+    /// tensor-parallel degree, instead of the performance model.
+    #[arg(long = "profile", value_name = "FILE")]
+    profiles: Vec<PathBuf>,
     /// Longest an engine call may take before it is retried elsewhere.
     #[arg(long, default_value = "10m", value_parser = parse::duration)]
     request_timeout: Duration,
@@ -583,6 +615,9 @@ pub struct AgentSetup {
     pub super_node: Option<String>,
     pub replicas: Vec<parse::ReplicaArg>,
     pub devices: DeviceKind,
+    /// With `DeviceKind::None`: the declared accelerator class of the replicas' devices.
+    pub accelerator: Option<String>,
+    pub profiles: tokenfab_core::profile::Profiles,
     pub request_timeout: Duration,
     pub tuning: TuningArgs,
     pub tls: Option<tonic::transport::ClientTlsConfig>,
@@ -597,28 +632,44 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
         super_node,
         replicas,
         devices,
+        accelerator,
+        profiles,
         request_timeout,
         tuning,
         tls,
     } = setup;
     let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
-    let (backend, indices): (Arc<dyn DeviceBackend>, Vec<Vec<u32>>) =
-        match devices {
-            DeviceKind::Emulated => {
-                let emu = EmulatedDevices::discover(
+    let (backend, indices): (Arc<dyn DeviceBackend>, Vec<Vec<u32>>) = match devices {
+        DeviceKind::Emulated => {
+            let emu = EmulatedDevices::discover(
                 reqwest::Client::builder()
                     .timeout(Duration::from_secs(2))
                     .build()
                     .context("building the HTTP client for device reads")?,
                 &urls,
-            ).await.context(
+            )
+            .await
+            .context(
                 "discovering emulated devices (use --devices none for engines that are not tokenfab engine emulators)",
             )?;
-                let idx = urls.iter().map(|u| emu.indices_of(u)).collect();
-                (Arc::new(emu), idx)
+            let idx = urls.iter().map(|u| emu.indices_of(u)).collect();
+            (Arc::new(emu), idx)
+        }
+        DeviceKind::None => match &accelerator {
+            Some(name) => {
+                let id = tokenfab_core::AcceleratorId::new(name);
+                let class = tokenfab_core::catalog::Catalog::builtin()
+                    .accelerator(&id)
+                    .with_context(|| format!("--accelerator {name}"))?;
+                let backend = tokenfab_agent::devices::DeclaredDevices::new(&id, urls.len() as u32, class.max_power_w);
+                (Arc::new(backend), (0..urls.len() as u32).map(|i| vec![i]).collect())
             }
-            DeviceKind::None => (Arc::new(NoDevices), vec![Vec::new(); urls.len()]),
-        };
+            None => (Arc::new(NoDevices), vec![Vec::new(); urls.len()]),
+        },
+    };
+    if accelerator.is_some() && devices != DeviceKind::None {
+        bail!("--accelerator declares the devices of --devices none; emulated devices say their own class");
+    }
     let replicas = replicas
         .into_iter()
         .zip(indices)
@@ -642,7 +693,10 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
         super_node: SuperNodeId::new(super_node.unwrap_or_else(|| node.clone())),
         node: NodeId::new(node),
         replicas,
-        core: tuning.config(backend.devices().first().map(|d| &d.accelerator)),
+        core: AgentConfig {
+            profiles,
+            ..tuning.config(backend.devices().first().map(|d| &d.accelerator))
+        },
         request_timeout,
         tls,
         record: None,
@@ -680,6 +734,8 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         super_node: a.super_node,
         replicas: a.replicas,
         devices: a.devices,
+        accelerator: a.accelerator,
+        profiles: read_profiles(&a.profiles)?,
         request_timeout: a.request_timeout,
         tuning: a.tuning,
     })

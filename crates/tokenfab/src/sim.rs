@@ -127,12 +127,20 @@ struct CompareArgs {
     scenario: PathBuf,
     #[arg(long)]
     seed: Option<u64>,
-    /// Phases the oracle cuts the run into (it tries 12 configurations in each).
+    /// Phases the oracle cuts the run into (it tries each configuration of its grid in each).
     #[arg(long, default_value_t = 8)]
     oracle_phases: u32,
-    /// Leave the oracle out (it costs about 12 runs of the scenario).
+    /// Leave the oracle out (it costs about 25 runs of the scenario with the default grid).
     #[arg(long)]
     no_oracle: bool,
+    /// The hindsight-best static row and the oracle choose from every window and power
+    /// limit the tuner can reach (18 windows x 11 power limits: about 200 runs each)
+    /// instead of the default grids (7 x 5 static settings, 5 x 5 for the oracle).
+    #[arg(long)]
+    full_grid: bool,
+    /// Leave out the hindsight-best static row (its grid costs one run per setting).
+    #[arg(long)]
+    no_static_grid: bool,
     /// Directory for compare.json and compare.csv (default: sim-out/<name>-compare).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -363,13 +371,19 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         oracle: !a.no_oracle,
         ..CompareOptions::default()
     };
+    if a.full_grid {
+        options = options.full_grid();
+    }
+    if a.no_static_grid {
+        options.static_grid.clear();
+    }
     if let Some(j) = a.jobs {
         options.jobs = j.max(1);
     }
     let out = a
         .out
         .unwrap_or_else(|| Path::new("sim-out").join(format!("{}-compare", scenario.name)));
-    let variants = 7 + u64::from(options.oracle);
+    let variants = 8 + options.static_grid.len() as u64 + u64::from(options.oracle);
     eprintln!(
         "comparing {} policies on {} (about {:.0} runs of the scenario on {} thread(s))",
         variants,
@@ -414,6 +428,9 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         ));
     }
     std::fs::write(out.join("compare.csv"), csv)?;
+    if let Some(h) = c.rows.iter().find(|r| r.variant == "hindsight-static") {
+        println!("hindsight-static: {}", h.description);
+    }
     if let Some(o) = c.rows.iter().find(|r| r.variant == "oracle") {
         let phases: Vec<String> = o
             .phases
