@@ -289,13 +289,13 @@ mod tests {
         let batch = 64;
         let ticks = (seconds * 10.0) as u32;
         // Exact running totals; the counters are their whole parts.
-        let (mut tokens, mut finished, mut joules) = (o.tokens as f64, o.finished as f64, o.energy_j.unwrap_or(0.0));
+        let (mut tokens, mut joules) = (o.tokens as f64, o.energy_j.unwrap_or(0.0));
         for _ in 0..ticks {
             let t = o.at.since(Timestamp::ZERO).as_secs_f64();
             let now = truth(t);
             let s = belief.steady_state(batch, 600, 180, 700.0);
             tokens += s.output_tokens_per_s / now.slower * 0.1;
-            finished = tokens / 180.0;
+            let finished = tokens / 180.0;
             joules += s.power_w * now.power * 0.1;
             o.at = o.at.saturating_add(Duration::from_millis(100));
             o.tokens = tokens as u64;

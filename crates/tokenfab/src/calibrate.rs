@@ -434,11 +434,12 @@ async fn measure_point(
                 gaps.push(w[1].duration_since(w[0]).as_secs_f64());
             }
         }
-        if s.sent >= from && s.sent < until {
-            if let Some(first) = s.token_times.first() {
-                ttft_sum += first.duration_since(s.sent).as_secs_f64();
-                ttft_n += 1;
-            }
+        if s.sent >= from
+            && s.sent < until
+            && let Some(first) = s.token_times.first()
+        {
+            ttft_sum += first.duration_since(s.sent).as_secs_f64();
+            ttft_n += 1;
         }
         if s.done >= from && s.done < until {
             requests += 1;
