@@ -99,6 +99,30 @@ async fn start_llama_threads(server: &str, model: &str, slots: u32, threads: u32
     (llama, url)
 }
 
+/// An agent for node `cpu-node` driving one replica (`--replica` value `replica`) of a
+/// CPU engine whose devices it cannot read, with `extra` flags.
+fn spawn_cpu_agent(dir: &std::path::Path, addr: std::net::SocketAddr, replica: &str, extra: &[&str]) -> Proc {
+    let control = format!("http://{addr}");
+    let mut args = vec![
+        "agent",
+        "--control",
+        &control,
+        "--node",
+        "cpu-node",
+        "--devices",
+        "none",
+        "--replica",
+        replica,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(
+        "agent",
+        dir,
+        &args,
+        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
+    )
+}
+
 fn smol_line(i: usize) -> String {
     let topics = [
         "the sea",
@@ -126,21 +150,11 @@ async fn a_batch_runs_on_a_real_llama_cpp_server_with_exact_usage() {
         &["--tenant", "t=tok"],
         &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     );
-    let _agent = Proc::spawn(
-        "agent",
+    let _agent = spawn_cpu_agent(
         dir.path(),
-        &[
-            "agent",
-            "--control",
-            &format!("http://{addr}"),
-            "--node",
-            "cpu-node",
-            "--devices",
-            "none",
-            "--replica",
-            &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window=8"),
-        ],
-        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
+        addr,
+        &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window=8"),
+        &[],
     );
 
     let input = dir.path().join("batch.jsonl");
@@ -314,25 +328,11 @@ async fn the_live_tuner_finds_the_knee_of_a_real_llama_cpp_server() {
         &["--tenant", "t=tok", "--metrics-listen", &http, "--no-admission"],
         &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     );
-    let agent = Proc::spawn(
-        "agent",
+    let agent = spawn_cpu_agent(
         dir.path(),
-        &[
-            "agent",
-            "--control",
-            &format!("http://{addr}"),
-            "--node",
-            "cpu-node",
-            "--devices",
-            "none",
-            "--replica",
-            &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window=1,max=16"),
-            "--tuner",
-            "active",
-            "--tuner-objective",
-            "throughput",
-        ],
-        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
+        addr,
+        &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window=1,max=16"),
+        &["--tuner", "active", "--tuner-objective", "throughput"],
     );
     let procs = [agent];
     wait_registered(&procs, Duration::from_secs(30)).await;
@@ -554,23 +554,11 @@ profiles:
         &["--tenant", "t=tok", "--no-admission"],
         &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
     );
-    let agent = Proc::spawn(
-        "agent",
+    let agent = spawn_cpu_agent(
         dir.path(),
-        &[
-            "agent",
-            "--control",
-            &format!("http://{addr}"),
-            "--node",
-            "cpu-node",
-            "--devices",
-            "none",
-            "--replica",
-            &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window={WINDOW},max=16"),
-            "--tuner",
-            "off",
-        ],
-        &[("TOKENFAB_AGENT_TOKEN", "agent-secret-of-the-tests")],
+        addr,
+        &format!("url={llama_url},model=smollm2-135m,engine-model=smollm2,window={WINDOW},max=16"),
+        &["--tuner", "off"],
     );
     let procs = [agent];
     wait_registered(&procs, Duration::from_secs(30)).await;
