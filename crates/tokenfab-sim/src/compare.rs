@@ -7,7 +7,7 @@
 //!   routing: the configurations operators pick by hand.
 //! - `hindsight-static`: the best of a grid of static settings chosen in hindsight: every
 //!   window of the grid times every power limit from the device minimum to its maximum
-//!   (as a share of each pool's range), each run over the whole scenario; the one with the
+//!   (as a share of the maximum, never below the minimum, as the oracle reads it), each run over the whole scenario; the one with the
 //!   most tokens/J among those with the highest SLA attainment any reached. This is the
 //!   best a careful operator could set by hand once, knowing the workload. Its grid
 //!   (`static_grid`, default 7 windows x 5 power limits; `full_grid` for every window and
@@ -167,7 +167,7 @@ pub struct Comparison {
     pub seed: u64,
     pub rows: Vec<CompareRow>,
     /// Every point of the hindsight-best static row's grid (`static-grid-wN-pP`, P the
-    /// power limit as a percentage of each pool's range above its minimum).
+    /// power limit as a percentage of each pool's maximum, at least its minimum).
     pub static_grid: Vec<CompareRow>,
     /// The best static baseline: highest tokens/J among the static variants with the
     /// highest SLA attainment any of them reached.
@@ -220,15 +220,19 @@ fn static_variant(s: &Scenario, window: u32, routing: Routing) -> Scenario {
     s
 }
 
-/// The scenario with every deployment at window `window` and every pool's power limit at
-/// `power_fraction` of its range (0: the minimum), tuner off, least-loaded routing.
+/// The scenario with every deployment at window `c.window` and every pool's power limit at
+/// `c.power_fraction` as the oracle reads it ([`crate::sim::static_power_w`]), tuner off,
+/// least-loaded routing.
 fn static_at(s: &Scenario, c: StaticConfig) -> Scenario {
     let mut s = static_variant(s, c.window, Routing::LeastLoaded);
     let catalog = tokenfab_core::catalog::Catalog::builtin();
     for p in &mut s.pools {
         if let Ok(a) = catalog.accelerator(&tokenfab_core::AcceleratorId::new(p.accelerator.clone())) {
-            let w = a.power_limit_min_w + (a.max_power_w - a.power_limit_min_w) * c.power_fraction;
-            p.power_limit_w = Some(w.clamp(a.power_limit_min_w, a.max_power_w));
+            p.power_limit_w = Some(crate::sim::static_power_w(
+                a.power_limit_min_w,
+                a.max_power_w,
+                c.power_fraction,
+            ));
         }
     }
     s
@@ -317,7 +321,7 @@ pub fn compare(
         let mut r = best.clone();
         r.variant = "hindsight-static".into();
         r.description = format!(
-            "the best of {} static settings in hindsight: window {}, power limit at {:.0}% of each pool's range ({})",
+            "the best of {} static settings in hindsight: window {}, power limit at {:.0}% of each pool's maximum (at least its minimum) ({})",
             options.static_grid.len(),
             c.window,
             c.power_fraction * 100.0,

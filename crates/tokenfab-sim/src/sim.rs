@@ -411,7 +411,7 @@ impl<'a> Simulation<'a> {
                 node.agent.set_window(now, r, window);
                 let model = &mut self.engines[e].model;
                 let perf = model.perf();
-                let watts = (perf.max_power_w() * power_fraction).max(perf.min_power_w());
+                let watts = static_power_w(perf.min_power_w(), perf.max_power_w(), power_fraction);
                 model.set_power_limit(now, watts);
                 self.dirty_engines.push(e);
             }
@@ -915,4 +915,11 @@ impl<'a> Simulation<'a> {
             }
         }
     }
+}
+
+/// The power limit a static setting of `power_fraction` means on a device whose limit
+/// ranges from `min_w` to `max_w`: that share of the maximum, never below the minimum (0 is
+/// the minimum). The oracle and the hindsight-static grid of `sim compare` both use it.
+pub fn static_power_w(min_w: f64, max_w: f64, power_fraction: f64) -> f64 {
+    (max_w * power_fraction).clamp(min_w, max_w)
 }
