@@ -1,9 +1,12 @@
 //! Simulator speed, single-threaded: `cargo bench -p tokenfab-sim --bench speed`.
 //!
-//! Runs the shipped 64-device scenario (`simulations/mixed-fleet-diurnal.yaml`, 24 h) and
-//! the 1,024-device day (`simulations/large-fleet-day.yaml`) on one thread and prints,
-//! for each, simulated requests and device-hours per wall second, events per second and
-//! the process's peak resident memory so far. `--quick` runs only the first.
+//! Runs the shipped 64-device scenario (`simulations/mixed-fleet-diurnal.yaml`, 24 h),
+//! an online-style trace of one-request batches on 64 replicas
+//! (`simulations/online-one-request-batches.yaml`, about 1,000,000 requests) and the
+//! 1,024-device day (`simulations/large-fleet-day.yaml`) on one thread and prints, for
+//! each, simulated requests and device-hours per wall second, events per second and the
+//! process's peak resident memory so far (the peak of all runs up to that row). `--quick`
+//! runs only the first; `--only NAME` runs the scenario whose file name contains NAME.
 //! Profile with e.g. `perf record -g target/release/tokenfab sim SCENARIO --no-plots`.
 
 use std::path::Path;
@@ -23,11 +26,24 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulations");
     let mut scenarios = vec!["mixed-fleet-diurnal.yaml"];
     if !quick {
+        scenarios.push("online-one-request-batches.yaml");
         scenarios.push("large-fleet-day.yaml");
+    }
+    if let Some(only) = only {
+        scenarios = [
+            "mixed-fleet-diurnal.yaml",
+            "online-one-request-batches.yaml",
+            "large-fleet-day.yaml",
+        ]
+        .into_iter()
+        .filter(|s| s.contains(only.as_str()))
+        .collect();
     }
     println!(
         "{:<26} {:>8} {:>10} {:>12} {:>9} {:>14} {:>15} {:>13} {:>9}",

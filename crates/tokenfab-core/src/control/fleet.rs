@@ -44,6 +44,7 @@ impl ControlCore {
                     model: r.model.clone(),
                     cap: perf.as_ref().map(|p| believed_capacity(p, window, &prior)),
                     calibration: prior,
+                    cap_time: prior.conservative_time(),
                     perf,
                     window,
                     active: true,
@@ -52,6 +53,7 @@ impl ControlCore {
                 }
             })
             .collect();
+        self.capacity_version += 1;
         let old = self.nodes.insert(
             node.clone(),
             Node {
@@ -104,18 +106,28 @@ impl ControlCore {
         }
         // The agent's windows now (its tuner may have moved them) and its replicas'
         // recalibration: capacity is estimated at them.
+        let mut capacity_moved = false;
         for r in replicas {
             if let Some(s) = n.serving.iter_mut().find(|s| s.replica == r.replica) {
                 let calibration = r.calibration.unwrap_or(s.calibration);
                 if (r.window > 0 && r.window != s.window) || calibration != s.calibration {
-                    if r.window > 0 {
+                    if r.window > 0 && r.window != s.window {
                         s.window = r.window;
+                        capacity_moved = true;
                     }
                     s.calibration = calibration;
                     s.cap = s.perf.as_ref().map(|p| believed_capacity(p, s.window, &calibration));
+                    let time = calibration.conservative_time();
+                    if (time / s.cap_time - 1.0).abs() > CAP_TIME_STEP {
+                        s.cap_time = time;
+                        capacity_moved = true;
+                    }
                 }
                 s.report = Some(r);
             }
+        }
+        if capacity_moved {
+            self.capacity_version += 1;
         }
         if idle > 0.0 {
             self.share_idle(now, idle);
@@ -163,6 +175,12 @@ impl ControlCore {
     /// capacity: a timer, every [`REQUIRED_EVERY`] (see [`ControlCore::poll_timeout`]).
     pub(super) fn refresh(&mut self, now: Timestamp) {
         self.required_at = Some(now);
+        // Admission's running sums shrink to the work left now.
+        let models: Vec<ModelId> = self.books.keys().cloned().collect();
+        for m in &models {
+            let fresh = self.books[m].version == self.capacity_version;
+            self.recount_book(m, !fresh);
+        }
         // Per model: cumulative output tokens owed in deadline order, the rate that needs,
         // and the prompt and output tokens and requests of the unfinished work.
         let mut per_model: BTreeMap<&ModelId, (f64, f64, Work)> = BTreeMap::new();
@@ -403,6 +421,10 @@ impl ControlCore {
 /// Output tokens/s a replica is counted on for at `window`: its belief's capacity, divided
 /// by its measured time correction raised by that correction's uncertainty (so that
 /// admission counts on less while the correction is uncertain; see [`crate::recal`]).
+/// How far a replica's recalibration must move before admission recomputes the service
+/// times of the batches it has admitted (relative).
+const CAP_TIME_STEP: f64 = 0.01;
+
 fn believed_capacity(perf: &crate::perf::ReplicaPerf, window: u32, c: &crate::recal::Correction) -> f64 {
     perf.capacity(window, REFERENCE_SHAPE) / c.conservative_time()
 }

@@ -135,17 +135,24 @@ impl ControlCore {
     }
 
     /// Output tokens per second all registered replicas of `model` sustain on requests of
-    /// this mean shape, by the performance model; `None` if none is known.
+    /// this mean shape, by their beliefs (profile or performance model) corrected by their
+    /// recalibration, conservatively while it is uncertain; `None` if none is known.
     pub(super) fn capacity(&self, model: &ModelId, prompt_mean: u32, output_mean: u32) -> Option<f64> {
+        let shape = (prompt_mean, output_mean);
+        if let Some(c) = self.capacity_memo.get(model, shape, self.capacity_version) {
+            return c;
+        }
         // Parked replicas count: placement brings them back as soon as work needs them.
         let c: f64 = self
             .nodes
             .values()
             .flat_map(|n| &n.serving)
             .filter(|s| &s.model == model)
-            .filter_map(|s| Some(s.perf.as_ref()?.capacity(s.window, (prompt_mean, output_mean))))
+            .filter_map(|s| Some(s.perf.as_ref()?.capacity(s.window, (prompt_mean, output_mean)) / s.cap_time))
             .sum();
-        (c > 0.0).then_some(c)
+        let c = (c > 0.0).then_some(c);
+        self.capacity_memo.set(model, shape, self.capacity_version, c);
+        c
     }
 
     /// Seconds of `model`'s whole capacity that `requests` requests with these token totals
@@ -162,29 +169,126 @@ impl ControlCore {
         Some(output_tokens as f64 / c)
     }
 
+    /// Seconds of its model's capacity all requests of batch `id` need, and the share of
+    /// them still to finish.
+    fn full_service_s(&self, id: BatchId) -> (Option<f64>, f64) {
+        let b = &self.batches[&id];
+        let total = b.meta.requests.max(1);
+        let left = f64::from(total.saturating_sub(b.done())) / f64::from(total);
+        let full = self.service_s(&b.meta.model, total as usize, b.output_tokens, b.prompt_tokens);
+        (full, left)
+    }
+
+    /// The share of batch `id`'s requests still to finish.
+    fn left_share(&self, id: BatchId) -> f64 {
+        let b = &self.batches[&id];
+        let total = b.meta.requests.max(1);
+        f64::from(total.saturating_sub(b.done())) / f64::from(total)
+    }
+
+    /// Enters an unfinished committed batch in its model's admission book (once).
+    pub(super) fn book(&mut self, id: BatchId) {
+        let b = &self.batches[&id];
+        if !b.committed || b.booked.is_some() {
+            return;
+        }
+        let (model, deadline) = (b.meta.model.clone(), b.meta.deadline);
+        let stale = self
+            .books
+            .get(&model)
+            .is_some_and(|k| !k.batches.is_empty() && k.version != self.capacity_version);
+        if stale {
+            self.recount_book(&model, true);
+        }
+        let (full_s, left) = self.full_service_s(id);
+        let counted_s = full_s.unwrap_or(0.0) * left;
+        let version = self.capacity_version;
+        let book = self.books.entry(model).or_default();
+        book.version = version;
+        book.batches.insert((deadline, id));
+        book.upper_s += counted_s;
+        self.batches.get_mut(&id).expect("exists").booked = Some(Booked { full_s, counted_s });
+    }
+
+    /// Takes a batch out of its model's admission book, if it is in it.
+    pub(super) fn unbook(&mut self, id: BatchId) {
+        let Some(b) = self.batches.get_mut(&id) else { return };
+        let Some(booked) = b.booked.take() else { return };
+        if let Some(book) = self.books.get_mut(&b.meta.model) {
+            book.batches.remove(&(b.meta.deadline, id));
+            book.upper_s = if book.batches.is_empty() {
+                0.0
+            } else {
+                (book.upper_s - booked.counted_s).max(0.0)
+            };
+        }
+    }
+
+    /// Recounts each booked batch of `model` with its remaining work; with
+    /// `recompute_rates` at the capacity now (after a capacity change), otherwise at the
+    /// service time it was booked with.
+    pub(super) fn recount_book(&mut self, model: &ModelId, recompute_rates: bool) {
+        let Some(book) = self.books.get(model) else { return };
+        let ids: Vec<BatchId> = book.batches.iter().map(|&(_, id)| id).collect();
+        let mut upper = 0.0;
+        for id in ids {
+            let (full_s, left) = if recompute_rates {
+                self.full_service_s(id)
+            } else {
+                (self.batches[&id].booked.and_then(|k| k.full_s), self.left_share(id))
+            };
+            let counted_s = full_s.unwrap_or(0.0) * left;
+            upper += counted_s;
+            self.batches.get_mut(&id).expect("exists").booked = Some(Booked { full_s, counted_s });
+        }
+        let version = self.capacity_version;
+        let book = self.books.get_mut(model).expect("exists");
+        book.upper_s = upper;
+        if recompute_rates {
+            book.version = version;
+        }
+    }
+
     /// Whether admission refuses `new` (its service in seconds of the model's capacity):
     /// `None` if admitted (or no capacity is known to judge by); otherwise the earliest
     /// deadline it would be admitted with in its class, if any.
+    ///
+    /// Each booked batch's service time is computed once per capacity change, not per
+    /// call, and when all the booked work and the new batch fit before the earliest
+    /// deadline the answer is known without ordering anything (the full check would
+    /// admit it too), so a stream of small batches costs little per batch.
     pub(super) fn refusal(
-        &self,
+        &mut self,
         now: Timestamp,
         model: &ModelId,
         new: crate::admission::Work,
     ) -> Option<Option<Timestamp>> {
+        if self
+            .books
+            .get(model)
+            .is_some_and(|b| b.version != self.capacity_version)
+        {
+            self.recount_book(model, true);
+        }
+        let empty = AdmissionBook::default();
+        let book = self.books.get(model).unwrap_or(&empty);
+        let h = crate::admission::derated(1.0, self.config.admission_headroom);
+        let earliest = book.batches.first().map_or(new.deadline, |&(t, _)| t.min(new.deadline));
+        // 1e-9: the running sum's rounding must not decide.
+        let all_done = now.saturating_add(crate::time::secs((book.upper_s * (1.0 + 1e-9) + new.service_s) / h));
+        if all_done <= earliest {
+            return None;
+        }
         // Every unfinished batch of a committed class on this model.
-        let committed: Vec<crate::admission::Work> = self
-            .deadlines
+        let committed: Vec<crate::admission::Work> = book
+            .batches
             .iter()
-            .map(|(_, id)| &self.batches[id])
-            .filter(|b| &b.meta.model == model && b.committed)
-            .filter_map(|b| {
-                let total = b.meta.requests.max(1);
-                let left = total.saturating_sub(b.done());
-                let s = self.service_s(model, total as usize, b.output_tokens, b.prompt_tokens)?;
+            .filter_map(|&(deadline, id)| {
+                let b = &self.batches[&id];
                 Some(crate::admission::Work {
                     rank: b.rank,
-                    deadline: b.meta.deadline,
-                    service_s: s * f64::from(left) / f64::from(total),
+                    deadline,
+                    service_s: b.booked?.full_s? * self.left_share(id),
                 })
             })
             .collect();

@@ -700,6 +700,10 @@ struct Serving {
     cap: Option<f64>,
     /// The replica's recalibration as last reported (the prior until then).
     calibration: crate::recal::Correction,
+    /// The step-time factor admission divides the replica's believed capacity by: the
+    /// recalibration's conservative time, moved only when that changes by more than 1%
+    /// (each move recomputes admission's estimates).
+    cap_time: f64,
     active: bool,
     /// Placement's decision (in advisory mode `active` stays true).
     advised_active: bool,
@@ -779,6 +783,8 @@ struct Batch {
     /// batch's mean shape, by the performance model (`None` while no replica is known):
     /// turns remaining work into the time it needs, for slack ordering.
     service_rate: Option<f64>,
+    /// Admission's view of it while it is unfinished and committed (`None` otherwise).
+    booked: Option<Booked>,
     /// The batch's key in its model's queue while it is queued.
     queued: Option<QueueKey>,
     /// Output tokens asked for (estimated where `max_tokens` is absent) and prompt tokens.
@@ -833,6 +839,55 @@ impl Batch {
     }
 }
 
+/// The last capacity computed: (model, shape, capacity version, capacity).
+#[derive(Debug, Default)]
+struct CapacityMemo(std::sync::Mutex<Option<(ModelId, (u32, u32), u64, Option<f64>)>>);
+
+impl CapacityMemo {
+    fn get(&self, model: &ModelId, shape: (u32, u32), version: u64) -> Option<Option<f64>> {
+        let memo = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*memo {
+            Some((m, s, v, c)) if m == model && *s == shape && *v == version => Some(*c),
+            _ => None,
+        }
+    }
+    fn set(&self, model: &ModelId, shape: (u32, u32), version: u64, c: Option<f64>) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((model.clone(), shape, version, c));
+    }
+}
+
+impl Clone for CapacityMemo {
+    fn clone(&self) -> Self {
+        CapacityMemo(std::sync::Mutex::new(
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+        ))
+    }
+}
+
+/// A batch in its model's [`AdmissionBook`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Booked {
+    /// Seconds of the model's capacity all its requests need, at the book's capacity
+    /// version (`None` while no capacity is known).
+    full_s: Option<f64>,
+    /// What it adds to [`AdmissionBook::upper_s`].
+    counted_s: f64,
+}
+
+/// The committed unfinished batches of one model, as admission control sees them.
+#[derive(Debug, Clone, Default)]
+struct AdmissionBook {
+    /// By deadline.
+    batches: BTreeSet<(Timestamp, BatchId)>,
+    /// At least the seconds of the model's capacity their remaining requests need: each
+    /// batch is counted with its remaining work when booked (or at the last
+    /// [`ControlCore::refresh`]) and taken out when it ends. When all of it, and a new
+    /// batch, fit before the earliest deadline, admission needs no closer look.
+    upper_s: f64,
+    /// The [`ControlCore::capacity_version`] the batches' service times were computed at.
+    version: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Node {
     registration: NodeRegistration,
@@ -862,6 +917,15 @@ pub struct ControlCore {
     queues: BTreeMap<ModelId, BTreeSet<QueueKey>>,
     /// Non-final batches by deadline.
     deadlines: BTreeSet<(Timestamp, BatchId)>,
+    /// Per model, the committed unfinished batches admission checks new ones against.
+    books: BTreeMap<ModelId, AdmissionBook>,
+    /// Bumped whenever an input of [`ControlCore::capacity`] changes (a replica registers,
+    /// its window moves, its recalibration moves by more than 1%): admission's estimates
+    /// of batches' service times are then recomputed.
+    capacity_version: u64,
+    /// The last [`ControlCore::capacity`] answer (model, shape, capacity version): a new
+    /// batch asks for it up to three times.
+    capacity_memo: CapacityMemo,
     /// Work units out on lease (by id, expiry and node).
     units: index::Units,
     nodes: BTreeMap<NodeId, Node>,
@@ -1047,6 +1111,9 @@ impl ControlCore {
             by_tenant: BTreeSet::new(),
             queues: BTreeMap::new(),
             deadlines: BTreeSet::new(),
+            books: BTreeMap::new(),
+            capacity_version: 0,
+            capacity_memo: Default::default(),
             units: index::Units::default(),
             nodes: BTreeMap::new(),
             next_batch: 1,
@@ -1097,6 +1164,7 @@ impl ControlCore {
                 rank,
                 committed,
                 service_rate: None,
+                booked: None,
                 queued: None,
                 output_tokens,
                 prompt_tokens,
@@ -1404,6 +1472,7 @@ impl ControlCore {
                 rank,
                 committed,
                 service_rate,
+                booked: None,
                 queued: None,
                 output_tokens,
                 prompt_tokens,
@@ -1499,6 +1568,7 @@ impl ControlCore {
                 break;
             }
             self.deadlines.pop_first();
+            self.unbook(id);
             self.expire(now, id);
         }
         while let Some(&(t, id)) = self.retained.first() {
@@ -1548,6 +1618,8 @@ impl ControlCore {
             return;
         }
         self.deadlines.insert((b.meta.deadline, id));
+        self.book(id);
+        let b = &self.batches[&id];
         if !b.pending.is_empty() && matches!(status, BatchStatus::Queued | BatchStatus::InProgress) {
             self.enqueue(id);
         }
@@ -1664,6 +1736,7 @@ impl ControlCore {
         b.requests = Vec::new();
         b.pending = VecDeque::new();
         self.deadlines.remove(&(b.meta.deadline, id));
+        self.unbook(id);
         self.dequeue(id);
         self.actions.push_back(Action::Persist(DurableOp::DropInputs { id }));
         self.retain(id);

@@ -1577,3 +1577,116 @@ fn a_durable_answer_opens_only_once_its_writes_are_committed() {
     // A mark never goes back.
     assert_eq!(core.advance(after_first).through(), core.handled());
 }
+
+/// What admission answered before it kept a book: every unfinished committed batch's
+/// service time recomputed at the capacity now, and the full check.
+fn admission_from_scratch(core: &ControlCore, now: Timestamp, b: &NewBatch) -> bool {
+    let (output, prompt) = token_totals(&b.requests);
+    let Some(service_s) = core.service_s(&b.model, b.requests.len(), output, prompt) else {
+        return true;
+    };
+    let committed: Vec<crate::admission::Work> = core
+        .deadlines
+        .iter()
+        .map(|(_, id)| &core.batches[id])
+        .filter(|x| x.meta.model == b.model && x.committed)
+        .filter_map(|x| {
+            let total = x.meta.requests.max(1);
+            let s = core.service_s(&x.meta.model, total as usize, x.output_tokens, x.prompt_tokens)?;
+            Some(crate::admission::Work {
+                rank: x.rank,
+                deadline: x.meta.deadline,
+                service_s: s * f64::from(total - x.done()) / f64::from(total),
+            })
+        })
+        .collect();
+    let new = crate::admission::Work {
+        rank: 0,
+        deadline: now.saturating_add(b.completion_window.unwrap()),
+        service_s,
+    };
+    crate::admission::check(now, &committed, new, core.config.admission_headroom) == crate::admission::Verdict::Admit
+}
+
+/// Admission keeps each admitted batch's service time between capacity changes and skips
+/// the full check when everything fits before the earliest deadline; its answers are the
+/// full check's, through submissions, finished work, window moves and recalibration.
+#[test]
+fn admissions_bookkeeping_answers_as_the_full_check_does() {
+    let mut core = ControlCore::new(ControlConfig::default());
+    core.register(T0, gpu_node("a"));
+    let mut now = T0;
+    let mut rng = 7u64;
+    let mut next = |m: u64| {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) % m
+    };
+    let (mut admitted, mut refused) = (0, 0);
+    for step in 0..400u32 {
+        now = now.saturating_add(Duration::from_secs(next(20)));
+        core.handle_timeout(now);
+        // Between refreshes: a capacity change must reach the next answer at once.
+        if step % 10 == 5 {
+            let calibration = crate::recal::Correction {
+                time: 1.0 + next(100) as f64 / 100.0,
+                ..crate::recal::Correction::prior(0.05)
+            };
+            let report = ReplicaReport {
+                replica: crate::ids::ReplicaId::from("r0"),
+                window: [16, 64, 256][next(3) as usize],
+                calibration: Some(calibration),
+                ..ReplicaReport::default()
+            };
+            core.heartbeat(now, &node("a"), &[], vec![report]).unwrap();
+        }
+        let b = long_batch(1 + next(400) as u32, 60 + next(3000));
+        let expected = admission_from_scratch(&core, now, &b);
+        let got = core.submit(now, b);
+        assert_eq!(got.is_ok(), expected, "step {step}: {got:?}");
+        if got.is_ok() {
+            admitted += 1;
+        } else {
+            refused += 1;
+        }
+        // Work gets done.
+        if step % 7 == 0
+            && let Ok(Some(g)) = core.lease(now, &node("a"), &model(), 1 + next(200) as u32)
+        {
+            let results = g.items.iter().map(|i| ok(g.unit, i.req)).collect();
+            core.report(now, &node("a"), results).unwrap();
+        }
+    }
+    assert!(admitted > 20 && refused > 20, "{admitted} admitted, {refused} refused");
+}
+
+/// Admission counts on the corrected belief: a replica measured twice as slow as believed
+/// has half the capacity to promise.
+#[test]
+fn admission_counts_on_the_recalibrated_capacity() {
+    let mut core = ControlCore::new(ControlConfig::default());
+    core.register(T0, gpu_node("a"));
+    let e = core.submit(T0, long_batch(10_000, 600)).unwrap_err();
+    let SubmitError::Late { earliest, .. } = e else {
+        panic!("{e}")
+    };
+    let promised = earliest.since(T0).as_secs_f64();
+    let mut slow = ControlCore::new(ControlConfig::default());
+    slow.register(T0, gpu_node("a"));
+    let report = ReplicaReport {
+        replica: crate::ids::ReplicaId::from("r0"),
+        window: 64,
+        calibration: Some(crate::recal::Correction {
+            time: 2.0,
+            ..crate::recal::Correction::prior(0.0)
+        }),
+        ..ReplicaReport::default()
+    };
+    slow.heartbeat(T0, &node("a"), &[], vec![report]).unwrap();
+    let e = slow.submit(T0, long_batch(10_000, 600)).unwrap_err();
+    let SubmitError::Late { earliest, .. } = e else {
+        panic!("{e}")
+    };
+    // The prior counts 10% slower than believed until the replica has measured itself.
+    let ratio = earliest.since(T0).as_secs_f64() / promised;
+    assert!((ratio - 2.0 / 1.1).abs() < 0.02, "{ratio}");
+}
