@@ -1,15 +1,17 @@
 //! `tokenfab demo`: a whole cluster in one process on emulated GPUs.
 
-use crate::Connection;
 use crate::serve::{self, DeviceKind};
 use crate::tenant::{self, ClusterEnergy};
+use crate::{Connection, parse};
 use anyhow::{Context, bail};
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokenfab_control::{ServerConfig, TenantToken};
 use tokenfab_core::batch_input::InputLimits;
-use tokenfab_core::control::ControlConfig;
+use tokenfab_core::control::{ControlConfig, ReplicaView, TuningDoc};
+use tokenfab_core::policy::Choice;
+use tokenfab_core::tuner::TunerMode;
 use tokenfab_engine_emu::Emulator;
 use tokenfab_proto::v1 as pb;
 use tokenfab_store::RedbStore;
@@ -36,9 +38,20 @@ pub struct DemoArgs {
     /// GPUs per replica (tensor parallel).
     #[arg(long, default_value_t = 1)]
     tp: u32,
-    /// Requests in flight per replica (the continuous batch size).
+    /// Requests in flight per replica (the continuous batch size) to start from; the tuner
+    /// moves it (up to 1024) unless `--tuner off`.
     #[arg(long, default_value_t = 128)]
     window: u32,
+    /// The batch-size and power tuner: `active` (the default here) moves each replica's
+    /// window and power limit toward the most output tokens per joule that still meets the
+    /// batch's deadline, and the demo shows its moves as they happen; `advisory` only
+    /// reports what it would do; `off` keeps the starting window at full power.
+    #[arg(long, value_parser = parse::choice::<TunerMode>(), default_value_t = TunerMode::Active)]
+    tuner: TunerMode,
+    /// Completion window of the demo batch (its deadline: the tuner spends whatever
+    /// throughput the deadline does not need on saving energy).
+    #[arg(long, value_parser = parse::duration, default_value = "24h")]
+    completion_window: Duration,
     /// Emulated seconds per wall second; 1 runs in real time.
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
@@ -48,7 +61,12 @@ pub struct DemoArgs {
     /// Submit this JSONL file instead of the shipped sample.
     #[arg(long)]
     input: Option<PathBuf>,
-    /// Keep durable state here (default: a temporary directory, removed at the end).
+    /// Skip the first run (the starting configuration held, tuner off) that the tuner's
+    /// result is compared against; the demo then takes about half as long.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Keep durable state here, in one folder per run (default: a temporary directory,
+    /// removed at the end).
     #[arg(long)]
     data_dir: Option<PathBuf>,
 }
@@ -77,6 +95,49 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         Some(n) => input.lines().take(n).collect::<Vec<_>>().join("\n"),
         None => input,
     };
+    if a.tuner != TunerMode::Active || a.no_baseline {
+        let run = run_cluster(&a, a.tuner, &input).await?;
+        if a.tuner == TunerMode::Advisory {
+            println!(
+                "{}",
+                tuned_points(
+                    run.tuning.as_ref(),
+                    "what the tuner advises (advisory mode: nothing moved)"
+                )
+            );
+        }
+        return run.finish();
+    }
+    eprintln!("tokenfab demo, run 1 of 2: the starting configuration held (tuner off), for comparison");
+    let fixed = run_cluster(&a, TunerMode::Off, &input).await?;
+    eprintln!("\ntokenfab demo, run 2 of 2: the same batch on a fresh cluster with the tuner active");
+    let tuned = run_cluster(&a, TunerMode::Active, &input).await?;
+    println!("{}", comparison(&a, &fixed, &tuned));
+    fixed.finish()?;
+    tuned.finish()
+}
+
+/// What one run of the demo cluster ended with.
+struct Run {
+    batch: pb::Batch,
+    cluster: ClusterEnergy,
+    tuning: Option<TuningDoc>,
+    sla: Option<tokenfab_core::sla::ThroughputSla>,
+}
+
+impl Run {
+    fn finish(&self) -> anyhow::Result<()> {
+        if !tenant::is_final(&self.batch) || self.batch.request_counts.is_some_and(|c| c.failed > 0) {
+            bail!("the demo batch did not complete cleanly");
+        }
+        Ok(())
+    }
+}
+
+/// Starts a control plane, emulated GPUs and agents with `tuner`, runs `input` through
+/// them as one batch, prints its summary and the published SLA, and stops them.
+async fn run_cluster(a: &DemoArgs, tuner: TunerMode, input: &str) -> anyhow::Result<Run> {
+    let replicas_per_node = a.gpus_per_node / a.tp;
     let unique = format!(
         "{}-{}",
         std::process::id(),
@@ -85,7 +146,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             .as_nanos()
     );
     let (data_dir, _cleanup) = match &a.data_dir {
-        Some(d) => (d.clone(), None),
+        // One store per run (the comparison runs twice).
+        Some(d) => (d.join(format!("tuner-{}", tuner.name())), None),
         None => {
             let d = std::env::temp_dir().join(format!("tokenfab-demo-{unique}"));
             (d.clone(), Some(TempDir(d)))
@@ -99,7 +161,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         ServerConfig {
             record: None,
             listen: "127.0.0.1:0".parse()?,
-            metrics_listen: None,
+            // The HTTP listener serves /v1/tuning and /v1/sla, which the demo shows.
+            metrics_listen: Some("127.0.0.1:0".parse()?),
             openai_listen: None,
             tenants: vec![TenantToken::new("demo", &tenant_token)],
             agent_secret: agent_token.clone().into(),
@@ -114,6 +177,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     )
     .await?;
     let control = format!("http://{}", server.addr);
+    let http = format!(
+        "http://{}",
+        server.metrics_addr.context("the control plane has no HTTP listener")?
+    );
+    let max_concurrency = if tuner == TunerMode::Off {
+        a.window.max(256)
+    } else {
+        a.window.max(1024)
+    };
 
     // Emulated GPUs: one engine emulator per replica; one agent per node.
     // Agents stop first: their last act is a closing device reading from the emulators.
@@ -124,11 +196,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     };
     let mut emulators: Vec<Emulator> = Vec::new();
     let mut agents = Vec::new();
-    let replicas_per_node = a.gpus_per_node / a.tp;
     for n in 0..a.nodes {
         let mut replicas = Vec::new();
         for r in 0..replicas_per_node {
-            let config = serve::emu_config(&a.model, &a.accelerator, a.tp, a.time_scale, a.window.max(256));
+            let config = serve::emu_config(&a.model, &a.accelerator, a.tp, a.time_scale, max_concurrency);
             let emu = Emulator::start(config)?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
@@ -144,7 +215,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 id: Some(format!("r{r}")),
                 engine_model: None,
                 window: Some(a.window),
-                max_concurrency: Some(a.window.max(256)),
+                max_concurrency: Some(max_concurrency),
             });
         }
         let (opts, devices) = serve::agent_setup(serve::AgentSetup {
@@ -157,7 +228,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             accelerator: None,
             profiles: Default::default(),
             request_timeout: Duration::from_secs(600),
-            tuning: serve::TuningArgs::default(),
+            tuning: serve::TuningArgs {
+                tuner,
+                ..serve::TuningArgs::default()
+            },
             tls: None,
         })
         .await?;
@@ -168,14 +242,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         )));
     }
     eprintln!(
-        "tokenfab demo: control plane {control}; {} node(s) x {} emulated {} ({} replica(s) of {} at window {}, {}x time)",
+        "tokenfab demo: control plane {control} (HTTP {http}); {} node(s) x {} emulated {} ({} replica(s) of {} starting at window {} at full power, {}x time; tuner {})",
         a.nodes,
         a.gpus_per_node,
         a.accelerator,
         a.nodes * replicas_per_node,
         a.model,
         a.window,
-        a.time_scale
+        a.time_scale,
+        tuner.name()
     );
 
     // Submit and follow, as a tenant would.
@@ -187,14 +262,27 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     .await?;
     let options = pb::BatchOptions {
         model: a.model.clone(),
+        completion_window_seconds: a.completion_window.as_secs(),
         ..Default::default()
     };
-    let created = tenant::create(&mut client, options, input.into_bytes())
+    let created = tenant::create(&mut client, options, input.as_bytes().to_vec())
         .await
         .map_err(tenant::rpc)?;
     tenant::print_created(&created);
     let id = created.batch.map(|b| b.id).context("no batch in the answer")?;
-    let last = tenant::watch(&mut client, &id, a.time_scale).await?;
+    // The tuner's moves, as they happen, above the progress bar.
+    let (lines_tx, lines_rx) = tokio::sync::mpsc::unbounded_channel();
+    let follow = tokio::spawn(follow_tuner(http.clone(), lines_tx));
+    let last = tenant::watch_with(
+        &mut client,
+        &id,
+        a.time_scale,
+        (tuner == TunerMode::Active).then_some(lines_rx),
+    )
+    .await;
+    follow.abort();
+    let last = last?;
+    let tuning = tuning_doc(&http).await.ok();
 
     let mut joules = 0.0;
     let mut devices = 0;
@@ -204,7 +292,28 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             devices += s.devices as usize;
         }
     }
-    tenant::print_summary(&last, a.time_scale, Some(&ClusterEnergy { joules, devices }));
+    let cluster = ClusterEnergy { joules, devices };
+    tenant::print_summary(&last, a.time_scale, Some(&cluster));
+    // The throughput SLA the control plane publishes from what it measured.
+    let sla = match crate::sla::get_text(&format!("{http}/v1/sla"), None).await {
+        Ok(text) => match serde_json::from_str::<tokenfab_core::sla::ThroughputSla>(&text) {
+            Ok(doc) => {
+                println!(
+                    "The throughput SLA this control plane publishes (GET /v1/sla; `tokenfab sla`):\n{}",
+                    crate::sla::render(&doc)
+                );
+                Some(doc)
+            }
+            Err(e) => {
+                eprintln!("/v1/sla answered something that is not a ThroughputSLA document: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            eprintln!("cannot read the SLA: {e:#}");
+            None
+        }
+    };
 
     let _ = stop_tx.send(true);
     for agent in agents {
@@ -212,8 +321,153 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
     let _ = emu_stop_tx.send(true);
     server.shutdown().await?;
-    if !tenant::is_final(&last) || last.request_counts.is_some_and(|c| c.failed > 0) {
-        bail!("the demo batch did not complete cleanly");
+    Ok(Run {
+        batch: last,
+        cluster,
+        tuning,
+        sla,
+    })
+}
+
+async fn tuning_doc(http: &str) -> anyhow::Result<TuningDoc> {
+    let text = crate::sla::get_text(&format!("{http}/v1/tuning"), None).await?;
+    serde_json::from_str(&text).context("/v1/tuning did not answer a tuning document")
+}
+
+/// One replica's point: window and power limit.
+fn point(r: &ReplicaView) -> String {
+    match r.power_limit_w {
+        Some(p) => format!("window {} at {p:.0} W", r.window),
+        None => format!("window {}", r.window),
     }
-    Ok(())
+}
+
+/// Polls `/v1/tuning` and sends a line for each move (replicas making the same move
+/// together share one line).
+async fn follow_tuner(http: String, lines: tokio::sync::mpsc::UnboundedSender<String>) {
+    let mut last: std::collections::BTreeMap<(String, String), ReplicaView> = Default::default();
+    let started = std::time::Instant::now();
+    while !lines.is_closed() {
+        if let Ok(doc) = tuning_doc(&http).await {
+            // (from, to) -> (replicas, one of their reasons)
+            let mut moves: std::collections::BTreeMap<(String, String), (usize, String)> = Default::default();
+            for r in &doc.replicas {
+                let key = (r.node.clone(), r.replica.clone());
+                let before = last.get(&key).map_or(0, |p| p.tuner_moves);
+                if r.tuner_moves > before {
+                    let from = last.get(&key).map_or_else(|| "the start".to_string(), point);
+                    let m = moves.entry((from, point(r))).or_insert_with(|| (0, r.reason.clone()));
+                    m.0 += 1;
+                }
+                last.insert(key, r.clone());
+            }
+            for ((from, to), (n, why)) in moves {
+                let (who, why) = if n == 1 {
+                    ("1 replica".to_string(), why)
+                } else {
+                    (format!("{n} replicas"), format!("e.g. {why}"))
+                };
+                let _ = lines.send(format!(
+                    "[{:>5.1} s] tuner: {who}: {from} -> {to}; {why}",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The replicas' points in `doc`, in a few words.
+fn tuned_points(doc: Option<&TuningDoc>, what: &str) -> String {
+    let Some(doc) = doc else {
+        return format!("{what}: unknown (/v1/tuning did not answer)");
+    };
+    let mut points: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in &doc.replicas {
+        let p = match (&r.advice, r.tuner_mode.as_str()) {
+            (Some(advice), "advisory") => format!("{advice:?}"),
+            _ => point(r),
+        };
+        *points.entry(p).or_default() += 1;
+    }
+    let list: Vec<String> = points.into_iter().map(|(p, n)| format!("{n} x {p}")).collect();
+    format!("{what}: {}", list.join(", "))
+}
+
+/// The two runs side by side: what the tuner bought over the configuration it started
+/// from, on the same batch and the same emulated cluster.
+fn comparison(a: &DemoArgs, fixed: &Run, tuned: &Run) -> String {
+    let figures = |r: &Run| {
+        let u = r.batch.usage.unwrap_or_default();
+        let out = u.completion_tokens as f64;
+        let ended = r.batch.completed_at_unix_ms.max(r.batch.expired_at_unix_ms);
+        let run_s = (ended - r.batch.created_at_unix_ms).max(0) as f64 / 1000.0 * a.time_scale;
+        let sla_tpj = r
+            .sla
+            .as_ref()
+            .and_then(|d| d.pools.first())
+            .map(|p| p.output_tokens_per_joule);
+        (
+            run_s,
+            out / run_s.max(1e-9),
+            out / u.joules.max(1e-9),
+            out / r.cluster.joules.max(1e-9),
+            u.cost_usd / out.max(1.0) * 1e6,
+            sla_tpj,
+        )
+    };
+    let (f_s, f_tps, f_tpj, f_all, f_cost, _) = figures(fixed);
+    let (t_s, t_tps, t_tpj, t_all, t_cost, _) = figures(tuned);
+    let change = |x: f64, y: f64| format!("{:+.1}%", (y / x - 1.0) * 100.0);
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED).set_header([
+        "the same batch, measured",
+        "held at the start",
+        "tuner active",
+        "change",
+    ]);
+    let moves: u64 = tuned
+        .tuning
+        .as_ref()
+        .map_or(0, |d| d.replicas.iter().map(|r| r.tuner_moves).sum());
+    t.add_row(vec![
+        "configuration".to_string(),
+        format!("window {} at full power", a.window),
+        tuned_points(tuned.tuning.as_ref(), "ended at"),
+        format!("{moves} moves"),
+    ]);
+    t.add_row(vec![
+        "completion time".to_string(),
+        format!("{f_s:.1} s"),
+        format!("{t_s:.1} s"),
+        change(f_s, t_s),
+    ]);
+    t.add_row(vec![
+        "output tokens/s".to_string(),
+        format!("{f_tps:.0}"),
+        format!("{t_tps:.0}"),
+        change(f_tps, t_tps),
+    ]);
+    t.add_row(vec![
+        "output tokens/J (attributed)".to_string(),
+        format!("{f_tpj:.2}"),
+        format!("{t_tpj:.2}"),
+        change(f_tpj, t_tpj),
+    ]);
+    t.add_row(vec![
+        "output tokens/J (all devices, idle included)".to_string(),
+        format!("{f_all:.2}"),
+        format!("{t_all:.2}"),
+        change(f_all, t_all),
+    ]);
+    t.add_row(vec![
+        "$ per 1M output tokens".to_string(),
+        format!("{f_cost:.4}"),
+        format!("{t_cost:.4}"),
+        change(f_cost, t_cost),
+    ]);
+    format!(
+        "\nWhat the tuner bought ({} deadline; it trades throughput the deadline does not need for energy):\n{t}\nBoth runs are on emulated devices, which follow tokenfab's own performance model: this shows the tuner doing what that model says pays, not that real GPUs behave so (see docs/engine-profiles.md to calibrate a real engine). Cost counts device-hours at the catalog's indicative price plus electricity, so a slower, more frugal point can cost more per token.",
+        tokenfab_core::time::human(a.completion_window)
+    )
 }

@@ -364,6 +364,16 @@ pub fn is_final(b: &pb::Batch) -> bool {
 /// Follows a batch with a progress bar until it ends; returns its final state.
 /// `time_scale` converts wall time to emulated time for the tokens/s shown.
 pub async fn watch(client: &mut Client, id: &str, time_scale: f64) -> anyhow::Result<pb::Batch> {
+    watch_with(client, id, time_scale, None).await
+}
+
+/// [`watch`], printing each line that comes on `lines` above the progress bar.
+pub async fn watch_with(
+    client: &mut Client,
+    id: &str,
+    time_scale: f64,
+    mut lines: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+) -> anyhow::Result<pb::Batch> {
     let mut stream = client
         .watch_batch(pb::WatchBatchRequest {
             batch_id: id.to_string(),
@@ -383,7 +393,23 @@ pub async fn watch(client: &mut Client, id: &str, time_scale: f64) -> anyhow::Re
     bar.enable_steady_tick(Duration::from_millis(120));
     let started = std::time::Instant::now();
     let mut last = None;
-    while let Some(b) = stream.message().await.map_err(rpc)? {
+    loop {
+        let message = match &mut lines {
+            Some(rx) => tokio::select! {
+                m = stream.message() => m,
+                line = rx.recv() => {
+                    match line {
+                        // A hidden bar (output not a terminal) would drop the line.
+                        Some(line) if bar.is_hidden() => eprintln!("{line}"),
+                        Some(line) => bar.println(line),
+                        None => lines = None,
+                    }
+                    continue;
+                }
+            },
+            None => stream.message().await,
+        };
+        let Some(b) = message.map_err(rpc)? else { break };
         let c = b.request_counts.unwrap_or_default();
         bar.set_length(u64::from(c.total - c.invalid));
         bar.set_position(u64::from(c.completed + c.failed));
