@@ -839,9 +839,12 @@ impl Batch {
     }
 }
 
-/// The last capacity computed: (model, shape, capacity version, capacity).
+/// (model, shape, capacity version, capacity).
+type CapacityAnswer = (ModelId, (u32, u32), u64, Option<f64>);
+
+/// The last capacity computed.
 #[derive(Debug, Default)]
-struct CapacityMemo(std::sync::Mutex<Option<(ModelId, (u32, u32), u64, Option<f64>)>>);
+struct CapacityMemo(std::sync::Mutex<Option<CapacityAnswer>>);
 
 impl CapacityMemo {
     fn get(&self, model: &ModelId, shape: (u32, u32), version: u64) -> Option<Option<f64>> {
