@@ -596,21 +596,7 @@ profiles:
     }
     let mut live = Vec::new();
     for id in &ids {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let b = c
-                .get_batch(pb::GetBatchRequest { batch_id: id.clone() })
-                .await
-                .unwrap()
-                .into_inner();
-            if is_final(&b) {
-                assert_eq!(b.status, pb::BatchStatus::Completed as i32, "{b:?}");
-                live.push(b);
-                break;
-            }
-            assert!(Instant::now() < deadline, "{id} did not finish\n{}", procs[0].log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        live.push(wait_completed(addr, "tok", id, Duration::from_secs(300), &procs).await);
     }
     let usage: Vec<(u64, u64)> = live
         .iter()

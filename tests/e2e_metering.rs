@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokenfab_proto::v1 as pb;
 
 const ACME: &str = "acme-token";
@@ -60,7 +60,7 @@ async fn usage(addr: SocketAddr, token: &str, tenant: &str) -> Result<pb::Tenant
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_are_charged_every_joule_the_devices_drew_idle_share_included() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, addr) = start_server(
+    let (_server, addr) = start_server(
         dir.path(),
         &[
             "--tenant",
@@ -86,22 +86,8 @@ async fn tenants_are_charged_every_joule_the_devices_drew_idle_share_included() 
     let agent1 = spawn_agent(dir.path(), "node1", &control, &url1, 64, AGENT);
     let mut procs = [emu0, emu1, agent0, agent1];
     wait_registered(&procs, Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
     for (token, id) in &ids {
-        let mut client = tenant_client(addr, token).await;
-        loop {
-            let b = client
-                .get_batch(pb::GetBatchRequest { batch_id: id.clone() })
-                .await
-                .unwrap()
-                .into_inner();
-            if is_final(&b) {
-                assert_eq!(b.status, pb::BatchStatus::Completed as i32, "{b:?}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "{id} not done:\n{}", server.log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_completed(addr, token, id, Duration::from_secs(120), &procs).await;
     }
     // Let the cluster idle for a while (120 emulated seconds at 20x): the agents read
     // their idle devices every 5 s and report the idle energy in their heartbeats.

@@ -159,7 +159,7 @@ async fn the_tuner_settles_where_the_simulator_predicts_and_follows_a_tighter_de
     let procs = [emu, agent];
     wait_registered(&procs, Duration::from_secs(30)).await;
     let url = format!("http://{http}");
-    let mut client = tenant_client(addr, TENANT).await;
+    let client = tenant_client(addr, TENANT).await;
 
     // Batch A: 12,000 requests due in 40 s (400 s emulated): the control plane asks for
     // about 2.4M / (0.8 x 400) = 7,500 emulated tokens/s, half of what full power gives.
@@ -257,24 +257,11 @@ async fn the_tuner_settles_where_the_simulator_predicts_and_follows_a_tighter_de
     assert!(log.contains("tuner: model:"), "{log}");
     // Both batches complete on time.
     for id in [a, b] {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let v = client
-                .get_batch(pb::GetBatchRequest { batch_id: id.clone() })
-                .await
-                .unwrap()
-                .into_inner();
-            if is_final(&v) {
-                assert_eq!(v.status, pb::BatchStatus::Completed as i32, "{v:?}");
-                assert!(
-                    v.completed_at_unix_ms <= v.deadline_unix_ms,
-                    "{id} finished late: {v:?}"
-                );
-                break;
-            }
-            assert!(Instant::now() < deadline, "{id} did not finish: {v:?}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let v = wait_completed(addr, TENANT, &id, Duration::from_secs(90), &procs).await;
+        assert!(
+            v.completed_at_unix_ms <= v.deadline_unix_ms,
+            "{id} finished late: {v:?}"
+        );
     }
     // The online recalibration measured what the belief (the performance model, in
     // emulated time) got wrong here: every step takes a tenth of the believed time, since

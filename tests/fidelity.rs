@@ -129,28 +129,7 @@ async fn submit(addr: SocketAddr, input: Vec<u8>, what: &str) -> String {
 
 /// Polls until batch `id` has completed; panics with the process logs otherwise.
 async fn wait_done(addr: SocketAddr, id: &str, procs: &[Proc]) -> pb::Batch {
-    let mut client = tenant_client(addr, TENANT).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let b = client
-            .get_batch(pb::GetBatchRequest { batch_id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if is_final(&b) {
-            assert_eq!(b.status, pb::BatchStatus::Completed as i32, "{b:?}");
-            return b;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = procs.iter().map(|p| format!("--- {}\n{}", p.name, p.log())).collect();
-            panic!(
-                "batch {id} not done after 120 s: {:?}\n{}",
-                b.request_counts,
-                logs.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_completed(addr, TENANT, id, Duration::from_secs(120), procs).await
 }
 
 async fn live(dir: &std::path::Path) -> Outcome {

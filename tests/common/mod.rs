@@ -139,6 +139,33 @@ pub async fn tenant_client(
     .max_decoding_message_size(64 << 20)
 }
 
+/// Polls batch `id` (as the tenant with `token`) until it is final and asserts that it
+/// completed; panics after `within` with its counts and the logs of `procs`.
+pub async fn wait_completed(addr: SocketAddr, token: &str, id: &str, within: Duration, procs: &[Proc]) -> pb::Batch {
+    let mut client = tenant_client(addr, token).await;
+    let deadline = Instant::now() + within;
+    loop {
+        let b = client
+            .get_batch(pb::GetBatchRequest { batch_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if is_final(&b) {
+            assert_eq!(b.status, pb::BatchStatus::Completed as i32, "{b:?}");
+            return b;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = procs.iter().map(|p| format!("--- {}\n{}", p.name, p.log())).collect();
+            panic!(
+                "batch {id} not done after {within:?}: {:?}\n{}",
+                b.request_counts,
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn counts(b: &pb::Batch) -> pb::RequestCounts {
     b.request_counts.unwrap_or_default()
 }

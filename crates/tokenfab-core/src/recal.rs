@@ -312,16 +312,8 @@ mod tests {
 
     fn start() -> Observation {
         Observation {
-            at: Timestamp::ZERO,
-            tokens: 0,
             energy_j: Some(0.0),
-            finished: 0,
-            errors: 0,
-            latency_sum_s: 0.0,
-            in_flight: 0,
-            queued: 0,
-            prompt_tokens: 0,
-            completion_tokens: 0,
+            ..Observation::default()
         }
     }
 

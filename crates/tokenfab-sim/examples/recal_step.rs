@@ -31,16 +31,9 @@ fn main() {
     let steady = belief.steady_state(64, 600, 180, 700.0);
     let mut r = Recalibrator::new(RecalConfig::default());
     let mut o = Observation {
-        at: Timestamp::ZERO,
-        tokens: 0,
         energy_j: Some(0.0),
-        finished: 0,
-        errors: 0,
-        latency_sum_s: 0.0,
         in_flight: 64,
-        queued: 0,
-        prompt_tokens: 0,
-        completion_tokens: 0,
+        ..Observation::default()
     };
     let (mut tokens, mut joules) = (0.0_f64, 0.0_f64);
     let mut rng = 0x2545_F491_4F6C_DD1D_u64;

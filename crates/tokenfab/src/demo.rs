@@ -71,6 +71,9 @@ pub struct DemoArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// The engines' sequence limit (and so the largest window) when the tuner runs.
+const TUNED_MAX_CONCURRENCY: u32 = 1024;
+
 struct TempDir(PathBuf);
 
 impl Drop for TempDir {
@@ -122,7 +125,6 @@ struct Run {
     batch: pb::Batch,
     cluster: ClusterEnergy,
     tuning: Option<TuningDoc>,
-    sla: Option<tokenfab_core::sla::ThroughputSla>,
 }
 
 impl Run {
@@ -181,10 +183,12 @@ async fn run_cluster(a: &DemoArgs, tuner: TunerMode, input: &str) -> anyhow::Res
         "http://{}",
         server.metrics_addr.context("the control plane has no HTTP listener")?
     );
+    // The engines' sequence limit: what the fixed run had, or room for every window the
+    // tuner may choose.
     let max_concurrency = if tuner == TunerMode::Off {
         a.window.max(256)
     } else {
-        a.window.max(1024)
+        a.window.max(TUNED_MAX_CONCURRENCY)
     };
 
     // Emulated GPUs: one engine emulator per replica; one agent per node.
@@ -295,25 +299,16 @@ async fn run_cluster(a: &DemoArgs, tuner: TunerMode, input: &str) -> anyhow::Res
     let cluster = ClusterEnergy { joules, devices };
     tenant::print_summary(&last, a.time_scale, Some(&cluster));
     // The throughput SLA the control plane publishes from what it measured.
-    let sla = match crate::sla::get_text(&format!("{http}/v1/sla"), None).await {
+    match crate::sla::get_text(&format!("{http}/v1/sla"), None).await {
         Ok(text) => match serde_json::from_str::<tokenfab_core::sla::ThroughputSla>(&text) {
-            Ok(doc) => {
-                println!(
-                    "The throughput SLA this control plane publishes (GET /v1/sla; `tokenfab sla`):\n{}",
-                    crate::sla::render(&doc)
-                );
-                Some(doc)
-            }
-            Err(e) => {
-                eprintln!("/v1/sla answered something that is not a ThroughputSLA document: {e}");
-                None
-            }
+            Ok(doc) => println!(
+                "The throughput SLA this control plane publishes (GET /v1/sla; `tokenfab sla`):\n{}",
+                crate::sla::render(&doc)
+            ),
+            Err(e) => eprintln!("/v1/sla answered something that is not a ThroughputSLA document: {e}"),
         },
-        Err(e) => {
-            eprintln!("cannot read the SLA: {e:#}");
-            None
-        }
-    };
+        Err(e) => eprintln!("cannot read the SLA: {e:#}"),
+    }
 
     let _ = stop_tx.send(true);
     for agent in agents {
@@ -325,7 +320,6 @@ async fn run_cluster(a: &DemoArgs, tuner: TunerMode, input: &str) -> anyhow::Res
         batch: last,
         cluster,
         tuning,
-        sla,
     })
 }
 
@@ -385,7 +379,7 @@ fn tuned_points(doc: Option<&TuningDoc>, what: &str) -> String {
     let mut points: std::collections::BTreeMap<String, usize> = Default::default();
     for r in &doc.replicas {
         let p = match (&r.advice, r.tuner_mode.as_str()) {
-            (Some(advice), "advisory") => format!("{advice:?}"),
+            (Some(advice), "advisory") => format!("window {} at {:.0} W", advice.window, advice.power_limit_w),
             _ => point(r),
         };
         *points.entry(p).or_default() += 1;
@@ -400,24 +394,17 @@ fn comparison(a: &DemoArgs, fixed: &Run, tuned: &Run) -> String {
     let figures = |r: &Run| {
         let u = r.batch.usage.unwrap_or_default();
         let out = u.completion_tokens as f64;
-        let ended = r.batch.completed_at_unix_ms.max(r.batch.expired_at_unix_ms);
-        let run_s = (ended - r.batch.created_at_unix_ms).max(0) as f64 / 1000.0 * a.time_scale;
-        let sla_tpj = r
-            .sla
-            .as_ref()
-            .and_then(|d| d.pools.first())
-            .map(|p| p.output_tokens_per_joule);
+        let run_s = tenant::run_seconds(&r.batch, a.time_scale);
         (
             run_s,
             out / run_s.max(1e-9),
             out / u.joules.max(1e-9),
             out / r.cluster.joules.max(1e-9),
             u.cost_usd / out.max(1.0) * 1e6,
-            sla_tpj,
         )
     };
-    let (f_s, f_tps, f_tpj, f_all, f_cost, _) = figures(fixed);
-    let (t_s, t_tps, t_tpj, t_all, t_cost, _) = figures(tuned);
+    let (f_s, f_tps, f_tpj, f_all, f_cost) = figures(fixed);
+    let (t_s, t_tps, t_tpj, t_all, t_cost) = figures(tuned);
     let change = |x: f64, y: f64| format!("{:+.1}%", (y / x - 1.0) * 100.0);
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED).set_header([

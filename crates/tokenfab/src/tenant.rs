@@ -433,18 +433,24 @@ pub struct ClusterEnergy {
     pub devices: usize,
 }
 
-/// The summary table of a finished batch. Times are shown in emulated seconds when
-/// `time_scale` is not 1.
-pub fn print_summary(b: &pb::Batch, time_scale: f64, cluster: Option<&ClusterEnergy>) {
-    let c = b.request_counts.unwrap_or_default();
-    let u = b.usage.unwrap_or_default();
+/// Seconds from a batch's creation to its end, in emulated seconds when `time_scale` is
+/// not 1.
+pub fn run_seconds(b: &pb::Batch, time_scale: f64) -> f64 {
     let ended = b
         .completed_at_unix_ms
         .max(b.expired_at_unix_ms)
         .max(b.cancelled_at_unix_ms)
         .max(b.failed_at_unix_ms);
-    let wall_s = (ended - b.created_at_unix_ms).max(0) as f64 / 1000.0;
-    let run_s = wall_s * time_scale;
+    (ended - b.created_at_unix_ms).max(0) as f64 / 1000.0 * time_scale
+}
+
+/// The summary table of a finished batch. Times are shown in emulated seconds when
+/// `time_scale` is not 1.
+pub fn print_summary(b: &pb::Batch, time_scale: f64, cluster: Option<&ClusterEnergy>) {
+    let c = b.request_counts.unwrap_or_default();
+    let u = b.usage.unwrap_or_default();
+    let run_s = run_seconds(b, time_scale);
+    let wall_s = run_s / time_scale;
     let out = u.completion_tokens as f64;
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["", "value"]);

@@ -178,8 +178,8 @@ impl ControlCore {
         // Admission's running sums shrink to the work left now.
         let models: Vec<ModelId> = self.books.keys().cloned().collect();
         for m in &models {
-            let fresh = self.books[m].version == self.capacity_version;
-            self.recount_book(m, !fresh);
+            let stale = self.books[m].version != self.capacity_version;
+            self.recount_book(m, stale);
         }
         // Per model: cumulative output tokens owed in deadline order, the rate that needs,
         // and the prompt and output tokens and requests of the unfinished work.

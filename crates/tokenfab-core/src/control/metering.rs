@@ -193,13 +193,7 @@ impl ControlCore {
             return;
         }
         let (model, deadline) = (b.meta.model.clone(), b.meta.deadline);
-        let stale = self
-            .books
-            .get(&model)
-            .is_some_and(|k| !k.batches.is_empty() && k.version != self.capacity_version);
-        if stale {
-            self.recount_book(&model, true);
-        }
+        self.freshen_book(&model);
         let (full_s, left) = self.full_service_s(id);
         let counted_s = full_s.unwrap_or(0.0) * left;
         let version = self.capacity_version;
@@ -221,6 +215,17 @@ impl ControlCore {
             } else {
                 (book.upper_s - booked.counted_s).max(0.0)
             };
+        }
+    }
+
+    /// Recomputes the service times in `model`'s book if capacity changed since.
+    fn freshen_book(&mut self, model: &ModelId) {
+        if self
+            .books
+            .get(model)
+            .is_some_and(|k| k.version != self.capacity_version)
+        {
+            self.recount_book(model, true);
         }
     }
 
@@ -263,13 +268,7 @@ impl ControlCore {
         model: &ModelId,
         new: crate::admission::Work,
     ) -> Option<Option<Timestamp>> {
-        if self
-            .books
-            .get(model)
-            .is_some_and(|b| b.version != self.capacity_version)
-        {
-            self.recount_book(model, true);
-        }
+        self.freshen_book(model);
         let empty = AdmissionBook::default();
         let book = self.books.get(model).unwrap_or(&empty);
         let h = crate::admission::derated(1.0, self.config.admission_headroom);
