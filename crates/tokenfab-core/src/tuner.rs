@@ -588,7 +588,14 @@ impl ReplicaTuner {
                 let elapsed = now.since(start.at);
                 let finished = o.finished.saturating_sub(start.finished);
                 let turnover = (f64::from(self.window()) * self.config.epoch_turnover) as u64;
-                let enough = elapsed >= self.config.epoch && finished >= self.config.epoch_min_finished.max(turnover);
+                let mut needed = self.config.epoch_min_finished.max(turnover);
+                if self.guide.as_ref().is_some_and(|g| g.shape.is_none()) {
+                    // Following the model, the first epoch is there to learn the requests'
+                    // shape (the model cannot move without it): half the requests do. The
+                    // model's move is then checked by full epochs.
+                    needed = needed.div_ceil(2);
+                }
+                let enough = elapsed >= self.config.epoch && finished >= needed;
                 if enough || elapsed >= self.config.epoch_max {
                     self.end_epoch(start, o, saturated, samples);
                 }
@@ -1584,6 +1591,45 @@ mod tests {
         );
         let (_, _, best) = best_point(&perf, &active(), 1024, owed * (1.0 + margin));
         assert!(tps / watts >= 0.97 * best);
+    }
+
+    #[test]
+    fn following_the_model_it_moves_after_half_an_epoch_of_requests() {
+        // A slow replica (one request per second at window 1, as a CPU engine): the first
+        // epoch only has to learn the requests' shape, so the model's move comes after half
+        // the requests of an epoch; without a model the first epoch is a full one.
+        let perf = h100_8b();
+        let first_move = |guided: bool| {
+            let config = active();
+            let needed = config.epoch_min_finished;
+            let mut t = ReplicaTuner::new(config, 1, 1024, None, Timestamp::ZERO);
+            if guided {
+                t = t.with_model(perf.clone());
+            }
+            let mut o = Observation::default();
+            for s in 1..=4 * needed {
+                o.at = Timestamp::ZERO.saturating_add(Duration::from_secs(s));
+                // After a second to settle, one request (600 + 180 tokens) a second.
+                o.finished = s.saturating_sub(2);
+                o.tokens = o.finished * 180;
+                o.prompt_tokens = o.finished * 600;
+                o.completion_tokens = o.tokens;
+                o.latency_sum_s = o.finished as f64;
+                o.in_flight = 1;
+                o.queued = 10;
+                t.observe(o);
+                if let Some(d) = t.poll_decision() {
+                    return (s, d.window);
+                }
+            }
+            panic!("no move in {} s", 4 * needed);
+        };
+        let needed = active().epoch_min_finished;
+        let (at, window) = first_move(true);
+        assert!(window > 1, "the model moves up from window 1: {window}");
+        assert!(at <= needed / 2 + 5, "guided, the first move came after {at} s");
+        let (at, _) = first_move(false);
+        assert!(at >= needed, "unguided, the first move came after {at} s");
     }
 
     #[test]
