@@ -2,10 +2,11 @@
 //!
 //! The meter keeps, per (model, accelerator class) pool, counters of recorded results in
 //! fixed time buckets covering the window (output and prompt tokens, attributed joules,
-//! device-seconds, cost, requests), an HDR histogram of request latency per bucket, and
-//! the batches that ended inside the window (for completion-time percentiles and
-//! attainment per SLA class). Buckets older than the window are dropped as time passes,
-//! so every figure describes exactly the last `window` (or less, right after a start).
+//! device-seconds, cost, requests), an HDR histogram of request latency per bucket, and,
+//! per model and SLA class, the batches that ended in each bucket (how many, how many on
+//! time, an HDR histogram of their completion times). Buckets older than the window are
+//! dropped as time passes, so every figure describes the last `window` (or less, right
+//! after a start), and memory does not grow with the requests and batches counted.
 //!
 //! The method (what a token is, how energy is attributed, how percentiles are taken) is
 //! written out in `docs/sla.md` and carried in every published document.
@@ -47,15 +48,22 @@ impl Bucket {
     }
 }
 
-/// A batch that ended inside the window.
-#[derive(Debug, Clone, PartialEq)]
-struct Ended {
-    at: Timestamp,
-    model: ModelId,
-    class: String,
-    completion_s: f64,
-    /// Completed by its deadline.
-    met: bool,
+/// Batch completion times are recorded in milliseconds, 3 significant digits (the
+/// histogram grows to whatever the longest is).
+fn completion_histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant digits are valid")
+}
+
+/// The batches of one model and SLA class that ended in one bucket.
+#[derive(Debug, Clone)]
+struct EndedBucket {
+    start: Timestamp,
+    batches: u64,
+    /// Completed by their deadline.
+    on_time: u64,
+    completion_sum_s: f64,
+    completion_max_s: f64,
+    completion_ms: Histogram<u64>,
 }
 
 /// Sliding-window measurement of delivered throughput, energy, cost and completion times.
@@ -64,7 +72,7 @@ pub struct SlaMeter {
     window: Duration,
     bucket: Duration,
     pools: BTreeMap<(ModelId, AcceleratorId), VecDeque<Bucket>>,
-    ended: VecDeque<Ended>,
+    ended: BTreeMap<(ModelId, String), VecDeque<EndedBucket>>,
     /// Attributed joules of each tenant's recorded results, per bucket (for sharing idle
     /// energy).
     tenants: BTreeMap<TenantId, VecDeque<(Timestamp, f64)>>,
@@ -92,7 +100,8 @@ pub struct ClassFigures {
     pub class: String,
     pub batches: u64,
     pub on_time: u64,
-    /// Batch completion times, seconds (percentiles by nearest rank).
+    /// Batch completion times, seconds (percentiles from an HDR histogram, 3 significant
+    /// digits).
     pub completion_s: Percentiles,
 }
 
@@ -104,7 +113,7 @@ impl SlaMeter {
             window,
             bucket,
             pools: BTreeMap::new(),
-            ended: VecDeque::new(),
+            ended: BTreeMap::new(),
             tenants: BTreeMap::new(),
             started: None,
             next_expiry: None,
@@ -234,20 +243,48 @@ impl SlaMeter {
         if status == BatchStatus::Cancelled {
             return;
         }
-        self.ended.push_back(Ended {
-            at: now,
-            model: model.clone(),
-            class: class.to_string(),
-            completion_s: now.since(created).as_secs_f64(),
-            met: deadline_met(status, Some(now), deadline),
-        });
+        let start = self.bucket_start(now);
+        let known = self
+            .ended
+            .iter_mut()
+            .find(|((m, c), _)| m == model && c == class)
+            .map(|(_, r)| r);
+        let ring = match known {
+            Some(r) if r.back().is_some_and(|b| b.start >= start) => r,
+            _ => {
+                let ring = self.ended.entry((model.clone(), class.to_string())).or_default();
+                ring.push_back(EndedBucket {
+                    start,
+                    batches: 0,
+                    on_time: 0,
+                    completion_sum_s: 0.0,
+                    completion_max_s: 0.0,
+                    completion_ms: completion_histogram(),
+                });
+                ring
+            }
+        };
+        let b = ring.back_mut().expect("pushed");
+        let completion_s = now.since(created).as_secs_f64();
+        b.batches += 1;
+        b.on_time += u64::from(deadline_met(status, Some(now), deadline));
+        b.completion_sum_s += completion_s;
+        b.completion_max_s = b.completion_max_s.max(completion_s);
+        // Auto-resizing: any value fits.
+        let _ = b.completion_ms.record((completion_s * 1e3).round() as u64);
     }
 
     /// Drops what is older than the window. The rings are walked only once something in
     /// them can have aged out (`next_expiry`), so calling this on every result is cheap.
     fn expire(&mut self, now: Timestamp) {
-        while self.ended.front().is_some_and(|e| now.since(e.at) >= self.window) {
-            self.ended.pop_front();
+        let (window, bucket) = (self.window, self.bucket);
+        for ring in self.ended.values_mut() {
+            while ring
+                .front()
+                .is_some_and(|b| now.since(b.start.saturating_add(bucket)) >= window)
+            {
+                ring.pop_front();
+            }
         }
         if self.next_expiry.is_some_and(|t| now < t) {
             return;
@@ -331,39 +368,37 @@ impl SlaMeter {
     /// Per model and SLA class: batches ended in the window, on time, completion times.
     /// A read, like [`SlaMeter::pools`].
     pub fn classes(&self, now: Timestamp) -> Vec<ClassFigures> {
-        let mut by: BTreeMap<(ModelId, String), Vec<&Ended>> = BTreeMap::new();
-        for e in self.ended.iter().filter(|e| now.since(e.at) < self.window) {
-            by.entry((e.model.clone(), e.class.clone())).or_default().push(e);
-        }
-        by.into_iter()
-            .map(|((model, class), ended)| {
-                let mut times: Vec<f64> = ended.iter().map(|e| e.completion_s).collect();
-                times.sort_by(f64::total_cmp);
+        self.ended
+            .iter()
+            .filter(|(_, ring)| ring.iter().any(|b| self.in_window(now, b.start)))
+            .map(|((model, class), ring)| {
+                let mut times = completion_histogram();
+                let (mut batches, mut on_time, mut sum, mut max) = (0, 0, 0.0, 0.0f64);
+                for b in ring.iter().filter(|b| self.in_window(now, b.start)) {
+                    // Auto-resizing: adding never fails.
+                    let _ = times.add(&b.completion_ms);
+                    batches += b.batches;
+                    on_time += b.on_time;
+                    sum += b.completion_sum_s;
+                    max = max.max(b.completion_max_s);
+                }
+                // The histogram's value for a quantile, never above the longest time.
+                let q = |p: f64| (times.value_at_quantile(p) as f64 / 1e3).min(max);
                 ClassFigures {
-                    model,
-                    class,
-                    batches: ended.len() as u64,
-                    on_time: ended.iter().filter(|e| e.met).count() as u64,
+                    model: model.clone(),
+                    class: class.clone(),
+                    batches,
+                    on_time,
                     completion_s: Percentiles {
-                        mean: times.iter().sum::<f64>() / times.len().max(1) as f64,
-                        p50: nearest_rank(&times, 0.5),
-                        p90: nearest_rank(&times, 0.9),
-                        p99: nearest_rank(&times, 0.99),
+                        mean: sum / batches.max(1) as f64,
+                        p50: q(0.5),
+                        p90: q(0.9),
+                        p99: q(0.99),
                     },
                 }
             })
             .collect()
     }
-}
-
-/// The nearest-rank percentile of sorted values (the smallest value with at least `p` of
-/// the values at or below it); 0 for none.
-pub fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
 }
 
 /// `apiVersion` of the published document.
@@ -415,7 +450,7 @@ impl Default for SlaMethod {
             specification: "tokenfab.io/v1 ThroughputSLA, docs/sla.md".into(),
             tokens: "output tokens are the engine-reported usage.completion_tokens of successfully completed requests; prompt tokens are usage.prompt_tokens".into(),
             throughput: "measured output tokens per second = output tokens of results recorded in the window / covered seconds, per model and accelerator class".into(),
-            percentiles: "nearest rank over batches that ended in the window (completion = end - creation); request latency from an HDR histogram (3 significant digits) of dispatch-to-answer times".into(),
+            percentiles: "from HDR histograms (3 significant digits): of the completion times (end - creation) of the batches that ended in the window's buckets, and of request latency (dispatch to answer)".into(),
             energy: "each agent reads its devices' energy counters every 100 ms and shares the energy of an interval among the requests that finished in it, in proportion to their prompt + output tokens; intervals with nothing running are idle energy, charged to no request".into(),
             cost: "device-seconds x price per device-hour / 3600 + joules x PUE x price per kWh / 3.6e6, per request, with the operator's prices".into(),
             commitment: "committed output tokens per second = the performance model's steady-state throughput of every registered replica at its concurrency window, for the window's mean prompt and output lengths, times the admission headroom".into(),
@@ -485,17 +520,6 @@ mod tests {
     }
 
     #[test]
-    fn nearest_rank_percentiles_on_known_inputs() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(nearest_rank(&v, 0.5), 50.0);
-        assert_eq!(nearest_rank(&v, 0.9), 90.0);
-        assert_eq!(nearest_rank(&v, 0.99), 99.0);
-        assert_eq!(nearest_rank(&[3.0, 7.0], 0.5), 3.0);
-        assert_eq!(nearest_rank(&[3.0, 7.0], 0.51), 7.0);
-        assert_eq!(nearest_rank(&[], 0.5), 0.0);
-    }
-
-    #[test]
     fn figures_cover_exactly_the_window() {
         let (m, a) = (ModelId::from("m"), AcceleratorId::from("h100-sxm"));
         let mut meter = SlaMeter::new(Duration::from_secs(600));
@@ -538,14 +562,12 @@ mod tests {
         let c = meter.classes(at(500));
         let std = c.iter().find(|c| c.class == "standard").unwrap();
         assert_eq!((std.batches, std.on_time), (4, 2));
-        assert_eq!(
-            std.completion_s,
-            Percentiles {
-                mean: 250.0,
-                p50: 200.0,
-                p90: 400.0,
-                p99: 400.0
-            }
+        // Exact mean; percentiles within the histogram's 3 significant digits.
+        let close = |a: f64, b: f64| (a - b).abs() <= b * 1e-3;
+        let c_s = std.completion_s;
+        assert!(
+            c_s.mean == 250.0 && close(c_s.p50, 200.0) && close(c_s.p90, 400.0) && close(c_s.p99, 400.0),
+            "{c_s:?}"
         );
         let be = c.iter().find(|c| c.class == "best-effort").unwrap();
         assert_eq!(

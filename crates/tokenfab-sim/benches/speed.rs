@@ -53,7 +53,9 @@ fn main() {
         let (s, base) = tokenfab_sim::Scenario::load(&root.join(name)).unwrap_or_else(|e| panic!("{e}"));
         let devices: u32 = s.pools.iter().map(|p| p.nodes * p.devices_per_node).sum();
         let t = Instant::now();
-        let r = tokenfab_sim::run(&s, &base, s.seed, |_| {}).unwrap_or_else(|e| panic!("{e}"));
+        // Batch records streamed to disk, as `tokenfab sim` does.
+        let records = tokenfab_sim::BatchRecords::Csv(std::env::temp_dir().join("tokenfab-speed-batches.csv"));
+        let r = tokenfab_sim::run_with(&s, &base, s.seed, &records, |_| {}).unwrap_or_else(|e| panic!("{e}"));
         let wall = t.elapsed().as_secs_f64();
         let device_hours = f64::from(devices) * r.simulated_s / 3600.0;
         println!(

@@ -284,7 +284,7 @@ pub fn compare(
         placed,
     ));
     let results = crate::sweep::parallel(&variants, options.jobs, |(name, description, s)| {
-        let r = crate::run(s, base, seed, |_| {}).map(|r| row(name, description, &r));
+        let r = crate::run_totals(s, base, seed).map(|r| row(name, description, &r));
         progress(name);
         r
     });
@@ -304,7 +304,7 @@ pub fn compare(
         .collect();
     let mut static_grid = Vec::new();
     for r in crate::sweep::parallel(&grid_names, options.jobs, |(name, s)| {
-        let r = crate::run(s, base, seed, |_| {}).map(|r| row(name, "a static window and power limit", &r));
+        let r = crate::run_totals(s, base, seed).map(|r| row(name, "a static window and power limit", &r));
         progress(name);
         r
     }) {
@@ -382,6 +382,8 @@ fn oracle(scenario: &Scenario, base: &Path, seed: u64, options: &CompareOptions)
         d.max_num_seqs = Some(max_window.max(256));
     }
     let mut sim = Simulation::new(&s, base, seed)?;
+    // The forks copy the simulation: no batch records to copy with it.
+    sim.collector.discard_records();
     let phases = options.oracle_phases.max(1);
     let phase = s.duration / phases;
     let mut chosen = Vec::new();

@@ -17,7 +17,7 @@ pub mod sim;
 pub mod sweep;
 pub mod workload;
 
-pub use report::Report;
+pub use report::{BatchRecords, Report};
 pub use scenario::{Scenario, ScenarioError};
 pub use sim::Simulation;
 
@@ -25,7 +25,8 @@ use std::path::Path;
 use tokenfab_core::Timestamp;
 
 /// Runs `scenario` with `seed`, reading trace files relative to `base`. `progress` is
-/// called from time to time with the simulated time reached.
+/// called from time to time with the simulated time reached. The report keeps every
+/// batch's record ([`BatchRecords::Keep`]); long runs stream them with [`run_with`].
 pub fn run(
     scenario: &Scenario,
     base: &Path,
@@ -35,4 +36,51 @@ pub fn run(
     let mut sim = sim::Simulation::new(scenario, base, seed)?;
     sim.collector.set_seed(seed);
     Ok(sim.run(progress))
+}
+
+/// [`run`] without the batch records (the report's totals and percentiles are all there):
+/// what sweeps and comparisons need.
+pub(crate) fn run_totals(scenario: &Scenario, base: &Path, seed: u64) -> Result<Report, ScenarioError> {
+    let mut sim = sim::Simulation::new(scenario, base, seed)?;
+    sim.collector.set_seed(seed);
+    sim.collector.discard_records();
+    Ok(sim.run(|_| {}))
+}
+
+/// Why a run could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Scenario(#[from] ScenarioError),
+    #[error("cannot write the batch records to {path}: {message}")]
+    Records { path: String, message: String },
+}
+
+/// [`run`], with the batch records going `records`: streamed to a CSV file as batches
+/// end, the simulator's memory does not grow with the batches that end.
+pub fn run_with(
+    scenario: &Scenario,
+    base: &Path,
+    seed: u64,
+    records: &BatchRecords,
+    progress: impl FnMut(Timestamp),
+) -> Result<Report, RunError> {
+    let mut sim = sim::Simulation::new(scenario, base, seed)?;
+    sim.collector.set_seed(seed);
+    let path = |r: &BatchRecords| match r {
+        BatchRecords::Csv(p) => p.display().to_string(),
+        _ => String::new(),
+    };
+    sim.collector.set_records(records).map_err(|e| RunError::Records {
+        path: path(records),
+        message: e.to_string(),
+    })?;
+    let report = sim.run(progress);
+    if let Some(e) = &report.records_error {
+        return Err(RunError::Records {
+            path: path(records),
+            message: e.clone(),
+        });
+    }
+    Ok(report)
 }

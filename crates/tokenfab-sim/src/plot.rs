@@ -144,23 +144,16 @@ pub fn report_plots(r: &Report, dir: &Path) -> Result<Vec<String>, PlotError> {
         "kW",
         &per_pool(&|s| s.power_w / 1000.0),
     )?;
-    // Completion time distribution as a CDF.
-    let mut done: Vec<f64> = r
-        .batch_records
-        .iter()
-        .map(|b| b.ended.since(b.arrived).as_secs_f64())
-        .collect();
-    done.sort_by(f64::total_cmp);
-    let n = done.len().max(1) as f64;
-    let (cunit, clabel) = match done.last().copied().unwrap_or(0.0) {
+    // Completion time distribution as a CDF (from the run's histogram).
+    let (cunit, clabel) = match r.batches.completion_s.max {
         m if m > 7200.0 => (3600.0, "batch completion time (h)"),
         m if m > 120.0 => (60.0, "batch completion time (min)"),
         _ => (1.0, "batch completion time (s)"),
     };
-    let cdf: Vec<(f64, f64)> = done
+    let cdf: Vec<(f64, f64)> = r
+        .completion_cdf
         .iter()
-        .enumerate()
-        .map(|(i, t)| (t / cunit, (i + 1) as f64 / n * 100.0))
+        .map(|&(t, share)| (t / cunit, share * 100.0))
         .collect();
     let completion = dir.join("completion.svg");
     lines(

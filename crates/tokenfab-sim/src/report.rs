@@ -33,6 +33,153 @@ pub struct BatchRecord {
     pub usage: Usage,
 }
 
+/// Where the record of each ended batch goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchRecords {
+    /// Kept in memory, in the report's `batch_records` (and written as `batches.csv` by
+    /// [`Report::write`]). Memory grows with the batches: for tests and small runs.
+    Keep,
+    /// Streamed to this CSV file (the format of `batches.csv`) as batches end.
+    Csv(std::path::PathBuf),
+    /// Not kept (the report's totals and percentiles are computed all the same).
+    Discard,
+}
+
+/// The first refusal reasons a report keeps (the counts cover all of them).
+pub const REFUSALS_KEPT: usize = 1000;
+
+const BATCHES_CSV_HEADER: &str = "tenant,sla_class,arrived_s,ended_s,deadline_s,completion_s,status,met,requests,completed,failed,output_tokens,joules,cost_usd";
+
+fn write_record(f: &mut impl Write, tenant: &str, b: &BatchRecord) -> std::io::Result<()> {
+    writeln!(
+        f,
+        "{},{},{},{},{},{:.3},{},{},{},{},{},{},{:.3},{:.6}",
+        tenant,
+        b.sla_class,
+        b.arrived.as_secs_f64(),
+        b.ended.as_secs_f64(),
+        b.deadline.as_secs_f64(),
+        b.ended.since(b.arrived).as_secs_f64(),
+        b.status,
+        b.met,
+        b.requests,
+        b.completed,
+        b.failed,
+        b.usage.completion_tokens,
+        b.usage.joules,
+        b.usage.cost_usd
+    )
+}
+
+#[derive(Debug)]
+enum Records {
+    Keep(Vec<BatchRecord>),
+    /// The file, and the first error writing it (reported at the end).
+    Csv(std::io::BufWriter<std::fs::File>, Option<std::io::Error>),
+    Discard,
+}
+
+impl Clone for Records {
+    /// A forked simulation (the oracle's trials) keeps records in memory only if its
+    /// parent does; it never writes to the parent's file.
+    fn clone(&self) -> Self {
+        match self {
+            Records::Keep(v) => Records::Keep(v.clone()),
+            Records::Csv(..) | Records::Discard => Records::Discard,
+        }
+    }
+}
+
+/// Batch completion times, in microseconds, in a histogram of three significant digits
+/// (quantiles within 0.1%), with their exact count, sum and maximum.
+#[derive(Debug, Clone)]
+struct Completion {
+    hist: hdrhistogram::Histogram<u64>,
+    sum_s: f64,
+    max_s: f64,
+}
+
+impl Default for Completion {
+    fn default() -> Self {
+        Completion {
+            hist: hdrhistogram::Histogram::new(3).expect("3 significant digits are valid"),
+            sum_s: 0.0,
+            max_s: 0.0,
+        }
+    }
+}
+
+impl Completion {
+    fn record(&mut self, s: f64) {
+        // Auto-resizing: any value fits.
+        let _ = self.hist.record((s * 1e6).round().max(0.0) as u64);
+        self.sum_s += s;
+        self.max_s = self.max_s.max(s);
+    }
+
+    fn percentiles(&self) -> Percentiles {
+        let n = self.hist.len();
+        if n == 0 {
+            return Percentiles::default();
+        }
+        // The histogram's bucket for a quantile, as seconds, never above the true maximum.
+        let at = |q: f64| (self.hist.value_at_quantile(q) as f64 / 1e6).min(self.max_s);
+        Percentiles {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            max: self.max_s,
+            mean: self.sum_s / n as f64,
+        }
+    }
+
+    /// The distribution as (seconds, share of batches at or below).
+    fn cdf(&self) -> Vec<(f64, f64)> {
+        let n = self.hist.len().max(1) as f64;
+        let mut seen = 0u64;
+        self.hist
+            .iter_recorded()
+            .map(|v| {
+                seen += v.count_at_value();
+                ((v.value_iterated_to() as f64 / 1e6).min(self.max_s), seen as f64 / n)
+            })
+            .collect()
+    }
+}
+
+/// Ended batches of one kind (all, or one SLA class): how many, how many on time, and
+/// their completion times.
+#[derive(Debug, Clone, Default)]
+struct Ended {
+    batches: u64,
+    met: u64,
+    completion: Completion,
+}
+
+impl Ended {
+    fn add(&mut self, b: &BatchRecord) {
+        self.batches += 1;
+        self.met += u64::from(b.met);
+        self.completion.record(b.ended.since(b.arrived).as_secs_f64());
+    }
+
+    fn attainment(&self) -> f64 {
+        if self.batches == 0 {
+            return 1.0;
+        }
+        self.met as f64 / self.batches as f64
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct TenantEnded {
+    batches: u64,
+    met: u64,
+    usage: Usage,
+    completed: u64,
+    failed: u64,
+}
+
 #[derive(Debug, Clone)]
 struct PoolInfo {
     name: String,
@@ -75,13 +222,24 @@ pub struct Collector {
     series: Vec<SeriesPoint>,
     last: Vec<Cumulative>,
     last_t: Timestamp,
-    batches: Vec<BatchRecord>,
+    /// What the ended batches add up to: totals and completion-time histograms, so that
+    /// memory does not grow with the batches that end.
+    ended: Ended,
+    ended_by_class: BTreeMap<String, Ended>,
+    ended_by_tenant: Vec<TenantEnded>,
+    status_counts: BTreeMap<&'static str, u64>,
+    last_end_s: f64,
+    /// Each ended batch's record: kept, streamed to a CSV file, or dropped.
+    records: Records,
     arrived_batches: Vec<u64>,
     arrived_requests: Vec<u64>,
     served_tokens: Vec<u64>,
     arrived_output_tokens: u64,
     arrived_prompt_tokens: u64,
-    refused: Vec<(usize, usize, String)>,
+    /// Refused batches and requests per tenant, and the first `REFUSALS_KEPT` reasons.
+    refused_batches: Vec<u64>,
+    refused_requests: u64,
+    refusals: Vec<String>,
     tenants: Vec<String>,
     scenario: String,
     description: String,
@@ -134,13 +292,20 @@ impl Collector {
             pools,
             series: Vec::new(),
             last_t: Timestamp::ZERO,
-            batches: Vec::new(),
+            ended: Ended::default(),
+            ended_by_class: BTreeMap::new(),
+            ended_by_tenant: vec![TenantEnded::default(); n],
+            status_counts: BTreeMap::new(),
+            last_end_s: 0.0,
+            records: Records::Keep(Vec::new()),
             arrived_batches: vec![0; n],
             arrived_requests: vec![0; n],
             served_tokens: vec![0; n],
             arrived_output_tokens: 0,
             arrived_prompt_tokens: 0,
-            refused: Vec::new(),
+            refused_batches: vec![0; n],
+            refused_requests: 0,
+            refusals: Vec::new(),
             tenants: s.workload.tenants.iter().map(|t| t.name.clone()).collect(),
             scenario: s.name.clone(),
             description: s.description.clone(),
@@ -170,12 +335,38 @@ impl Collector {
         self.arrived_prompt_tokens += requests.iter().map(|r| u64::from(r.prompt)).sum::<u64>();
     }
 
+    /// Records of ended batches are not kept from now on.
+    pub(crate) fn discard_records(&mut self) {
+        self.records = Records::Discard;
+    }
+
+    /// Where the records of ended batches go from now on (a CSV file gets its header at
+    /// once).
+    pub(crate) fn set_records(&mut self, to: &BatchRecords) -> std::io::Result<()> {
+        self.records = match to {
+            BatchRecords::Keep => Records::Keep(Vec::new()),
+            BatchRecords::Discard => Records::Discard,
+            BatchRecords::Csv(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+                writeln!(f, "{BATCHES_CSV_HEADER}")?;
+                Records::Csv(f, None)
+            }
+        };
+        Ok(())
+    }
+
     /// Output tokens of completed requests, batches ended, and those that missed their
     /// deadline, so far.
     pub(crate) fn progress(&self) -> (u64, usize, usize) {
-        let tokens = self.batches.iter().map(|b| b.usage.completion_tokens).sum();
-        let missed = self.batches.iter().filter(|b| !b.met).count();
-        (tokens, self.batches.len(), missed)
+        let tokens = self.ended_by_tenant.iter().map(|t| t.usage.completion_tokens).sum();
+        (
+            tokens,
+            self.ended.batches as usize,
+            (self.ended.batches - self.ended.met) as usize,
+        )
     }
 
     /// A tuner moved a replica's knobs.
@@ -184,11 +375,38 @@ impl Collector {
     }
 
     pub(crate) fn refused(&mut self, tenant: usize, requests: usize, why: String) {
-        self.refused.push((tenant, requests, why));
+        self.refused_batches[tenant] += 1;
+        self.refused_requests += requests as u64;
+        if self.refusals.len() < REFUSALS_KEPT {
+            self.refusals.push(format!("{}: {why}", self.tenants[tenant]));
+        }
     }
 
     pub(crate) fn ended(&mut self, b: BatchRecord) {
-        self.batches.push(b);
+        self.ended.add(&b);
+        match self.ended_by_class.get_mut(&b.sla_class) {
+            Some(e) => e.add(&b),
+            None => self.ended_by_class.entry(b.sla_class.clone()).or_default().add(&b),
+        }
+        let t = &mut self.ended_by_tenant[b.tenant];
+        t.batches += 1;
+        t.met += u64::from(b.met);
+        t.usage += b.usage;
+        t.completed += u64::from(b.completed);
+        t.failed += u64::from(b.failed);
+        *self.status_counts.entry(b.status.as_str()).or_default() += 1;
+        self.last_end_s = self.last_end_s.max(b.ended.as_secs_f64());
+        match &mut self.records {
+            Records::Keep(v) => v.push(b),
+            Records::Csv(f, error) => {
+                if error.is_none()
+                    && let Err(e) = write_record(f, &self.tenants[b.tenant], &b)
+                {
+                    *error = Some(e);
+                }
+            }
+            Records::Discard => {}
+        }
     }
 
     /// A point of the time series; `windows` is each engine's concurrency window.
@@ -221,7 +439,7 @@ impl Collector {
     }
 
     pub(crate) fn finish(
-        self,
+        mut self,
         end: Timestamp,
         engines: &[Engine],
         agents: &[ReplicaStats],
@@ -265,36 +483,44 @@ impl Collector {
         let energy_usd = site.energy_usd(energy);
         let mut usage = Usage::default();
         let (mut completed, mut failed) = (0u64, 0u64);
-        let mut status_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
-        let mut by_class: BTreeMap<String, Vec<&BatchRecord>> = BTreeMap::new();
-        for b in &self.batches {
-            usage += b.usage;
-            completed += u64::from(b.completed);
-            failed += u64::from(b.failed);
-            *status_counts.entry(b.status.as_str()).or_default() += 1;
-            by_class.entry(b.sla_class.clone()).or_default().push(b);
+        for t in &self.ended_by_tenant {
+            usage += t.usage;
+            completed += t.completed;
+            failed += t.failed;
         }
-        let all: Vec<&BatchRecord> = self.batches.iter().collect();
+        let records_kept = matches!(self.records, Records::Keep(_));
+        let (batch_records, records_error) = match std::mem::replace(&mut self.records, Records::Discard) {
+            Records::Keep(v) => (v, None),
+            Records::Csv(mut f, error) => {
+                let error = error.map_or_else(|| f.flush().err(), Some);
+                (Vec::new(), error.map(|e| e.to_string()))
+            }
+            Records::Discard => (Vec::new(), None),
+        };
         let tenants = self
             .tenants
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let mine: Vec<&BatchRecord> = self.batches.iter().filter(|b| b.tenant == i).collect();
                 let m = metered
                     .get(&tokenfab_core::TenantId::new(name.clone()))
                     .copied()
                     .unwrap_or_default();
+                let ended = &self.ended_by_tenant[i];
                 TenantReport {
                     attributed_energy_j: m.usage.joules,
                     idle_energy_share_j: m.idle_joules,
                     name: name.clone(),
                     batches: self.arrived_batches[i],
                     requests: self.arrived_requests[i],
-                    output_tokens: mine.iter().map(|b| b.usage.completion_tokens).sum(),
+                    output_tokens: ended.usage.completion_tokens,
                     served_output_tokens: self.served_tokens[i],
-                    sla_attainment: attainment(&mine),
-                    refused_batches: self.refused.iter().filter(|r| r.0 == i).count() as u64,
+                    sla_attainment: if ended.batches == 0 {
+                        1.0
+                    } else {
+                        ended.met as f64 / ended.batches as f64
+                    },
+                    refused_batches: self.refused_batches[i],
                 }
             })
             .collect();
@@ -305,13 +531,13 @@ impl Collector {
             seed: self.seed,
             arrivals_s: self.arrivals_s,
             simulated_s: end_s,
-            last_batch_end_s: self.batches.iter().map(|b| b.ended.as_secs_f64()).fold(0.0, f64::max),
+            last_batch_end_s: self.last_end_s,
             events,
             requests: RequestTotals {
                 arrived: self.arrived_requests.iter().sum(),
                 completed,
                 failed,
-                refused: self.refused.iter().map(|r| r.1 as u64).sum(),
+                refused: self.refused_requests,
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
                 workload_prompt_tokens: self.arrived_prompt_tokens,
@@ -321,18 +547,19 @@ impl Collector {
             },
             batches: BatchTotals {
                 arrived: self.arrived_batches.iter().sum(),
-                by_status: status_counts.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                sla_attainment: attainment(&all),
-                completion_s: Percentiles::of(&all),
-                by_class: by_class
-                    .into_iter()
-                    .map(|(class, bs)| {
+                by_status: self.status_counts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                sla_attainment: self.ended.attainment(),
+                completion_s: self.ended.completion.percentiles(),
+                by_class: self
+                    .ended_by_class
+                    .iter()
+                    .map(|(class, e)| {
                         (
-                            class,
+                            class.clone(),
                             ClassReport {
-                                batches: bs.len() as u64,
-                                sla_attainment: attainment(&bs),
-                                completion_s: Percentiles::of(&bs),
+                                batches: e.batches,
+                                sla_attainment: e.attainment(),
+                                completion_s: e.completion.percentiles(),
                             },
                         )
                     })
@@ -359,13 +586,12 @@ impl Collector {
             engine_output_tokens: tokens,
             pools,
             tenants,
-            refusals: self
-                .refused
-                .iter()
-                .map(|r| format!("{}: {}", self.tenants[r.0], r.2))
-                .collect(),
+            refusals: self.refusals,
             series: self.series,
-            batch_records: self.batches,
+            completion_cdf: self.ended.completion.cdf(),
+            batch_records,
+            records_kept,
+            records_error,
             sla: None,
             replicas: Vec::new(),
             prefix_lookups: 0,
@@ -377,13 +603,6 @@ impl Collector {
     }
 }
 
-fn attainment(bs: &[&BatchRecord]) -> f64 {
-    if bs.is_empty() {
-        return 1.0;
-    }
-    bs.iter().filter(|b| b.met).count() as f64 / bs.len() as f64
-}
-
 /// Batch completion times, seconds from arrival to end.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Percentiles {
@@ -392,25 +611,6 @@ pub struct Percentiles {
     pub p99: f64,
     pub max: f64,
     pub mean: f64,
-}
-
-impl Percentiles {
-    fn of(bs: &[&BatchRecord]) -> Percentiles {
-        let mut v: Vec<f64> = bs.iter().map(|b| b.ended.since(b.arrived).as_secs_f64()).collect();
-        if v.is_empty() {
-            return Percentiles::default();
-        }
-        v.sort_by(f64::total_cmp);
-        // Nearest-rank percentiles.
-        let at = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-        Percentiles {
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-            max: v[v.len() - 1],
-            mean: v.iter().sum::<f64>() / v.len() as f64,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -527,11 +727,24 @@ pub struct Report {
     pub engine_output_tokens: u64,
     pub pools: Vec<PoolReport>,
     pub tenants: Vec<TenantReport>,
+    /// Why batches were refused: the first 1,000 (`requests.refused` and each tenant's
+    /// `refused_batches` count all of them).
     pub refusals: Vec<String>,
     #[serde(skip)]
     pub series: Vec<SeriesPoint>,
+    /// Every ended batch, when the run kept them ([`BatchRecords::Keep`]).
     #[serde(skip)]
     pub batch_records: Vec<BatchRecord>,
+    /// Batch completion times as (seconds, share of batches at or below), from the run's
+    /// histogram (within 0.1%).
+    #[serde(skip)]
+    pub completion_cdf: Vec<(f64, f64)>,
+    /// Whether `batch_records` holds every ended batch (the run kept them).
+    #[serde(skip)]
+    pub records_kept: bool,
+    /// Why the batch records could not be written to their CSV file, if they could not.
+    #[serde(skip)]
+    pub records_error: Option<String>,
     /// The throughput SLA document the simulated control plane publishes at the end
     /// (written as `sla.json`; its window covers the whole run).
     #[serde(skip)]
@@ -566,8 +779,8 @@ impl Report {
         serde_json::to_string_pretty(self).expect("the report serializes")
     }
 
-    /// Writes `report.json`, `sla.json`, `llm-d-benchmark-reports.json`, `series.csv` and
-    /// `batches.csv` into `dir`.
+    /// Writes `report.json`, `sla.json`, `llm-d-benchmark-reports.json`, `series.csv` and,
+    /// when the run kept its batch records, `batches.csv` into `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("report.json"), self.to_json() + "\n")?;
@@ -598,30 +811,14 @@ impl Report {
             )?;
         }
         f.flush()?;
+        if !self.records_kept {
+            // Streamed to their file while the run went, or not kept.
+            return Ok(());
+        }
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("batches.csv"))?);
-        writeln!(
-            f,
-            "tenant,sla_class,arrived_s,ended_s,deadline_s,completion_s,status,met,requests,completed,failed,output_tokens,joules,cost_usd"
-        )?;
+        writeln!(f, "{BATCHES_CSV_HEADER}")?;
         for b in &self.batch_records {
-            writeln!(
-                f,
-                "{},{},{},{},{},{:.3},{},{},{},{},{},{},{:.3},{:.6}",
-                self.tenants[b.tenant].name,
-                b.sla_class,
-                b.arrived.as_secs_f64(),
-                b.ended.as_secs_f64(),
-                b.deadline.as_secs_f64(),
-                b.ended.since(b.arrived).as_secs_f64(),
-                b.status,
-                b.met,
-                b.requests,
-                b.completed,
-                b.failed,
-                b.usage.completion_tokens,
-                b.usage.joules,
-                b.usage.cost_usd
-            )?;
+            write_record(&mut f, &self.tenants[b.tenant].name, b)?;
         }
         f.flush()
     }

@@ -175,6 +175,11 @@ impl<'a> Simulation<'a> {
             pue: scenario.site.pue,
             // The simulated window is the scenario's; no batch may outlive the run.
             max_completion_window: Duration::from_secs(365 * 86400),
+            // The report records each batch when it ends; the control plane then keeps it a
+            // minute (for results that arrive late) instead of for ever, so that memory
+            // does not grow with the batches that end. Deleted batches' usage stays in the
+            // tenants' totals.
+            retention: Some(Duration::from_secs(60)),
             // The SLA document at the end covers the whole run.
             sla_window: scenario.duration.max(Duration::from_secs(60)) * 2,
             tenant_weights: scenario

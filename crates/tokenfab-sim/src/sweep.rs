@@ -194,7 +194,7 @@ pub fn run(
     let n = configs.len();
     let finished = AtomicUsize::new(0);
     let results = parallel(&configs, jobs, |(_, scenario)| {
-        let r = crate::run(scenario, base, seed, |_| {});
+        let r = crate::run_totals(scenario, base, seed);
         done(finished.fetch_add(1, Ordering::Relaxed) + 1, n);
         r
     });

@@ -122,3 +122,59 @@ fn every_request_ends_exactly_once_and_tokens_and_energy_add_up() {
         h100.energy_j
     );
 }
+
+#[test]
+fn streamed_batch_records_match_the_kept_ones_and_the_totals() {
+    // `tokenfab sim` streams each batch's record to batches.csv as it ends and keeps only
+    // totals and histograms; the file and the report must say what the kept records say.
+    let s = small();
+    let dir = tempfile::tempdir().unwrap();
+    let kept = run(&s, Path::new("."), s.seed, |_| {}).unwrap();
+    assert!(kept.records_kept && !kept.batch_records.is_empty());
+    kept.write(dir.path()).unwrap();
+    let csv = dir.path().join("streamed.csv");
+    let streamed = tokenfab_sim::run_with(
+        &s,
+        Path::new("."),
+        s.seed,
+        &tokenfab_sim::BatchRecords::Csv(csv.clone()),
+        |_| {},
+    )
+    .unwrap();
+    assert!(!streamed.records_kept && streamed.batch_records.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("batches.csv")).unwrap(),
+        std::fs::read_to_string(&csv).unwrap(),
+        "the streamed file is the one written from the kept records"
+    );
+    assert_eq!(kept.to_json(), streamed.to_json(), "the same report either way");
+    // The report's figures from its histograms against the exact ones from the records.
+    let mut times: Vec<f64> = kept
+        .batch_records
+        .iter()
+        .map(|b| b.ended.since(b.arrived).as_secs_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let nearest_rank = |p: f64| times[((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+    let c = kept.batches.completion_s;
+    for (p, got) in [(0.5, c.p50), (0.9, c.p90), (0.99, c.p99)] {
+        let exact = nearest_rank(p);
+        assert!((got - exact).abs() <= exact * 1e-3 + 1e-6, "p{p}: {got} vs {exact}");
+    }
+    assert_eq!(c.max, *times.last().unwrap());
+    assert!((c.mean - times.iter().sum::<f64>() / times.len() as f64).abs() < 1e-9);
+    let met = kept.batch_records.iter().filter(|b| b.met).count() as f64;
+    assert_eq!(kept.batches.sla_attainment, met / times.len() as f64);
+    // A file that cannot be created is an error that names it, not a panic.
+    let bad = dir.path().join("batches.csv").join("not-a-dir.csv");
+    let err = tokenfab_sim::run_with(
+        &s,
+        Path::new("."),
+        s.seed,
+        &tokenfab_sim::BatchRecords::Csv(bad),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not-a-dir.csv"), "{err}");
+}

@@ -526,7 +526,9 @@ fn single(path: PathBuf, seed: Option<u64>, out: Option<PathBuf>, plots: bool) -
     let expected = scenario.duration.as_secs_f64();
     let started = Instant::now();
     let mut progress: Option<ProgressBar> = None;
-    let report = tokenfab_sim::run(&scenario, &base, seed, |t| {
+    // Batch records go to batches.csv as batches end (memory stays flat on long runs).
+    let records = tokenfab_sim::BatchRecords::Csv(out.join("batches.csv"));
+    let report = tokenfab_sim::run_with(&scenario, &base, seed, &records, |t| {
         // Only runs longer than a second get a bar.
         if progress.is_none() && started.elapsed() > Duration::from_secs(1) {
             let b = bar(

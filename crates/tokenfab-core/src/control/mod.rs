@@ -965,8 +965,8 @@ pub struct ControlCore {
     /// Replica throughput and cost per token at their efficient point, by (model,
     /// accelerator, devices, request shape bucket).
     operating: OperatingPoints,
-    /// Output tokens accepted per model over the last [`ARRIVAL_WINDOW`], for placement:
-    /// deadlines alone leave work to the last moment while more keeps arriving.
+    /// Output tokens accepted per model and second over the last [`ARRIVAL_WINDOW`], for
+    /// placement: deadlines alone leave work to the last moment while more keeps arriving.
     arrivals: VecDeque<(Timestamp, ModelId, f64)>,
     /// What placement last planned for: each model's output tokens/s (deadlines or
     /// arrivals, whichever needs more) and mean request shape.
@@ -1461,7 +1461,20 @@ impl ControlCore {
         self.by_tenant.insert((meta.tenant.clone(), id));
         self.tenant_totals.entry(meta.tenant.clone()).or_default().batches += 1;
         if self.config.placement != PlacementMode::Off {
-            self.arrivals.push_back((now, meta.model.clone(), output_tokens as f64));
+            // Summed per model and second: bounded by the window, not by the batches.
+            let second = Timestamp::from_millis(now.as_millis() / 1000 * 1000);
+            let same = self
+                .arrivals
+                .iter_mut()
+                .rev()
+                .take_while(|(t, _, _)| *t == second)
+                .find(|(_, m, _)| *m == meta.model);
+            match same {
+                Some((_, _, tokens)) => *tokens += output_tokens as f64,
+                None => self
+                    .arrivals
+                    .push_back((second, meta.model.clone(), output_tokens as f64)),
+            }
         }
         if self.quota_of(&meta.tenant).output_tokens_per_hour.is_some() {
             self.submitted
