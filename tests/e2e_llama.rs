@@ -242,6 +242,34 @@ async fn a_batch_runs_on_a_real_llama_cpp_server_with_exact_usage() {
 /// The tuner's grid for windows 1..=16 (see `tokenfab_core::tuner`).
 const GRID: [u32; 8] = [1, 2, 3, 5, 7, 10, 15, 16];
 
+/// Runs `tokenfab calibrate` on llama-server at `url` (SmolLM2-135M on `edge-cpu`) with
+/// the grid in `grid` (flag, value), prints its fit report, and returns the profile's path
+/// in `dir` (the fit report is beside it, `smollm2-edge-cpu-fit.json`).
+fn calibrate_smollm2(dir: &std::path::Path, url: &str, grid: &[(&str, &str)]) -> std::path::PathBuf {
+    let profile = dir.join("smollm2-edge-cpu.toml");
+    let mut args = vec![
+        "calibrate",
+        "--url",
+        url,
+        "--served-model",
+        "smollm2",
+        "--model",
+        "smollm2-135m",
+        "--accelerator",
+        "edge-cpu",
+        "--quiet",
+        "--out",
+        profile.to_str().unwrap(),
+    ];
+    for (flag, value) in grid {
+        args.extend([*flag, *value]);
+    }
+    let started = Instant::now();
+    let out = run_cli(&args, &[]);
+    println!("calibration ({:.0} s):\n{out}", started.elapsed().as_secs_f64());
+    profile
+}
+
 /// The knee test's workload: completions shaped like `tokenfab calibrate`'s requests (a
 /// prompt of `KNEE_PROMPT` words starting with its own number, so that no two share a
 /// cached prefix; `KNEE_OUTPUT` output tokens on average, 0.5x to 1.5x spread evenly).
@@ -285,37 +313,18 @@ async fn with_its_calibrated_profile_the_live_tuner_settles_at_the_best_point_of
     let (_llama, llama_url) = start_llama(&server_bin, &gguf, 16).await;
 
     // 1. The curve, measured by `tokenfab calibrate` at the tuner's grid points.
-    let profile = dir.path().join("smollm2-edge-cpu.toml");
     let concurrency = GRID.map(|w| w.to_string()).join(",");
-    let started = Instant::now();
-    let out = run_cli(
+    let profile = calibrate_smollm2(
+        dir.path(),
+        &llama_url,
         &[
-            "calibrate",
-            "--url",
-            &llama_url,
-            "--served-model",
-            "smollm2",
-            "--model",
-            "smollm2-135m",
-            "--accelerator",
-            "edge-cpu",
-            "--concurrency",
-            &concurrency,
-            "--prompt-tokens",
-            &KNEE_PROMPT.to_string(),
-            "--output-tokens",
-            &KNEE_OUTPUT.to_string(),
-            "--warmup",
-            "2s",
-            "--measure",
-            "8s",
-            "--quiet",
-            "--out",
-            profile.to_str().unwrap(),
+            ("--concurrency", &concurrency),
+            ("--prompt-tokens", &KNEE_PROMPT.to_string()),
+            ("--output-tokens", &KNEE_OUTPUT.to_string()),
+            ("--warmup", "2s"),
+            ("--measure", "8s"),
         ],
-        &[],
     );
-    println!("calibration ({:.0} s):\n{out}", started.elapsed().as_secs_f64());
     let fit: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("smollm2-edge-cpu-fit.json")).unwrap()).unwrap();
     let curve: Vec<(u32, f64)> = fit["points"]
@@ -459,36 +468,17 @@ async fn the_simulator_predicts_a_real_engine_from_its_calibrated_profile() {
     const SECOND_AFTER_S: f64 = 10.0;
 
     // 1. Calibrate.
-    let profile = dir.path().join("smollm2-edge-cpu.toml");
-    let started = Instant::now();
-    let out = run_cli(
+    let profile = calibrate_smollm2(
+        dir.path(),
+        &llama_url,
         &[
-            "calibrate",
-            "--url",
-            &llama_url,
-            "--served-model",
-            "smollm2",
-            "--model",
-            "smollm2-135m",
-            "--accelerator",
-            "edge-cpu",
-            "--concurrency",
-            "1,2,4,8,12",
-            "--prompt-tokens",
-            "16,48",
-            "--output-tokens",
-            "32",
-            "--warmup",
-            "1s",
-            "--measure",
-            "5s",
-            "--quiet",
-            "--out",
-            profile.to_str().unwrap(),
+            ("--concurrency", "1,2,4,8,12"),
+            ("--prompt-tokens", "16,48"),
+            ("--output-tokens", "32"),
+            ("--warmup", "1s"),
+            ("--measure", "5s"),
         ],
-        &[],
     );
-    println!("calibration ({:.0} s):\n{out}", started.elapsed().as_secs_f64());
     let text = std::fs::read_to_string(&profile).unwrap();
     let p = tokenfab_core::profile::EngineProfile::from_toml(&text).unwrap();
     assert_eq!(p.provenance.source, tokenfab_core::profile::ProfileSource::Measured);
