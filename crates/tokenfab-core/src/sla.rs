@@ -48,10 +48,81 @@ impl Bucket {
     }
 }
 
-/// Batch completion times are recorded in milliseconds, 3 significant digits (the
-/// histogram grows to whatever the longest is).
-fn completion_histogram() -> Histogram<u64> {
-    Histogram::new(3).expect("3 significant digits are valid")
+/// Batch completion times: an HDR histogram of microseconds with 3 significant digits
+/// (quantiles within 0.1%; it grows to whatever the longest time is), and their exact sum
+/// and maximum. Its memory does not grow with the times recorded. The SLA meter and the
+/// simulator's report both count completion times with it.
+#[derive(Debug, Clone)]
+pub struct CompletionTimes {
+    hist: Histogram<u64>,
+    sum_s: f64,
+    max_s: f64,
+}
+
+impl Default for CompletionTimes {
+    fn default() -> Self {
+        CompletionTimes {
+            hist: Histogram::new(3).expect("3 significant digits are valid"),
+            sum_s: 0.0,
+            max_s: 0.0,
+        }
+    }
+}
+
+impl CompletionTimes {
+    pub fn record(&mut self, seconds: f64) {
+        // Auto-resizing: any value fits.
+        let _ = self.hist.record((seconds * 1e6).round().max(0.0) as u64);
+        self.sum_s += seconds;
+        self.max_s = self.max_s.max(seconds);
+    }
+
+    /// Adds the times `other` recorded.
+    pub fn merge(&mut self, other: &CompletionTimes) {
+        // Auto-resizing: adding never fails.
+        let _ = self.hist.add(&other.hist);
+        self.sum_s += other.sum_s;
+        self.max_s = self.max_s.max(other.max_s);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.hist.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hist.is_empty()
+    }
+
+    /// The time at quantile `q` (0 to 1), seconds: the histogram's value, never above the
+    /// longest time; 0 when none was recorded.
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.is_empty() {
+            return 0.0;
+        }
+        (self.hist.value_at_quantile(q) as f64 / 1e6).min(self.max_s)
+    }
+
+    /// Exact mean and maximum, seconds (0 when none was recorded).
+    pub fn mean(&self) -> f64 {
+        self.sum_s / self.len().max(1) as f64
+    }
+
+    pub fn max(&self) -> f64 {
+        self.max_s
+    }
+
+    /// The distribution as (seconds, share of the times at or below).
+    pub fn cdf(&self) -> Vec<(f64, f64)> {
+        let n = self.len().max(1) as f64;
+        let mut seen = 0u64;
+        self.hist
+            .iter_recorded()
+            .map(|v| {
+                seen += v.count_at_value();
+                ((v.value_iterated_to() as f64 / 1e6).min(self.max_s), seen as f64 / n)
+            })
+            .collect()
+    }
 }
 
 /// The batches of one model and SLA class that ended in one bucket.
@@ -61,9 +132,7 @@ struct EndedBucket {
     batches: u64,
     /// Completed by their deadline.
     on_time: u64,
-    completion_sum_s: f64,
-    completion_max_s: f64,
-    completion_ms: Histogram<u64>,
+    completion: CompletionTimes,
 }
 
 /// Sliding-window measurement of delivered throughput, energy, cost and completion times.
@@ -257,21 +326,15 @@ impl SlaMeter {
                     start,
                     batches: 0,
                     on_time: 0,
-                    completion_sum_s: 0.0,
-                    completion_max_s: 0.0,
-                    completion_ms: completion_histogram(),
+                    completion: CompletionTimes::default(),
                 });
                 ring
             }
         };
         let b = ring.back_mut().expect("pushed");
-        let completion_s = now.since(created).as_secs_f64();
         b.batches += 1;
         b.on_time += u64::from(deadline_met(status, Some(now), deadline));
-        b.completion_sum_s += completion_s;
-        b.completion_max_s = b.completion_max_s.max(completion_s);
-        // Auto-resizing: any value fits.
-        let _ = b.completion_ms.record((completion_s * 1e3).round() as u64);
+        b.completion.record(now.since(created).as_secs_f64());
     }
 
     /// Drops what is older than the window. The rings are walked only once something in
@@ -372,28 +435,23 @@ impl SlaMeter {
             .iter()
             .filter(|(_, ring)| ring.iter().any(|b| self.in_window(now, b.start)))
             .map(|((model, class), ring)| {
-                let mut times = completion_histogram();
-                let (mut batches, mut on_time, mut sum, mut max) = (0, 0, 0.0, 0.0f64);
+                let mut times = CompletionTimes::default();
+                let (mut batches, mut on_time) = (0, 0);
                 for b in ring.iter().filter(|b| self.in_window(now, b.start)) {
-                    // Auto-resizing: adding never fails.
-                    let _ = times.add(&b.completion_ms);
+                    times.merge(&b.completion);
                     batches += b.batches;
                     on_time += b.on_time;
-                    sum += b.completion_sum_s;
-                    max = max.max(b.completion_max_s);
                 }
-                // The histogram's value for a quantile, never above the longest time.
-                let q = |p: f64| (times.value_at_quantile(p) as f64 / 1e3).min(max);
                 ClassFigures {
                     model: model.clone(),
                     class: class.clone(),
                     batches,
                     on_time,
                     completion_s: Percentiles {
-                        mean: sum / batches.max(1) as f64,
-                        p50: q(0.5),
-                        p90: q(0.9),
-                        p99: q(0.99),
+                        mean: times.mean(),
+                        p50: times.quantile(0.5),
+                        p90: times.quantile(0.9),
+                        p99: times.quantile(0.99),
                     },
                 }
             })

@@ -14,6 +14,7 @@ use tokenfab_core::agent::ReplicaStats;
 use tokenfab_core::batch::BatchStatus;
 use tokenfab_core::catalog::Catalog;
 use tokenfab_core::control::ControlCore;
+use tokenfab_core::sla::CompletionTimes;
 use tokenfab_core::usage::Usage;
 use tokenfab_core::{AcceleratorId, Timestamp};
 
@@ -90,70 +91,13 @@ impl Clone for Records {
     }
 }
 
-/// Batch completion times, in microseconds, in a histogram of three significant digits
-/// (quantiles within 0.1%), with their exact count, sum and maximum.
-#[derive(Debug, Clone)]
-struct Completion {
-    hist: hdrhistogram::Histogram<u64>,
-    sum_s: f64,
-    max_s: f64,
-}
-
-impl Default for Completion {
-    fn default() -> Self {
-        Completion {
-            hist: hdrhistogram::Histogram::new(3).expect("3 significant digits are valid"),
-            sum_s: 0.0,
-            max_s: 0.0,
-        }
-    }
-}
-
-impl Completion {
-    fn record(&mut self, s: f64) {
-        // Auto-resizing: any value fits.
-        let _ = self.hist.record((s * 1e6).round().max(0.0) as u64);
-        self.sum_s += s;
-        self.max_s = self.max_s.max(s);
-    }
-
-    fn percentiles(&self) -> Percentiles {
-        let n = self.hist.len();
-        if n == 0 {
-            return Percentiles::default();
-        }
-        // The histogram's bucket for a quantile, as seconds, never above the true maximum.
-        let at = |q: f64| (self.hist.value_at_quantile(q) as f64 / 1e6).min(self.max_s);
-        Percentiles {
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-            max: self.max_s,
-            mean: self.sum_s / n as f64,
-        }
-    }
-
-    /// The distribution as (seconds, share of batches at or below).
-    fn cdf(&self) -> Vec<(f64, f64)> {
-        let n = self.hist.len().max(1) as f64;
-        let mut seen = 0u64;
-        self.hist
-            .iter_recorded()
-            .map(|v| {
-                seen += v.count_at_value();
-                ((v.value_iterated_to() as f64 / 1e6).min(self.max_s), seen as f64 / n)
-            })
-            .collect()
-    }
-}
-
 /// Ended batches of one kind (all, or one SLA class): how many, how many on time, and
 /// their completion times.
 #[derive(Debug, Clone, Default)]
 struct Ended {
     batches: u64,
     met: u64,
-    completion: Completion,
+    completion: CompletionTimes,
 }
 
 impl Ended {
@@ -164,10 +108,25 @@ impl Ended {
     }
 
     fn attainment(&self) -> f64 {
-        if self.batches == 0 {
-            return 1.0;
-        }
-        self.met as f64 / self.batches as f64
+        on_time_share(self.met, self.batches)
+    }
+}
+
+/// Share of `batches` that met their deadline (1 when none ended).
+fn on_time_share(met: u64, batches: u64) -> f64 {
+    if batches == 0 {
+        return 1.0;
+    }
+    met as f64 / batches as f64
+}
+
+fn percentiles(t: &CompletionTimes) -> Percentiles {
+    Percentiles {
+        p50: t.quantile(0.5),
+        p90: t.quantile(0.9),
+        p99: t.quantile(0.99),
+        max: t.max(),
+        mean: t.mean(),
     }
 }
 
@@ -515,11 +474,7 @@ impl Collector {
                     requests: self.arrived_requests[i],
                     output_tokens: ended.usage.completion_tokens,
                     served_output_tokens: self.served_tokens[i],
-                    sla_attainment: if ended.batches == 0 {
-                        1.0
-                    } else {
-                        ended.met as f64 / ended.batches as f64
-                    },
+                    sla_attainment: on_time_share(ended.met, ended.batches),
                     refused_batches: self.refused_batches[i],
                 }
             })
@@ -549,7 +504,7 @@ impl Collector {
                 arrived: self.arrived_batches.iter().sum(),
                 by_status: self.status_counts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
                 sla_attainment: self.ended.attainment(),
-                completion_s: self.ended.completion.percentiles(),
+                completion_s: percentiles(&self.ended.completion),
                 by_class: self
                     .ended_by_class
                     .iter()
@@ -559,7 +514,7 @@ impl Collector {
                             ClassReport {
                                 batches: e.batches,
                                 sla_attainment: e.attainment(),
-                                completion_s: e.completion.percentiles(),
+                                completion_s: percentiles(&e.completion),
                             },
                         )
                     })
