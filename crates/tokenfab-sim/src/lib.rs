@@ -33,16 +33,13 @@ pub fn run(
     seed: u64,
     progress: impl FnMut(Timestamp),
 ) -> Result<Report, ScenarioError> {
-    let mut sim = sim::Simulation::new(scenario, base, seed)?;
-    sim.collector.set_seed(seed);
-    Ok(sim.run(progress))
+    Ok(sim::Simulation::new(scenario, base, seed)?.run(progress))
 }
 
 /// [`run`] without the batch records (the report's totals and percentiles are all there):
 /// what sweeps and comparisons need.
 pub(crate) fn run_totals(scenario: &Scenario, base: &Path, seed: u64) -> Result<Report, ScenarioError> {
     let mut sim = sim::Simulation::new(scenario, base, seed)?;
-    sim.collector.set_seed(seed);
     sim.collector.discard_records();
     Ok(sim.run(|_| {}))
 }
@@ -66,7 +63,6 @@ pub fn run_with(
     progress: impl FnMut(Timestamp),
 ) -> Result<Report, RunError> {
     let mut sim = sim::Simulation::new(scenario, base, seed)?;
-    sim.collector.set_seed(seed);
     let path = |r: &BatchRecords| match r {
         BatchRecords::Csv(p) => p.display().to_string(),
         _ => String::new(),

@@ -221,7 +221,8 @@ fn cumulative(engines: &[Engine], pool: usize, now: Timestamp) -> Cumulative {
 }
 
 impl Collector {
-    pub(crate) fn new(s: &Scenario, engines: &[Engine]) -> Self {
+    /// The collector of a run of `s` with `seed`.
+    pub(crate) fn new(s: &Scenario, engines: &[Engine], seed: u64) -> Self {
         let catalog = Catalog::builtin();
         let pools: Vec<PoolInfo> = s
             .pools
@@ -268,16 +269,12 @@ impl Collector {
             tenants: s.workload.tenants.iter().map(|t| t.name.clone()).collect(),
             scenario: s.name.clone(),
             description: s.description.clone(),
-            seed: s.seed,
+            seed,
             arrivals_s: s.duration.as_secs_f64(),
             pue: s.site.pue,
             usd_per_kwh: s.site.usd_per_kwh,
             tuner_moves: 0,
         }
-    }
-
-    pub(crate) fn set_seed(&mut self, seed: u64) {
-        self.seed = seed;
     }
 
     /// An engine finished `tokens` output tokens for `tenant` at `now`.

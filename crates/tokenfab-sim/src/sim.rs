@@ -314,7 +314,7 @@ impl<'a> Simulation<'a> {
                 });
             }
         }
-        let collector = Collector::new(scenario, &engines);
+        let collector = Collector::new(scenario, &engines, seed);
         let mut owners = vec![(0, 0); engines.len()];
         for (n, node) in nodes.iter().enumerate() {
             for (r, &e) in node.engines.iter().enumerate() {
