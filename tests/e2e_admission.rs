@@ -286,7 +286,7 @@ async fn late_batches_are_refused_with_the_earliest_time_and_best_effort_work_yi
     assert_eq!(wire.classes.len(), classes.len());
     // Metering and the SLA figures are exported as Prometheus metrics too (refreshed every
     // 5 s).
-    let tenant_gauge = "tokenfab_control_tenant_output_tokens{tenant=\"acme\"}";
+    let tenant_gauge = "tokenfab_control_tenant_output_tokens_total{tenant=\"acme\"}";
     let sla_gauge =
         "tokenfab_control_sla_measured_output_tokens_per_second{model=\"llama-3.1-8b\",accelerator=\"h100-sxm\"}";
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -213,7 +213,7 @@ async fn a_batch_survives_malformed_lines_a_killed_agent_and_a_killed_control_pl
     loop {
         let expired = fetch_metric(
             &format!("http://127.0.0.1:{metrics_port}/metrics"),
-            "tokenfab_control_leases_expired",
+            "tokenfab_control_leases_expired_total",
         )
         .await;
         if expired >= 1.0 {

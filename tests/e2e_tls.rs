@@ -233,7 +233,7 @@ async fn every_listener_speaks_tls_and_agents_prove_their_node_with_a_certificat
         &format!("{base}/metrics"),
     ]);
     assert_eq!(code, "200");
-    assert!(body.contains("tokenfab_control_results_recorded"), "{body}");
+    assert!(body.contains("tokenfab_control_results_recorded_total"), "{body}");
     let (body, code) = curl(&["--cacert", ca, &format!("{base}/healthz")]);
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("\"status\":\"ok\""), "{body}");

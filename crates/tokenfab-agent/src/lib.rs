@@ -7,9 +7,11 @@
 
 pub mod devices;
 pub mod engine_client;
+pub mod metrics;
 
 use devices::{DeviceBackend, DeviceReading};
 use engine_client::EngineClient;
+use metrics::{AgentMetrics, Call};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -63,6 +65,8 @@ pub struct AgentOptions {
     /// Flight recorder: the folder every input of the agent core is written to, and the
     /// most bytes this node's recordings may take there. `None`: nothing recorded.
     pub record: Option<(std::path::PathBuf, u64)>,
+    /// HTTP address for the agent's `/metrics`, `/healthz` and `/readyz`; `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The power range of the devices `indices` as the backend describes them, if it can set
@@ -92,6 +96,8 @@ pub enum AgentError {
     Tls(String),
     #[error("{0}")]
     Record(String),
+    #[error("cannot serve metrics on {addr}: {cause} (choose another --metrics-listen address, or free the port)")]
+    Metrics { addr: std::net::SocketAddr, cause: String },
 }
 
 type Client = AgentServiceClient<InterceptedService<Channel, Bearer>>;
@@ -197,6 +203,29 @@ pub async fn run(
                 .map(|d| d.accelerator.clone()),
         })
         .collect();
+    let metrics = Arc::new(AgentMetrics::new(
+        &opts
+            .replicas
+            .iter()
+            .map(|r| (r.id.to_string(), r.model.to_string()))
+            .collect::<Vec<_>>(),
+    ));
+    if let Some(addr) = opts.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Metrics {
+                addr,
+                cause: e.to_string(),
+            })?;
+        let local = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %local, "agent metrics on http://{local}/metrics");
+        let app = metrics::router(metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the agent's metrics listener stopped");
+            }
+        });
+    }
     let started = now();
     let recorder = match &opts.record {
         Some((dir, max_bytes)) => {
@@ -217,6 +246,8 @@ pub async fn run(
         devices,
         bodies: HashMap::new(),
         last_readings: Vec::new(),
+        metrics,
+        first_energy: Vec::new(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     tokio::pin!(shutdown);
@@ -262,6 +293,9 @@ struct Shell {
     /// Bodies of leased requests, until dispatched.
     bodies: HashMap<RequestRef, pb::WorkItem>,
     last_readings: Vec<DeviceReading>,
+    metrics: Arc<AgentMetrics>,
+    /// Each device's energy counter at its first reading (metrics count from there).
+    first_energy: Vec<(u32, f64)>,
 }
 
 impl Shell {
@@ -283,6 +317,7 @@ impl Shell {
             let tx = tx.clone();
             match action {
                 AgentAction::Register => {
+                    self.metrics.set_registered(false);
                     let mut client = self.client.clone();
                     let req = self.registration();
                     tokio::spawn(async move {
@@ -332,6 +367,12 @@ impl Shell {
                     });
                 }
                 AgentAction::Heartbeat { held } => {
+                    self.metrics.observe_replicas(
+                        self.core
+                            .replicas()
+                            .map(|(_, s)| s)
+                            .zip(self.core.telemetry().into_iter().map(|r| r.power_limit_w)),
+                    );
                     let mut client = self.client.clone();
                     let req = pb::HeartbeatRequest {
                         node: self.opts.node.to_string(),
@@ -424,11 +465,14 @@ impl Shell {
             return;
         };
         let engines = self.engines.clone();
+        let metrics = self.metrics.clone();
         let cfg = &self.opts.replicas[replica];
         let (url, model) = (cfg.engine_url.clone(), cfg.engine_model.clone());
         tokio::spawn(async move {
             let request_id = format!("req_{}_{}_{}", req.batch.0, req.index, item.attempt);
+            let started = std::time::Instant::now();
             let reply = engines.call(&url, &work.url, &work.body, &model, request_id).await;
+            metrics.engine_call(replica, started.elapsed().as_secs_f64());
             let _ = tx.send(Event::EngineDone {
                 replica,
                 unit,
@@ -443,10 +487,12 @@ impl Shell {
         match ev {
             Event::Registered(Ok(hb)) => {
                 tracing::info!(node = %self.opts.node, "registered with the control plane");
+                self.metrics.set_registered(true);
                 self.input(t, AgentInput::Registered { heartbeat_interval: hb });
             }
             Event::Registered(Err(e)) => {
                 tracing::warn!(error = %e.message(), code = ?e.code(), "registration failed; retrying");
+                self.metrics.call_failed(Call::Register);
                 self.input(t, AgentInput::RegisterFailed);
             }
             Event::Leased(model, Ok(unit)) => {
@@ -484,6 +530,7 @@ impl Shell {
             }
             Event::Leased(model, Err(e)) => {
                 tracing::warn!(error = %e.message(), code = ?e.code(), "leasing work failed; retrying");
+                self.metrics.call_failed(Call::Lease);
                 self.input(
                     t,
                     AgentInput::Leased {
@@ -509,6 +556,7 @@ impl Shell {
             Event::Reported(Ok(())) => self.input(t, AgentInput::ReportAcked),
             Event::Reported(Err(e)) => {
                 tracing::warn!(error = %e.message(), "report failed; results kept and sent again");
+                self.metrics.call_failed(Call::Report);
                 self.input(t, AgentInput::ReportFailed(failure(&e)));
             }
             Event::PowerSet { replica, result } => {
@@ -524,6 +572,9 @@ impl Shell {
                 );
             }
             Event::Heartbeat(r) => {
+                if r.is_err() {
+                    self.metrics.call_failed(Call::Heartbeat);
+                }
                 let reply = match r {
                     Ok(h) if h.reregister => Err(CallFailure::UnknownNode),
                     Ok(h) => Ok(HeartbeatReply {
@@ -547,9 +598,11 @@ impl Shell {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading devices failed");
+                        self.metrics.device_read_failed();
                         Vec::new()
                     }
                 };
+                self.metrics.observe_devices(&readings, &mut self.first_energy);
                 let per_replica = self
                     .opts
                     .replicas

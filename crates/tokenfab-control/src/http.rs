@@ -69,7 +69,7 @@ async fn metrics(axum::extract::State(state): axum::extract::State<HttpState>, h
     if let Some(r) = refusal(&state, &headers) {
         return r;
     }
-    state.metrics.encode().into_response()
+    state.metrics.respond(&headers)
 }
 
 async fn sla(axum::extract::State(state): axum::extract::State<HttpState>, headers: HeaderMap) -> Response {

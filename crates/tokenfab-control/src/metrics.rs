@@ -1,7 +1,6 @@
 //! Prometheus metrics of the control plane, served on `/metrics` (OpenMetrics text).
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -38,10 +37,38 @@ struct ClassLabel {
     class: String,
 }
 
+/// A counter that mirrors a running total kept elsewhere (the core's statistics, which
+/// start again from zero when the core is rebuilt after a failed commit): it advances by
+/// each rise of the total, and by the whole total after such a restart, so it never goes
+/// down and Prometheus's `rate()` stays right.
+#[derive(Default)]
+struct Mirrored {
+    counter: Counter,
+    last: AtomicU64,
+}
+
+impl Mirrored {
+    fn set_total(&self, total: u64) {
+        let last = self.last.swap(total, std::sync::atomic::Ordering::Relaxed);
+        self.counter.inc_by(if total >= last { total - last } else { total });
+    }
+}
+
+/// Advances a float counter to a running total that only grows (a tenant's metered
+/// usage, restored from the store when the core is rebuilt).
+fn advance(c: &Counter<f64, AtomicU64>, total: f64) {
+    let rise = total - c.get();
+    if rise > 0.0 {
+        c.inc_by(rise);
+    }
+}
+
 type PerPool = Family<PoolLabel, Gauge<f64, AtomicU64>>;
 type PerClass = Family<ClassLabel, Gauge<f64, AtomicU64>>;
 
-type PerTenant = Family<TenantLabel, Gauge<f64, AtomicU64>>;
+/// A per-tenant running total (tokens, requests, joules, dollars): a counter.
+type PerTenant = Family<TenantLabel, Counter<f64, AtomicU64>>;
+type PerReplicaCount = Family<ReplicaLabel, Counter>;
 
 pub struct Metrics {
     registry: Registry,
@@ -53,20 +80,20 @@ pub struct Metrics {
     pub uploads_refused: Counter,
     store_free_bytes: Gauge,
     storage_low: Gauge,
-    results_not_leased: Gauge,
-    batches_deleted: Gauge,
-    results_recorded: Gauge,
-    duplicates_dropped: Gauge,
-    leases_granted: Gauge,
-    leases_expired: Gauge,
-    requests_retried: Gauge,
+    results_not_leased: Mirrored,
+    batches_deleted: Mirrored,
+    results_recorded: Mirrored,
+    duplicates_dropped: Mirrored,
+    leases_granted: Mirrored,
+    leases_expired: Mirrored,
+    requests_retried: Mirrored,
     tenant_output_tokens: PerTenant,
     tenant_prompt_tokens: PerTenant,
     tenant_requests: PerTenant,
     tenant_joules: PerTenant,
     tenant_cost_usd: PerTenant,
     tenant_idle_joules: PerTenant,
-    idle_unallocated_joules: Gauge<f64, AtomicU64>,
+    idle_unallocated_joules: Counter<f64, AtomicU64>,
     sla_committed: PerPool,
     sla_measured: PerPool,
     sla_tokens_per_joule: PerPool,
@@ -79,7 +106,7 @@ pub struct Metrics {
     replica_measured: PerReplica,
     replica_objective: PerReplica,
     replica_active: PerReplica,
-    replica_tuner_moves: PerReplica,
+    replica_tuner_moves: PerReplicaCount,
     replica_time_correction: PerReplica,
     replica_power_correction: PerReplica,
     replica_correction_uncertainty: PerReplica,
@@ -106,20 +133,20 @@ impl Metrics {
             uploads_refused: Counter::default(),
             store_free_bytes: Gauge::default(),
             storage_low: Gauge::default(),
-            results_not_leased: Gauge::default(),
-            batches_deleted: Gauge::default(),
-            results_recorded: Gauge::default(),
-            duplicates_dropped: Gauge::default(),
-            leases_granted: Gauge::default(),
-            leases_expired: Gauge::default(),
-            requests_retried: Gauge::default(),
+            results_not_leased: Mirrored::default(),
+            batches_deleted: Mirrored::default(),
+            results_recorded: Mirrored::default(),
+            duplicates_dropped: Mirrored::default(),
+            leases_granted: Mirrored::default(),
+            leases_expired: Mirrored::default(),
+            requests_retried: Mirrored::default(),
             tenant_output_tokens: PerTenant::default(),
             tenant_prompt_tokens: PerTenant::default(),
             tenant_requests: PerTenant::default(),
             tenant_joules: PerTenant::default(),
             tenant_cost_usd: PerTenant::default(),
             tenant_idle_joules: PerTenant::default(),
-            idle_unallocated_joules: Gauge::default(),
+            idle_unallocated_joules: Counter::default(),
             sla_committed: PerPool::default(),
             sla_measured: PerPool::default(),
             sla_tokens_per_joule: PerPool::default(),
@@ -132,7 +159,7 @@ impl Metrics {
             replica_measured: PerReplica::default(),
             replica_objective: PerReplica::default(),
             replica_active: PerReplica::default(),
-            replica_tuner_moves: PerReplica::default(),
+            replica_tuner_moves: PerReplicaCount::default(),
             replica_time_correction: PerReplica::default(),
             replica_power_correction: PerReplica::default(),
             replica_correction_uncertainty: PerReplica::default(),
@@ -184,37 +211,37 @@ impl Metrics {
         registry.register(
             "results_not_leased",
             "Results refused because the reporting node held no lease on the request",
-            m.results_not_leased.clone(),
+            m.results_not_leased.counter.clone(),
         );
         registry.register(
             "batches_deleted",
             "Batches deleted (retention ended, or deleted by their tenant)",
-            m.batches_deleted.clone(),
+            m.batches_deleted.counter.clone(),
         );
         registry.register(
             "results_recorded",
             "Results recorded exactly once since start",
-            m.results_recorded.clone(),
+            m.results_recorded.counter.clone(),
         );
         registry.register(
             "duplicates_dropped",
             "Results dropped because the request already had one",
-            m.duplicates_dropped.clone(),
+            m.duplicates_dropped.counter.clone(),
         );
         registry.register(
             "leases_granted",
             "Work units leased to agents",
-            m.leases_granted.clone(),
+            m.leases_granted.counter.clone(),
         );
         registry.register(
             "leases_expired",
             "Work units whose lease expired (agent lost)",
-            m.leases_expired.clone(),
+            m.leases_expired.counter.clone(),
         );
         registry.register(
             "requests_retried",
             "Requests put back in the queue for another try",
-            m.requests_retried.clone(),
+            m.requests_retried.counter.clone(),
         );
         for (name, help, family) in [
             (
@@ -233,7 +260,7 @@ impl Metrics {
                 &m.tenant_requests,
             ),
             (
-                "tenant_joules",
+                "tenant_energy_joules",
                 "Device energy attributed to each tenant's results, joules",
                 &m.tenant_joules,
             ),
@@ -243,7 +270,7 @@ impl Metrics {
                 &m.tenant_cost_usd,
             ),
             (
-                "tenant_idle_joules",
+                "tenant_idle_energy_joules",
                 "Each tenant's share of idle device energy, joules (shared by attributed energy over the SLA window)",
                 &m.tenant_idle_joules,
             ),
@@ -282,11 +309,6 @@ impl Metrics {
                 &m.replica_active,
             ),
             (
-                "replica_tuner_moves",
-                "Knob changes each replica's tuner made",
-                &m.replica_tuner_moves,
-            ),
-            (
                 "replica_step_time_correction_ratio",
                 "Measured over believed step time of each replica (online recalibration; 1.3 = 30% slower than its profile or the performance model says)",
                 &m.replica_time_correction,
@@ -310,6 +332,11 @@ impl Metrics {
             registry.register(name, help, family.clone());
         }
         registry.register(
+            "replica_tuner_moves",
+            "Knob changes (window or power limit) each replica's tuner made since its agent started",
+            m.replica_tuner_moves.clone(),
+        );
+        registry.register(
             "free_devices",
             "Registered devices no replica occupies",
             m.free_devices.clone(),
@@ -320,7 +347,7 @@ impl Metrics {
             m.stranded_devices.clone(),
         );
         registry.register(
-            "idle_unallocated_joules",
+            "idle_unallocated_energy_joules",
             "Idle device energy reported while no tenant had results in the SLA window: charged to nobody",
             m.idle_unallocated_joules.clone(),
         );
@@ -349,7 +376,7 @@ impl Metrics {
             registry.register(name, help, family.clone());
         }
         registry.register(
-            "sla_attainment",
+            "sla_attainment_ratio",
             "Share of batches that ended in the SLA window that completed by their deadline",
             m.sla_attainment.clone(),
         );
@@ -417,7 +444,6 @@ impl Metrics {
             &self.replica_measured,
             &self.replica_objective,
             &self.replica_active,
-            &self.replica_tuner_moves,
             &self.replica_time_correction,
             &self.replica_power_correction,
             &self.replica_correction_uncertainty,
@@ -425,6 +451,7 @@ impl Metrics {
         ] {
             f.clear();
         }
+        self.replica_tuner_moves.clear();
         for r in replicas {
             let l = ReplicaLabel {
                 node: r.node.clone(),
@@ -441,7 +468,7 @@ impl Metrics {
             self.replica_active
                 .get_or_create(&l)
                 .set(if r.active { 1.0 } else { 0.0 });
-            self.replica_tuner_moves.get_or_create(&l).set(r.tuner_moves as f64);
+            self.replica_tuner_moves.get_or_create(&l).inc_by(r.tuner_moves);
             if let Some(c) = &r.calibration {
                 self.replica_time_correction.get_or_create(&l).set(c.time);
                 self.replica_power_correction.get_or_create(&l).set(c.power);
@@ -456,23 +483,26 @@ impl Metrics {
     /// Per-tenant metering (token accounting) from the core's totals, and the idle energy
     /// not yet charged to any tenant.
     pub fn observe_tenants(&self, totals: &BTreeMap<TenantId, TenantUsage>, idle_unallocated_j: f64) {
-        self.idle_unallocated_joules.set(idle_unallocated_j);
+        advance(&self.idle_unallocated_joules, idle_unallocated_j);
         for (tenant, t) in totals {
             let label = TenantLabel {
                 tenant: tenant.to_string(),
             };
-            self.tenant_output_tokens
-                .get_or_create(&label)
-                .set(t.usage.completion_tokens as f64);
-            self.tenant_prompt_tokens
-                .get_or_create(&label)
-                .set(t.usage.prompt_tokens as f64);
-            self.tenant_requests
-                .get_or_create(&label)
-                .set((t.requests_completed + t.requests_failed) as f64);
-            self.tenant_joules.get_or_create(&label).set(t.usage.joules);
-            self.tenant_cost_usd.get_or_create(&label).set(t.usage.cost_usd);
-            self.tenant_idle_joules.get_or_create(&label).set(t.idle_joules);
+            advance(
+                &self.tenant_output_tokens.get_or_create(&label),
+                t.usage.completion_tokens as f64,
+            );
+            advance(
+                &self.tenant_prompt_tokens.get_or_create(&label),
+                t.usage.prompt_tokens as f64,
+            );
+            advance(
+                &self.tenant_requests.get_or_create(&label),
+                (t.requests_completed + t.requests_failed) as f64,
+            );
+            advance(&self.tenant_joules.get_or_create(&label), t.usage.joules);
+            advance(&self.tenant_cost_usd.get_or_create(&label), t.usage.cost_usd);
+            advance(&self.tenant_idle_joules.get_or_create(&label), t.idle_joules);
         }
     }
 
@@ -485,18 +515,18 @@ impl Metrics {
     }
 
     pub fn observe_core(&self, s: &ControlStats) {
-        self.results_not_leased.set(s.results_not_leased as i64);
-        self.batches_deleted.set(s.batches_deleted as i64);
-        self.results_recorded.set(s.results_recorded as i64);
-        self.duplicates_dropped.set(s.duplicates_dropped as i64);
-        self.leases_granted.set(s.leases_granted as i64);
-        self.leases_expired.set(s.leases_expired as i64);
-        self.requests_retried.set(s.requests_retried as i64);
+        self.results_not_leased.set_total(s.results_not_leased);
+        self.batches_deleted.set_total(s.batches_deleted);
+        self.results_recorded.set_total(s.results_recorded);
+        self.duplicates_dropped.set_total(s.duplicates_dropped);
+        self.leases_granted.set_total(s.leases_granted);
+        self.leases_expired.set_total(s.leases_expired);
+        self.requests_retried.set_total(s.requests_retried);
     }
 
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+    /// The `/metrics` response to a request with `headers` (OpenMetrics or the classic
+    /// text format, as its `Accept` header asks).
+    pub fn respond(&self, headers: &axum::http::HeaderMap) -> axum::response::Response {
+        tokenfab_metrics::respond(&self.registry, headers)
     }
 }

@@ -22,7 +22,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -679,7 +678,7 @@ async fn power_limit(State(emu): State<Emulator>, body: axum::body::Bytes) -> Re
     }
 }
 
-async fn metrics(State(emu): State<Emulator>) -> Response {
+async fn metrics(State(emu): State<Emulator>, headers: axum::http::HeaderMap) -> Response {
     let m = &emu.shared.metrics;
     if let Some(s) = emu.snapshot().await {
         let mut last = m.last_energy.lock().unwrap_or_else(|p| p.into_inner());
@@ -700,21 +699,5 @@ async fn metrics(State(emu): State<Emulator>) -> Response {
         m.cached_prompt_tokens.inc_by(now.2.saturating_sub(last.2));
         *last = now;
     }
-    let mut text = String::new();
-    if encode(&mut text, &m.registry).is_err() {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "metrics encoding failed",
-            None,
-        );
-    }
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    tokenfab_metrics::respond(&m.registry, &headers)
 }

@@ -498,6 +498,12 @@ pub struct AgentArgs {
     /// Longest an engine call may take before it is retried elsewhere.
     #[arg(long, default_value = "10m", value_parser = parse::duration)]
     request_timeout: Duration,
+    /// HTTP address for this agent's Prometheus `/metrics` (its replicas' requests, tokens,
+    /// latency and energy, its devices' power and energy counters, failed calls to the
+    /// control plane), `/healthz` (alive) and `/readyz` (registered with the control
+    /// plane). Off when not given.
+    #[arg(long, env = "TOKENFAB_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     tuning: TuningArgs,
     #[command(flatten)]
@@ -700,6 +706,7 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
         request_timeout,
         tls,
         record: None,
+        metrics_listen: None,
     };
     Ok((opts, backend))
 }
@@ -741,6 +748,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     })
     .await?;
     opts.record = record;
+    opts.metrics_listen = a.metrics_listen;
     eprintln!(
         "tokenfab agent {} driving {} replica(s), {} device(s), control plane {}",
         opts.node,
