@@ -1,8 +1,8 @@
 //! Devices behind one trait: what the node has, and readings of power and energy.
 //!
-//! Backends: [`EmulatedDevices`] (the engine emulator's `/emu/devices` endpoint) and
-//! [`NoDevices`] (CPU engines with no energy counter). An NVML backend for real GPUs
-//! implements the same trait.
+//! Backends: [`EmulatedDevices`] (the engine emulator's `/emu/devices` endpoint),
+//! [`crate::nvml::NvmlDevices`] (NVIDIA GPUs), [`DeclaredDevices`] and [`NoDevices`] (CPU
+//! engines with no energy counter).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +39,10 @@ pub struct DeviceReading {
     /// The generated-token counter of the engine the device serves, when the device source
     /// knows it (the engine emulator does; NVML does not).
     pub engine_tokens: Option<u64>,
+    /// Share of the last sample period a kernel ran (0 to 1), where the device says.
+    pub utilization: Option<f64>,
+    /// Temperature, degrees Celsius, where the device says.
+    pub temperature_c: Option<f64>,
 }
 
 /// A device operation that failed.
@@ -236,6 +240,8 @@ impl DeviceBackend for EmulatedDevices {
                         power_limit_w: dev.power_limit_w,
                         clock_s: d.clock_s,
                         engine_tokens: d.completion_tokens,
+                        utilization: None,
+                        temperature_c: None,
                     });
                 }
             }

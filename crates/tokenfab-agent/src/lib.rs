@@ -8,6 +8,7 @@
 pub mod devices;
 pub mod engine_client;
 pub mod metrics;
+pub mod nvml;
 
 use devices::{DeviceBackend, DeviceReading};
 use engine_client::EngineClient;
@@ -690,7 +691,7 @@ impl Shell {
                     power_w: d.power_w,
                     energy_j: d.energy_j,
                     power_limit_w: d.power_limit_w,
-                    utilization: 0.0,
+                    utilization: d.utilization.unwrap_or(0.0),
                 })
                 .collect(),
             replicas: self

@@ -82,6 +82,8 @@ pub struct AgentMetrics {
     device_power: Family<DeviceLabel, FloatGauge>,
     device_power_limit: Family<DeviceLabel, FloatGauge>,
     device_energy: Family<DeviceLabel, FloatCounter>,
+    device_utilization: Family<DeviceLabel, FloatGauge>,
+    device_temperature: Family<DeviceLabel, FloatGauge>,
     device_read_failures: Counter,
     call_failures: Family<CallLabel, Counter>,
     ready: AtomicBool,
@@ -195,6 +197,8 @@ impl AgentMetrics {
         let device_power = Family::<DeviceLabel, FloatGauge>::default();
         let device_power_limit = Family::<DeviceLabel, FloatGauge>::default();
         let device_energy = Family::<DeviceLabel, FloatCounter>::default();
+        let device_utilization = Family::<DeviceLabel, FloatGauge>::default();
+        let device_temperature = Family::<DeviceLabel, FloatGauge>::default();
         let device_read_failures = Counter::default();
         let call_failures = Family::<CallLabel, Counter>::default();
         registry.register(
@@ -211,6 +215,16 @@ impl AgentMetrics {
             "device_energy_joules",
             "Energy each device used, from its energy counter, joules (counted from the agent's first reading)",
             device_energy.clone(),
+        );
+        registry.register(
+            "device_utilization_ratio",
+            "Share of the last sample period a kernel ran on each device (NVML; absent where the device does not say)",
+            device_utilization.clone(),
+        );
+        registry.register(
+            "device_temperature_celsius",
+            "Temperature of each device (NVML; absent where the device does not say)",
+            device_temperature.clone(),
         );
         registry.register(
             "device_read_failures",
@@ -233,6 +247,8 @@ impl AgentMetrics {
             device_power,
             device_power_limit,
             device_energy,
+            device_utilization,
+            device_temperature,
             device_read_failures,
             call_failures,
             ready: AtomicBool::new(false),
@@ -288,6 +304,12 @@ impl AgentMetrics {
             };
             self.device_power.get_or_create(&l).set(d.power_w);
             self.device_power_limit.get_or_create(&l).set(d.power_limit_w);
+            if let Some(u) = d.utilization {
+                self.device_utilization.get_or_create(&l).set(u);
+            }
+            if let Some(t) = d.temperature_c {
+                self.device_temperature.get_or_create(&l).set(t);
+            }
             let start = match first.iter().find(|(i, _)| *i == d.index) {
                 Some((_, e)) => *e,
                 None => {
@@ -388,6 +410,8 @@ mod tests {
             power_limit_w: 700.0,
             clock_s: 0.0,
             engine_tokens: None,
+            utilization: Some(0.97),
+            temperature_c: Some(61.0),
         };
         m.observe_devices(&[reading(1.0e6)], &mut first);
         m.observe_devices(&[reading(1.0e6 + 420.0)], &mut first);
@@ -398,6 +422,14 @@ mod tests {
         );
         assert!(
             text.contains("tokenfab_agent_device_power_watts{device=\"1\"} 250.0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tokenfab_agent_device_utilization_ratio{device=\"1\"} 0.97"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tokenfab_agent_device_temperature_celsius{device=\"1\"} 61.0"),
             "{text}"
         );
     }

@@ -220,6 +220,7 @@ async fn run_cluster(a: &DemoArgs, tuner: TunerMode, input: &str) -> anyhow::Res
                 engine_model: None,
                 window: Some(a.window),
                 max_concurrency: Some(max_concurrency),
+                gpus: None,
             });
         }
         let (opts, devices) = serve::agent_setup(serve::AgentSetup {

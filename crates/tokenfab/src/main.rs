@@ -3,6 +3,7 @@
 mod admin;
 mod calibrate;
 mod demo;
+mod devices;
 mod parse;
 mod serve;
 mod sim;
@@ -82,6 +83,10 @@ enum Command {
     /// the profile predicts what was measured. The simulator and the tuner can then believe
     /// the measured curve instead of the performance model (docs/engine-profiles.md).
     Calibrate(calibrate::CalibrateArgs),
+    /// Read this node's NVIDIA GPUs through NVML, as `tokenfab agent --devices nvml` would:
+    /// devices, memory, NVLink domains, power limits, then a few readings of power, the
+    /// energy counter, utilisation and temperature. Changes nothing on the GPUs.
+    Devices(devices::DevicesArgs),
 }
 
 /// Where the control plane is and who the tenant is.
@@ -138,6 +143,7 @@ fn main() -> std::process::ExitCode {
             Command::Tuning(a) => tuning::run(a).await,
             Command::Sim(a) => sim::run(a).await,
             Command::Calibrate(a) => calibrate::run(a).await,
+            Command::Devices(a) => devices::run(a).await,
         }
     });
     match result {

@@ -117,9 +117,40 @@ pub struct ReplicaArg {
     pub engine_model: Option<String>,
     pub window: Option<u32>,
     pub max_concurrency: Option<u32>,
+    /// With `--devices nvml`: the node's GPU indices the replica runs on.
+    pub gpus: Option<Vec<u32>>,
 }
 
-pub const REPLICA_HELP: &str = "url=URL,model=MODEL[,id=ID][,engine-model=NAME][,window=N][,max=N]";
+pub const REPLICA_HELP: &str = "url=URL,model=MODEL[,id=ID][,engine-model=NAME][,window=N][,max=N][,gpus=LIST]";
+
+/// GPU indices written as `0-3`, `0:2:5` or `0-1:4-5`.
+pub fn gpu_list(v: &str) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for item in v.split(':') {
+        let number = |s: &str| {
+            s.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("gpus={v}: '{s}' is not a GPU index; write e.g. gpus=0-3 or gpus=0:2"))
+        };
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(format!("gpus={v}: the range {a}-{b} is empty"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(number(item)?),
+        }
+    }
+    let mut seen = out.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != out.len() {
+        return Err(format!("gpus={v}: a GPU is named twice"));
+    }
+    Ok(out)
+}
 
 pub fn replica(s: &str) -> Result<ReplicaArg, String> {
     let mut r = ReplicaArg {
@@ -129,6 +160,7 @@ pub fn replica(s: &str) -> Result<ReplicaArg, String> {
         engine_model: None,
         window: None,
         max_concurrency: None,
+        gpus: None,
     };
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part
@@ -145,6 +177,7 @@ pub fn replica(s: &str) -> Result<ReplicaArg, String> {
             "engine-model" => r.engine_model = Some(v.to_string()),
             "window" => r.window = Some(number(v)?),
             "max" => r.max_concurrency = Some(number(v)?),
+            "gpus" => r.gpus = Some(gpu_list(v)?),
             other => {
                 return Err(format!("unknown key '{other}' in --replica; expected {REPLICA_HELP}"));
             }
@@ -189,6 +222,18 @@ mod tests {
                 .unwrap_err()
                 .contains("must start with http://")
         );
+    }
+
+    #[test]
+    fn gpu_lists() {
+        assert_eq!(gpu_list("0-3"), Ok(vec![0, 1, 2, 3]));
+        assert_eq!(gpu_list("0:2:5"), Ok(vec![0, 2, 5]));
+        assert_eq!(gpu_list("4-5:0"), Ok(vec![4, 5, 0]));
+        assert!(gpu_list("0-1:1").unwrap_err().contains("named twice"));
+        assert!(gpu_list("3-1").unwrap_err().contains("empty"));
+        assert!(gpu_list("a").unwrap_err().contains("not a GPU index"));
+        let r = replica("url=http://x,model=m,gpus=0-1").unwrap();
+        assert_eq!(r.gpus, Some(vec![0, 1]));
     }
 
     #[test]

@@ -443,6 +443,11 @@ pub enum DeviceKind {
     Emulated,
     /// No readable devices (e.g. llama.cpp on CPU): no energy is measured.
     None,
+    /// NVIDIA GPUs, read through NVML (loaded from the driver at run time): power draw,
+    /// the energy counter, power limits (set by the tuner where permitted), NVLink
+    /// domains, utilisation and temperature. Each --replica names its GPUs with `gpus=`
+    /// (default: the GPUs divided evenly among the replicas, in order).
+    Nvml,
 }
 
 #[derive(Args, Debug)]
@@ -477,8 +482,10 @@ pub struct AgentArgs {
     #[arg(long)]
     super_node: Option<String>,
     /// An engine replica to drive (repeatable):
-    /// url=URL,model=MODEL[,id=ID][,engine-model=NAME][,window=N][,max=N].
+    /// url=URL,model=MODEL[,id=ID][,engine-model=NAME][,window=N][,max=N][,gpus=LIST].
     /// `window` is the number of requests kept in flight (the batch size); default 64.
+    /// `gpus` (with --devices nvml): the GPUs the replica runs on, as NVML numbers them
+    /// (`nvidia-smi`, `tokenfab devices`), e.g. `gpus=0-3` or `gpus=0:2`.
     #[arg(long = "replica", required = true, value_parser = parse::replica)]
     replicas: Vec<parse::ReplicaArg>,
     /// Where device power and energy come from.
@@ -487,7 +494,9 @@ pub struct AgentArgs {
     /// With `--devices none`: the accelerator class (from the catalog, e.g. edge-cpu) each
     /// replica runs on. It registers one such device per replica, so that the replicas
     /// have a belief (a profile given with --profile, or the performance model) and the
-    /// control plane a capacity estimate; nothing is read from them.
+    /// control plane a capacity estimate; nothing is read from them. With `--devices
+    /// nvml`: the class to model the GPUs as, for products the catalog does not name
+    /// (e.g. an H100 PCIe).
     #[arg(long, requires = "devices")]
     accelerator: Option<String>,
     /// An engine profile (repeatable; docs/engine-profiles.md, e.g. from `tokenfab
@@ -629,6 +638,43 @@ pub struct AgentSetup {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
+/// The GPUs of each replica: those its `gpus=` names, or (when no replica names any) the
+/// node's `count` GPUs divided evenly among the replicas, in order.
+fn assign_gpus(given: &[Option<Vec<u32>>], count: u32) -> anyhow::Result<Vec<Vec<u32>>> {
+    let n = given.len() as u32;
+    if given.iter().all(Option::is_none) {
+        if n == 0 || !count.is_multiple_of(n) {
+            bail!(
+                "--devices nvml: the node has {count} GPU(s), which do not divide evenly among {n} replica(s); give each --replica its GPUs with gpus= (e.g. gpus=0-3)"
+            );
+        }
+        let per = count / n;
+        return Ok((0..n).map(|r| (r * per..(r + 1) * per).collect()).collect());
+    }
+    let mut used = std::collections::BTreeMap::new();
+    given
+        .iter()
+        .enumerate()
+        .map(|(r, g)| {
+            let Some(g) = g else {
+                bail!("--replica {r} has no gpus= while others do: give every replica its GPUs");
+            };
+            for &i in g {
+                if i >= count {
+                    bail!(
+                        "--replica {r}: gpus= names GPU {i}, but the node has GPUs 0 to {}",
+                        count.saturating_sub(1)
+                    );
+                }
+                if let Some(other) = used.insert(i, r) {
+                    bail!("GPU {i} is given to two replicas ({other} and {r}): each GPU serves one replica");
+                }
+            }
+            Ok(g.clone())
+        })
+        .collect()
+}
+
 /// Builds agent options and the device backend from replica arguments.
 pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc<dyn DeviceBackend>)> {
     let AgentSetup {
@@ -672,9 +718,28 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
             }
             None => (Arc::new(NoDevices), vec![Vec::new(); urls.len()]),
         },
+        DeviceKind::Nvml => {
+            let class = match &accelerator {
+                Some(name) => {
+                    let id = tokenfab_core::AcceleratorId::new(name);
+                    tokenfab_core::catalog::Catalog::builtin()
+                        .accelerator(&id)
+                        .with_context(|| format!("--accelerator {name}"))?;
+                    Some(id)
+                }
+                None => None,
+            };
+            let nvml = tokenfab_agent::nvml::NvmlDevices::open(class.as_ref()).context("--devices nvml")?;
+            let gpus: Vec<Option<Vec<u32>>> = replicas.iter().map(|r| r.gpus.clone()).collect();
+            let idx = assign_gpus(&gpus, nvml.devices().len() as u32)?;
+            (Arc::new(nvml), idx)
+        }
     };
-    if accelerator.is_some() && devices != DeviceKind::None {
-        bail!("--accelerator declares the devices of --devices none; emulated devices say their own class");
+    if accelerator.is_some() && devices == DeviceKind::Emulated {
+        bail!("--accelerator declares the class of --devices none or nvml; emulated devices say their own class");
+    }
+    if devices != DeviceKind::Nvml && replicas.iter().any(|r| r.gpus.is_some()) {
+        bail!("gpus= in --replica names NVIDIA GPUs: it needs --devices nvml");
     }
     let replicas = replicas
         .into_iter()
@@ -838,6 +903,32 @@ mod tests {
     use super::*;
     use clap::Parser;
     use tokenfab_core::policy::Choice;
+
+    #[test]
+    fn gpus_are_divided_evenly_or_as_each_replica_says() {
+        assert_eq!(
+            assign_gpus(&[None, None], 8).unwrap(),
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+        );
+        assert!(
+            assign_gpus(&[None, None, None], 8)
+                .unwrap_err()
+                .to_string()
+                .contains("do not divide evenly")
+        );
+        assert_eq!(
+            assign_gpus(&[Some(vec![0, 1]), Some(vec![3])], 4).unwrap(),
+            vec![vec![0, 1], vec![3]]
+        );
+        let e = assign_gpus(&[Some(vec![0, 1]), Some(vec![1])], 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GPU 1 is given to two replicas"), "{e}");
+        let e = assign_gpus(&[Some(vec![7])], 4).unwrap_err().to_string();
+        assert!(e.contains("GPUs 0 to 3"), "{e}");
+        let e = assign_gpus(&[Some(vec![0]), None], 4).unwrap_err().to_string();
+        assert!(e.contains("has no gpus="), "{e}");
+    }
 
     /// A scenario with the given `policies:` section (empty: none).
     fn scenario(policies: &str) -> tokenfab_sim::Scenario {
