@@ -51,25 +51,6 @@ pub trait GpuSource: Send + Sync + 'static {
     fn driver(&self) -> String;
 }
 
-/// The catalog class of an NVIDIA product name as NVML reports it, where tokenfab's
-/// catalog has one. PCIe and NVL variants run at other power and clocks than the SXM parts
-/// the catalog describes, so they are not guessed: give `--accelerator` for them.
-pub fn catalog_class(product: &str) -> Option<&'static str> {
-    let p = product.to_ascii_uppercase();
-    let variant = p.contains("PCIE") || p.contains("NVL");
-    if p.contains("H200") && !variant {
-        Some("h200-sxm")
-    } else if p.contains("H100") && !variant {
-        Some("h100-sxm")
-    } else if p.contains("A100") && p.contains("SXM") && p.contains("80GB") {
-        Some("a100-sxm-80g")
-    } else if p.contains("L40S") {
-        Some("l40s")
-    } else {
-        None
-    }
-}
-
 /// NVLink domains: GPUs joined by active NVLinks (directly or through others) share one;
 /// a GPU without NVLink is its own. Numbered by their lowest GPU index.
 fn domains(gpus: &[GpuStatic]) -> Vec<u32> {
@@ -154,7 +135,7 @@ impl NvmlDevices {
             .map(|(i, (g, domain))| {
                 let class = match accelerator {
                     Some(a) => a.clone(),
-                    None => AcceleratorId::new(catalog_class(&g.name).ok_or_else(|| {
+                    None => AcceleratorId::new(tokenfab_core::catalog::nvidia_class(&g.name).ok_or_else(|| {
                         read_err(format!(
                             "GPU {i} is a '{}', which tokenfab's catalog does not name: give --accelerator CLASS (e.g. h100-sxm, h200-sxm, a100-sxm-80g, l40s) to say which class to model it as",
                             g.name
@@ -418,17 +399,6 @@ mod tests {
         fn driver(&self) -> String {
             "fake 580.00".into()
         }
-    }
-
-    #[test]
-    fn product_names_map_to_catalog_classes_and_variants_are_not_guessed() {
-        assert_eq!(catalog_class("NVIDIA H100 80GB HBM3"), Some("h100-sxm"));
-        assert_eq!(catalog_class("NVIDIA H200"), Some("h200-sxm"));
-        assert_eq!(catalog_class("NVIDIA A100-SXM4-80GB"), Some("a100-sxm-80g"));
-        assert_eq!(catalog_class("NVIDIA L40S"), Some("l40s"));
-        assert_eq!(catalog_class("NVIDIA H100 PCIe"), None);
-        assert_eq!(catalog_class("NVIDIA H100 NVL"), None);
-        assert_eq!(catalog_class("NVIDIA GeForce RTX 4090"), None);
     }
 
     #[test]

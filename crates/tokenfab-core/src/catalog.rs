@@ -115,6 +115,26 @@ pub enum CatalogError {
 
 const BUILTIN: &str = include_str!("../data/catalog.toml");
 
+/// The catalog class of an NVIDIA product name as NVML (`NVIDIA H100 80GB HBM3`) or GPU
+/// feature discovery's `nvidia.com/gpu.product` label (`NVIDIA-H100-80GB-HBM3`) gives it, where tokenfab's
+/// catalog has one. PCIe and NVL variants run at other power and clocks than the SXM parts
+/// the catalog describes, so they are not guessed: give `--accelerator` for them.
+pub fn nvidia_class(product: &str) -> Option<&'static str> {
+    let p = product.to_ascii_uppercase();
+    let variant = p.contains("PCIE") || p.contains("NVL");
+    if p.contains("H200") && !variant {
+        Some("h200-sxm")
+    } else if p.contains("H100") && !variant {
+        Some("h100-sxm")
+    } else if p.contains("A100") && p.contains("SXM") && p.contains("80GB") {
+        Some("a100-sxm-80g")
+    } else if p.contains("L40S") {
+        Some("l40s")
+    } else {
+        None
+    }
+}
+
 impl Catalog {
     /// The catalog compiled into tokenfab (`data/catalog.toml`).
     pub fn builtin() -> &'static Catalog {
@@ -156,6 +176,19 @@ fn join_keys<V>(m: &BTreeMap<String, V>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn product_names_map_to_catalog_classes_and_variants_are_not_guessed() {
+        assert_eq!(nvidia_class("NVIDIA H100 80GB HBM3"), Some("h100-sxm"));
+        assert_eq!(nvidia_class("NVIDIA H200"), Some("h200-sxm"));
+        assert_eq!(nvidia_class("NVIDIA A100-SXM4-80GB"), Some("a100-sxm-80g"));
+        assert_eq!(nvidia_class("NVIDIA L40S"), Some("l40s"));
+        assert_eq!(nvidia_class("NVIDIA H100 PCIe"), None);
+        assert_eq!(nvidia_class("NVIDIA H100 NVL"), None);
+        assert_eq!(nvidia_class("NVIDIA GeForce RTX 4090"), None);
+        assert_eq!(nvidia_class("NVIDIA-H100-80GB-HBM3"), Some("h100-sxm"));
+        assert_eq!(nvidia_class("NVIDIA-H100-PCIe"), None);
+    }
 
     #[test]
     fn builtin_catalog_parses_and_has_required_entries() {

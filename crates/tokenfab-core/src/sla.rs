@@ -467,6 +467,7 @@ pub const KIND: &str = "ThroughputSLA";
 /// The published throughput SLA (see `docs/sla.md`; JSON Schema in
 /// `docs/throughput-sla.schema.json`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ThroughputSla {
     pub api_version: String,
@@ -478,6 +479,7 @@ pub struct ThroughputSla {
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SlaMetadata {
     /// When the figures were taken (Unix ms).
@@ -491,6 +493,7 @@ pub struct SlaMetadata {
 
 /// How the figures are measured, stated in the document itself.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SlaMethod {
     pub specification: String,
@@ -518,6 +521,7 @@ impl Default for SlaMethod {
 
 /// One model on one accelerator class.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SlaPool {
     pub model: String,
@@ -536,6 +540,7 @@ pub struct SlaPool {
 
 /// One SLA class of one model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SlaClassEntry {
     pub model: String,
@@ -551,6 +556,7 @@ pub struct SlaClassEntry {
 
 /// A distribution's mean and percentiles (0 for an empty one).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Percentiles {
     pub mean: f64,
     pub p50: f64,

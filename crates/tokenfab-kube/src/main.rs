@@ -1,0 +1,132 @@
+//! `tokenfab-operator`: tokenfab's Kubernetes operator (see the crate docs), and the
+//! ThroughputSLA CustomResourceDefinition it keeps.
+
+use clap::{Parser, Subcommand};
+use std::time::Duration;
+use tokenfab_kube::operator::{Mode, Options};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "tokenfab's Kubernetes operator: discovers GPU nodes, scales engine Deployments to placement's layout, follows cordon and drain, and publishes the ThroughputSLA custom resource"
+)]
+struct Cli {
+    /// Log filter (tracing-subscriber syntax).
+    #[arg(long, env = "TOKENFAB_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator in the cluster (in-cluster config, or the kubeconfig outside one).
+    Run {
+        /// Namespace of tokenfab's engine Deployments, agent pods and ThroughputSLA.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        namespace: String,
+        /// The control plane's HTTP address (its --metrics-listen).
+        #[arg(long, env = "TOKENFAB_SLA_URL")]
+        control_url: String,
+        /// A file whose first line is the token the control plane's HTTP endpoints require.
+        #[arg(long, env = "TOKENFAB_HTTP_TOKEN_FILE")]
+        http_token_file: Option<std::path::PathBuf>,
+        /// `active` scales engine Deployments to placement's layout; `advisory` only logs
+        /// the changes it would make.
+        #[arg(long, value_enum, default_value_t = Mode::Advisory)]
+        mode: Mode,
+        /// Time between rounds.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Shortest time between two changes of one Deployment.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        min_interval: Duration,
+        /// How long placement must keep wanting fewer replicas before a Deployment shrinks.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        scale_down_after: Duration,
+        /// Most replicas one change adds or removes.
+        #[arg(long, default_value_t = 2)]
+        max_step: u32,
+        /// Label selector of the agent pods.
+        #[arg(long, default_value = "app.kubernetes.io/component=agent")]
+        agent_selector: String,
+        /// Leave cordoned nodes alone (do not stop their agents).
+        #[arg(long)]
+        no_drain: bool,
+        /// Name of the ThroughputSLA object to keep.
+        #[arg(long, default_value = "tokenfab")]
+        sla_name: String,
+    },
+    /// Print the ThroughputSLA CustomResourceDefinition (YAML).
+    Crd,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", tokenfab_kube::crd::crd_yaml());
+            Ok(())
+        }
+        Command::Run {
+            namespace,
+            control_url,
+            http_token_file,
+            mode,
+            interval,
+            min_interval,
+            scale_down_after,
+            max_step,
+            agent_selector,
+            no_drain,
+            sla_name,
+        } => {
+            let http_token = match http_token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| anyhow::anyhow!("--http-token-file {}: {e}", f.display()))?
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let opts = Options {
+                namespace,
+                control_url,
+                http_token,
+                mode,
+                interval,
+                policy: tokenfab_kube::reconcile::Policy {
+                    min_interval_s: min_interval.as_secs(),
+                    scale_down_after_s: scale_down_after.as_secs(),
+                    max_step,
+                },
+                agent_selector,
+                follow_drain: !no_drain,
+                sla_name,
+                retry: Default::default(),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let client = kube::Client::try_default().await.map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot reach the Kubernetes API ({e}): run in a pod with a service account, or set KUBECONFIG"
+                        )
+                    })?;
+                    tokenfab_kube::operator::run(client, opts, async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await
+                })
+        }
+    }
+}
