@@ -39,7 +39,7 @@ impl std::str::FromStr for Vary {
 }
 
 /// One configuration of a sweep and what it measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct SweepRow {
     /// (path, value) of every varied field.
     pub params: Vec<(String, String)>,
@@ -56,8 +56,8 @@ pub struct SweepRow {
     pub meets_sla: bool,
 }
 
-/// A whole sweep.
-#[derive(Debug, Clone, Serialize)]
+/// A whole sweep, or (with `point`) one configuration of one.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Sweep {
     pub scenario: String,
     pub seed: u64,
@@ -66,6 +66,84 @@ pub struct Sweep {
     pub rows: Vec<SweepRow>,
     /// Index in `rows` of the cheapest configuration meeting the SLA.
     pub cheapest_meeting_sla: Option<usize>,
+    /// For one configuration of a sweep split into parts (e.g. the indexes of a
+    /// Kubernetes Indexed Job): its index and how many configurations there are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<Point>,
+}
+
+/// Which configuration of a split sweep a part holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Point {
+    pub index: usize,
+    pub of: usize,
+}
+
+/// Why parts of a split sweep do not make one sweep.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GatherError {
+    #[error("no parts to gather")]
+    Empty,
+    #[error("a part is not one configuration of a split sweep (it has no `point`): {0}")]
+    NotAPart(String),
+    #[error("parts of different sweeps: {0}")]
+    Mixed(String),
+    #[error("{missing} of {of} configurations have no result yet (indexes {list})")]
+    Missing { missing: usize, of: usize, list: String },
+}
+
+/// The index of the cheapest row meeting the SLA (the same workload runs in every
+/// configuration, so total cost compares them).
+fn cheapest(rows: &[SweepRow]) -> Option<usize> {
+    rows.iter()
+        .enumerate()
+        .filter(|(_, r)| r.meets_sla)
+        .min_by(|a, b| a.1.cost_usd.total_cmp(&b.1.cost_usd))
+        .map(|(i, _)| i)
+}
+
+/// One sweep from its parts (each one configuration, from `run` on a one-configuration
+/// slice with its [`Point`]): in index order, with the cheapest configuration chosen
+/// again. Every index must be there, once.
+pub fn gather(mut parts: Vec<Sweep>) -> Result<Sweep, GatherError> {
+    let first = parts.first().ok_or(GatherError::Empty)?.clone();
+    let Some(p0) = first.point else {
+        return Err(GatherError::NotAPart(first.scenario));
+    };
+    for p in &parts {
+        let Some(pt) = p.point else {
+            return Err(GatherError::NotAPart(p.scenario.clone()));
+        };
+        if p.scenario != first.scenario || p.seed != first.seed || p.sla_target != first.sla_target || pt.of != p0.of {
+            return Err(GatherError::Mixed(format!(
+                "{} (seed {}, SLA {}, {} configurations) and {} (seed {}, SLA {}, {} configurations)",
+                first.scenario, first.seed, first.sla_target, p0.of, p.scenario, p.seed, p.sla_target, pt.of
+            )));
+        }
+    }
+    parts.sort_by_key(|p| p.point.map(|pt| pt.index));
+    parts.dedup_by_key(|p| p.point.map(|pt| pt.index));
+    let have: std::collections::BTreeSet<usize> = parts.iter().filter_map(|p| p.point.map(|pt| pt.index)).collect();
+    let missing: Vec<String> = (0..p0.of)
+        .filter(|i| !have.contains(i))
+        .map(|i| i.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(GatherError::Missing {
+            missing: missing.len(),
+            of: p0.of,
+            list: missing.join(", "),
+        });
+    }
+    let rows: Vec<SweepRow> = parts.into_iter().flat_map(|p| p.rows).collect();
+    Ok(Sweep {
+        scenario: first.scenario,
+        seed: first.seed,
+        sla_target: first.sla_target,
+        cheapest_meeting_sla: cheapest(&rows),
+        rows,
+        point: None,
+    })
 }
 
 fn segments(path: &str) -> Result<Vec<Result<String, usize>>, String> {
@@ -216,19 +294,13 @@ pub fn run(
             meets_sla: r.batches.sla_attainment >= sla_target && r.requests.refused == 0,
         });
     }
-    // The same workload runs in every configuration, so total cost compares them.
-    let cheapest = rows
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.meets_sla)
-        .min_by(|a, b| a.1.cost_usd.total_cmp(&b.1.cost_usd))
-        .map(|(i, _)| i);
     Ok(Sweep {
         scenario: name,
         seed,
         sla_target,
+        cheapest_meeting_sla: cheapest(&rows),
         rows,
-        cheapest_meeting_sla: cheapest,
+        point: None,
     })
 }
 
@@ -302,6 +374,77 @@ impl Sweep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(index: usize, of: usize, cost: f64, meets: bool) -> Sweep {
+        Sweep {
+            scenario: "s".into(),
+            seed: 1,
+            sla_target: 0.999,
+            rows: vec![SweepRow {
+                params: vec![("pools[0].nodes".into(), index.to_string())],
+                devices: 8,
+                output_tokens_per_s: 1.0,
+                output_tokens_per_joule: 1.0,
+                cost_usd: cost,
+                cost_per_million_output_tokens_usd: cost,
+                sla_attainment: 1.0,
+                refused_share: 0.0,
+                completion_p99_s: 1.0,
+                utilization: 0.5,
+                meets_sla: meets,
+            }],
+            cheapest_meeting_sla: meets.then_some(0),
+            point: Some(Point { index, of }),
+        }
+    }
+
+    #[test]
+    fn parts_gather_in_index_order_and_missing_or_mixed_parts_are_named() {
+        let g = gather(vec![
+            part(2, 3, 5.0, true),
+            part(0, 3, 9.0, true),
+            part(1, 3, 1.0, false),
+        ])
+        .unwrap();
+        let order: Vec<&str> = g.rows.iter().map(|r| r.params[0].1.as_str()).collect();
+        assert_eq!(order, ["0", "1", "2"]);
+        assert_eq!(
+            g.cheapest_meeting_sla,
+            Some(2),
+            "the cheapest that meets the SLA, not the cheapest"
+        );
+        assert_eq!(g.point, None);
+        // A part written twice (a retried pod) counts once.
+        assert_eq!(
+            gather(vec![
+                part(0, 2, 1.0, true),
+                part(1, 2, 1.0, true),
+                part(1, 2, 1.0, true)
+            ])
+            .unwrap()
+            .rows
+            .len(),
+            2
+        );
+        assert_eq!(
+            gather(vec![part(0, 4, 1.0, true), part(2, 4, 1.0, true)]),
+            Err(GatherError::Missing {
+                missing: 2,
+                of: 4,
+                list: "1, 3".into()
+            })
+        );
+        let mut other = part(1, 2, 1.0, true);
+        other.seed = 7;
+        assert!(matches!(
+            gather(vec![part(0, 2, 1.0, true), other]),
+            Err(GatherError::Mixed(_))
+        ));
+        let mut whole = part(0, 1, 1.0, true);
+        whole.point = None;
+        assert!(matches!(gather(vec![whole]), Err(GatherError::NotAPart(_))));
+        assert_eq!(gather(Vec::new()), Err(GatherError::Empty));
+    }
 
     const BASE: &str = "name: s\ndescription: d\nduration: 1h\npools: [{name: p, accelerator: h100-sxm, nodes: 1, devices_per_node: 8}]\ndeployments: [{pool: p, model: llama-3.1-8b}]\nworkload:\n  tenants: [{name: a, model: llama-3.1-8b, completion_window: 1h, arrivals: {kind: poisson, batches_per_hour: 1}}]\n";
 

@@ -36,6 +36,9 @@ enum SimCommand {
     /// Run a scenario over combinations of values and find the cheapest configuration
     /// that meets the SLA.
     Sweep(SweepArgs),
+    /// Gather a sweep that ran in parts (`tokenfab sim sweep --point N`, one per machine or
+    /// per index of a Kubernetes Indexed Job) into one table, sweep.json and sweep.csv.
+    Gather(GatherArgs),
     /// Compare, on one scenario and workload: static configurations people run today
     /// (vLLM's default of 256 sequences at full power, fixed windows), tokenfab's tuner,
     /// and a hindsight oracle that picks the best static window and power limit per phase.
@@ -169,12 +172,29 @@ struct SweepArgs {
     /// Configurations run at once (default: the number of CPU cores).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Run only configuration N (from 0, in the order the combinations are listed) and
+    /// write it to OUT/point-N.json, for a sweep split over machines: e.g. one index of a
+    /// Kubernetes Indexed Job each (which sets JOB_COMPLETION_INDEX), then `tokenfab sim
+    /// gather OUT` makes the table.
+    #[arg(long, env = "JOB_COMPLETION_INDEX")]
+    point: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct GatherArgs {
+    /// The folder the parts were written to (`tokenfab sim sweep --point N --out DIR`).
+    dir: PathBuf,
+    /// Wait up to this long for every part to arrive (e.g. while the other indexes of a
+    /// Kubernetes Job still run); without it, missing parts are an error at once.
+    #[arg(long, value_parser = crate::parse::duration)]
+    wait: Option<Duration>,
 }
 
 pub async fn run(a: SimArgs) -> anyhow::Result<()> {
     // The simulator is CPU-bound and synchronous: keep it off the async workers.
     tokio::task::spawn_blocking(move || match a.command {
         Some(SimCommand::Sweep(s)) => sweep(s),
+        Some(SimCommand::Gather(g)) => gather(g),
         Some(SimCommand::Compare(c)) => compare(c),
         Some(SimCommand::Curve(c)) => curve(c),
         Some(SimCommand::Profile(p)) => profile(p),
@@ -578,8 +598,21 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.scenario).with_context(|| format!("cannot read {}", a.scenario.display()))?;
     let file = a.scenario.display().to_string();
     let base = a.scenario.parent().map(Path::to_path_buf).unwrap_or_default();
-    let configs = sweep::expand(&text, &file, &a.varies)?;
+    let mut configs = sweep::expand(&text, &file, &a.varies)?;
     let name = configs[0].1.name.clone();
+    let point = match a.point {
+        Some(i) if i >= configs.len() => bail!(
+            "--point {i}: this sweep has {} configurations, numbered 0 to {}",
+            configs.len(),
+            configs.len() - 1
+        ),
+        Some(i) => {
+            let of = configs.len();
+            configs = vec![configs.swap_remove(i)];
+            Some(sweep::Point { index: i, of })
+        }
+        None => None,
+    };
     let seed = a.seed.unwrap_or(configs[0].1.seed);
     let jobs = a
         .jobs
@@ -593,10 +626,103 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
         "{spinner} sweeping [{bar:40}] {pos}/{len} configurations {elapsed_precise} eta {eta}",
     );
     let started = Instant::now();
-    let result = sweep::run(configs, &base, seed, jobs, a.sla, &|done, _| {
+    let mut result = sweep::run(configs, &base, seed, jobs, a.sla, &|done, _| {
         progress.set_position(done as u64)
     })?;
     progress.finish_and_clear();
+    if let Some(p) = point {
+        result.point = Some(p);
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+        let file = out.join(format!("point-{:05}.json", p.index));
+        std::fs::write(&file, serde_json::to_string_pretty(&result)? + "\n")
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        let r = &result.rows[0];
+        let params: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "configuration {} of {} ({}): ${:.4} per 1M output tokens, {:.2}% on time, {} the SLA; wrote {} ({:.1} s)",
+            p.index,
+            p.of,
+            params.join(" "),
+            r.cost_per_million_output_tokens_usd,
+            r.sla_attainment * 100.0,
+            if r.meets_sla { "meets" } else { "misses" },
+            file.display(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    print_sweep(&result);
+    result
+        .write(&out)
+        .with_context(|| format!("cannot write to {}", out.display()))?;
+    let mut files = "sweep.json, sweep.csv".to_string();
+    if let Some(first) = a.varies.first() {
+        let points: Vec<(f64, f64, bool)> = result
+            .rows
+            .iter()
+            .filter_map(|r| {
+                r.params
+                    .iter()
+                    .find(|p| p.0 == first.path)
+                    .and_then(|p| p.1.parse::<f64>().ok())
+                    .map(|x| (x, r.cost_per_million_output_tokens_usd, r.meets_sla))
+            })
+            .collect();
+        if points.len() == result.rows.len() && a.varies.len() == 1 {
+            plot::sweep_plot(&out.join("sweep.svg"), &first.path, &points)?;
+            files.push_str(", sweep.svg");
+        }
+    }
+    println!(
+        "wrote {files} to {} ({:.1} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Gathers the parts of a split sweep in `a.dir` into one.
+fn gather(a: GatherArgs) -> anyhow::Result<()> {
+    let deadline = a.wait.map(|w| Instant::now() + w);
+    loop {
+        let mut parts = Vec::new();
+        let entries = std::fs::read_dir(&a.dir).with_context(|| format!("cannot read {}", a.dir.display()))?;
+        for e in entries {
+            let path = e?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.starts_with("point-") && name.ends_with(".json") {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let part: sweep::Sweep = serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "{} is not a part of a sweep (tokenfab sim sweep --point N)",
+                        path.display()
+                    )
+                })?;
+                parts.push(part);
+            }
+        }
+        match sweep::gather(parts) {
+            Ok(result) => {
+                print_sweep(&result);
+                result
+                    .write(&a.dir)
+                    .with_context(|| format!("cannot write to {}", a.dir.display()))?;
+                println!("wrote sweep.json, sweep.csv to {}", a.dir.display());
+                return Ok(());
+            }
+            Err(e @ (sweep::GatherError::Missing { .. } | sweep::GatherError::Empty))
+                if deadline.is_some_and(|d| Instant::now() < d) =>
+            {
+                eprintln!("waiting: {e}");
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            Err(e) => bail!("{}: {e}", a.dir.display()),
+        }
+    }
+}
+
+/// The sweep's table and its answer, on stdout.
+fn print_sweep(result: &sweep::Sweep) {
     let mut t = Table::new();
     let mut header: Vec<String> = result
         .rows
@@ -644,33 +770,6 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
     }
     println!("{t}");
     println!("{}", result.answer());
-    result
-        .write(&out)
-        .with_context(|| format!("cannot write to {}", out.display()))?;
-    let mut files = "sweep.json, sweep.csv".to_string();
-    if let Some(first) = a.varies.first() {
-        let points: Vec<(f64, f64, bool)> = result
-            .rows
-            .iter()
-            .filter_map(|r| {
-                r.params
-                    .iter()
-                    .find(|p| p.0 == first.path)
-                    .and_then(|p| p.1.parse::<f64>().ok())
-                    .map(|x| (x, r.cost_per_million_output_tokens_usd, r.meets_sla))
-            })
-            .collect();
-        if points.len() == result.rows.len() && a.varies.len() == 1 {
-            plot::sweep_plot(&out.join("sweep.svg"), &first.path, &points)?;
-            files.push_str(", sweep.svg");
-        }
-    }
-    println!(
-        "wrote {files} to {} ({:.1} s)",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 #[cfg(test)]
