@@ -87,6 +87,7 @@ pub struct Metrics {
     leases_granted: Mirrored,
     leases_expired: Mirrored,
     requests_retried: Mirrored,
+    nodes_forgotten: Mirrored,
     tenant_output_tokens: PerTenant,
     tenant_prompt_tokens: PerTenant,
     tenant_requests: PerTenant,
@@ -140,6 +141,7 @@ impl Metrics {
             leases_granted: Mirrored::default(),
             leases_expired: Mirrored::default(),
             requests_retried: Mirrored::default(),
+            nodes_forgotten: Mirrored::default(),
             tenant_output_tokens: PerTenant::default(),
             tenant_prompt_tokens: PerTenant::default(),
             tenant_requests: PerTenant::default(),
@@ -237,6 +239,11 @@ impl Metrics {
             "leases_expired",
             "Work units whose lease expired (agent lost)",
             m.leases_expired.counter.clone(),
+        );
+        registry.register(
+            "nodes_forgotten",
+            "Nodes forgotten because their agent stopped heartbeating for three lease lifetimes (stopped, drained or lost); their replicas no longer count as capacity",
+            m.nodes_forgotten.counter.clone(),
         );
         registry.register(
             "requests_retried",
@@ -522,6 +529,7 @@ impl Metrics {
         self.leases_granted.set_total(s.leases_granted);
         self.leases_expired.set_total(s.leases_expired);
         self.requests_retried.set_total(s.requests_retried);
+        self.nodes_forgotten.set_total(s.nodes_forgotten);
     }
 
     /// The `/metrics` response to a request with `headers` (OpenMetrics or the classic

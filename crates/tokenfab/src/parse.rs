@@ -67,11 +67,12 @@ pub fn secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String>
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
+        // Group bits are allowed: Kubernetes mounts secrets for a pod's fsGroup (0440).
         if let Ok(meta) = std::fs::metadata(path)
-            && meta.permissions().mode() & 0o077 != 0
+            && meta.permissions().mode() & 0o007 != 0
         {
             tracing::warn!(
-                "the {what} file {} can be read by other users (mode {:o}); chmod 600 it",
+                "the {what} file {} can be read by users outside its owner and group (mode {:o}); chmod 600 (or 640) it",
                 path.display(),
                 meta.permissions().mode() & 0o777
             );

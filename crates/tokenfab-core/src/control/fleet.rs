@@ -171,10 +171,36 @@ impl ControlCore {
         (!self.idle_dirty.is_empty()).then(|| self.idle_persisted_at.saturating_add(IDLE_PERSIST_INTERVAL))
     }
 
+    /// Forgets the nodes not heard from (no heartbeat, lease or report) for
+    /// [`NODE_SILENCE_LEASES`] lease lifetimes (an agent stopped, drained, or lost with its
+    /// node): their replicas stop counting as capacity for admission, the rates owed and
+    /// placement, and their waiting lease calls end empty. Their leases have expired by
+    /// then (a lease lives one lifetime without a heartbeat); a node that comes back is
+    /// told to register again.
+    fn forget_silent_nodes(&mut self, now: Timestamp) {
+        let silence = self.config.lease_ttl.saturating_mul(NODE_SILENCE_LEASES);
+        if silence.is_zero() {
+            return;
+        }
+        let gone: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| now.since(n.last_seen) > silence)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.nodes.remove(&id);
+            self.end_waits_of(&id);
+            self.stats.nodes_forgotten += 1;
+            self.capacity_version += 1;
+        }
+    }
+
     /// Recomputes the required rates, runs placement's activation and totals the active
     /// capacity: a timer, every [`REQUIRED_EVERY`] (see [`ControlCore::poll_timeout`]).
     pub(super) fn refresh(&mut self, now: Timestamp) {
         self.required_at = Some(now);
+        self.forget_silent_nodes(now);
         // Admission's running sums shrink to the work left now.
         let models: Vec<ModelId> = self.books.keys().cloned().collect();
         for m in &models {

@@ -83,9 +83,9 @@ impl ControlCore {
         model: &ModelId,
         max: u32,
     ) -> Result<Option<LeaseGrant>, UnknownNode> {
-        if !self.nodes.contains_key(node) {
-            return Err(UnknownNode(node.clone()));
-        }
+        // Any call from a node shows it is alive.
+        let n = self.nodes.get_mut(node).ok_or_else(|| UnknownNode(node.clone()))?;
+        n.last_seen = n.last_seen.max(now);
         let unit = WorkUnitId(self.next_unit);
         let mut items = Vec::new();
         let mut started = Vec::new();
@@ -175,11 +175,9 @@ impl ControlCore {
         node: &NodeId,
         results: Vec<ReportedResult>,
     ) -> Result<ReportSummary, UnknownNode> {
-        let pricing = self
-            .nodes
-            .get(node)
-            .map(|n| n.pricing)
-            .ok_or_else(|| UnknownNode(node.clone()))?;
+        let n = self.nodes.get_mut(node).ok_or_else(|| UnknownNode(node.clone()))?;
+        n.last_seen = n.last_seen.max(now);
+        let pricing = n.pricing;
         let mut summary = ReportSummary::default();
         let mut recorded = Vec::new();
         let mut touched = BTreeSet::new();

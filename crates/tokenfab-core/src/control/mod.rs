@@ -742,7 +742,13 @@ pub struct ControlStats {
     pub results_not_leased: u64,
     /// Batches deleted (retention, or by their tenant).
     pub batches_deleted: u64,
+    /// Nodes forgotten after their agent fell silent (see [`NODE_SILENCE_LEASES`]).
+    pub nodes_forgotten: u64,
 }
+
+/// A node whose agent has not heartbeated for this many lease lifetimes (30 s with the
+/// default 10 s lease) is forgotten: its replicas no longer count as capacity.
+pub const NODE_SILENCE_LEASES: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {

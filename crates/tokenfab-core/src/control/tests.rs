@@ -609,6 +609,10 @@ fn placement_parks_surplus_replicas_and_wakes_them_for_a_tight_deadline() {
     };
     let at = |s: u64| T0.saturating_add(Duration::from_secs(s));
     let active = |core: &mut ControlCore, s: u64| -> (Vec<bool>, Vec<bool>) {
+        // The agents heartbeat (a silent node would be forgotten).
+        for n in ["a", "b", "c", "d"] {
+            core.heartbeat(at(s), &node(n), &[], vec![]).unwrap();
+        }
         core.handle_timeout(at(s));
         let view = core.replicas_view();
         (
@@ -1437,11 +1441,20 @@ proptest! {
     }
 }
 
+/// What an agent does when the control plane no longer knows its node (it was silent long
+/// enough to be forgotten): registers again, and gives up the work it held (its leases
+/// expired before the node was forgotten).
+fn rejoin(core: &mut ControlCore, now: Timestamp, nd: &NodeId, held: &mut Vec<LeaseGrant>) {
+    held.clear();
+    core.register(now, registration(nd.as_str()));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
-    /// Whatever agents do (lease, report, re-report stale results, die, come back) and
-    /// whenever a tenant cancels: every request ends with exactly one recorded result,
-    /// and the batch's counts agree with what was persisted.
+    /// Whatever agents do (lease, report, re-report stale results, die, come back, fall
+    /// silent until their node is forgotten) and whenever a tenant cancels: every request
+    /// ends with exactly one recorded result, and the batch's counts agree with what was
+    /// persisted.
     #[test]
     fn every_request_gets_exactly_one_result(steps in proptest::collection::vec(step(), 1..120), n in 1u32..60) {
         let mut core = ControlCore::new(ControlConfig::default());
@@ -1463,8 +1476,10 @@ proptest! {
         for s in steps.into_iter().chain((0..40).map(|_| Step::Advance { secs: 15 })) {
             match s {
                 Step::Lease { node, max } => {
-                    if let Some(g) = core.lease(now, &nodes[node as usize], &model(), u32::from(max)).unwrap() {
-                        held[node as usize].push(g);
+                    match core.lease(now, &nodes[node as usize], &model(), u32::from(max)) {
+                        Ok(Some(g)) => held[node as usize].push(g),
+                        Ok(None) => {}
+                        Err(_) => rejoin(&mut core, now, &nodes[node as usize], &mut held[node as usize]),
                     }
                 }
                 Step::ReportSome { node, take, retryable } => {
@@ -1478,15 +1493,24 @@ proptest! {
                             if results.len() >= take as usize { break; }
                         }
                     }
-                    core.report(now, &nodes[node as usize], results).unwrap();
+                    if core.report(now, &nodes[node as usize], results.clone()).is_err() {
+                        // Results are kept and sent again once registered.
+                        rejoin(&mut core, now, &nodes[node as usize], &mut held[node as usize]);
+                        core.report(now, &nodes[node as usize], results).unwrap();
+                    }
                 }
                 Step::ReportStale { node } => {
-                    let results = old.iter().rev().take(5).map(|&(u, r)| ok(u, r)).collect();
-                    core.report(now, &nodes[node as usize], results).unwrap();
+                    let results: Vec<ReportedResult> = old.iter().rev().take(5).map(|&(u, r)| ok(u, r)).collect();
+                    if core.report(now, &nodes[node as usize], results.clone()).is_err() {
+                        rejoin(&mut core, now, &nodes[node as usize], &mut held[node as usize]);
+                        core.report(now, &nodes[node as usize], results).unwrap();
+                    }
                 }
                 Step::Heartbeat { node } => {
                     let units: Vec<_> = held[node as usize].iter().map(|g| g.unit).collect();
-                    core.heartbeat(now, &nodes[node as usize], &units, vec![]).unwrap();
+                    if core.heartbeat(now, &nodes[node as usize], &units, vec![]).is_err() {
+                        rejoin(&mut core, now, &nodes[node as usize], &mut held[node as usize]);
+                    }
                 }
                 Step::Advance { secs } => {
                     now = now.saturating_add(Duration::from_secs(u64::from(secs)));
@@ -1494,12 +1518,22 @@ proptest! {
                     // everyone reports what it holds so the batch can finish.
                     for (i, nd) in nodes.iter().enumerate() {
                         let results: Vec<_> = held[i].iter_mut().flat_map(|g| { let u = g.unit; g.items.drain(..).map(move |it| ok(u, it.req)) }).collect();
-                        if secs == 15 && !results.is_empty() { core.report(now, nd, results).unwrap(); }
+                        if secs == 15 && !results.is_empty() && core.report(now, nd, results.clone()).is_err() {
+                            rejoin(&mut core, now, nd, &mut held[i]);
+                            core.report(now, nd, results).unwrap();
+                        }
                     }
                     core.handle_timeout(now);
                     if secs == 15 {
-                        for nd in &nodes {
-                            if let Some(g) = core.lease(now, nd, &model(), 100).unwrap() {
+                        for (i, nd) in nodes.iter().enumerate() {
+                            let grant = match core.lease(now, nd, &model(), 100) {
+                                Ok(g) => g,
+                                Err(_) => {
+                                    rejoin(&mut core, now, nd, &mut held[i]);
+                                    core.lease(now, nd, &model(), 100).unwrap()
+                                }
+                            };
+                            if let Some(g) = grant {
                                 let results = g.items.iter().map(|it| ok(g.unit, it.req)).collect();
                                 core.report(now, nd, results).unwrap();
                             }
@@ -1518,7 +1552,9 @@ proptest! {
                     if let Some(g) = held[node as usize].first_mut() {
                         let n = (take as usize).min(g.items.len());
                         let items: Vec<RequestRef> = g.items.drain(..n).map(|i| i.req).collect();
-                        core.release(now, &nodes[node as usize], g.unit, &items).unwrap();
+                        if core.release(now, &nodes[node as usize], g.unit, &items).is_err() {
+                            rejoin(&mut core, now, &nodes[node as usize], &mut held[node as usize]);
+                        }
                     }
                 }
                 Step::Restart => {
@@ -1624,6 +1660,8 @@ fn admissions_bookkeeping_answers_as_the_full_check_does() {
     let (mut admitted, mut refused) = (0, 0);
     for step in 0..400u32 {
         now = now.saturating_add(Duration::from_secs(next(20)));
+        // Its agent heartbeats (a silent node would be forgotten).
+        core.heartbeat(now, &node("a"), &[], vec![]).unwrap();
         core.handle_timeout(now);
         // Between refreshes: a capacity change must reach the next answer at once.
         if step % 10 == 5 {
@@ -1689,4 +1727,35 @@ fn admission_counts_on_the_recalibrated_capacity() {
     // The prior counts 10% slower than believed until the replica has measured itself.
     let ratio = earliest.since(T0).as_secs_f64() / promised;
     assert!((ratio - 2.0 / 1.1).abs() < 0.02, "{ratio}");
+}
+
+/// A node whose agent falls silent (stopped, drained, lost) is forgotten after three lease
+/// lifetimes: its capacity no longer admits work; heartbeating again asks it to register,
+/// and once it has, its capacity counts again.
+#[test]
+fn a_silent_node_is_forgotten_and_its_capacity_no_longer_admits_work() {
+    let mut core = ControlCore::new(ControlConfig::default());
+    core.register(T0, gpu_node("a"));
+    core.register(T0, gpu_node("b"));
+    let at = |s: u64| T0.saturating_add(Duration::from_secs(s));
+    // Two H100 replicas: a batch that needs both to finish in time is admitted.
+    let two = core.capacity(&model(), 500, 1000).unwrap();
+    // "b" keeps heartbeating; "a" stops.
+    for s in (5..=40).step_by(5) {
+        core.heartbeat(at(s), &node("b"), &[], vec![]).unwrap();
+        core.handle_timeout(at(s));
+    }
+    assert_eq!(core.nodes().count(), 1, "a is forgotten after 30 s of silence");
+    assert_eq!(core.stats().nodes_forgotten, 1);
+    let one = core.capacity(&model(), 500, 1000).unwrap();
+    assert!((one - two / 2.0).abs() < 1e-6 * two, "{one} vs {two}");
+    assert!(core.tuning_doc().replicas.iter().all(|r| r.node == "b"));
+    // Its agent comes back: told to register, then counted again.
+    assert!(core.heartbeat(at(41), &node("a"), &[], vec![]).is_err());
+    core.register(at(41), gpu_node("a"));
+    core.handle_timeout(at(45));
+    let back = core.capacity(&model(), 500, 1000).unwrap();
+    assert!((back - two).abs() < 1e-6 * two, "{back} vs {two}");
+    // Heartbeating within the silence keeps a node: nothing else was forgotten.
+    assert_eq!(core.stats().nodes_forgotten, 1);
 }
