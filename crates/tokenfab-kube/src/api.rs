@@ -16,7 +16,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiFailure {
     #[error(
-        "the operator may not {what}: {message}. Grant it in the operator's RBAC (the chart's Role and ClusterRole tokenfab-operator)"
+        "the operator may not {what}: {message}. Grant it to the operator's service account (the Helm chart's Role <release>-operator and ClusterRole <release>-<namespace>-operator do, with operator.enabled)"
     )]
     Forbidden { what: String, message: String },
     #[error("{what}: not found ({message})")]
@@ -132,6 +132,18 @@ pub async fn publish(
     retry: Retry,
 ) -> Result<(), ApiFailure> {
     let exists = with_retries(&format!("read throughputsla {name}"), retry, || api.get_opt(name)).await?;
+    if let Some(o) = &exists
+        && &o.spec != spec
+    {
+        // The operator was started with another control plane URL or interval.
+        let patch = serde_json::json!({ "spec": spec });
+        with_retries(&format!("update throughputsla {name}"), retry, || async {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+        })
+        .await?;
+    }
     if exists.is_none() {
         let obj = ThroughputSLA::new(name, spec.clone());
         with_retries(&format!("create throughputsla {name}"), retry, || async {

@@ -29,7 +29,8 @@ use tokenfab_core::sla::ThroughputSla as SlaDocument;
 #[serde(rename_all = "camelCase")]
 pub struct ThroughputSlaSpec {
     /// The control plane's HTTP address (its `--metrics-listen`), whose `GET /v1/sla` this
-    /// object publishes, e.g. `http://tokenfab-server:9090`.
+    /// object publishes, e.g. `http://tokenfab.tokenfab.svc:9464` (the Helm chart's HTTP
+    /// Service).
     pub control_plane_url: String,
     /// Seconds between refreshes of the status.
     #[serde(default = "default_refresh")]

@@ -48,11 +48,18 @@ impl Action {
     }
 }
 
-/// The changes for `nodes`, given the nodes where an agent pod still runs.
+/// The changes for `nodes`, given the nodes where an agent pod still runs. Only GPU nodes
+/// (a `nvidia.com/gpu.count` label) and nodes carrying the drain marks are looked at:
+/// cordoning a CPU node or a control-plane node is none of tokenfab's business.
 pub fn actions(nodes: &[Node], agents_on: &BTreeSet<String>) -> Vec<Action> {
     let mut out = Vec::new();
     for n in nodes {
         let Some(name) = n.metadata.name.clone() else { continue };
+        let marked = n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(DRAINING))
+            || n.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(DRAINED));
+        if crate::discovery::discover(n).is_none() && !marked {
+            continue;
+        }
         let cordoned = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
         // The DaemonSet leaves nodes with the label, whatever its value; only the value the
         // operator sets is the operator's to remove.
@@ -83,9 +90,11 @@ mod tests {
     fn node(name: &str, cordoned: bool, draining: bool, drained: bool) -> Node {
         let mut n = Node::default();
         n.metadata.name = Some(name.into());
+        let mut labels = std::collections::BTreeMap::from([(crate::discovery::COUNT.to_string(), "8".to_string())]);
         if draining {
-            n.metadata.labels = Some([(DRAINING.to_string(), BY_CORDON.to_string())].into());
+            labels.insert(DRAINING.to_string(), BY_CORDON.to_string());
         }
+        n.metadata.labels = Some(labels);
         if drained {
             n.metadata.annotations = Some([(DRAINED.to_string(), "true".to_string())].into());
         }
@@ -103,7 +112,14 @@ mod tests {
         // d: drained already; e: uncordoned while draining; f: serving; g: drained by an
         // operator's own label (not cordoned), agent gone.
         let mut g = node("g", false, false, false);
-        g.metadata.labels = Some([(DRAINING.to_string(), "maintenance".to_string())].into());
+        g.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(DRAINING.to_string(), "maintenance".to_string());
+        // A cordoned CPU node (no GPU labels): left alone.
+        let mut cpu = node("cpu", true, false, false);
+        cpu.metadata.labels = None;
         let nodes = [
             node("a", true, false, false),
             node("b", true, true, false),
@@ -112,6 +128,7 @@ mod tests {
             node("e", false, true, true),
             node("f", false, false, false),
             g,
+            cpu,
         ];
         assert_eq!(
             actions(&nodes, &agents),

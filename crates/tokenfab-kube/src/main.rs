@@ -50,6 +50,11 @@ enum Command {
         /// Label selector of the agent pods.
         #[arg(long, default_value = "app.kubernetes.io/component=agent")]
         agent_selector: String,
+        /// Label selector narrowing the engine Deployments to this installation's (besides
+        /// the `tokenfab.io/model` label), e.g. `app.kubernetes.io/instance=RELEASE`; empty:
+        /// every Deployment with that label in the namespace.
+        #[arg(long, default_value = "")]
+        engine_selector: String,
         /// Leave cordoned nodes alone (do not stop their agents).
         #[arg(long)]
         no_drain: bool,
@@ -82,9 +87,18 @@ fn main() -> anyhow::Result<()> {
             scale_down_after,
             max_step,
             agent_selector,
+            engine_selector,
             no_drain,
             sla_name,
         } => {
+            if control_url.starts_with("https://") {
+                anyhow::bail!(
+                    "--control-url {control_url}: the operator reads the control plane over plain HTTP only (no TLS client yet); give its in-cluster http:// address"
+                );
+            }
+            if interval < Duration::from_secs(1) {
+                anyhow::bail!("--interval {interval:?}: give at least 1s between rounds");
+            }
             let http_token = match http_token_file {
                 Some(f) => Some(
                     std::fs::read_to_string(&f)
@@ -109,6 +123,7 @@ fn main() -> anyhow::Result<()> {
                     max_step,
                 },
                 agent_selector,
+                engine_selector,
                 follow_drain: !no_drain,
                 sla_name,
                 retry: Default::default(),
@@ -123,7 +138,14 @@ fn main() -> anyhow::Result<()> {
                         )
                     })?;
                     tokenfab_kube::operator::run(client, opts, async {
-                        let _ = tokio::signal::ctrl_c().await;
+                        // Kubernetes stops a pod with SIGTERM; a terminal with Ctrl-C.
+                        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("installing a SIGTERM handler");
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                        tracing::info!("stopping");
                     })
                     .await
                 })

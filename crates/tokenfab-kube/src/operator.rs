@@ -38,6 +38,10 @@ pub struct Options {
     pub policy: reconcile::Policy,
     /// Label selector of the agent pods (drain follows them).
     pub agent_selector: String,
+    /// Label selector narrowing the engine Deployments to this installation's (added to
+    /// `tokenfab.io/model`), e.g. `app.kubernetes.io/instance=RELEASE`; empty: every
+    /// Deployment with the label in the namespace.
+    pub engine_selector: String,
     pub follow_drain: bool,
     /// Name of the ThroughputSLA object to keep.
     pub sla_name: String,
@@ -105,12 +109,35 @@ pub async fn round(
 
     // Placement, carried out.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &opts.namespace);
-    let engine_list = ListParams::default().labels(reconcile::MODEL);
+    let selector = if opts.engine_selector.is_empty() {
+        reconcile::MODEL.to_string()
+    } else {
+        format!("{},{}", reconcile::MODEL, opts.engine_selector)
+    };
+    let engine_list = ListParams::default().labels(&selector);
     let engines = api::with_retries("list engine deployments", opts.retry, || deployments.list(&engine_list)).await;
     let tuning: Result<TuningDoc, String> = get_json(opts, "/v1/tuning").await;
     match (engines, tuning) {
         (Ok(list), Ok(doc)) => {
-            let engines: Vec<reconcile::Engine> = list.items.iter().filter_map(reconcile::engine_of).collect();
+            let mut engines: Vec<reconcile::Engine> = Vec::new();
+            for d in &list.items {
+                match reconcile::engine_of(d) {
+                    Some(e) => {
+                        if let Some(first) = engines.iter().find(|o| o.key == e.key) {
+                            tracing::warn!(
+                                deployment = %e.name, first = %first.name,
+                                "two engine Deployments run {}; only the first is scaled, this one is scaled to 0", e.key
+                            );
+                        }
+                        engines.push(e);
+                    }
+                    None => tracing::warn!(
+                        deployment = d.metadata.name.as_deref().unwrap_or("?"),
+                        "an engine Deployment without a {} label is left alone: label it with its accelerator class",
+                        reconcile::ACCELERATOR
+                    ),
+                }
+            }
             match doc.plan {
                 None => tracing::info!("the control plane has no placement demand yet; engines left as they are"),
                 Some(plan) => {

@@ -125,7 +125,7 @@ async fn forbidden_is_not_retried_and_names_the_permission() {
     assert!(matches!(e, ApiFailure::Forbidden { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
-        msg.contains("scale deployment vllm-llama-h100") && msg.contains("cannot update") && msg.contains("RBAC"),
+        msg.contains("scale deployment vllm-llama-h100") && msg.contains("cannot update") && msg.contains("service account"),
         "{msg}"
     );
     // No retry: the client made no further request.
@@ -207,6 +207,28 @@ async fn the_sla_object_is_created_when_missing_and_its_status_written() {
     assert_eq!(conditions[0]["type"], "Available");
     assert_eq!(conditions[0]["status"], "False");
     assert_eq!(conditions[0]["message"], "connection refused");
+    task.await.unwrap().expect("published");
+}
+
+#[tokio::test]
+async fn an_object_made_for_another_control_plane_gets_the_new_spec_then_the_status() {
+    let (client, mut h) = client();
+    let api: Api<ThroughputSLA> = Api::namespaced(client, "tokenfab");
+    let spec = ThroughputSlaSpec {
+        control_plane_url: "http://tokenfab.tokenfab.svc:9464".into(),
+        refresh_seconds: 30,
+    };
+    let status = ThroughputSlaStatus::default();
+    let task = tokio::spawn(async move { api::publish(&api, "tokenfab", &spec, &status, FAST).await });
+    let path = "/apis/tokenfab.io/v1/namespaces/tokenfab/throughputslas/tokenfab";
+    let old = serde_json::json!({"apiVersion": "tokenfab.io/v1", "kind": "ThroughputSLA",
+        "metadata": {"name": "tokenfab", "namespace": "tokenfab", "resourceVersion": "5"},
+        "spec": {"controlPlaneUrl": "http://old:9464", "refreshSeconds": 60}});
+    answer(&mut h, "GET", path, 200, old.clone()).await;
+    let patch = answer(&mut h, "PATCH", path, 200, old.clone()).await;
+    assert_eq!(patch["spec"]["controlPlaneUrl"], "http://tokenfab.tokenfab.svc:9464");
+    assert_eq!(patch["spec"]["refreshSeconds"], 30);
+    answer(&mut h, "PATCH", &format!("{path}/status"), 200, old).await;
     task.await.unwrap().expect("published");
 }
 
