@@ -125,7 +125,9 @@ async fn forbidden_is_not_retried_and_names_the_permission() {
     assert!(matches!(e, ApiFailure::Forbidden { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
-        msg.contains("scale deployment vllm-llama-h100") && msg.contains("cannot update") && msg.contains("service account"),
+        msg.contains("scale deployment vllm-llama-h100")
+            && msg.contains("cannot update")
+            && msg.contains("service account"),
         "{msg}"
     );
     // No retry: the client made no further request.
