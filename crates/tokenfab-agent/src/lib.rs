@@ -68,6 +68,10 @@ pub struct AgentOptions {
     pub record: Option<(std::path::PathBuf, u64)>,
     /// HTTP address for the agent's `/metrics`, `/healthz` and `/readyz`; `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often each replica's engine is probed (`GET /v1/models`); an engine that does
+    /// not answer takes no work and does not count as capacity until it does. `None`: no
+    /// probes (every engine is taken to answer).
+    pub engine_probe_interval: Option<Duration>,
 }
 
 /// The power range of the devices `indices` as the backend describes them, if it can set
@@ -129,6 +133,11 @@ enum Event {
     PowerSet {
         replica: usize,
         result: Result<f64, String>,
+    },
+    /// A replica's engine started or stopped answering probes.
+    Probe {
+        replica: usize,
+        reachable: bool,
     },
 }
 
@@ -251,6 +260,10 @@ pub async fn run(
         first_energy: Vec::new(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    if let Some(every) = shell.opts.engine_probe_interval {
+        let urls: Vec<String> = shell.opts.replicas.iter().map(|r| r.engine_url.clone()).collect();
+        tokio::spawn(probe_engines(shell.engines.http().clone(), urls, every, tx.clone()));
+    }
     tokio::pin!(shutdown);
     let mut stopping = false;
     loop {
@@ -272,6 +285,36 @@ pub async fn run(
                 tracing::info!("shutting down: releasing queued work, finishing running requests");
                 stopping = true;
                 shell.input(now(), AgentInput::Shutdown);
+            }
+        }
+    }
+}
+
+/// Probes every engine each `every` (`GET /v1/models`, 2 s at most): any HTTP answer
+/// below 500 counts as reachable. Sends what changed.
+async fn probe_engines(
+    http: reqwest::Client,
+    urls: Vec<String>,
+    every: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    let mut last: Vec<Option<bool>> = vec![None; urls.len()];
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (replica, url) in urls.iter().enumerate() {
+            let reachable = http
+                .get(format!("{url}/v1/models"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() < 500);
+            if last[replica] != Some(reachable) {
+                last[replica] = Some(reachable);
+                if tx.send(Event::Probe { replica, reachable }).is_err() {
+                    return;
+                }
             }
         }
     }
@@ -560,6 +603,25 @@ impl Shell {
                 self.metrics.call_failed(Call::Report);
                 self.input(t, AgentInput::ReportFailed(failure(&e)));
             }
+            Event::Probe { replica, reachable } => {
+                let id = &self.opts.replicas[replica].id;
+                if reachable {
+                    tracing::info!(replica = %id, "its engine answers: it takes work and counts as capacity");
+                } else {
+                    tracing::warn!(
+                        replica = %id, engine = %self.opts.replicas[replica].engine_url,
+                        "its engine does not answer (stopped, or no engine pod on this node): it takes no work and does not count as capacity until it does"
+                    );
+                }
+                self.metrics.set_reachable(replica, reachable);
+                self.input(
+                    t,
+                    AgentInput::EngineProbe {
+                        replica: ReplicaIndex(replica),
+                        reachable,
+                    },
+                );
+            }
             Event::PowerSet { replica, result } => {
                 if let Err(e) = &result {
                     tracing::warn!(replica = %self.opts.replicas[replica].id, error = %e, "setting the power limit failed");
@@ -725,6 +787,7 @@ impl Shell {
                         advised_power_limit_w: advice.map_or(0.0, |a| a.power_limit_w),
                         advised_objective_value: advice.map_or(0.0, |a| a.predicted_objective),
                         current_objective_value: advice.map_or(0.0, |a| a.current_objective),
+                        engine_unreachable: report.unreachable,
                         recalibration: report.calibration.map(|c| pb::Recalibration {
                             time_factor: c.time,
                             power_factor: c.power,

@@ -72,6 +72,7 @@ struct ReplicaSeries {
     idle_joules: FloatCounter,
     power_limit: FloatGauge,
     engine_seconds: Histogram,
+    reachable: Gauge,
 }
 
 /// The agent's metrics.
@@ -120,6 +121,12 @@ impl AgentMetrics {
         let attributed = Family::<ReplicaLabel, FloatCounter>::default();
         let idle = Family::<ReplicaLabel, FloatCounter>::default();
         let power_limit = Family::<ReplicaLabel, FloatGauge>::default();
+        let reachable = Family::<ReplicaLabel, Gauge>::default();
+        registry.register(
+            "replica_engine_reachable",
+            "1 while each replica's engine answers the agent's probes (it takes work and counts as capacity only then)",
+            reachable.clone(),
+        );
         let engine_seconds = Family::<ReplicaLabel, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.01, 2.0, 16))) as fn() -> Histogram,
         );
@@ -191,6 +198,11 @@ impl AgentMetrics {
                     idle_joules: idle.get_or_create(&l).clone(),
                     power_limit: power_limit.get_or_create(&l).clone(),
                     engine_seconds: engine_seconds.get_or_create(&l).clone(),
+                    reachable: {
+                        let g = reachable.get_or_create(&l).clone();
+                        g.set(1);
+                        g
+                    },
                 }
             })
             .collect();
@@ -269,6 +281,13 @@ impl AgentMetrics {
 
     pub fn device_read_failed(&self) {
         self.device_read_failures.inc();
+    }
+
+    /// Whether replica `replica`'s engine answers probes.
+    pub fn set_reachable(&self, replica: usize, reachable: bool) {
+        if let Some(s) = self.replicas.get(replica) {
+            s.reachable.set(i64::from(reachable));
+        }
     }
 
     /// One engine call of replica `replica` took `seconds`.

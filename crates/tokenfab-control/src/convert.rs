@@ -122,6 +122,7 @@ pub fn replica_reports(t: pb::Telemetry) -> Vec<tokenfab_core::control::ReplicaR
                 power_limit_w: (r.power_limit_w > 0.0 && r.power_limit_w.is_finite()).then_some(r.power_limit_w),
                 tuning,
                 calibration: r.recalibration.as_ref().and_then(recalibration),
+                unreachable: r.engine_unreachable,
             }
         })
         .collect()

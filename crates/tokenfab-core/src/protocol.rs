@@ -361,6 +361,14 @@ pub enum AgentInput {
     HeartbeatDone(Result<HeartbeatReply, CallFailure>),
     /// Each replica's devices read together (`None`: not every device of it answered).
     DeviceSample(Vec<Option<EnergyReading>>),
+    /// Whether a replica's engine answers at all (the shell probes each engine now and
+    /// then; it sends this when the answer changes). An engine that does not (e.g. no
+    /// engine pod on this node behind a node-local Service) takes no work and does not
+    /// count as capacity until it answers again.
+    EngineProbe {
+        replica: ReplicaIndex,
+        reachable: bool,
+    },
 }
 
 impl AgentInput {
@@ -380,6 +388,7 @@ impl AgentInput {
             AgentInput::PowerLimitSet { .. } => "power_limit_set",
             AgentInput::HeartbeatDone(_) => "heartbeat_done",
             AgentInput::DeviceSample(_) => "device_sample",
+            AgentInput::EngineProbe { .. } => "engine_probe",
         }
     }
 }
@@ -407,6 +416,7 @@ impl AgentCore {
             AgentInput::PowerLimitSet { replica, result } => self.power_limit_done(now, replica.0, result),
             AgentInput::HeartbeatDone(reply) => self.heartbeat_done(now, reply),
             AgentInput::DeviceSample(readings) => self.device_sample(now, readings),
+            AgentInput::EngineProbe { replica, reachable } => self.engine_probe(now, replica.0, reachable),
         }
     }
 }

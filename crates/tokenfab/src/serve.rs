@@ -513,6 +513,12 @@ pub struct AgentArgs {
     /// plane). Off when not given.
     #[arg(long, env = "TOKENFAB_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// How often each replica's engine is probed (`GET /v1/models`). An engine that does
+    /// not answer (stopped, or, in Kubernetes, no engine pod on this node behind a
+    /// node-local Service) takes no work and does not count as capacity until it answers
+    /// again. `0s`: no probes.
+    #[arg(long, default_value = "5s", value_parser = parse::duration)]
+    engine_probe_interval: Duration,
     #[command(flatten)]
     tuning: TuningArgs,
     #[command(flatten)]
@@ -772,6 +778,7 @@ pub async fn agent_setup(setup: AgentSetup) -> anyhow::Result<(AgentOptions, Arc
         tls,
         record: None,
         metrics_listen: None,
+        engine_probe_interval: None,
     };
     Ok((opts, backend))
 }
@@ -814,6 +821,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     .await?;
     opts.record = record;
     opts.metrics_listen = a.metrics_listen;
+    opts.engine_probe_interval = (!a.engine_probe_interval.is_zero()).then_some(a.engine_probe_interval);
     eprintln!(
         "tokenfab agent {} driving {} replica(s), {} device(s), control plane {}",
         opts.node,

@@ -88,7 +88,7 @@ impl AgentCore {
                     Routing::RoundRobin => (self.next_replica + k) % n,
                 };
                 let r = &self.replicas[i];
-                if !r.active || r.in_flight >= r.window || r.healthy_at > now {
+                if !r.active || !r.reachable || r.in_flight >= r.window || r.healthy_at > now {
                     continue;
                 }
                 if self.models[r.model].queue.is_empty() {
@@ -133,7 +133,7 @@ impl AgentCore {
                 Some(&h) if h == i => return k,
                 Some(&h) => {
                     let r = &self.replicas[h];
-                    if r.model != m || !r.active || r.healthy_at > now {
+                    if r.model != m || !r.active || !r.reachable || r.healthy_at > now {
                         self.prefix_home.insert(prefix, i);
                         return k;
                     }

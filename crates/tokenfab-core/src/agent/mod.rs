@@ -313,6 +313,8 @@ struct Replica {
     setting_power: bool,
     /// Receives work (placement may park a replica: it then idles).
     active: bool,
+    /// Its engine answers probes (see [`AgentCore::engine_probe`]).
+    reachable: bool,
     /// Output tokens/s the control plane says the replica owes to deadlines.
     owed: f64,
     /// What the performance model recommends (advisory mode), refreshed now and then.
@@ -608,6 +610,27 @@ impl AgentCore {
         self.pump(now);
     }
 
+    /// Whether replica `replica`'s engine answers. Work queued for a model none of whose
+    /// replicas here can take it goes back to the control plane.
+    pub fn engine_probe(&mut self, now: Timestamp, replica: usize, reachable: bool) {
+        let Some(r) = self.replicas.get_mut(replica) else {
+            return;
+        };
+        if r.reachable == reachable {
+            return;
+        }
+        r.reachable = reachable;
+        if !reachable {
+            let stranded: Vec<bool> = (0..self.models.len())
+                .map(|m| !self.replicas.iter().any(|r| r.model == m && r.active && r.reachable))
+                .collect();
+            if stranded.iter().any(|s| *s) {
+                self.release_models(|m| stranded[m]);
+            }
+        }
+        self.pump(now);
+    }
+
     /// The control plane's instructions for this node's replicas.
     fn follow(&mut self, now: Timestamp, directives: &[crate::control::ReplicaDirective]) {
         for d in directives {
@@ -749,6 +772,7 @@ impl AgentCore {
         self.replicas
             .iter()
             .map(|r| crate::control::ReplicaReport {
+                unreachable: !r.reachable,
                 replica: r.spec.id.clone(),
                 window: r.window,
                 in_flight: r.in_flight,
@@ -930,7 +954,7 @@ impl AgentCore {
             for r in self
                 .replicas
                 .iter()
-                .filter(|r| r.model == m && r.healthy_at <= now && r.active)
+                .filter(|r| r.model == m && r.healthy_at <= now && r.active && r.reachable)
             {
                 free += r.window - r.in_flight.min(r.window);
                 window += r.window;
@@ -1056,6 +1080,7 @@ impl Replica {
             power_limit_w: spec.power.map(|p| p.current_w),
             setting_power: false,
             active: true,
+            reachable: true,
             owed: 0.0,
             advice: None,
             advised_at: now,

@@ -599,3 +599,36 @@ fn a_late_reading_does_not_end_a_rest() {
         "work after the rest still waits for the reading that closes it: {first:?}"
     );
 }
+
+/// A replica whose engine does not answer probes takes no work: its share goes to the
+/// other replica, it leases nothing for it, and the heartbeat says so. With no replica of
+/// the model answering, queued work goes back to the control plane.
+#[test]
+fn a_replica_whose_engine_does_not_answer_takes_no_work() {
+    let mut core = started(4);
+    drain(&mut core);
+    core.engine_probe(T0, 1, false);
+    core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 6))));
+    let sent = dispatches(&mut core);
+    assert_eq!(sent.len(), 4, "only r0's window");
+    assert!(sent.iter().all(|(r, _, _)| *r == 0), "{sent:?}");
+    let t = core.telemetry();
+    assert!(!t[0].unreachable && t[1].unreachable, "{t:?}");
+    // r0's engine stops answering too: the two queued requests go back.
+    core.engine_probe(T0, 0, false);
+    let released: usize = drain(&mut core)
+        .iter()
+        .map(|a| match a {
+            AgentAction::Release { items, .. } => items.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(released, 2);
+    // r1 answers again: it leases and takes work.
+    core.engine_probe(T0, 1, true);
+    assert!(
+        drain(&mut core).iter().any(|a| matches!(a, AgentAction::Lease { .. })),
+        "a replica that answers again leases"
+    );
+    assert!(!core.telemetry()[1].unreachable);
+}

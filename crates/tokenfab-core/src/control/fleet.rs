@@ -116,12 +116,26 @@ impl ControlCore {
                         capacity_moved = true;
                     }
                     s.calibration = calibration;
-                    s.cap = s.perf.as_ref().map(|p| believed_capacity(p, s.window, &calibration));
+                    s.cap = if r.unreachable {
+                        None
+                    } else {
+                        s.perf.as_ref().map(|p| believed_capacity(p, s.window, &calibration))
+                    };
                     let time = calibration.conservative_time();
                     if (time / s.cap_time - 1.0).abs() > CAP_TIME_STEP {
                         s.cap_time = time;
                         capacity_moved = true;
                     }
+                }
+                if r.unreachable != s.unreachable() {
+                    // Its engine stopped (or started) answering: it leaves (or rejoins) the
+                    // capacity admission and the rates owed count on.
+                    capacity_moved = true;
+                    s.cap = if r.unreachable {
+                        None
+                    } else {
+                        s.perf.as_ref().map(|p| believed_capacity(p, s.window, &s.calibration))
+                    };
                 }
                 s.report = Some(r);
             }

@@ -147,7 +147,7 @@ impl ControlCore {
             .nodes
             .values()
             .flat_map(|n| &n.serving)
-            .filter(|s| &s.model == model)
+            .filter(|s| &s.model == model && !s.unreachable())
             .filter_map(|s| Some(s.perf.as_ref()?.capacity(s.window, (prompt_mean, output_mean)) / s.cap_time))
             .sum();
         let c = (c > 0.0).then_some(c);

@@ -711,6 +711,13 @@ struct Serving {
     report: Option<ReplicaReport>,
 }
 
+impl Serving {
+    /// Its agent reported that its engine does not answer.
+    fn unreachable(&self) -> bool {
+        self.report.as_ref().is_some_and(|r| r.unreachable)
+    }
+}
+
 /// Something the shell must do.
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)] // persist actions dominate; boxing them buys nothing
@@ -1052,6 +1059,10 @@ pub struct ReplicaReport {
     /// when it has no belief).
     #[serde(default)]
     pub calibration: Option<crate::recal::Correction>,
+    /// Its engine does not answer (see [`crate::protocol::AgentInput::EngineProbe`]): it
+    /// takes no work and does not count as capacity.
+    #[serde(default)]
+    pub unreachable: bool,
 }
 
 /// What a replica's tuner reports.

@@ -1759,3 +1759,24 @@ fn a_silent_node_is_forgotten_and_its_capacity_no_longer_admits_work() {
     // Heartbeating within the silence keeps a node: nothing else was forgotten.
     assert_eq!(core.stats().nodes_forgotten, 1);
 }
+
+/// A replica whose agent reports its engine unreachable does not count as capacity until
+/// it is reported reachable again.
+#[test]
+fn an_unreachable_engine_is_not_capacity() {
+    let mut core = ControlCore::new(ControlConfig::default());
+    core.register(T0, gpu_node("a"));
+    core.register(T0, gpu_node("b"));
+    let two = core.capacity(&model(), 500, 1000).unwrap();
+    let report = |unreachable| ReplicaReport {
+        replica: crate::ids::ReplicaId::from("r0"),
+        unreachable,
+        ..ReplicaReport::default()
+    };
+    core.heartbeat(T0, &node("b"), &[], vec![report(true)]).unwrap();
+    let one = core.capacity(&model(), 500, 1000).unwrap();
+    assert!((one - two / 2.0).abs() < 1e-6 * two, "{one} vs {two}");
+    core.heartbeat(T0, &node("b"), &[], vec![report(false)]).unwrap();
+    let back = core.capacity(&model(), 500, 1000).unwrap();
+    assert!((back - two).abs() < 1e-6 * two, "{back} vs {two}");
+}

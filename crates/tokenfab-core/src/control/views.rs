@@ -79,7 +79,8 @@ impl ControlCore {
                     .map_or(256, |o| o.max(1) as u32);
                 let (mut devices, mut replicas, mut capacity) = (0u32, 0u32, 0.0);
                 for n in self.nodes.values().filter(|n| n.accelerator == accelerator) {
-                    for s in n.serving.iter().filter(|s| s.model == model) {
+                    // A replica whose engine does not answer commits nothing.
+                    for s in n.serving.iter().filter(|s| s.model == model && !s.unreachable()) {
                         let Some(perf) = &s.perf else { continue };
                         replicas += 1;
                         devices += perf.devices();
