@@ -5,8 +5,10 @@ Every values file in tests/chart/values/ (and the chart's defaults) is linted wi
 rendered object is validated by kubernetes-validate in strict mode (unknown fields are
 errors) against Kubernetes 1.34. Then the things that matter are asserted: replica counts,
 peer addresses, RBAC rules (exactly the Kubernetes operator's calls), probes, resources,
-security contexts, images, credentials, and the operator's flags against the objects they
-name (its control-plane URL, its agent selector, its service account and bindings).
+security contexts, images, credentials, the operator's flags against the objects they
+name (its control-plane URL, its agent selector, its service account and bindings), and the
+simulator sweep's Indexed Job against the binary's own count of configurations (when a
+tokenfab binary is built, it runs the Job's last index and is asked for one beyond it).
 The planted-mistake tests at the end break a copy of the chart on purpose and check that
 these same checks catch it, so a green run means something.
 
@@ -54,7 +56,9 @@ VALUES_FILES = sorted(p.name for p in VALUES_DIR.glob("*.yaml"))
 # "defaults" is the chart's values.yaml alone.
 CASES = ["defaults", *VALUES_FILES]
 
-POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+# Kinds whose pods run to completion: no probes.
+RUN_TO_COMPLETION = {"Job"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,8 +241,12 @@ def check_rbac(objects: list[dict], node_patch: bool = False) -> None:
 
 def check_probes(objects: list[dict]) -> None:
     """Every long-running container has readiness and liveness probes on a port it has,
-    except the operator's, which serves no port and has none (templates/operator.yaml)."""
+    except the operator's, which serves no port and has none (templates/operator.yaml).
+    Pods that run to completion (the sweep's Jobs) have none."""
     for obj, spec in pod_specs(objects):
+        if obj["kind"] in RUN_TO_COMPLETION:
+            assert not any({"startupProbe", "readinessProbe", "livenessProbe"} & set(c) for c in containers(spec)), where(obj)
+            continue
         for c in spec["containers"]:
             ports = {p["name"] for p in c.get("ports", [])}
             if is_operator(spec):
@@ -1053,6 +1061,17 @@ def test_rules_file_passes_promtool(tmp_path):
         ({"operator": {"scaleDownAfter": "ten minutes"}}, "/operator/scaleDownAfter"),
         ({"operator": {"slaName": "Inference_SLA"}}, "/operator/slaName"),
         ({"operator": {"followDrains": False}}, "followDrains"),
+        ({"sweep": {"vary": [{"path": "pools[0].nodes", "values": ["1,2"]}]}}, "/sweep/vary/0/values/0"),
+        ({"sweep": {"vary": [{"path": "pools[0]..nodes", "values": [1]}]}}, "/sweep/vary/0/path"),
+        ({"sweep": {"vary": [{"path": "pools[0].nodes", "values": []}]}}, "/sweep/vary/0/values"),
+        ({"sweep": {"vary": [{"path": "pools[0].nodes", "value": [1]}]}}, "/sweep/vary/0"),
+        ({"sweep": {"files": {"../escape.toml": "x"}}}, "'../escape.toml' does not match pattern"),
+        ({"sweep": {"seed": -1}}, "/sweep/seed"),
+        ({"sweep": {"sla": 99.9}}, "/sweep/sla"),
+        ({"sweep": {"gather": {"wait": "two hours"}}}, "/sweep/gather/wait"),
+        ({"sweep": {"resultsClaim": "Sweep_Results"}}, "/sweep/resultsClaim"),
+        ({"sweep": {"name": "H100-Sweep"}}, "/sweep/name"),
+        ({"sweep": {"gatherWait": "2h"}}, "gatherWait"),
     ],
 )
 def test_schema_rejects_bad_values(values, complaint):
@@ -1079,20 +1098,30 @@ def tokenfab_binary() -> pathlib.Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def subcommand_of(container: dict) -> tuple[str, list[str]]:
+    """The subcommand of a `tokenfab` container (its leading words: "server", "sim sweep")
+    and the arguments after it."""
+    args = args_of(container)
+    n = 0
+    while n < len(args) and re.fullmatch(r"[a-z][a-z-]*", args[n]):
+        n += 1
+    return " ".join(args[:n]), args[n:]
+
+
 def unknown_flags(binary: pathlib.Path, renders: list[list[dict]]) -> list[tuple[str, str, str]]:
-    """(command, flag, value) of every flag, choice or --replica key in `tokenfab server`
-    and `tokenfab agent` containers that the binary's --help does not name."""
-    helps = {
-        cmd: subprocess.run([str(binary), cmd, "--help"], capture_output=True, text=True, timeout=30).stdout
-        for cmd in ("server", "agent")
-    }
+    """(command, flag, value) of every flag, choice or --replica key in the chart's `tokenfab`
+    containers (server, agent, sim sweep, sim gather) that the binary's --help does not name."""
     used: set[tuple[str, str, str]] = set()
     for objects in renders:
         for _, spec in pod_specs(objects):
             for c in spec["containers"]:
                 if c.get("command") == ["tokenfab"]:
-                    cmd, *flags = args_of(c)
-                    used |= {(cmd, *a.partition("=")[::2]) for a in flags}
+                    cmd, rest = subcommand_of(c)
+                    used |= {(cmd, *a.partition("=")[::2]) for a in rest if a.startswith("-")}
+    helps = {
+        cmd: subprocess.run([str(binary), *cmd.split(), "--help"], capture_output=True, text=True, timeout=30).stdout
+        for cmd in {u[0] for u in used}
+    }
     missing = []
     for cmd, flag, value in sorted(used):
         if not re.search(rf"^\s+(-\w, )?{re.escape(flag)}\b", helps[cmd], re.M):
@@ -1114,7 +1143,10 @@ needs_binary = pytest.mark.skipif(tokenfab_binary() is None, reason="no tokenfab
 @needs_binary
 def test_every_flag_the_chart_passes_exists_in_the_binary():
     binary = tokenfab_binary()
-    assert unknown_flags(binary, [rendered(case) for case in CASES]) == [], f"`tokenfab` ({binary}) does not know these"
+    renders = [rendered(case) for case in CASES]
+    commands = {subcommand_of(c)[0] for objects in renders for _, s in pod_specs(objects) for c in s["containers"] if c.get("command") == ["tokenfab"]}
+    assert commands == {"server", "agent", "sim sweep", "sim gather"}
+    assert unknown_flags(binary, renders) == [], f"`tokenfab` ({binary}) does not know these"
 
 
 def operator_binary() -> pathlib.Path | None:
@@ -1145,6 +1177,256 @@ def test_every_flag_the_chart_passes_exists_in_the_operator_binary():
         elif flag == "--mode" and not re.search(rf"possible\s+values:[^\]]*\b{value}\b", help_text):
             missing.append(f"--mode={value}")
     assert missing == [], f"`tokenfab-operator run` ({binary}) does not know these"
+
+
+# ---------------------------------------------------------------------------------------
+# The simulator sweep (templates/sweep.yaml)
+
+SWEEP_CASE = "sweep.yaml"
+
+
+def sweep_jobs(objects: list[dict], run: str) -> tuple[dict, dict, dict, dict]:
+    """The sweep's Indexed Job and gather Job, and the container of each."""
+    sweep = one(objects, "Job", f"{run}-sweep")
+    gather = one(objects, "Job", f"{run}-sweep-gather")
+    (sweep_c,) = sweep["spec"]["template"]["spec"]["containers"]
+    (gather_c,) = gather["spec"]["template"]["spec"]["containers"]
+    return sweep, sweep_c, gather, gather_c
+
+
+def vary_text(value) -> str:
+    """A value of sweep.vary as the simulator should read it (YAML 1.2 plain scalar)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def check_sweep(objects: list[dict], sweep_values: dict, run: str) -> None:
+    """The Indexed Job has one index per configuration: completions is the product of the
+    number of values of every sweep.vary entry. Every index runs `sim sweep` on the mounted
+    scenario with every --vary, its own index as --point, and the run's folder of the shared
+    claim as --out; the gather Job gathers that same folder."""
+    sweep, sweep_c, gather, gather_c = sweep_jobs(objects, run)
+    counts = [len(v["values"]) for v in sweep_values["vary"]]
+    configurations = 1
+    for n in counts:
+        configurations *= n
+    spec = sweep["spec"]
+    product = " x ".join(map(str, counts))
+    assert spec["completions"] == configurations, f"{where(sweep)}: completions {spec['completions']}, but sweep.vary makes {product} = {configurations} configurations"
+    assert spec["completionMode"] == "Indexed", where(sweep)
+    assert spec["template"]["spec"]["restartPolicy"] == "Never", where(sweep)
+    cmd, rest = subcommand_of(sweep_c)
+    assert cmd == "sim sweep", where(sweep)
+    want_vary = [f"--vary={v['path']}=" + ",".join(vary_text(x) for x in v["values"]) for v in sweep_values["vary"]]
+    assert [a for a in rest if a.startswith("--vary=")] == want_vary, f"{where(sweep)}: the --vary arguments are not sweep.vary"
+    assert flag_values(sweep_c, "--point") == ["$(JOB_COMPLETION_INDEX)"], where(sweep)
+    out = f"/results/{run}"
+    assert flag_values(sweep_c, "--out") == [out], where(sweep)
+    assert args_of(gather_c)[:3] == ["sim", "gather", out], f"{where(gather)} gathers {args_of(gather_c)[2:3]}, not {out}"
+    assert gather["spec"].get("completionMode", "NonIndexed") == "NonIndexed" and gather["spec"].get("completions", 1) == 1
+    # The scenario argument is the ConfigMap's scenario, at its mounted path.
+    (scenario,) = [a for a in rest if not a.startswith("-")]
+    files = mounted_files(objects, sweep)
+    assert scenario in files, f"{where(sweep)}: {scenario} is not a mounted file ({sorted(files)})"
+    # Both Jobs write to the same claim, mounted where --out points.
+    for job, c in ((sweep, sweep_c), (gather, gather_c)):
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        (mount,) = [m for m in c["volumeMounts"] if out.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": sweep_values["resultsClaim"]}, where(job)
+        assert not mount.get("readOnly"), f"{where(job)}: the results folder is read-only"
+        # CPU only: a sweep takes no GPU from the engines.
+        assert "nvidia.com/gpu" not in json.dumps(c["resources"]), where(job)
+
+
+def mounted_files(objects: list[dict], job: dict) -> dict[str, str]:
+    """Path in the container -> text, of every ConfigMap file a Job's container mounts."""
+    spec = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    files = {}
+    for mount in spec["containers"][0]["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            data = one(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+            items = volume["configMap"].get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = data[item["key"]]
+    return files
+
+
+def run_sweep_index(binary: pathlib.Path, objects: list[dict], run: str, index: int, root: pathlib.Path) -> subprocess.CompletedProcess:
+    """Index `index` of the sweep's Job, run here by the binary: the Job's own arguments, with
+    $(JOB_COMPLETION_INDEX) expanded as the kubelet does, its mounted files and the results
+    claim under `root`."""
+    sweep, sweep_c, _, _ = sweep_jobs(objects, run)
+    for path, text in mounted_files(objects, sweep).items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    args = [a.replace("$(JOB_COMPLETION_INDEX)", str(index)) for a in args_of(sweep_c)]
+    args = [re.sub(r"(^|=)/", lambda m: m.group(1) + str(root) + "/", a) for a in args]
+    env = {k: v for k, v in os.environ.items() if k != "JOB_COMPLETION_INDEX"}
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def check_sweep_against_binary(binary: pathlib.Path, objects: list[dict], run: str, root: pathlib.Path) -> None:
+    """The simulator agrees with the Job's arithmetic: it refuses --point completions (and
+    says it has exactly `completions` configurations) and runs the last index, whose part
+    the gather step counts against the same number."""
+    sweep, sweep_c, _, gather_c = sweep_jobs(objects, run)
+    completions = sweep["spec"]["completions"]
+    beyond = run_sweep_index(binary, objects, run, completions, root)
+    assert beyond.returncode != 0, f"the simulator accepted --point {completions}, so the sweep has more than the Job's {completions} configurations"
+    said = re.search(r"this sweep has (\d+) configurations", beyond.stderr)
+    assert said, beyond.stderr
+    assert int(said.group(1)) == completions, f"the simulator says {said.group(0)}; the Job has completions {completions}"
+    last = run_sweep_index(binary, objects, run, completions - 1, root)
+    assert last.returncode == 0, last.stderr
+    out = root / flag_values(sweep_c, "--out")[0].lstrip("/")
+    part = json.loads((out / f"point-{completions - 1:05d}.json").read_text())
+    assert part["point"] == {"index": completions - 1, "of": completions}
+    # The last index is the last value of every --vary: the simulator read them as the chart wrote them.
+    varies = [a.removeprefix("--vary=").partition("=") for a in args_of(sweep_c) if a.startswith("--vary=")]
+    assert part["rows"][0]["params"] == [[path, values.split(",")[-1]] for path, _, values in varies]
+    # The gather step (its own arguments, without the wait) counts the parts against the same number.
+    gather_args = [re.sub(r"^/", str(root) + "/", a) for a in args_of(gather_c) if not a.startswith("--wait")]
+    gathered = subprocess.run([str(binary), *gather_args], capture_output=True, text=True, timeout=60)
+    assert gathered.returncode != 0
+    missing = ", ".join(str(i) for i in range(completions - 1))
+    assert f"{completions - 1} of {completions} configurations have no result yet (indexes {missing})" in gathered.stderr, gathered.stderr
+
+
+def test_the_sweep_runs_one_configuration_per_index():
+    values = load_values(SWEEP_CASE)["sweep"]
+    objects = rendered(SWEEP_CASE)
+    check_sweep(objects, values, "h100-pool-size")
+    sweep, sweep_c, gather, gather_c = sweep_jobs(objects, "h100-pool-size")
+    assert sweep["spec"]["completions"] == 6
+    assert sweep["spec"]["parallelism"] == 3
+    assert sweep["spec"]["backoffLimitPerIndex"] == 2
+    assert sweep["spec"]["podReplacementPolicy"] == "Failed", "never two pods writing one index's part"
+    assert args_of(sweep_c) == [
+        "sim", "sweep", "/scenario/scenario.yaml",
+        "--vary=pools[0].nodes=1,2,3",
+        "--vary=deployments[0].window=64,128",
+        "--sla=0.99",
+        "--seed=7",
+        "--point=$(JOB_COMPLETION_INDEX)",
+        "--out=/results/h100-pool-size",
+    ]
+    assert args_of(gather_c) == ["sim", "gather", "/results/h100-pool-size", "--wait=30m"]
+    # The deadline ends the wait; retries cover the time before the results folder exists.
+    assert gather["spec"]["activeDeadlineSeconds"] == 30 * 60
+    assert gather["spec"]["backoffLimit"] == 30
+    for job in (sweep, gather):
+        assert job["spec"]["ttlSecondsAfterFinished"] == 86400
+        pod = job["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never"
+        assert pod["nodeSelector"] == {"node-role.example.com/batch-cpu": "true"}
+        assert pod["tolerations"] == [{"key": "batch-only", "operator": "Exists", "effect": "NoSchedule"}]
+        assert "runtimeClassName" not in pod
+        assert pod["securityContext"] == control_plane(objects)[0]["spec"]["template"]["spec"]["securityContext"]
+        # A Job's pod template cannot change: no label that a chart upgrade changes.
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, where(job)
+    # The same image as the control plane, from the mirror.
+    assert sweep_c["image"] == gather_c["image"] == control_plane(objects)[1]["image"] == "mirror.example.internal/tokenfab/tokenfab:0.1.0"
+    check_registry(objects, "mirror.example.internal", "mirror-credentials")
+    # The scenario, and the file beside it at its relative path.
+    files = mounted_files(objects, sweep)
+    assert files == {
+        "/scenario/scenario.yaml": values["scenario"],
+        "/scenario/profiles/notes.txt": values["files"]["profiles/notes.txt"],
+    }
+    notes = notes_of(SWEEP_CASE)
+    assert f"kubectl -n {NAMESPACE} logs -f job/h100-pool-size-sweep-gather" in notes
+    assert f"kubectl -n {NAMESPACE} get job h100-pool-size-sweep" in notes
+    assert "6 configurations, 3 at once" in notes
+
+
+def test_the_sweep_is_off_by_default_and_named_like_the_release():
+    assert [where(o) for o in rendered("defaults") if o["kind"] == "Job" or o["metadata"]["name"].endswith("-sweep")] == []
+    assert "sweep" not in notes_of("defaults").lower()
+    values = load_values(SWEEP_CASE)
+    del values["sweep"]["name"], values["sweep"]["seed"], values["sweep"]["ttlSecondsAfterFinished"]
+    objects, notes = render_chart(CHART, values)
+    check_sweep(objects, values["sweep"], FULLNAME)
+    sweep, sweep_c, gather, _ = sweep_jobs(objects, FULLNAME)
+    assert flag_values(sweep_c, "--seed") == [], "no --seed: the scenario's own"
+    assert "ttlSecondsAfterFinished" not in sweep["spec"] and "ttlSecondsAfterFinished" not in gather["spec"]
+    assert f"job/{FULLNAME}-sweep-gather" in notes
+
+
+def test_sweep_values_reach_the_simulator_as_written():
+    """Helm reads every number of a values file as a float: whole numbers must still reach
+    the simulator as integers (1000000, not 1e+06), and each changed scenario changes the
+    pods' checksum, so a changed sweep under the same name cannot half-run."""
+    values = load_values(SWEEP_CASE)
+    values["sweep"]["vary"] = [
+        {"path": "workload.tenants[0].batch_size.max", "values": [1000000, 6000]},
+        {"path": "site.pue", "values": [1.0, 1.25]},
+        {"path": "policies.admission", "values": [True, False]},
+        {"path": "workload.tenants[0].completion_window", "values": ["30m", "1h"]},
+    ]
+    objects, _ = render_chart(CHART, values)
+    check_sweep(objects, values["sweep"], "h100-pool-size")
+    sweep, sweep_c, _, _ = sweep_jobs(objects, "h100-pool-size")
+    assert sweep["spec"]["completions"] == 16
+    assert [a for a in args_of(sweep_c) if a.startswith("--vary")] == [
+        "--vary=workload.tenants[0].batch_size.max=1000000,6000",
+        "--vary=site.pue=1,1.25",
+        "--vary=policies.admission=true,false",
+        "--vary=workload.tenants[0].completion_window=30m,1h",
+    ]
+    checksum = sweep["spec"]["template"]["metadata"]["annotations"]["checksum/scenario"]
+    values["sweep"]["scenario"] = values["sweep"]["scenario"].replace("duration: 10m", "duration: 20m")
+    changed, _ = render_chart(CHART, values)
+    assert sweep_jobs(changed, "h100-pool-size")[0]["spec"]["template"]["metadata"]["annotations"]["checksum/scenario"] != checksum
+
+
+@pytest.mark.parametrize("wait, seconds", [("2h", 7200), ("1h30m", 5400), ("90s", 90), ("1d", 86400), ("1w", 604800), ("1500ms", 2)])
+def test_the_gather_deadline_is_its_wait(wait, seconds):
+    values = load_values(SWEEP_CASE)
+    values["sweep"]["gather"]["wait"] = wait
+    objects, _ = render_chart(CHART, values)
+    _, _, gather, gather_c = sweep_jobs(objects, "h100-pool-size")
+    assert flag_values(gather_c, "--wait") == [wait]
+    assert gather["spec"]["activeDeadlineSeconds"] == seconds
+
+
+@needs_binary
+def test_the_sweep_job_agrees_with_the_simulator(tmp_path):
+    check_sweep_against_binary(tokenfab_binary(), rendered(SWEEP_CASE), "h100-pool-size", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, complaint",
+    [
+        ({"resultsClaim": ""}, r"sweep.resultsClaim: an existing PersistentVolumeClaim .* ReadWriteMany"),
+        ({"scenario": ""}, r"sweep.enabled needs sweep.scenario"),
+        ({"vary": []}, r"at least one sweep.vary entry"),
+        ({"vary": [{"path": "pools[0].nodes", "values": [1, 2]}, {"path": "pools[0].nodes", "values": [4]}]}, r"names pools\[0\].nodes twice"),
+        ({"vary": [{"path": f"pools[{i}].nodes", "values": list(range(1, 11))} for i in range(6)]}, r"1000000 configurations; .* at most 100000"),
+        ({"files": {"scenario.yaml": "x"}}, r'"scenario.yaml" collides with the scenario'),
+        ({"files": {"a/b.toml": "x", "a_b.toml": "y"}}, r'"a_b.toml" collides with "a/b.toml"'),
+    ],
+)
+def test_a_sweep_that_could_not_run_is_refused(change, complaint):
+    values = load_values(SWEEP_CASE)
+    values["sweep"].update(change)
+    with pytest.raises(helm.HelmRenderError, match=complaint):
+        render_chart(CHART, values)
+
+
+def test_a_sweep_name_too_long_for_its_jobs_is_refused():
+    values = load_values(SWEEP_CASE)
+    del values["sweep"]["name"]
+    release = "capacity-planning-for-the-h100-pools-in-2027"  # its base name: + "-tokenfab"
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmRenderError, match=r"longer than 50 characters.*set sweep.name"):
+            chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1266,3 +1548,27 @@ def test_planted_misspelled_flag_fails_the_flag_check(tmp_path):
     objects, _ = render_chart(chart, {})
     check_strict(objects)  # any string is a valid argument
     assert unknown_flags(tokenfab_binary(), [objects]) == [("server", "--placment", "")]
+
+
+def test_planted_product_that_forgets_a_vary_fails_the_sweep_checks(tmp_path):
+    """A template that takes the largest value count instead of multiplying (3, not 3 x 2)
+    renders a valid Job that silently never runs half of the sweep."""
+    chart = planted(tmp_path, "templates/_helpers.tpl", "mul $count (len .values)", "max $count (len .values)")
+    objects, _ = render_chart(chart, load_values(SWEEP_CASE))
+    check_strict(objects)  # a valid Job: only the arithmetic can catch it
+    with pytest.raises(AssertionError, match=r"completions 3, but sweep.vary makes 3 x 2 = 6 configurations"):
+        check_sweep(objects, load_values(SWEEP_CASE)["sweep"], "h100-pool-size")
+    if tokenfab_binary() is not None:
+        with pytest.raises(AssertionError, match=r"the simulator accepted --point 3, so the sweep has more than the Job's 3 configurations"):
+            check_sweep_against_binary(tokenfab_binary(), objects, "h100-pool-size", tmp_path / "run")
+
+
+def test_planted_whole_number_as_a_float_fails_the_sweep_check(tmp_path):
+    """Without the integer formatting, Helm's float 1000000 reaches the simulator as 1e+06."""
+    chart = planted(tmp_path, "templates/_helpers.tpl", '{{- if and (kindIs "float64" .) (eq . (floor .)) -}}', "{{- if false -}}")
+    values = load_values(SWEEP_CASE)
+    values["sweep"]["vary"][0] = {"path": "workload.tenants[0].batch_size.max", "values": [1000000, 6000]}
+    objects, _ = render_chart(chart, values)
+    with pytest.raises(AssertionError, match=r"the --vary arguments are not sweep.vary"):
+        check_sweep(objects, values["sweep"], "h100-pool-size")
+

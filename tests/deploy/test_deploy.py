@@ -31,7 +31,7 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 OTHER_PROGRAMS_FLAGS = {
     "--namespace", "--create-namespace", "--server-side", "--ignore-daemonsets",
     "--delete-emptydir-data", "--field-selector", "--replicas", "--system", "--no-create-home",
-    "--shell", "--now", "--help",
+    "--shell", "--now", "--help", "--set-file",
 }
 
 
@@ -47,6 +47,7 @@ needs_binary = pytest.mark.skipif(tokenfab_binary() is None, reason="no tokenfab
 COMMANDS = [
     "server", "agent", "admin node-token", "admin hash-token", "admin backup", "admin restore",
     "admin verify", "admin compact", "usage", "sla", "tuning", "submit", "results", "devices",
+    "sim sweep", "sim gather",
 ]
 
 

@@ -330,3 +330,150 @@ which drains on SIGTERM (docs/operations.md, "Drain a node").
 {{- end -}}
 {{- toYaml $affinity -}}
 {{- end -}}
+
+{{/* The sweep's run name: sweep.name, else the release's base name. */}}
+{{- define "tokenfab.sweepName" -}}
+{{- default (include "tokenfab.fullname" .) .Values.sweep.name -}}
+{{- end -}}
+
+{{/*
+How many configurations the sweep has: the product of the number of values of every
+sweep.vary entry, as `tokenfab sim sweep` combines them. It is the Indexed Job's completions.
+*/}}
+{{- define "tokenfab.sweepConfigurations" -}}
+{{- $count := 1 -}}
+{{- range .Values.sweep.vary -}}
+{{- $count = mul $count (len .values) -}}
+{{- end -}}
+{{- $count -}}
+{{- end -}}
+
+{{/*
+One --vary argument, PATH=V1,V2,... Whole numbers are written as integers: Helm reads every
+number of a values file as a float, which would otherwise print 1000000 as 1e+06 (that the
+simulator refuses for a count). Call with an entry of sweep.vary.
+*/}}
+{{- define "tokenfab.varyArg" -}}
+{{- $values := list -}}
+{{- range .values -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) -}}
+{{- $values = append $values (printf "%d" (int64 .)) -}}
+{{- else -}}
+{{- $values = append $values (toString .) -}}
+{{- end -}}
+{{- end -}}
+{{- printf "--vary=%s=%s" .path (join "," $values) -}}
+{{- end -}}
+
+{{/*
+A duration of the schema's form (e.g. 2h, 1h30m, 90s, 1d) in whole seconds, at least 1.
+*/}}
+{{- define "tokenfab.durationSeconds" -}}
+{{- $seconds := dict "ms" 0 "s" 1 "m" 60 "h" 3600 "d" 86400 "w" 604800 -}}
+{{- $total := 0 -}}
+{{- $millis := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d|w)" . -1 -}}
+{{- $n := regexFind "^[0-9]+" . | int64 -}}
+{{- $unit := regexReplaceAll "^[0-9]+" . "" -}}
+{{- if eq $unit "ms" -}}
+{{- $millis = add $millis $n -}}
+{{- else -}}
+{{- $total = add $total (mul $n (get $seconds $unit)) -}}
+{{- end -}}
+{{- end -}}
+{{- max 1 (add $total (div (add $millis 999) 1000)) -}}
+{{- end -}}
+
+{{/*
+The ConfigMap key of a file of sweep.files: its path with every character a key may not hold
+("/" of a subfolder) as "_". The volume puts it back at its path beside the scenario.
+*/}}
+{{- define "tokenfab.sweepFileKey" -}}
+{{- regexReplaceAll "[^-._a-zA-Z0-9]" . "_" -}}
+{{- end -}}
+
+{{/* Checks of sweep.enabled against the rest of sweep's values. */}}
+{{- define "tokenfab.validateSweep" -}}
+{{- $s := .Values.sweep -}}
+{{- if not $s.scenario -}}
+{{- fail "sweep.enabled needs sweep.scenario: the scenario file's text, e.g. --set-file sweep.scenario=simulations/single-h100-node.yaml." -}}
+{{- end -}}
+{{- if not $s.vary -}}
+{{- fail "sweep.enabled needs at least one sweep.vary entry (path and values), e.g. {path: \"pools[0].nodes\", values: [1, 2, 4]}: a sweep runs one configuration per combination of their values." -}}
+{{- end -}}
+{{- if not $s.resultsClaim -}}
+{{- fail "sweep.enabled needs sweep.resultsClaim: an existing PersistentVolumeClaim in the release's namespace with access mode ReadWriteMany, since the sweep's pods on several nodes write their results to it at once." -}}
+{{- end -}}
+{{- $name := include "tokenfab.sweepName" . -}}
+{{- if gt (len $name) 50 -}}
+{{- fail (printf "the sweep's name %q is longer than 50 characters, too long for its Jobs' names (<name>-sweep-gather is at most 63): set sweep.name to a shorter name." $name) -}}
+{{- end -}}
+{{- $paths := dict -}}
+{{- range $s.vary -}}
+{{- if hasKey $paths .path -}}
+{{- fail (printf "sweep.vary names %s twice: the simulator would keep only the last value of each combination. List its values in one entry." .path) -}}
+{{- end -}}
+{{- $_ := set $paths .path true -}}
+{{- end -}}
+{{- $count := include "tokenfab.sweepConfigurations" . | int -}}
+{{- if gt $count 100000 -}}
+{{- fail (printf "sweep.vary makes %d configurations; an Indexed Job with backoffLimitPerIndex has at most 100000 indexes. Split the sweep into several runs (each its own sweep.name)." $count) -}}
+{{- end -}}
+{{- $keys := dict "scenario.yaml" "the scenario" -}}
+{{- range $file, $_ := $s.files -}}
+{{- $key := include "tokenfab.sweepFileKey" $file -}}
+{{- if hasKey $keys $key -}}
+{{- fail (printf "sweep.files: %q collides with %s (both are kept under the ConfigMap key %q, /scenario/scenario.yaml being the scenario itself): rename one." $file (index $keys $key) $key) -}}
+{{- end -}}
+{{- $_ := set $keys $key (printf "%q" $file) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The pod template metadata of the sweep's Jobs: the selector labels and sweep.podLabels, not
+the chart's version (a Job's pod template cannot change), and the checksum of the scenario.
+Call with (dict "root" $ "component" "sweep" "checksum" SUM).
+*/}}
+{{- define "tokenfab.sweepPodMetadata" -}}
+{{- $s := .root.Values.sweep -}}
+metadata:
+  labels:
+    {{- include "tokenfab.selectorLabels" . | nindent 4 }}
+    app.kubernetes.io/part-of: tokenfab
+    {{- with $s.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/scenario: {{ .checksum }}
+    {{- with $s.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
+{{/* What the pods of both sweep Jobs share. */}}
+{{- define "tokenfab.sweepPodSpec" -}}
+{{- $s := .Values.sweep -}}
+restartPolicy: Never
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with (include "tokenfab.imagePullSecrets" .) }}
+{{ . | trim }}
+{{- end }}
+{{- with $s.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+securityContext:
+  {{- toYaml $s.podSecurityContext | nindent 2 }}
+{{- with $s.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $s.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $s.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
