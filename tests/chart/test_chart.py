@@ -381,7 +381,13 @@ def check_operator(objects: list[dict]) -> None:
     engines = {d["metadata"]["name"] for d in by_kind(objects, "Deployment") if "tokenfab.io/model" in d["metadata"]["labels"]}
     assert named[("deployments", "update")] == engines, "the operator may scale exactly the engine Deployments"
     (sla,) = flag_values(op, "--sla-name")
-    assert named[("throughputslas", "get")] == named[("throughputslas/status", "patch")] == {sla}
+    assert named[("throughputslas", "get")] == named[("throughputslas", "patch")] == named[("throughputslas/status", "patch")] == {sla}
+    # --engine-selector: exactly this release's engine Deployments (besides tokenfab.io/model).
+    (text,) = flag_values(op, "--engine-selector")
+    eselector = dict(kv.split("=", 1) for kv in text.split(","))
+    for d in by_kind(objects, "Deployment"):
+        selected = labels_match(eselector, d["metadata"]["labels"]) and "tokenfab.io/model" in d["metadata"]["labels"]
+        assert selected == (d["metadata"]["name"] in engines), f"--engine-selector {text} and {where(d)}"
 
 
 def check_engine_labels(objects: list[dict], engines: list[dict]) -> None:
@@ -507,8 +513,9 @@ def assert_operator_rbac(objects: list[dict], follow_drain: bool, sla: str = FUL
         # Which nodes still run an agent pod.
         rules.append({"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]})
     rules += [
-        # publish(): get_opt, create when missing, patch_status.
-        {"apiGroups": ["tokenfab.io"], "resources": ["throughputslas"], "verbs": ["get"], "resourceNames": [sla]},
+        # publish(): get_opt, a spec patch when the settings changed, create when missing,
+        # patch_status.
+        {"apiGroups": ["tokenfab.io"], "resources": ["throughputslas"], "verbs": ["get", "patch"], "resourceNames": [sla]},
         {"apiGroups": ["tokenfab.io"], "resources": ["throughputslas"], "verbs": ["create"]},
         {"apiGroups": ["tokenfab.io"], "resources": ["throughputslas/status"], "verbs": ["patch"], "resourceNames": [sla]},
     ]
