@@ -73,10 +73,36 @@ pub struct Sweep {
 }
 
 /// Which configuration of a split sweep a part holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Point {
     pub index: usize,
     pub of: usize,
+    /// What the sweep is (its scenario text, varied fields, seed and SLA target, hashed):
+    /// parts of different sweeps never gather into one.
+    #[serde(default)]
+    pub sweep: String,
+}
+
+/// The fingerprint of a sweep, for [`Point::sweep`]: the scenario text, the `--vary`
+/// lists, the seed and the SLA target, hashed (FNV-1a, 64 bits).
+pub fn fingerprint(text: &str, varies: &[Vary], seed: u64, sla_target: f64) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(text.as_bytes());
+    for v in varies {
+        eat(v.path.as_bytes());
+        eat(b"=");
+        eat(v.values.join(",").as_bytes());
+        eat(b"\n");
+    }
+    eat(&seed.to_le_bytes());
+    eat(&sla_target.to_le_bytes());
+    format!("{h:016x}")
 }
 
 /// Why parts of a split sweep do not make one sweep.
@@ -107,23 +133,40 @@ fn cheapest(rows: &[SweepRow]) -> Option<usize> {
 /// again. Every index must be there, once.
 pub fn gather(mut parts: Vec<Sweep>) -> Result<Sweep, GatherError> {
     let first = parts.first().ok_or(GatherError::Empty)?.clone();
-    let Some(p0) = first.point else {
+    let Some(p0) = first.point.clone() else {
         return Err(GatherError::NotAPart(first.scenario));
     };
     for p in &parts {
-        let Some(pt) = p.point else {
+        let Some(pt) = &p.point else {
             return Err(GatherError::NotAPart(p.scenario.clone()));
         };
-        if p.scenario != first.scenario || p.seed != first.seed || p.sla_target != first.sla_target || pt.of != p0.of {
+        if p.scenario != first.scenario
+            || p.seed != first.seed
+            || p.sla_target != first.sla_target
+            || pt.of != p0.of
+            || pt.sweep != p0.sweep
+        {
             return Err(GatherError::Mixed(format!(
-                "{} (seed {}, SLA {}, {} configurations) and {} (seed {}, SLA {}, {} configurations)",
-                first.scenario, first.seed, first.sla_target, p0.of, p.scenario, p.seed, p.sla_target, pt.of
+                "{} (seed {}, SLA {}, {} configurations, sweep {}) and {} (seed {}, SLA {}, {} configurations, sweep {}); the sweep fingerprint covers the scenario text and the --vary lists: remove the other sweep's point-*.json files",
+                first.scenario,
+                first.seed,
+                first.sla_target,
+                p0.of,
+                p0.sweep,
+                p.scenario,
+                p.seed,
+                p.sla_target,
+                pt.of,
+                pt.sweep
             )));
         }
     }
-    parts.sort_by_key(|p| p.point.map(|pt| pt.index));
-    parts.dedup_by_key(|p| p.point.map(|pt| pt.index));
-    let have: std::collections::BTreeSet<usize> = parts.iter().filter_map(|p| p.point.map(|pt| pt.index)).collect();
+    parts.sort_by_key(|p| p.point.as_ref().map(|pt| pt.index));
+    parts.dedup_by_key(|p| p.point.as_ref().map(|pt| pt.index));
+    let have: std::collections::BTreeSet<usize> = parts
+        .iter()
+        .filter_map(|p| p.point.as_ref().map(|pt| pt.index))
+        .collect();
     let missing: Vec<String> = (0..p0.of)
         .filter(|i| !have.contains(i))
         .map(|i| i.to_string())
@@ -202,6 +245,15 @@ pub fn expand(text: &str, file: &str, varies: &[Vary]) -> Result<Vec<(Params, Sc
         path: ".".into(),
         message: e.to_string(),
     })?;
+    for (i, v) in varies.iter().enumerate() {
+        if varies[..i].iter().any(|o| o.path == v.path) {
+            return Err(ScenarioError {
+                file: file.into(),
+                path: v.path.clone(),
+                message: "this field is varied twice: give all its values in one --vary".into(),
+            });
+        }
+    }
     let mut combos: Vec<Vec<(String, String)>> = vec![vec![]];
     for v in varies {
         combos = combos
@@ -394,7 +446,11 @@ mod tests {
                 meets_sla: meets,
             }],
             cheapest_meeting_sla: meets.then_some(0),
-            point: Some(Point { index, of }),
+            point: Some(Point {
+                index,
+                of,
+                sweep: "f".into(),
+            }),
         }
     }
 
@@ -436,6 +492,13 @@ mod tests {
         );
         let mut other = part(1, 2, 1.0, true);
         other.seed = 7;
+        assert!(matches!(
+            gather(vec![part(0, 2, 1.0, true), other]),
+            Err(GatherError::Mixed(_))
+        ));
+        // Same name, seed, SLA and size, but another sweep (other varied fields).
+        let mut other = part(1, 2, 1.0, true);
+        other.point.as_mut().unwrap().sweep = "g".into();
         assert!(matches!(
             gather(vec![part(0, 2, 1.0, true), other]),
             Err(GatherError::Mixed(_))

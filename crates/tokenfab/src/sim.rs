@@ -609,7 +609,12 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
         Some(i) => {
             let of = configs.len();
             configs = vec![configs.swap_remove(i)];
-            Some(sweep::Point { index: i, of })
+            let seed = a.seed.unwrap_or(configs[0].1.seed);
+            Some(sweep::Point {
+                index: i,
+                of,
+                sweep: sweep::fingerprint(&text, &a.varies, seed, a.sla),
+            })
         }
         None => None,
     };
@@ -620,6 +625,11 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
     let out = a
         .out
         .unwrap_or_else(|| Path::new("sim-out").join(format!("{name}-sweep")));
+    if point.is_some() {
+        // Made before the simulation, so that a folder the part cannot be written to is
+        // known at once, and the gathering step finds the folder early.
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    }
     eprintln!("{} configurations of {name} on {jobs} threads", configs.len());
     let progress = bar(
         configs.len() as u64,
@@ -631,17 +641,20 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
     })?;
     progress.finish_and_clear();
     if let Some(p) = point {
+        let (index, of) = (p.index, p.of);
         result.point = Some(p);
-        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-        let file = out.join(format!("point-{:05}.json", p.index));
-        std::fs::write(&file, serde_json::to_string_pretty(&result)? + "\n")
-            .with_context(|| format!("cannot write {}", file.display()))?;
+        // Written whole, then renamed: the gathering step never reads half a part.
+        let file = out.join(format!("point-{index:05}.json"));
+        let partial = out.join(format!(".point-{index:05}.json.partial"));
+        std::fs::write(&partial, serde_json::to_string_pretty(&result)? + "\n")
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        std::fs::rename(&partial, &file).with_context(|| format!("cannot write {}", file.display()))?;
         let r = &result.rows[0];
         let params: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "configuration {} of {} ({}): ${:.4} per 1M output tokens, {:.2}% on time, {} the SLA; wrote {} ({:.1} s)",
-            p.index,
-            p.of,
+            index,
+            of,
             params.join(" "),
             r.cost_per_million_output_tokens_usd,
             r.sla_attainment * 100.0,
@@ -681,25 +694,60 @@ fn sweep(a: SweepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gathers the parts of a split sweep in `a.dir` into one.
+/// Gathers the parts of a split sweep in `a.dir` into one. With `--wait`, a folder not
+/// made yet, parts not written yet and parts that cannot be read yet are waited for.
 fn gather(a: GatherArgs) -> anyhow::Result<()> {
     let deadline = a.wait.map(|w| Instant::now() + w);
+    let waiting = || deadline.is_some_and(|d| Instant::now() < d);
+    let pause = || {
+        let left = deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(Instant::now()));
+        std::thread::sleep(left.min(Duration::from_secs(5)));
+    };
+    let mut said = String::new();
+    let mut say = |what: String| {
+        // Said once per change, not at every look.
+        if what != said {
+            eprintln!("waiting: {what}");
+            said = what;
+        }
+    };
     loop {
+        let entries = match std::fs::read_dir(&a.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && waiting() => {
+                say(format!("{} does not exist yet", a.dir.display()));
+                pause();
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", a.dir.display())),
+        };
         let mut parts = Vec::new();
-        let entries = std::fs::read_dir(&a.dir).with_context(|| format!("cannot read {}", a.dir.display()))?;
+        let mut unreadable = None;
         for e in entries {
             let path = e?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if name.starts_with("point-") && name.ends_with(".json") {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let part: sweep::Sweep = serde_json::from_str(&text).with_context(|| {
-                    format!(
-                        "{} is not a part of a sweep (tokenfab sim sweep --point N)",
-                        path.display()
-                    )
-                })?;
-                parts.push(part);
+                let read = std::fs::read_to_string(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|text| serde_json::from_str::<sweep::Sweep>(&text).map_err(anyhow::Error::from));
+                match read {
+                    Ok(part) => parts.push(part),
+                    Err(e) => {
+                        unreadable = Some(format!(
+                            "{} is not a part of a sweep (tokenfab sim sweep --point N): {e}",
+                            path.display()
+                        ));
+                    }
+                }
             }
+        }
+        if let Some(why) = unreadable {
+            if waiting() {
+                say(why);
+                pause();
+                continue;
+            }
+            bail!(why);
         }
         match sweep::gather(parts) {
             Ok(result) => {
@@ -710,11 +758,9 @@ fn gather(a: GatherArgs) -> anyhow::Result<()> {
                 println!("wrote sweep.json, sweep.csv to {}", a.dir.display());
                 return Ok(());
             }
-            Err(e @ (sweep::GatherError::Missing { .. } | sweep::GatherError::Empty))
-                if deadline.is_some_and(|d| Instant::now() < d) =>
-            {
-                eprintln!("waiting: {e}");
-                std::thread::sleep(Duration::from_secs(5));
+            Err(e @ (sweep::GatherError::Missing { .. } | sweep::GatherError::Empty)) if waiting() => {
+                say(e.to_string());
+                pause();
             }
             Err(e) => bail!("{}: {e}", a.dir.display()),
         }
