@@ -43,8 +43,8 @@ fn report(doc: &ThroughputSla, pool: &SlaPool) -> Value {
         "uid": format!("tokenfab-sla-{end_ms}-{}-{}", pool.model, pool.accelerator),
         "eid": format!("tokenfab-sla-{end_ms}"),
         "time": {
-            "start": rfc3339(start_ms),
-            "end": rfc3339(end_ms),
+            "start": crate::time::rfc3339_ms(start_ms),
+            "end": crate::time::rfc3339_ms(end_ms),
             "duration": format!("PT{covered:.3}S"),
         },
         "description": format!(
@@ -155,29 +155,6 @@ fn percentiles(units: &str, p: &Percentiles) -> Value {
     json!({"units": units, "mean": p.mean, "p50": p.p50, "p90": p.p90, "p99": p.p99})
 }
 
-/// `2026-11-26T10:59:30.123Z` for a Unix time in milliseconds (UTC).
-fn rfc3339(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        unix_ms % 1000
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,9 +162,9 @@ mod tests {
 
     #[test]
     fn dates_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339(1_795_694_399_123), "2026-11-26T11:59:59.123Z");
+        assert_eq!(crate::time::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(crate::time::rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(crate::time::rfc3339_ms(1_795_694_399_123), "2026-11-26T11:59:59.123Z");
     }
 
     fn doc() -> ThroughputSla {

@@ -49,6 +49,40 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// `2026-11-26T10:59:30.123Z` for a Unix time in milliseconds (UTC).
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    let (date, rem) = civil(unix_ms / 1000);
+    format!(
+        "{date}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+/// `2026-11-26T10:59:30Z` for a Unix time in seconds (UTC), as Kubernetes writes times.
+pub fn rfc3339(unix_s: u64) -> String {
+    let (date, rem) = civil(unix_s);
+    format!("{date}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The civil date (`YYYY-MM-DD`) of a Unix time in seconds, and the seconds into that day.
+fn civil(unix_s: u64) -> (String, u64) {
+    let (days, rem) = (unix_s / 86_400, unix_s % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (format!("{year:04}-{month:02}-{day:02}"), rem)
+}
+
 /// Converts seconds (f64) to a [`Duration`], clamping negatives and NaN to zero.
 pub fn secs(s: f64) -> Duration {
     if s.is_finite() && s > 0.0 {
@@ -60,6 +94,14 @@ pub fn secs(s: f64) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_169_600), "2026-12-02T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400 + 3_661), "2000-02-29T01:01:01Z");
+        assert_eq!(super::rfc3339_ms(1_796_169_600_123), "2026-12-02T00:00:00.123Z");
+    }
+
     use super::*;
 
     #[test]

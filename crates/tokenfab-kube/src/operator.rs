@@ -219,7 +219,7 @@ pub async fn round(
         .and_then(|o| o.status)
         .map(|s| s.conditions)
         .unwrap_or_default();
-    let now = rfc3339(now_s);
+    let now = tokenfab_core::time::rfc3339(now_s);
     let status = ThroughputSlaStatus {
         conditions: crate::crd::conditions(&fetched, &previous, &now),
         document: fetched.ok(),
@@ -236,28 +236,6 @@ pub async fn round(
         tracing::error!("{e}");
     }
     r
-}
-
-/// Seconds since the Unix epoch as RFC 3339 (UTC).
-pub fn rfc3339(unix_s: u64) -> String {
-    let days = unix_s / 86_400;
-    let secs = unix_s % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60
-    )
 }
 
 /// Runs rounds until `shutdown`.
@@ -293,14 +271,4 @@ pub async fn run(
     }
     watch.abort();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(1_796_169_600), "2026-12-02T00:00:00Z");
-        assert_eq!(super::rfc3339(951_782_400 + 3_661), "2000-02-29T01:01:01Z");
-    }
 }

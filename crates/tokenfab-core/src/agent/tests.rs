@@ -30,6 +30,17 @@ fn dispatches(core: &mut AgentCore) -> Vec<(usize, WorkUnitId, LeasedItem)> {
         .collect()
 }
 
+/// Requests given back among `actions`.
+fn released(actions: &[AgentAction]) -> usize {
+    actions
+        .iter()
+        .map(|a| match a {
+            AgentAction::Release { items, .. } => items.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 fn grant(unit: u64, n: u32) -> LeaseGrant {
     LeaseGrant {
         unit: WorkUnitId(unit),
@@ -504,13 +515,7 @@ fn shutdown_releases_queued_work_and_drains() {
     core.lease_done(T0, &ModelId::from("m"), Ok(Some(grant(1, 5))));
     let dispatched = dispatches(&mut core);
     core.shutdown(T0);
-    let released: usize = drain(&mut core)
-        .iter()
-        .map(|a| match a {
-            AgentAction::Release { items, .. } => items.len(),
-            _ => 0,
-        })
-        .sum();
+    let released = released(&drain(&mut core));
     assert_eq!(released, 3);
     assert!(!core.is_drained());
     for (replica, unit, item) in dispatched {
@@ -616,13 +621,7 @@ fn a_replica_whose_engine_does_not_answer_takes_no_work() {
     assert!(!t[0].unreachable && t[1].unreachable, "{t:?}");
     // r0's engine stops answering too: the two queued requests go back.
     core.engine_probe(T0, 0, false);
-    let released: usize = drain(&mut core)
-        .iter()
-        .map(|a| match a {
-            AgentAction::Release { items, .. } => items.len(),
-            _ => 0,
-        })
-        .sum();
+    let released = released(&drain(&mut core));
     assert_eq!(released, 2);
     // r1 answers again: it leases and takes work.
     core.engine_probe(T0, 1, true);
