@@ -240,18 +240,15 @@ def check_rbac(objects: list[dict], node_patch: bool = False) -> None:
 
 
 def check_probes(objects: list[dict]) -> None:
-    """Every long-running container has readiness and liveness probes on a port it has,
-    except the operator's, which serves no port and has none (templates/operator.yaml).
-    Pods that run to completion (the sweep's Jobs) have none."""
+    """Every long-running container (the operator's included: --health-listen) has
+    readiness and liveness probes on a port it has. Pods that run to completion (the
+    sweep's Jobs) have none."""
     for obj, spec in pod_specs(objects):
         if obj["kind"] in RUN_TO_COMPLETION:
             assert not any({"startupProbe", "readinessProbe", "livenessProbe"} & set(c) for c in containers(spec)), where(obj)
             continue
         for c in spec["containers"]:
             ports = {p["name"] for p in c.get("ports", [])}
-            if is_operator(spec):
-                assert not ports and not {"startupProbe", "readinessProbe", "livenessProbe"} & set(c), where(obj)
-                continue
             for kind in ("readinessProbe", "livenessProbe"):
                 assert kind in c, f"{where(obj)}: container {c['name']} has no {kind}"
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):

@@ -9,7 +9,8 @@
 //!   marked drained;
 //! - [`crd`]: the `ThroughputSLA` custom resource, kept with status conditions;
 //! - [`api`]: Kubernetes calls with retries on conflicts and transient failures, and
-//!   clear errors for missing permissions.
+//!   clear errors for missing permissions;
+//! - [`health`]: `/healthz` and `/readyz` for the operator's own probes.
 //!
 //! The decisions are pure functions (tested without a cluster); [`operator`] runs them
 //! against the API. No Kubernetes API server can run where tokenfab is tested, so the API
@@ -19,5 +20,6 @@ pub mod api;
 pub mod crd;
 pub mod discovery;
 pub mod drain;
+pub mod health;
 pub mod operator;
 pub mod reconcile;

@@ -21,49 +21,56 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator in the cluster (in-cluster config, or the kubeconfig outside one).
-    Run {
-        /// Namespace of tokenfab's engine Deployments, agent pods and ThroughputSLA.
-        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-        namespace: String,
-        /// The control plane's HTTP address (its --metrics-listen).
-        #[arg(long, env = "TOKENFAB_SLA_URL")]
-        control_url: String,
-        /// A file whose first line is the token the control plane's HTTP endpoints require.
-        #[arg(long, env = "TOKENFAB_HTTP_TOKEN_FILE")]
-        http_token_file: Option<std::path::PathBuf>,
-        /// `active` scales engine Deployments to placement's layout; `advisory` only logs
-        /// the changes it would make.
-        #[arg(long, value_enum, default_value_t = Mode::Advisory)]
-        mode: Mode,
-        /// Time between rounds.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        interval: Duration,
-        /// Shortest time between two changes of one Deployment.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        min_interval: Duration,
-        /// How long placement must keep wanting fewer replicas before a Deployment shrinks.
-        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-        scale_down_after: Duration,
-        /// Most replicas one change adds or removes.
-        #[arg(long, default_value_t = 2)]
-        max_step: u32,
-        /// Label selector of the agent pods.
-        #[arg(long, default_value = "app.kubernetes.io/component=agent")]
-        agent_selector: String,
-        /// Label selector narrowing the engine Deployments to this installation's (besides
-        /// the `tokenfab.io/model` label), e.g. `app.kubernetes.io/instance=RELEASE`; empty:
-        /// every Deployment with that label in the namespace.
-        #[arg(long, default_value = "")]
-        engine_selector: String,
-        /// Leave cordoned nodes alone (do not stop their agents).
-        #[arg(long)]
-        no_drain: bool,
-        /// Name of the ThroughputSLA object to keep.
-        #[arg(long, default_value = "tokenfab")]
-        sla_name: String,
-    },
+    Run(Box<RunArgs>),
     /// Print the ThroughputSLA CustomResourceDefinition (YAML).
     Crd,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Namespace of tokenfab's engine Deployments, agent pods and ThroughputSLA.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The control plane's HTTP address (its --metrics-listen).
+    #[arg(long, env = "TOKENFAB_SLA_URL")]
+    control_url: String,
+    /// A file whose first line is the token the control plane's HTTP endpoints require.
+    #[arg(long, env = "TOKENFAB_HTTP_TOKEN_FILE")]
+    http_token_file: Option<std::path::PathBuf>,
+    /// `active` scales engine Deployments to placement's layout; `advisory` only logs
+    /// the changes it would make.
+    #[arg(long, value_enum, default_value_t = Mode::Advisory)]
+    mode: Mode,
+    /// Time between rounds.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Shortest time between two changes of one Deployment.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    min_interval: Duration,
+    /// How long placement must keep wanting fewer replicas before a Deployment shrinks.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    scale_down_after: Duration,
+    /// Most replicas one change adds or removes.
+    #[arg(long, default_value_t = 2)]
+    max_step: u32,
+    /// Label selector of the agent pods.
+    #[arg(long, default_value = "app.kubernetes.io/component=agent")]
+    agent_selector: String,
+    /// Label selector narrowing the engine Deployments to this installation's (besides
+    /// the `tokenfab.io/model` label), e.g. `app.kubernetes.io/instance=RELEASE`; empty:
+    /// every Deployment with that label in the namespace.
+    #[arg(long, default_value = "")]
+    engine_selector: String,
+    /// Leave cordoned nodes alone (do not stop their agents).
+    #[arg(long)]
+    no_drain: bool,
+    /// Name of the ThroughputSLA object to keep.
+    #[arg(long, default_value = "tokenfab")]
+    sla_name: String,
+    /// HTTP address for the operator's `/healthz` (rounds keep finishing) and `/readyz`
+    /// (the nodes are listed), for Kubernetes probes. Off when not given.
+    #[arg(long)]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,20 +84,22 @@ fn main() -> anyhow::Result<()> {
             print!("{}", tokenfab_kube::crd::crd_yaml());
             Ok(())
         }
-        Command::Run {
-            namespace,
-            control_url,
-            http_token_file,
-            mode,
-            interval,
-            min_interval,
-            scale_down_after,
-            max_step,
-            agent_selector,
-            engine_selector,
-            no_drain,
-            sla_name,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                namespace,
+                control_url,
+                http_token_file,
+                mode,
+                interval,
+                min_interval,
+                scale_down_after,
+                max_step,
+                agent_selector,
+                engine_selector,
+                no_drain,
+                sla_name,
+                health_listen,
+            } = *args;
             if control_url.starts_with("https://") {
                 anyhow::bail!(
                     "--control-url {control_url}: the operator reads the control plane over plain HTTP only (no TLS client yet); give its in-cluster http:// address"
@@ -137,7 +146,19 @@ fn main() -> anyhow::Result<()> {
                             "cannot reach the Kubernetes API ({e}): run in a pod with a service account, or set KUBECONFIG"
                         )
                     })?;
-                    tokenfab_kube::operator::run(client, opts, async {
+                    let health = std::sync::Arc::new(tokenfab_kube::health::Health::new(opts.interval));
+                    if let Some(addr) = health_listen {
+                        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                            anyhow::anyhow!("--health-listen {addr}: {e} (choose another address, or free the port)")
+                        })?;
+                        let app = tokenfab_kube::health::router(health.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(listener, app).await {
+                                tracing::error!(error = %e, "the health listener stopped");
+                            }
+                        });
+                    }
+                    tokenfab_kube::operator::run(client, opts, health, async {
                         // Kubernetes stops a pod with SIGTERM; a terminal with Ctrl-C.
                         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                             .expect("installing a SIGTERM handler");

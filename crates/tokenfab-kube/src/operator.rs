@@ -238,24 +238,39 @@ pub async fn round(
     r
 }
 
-/// Runs rounds until `shutdown`.
+/// Runs rounds until `shutdown`, telling `health` how they go.
 pub async fn run(
     client: kube::Client,
     opts: Options,
+    health: std::sync::Arc<crate::health::Health>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (nodes, watch) = watch_nodes(client.clone());
     tokio::pin!(shutdown);
-    tokio::select! {
-        r = nodes.wait_until_ready() => r.map_err(|e| anyhow::anyhow!("the node watch stopped before its first list: {e}"))?,
-        _ = &mut shutdown => return Ok(()),
+    let started = std::time::Instant::now();
+    let every = Duration::from_secs(30);
+    let mut nag = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            r = nodes.wait_until_ready() => {
+                r.map_err(|e| anyhow::anyhow!("the node watch stopped before its first list: {e}"))?;
+                break;
+            }
+            _ = nag.tick() => tracing::warn!(
+                waited_s = started.elapsed().as_secs(),
+                "still waiting for the first node list from the Kubernetes API (is it reachable, and may the operator list nodes?)"
+            ),
+            _ = &mut shutdown => return Ok(()),
+        }
     }
+    health.set_ready();
     let mut memory = reconcile::Memory::default();
     loop {
         let now_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let r = round(&client, &nodes, &opts, &mut memory, now_s).await;
+        health.round_done();
         tracing::info!(
             gpu_nodes = r.gpu_nodes,
             scaled = r.scaled.len(),
