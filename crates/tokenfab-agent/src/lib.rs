@@ -411,12 +411,6 @@ impl Shell {
                     });
                 }
                 AgentAction::Heartbeat { held } => {
-                    self.metrics.observe_replicas(
-                        self.core
-                            .replicas()
-                            .map(|(_, s)| s)
-                            .zip(self.core.telemetry().into_iter().map(|r| r.power_limit_w)),
-                    );
                     let mut client = self.client.clone();
                     let req = pb::HeartbeatRequest {
                         node: self.opts.node.to_string(),
@@ -743,7 +737,16 @@ impl Shell {
         }
     }
 
+    /// What the heartbeat carries; the agent's own metrics are refreshed from the same
+    /// figures.
     fn telemetry(&self) -> pb::Telemetry {
+        let reports = self.core.telemetry();
+        self.metrics.observe_replicas(
+            self.core
+                .replicas()
+                .map(|(_, s)| s)
+                .zip(reports.iter().map(|r| r.power_limit_w)),
+        );
         pb::Telemetry {
             devices: self
                 .last_readings
@@ -759,7 +762,7 @@ impl Shell {
             replicas: self
                 .core
                 .replicas()
-                .zip(self.core.telemetry())
+                .zip(reports)
                 .map(|((spec, s), report)| {
                     let tuning = report.tuning.unwrap_or_default();
                     let advice = tuning.advice.as_ref();

@@ -90,17 +90,7 @@ pub struct AgentMetrics {
     ready: AtomicBool,
 }
 
-/// Advances a counter to a running total that only grows (the agent core's statistics).
-fn advance(c: &Counter, total: u64) {
-    c.inc_by(total.saturating_sub(c.get()));
-}
-
-fn advance_f64(c: &FloatCounter, total: f64) {
-    let rise = total - c.get();
-    if rise > 0.0 {
-        c.inc_by(rise);
-    }
-}
+use tokenfab_metrics::{advance, advance_f64};
 
 impl AgentMetrics {
     /// Metrics for an agent driving `replicas` (id, model), in the agent's order.

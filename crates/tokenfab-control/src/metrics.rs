@@ -54,14 +54,9 @@ impl Mirrored {
     }
 }
 
-/// Advances a float counter to a running total that only grows (a tenant's metered
-/// usage, restored from the store when the core is rebuilt).
-fn advance(c: &Counter<f64, AtomicU64>, total: f64) {
-    let rise = total - c.get();
-    if rise > 0.0 {
-        c.inc_by(rise);
-    }
-}
+// A tenant's metered usage only grows (it is restored from the store when the core is
+// rebuilt): its counters follow it with `advance`.
+use tokenfab_metrics::advance_f64 as advance;
 
 type PerPool = Family<PoolLabel, Gauge<f64, AtomicU64>>;
 type PerClass = Family<ClassLabel, Gauge<f64, AtomicU64>>;

@@ -15,8 +15,24 @@ use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+
+/// Advances a counter to a running total kept elsewhere that only grows (a core's
+/// statistics, a tenant's metered usage): by the rise, never down.
+pub fn advance(c: &Counter, total: u64) {
+    c.inc_by(total.saturating_sub(c.get()));
+}
+
+/// [`advance`] for a float counter (joules, dollars).
+pub fn advance_f64(c: &Counter<f64, AtomicU64>, total: f64) {
+    let rise = total - c.get();
+    if rise > 0.0 {
+        c.inc_by(rise);
+    }
+}
 
 /// `Content-Type` of the OpenMetrics text format.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
