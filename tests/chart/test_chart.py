@@ -376,7 +376,11 @@ def check_operator(objects: list[dict]) -> None:
     role = one(objects, "Role", f"{FULLNAME}-operator")
     named = {(r["resources"][0], v): set(r["resourceNames"]) for r in role["rules"] if "resourceNames" in r for v in r["verbs"]}
     engines = {d["metadata"]["name"] for d in by_kind(objects, "Deployment") if "tokenfab.io/model" in d["metadata"]["labels"]}
-    assert named[("deployments", "update")] == engines, "the operator may scale exactly the engine Deployments"
+    if "--create-engines" in args_of(op):
+        # It creates engines under names chosen at run time: not limited by name.
+        assert ("deployments", "update") not in named, "a name list would keep it from scaling what it creates"
+    else:
+        assert named[("deployments", "update")] == engines, "the operator may scale exactly the engine Deployments"
     (sla,) = flag_values(op, "--sla-name")
     assert named[("throughputslas", "get")] == named[("throughputslas", "patch")] == named[("throughputslas/status", "patch")] == {sla}
     # --engine-selector: exactly this release's engine Deployments (besides tokenfab.io/model).
@@ -489,10 +493,10 @@ def test_rbac_is_least_privilege(case):
         return
     follow_drain = operator_values(case).get("followDrain", True)
     check_rbac(objects, node_patch=follow_drain)
-    assert_operator_rbac(objects, follow_drain)
+    assert_operator_rbac(objects, follow_drain, create_engines=operator_values(case).get("createEngines", True))
 
 
-def assert_operator_rbac(objects: list[dict], follow_drain: bool, sla: str = FULLNAME) -> None:
+def assert_operator_rbac(objects: list[dict], follow_drain: bool, sla: str = FULLNAME, create_engines: bool = True) -> None:
     cluster_role = one(objects, "ClusterRole", f"{FULLNAME}-{NAMESPACE}-operator")
     # Discovery and the node watch (a reflector: list, then watch); drain marks by patch.
     nodes = [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
@@ -504,7 +508,11 @@ def assert_operator_rbac(objects: list[dict], follow_drain: bool, sla: str = FUL
     rules = [
         # Each round lists the engine Deployments; a scale is get, then replace (update).
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list"]},
-        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "update"], "resourceNames": engines},
+        # With createEngines the operator also creates engine Deployments under names it
+        # chooses at run time and deletes them when idle (derive.rs): not limited by name.
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "update", "create", "delete"]}
+        if create_engines
+        else {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "update"], "resourceNames": engines},
     ]
     if follow_drain:
         # Which nodes still run an agent pod.
@@ -776,10 +784,10 @@ def test_an_agent_without_engines_is_refused():
 
 
 def operator_without_drain() -> dict:
-    """operator-on.yaml, advisory, not following cordons, without the HTTP token, with its
-    own ThroughputSLA name."""
+    """operator-on.yaml, advisory, not following cordons, not creating engines, without the
+    HTTP token, with its own ThroughputSLA name."""
     values = load_values("operator-on.yaml")
-    values["operator"] = {"enabled": True, "followDrain": False, "slaName": "inference-sla"}
+    values["operator"] = {"enabled": True, "followDrain": False, "createEngines": False, "slaName": "inference-sla"}
     values["secrets"] = {"http": {"enabled": False}}
     return values
 
@@ -812,6 +820,7 @@ def test_the_operator_acts_on_what_the_release_renders():
     assert flag_values(op, "--max-step") == ["1"]
     assert flag_values(op, "--sla-name") == [FULLNAME]
     assert "--no-drain" not in args_of(op)
+    assert "--create-engines" in args_of(op)
     assert flag_values(op, "--agent-selector") == [
         f"app.kubernetes.io/component=agent,app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=tokenfab"
     ]
@@ -834,9 +843,9 @@ def test_the_operator_without_drain_gets_no_write_outside_the_namespace():
     check_strict([o for o in objects if o["metadata"]["name"].endswith("-operator")])
     check_operator(objects)
     check_rbac(objects, node_patch=False)
-    assert_operator_rbac(objects, follow_drain=False, sla="inference-sla")
+    assert_operator_rbac(objects, follow_drain=False, sla="inference-sla", create_engines=False)
     (op,) = one(objects, "Deployment", f"{FULLNAME}-operator")["spec"]["template"]["spec"]["containers"]
-    assert "--no-drain" in args_of(op)
+    assert "--no-drain" in args_of(op) and "--create-engines" not in args_of(op)
     assert flag_values(op, "--mode") == ["advisory"]
     assert flag_values(op, "--interval") == ["30s"] and flag_values(op, "--max-step") == ["2"]
     assert flag_values(op, "--sla-name") == ["inference-sla"]
@@ -858,6 +867,83 @@ def test_engines_carry_the_labels_the_operator_reads():
     vllm = big["spec"]["template"]["spec"]["containers"][0]
     assert "--max-num-seqs=256" in vllm["args"]
     check_engine_labels(rendered("single-node.yaml"), load_values("single-node.yaml")["engines"]["vllm"])
+
+
+def operator_binary() -> pathlib.Path | None:
+    found = [pathlib.Path(os.environ["TOKENFAB_OPERATOR_BIN"])] if os.environ.get("TOKENFAB_OPERATOR_BIN") else []
+    found += [ROOT / "target" / d / "tokenfab-operator" for d in ("debug", "release")]
+    found = [p for p in found if p.is_file() and os.access(p, os.X_OK)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def engine_deployments(objects: list[dict]) -> list[dict]:
+    return [d for d in by_kind(objects, "Deployment") if "tokenfab.io/engine" in d["metadata"]["labels"]]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_engine_deployment_selects_only_its_own_pods(case):
+    """Engine Deployments select their pods by tokenfab.io/deployment, so none selects
+    another's pods (the operator's variants included: they differ in that label only), while
+    the node-local Service selects every variant of its engine by tokenfab.io/engine."""
+    engines = engine_deployments(rendered(case))
+    for d in engines:
+        selector = d["spec"]["selector"]["matchLabels"]
+        assert selector.get("tokenfab.io/deployment") == d["metadata"]["name"], where(d)
+        for other in engines:
+            if other is not d:
+                assert not labels_match(selector, other["spec"]["template"]["metadata"]["labels"]), f"{where(d)} selects the pods of {where(other)}"
+
+
+def derive_with_operator(template: dict, *args: str) -> subprocess.CompletedProcess:
+    body = {k: v for k, v in template.items() if k != "_template"}
+    return subprocess.run(
+        [str(operator_binary()), "derive", "--from", "-", *args],
+        input=yaml.safe_dump(body), capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.skipif(operator_binary() is None, reason="no tokenfab-operator binary built (target/debug or target/release)")
+def test_what_the_operator_creates_from_a_chart_engine_is_valid_and_reached_by_its_service():
+    """`tokenfab-operator derive` prints the Deployment the operator would create (the same
+    code as its rounds: derive.rs) from the chart's rendered engine: another pool at another
+    tensor-parallel degree, and one pinned to an NVLink clique. Each is valid Kubernetes 1.34
+    (strict), selects only its own pods, and the engine's Service still reaches its pods."""
+    objects = rendered("operator-on.yaml")
+    template = one(objects, "Deployment", f"{FULLNAME}-vllm-llama-8b-h100")
+    service = one(objects, "Service", f"{FULLNAME}-vllm-llama-8b-h100")
+    variants = {
+        "l40s-tp2": ["--accelerator", "l40s", "--tp", "2", "--gpu-product", "NVIDIA-L40S"],
+        "pinned": ["--accelerator", "h100-sxm", "--super-node", "nvidia.com/gpu.clique=7f3c1a2b.1", "--gpu-product", "NVIDIA-H100-80GB-HBM3"],
+    }
+    for what, args in variants.items():
+        out = derive_with_operator(template, *args)
+        assert out.returncode == 0, f"{what}: {out.stderr}"
+        made = yaml.safe_load(out.stdout)
+        made["_template"] = f"tokenfab-operator derive ({what})"
+        check_strict([made])
+        pod_labels = made["spec"]["template"]["metadata"]["labels"]
+        assert labels_match(made["spec"]["selector"]["matchLabels"], pod_labels), what
+        assert not labels_match(template["spec"]["selector"]["matchLabels"], pod_labels), f"{what}: the chart's Deployment would select it"
+        assert not labels_match(made["spec"]["selector"]["matchLabels"], template["spec"]["template"]["metadata"]["labels"]), what
+        assert labels_match(service["spec"]["selector"], pod_labels), f"{what}: the engine's Service does not reach it"
+        assert made["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tokenfab-operator"
+        assert made["metadata"]["ownerReferences"][0]["name"] == template["metadata"]["name"]
+        (vllm,) = made["spec"]["template"]["spec"]["containers"]
+        tp = "2" if what == "l40s-tp2" else "1"
+        assert f"--tensor-parallel-size={tp}" in vllm["args"], vllm["args"]
+        assert str(vllm["resources"]["limits"]["nvidia.com/gpu"]) == tp
+        terms = made["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        if what == "pinned":
+            assert all({"key": "nvidia.com/gpu.clique", "operator": "In", "values": ["7f3c1a2b.1"]} in t["matchExpressions"] for t in terms), terms
+        else:
+            assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L40S"]} in terms[1]["matchExpressions"], terms
+
+    # A template whose selector lacks tokenfab.io/deployment (the chart's engines before
+    # this label) is refused, with what to do.
+    old = json.loads(json.dumps(template))
+    del old["spec"]["selector"]["matchLabels"]["tokenfab.io/deployment"]
+    out = derive_with_operator(old, "--accelerator", "l40s")
+    assert out.returncode != 0 and "add the label to its selector" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(
@@ -1151,13 +1237,6 @@ def test_every_flag_the_chart_passes_exists_in_the_binary():
     commands = {subcommand_of(c)[0] for objects in renders for _, s in pod_specs(objects) for c in s["containers"] if c.get("command") == ["tokenfab"]}
     assert commands == {"server", "agent", "sim sweep", "sim gather"}
     assert unknown_flags(binary, renders) == [], f"`tokenfab` ({binary}) does not know these"
-
-
-def operator_binary() -> pathlib.Path | None:
-    found = [pathlib.Path(os.environ["TOKENFAB_OPERATOR_BIN"])] if os.environ.get("TOKENFAB_OPERATOR_BIN") else []
-    found += [ROOT / "target" / d / "tokenfab-operator" for d in ("debug", "release")]
-    found = [p for p in found if p.is_file() and os.access(p, os.X_OK)]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 @pytest.mark.skipif(operator_binary() is None, reason="no tokenfab-operator binary built (target/debug or target/release)")

@@ -112,6 +112,31 @@ pub async fn scale(api: &Api<Deployment>, name: &str, replicas: u32, retry: Retr
     .await
 }
 
+/// Creates engine Deployment `d` (one of the same name already there counts as done: an
+/// earlier round made it, and the next round reads it).
+pub async fn create_deployment(api: &Api<Deployment>, d: &Deployment, retry: Retry) -> Result<(), ApiFailure> {
+    let name = d.metadata.name.clone().unwrap_or_default();
+    with_retries(&format!("create deployment {name}"), retry, || async {
+        match api.create(&PostParams::default(), d).await {
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            other => other.map(|_| ()),
+        }
+    })
+    .await
+}
+
+/// Deletes Deployment `name` (already gone counts as done).
+pub async fn delete_deployment(api: &Api<Deployment>, name: &str, retry: Retry) -> Result<(), ApiFailure> {
+    match with_retries(&format!("delete deployment {name}"), retry, || async {
+        api.delete(name, &Default::default()).await.map(|_| ())
+    })
+    .await
+    {
+        Err(ApiFailure::NotFound { .. }) => Ok(()),
+        other => other,
+    }
+}
+
 /// Applies a drain mark to a node (a merge patch: it cannot conflict).
 pub async fn mark_node(api: &Api<Node>, action: &crate::drain::Action, retry: Retry) -> Result<(), ApiFailure> {
     let patch = action.patch();

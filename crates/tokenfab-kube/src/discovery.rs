@@ -33,6 +33,9 @@ pub struct GpuNode {
     pub accelerator: Option<String>,
     pub gpus: u32,
     pub super_node: String,
+    /// The label that named the super-node (`tokenfab.io/super-node` or
+    /// `nvidia.com/gpu.clique`); `None` when the node is its own.
+    pub super_node_label: Option<&'static str>,
     /// Not cordoned.
     pub schedulable: bool,
     /// Its `Ready` condition is true.
@@ -51,11 +54,11 @@ pub fn discover(node: &Node) -> Option<GpuNode> {
         .get(ACCELERATOR)
         .cloned()
         .or_else(|| tokenfab_core::catalog::nvidia_class(&product).map(String::from));
-    let super_node = labels
-        .get(SUPER_NODE)
-        .or_else(|| labels.get(CLIQUE))
-        .cloned()
-        .unwrap_or_else(|| name.clone());
+    let (super_node, super_node_label) = match (labels.get(SUPER_NODE), labels.get(CLIQUE)) {
+        (Some(s), _) => (s.clone(), Some(SUPER_NODE)),
+        (None, Some(c)) => (c.clone(), Some(CLIQUE)),
+        (None, None) => (name.clone(), None),
+    };
     let spec = node.spec.clone().unwrap_or_default();
     let ready = node
         .status
@@ -68,6 +71,7 @@ pub fn discover(node: &Node) -> Option<GpuNode> {
         accelerator,
         gpus,
         super_node,
+        super_node_label,
         schedulable: !spec.unschedulable.unwrap_or(false),
         ready,
         usd_per_device_hour: labels
@@ -75,6 +79,24 @@ pub fn discover(node: &Node) -> Option<GpuNode> {
             .and_then(|p| p.parse().ok())
             .filter(|p: &f64| *p >= 0.0),
     })
+}
+
+/// The labelled super-node of each node in one (engines placed there are pinned to it).
+pub fn pools(nodes: &[GpuNode]) -> BTreeMap<String, crate::reconcile::Pool> {
+    nodes
+        .iter()
+        .filter_map(|n| {
+            n.super_node_label.map(|label| {
+                (
+                    n.name.clone(),
+                    crate::reconcile::Pool {
+                        label: label.to_string(),
+                        value: n.super_node.clone(),
+                    },
+                )
+            })
+        })
+        .collect()
 }
 
 /// What placement may use: ready, schedulable nodes of a class in `catalog`, their GPUs in
@@ -144,7 +166,11 @@ mod tests {
             (Some("h100-sxm"), 8, "nvl-clique-7", true, true)
         );
         assert!(!found[1].schedulable, "gpu-h100-b is cordoned");
+        assert_eq!(h.super_node_label, Some(CLIQUE));
         assert_eq!(found[2].super_node, "gpu-l40s-a");
+        assert_eq!(found[2].super_node_label, None);
+        let pools = pools(&found);
+        assert_eq!(pools.keys().collect::<Vec<_>>(), ["gpu-h100-a"], "{pools:?}");
         assert_eq!(found[3].accelerator, None);
     }
 

@@ -3,8 +3,10 @@
 //! - [`discovery`]: GPU nodes and their topology from NVIDIA GPU feature discovery labels,
 //!   fed to placement;
 //! - [`reconcile`]: the engine Deployments follow placement's layout (scale up, scale
-//!   down, move a model to a cheaper pool) with rate limits and hysteresis; advisory mode
+//!   down, move a model to a cheaper pool, change tensor parallelism, pin to a super-node) with rate limits and hysteresis; advisory mode
 //!   only reports the changes;
+//! - [`derive`]: the engine Deployments placement wants that the chart did not render
+//!   (another pool, tensor-parallel degree or super-node), made from the model's template;
 //! - [`drain`]: cordoned nodes' agents stop leasing, finish their work, and the node is
 //!   marked drained;
 //! - [`crd`]: the `ThroughputSLA` custom resource, kept with status conditions;
@@ -18,6 +20,7 @@
 
 pub mod api;
 pub mod crd;
+pub mod derive;
 pub mod discovery;
 pub mod drain;
 pub mod health;

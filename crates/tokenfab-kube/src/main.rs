@@ -8,7 +8,7 @@ use tokenfab_kube::operator::{Mode, Options};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "tokenfab's Kubernetes operator: discovers GPU nodes, scales engine Deployments to placement's layout, follows cordon and drain, and publishes the ThroughputSLA custom resource"
+    about = "tokenfab's Kubernetes operator: discovers GPU nodes, carries out placement's layout with the engine Deployments (replicas, pool, tensor parallelism, super-node), follows cordon and drain, and publishes the ThroughputSLA custom resource"
 )]
 struct Cli {
     /// Log filter (tracing-subscriber syntax).
@@ -24,6 +24,33 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the ThroughputSLA CustomResourceDefinition (YAML).
     Crd,
+    /// Print the engine Deployment the operator would create for a kind placement wants,
+    /// made from a template Deployment (YAML, e.g. from `helm template` or `kubectl get -o
+    /// yaml`), to review it or check it against your cluster's policies.
+    Derive(DeriveArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DeriveArgs {
+    /// The template Deployment (YAML or JSON); `-` reads standard input.
+    #[arg(long)]
+    from: std::path::PathBuf,
+    /// The accelerator class of the new Deployment (tokenfab's catalog, e.g. l40s).
+    #[arg(long)]
+    accelerator: String,
+    /// Its tensor-parallel degree (GPUs per pod).
+    #[arg(long, default_value_t = 1)]
+    tp: u32,
+    /// Its replicas.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Pin it to a super-node: LABEL=VALUE, e.g. nvidia.com/gpu.clique=7f3c.1.
+    #[arg(long)]
+    super_node: Option<String>,
+    /// GPU products (nvidia.com/gpu.product) of the class's nodes that have no
+    /// tokenfab.io/accelerator label; repeat for several.
+    #[arg(long)]
+    gpu_product: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +91,13 @@ struct RunArgs {
     /// Leave cordoned nodes alone (do not stop their agents).
     #[arg(long)]
     no_drain: bool,
+    /// Create the engine Deployments placement wants that none runs (the model on another
+    /// accelerator class, tensor-parallel degree or super-node), each made from the model's
+    /// chart-rendered Deployment, and delete those it made once they sat at 0 replicas for
+    /// --scale-down-after. Without it such wants are only logged. Needs permission to
+    /// create, update and delete Deployments in the namespace.
+    #[arg(long)]
+    create_engines: bool,
     /// Name of the ThroughputSLA object to keep.
     #[arg(long, default_value = "tokenfab")]
     sla_name: String,
@@ -84,6 +118,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", tokenfab_kube::crd::crd_yaml());
             Ok(())
         }
+        Command::Derive(a) => derive(a),
         Command::Run(args) => {
             let RunArgs {
                 namespace,
@@ -97,6 +132,7 @@ fn main() -> anyhow::Result<()> {
                 agent_selector,
                 engine_selector,
                 no_drain,
+                create_engines,
                 sla_name,
                 health_listen,
             } = *args;
@@ -134,6 +170,7 @@ fn main() -> anyhow::Result<()> {
                 agent_selector,
                 engine_selector,
                 follow_drain: !no_drain,
+                create_engines,
                 sla_name,
                 retry: Default::default(),
             };
@@ -172,4 +209,54 @@ fn main() -> anyhow::Result<()> {
                 })
         }
     }
+}
+
+fn derive(a: DeriveArgs) -> anyhow::Result<()> {
+    use tokenfab_kube::reconcile::{Key, MODEL, Pool};
+    let text = if a.from.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(&a.from).map_err(|e| anyhow::anyhow!("--from {}: {e}", a.from.display()))?
+    };
+    let mut template: k8s_openapi::api::apps::v1::Deployment = serde_yaml_ng::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--from {}: not a Deployment: {e}", a.from.display()))?;
+    if template.metadata.uid.is_none() {
+        eprintln!("note: the template has no uid (it was not read from an API server); the owner reference shows a placeholder");
+        template.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+    }
+    let model = template
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MODEL))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("--from {}: the Deployment has no {MODEL} label", a.from.display()))?;
+    if a.tp == 0 {
+        anyhow::bail!("--tp 0: give at least 1 GPU per pod");
+    }
+    let super_node = match a.super_node {
+        None => None,
+        Some(s) => {
+            let (label, value) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--super-node {s}: give LABEL=VALUE, e.g. nvidia.com/gpu.clique=7f3c.1"))?;
+            Some(Pool {
+                label: label.into(),
+                value: value.into(),
+            })
+        }
+    };
+    let key = Key {
+        model,
+        accelerator: a.accelerator,
+        tp: a.tp,
+        super_node,
+    };
+    let d = tokenfab_kube::derive::derive(&template, &key, a.replicas, &a.gpu_product)?;
+    let mut v = serde_json::to_value(&d)?;
+    // k8s-openapi leaves apiVersion and kind to its own serializer; make sure they show.
+    v["apiVersion"] = "apps/v1".into();
+    v["kind"] = "Deployment".into();
+    print!("{}", serde_yaml_ng::to_string(&v)?);
+    Ok(())
 }

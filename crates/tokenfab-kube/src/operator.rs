@@ -4,7 +4,7 @@
 
 use crate::api::{self, Retry};
 use crate::crd::{ThroughputSLA, ThroughputSlaSpec, ThroughputSlaStatus};
-use crate::{discovery, drain, reconcile};
+use crate::{derive, discovery, drain, reconcile};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -43,6 +43,9 @@ pub struct Options {
     /// Deployment with the label in the namespace.
     pub engine_selector: String,
     pub follow_drain: bool,
+    /// Create engine Deployments for kinds placement wants that none runs (from the model's
+    /// template, [`crate::derive`]), and delete those it made once idle; false: report them.
+    pub create_engines: bool,
     /// Name of the ThroughputSLA object to keep.
     pub sla_name: String,
     pub retry: Retry,
@@ -54,6 +57,8 @@ pub struct Round {
     pub gpu_nodes: usize,
     pub decision: Option<reconcile::Decision>,
     pub scaled: Vec<String>,
+    pub created: Vec<String>,
+    pub deleted: Vec<String>,
     pub drain: Vec<drain::Action>,
     pub published: bool,
     pub errors: Vec<String>,
@@ -150,9 +155,10 @@ pub async fn round(
                             shape: (d.prompt_tokens, d.output_tokens.max(1)),
                         })
                         .collect();
-                    let current = reconcile::current_placement(&engines, &specs);
+                    let pools = discovery::pools(&gpu);
+                    let current = reconcile::current_placement(&engines, &specs, &pools);
                     let layout = tokenfab_core::placement::plan(&specs, &demand, &current, &reconcile::plan_config());
-                    let want = reconcile::desired(&layout.replicas, &specs);
+                    let want = reconcile::desired(&layout.replicas, &specs, &pools);
                     let decision = reconcile::decide(&engines, &want, now_s, memory, &opts.policy);
                     for c in &decision.changes {
                         match opts.mode {
@@ -170,9 +176,53 @@ pub async fn round(
                         }
                     }
                     for (k, n) in &decision.missing {
-                        tracing::warn!(
-                            "placement wants {n} replica(s) of {k}, but no engine Deployment runs it: add it to the chart's engines"
-                        );
+                        let Some(template) = derive::template_for(&k.model, &list.items) else {
+                            tracing::warn!(
+                                "placement wants {n} replica(s) of {k}, but no engine Deployment runs the model: add one to the chart's engines"
+                            );
+                            continue;
+                        };
+                        let made = match derive::derive(template, k, *n, &derive::products_of(&gpu, &k.accelerator)) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                r.errors.push(format!("placement wants {n} replica(s) of {k}: {e}"));
+                                continue;
+                            }
+                        };
+                        let name = made.metadata.name.clone().unwrap_or_default();
+                        match (opts.mode, opts.create_engines) {
+                            (_, false) => tracing::warn!(
+                                deployment = %name,
+                                "placement wants {n} replica(s) of {k}, which no engine Deployment runs: add it to the chart's engines, or let the operator create it (operator.createEngines, --create-engines)"
+                            ),
+                            (Mode::Advisory, true) => tracing::info!(
+                                deployment = %name, replicas = n, "advisory: would create a Deployment for {k}"
+                            ),
+                            (Mode::Active, true) => match api::create_deployment(&deployments, &made, opts.retry).await {
+                                Ok(()) => {
+                                    tracing::info!(deployment = %name, replicas = n, "created for {k}");
+                                    memory.created(&name, now_s);
+                                    r.created.push(name);
+                                }
+                                Err(e) => r.errors.push(e.to_string()),
+                            },
+                        }
+                    }
+                    for name in &decision.delete {
+                        match (opts.mode, opts.create_engines) {
+                            (_, false) => {}
+                            (Mode::Advisory, true) => {
+                                tracing::info!(deployment = %name, "advisory: would delete (idle at 0 replicas)")
+                            }
+                            (Mode::Active, true) => match api::delete_deployment(&deployments, name, opts.retry).await {
+                                Ok(()) => {
+                                    tracing::info!(deployment = %name, "deleted (idle at 0 replicas, and placement has not wanted it)");
+                                    memory.deleted(name);
+                                    r.deleted.push(name.clone());
+                                }
+                                Err(e) => r.errors.push(e.to_string()),
+                            },
+                        }
                     }
                     r.decision = Some(decision);
                 }
@@ -274,6 +324,8 @@ pub async fn run(
         tracing::info!(
             gpu_nodes = r.gpu_nodes,
             scaled = r.scaled.len(),
+            created = r.created.len(),
+            deleted = r.deleted.len(),
             drain_changes = r.drain.len(),
             published = r.published,
             errors = r.errors.len(),
