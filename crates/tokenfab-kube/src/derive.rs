@@ -371,7 +371,9 @@ mod tests {
         assert!(a.len() <= MAX_NAME && b.len() <= MAX_NAME, "{a} {b}");
         assert_ne!(a, b);
         assert!(
-            a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') && !a.ends_with('-'),
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !a.ends_with('-'),
             "{a}"
         );
     }
@@ -390,7 +392,10 @@ mod tests {
         );
         let labels = d.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["app.kubernetes.io/managed-by"], "tokenfab-operator");
-        assert_eq!(labels["tokenfab.io/engine"], "llama", "the Service and the agent still find it");
+        assert_eq!(
+            labels["tokenfab.io/engine"], "llama",
+            "the Service and the agent still find it"
+        );
         let e = engine_of(&d).expect("an engine");
         assert_eq!(e.key, key("l40s", 2, None));
         assert_eq!(e.replicas, 1);
@@ -492,8 +497,7 @@ mod tests {
         assert!(e.to_string().contains("add the label to its selector"), "{e}");
 
         let mut t = template();
-        t.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args =
-            Some(vec!["--model=x".into()]);
+        t.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args = Some(vec!["--model=x".into()]);
         let e = derive(&t, &key("h100-sxm", 4, None), 1, &[]).unwrap_err();
         assert!(e.to_string().contains("--tensor-parallel-size"), "{e}");
         // The same degree needs no argument.

@@ -221,7 +221,9 @@ fn derive(a: DeriveArgs) -> anyhow::Result<()> {
     let mut template: k8s_openapi::api::apps::v1::Deployment = serde_yaml_ng::from_str(&text)
         .map_err(|e| anyhow::anyhow!("--from {}: not a Deployment: {e}", a.from.display()))?;
     if template.metadata.uid.is_none() {
-        eprintln!("note: the template has no uid (it was not read from an API server); the owner reference shows a placeholder");
+        eprintln!(
+            "note: the template has no uid (it was not read from an API server); the owner reference shows a placeholder"
+        );
         template.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
     }
     let model = template
@@ -237,9 +239,9 @@ fn derive(a: DeriveArgs) -> anyhow::Result<()> {
     let super_node = match a.super_node {
         None => None,
         Some(s) => {
-            let (label, value) = s
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--super-node {s}: give LABEL=VALUE, e.g. nvidia.com/gpu.clique=7f3c.1"))?;
+            let (label, value) = s.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("--super-node {s}: give LABEL=VALUE, e.g. nvidia.com/gpu.clique=7f3c.1")
+            })?;
             Some(Pool {
                 label: label.into(),
                 value: value.into(),

@@ -198,7 +198,8 @@ pub async fn round(
                             (Mode::Advisory, true) => tracing::info!(
                                 deployment = %name, replicas = n, "advisory: would create a Deployment for {k}"
                             ),
-                            (Mode::Active, true) => match api::create_deployment(&deployments, &made, opts.retry).await {
+                            (Mode::Active, true) => match api::create_deployment(&deployments, &made, opts.retry).await
+                            {
                                 Ok(()) => {
                                     tracing::info!(deployment = %name, replicas = n, "created for {k}");
                                     memory.created(&name, now_s);
@@ -214,14 +215,16 @@ pub async fn round(
                             (Mode::Advisory, true) => {
                                 tracing::info!(deployment = %name, "advisory: would delete (idle at 0 replicas)")
                             }
-                            (Mode::Active, true) => match api::delete_deployment(&deployments, name, opts.retry).await {
-                                Ok(()) => {
-                                    tracing::info!(deployment = %name, "deleted (idle at 0 replicas, and placement has not wanted it)");
-                                    memory.deleted(name);
-                                    r.deleted.push(name.clone());
+                            (Mode::Active, true) => {
+                                match api::delete_deployment(&deployments, name, opts.retry).await {
+                                    Ok(()) => {
+                                        tracing::info!(deployment = %name, "deleted (idle at 0 replicas, and placement has not wanted it)");
+                                        memory.deleted(name);
+                                        r.deleted.push(name.clone());
+                                    }
+                                    Err(e) => r.errors.push(e.to_string()),
                                 }
-                                Err(e) => r.errors.push(e.to_string()),
-                            },
+                            }
                         }
                     }
                     r.decision = Some(decision);

@@ -432,7 +432,11 @@ mod tests {
         assert_eq!(d.missing, vec![(key("qwen", "h100-sxm", 2), 1)]);
         let many = BTreeMap::from([(key("qwen", "h100-sxm", 2), 7)]);
         let d = decide(&[], &many, 0, &mut m, &P);
-        assert_eq!(d.missing, vec![(key("qwen", "h100-sxm", 2), 2)], "a new one starts at max_step");
+        assert_eq!(
+            d.missing,
+            vec![(key("qwen", "h100-sxm", 2), 2)],
+            "a new one starts at max_step"
+        );
     }
 
     #[test]
@@ -447,14 +451,23 @@ mod tests {
         // Wanted again meanwhile (and, say, its scale-up was refused): the idle clock restarts.
         let again = BTreeMap::from([(key("llama", "h100-sxm", 2), 1)]);
         assert_eq!(decide(&e, &again, 300, &mut m, &P).changes.len(), 1);
-        assert!(decide(&e, &none, 600, &mut m, &P).delete.is_empty(), "idle since 600 only");
+        assert!(
+            decide(&e, &none, 600, &mut m, &P).delete.is_empty(),
+            "idle since 600 only"
+        );
         assert!(decide(&e, &none, 1199, &mut m, &P).delete.is_empty());
-        assert_eq!(decide(&e, &none, 1200, &mut m, &P).delete, vec!["llama-tp2".to_string()]);
+        assert_eq!(
+            decide(&e, &none, 1200, &mut m, &P).delete,
+            vec!["llama-tp2".to_string()]
+        );
         let mut running = derived;
         running.replicas = 1;
         let mut m = Memory::default();
         let d = decide(&[running], &none, 10_000, &mut m, &P);
-        assert!(d.delete.is_empty(), "a derived Deployment with replicas is scaled down first: {d:?}");
+        assert!(
+            d.delete.is_empty(),
+            "a derived Deployment with replicas is scaled down first: {d:?}"
+        );
     }
 
     #[test]

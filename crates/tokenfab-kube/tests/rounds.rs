@@ -39,7 +39,10 @@ async fn control_plane(tokens_per_s: f64) -> String {
         }
     });
     let app = axum::Router::new()
-        .route("/v1/tuning", axum::routing::get(move || async move { axum::Json(tuning) }))
+        .route(
+            "/v1/tuning",
+            axum::routing::get(move || async move { axum::Json(tuning) }),
+        )
         .route(
             "/v1/sla",
             axum::routing::get(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "no SLA yet") }),
@@ -211,12 +214,18 @@ async fn a_model_moves_to_a_cheaper_pool_that_had_no_deployment_make_before_brea
     assert_eq!(created["spec"]["replicas"], 1);
     let terms = &created["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         ["nodeSelectorTerms"];
-    assert_eq!(terms[1]["matchExpressions"][0]["values"], serde_json::json!(["NVIDIA-L40S"]));
+    assert_eq!(
+        terms[1]["matchExpressions"][0]["values"],
+        serde_json::json!(["NVIDIA-L40S"])
+    );
     sla_calls(&mut h).await;
     let (r, mut memory) = round.await.unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.created, ["tf-vllm-llama-l40s-tp1"]);
-    assert!(r.scaled.is_empty(), "the H100 replica keeps serving until the new one has");
+    assert!(
+        r.scaled.is_empty(),
+        "the H100 replica keeps serving until the new one has"
+    );
     let decision = r.decision.unwrap();
     assert_eq!(decision.held[0].0, "tf-vllm-llama", "{decision:?}");
 
@@ -277,14 +286,17 @@ async fn on_a_super_node_the_engine_is_pinned_to_it_and_advisory_mode_changes_no
     let r = round.await.unwrap();
     assert!(r.created.is_empty() && r.errors.is_empty(), "{r:?}");
     assert_eq!(
-        r.decision.unwrap().missing[0].0.super_node.as_ref().map(|p| p.value.as_str()),
+        r.decision.unwrap().missing[0]
+            .0
+            .super_node
+            .as_ref()
+            .map(|p| p.value.as_str()),
         Some("nvl-clique-7")
     );
 
     opts.mode = Mode::Active;
-    let round = tokio::spawn(async move {
-        operator::round(&client, &store, &opts, &mut Memory::default(), 1_000).await
-    });
+    let round =
+        tokio::spawn(async move { operator::round(&client, &store, &opts, &mut Memory::default(), 1_000).await });
     answer(&mut h, "GET", DEPLOYMENTS, 200, list(vec![chart_engine(1)])).await;
     let created = answer(&mut h, "POST", DEPLOYMENTS, 201, serde_json::json!({})).await;
     assert_eq!(created["metadata"]["name"], "tf-vllm-llama-h100-sxm-tp1-nvl-clique-7");
