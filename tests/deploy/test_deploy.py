@@ -32,6 +32,8 @@ OTHER_PROGRAMS_FLAGS = {
     "--namespace", "--create-namespace", "--server-side", "--ignore-daemonsets",
     "--delete-emptydir-data", "--field-selector", "--replicas", "--system", "--no-create-home",
     "--shell", "--now", "--help", "--set-file",
+    # vLLM's, in what the operator changes in an engine Deployment.
+    "--tensor-parallel-size",
 }
 
 
@@ -51,9 +53,23 @@ COMMANDS = [
 ]
 
 
+# Subcommands of the Kubernetes operator's own binary that the guide shows.
+OPERATOR_COMMANDS = ["operator run", "operator derive"]
+
+
+def operator_binary() -> pathlib.Path | None:
+    found = [ROOT / "target" / d / "tokenfab-operator" for d in ("debug", "release")]
+    found = [p for p in found if p.is_file() and os.access(p, os.X_OK)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 @functools.lru_cache(maxsize=None)
 def help_of(command: str) -> str:
-    out = subprocess.run([str(tokenfab_binary()), *command.split(), "--help"], capture_output=True, text=True, timeout=30)
+    binary, words = tokenfab_binary(), command.split()
+    if words[0] == "operator":
+        binary, words = operator_binary(), words[1:]
+        assert binary is not None, "no tokenfab-operator binary built (cargo build -p tokenfab-kube)"
+    out = subprocess.run([str(binary), *words, "--help"], capture_output=True, text=True, timeout=30)
     return out.stdout
 
 
@@ -116,7 +132,7 @@ def test_units_pass_only_known_flags(unit):
 @needs_binary
 def test_operations_guide_names_only_flags_that_exist():
     text = OPERATIONS.read_text()
-    known = set().union(*(flags_of(c) for c in COMMANDS))
+    known = set().union(*(flags_of(c) for c in COMMANDS + OPERATOR_COMMANDS))
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text)) - OTHER_PROGRAMS_FLAGS
     assert sorted(named - known) == []
     # Every `tokenfab SUBCOMMAND` the guide shows exists.
