@@ -438,3 +438,39 @@ pub async fn check<S: Store>(open: impl Fn() -> S) {
         "the content is deleted with the record"
     );
 }
+
+/// A new batch of `lines` requests (tenant `tenant`) submitted to `core` at `t`, as the
+/// WriteSet a shell commits, its input staged on `store`: for replicated backends' own
+/// tests (replication, fencing) beyond this suite.
+pub fn submit<S: Store>(
+    store: &S,
+    core: &mut ControlCore,
+    tenant: &str,
+    lines: usize,
+    t: Timestamp,
+) -> (tokenfab_core::BatchId, WriteSet) {
+    let model = ModelId::from("llama-3.1-8b");
+    let text: String = (0..lines).map(|i| line(&format!("{tenant}-{i}")) + "\n").collect();
+    let parsed = parse_batch_input(text.as_bytes(), &model, &InputLimits::default(), false).unwrap();
+    let staged = store.stage().unwrap();
+    std::fs::write(staged.path(), &text).unwrap();
+    let ControlReply::Submitted(submitted) = core.handle(
+        t,
+        ControlInput::Submit(NewBatch::from_parsed(TenantId::from(tenant), model, &parsed)),
+    ) else {
+        unreachable!("a submission is answered as one")
+    };
+    let id = submitted.peek().as_ref().expect("accepted").meta.id;
+    let mut inputs = BTreeMap::from([(
+        id.0,
+        BatchInputs {
+            batch: id,
+            file: staged,
+            requests: parsed.requests.into(),
+            line_errors: parsed.line_errors,
+        },
+    )]);
+    let set = write_set(core, &mut inputs);
+    core.advance(core.handled());
+    (id, set)
+}

@@ -61,6 +61,9 @@ pub(crate) const SCHEMA_VERSION: u64 = 2;
 pub(crate) const NEXT_BATCH: &str = "next_batch";
 /// The `meta` key of the first file id not yet given out.
 pub(crate) const NEXT_FILE: &str = "next_file";
+/// The `meta` key of the last entry of a replicated log applied here (replicated
+/// backends keep their log elsewhere and this store as its materialized state).
+pub(crate) const APPLIED: &str = "replicated_applied";
 
 /// Input files kept open for leases.
 const OPEN_FILES: usize = 64;
@@ -254,7 +257,25 @@ impl RedbStore {
         Ok(())
     }
 
+    /// Applies `set`, the replicated log's entry `seq`, and records `seq` as applied in
+    /// the same transaction: after a crash, [`RedbStore::applied`] says where to go on.
+    pub fn apply_replicated(&self, set: WriteSet, seq: u64) -> Result<(), StoreError> {
+        self.apply_blocking_at(set, Some(seq))
+    }
+
+    /// The last replicated log entry applied here (0: none).
+    pub fn applied(&self) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(io)?;
+        let meta = txn.open_table(META).map_err(io)?;
+        Ok(meta.get(APPLIED).map_err(io)?.map_or(0, |v| v.value()))
+    }
+
     fn apply_blocking(&self, set: WriteSet) -> Result<(), StoreError> {
+        self.apply_blocking_at(set, None)
+    }
+
+    fn apply_blocking_at(&self, set: WriteSet, seq: Option<u64>) -> Result<(), StoreError> {
         let db = self.db()?;
         let dir = &self.inner.dir;
         // Input files first: in place (and the directory entry durable) before the
@@ -393,6 +414,9 @@ impl RedbStore {
                         dropped.push(id.0);
                     }
                 }
+            }
+            if let Some(seq) = seq {
+                meta_t.insert(APPLIED, seq).map_err(io)?;
             }
         }
         txn.commit().map_err(io)?;

@@ -1,0 +1,613 @@
+//! # tokenfab-store-etcd: the control plane's commits replicated through etcd
+//!
+//! For sites that already run etcd. Several control-plane replicas share one etcd key
+//! prefix; one of them is elected and serves, the others wait. Every commit of the elected
+//! replica ([`Store::apply`]) is first appended to a log in etcd, then applied to the
+//! replica's own embedded store ([`RedbStore`]), which serves every read. A replica that
+//! becomes the leader first applies the log entries its embedded store has not seen, so it
+//! serves exactly what was committed, whichever replica committed it.
+//!
+//! ```text
+//! <prefix>/leader                  the elected replica's name, on its etcd lease
+//! <prefix>/log/<seq, 20 digits>    one commit (a WriteSet): its operations and requests,
+//!                                  inline, or its parts when it is larger than one part
+//! <prefix>/part/<seq>/<n, 8 digits> parts of a commit: input files and uploaded files
+//!                                  (and the commit itself when large), at most
+//!                                  `part_bytes` each (etcd refuses requests over 1.5 MiB
+//!                                  by default)
+//! ```
+//!
+//! **Election and fencing.** A replica is elected by creating `<prefix>/leader` on an etcd
+//! lease of `lease_ttl` seconds, kept alive while it runs. Every write it makes is a
+//! transaction whose condition is that the leader key still has the create revision it
+//! created: once its lease expired (it stopped, hung, or lost etcd) and another replica was
+//! elected, the key is a new one and each write of the deposed replica is refused, so two
+//! replicas never both commit. A deposed replica learns it at its next write or lease
+//! renewal; [`EtcdStore::deposed`] then resolves, and `tokenfab server` exits (its
+//! supervisor restarts it as a follower).
+//!
+//! **What it costs.** Every commit is one etcd transaction (plus one per part), on top of
+//! the embedded store's fsync. Input files are copied into etcd: etcd's own database limit
+//! (2 GiB by default, `--quota-backend-bytes`) bounds the inputs it can hold, and log
+//! entries are not yet compacted (see the crate's README section in `docs/ha.md`).
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokenfab_core::batch_input::{LineError, ParsedRequest};
+use tokenfab_core::durable::DurableOp;
+use tokenfab_core::{BatchId, FileId, RequestRef};
+use tokenfab_store::{
+    BatchInputs, Cursor, HistoryRow, IdleRow, LeasedBody, Loaded, Page, RedbStore, ResultKind, StagedInput, Store,
+    StoreError, WriteSet,
+};
+
+/// How to reach etcd and who this replica is.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// etcd's client URLs, e.g. `http://10.0.0.5:2379`.
+    pub endpoints: Vec<String>,
+    /// The key prefix of this cluster's control plane (e.g. `/tokenfab/prod`): replicas
+    /// sharing it are one control plane.
+    pub prefix: String,
+    /// This replica's name (unique within the prefix; the leader key holds it).
+    pub name: String,
+    /// Seconds the leader's lease lasts without renewal: how long a dead leader holds the
+    /// election before another replica may take over.
+    pub lease_ttl_s: i64,
+    /// Largest value written to etcd in one request.
+    pub part_bytes: usize,
+}
+
+impl EtcdOptions {
+    pub fn new(endpoints: Vec<String>, prefix: &str, name: &str) -> Self {
+        EtcdOptions {
+            endpoints,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            name: name.to_string(),
+            lease_ttl_s: 3,
+            part_bytes: 1 << 20,
+        }
+    }
+}
+
+fn etcd_err(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("etcd: {what}: {e}"))
+}
+
+/// A commit as the log holds it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    ops: Vec<DurableOp>,
+    inputs: Vec<EntryInput>,
+    files: Vec<(FileId, Parts)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct EntryInput {
+    batch: BatchId,
+    requests: Vec<ParsedRequest>,
+    line_errors: Vec<LineError>,
+    content: Parts,
+}
+
+/// Consecutive parts of one commit's `part/` keys.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Parts {
+    first: u32,
+    count: u32,
+    len: u64,
+}
+
+/// The value of a `log/` key.
+#[derive(Debug, Serialize, Deserialize)]
+enum LogValue {
+    Inline(Vec<u8>),
+    /// The encoded [`Entry`] is in these parts.
+    InParts(Parts),
+}
+
+/// The elected replica's hold on the leader key.
+#[derive(Debug, Clone)]
+struct Fence {
+    key: Vec<u8>,
+    /// The leader key's create revision: the condition of every write.
+    revision: i64,
+}
+
+/// Durable state replicated through etcd. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: RedbStore,
+    client: etcd_client::Client,
+    opts: EtcdOptions,
+    fence: Fence,
+    /// The next log sequence number; held through a commit (commits are serialized).
+    next: tokio::sync::Mutex<u64>,
+    deposed: tokio::sync::watch::Sender<Option<String>>,
+    keepalive: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.keepalive.abort();
+    }
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.inner.opts.prefix)
+            .field("name", &self.inner.opts.name)
+            .finish()
+    }
+}
+
+fn log_key(prefix: &str, seq: u64) -> String {
+    format!("{prefix}/log/{seq:020}")
+}
+
+fn part_key(prefix: &str, seq: u64, n: u32) -> String {
+    format!("{prefix}/part/{seq:020}/{n:08}")
+}
+
+/// What [`EtcdStore::open`] reports while it waits to be elected.
+pub type Waiting = Box<dyn Fn(&str) + Send + Sync>;
+
+impl EtcdStore {
+    /// Connects to etcd, waits until this replica is elected (calling `waiting` with the
+    /// current leader's name now and then), brings the embedded store in `dir` up to the
+    /// log's end, and returns the store, ready to commit.
+    pub async fn open(opts: EtcdOptions, dir: &Path, waiting: Waiting) -> Result<Self, StoreError> {
+        if opts.name.is_empty() || opts.name.contains('/') {
+            return Err(StoreError::Open {
+                path: opts.prefix.clone(),
+                cause: format!("replica name {:?}: give a non-empty name without '/'", opts.name),
+            });
+        }
+        let connect = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10));
+        let client = etcd_client::Client::connect(&opts.endpoints, Some(connect))
+            .await
+            .map_err(|e| StoreError::Open {
+                path: opts.endpoints.join(","),
+                cause: format!("cannot connect to etcd: {e}"),
+            })?;
+        let local = tokio::task::spawn_blocking({
+            let dir = dir.to_path_buf();
+            move || RedbStore::open(&dir)
+        })
+        .await
+        .map_err(|e| etcd_err("opening the embedded store", e))??;
+        let (fence, lease) = campaign(&client, &opts, &waiting).await?;
+        let (deposed, _) = tokio::sync::watch::channel(None);
+        let keepalive = tokio::spawn(keep_alive(client.clone(), lease, opts.lease_ttl_s, deposed.clone()));
+        let store = EtcdStore {
+            inner: Arc::new(Inner {
+                local,
+                client,
+                opts,
+                fence,
+                next: tokio::sync::Mutex::new(0),
+                deposed,
+                keepalive,
+            }),
+        };
+        let next = store.catch_up().await?;
+        *store.inner.next.lock().await = next;
+        Ok(store)
+    }
+
+    /// Resolves with the reason once this replica is no longer the elected one (its lease
+    /// was lost, or a write was refused because another replica was elected). It must then
+    /// stop serving: its commits are refused.
+    pub async fn deposed(&self) -> String {
+        let mut rx = self.inner.deposed.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return "the store was closed".into();
+            }
+        }
+    }
+
+    /// The embedded store this replica serves reads from.
+    pub fn local(&self) -> &RedbStore {
+        &self.inner.local
+    }
+
+    /// The next log sequence number (entries committed so far, plus one).
+    pub async fn next_seq(&self) -> u64 {
+        *self.inner.next.lock().await
+    }
+
+    fn depose(&self, why: String) -> StoreError {
+        self.inner.deposed.send_replace(Some(why.clone()));
+        StoreError::Io(why)
+    }
+
+    /// Applies the log entries after the embedded store's last one; returns the next
+    /// sequence number.
+    async fn catch_up(&self) -> Result<u64, StoreError> {
+        let prefix = &self.inner.opts.prefix;
+        let mut kv = self.inner.client.kv_client();
+        let mut next = {
+            let local = self.inner.local.clone();
+            tokio::task::spawn_blocking(move || local.applied())
+                .await
+                .map_err(|e| etcd_err("reading the applied position", e))??
+                + 1
+        };
+        let end = format!("{prefix}/log0");
+        loop {
+            let page = kv
+                .get(
+                    log_key(prefix, next),
+                    Some(GetOptions::new().with_range(end.clone()).with_limit(32)),
+                )
+                .await
+                .map_err(|e| etcd_err("reading the log", e))?;
+            if page.kvs().is_empty() {
+                return Ok(next);
+            }
+            for kv_pair in page.kvs() {
+                let want = log_key(prefix, next);
+                if kv_pair.key() != want.as_bytes() {
+                    return Err(StoreError::Corrupt(format!(
+                        "etcd log: expected {want}, found {}; the log has a gap",
+                        String::from_utf8_lossy(kv_pair.key())
+                    )));
+                }
+                let set = self.read_entry(next, kv_pair.value()).await?;
+                let local = self.inner.local.clone();
+                let seq = next;
+                tokio::task::spawn_blocking(move || local.apply_replicated(set, seq))
+                    .await
+                    .map_err(|e| etcd_err("applying the log", e))??;
+                next += 1;
+            }
+            if !page.more() {
+                return Ok(next);
+            }
+        }
+    }
+
+    /// The WriteSet of log entry `seq` (its files staged in the embedded store).
+    async fn read_entry(&self, seq: u64, value: &[u8]) -> Result<WriteSet, StoreError> {
+        let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("etcd log entry {seq}: {e}"));
+        let entry: Entry = match postcard::from_bytes::<LogValue>(value).map_err(corrupt)? {
+            LogValue::Inline(bytes) => postcard::from_bytes(&bytes).map_err(corrupt)?,
+            LogValue::InParts(p) => {
+                let mut bytes = Vec::with_capacity(p.len as usize);
+                self.read_parts(seq, p, &mut bytes).await?;
+                postcard::from_bytes(&bytes).map_err(corrupt)?
+            }
+        };
+        let mut set = WriteSet {
+            ops: entry.ops,
+            ..Default::default()
+        };
+        for input in entry.inputs {
+            let file = self.inner.local.stage()?;
+            self.read_parts_to_file(seq, input.content, file.path()).await?;
+            set.inputs.push(BatchInputs {
+                batch: input.batch,
+                file,
+                requests: Arc::new(input.requests),
+                line_errors: input.line_errors,
+            });
+        }
+        for (id, parts) in entry.files {
+            let file = self.inner.local.stage()?;
+            self.read_parts_to_file(seq, parts, file.path()).await?;
+            set.files.push((id, file));
+        }
+        Ok(set)
+    }
+
+    async fn read_parts(&self, seq: u64, p: Parts, out: &mut impl Write) -> Result<(), StoreError> {
+        let prefix = &self.inner.opts.prefix;
+        let mut kv = self.inner.client.kv_client();
+        let mut n = p.first;
+        let end = p.first + p.count;
+        while n < end {
+            let page = kv
+                .get(
+                    part_key(prefix, seq, n),
+                    Some(
+                        GetOptions::new()
+                            .with_range(part_key(prefix, seq, end))
+                            .with_limit(1),
+                    ),
+                )
+                .await
+                .map_err(|e| etcd_err("reading a part", e))?;
+            let Some(part) = page.kvs().first() else {
+                return Err(StoreError::Corrupt(format!("etcd log entry {seq}: part {n} is missing")));
+            };
+            out.write_all(part.value()).map_err(|e| etcd_err("writing a part", e))?;
+            n += 1;
+        }
+        Ok(())
+    }
+
+    async fn read_parts_to_file(&self, seq: u64, p: Parts, path: &Path) -> Result<(), StoreError> {
+        let mut f = std::fs::File::create(path).map_err(|e| etcd_err("staging a file", e))?;
+        self.read_parts(seq, p, &mut f).await?;
+        f.sync_all().map_err(|e| etcd_err("staging a file", e))?;
+        let len = f.metadata().map_err(|e| etcd_err("staging a file", e))?.len();
+        if len != p.len {
+            return Err(StoreError::Corrupt(format!(
+                "etcd log entry {seq}: a file is {len} bytes, its entry says {}",
+                p.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// One fenced write: `ops` happen only while this replica holds the election (and,
+    /// for a log entry, only if the entry is new).
+    async fn fenced(&self, mut when: Vec<Compare>, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+        if let Some(why) = self.inner.deposed.borrow().clone() {
+            return Err(StoreError::Io(why));
+        }
+        let fence = &self.inner.fence;
+        when.push(Compare::create_revision(
+            fence.key.clone(),
+            CompareOp::Equal,
+            fence.revision,
+        ));
+        let resp = self
+            .inner
+            .client
+            .kv_client()
+            .txn(Txn::new().when(when).and_then(ops))
+            .await
+            .map_err(|e| etcd_err("committing", e))?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(self.depose(format!(
+                "this control plane ({}) is no longer the elected one: another replica holds {}; its commit was refused",
+                self.inner.opts.name,
+                String::from_utf8_lossy(&fence.key)
+            )))
+        }
+    }
+
+    /// Writes `bytes` (or the file at `path`) as parts of entry `seq` from part `*n` on.
+    async fn write_parts(&self, seq: u64, n: &mut u32, mut src: impl Read) -> Result<Parts, StoreError> {
+        let first = *n;
+        let mut len = 0u64;
+        let mut buf = vec![0u8; self.inner.opts.part_bytes];
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let got = src
+                    .read(&mut buf[filled..])
+                    .map_err(|e| etcd_err("reading a file to replicate", e))?;
+                if got == 0 {
+                    break;
+                }
+                filled += got;
+            }
+            if filled == 0 {
+                break;
+            }
+            let key = part_key(&self.inner.opts.prefix, seq, *n);
+            self.fenced(vec![], vec![TxnOp::put(key, buf[..filled].to_vec(), None)])
+                .await?;
+            *n += 1;
+            len += filled as u64;
+            if filled < buf.len() {
+                break;
+            }
+        }
+        Ok(Parts {
+            first,
+            count: *n - first,
+            len,
+        })
+    }
+}
+
+/// Waits until this replica holds the leader key; returns its fence and lease.
+async fn campaign(
+    client: &etcd_client::Client,
+    opts: &EtcdOptions,
+    waiting: &Waiting,
+) -> Result<(Fence, i64), StoreError> {
+    let key = format!("{}/leader", opts.prefix).into_bytes();
+    let mut kv = client.kv_client();
+    let mut lease_client = client.lease_client();
+    let mut last_told = None::<std::time::Instant>;
+    loop {
+        let lease = lease_client
+            .grant(opts.lease_ttl_s, None)
+            .await
+            .map_err(|e| etcd_err("granting a lease", e))?
+            .id();
+        let put = TxnOp::put(key.clone(), opts.name.clone(), Some(PutOptions::new().with_lease(lease)));
+        let resp = kv
+            .txn(
+                Txn::new()
+                    .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then(vec![put.clone()])
+                    .or_else(vec![TxnOp::get(key.clone(), None)]),
+            )
+            .await
+            .map_err(|e| etcd_err("campaigning", e))?;
+        if resp.succeeded() {
+            let revision = resp.header().map_or(0, |h| h.revision());
+            return Ok((Fence { key, revision }, lease));
+        }
+        let holder = resp.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.value()).to_string(),
+                    kv.create_revision(),
+                )
+            }),
+            _ => None,
+        });
+        if let Some((name, revision)) = &holder
+            && name == &opts.name
+        {
+            // This replica held it before it restarted (a replica's embedded store admits
+            // one process): take it over at once, as a new key, so that writes of the
+            // previous process, were it still alive, are refused.
+            let resp = kv
+                .txn(
+                    Txn::new()
+                        .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, *revision)])
+                        .and_then(vec![TxnOp::delete(key.clone(), None)]),
+                )
+                .await
+                .map_err(|e| etcd_err("taking over the election", e))?;
+            let _ = resp;
+            let _ = lease_client.revoke(lease).await;
+            continue;
+        }
+        let _ = lease_client.revoke(lease).await;
+        if last_told.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            waiting(holder.as_ref().map_or("(none)", |(n, _)| n.as_str()));
+            last_told = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Renews the lease every third of its life; on failure, says the replica is deposed.
+async fn keep_alive(
+    client: etcd_client::Client,
+    lease: i64,
+    ttl_s: i64,
+    deposed: tokio::sync::watch::Sender<Option<String>>,
+) {
+    let every = Duration::from_millis((ttl_s.max(1) as u64 * 1000) / 3);
+    let mut lease_client = client.lease_client();
+    let why = match lease_client.keep_alive(lease).await {
+        Err(e) => format!("cannot renew the election lease: {e}"),
+        Ok((mut keeper, mut stream)) => loop {
+            if let Err(e) = keeper.keep_alive().await {
+                break format!("cannot renew the election lease: {e}");
+            }
+            match tokio::time::timeout(every, stream.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => break "the election lease expired".to_string(),
+                Ok(Ok(None)) => break "etcd closed the lease stream".to_string(),
+                Ok(Err(e)) => break format!("cannot renew the election lease: {e}"),
+                Err(_) => break "etcd did not answer a lease renewal in time".to_string(),
+            }
+            tokio::time::sleep(every).await;
+        },
+    };
+    deposed.send_replace(Some(format!("lost the election: {why}")));
+}
+
+impl Store for EtcdStore {
+    fn stage(&self) -> Result<StagedInput, StoreError> {
+        self.inner.local.stage()
+    }
+
+    async fn apply(&self, set: WriteSet) -> Result<(), StoreError> {
+        if set.is_empty() {
+            return Ok(());
+        }
+        let mut next = self.inner.next.lock().await;
+        let seq = *next;
+        let mut n = 0u32;
+        let mut entry = Entry {
+            ops: set.ops.clone(),
+            inputs: Vec::with_capacity(set.inputs.len()),
+            files: Vec::with_capacity(set.files.len()),
+        };
+        for input in &set.inputs {
+            let f = std::fs::File::open(input.file.path()).map_err(|e| etcd_err("reading an input file", e))?;
+            let content = self.write_parts(seq, &mut n, f).await?;
+            entry.inputs.push(EntryInput {
+                batch: input.batch,
+                requests: input.requests.as_ref().clone(),
+                line_errors: input.line_errors.clone(),
+                content,
+            });
+        }
+        for (id, staged) in &set.files {
+            let f = std::fs::File::open(staged.path()).map_err(|e| etcd_err("reading an uploaded file", e))?;
+            let parts = self.write_parts(seq, &mut n, f).await?;
+            entry.files.push((*id, parts));
+        }
+        let bytes = postcard::to_allocvec(&entry).map_err(|e| etcd_err("encoding a commit", e))?;
+        let value = if bytes.len() <= self.inner.opts.part_bytes {
+            LogValue::Inline(bytes)
+        } else {
+            LogValue::InParts(self.write_parts(seq, &mut n, bytes.as_slice()).await?)
+        };
+        let value = postcard::to_allocvec(&value).map_err(|e| etcd_err("encoding a commit", e))?;
+        let key = log_key(&self.inner.opts.prefix, seq);
+        self.fenced(
+            vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+            vec![TxnOp::put(key, value, None)],
+        )
+        .await?;
+        // Committed: the embedded store follows. Should that fail, `reopen` applies the
+        // entry from the log.
+        *next = seq + 1;
+        drop(next);
+        let local = self.inner.local.clone();
+        tokio::task::spawn_blocking(move || local.apply_replicated(set, seq))
+            .await
+            .map_err(|e| etcd_err("applying a commit", e))?
+    }
+
+    async fn reopen(&self) -> Result<(), StoreError> {
+        self.inner.local.reopen().await?;
+        let _guard = self.inner.next.lock().await;
+        self.catch_up().await.map(|_| ())
+    }
+
+    async fn load(&self) -> Result<Loaded, StoreError> {
+        self.inner.local.load().await
+    }
+
+    async fn idle_shares(&self) -> Result<Vec<IdleRow>, StoreError> {
+        self.inner.local.idle_shares().await
+    }
+
+    async fn history(&self) -> Result<Vec<HistoryRow>, StoreError> {
+        self.inner.local.history().await
+    }
+
+    async fn bodies(&self, items: Vec<RequestRef>) -> Result<Vec<Option<LeasedBody>>, StoreError> {
+        self.inner.local.bodies(items).await
+    }
+
+    async fn results(&self, batch: BatchId, kind: ResultKind, cursor: Cursor, limit: usize) -> Result<Page, StoreError> {
+        self.inner.local.results(batch, kind, cursor, limit).await
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        self.inner.local.free_bytes()
+    }
+
+    fn file_path(&self, id: FileId) -> Option<PathBuf> {
+        self.inner.local.file_path(id)
+    }
+
+    async fn backup(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<tokenfab_store::backup::BackupSummary, StoreError> {
+        Store::backup(&self.inner.local, out).await
+    }
+}
