@@ -11,7 +11,8 @@
 # - helm-python-sdk (Helm's own Go SDK) and kubernetes-validate, to lint, render and
 #   validate the Helm chart (tests/chart), and pytest to run those tests
 # - with apt-get: Prometheus (prometheus, promtool) for the metrics test, systemd-analyze for
-#   the systemd units
+#   the systemd units, etcd (Debian's etcd-server) for the etcd store backend's tests, and
+#   protoc (protobuf-compiler), which the etcd client crate's build needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tf-cache
@@ -31,6 +32,12 @@ command -v mount >/dev/null 2>&1 || need+=(mount)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # systemd-analyze checks the systemd units in deploy/systemd.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# etcd: the etcd store backend's tests start a real one on loopback (crates/tokenfab-store-etcd).
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# protoc: the etcd-client crate compiles etcd's protobuf files with it at build time (the
+# workspace's own protobuf files use a vendored protoc; `tokenfab` without the etcd feature
+# needs none).
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -81,6 +88,7 @@ export TOKENFAB_LLAMA_SERVER="$LLAMA"
 export TOKENFAB_SMOLLM2_GGUF="$GGUF"
 export TOKENFAB_REQUIRE_LLAMA=1
 export TOKENFAB_REQUIRE_PROMETHEUS=1
+export TOKENFAB_REQUIRE_ETCD=1
 export TOKENFAB_PYTHON="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 ENV
 echo "setup: done (llama-server $LLAMA)"

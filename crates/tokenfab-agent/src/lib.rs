@@ -166,25 +166,42 @@ pub async fn run(
     if opts.replicas.is_empty() {
         return Err(AgentError::NoReplicas);
     }
-    let mut endpoint = Channel::from_shared(opts.control_url.clone()).map_err(|e| AgentError::ControlUrl {
-        url: opts.control_url.clone(),
-        cause: e.to_string(),
-    })?;
-    if let Some(tls) = &opts.tls {
-        endpoint = endpoint
-            .tls_config(tls.clone())
-            .map_err(|e| AgentError::Tls(e.to_string()))?;
+    // Several URLs (comma-separated): the replicas of a replicated control plane, of
+    // which only the elected one listens; calls go to whichever answers, so the agent
+    // follows a new leader by itself.
+    let mut endpoints = Vec::new();
+    for url in opts.control_url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let mut endpoint = Channel::from_shared(url.to_string()).map_err(|e| AgentError::ControlUrl {
+            url: url.to_string(),
+            cause: e.to_string(),
+        })?;
+        if let Some(tls) = &opts.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| AgentError::Tls(e.to_string()))?;
+        }
+        endpoints.push(
+            endpoint
+                .connect_timeout(Duration::from_secs(5))
+                // A call that hangs (half-open connection, stuck server) fails instead of
+                // blocking the agent's lease, report or heartbeat loop forever.
+                .timeout(Duration::from_secs(30))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true),
+        );
     }
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        // A call that hangs (half-open connection, stuck server) fails instead of
-        // blocking the agent's lease, report or heartbeat loop forever.
-        .timeout(Duration::from_secs(30))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = match endpoints.len() {
+        0 => {
+            return Err(AgentError::ControlUrl {
+                url: opts.control_url.clone(),
+                cause: "no URL given".into(),
+            });
+        }
+        1 => endpoints.remove(0).connect_lazy(),
+        _ => Channel::balance_list(endpoints.into_iter()),
+    };
     let given = opts.agent_token.expose().trim();
     let node_token = if tokenfab_identity::is_node_token(given) {
         given.to_string()

@@ -31,6 +31,8 @@
 //! (2 GiB by default, `--quota-backend-bytes`) bounds the inputs it can hold, and log
 //! entries are not yet compacted (see the crate's README section in `docs/ha.md`).
 
+pub mod testing;
+
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -324,16 +326,14 @@ impl EtcdStore {
             let page = kv
                 .get(
                     part_key(prefix, seq, n),
-                    Some(
-                        GetOptions::new()
-                            .with_range(part_key(prefix, seq, end))
-                            .with_limit(1),
-                    ),
+                    Some(GetOptions::new().with_range(part_key(prefix, seq, end)).with_limit(1)),
                 )
                 .await
                 .map_err(|e| etcd_err("reading a part", e))?;
             let Some(part) = page.kvs().first() else {
-                return Err(StoreError::Corrupt(format!("etcd log entry {seq}: part {n} is missing")));
+                return Err(StoreError::Corrupt(format!(
+                    "etcd log entry {seq}: part {n} is missing"
+                )));
             };
             out.write_all(part.value()).map_err(|e| etcd_err("writing a part", e))?;
             n += 1;
@@ -437,7 +437,11 @@ async fn campaign(
             .await
             .map_err(|e| etcd_err("granting a lease", e))?
             .id();
-        let put = TxnOp::put(key.clone(), opts.name.clone(), Some(PutOptions::new().with_lease(lease)));
+        let put = TxnOp::put(
+            key.clone(),
+            opts.name.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
         let resp = kv
             .txn(
                 Txn::new()
@@ -452,12 +456,10 @@ async fn campaign(
             return Ok((Fence { key, revision }, lease));
         }
         let holder = resp.op_responses().into_iter().find_map(|r| match r {
-            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.value()).to_string(),
-                    kv.create_revision(),
-                )
-            }),
+            etcd_client::TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| (String::from_utf8_lossy(kv.value()).to_string(), kv.create_revision())),
             _ => None,
         });
         if let Some((name, revision)) = &holder
@@ -592,7 +594,13 @@ impl Store for EtcdStore {
         self.inner.local.bodies(items).await
     }
 
-    async fn results(&self, batch: BatchId, kind: ResultKind, cursor: Cursor, limit: usize) -> Result<Page, StoreError> {
+    async fn results(
+        &self,
+        batch: BatchId,
+        kind: ResultKind,
+        cursor: Cursor,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
         self.inner.local.results(batch, kind, cursor, limit).await
     }
 

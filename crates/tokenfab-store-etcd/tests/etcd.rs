@@ -1,86 +1,18 @@
 //! The etcd backend against a real etcd (Debian's `etcd-server`, which the test command
-//! installs), started by each test on loopback ports of its own and stopped at its end.
-//! Without an `etcd` binary the tests say so and pass, unless `TOKENFAB_REQUIRE_ETCD=1`
-//! (set by the test command), where its absence fails them.
+//! installs), started by each test on loopback ports of its own and stopped at its end
+//! ([`tokenfab_store_etcd::testing::Etcd`]).
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tokenfab_core::control::{ControlConfig, ControlCore};
 use tokenfab_core::{RequestRef, Timestamp};
 use tokenfab_store::{Store, conformance};
+use tokenfab_store_etcd::testing::Etcd;
 use tokenfab_store_etcd::{EtcdOptions, EtcdStore};
 
-/// A real etcd on loopback, killed when dropped.
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn etcd_binary() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("TOKENFAB_ETCD") {
-        return Some(PathBuf::from(p));
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("etcd"))
-            .find(|p| p.is_file())
-    })
-}
-
-/// Starts etcd, or returns `None` (after saying why) where there is none and none is required.
 async fn etcd() -> Option<Etcd> {
-    let Some(bin) = etcd_binary() else {
-        assert!(
-            std::env::var("TOKENFAB_REQUIRE_ETCD").as_deref() != Ok("1"),
-            "TOKENFAB_REQUIRE_ETCD=1 but no etcd binary: install Debian's etcd-server (scripts/setup-test-deps.sh does)"
-        );
-        eprintln!("no etcd binary on PATH (Debian: apt-get install etcd-server): the etcd tests are skipped");
-        return None;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new(bin)
-        .args(["--name", "t", "--data-dir"])
-        .arg(dir.path().join("etcd"))
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("t={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting etcd");
-    let e = Etcd {
-        child,
-        url: url.clone(),
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await
-            && c.get("probe", None).await.is_ok()
-        {
-            return Some(e);
-        }
-        assert!(Instant::now() < deadline, "etcd did not start on {url}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Etcd::start().await
 }
 
 fn options(etcd: &Etcd, name: &str) -> EtcdOptions {
@@ -139,9 +71,13 @@ async fn a_new_replica_is_elected_when_the_leader_stops_and_serves_everything_it
     let b = tokio::spawn({
         let (opts, waited) = (options(&etcd, "cp-b"), waited.clone());
         async move {
-            EtcdStore::open(opts, &b_dir, Box::new(move |leader| waited.lock().unwrap().push(leader.to_string())))
-                .await
-                .expect("opened")
+            EtcdStore::open(
+                opts,
+                &b_dir,
+                Box::new(move |leader| waited.lock().unwrap().push(leader.to_string())),
+            )
+            .await
+            .expect("opened")
         }
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -185,7 +121,9 @@ async fn a_deposed_leader_cannot_commit() {
     let (_, late) = conformance::submit(&a, &mut core_a, "acme", 5, t);
     let err = a.apply(late).await.unwrap_err();
     assert!(err.to_string().contains("no longer the elected one"), "{err}");
-    let why = tokio::time::timeout(Duration::from_secs(5), a.deposed()).await.expect("deposed");
+    let why = tokio::time::timeout(Duration::from_secs(5), a.deposed())
+        .await
+        .expect("deposed");
     assert!(!why.is_empty());
 
     // B commits (with ids from the same core, standing in for B's core rebuilt from the

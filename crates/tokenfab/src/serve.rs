@@ -39,6 +39,28 @@ pub struct ServerArgs {
     /// directory loses nothing that was acknowledged.
     #[arg(long, default_value = "tokenfab-data")]
     data_dir: PathBuf,
+    /// Where commits are made durable. `embedded`: the data directory alone (one
+    /// replica). `etcd`: a log in etcd (--etcd-endpoints) shared by several replicas with
+    /// the same --etcd-prefix; one is elected and serves, the others wait, and a new one
+    /// takes over within --etcd-lease-ttl when it stops; each keeps its copy in
+    /// --data-dir. (Needs a tokenfab built with `--features etcd`.)
+    #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+    /// etcd's client URLs, comma-separated (with --store etcd).
+    #[arg(long, value_delimiter = ',', env = "TOKENFAB_ETCD_ENDPOINTS")]
+    etcd_endpoints: Vec<String>,
+    /// The key prefix of this control plane in etcd (with --store etcd): replicas sharing
+    /// it are one control plane.
+    #[arg(long, default_value = "/tokenfab")]
+    etcd_prefix: String,
+    /// This replica's name, unique among the replicas (with --store etcd); default: the
+    /// host name ($HOSTNAME, a pod's name in a StatefulSet).
+    #[arg(long, env = "TOKENFAB_REPLICA_NAME")]
+    replica_name: Option<String>,
+    /// How long the elected replica's etcd lease lasts without renewal (with --store
+    /// etcd): a replica that stops is replaced after at most this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    etcd_lease_ttl: Duration,
     /// A tenant and its bearer token, NAME=TOKEN (repeatable). Handy for trials; tokens on
     /// a command line are visible to every user of the machine (`ps`): use
     /// --tenants-file in production.
@@ -351,7 +373,6 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
     policies
         .check()
         .map_err(|e| anyhow::anyhow!("{}", policy_flag_error(&e)))?;
-    let store = RedbStore::open(&a.data_dir)?;
     let config = ServerConfig {
         record: a.record.folder(),
         listen: a.listen,
@@ -402,11 +423,70 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             ..tokenfab_control::Transport::default()
         },
     };
+    match a.store {
+        StoreKind::Embedded => {
+            let store = RedbStore::open(&a.data_dir)?;
+            run_server(config, store, &a.data_dir, std::future::pending()).await
+        }
+        StoreKind::Etcd => {
+            #[cfg(feature = "etcd")]
+            {
+                if a.etcd_endpoints.is_empty() {
+                    bail!("--store etcd needs --etcd-endpoints URL[,URL...] (etcd's client URLs)");
+                }
+                let name = match a.replica_name.or_else(|| std::env::var("HOSTNAME").ok()) {
+                    Some(n) if !n.is_empty() => n,
+                    _ => bail!("--store etcd needs --replica-name NAME (unique among the replicas)"),
+                };
+                let mut opts = tokenfab_store_etcd::EtcdOptions::new(a.etcd_endpoints, &a.etcd_prefix, &name);
+                opts.lease_ttl_s = i64::try_from(a.etcd_lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+                eprintln!(
+                    "replica {name}: joining the election at {}/leader on {}",
+                    opts.prefix,
+                    opts.endpoints.join(",")
+                );
+                let store = tokenfab_store_etcd::EtcdStore::open(
+                    opts,
+                    &a.data_dir,
+                    Box::new(|leader| {
+                        eprintln!("waiting: replica {leader} is the elected one; this one takes over when it stops")
+                    }),
+                )
+                .await?;
+                eprintln!(
+                    "replica {name}: elected; the log is applied up to entry {}",
+                    store.next_seq().await - 1
+                );
+                let deposed = {
+                    let s = store.clone();
+                    async move { s.deposed().await }
+                };
+                run_server(config, store, &a.data_dir, deposed).await
+            }
+            #[cfg(not(feature = "etcd"))]
+            {
+                let _ = (a.etcd_endpoints, a.etcd_prefix, a.replica_name, a.etcd_lease_ttl);
+                bail!(
+                    "--store etcd: this tokenfab was built without the etcd backend; build it with `cargo build --release --features etcd` (which needs protoc: apt-get install protobuf-compiler)"
+                )
+            }
+        }
+    }
+}
+
+/// Serves until a signal, or until `deposed` says this replica may no longer commit (it
+/// then exits with an error: its supervisor restarts it, and it waits for the election).
+async fn run_server<S: tokenfab_store::Store + Clone>(
+    config: ServerConfig,
+    store: S,
+    data_dir: &std::path::Path,
+    deposed: impl std::future::Future<Output = String>,
+) -> anyhow::Result<()> {
     let server = tokenfab_control::start(config, store).await?;
     eprintln!(
         "tokenfab control plane listening on {} (data in {})",
         server.addr,
-        a.data_dir.display()
+        data_dir.display()
     );
     if let Some(m) = server.metrics_addr {
         eprintln!("metrics on http://{m}/metrics");
@@ -420,6 +500,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             eprintln!("stopping");
             return Ok(());
         }
+        why = deposed => bail!("{why}; stopping (this replica may no longer commit)"),
     }
     Ok(())
 }
@@ -437,6 +518,15 @@ pub fn read_profiles(paths: &[PathBuf]) -> anyhow::Result<tokenfab_core::profile
     tokenfab_core::profile::Profiles::new(&list).context("--profile")
 }
 
+/// Where the control plane's commits are made durable.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// The data directory's embedded store (one replica).
+    Embedded,
+    /// A log in etcd shared by the replicas, each with its copy in its data directory.
+    Etcd,
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeviceKind {
     /// Read devices from each replica's engine emulator (`/emu/devices`).
@@ -452,7 +542,8 @@ pub enum DeviceKind {
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// Control plane gRPC URL.
+    /// Control plane gRPC URL; for a replicated control plane (`server --store etcd`),
+    /// every replica's URL, comma-separated: the agent talks to whichever is elected.
     #[arg(long, env = "TOKENFAB_CONTROL", default_value = "http://127.0.0.1:7443")]
     control: String,
     /// This node's token (`tfn1.…`, from `tokenfab admin node-token NAME`), or the

@@ -1,0 +1,217 @@
+//! Leader loss on the etcd backend, with real processes on loopback: a real etcd (Debian's
+//! `etcd-server`), two `tokenfab server --store etcd` replicas sharing one prefix, an agent
+//! given both replicas' URLs, and an engine emulator. Round after round, under steady
+//! submission and result load, the elected replica is killed with SIGKILL; the other is
+//! elected, applies the log it has not seen, and serves; the killed one is restarted and
+//! waits as the follower. Every batch accepted before or during the rounds completes with
+//! exactly one result per request, read from whichever replica then serves; none is lost
+//! or duplicated. The time from the kill until the new leader answers a read is printed
+//! per round, with its median and maximum.
+//!
+//! Rounds: 3 in the test command; `TOKENFAB_FAILOVER_ROUNDS=20` for a benchmark-style run.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokenfab_proto::v1 as pb;
+use tokenfab_store_etcd::testing::Etcd;
+
+const TENANT: &str = "acme-token";
+const AGENT: &str = "agent-secret-of-the-tests";
+
+fn replica(dir: &Path, etcd: &str, name: &str, port: u16) -> Proc {
+    let data = dir.join(format!("data-{name}"));
+    Proc::spawn(
+        &format!("server-{name}"),
+        dir,
+        &[
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            etcd,
+            "--etcd-prefix",
+            "/tokenfab/e2e",
+            "--replica-name",
+            name,
+            "--etcd-lease-ttl",
+            "1s",
+            "--tenant",
+            &format!("acme={TENANT}"),
+            "--lease-ttl",
+            "2s",
+            "--heartbeat-interval",
+            "250ms",
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", AGENT)],
+    )
+}
+
+/// The batch as `addr` serves it, if it answers.
+async fn try_get(addr: SocketAddr, id: &str) -> Option<pb::Batch> {
+    let mut c = tenant_client(addr, TENANT).await;
+    let call = c.get_batch(pb::GetBatchRequest { batch_id: id.into() });
+    match tokio::time::timeout(Duration::from_millis(500), call).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let rounds: usize = std::env::var("TOKENFAB_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    let names = ["cp-a", "cp-b"];
+
+    let mut servers: Vec<Proc> = vec![replica(dir.path(), &etcd.url, names[0], ports[0])];
+    wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut servers[0]]);
+    servers.push(replica(dir.path(), &etcd.url, names[1], ports[1]));
+    let mut leader = 0usize;
+
+    let emu_port = free_port();
+    let mut emu = Proc::spawn(
+        "emu",
+        dir.path(),
+        &[
+            "engine-emu",
+            "--listen",
+            &format!("127.0.0.1:{emu_port}"),
+            "--time-scale",
+            "2",
+        ],
+        &[],
+    );
+    wait_tcp(
+        format!("127.0.0.1:{emu_port}").parse().unwrap(),
+        Duration::from_secs(20),
+        &mut [&mut emu],
+    );
+    let control = format!("http://{},http://{}", addrs[0], addrs[1]);
+    let agent = Proc::spawn(
+        "agent",
+        dir.path(),
+        &[
+            "agent",
+            "--control",
+            &control,
+            "--node",
+            "node0",
+            "--replica",
+            &format!("url=http://127.0.0.1:{emu_port},model=llama-3.1-8b,window=32"),
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", AGENT)],
+    );
+    let mut procs_for_logs = vec![agent, emu];
+    wait_registered(&procs_for_logs, Duration::from_secs(30)).await;
+
+    let mut batches: Vec<(String, usize)> = Vec::new();
+    let mut failovers = Vec::new();
+    let mut recorded_at_kill = Vec::new();
+    for round in 0..rounds {
+        // Load: a new batch now, and results being recorded for the earlier ones.
+        let n = 200;
+        let id = create(addrs[leader], TENANT, chat_batch(&format!("r{round}-"), n, 32)).await;
+        batches.push((id.clone(), n));
+        // Results being recorded: wait until this leader has recorded a few more, so that
+        // the kill comes mid-way through the work.
+        let total = |addrs: SocketAddr, batches: Vec<String>| async move {
+            let mut done = 0;
+            for b in &batches {
+                done += try_get(addrs, b).await.map_or(0, |b| counts(&b).completed);
+            }
+            done
+        };
+        let ids: Vec<String> = batches.iter().map(|(b, _)| b.clone()).collect();
+        let before = total(addrs[leader], ids.clone()).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let done = loop {
+            let done = total(addrs[leader], ids.clone()).await;
+            if done >= before + 5 {
+                break done;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {} recorded no new result in 60 s ({done} in all):\n{}\n{}",
+                names[leader],
+                servers[leader].log(),
+                procs_for_logs[0].log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        recorded_at_kill.push((done, batches.iter().map(|(_, n)| *n as u32).sum::<u32>()));
+
+        servers[leader].kill9();
+        let killed = Instant::now();
+        let next = 1 - leader;
+        let deadline = killed + Duration::from_secs(30);
+        loop {
+            if let Some(b) = try_get(addrs[next], &id).await {
+                assert_eq!(b.id, id);
+                break;
+            }
+            if let Some(status) = servers[next].exited() {
+                panic!("{} exited ({status}):\n{}", servers[next].name, servers[next].log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replica serves 30 s after the kill:\n{}",
+                servers[next].log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = killed.elapsed();
+        eprintln!("round {round}: {} took over in {took:?}", names[next]);
+        failovers.push(took);
+        // The killed replica comes back and waits as the follower.
+        servers[leader] = replica(dir.path(), &etcd.url, names[leader], ports[leader]);
+        leader = next;
+    }
+
+    // Every batch completes, on whichever replica serves now, with exactly one result per
+    // request.
+    let mut all_procs: Vec<Proc> = servers;
+    all_procs.append(&mut procs_for_logs);
+    for (id, n) in &batches {
+        let b = wait_completed(addrs[leader], TENANT, id, Duration::from_secs(120), &all_procs).await;
+        assert_eq!(counts(&b).completed as usize, *n, "{b:?}");
+        let results = all_results(addrs[leader], TENANT, id, pb::ResultKind::Output).await;
+        let ids: BTreeSet<&str> = results.iter().map(|r| r.custom_id.as_str()).collect();
+        assert_eq!(results.len(), *n, "one result per request in {id}");
+        assert_eq!(ids.len(), *n, "no duplicate in {id}");
+    }
+    eprintln!("results recorded / requests accepted at each kill: {recorded_at_kill:?}");
+    assert!(
+        recorded_at_kill.iter().any(|&(done, all)| done > 0 && done < all),
+        "no kill came while results were being recorded: {recorded_at_kill:?}"
+    );
+    let mut sorted = failovers.clone();
+    sorted.sort();
+    eprintln!(
+        "failover over {} rounds (etcd lease 1 s): median {:?}, max {:?}",
+        sorted.len(),
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+    assert!(
+        sorted[sorted.len() - 1] < Duration::from_secs(10),
+        "a failover took {:?}",
+        sorted[sorted.len() - 1]
+    );
+}
