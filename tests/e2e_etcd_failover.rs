@@ -215,3 +215,64 @@ async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
         sorted[sorted.len() - 1]
     );
 }
+
+/// The batch ids `addr` lists for the tenant.
+async fn listed(addr: SocketAddr) -> BTreeSet<String> {
+    let mut c = tenant_client(addr, TENANT).await;
+    let r = c
+        .list_batches(pb::ListBatchesRequest {
+            limit: 1000,
+            before: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.batches.into_iter().map(|b| b.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let addrs: Vec<SocketAddr> = ports.iter().map(|p| format!("127.0.0.1:{p}").parse().unwrap()).collect();
+    let mut a = replica(dir.path(), &etcd.url, "cp-a", ports[0]);
+    wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
+    let b = replica(dir.path(), &etcd.url, "cp-b", ports[1]);
+    let x = create(addrs[0], TENANT, chat_batch("x", 3, 8)).await;
+
+    // A is paused (SIGSTOP) past its lease; B is elected and serves, and takes a write.
+    a.signal("STOP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while try_get(addrs[1], &x).await.is_none() {
+        assert!(Instant::now() < deadline, "B did not take over:\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let y = create(addrs[1], TENANT, chat_batch("y", 3, 8)).await;
+
+    // A resumes, still listening, and is sent a write at once: it must not acknowledge it.
+    a.signal("CONT");
+    let mut c = tenant_client(addrs[0], TENANT).await;
+    let z = tokio::time::timeout(Duration::from_secs(10), c.create_batch(chat_batch("z", 3, 8))).await;
+    if let Ok(Ok(r)) = z {
+        panic!(
+            "the paused leader acknowledged a write after another replica was elected: {:?}\n{}",
+            r.into_inner().batch,
+            a.log()
+        );
+    }
+    // It stops by itself, saying why.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = a.exited() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the deposed replica still runs:\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{status}");
+    assert!(a.log().contains("lost the election") || a.log().contains("no longer the elected one"), "{}", a.log());
+    // B holds what was acknowledged (X by A, Y by B), and nothing else.
+    assert_eq!(listed(addrs[1]).await, BTreeSet::from([x, y]));
+    drop(b);
+}

@@ -58,6 +58,15 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} {}", self.name);
+    }
+
     /// SIGTERM (a graceful stop), then waits up to `within` for the process to exit.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         let _ = Command::new("kill")

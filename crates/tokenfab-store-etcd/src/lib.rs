@@ -489,30 +489,57 @@ async fn campaign(
     }
 }
 
-/// Renews the lease every third of its life; on failure, says the replica is deposed.
+/// Renews the lease every third of its life; on failure, says the replica is deposed. Also
+/// by its own clock: once a whole lease life has passed since the last renewal etcd
+/// confirmed (the process was paused, or etcd is unreachable), the lease may have expired
+/// and another replica may be elected, so the replica counts itself deposed at once rather
+/// than at its next refused write.
 async fn keep_alive(
     client: etcd_client::Client,
     lease: i64,
     ttl_s: i64,
     deposed: tokio::sync::watch::Sender<Option<String>>,
 ) {
-    let every = Duration::from_millis((ttl_s.max(1) as u64 * 1000) / 3);
-    let mut lease_client = client.lease_client();
-    let why = match lease_client.keep_alive(lease).await {
-        Err(e) => format!("cannot renew the election lease: {e}"),
-        Ok((mut keeper, mut stream)) => loop {
-            if let Err(e) = keeper.keep_alive().await {
-                break format!("cannot renew the election lease: {e}");
+    let ttl = Duration::from_secs(ttl_s.max(1) as u64);
+    let every = ttl / 3;
+    let renewed = std::sync::Mutex::new(tokio::time::Instant::now());
+    let renewals = async {
+        let mut lease_client = client.lease_client();
+        match lease_client.keep_alive(lease).await {
+            Err(e) => format!("cannot renew the election lease: {e}"),
+            Ok((mut keeper, mut stream)) => loop {
+                let asked = tokio::time::Instant::now();
+                if let Err(e) = keeper.keep_alive().await {
+                    break format!("cannot renew the election lease: {e}");
+                }
+                match tokio::time::timeout(every, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        if let Ok(mut t) = renewed.lock() {
+                            *t = asked;
+                        }
+                    }
+                    Ok(Ok(Some(_))) => break "the election lease expired".to_string(),
+                    Ok(Ok(None)) => break "etcd closed the lease stream".to_string(),
+                    Ok(Err(e)) => break format!("cannot renew the election lease: {e}"),
+                    Err(_) => break "etcd did not answer a lease renewal in time".to_string(),
+                }
+                tokio::time::sleep(every).await;
+            },
+        }
+    };
+    let watchdog = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let since = renewed.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+            if since >= ttl {
+                break format!("no lease renewal confirmed for {since:?} (the lease lasts {ttl:?}): another replica may be elected");
             }
-            match tokio::time::timeout(every, stream.message()).await {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                Ok(Ok(Some(_))) => break "the election lease expired".to_string(),
-                Ok(Ok(None)) => break "etcd closed the lease stream".to_string(),
-                Ok(Err(e)) => break format!("cannot renew the election lease: {e}"),
-                Err(_) => break "etcd did not answer a lease renewal in time".to_string(),
-            }
-            tokio::time::sleep(every).await;
-        },
+        }
+    };
+    let why = tokio::select! {
+        why = renewals => why,
+        why = watchdog => why,
     };
     deposed.send_replace(Some(format!("lost the election: {why}")));
 }
