@@ -235,7 +235,10 @@ async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
     let Some(etcd) = Etcd::start().await else { return };
     let dir = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port()];
-    let addrs: Vec<SocketAddr> = ports.iter().map(|p| format!("127.0.0.1:{p}").parse().unwrap()).collect();
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
     let mut a = replica(dir.path(), &etcd.url, "cp-a", ports[0]);
     wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
     let b = replica(dir.path(), &etcd.url, "cp-b", ports[1]);
@@ -267,11 +270,19 @@ async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
         if let Some(s) = a.exited() {
             break s;
         }
-        assert!(Instant::now() < deadline, "the deposed replica still runs:\n{}", a.log());
+        assert!(
+            Instant::now() < deadline,
+            "the deposed replica still runs:\n{}",
+            a.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(!status.success(), "{status}");
-    assert!(a.log().contains("lost the election") || a.log().contains("no longer the elected one"), "{}", a.log());
+    assert!(
+        a.log().contains("lost the election") || a.log().contains("no longer the elected one"),
+        "{}",
+        a.log()
+    );
     // B holds what was acknowledged (X by A, Y by B), and nothing else.
     assert_eq!(listed(addrs[1]).await, BTreeSet::from([x, y]));
     drop(b);

@@ -157,6 +157,44 @@ fn failure(s: &Status) -> CallFailure {
     }
 }
 
+/// Keeps the replicas of a replicated control plane that accept connections (only the
+/// elected one listens) in the agent's channel, checking every quarter second, so calls go
+/// to the leader and follow a new one. Ends when the channel is gone.
+async fn follow_leader(
+    endpoints: Vec<tonic::transport::Endpoint>,
+    changes: tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, tonic::transport::Endpoint>>,
+) {
+    use tonic::transport::channel::Change;
+    let mut present = vec![false; endpoints.len()];
+    loop {
+        for (i, e) in endpoints.iter().enumerate() {
+            let uri = e.uri();
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            let host = uri
+                .host()
+                .unwrap_or("localhost")
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let up = matches!(
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect((host, port))).await,
+                Ok(Ok(_))
+            );
+            let change = match (up, present[i]) {
+                (true, false) => Change::Insert(i, e.clone()),
+                (false, true) => Change::Remove(i),
+                _ => continue,
+            };
+            present[i] = up;
+            if changes.send(change).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Runs the agent until `shutdown` completes and its in-flight work is reported.
 pub async fn run(
     opts: AgentOptions,
@@ -200,7 +238,11 @@ pub async fn run(
             });
         }
         1 => endpoints.remove(0).connect_lazy(),
-        _ => Channel::balance_list(endpoints.into_iter()),
+        _ => {
+            let (channel, changes) = Channel::balance_channel::<usize>(endpoints.len());
+            tokio::spawn(follow_leader(endpoints, changes));
+            channel
+        }
     };
     let given = opts.agent_token.expose().trim();
     let node_token = if tokenfab_identity::is_node_token(given) {

@@ -13,9 +13,11 @@
 //!                                  inline, or its parts when it is larger than one part
 //! <prefix>/part/<seq>/<n, 8 digits> parts of a commit: input files and uploaded files
 //!                                  (and the commit itself when large), at most
-//!                                  `part_bytes` each (etcd refuses requests over 1.5 MiB
-//!                                  by default)
+//!                                  `part_bytes` each before compression (etcd refuses
+//!                                  requests over 1.5 MiB by default)
 //! ```
+//!
+//! Commits and parts are LZ4-compressed (results and JSONL inputs shrink several times).
 //!
 //! **Election and fencing.** A replica is elected by creating `<prefix>/leader` on an etcd
 //! lease of `lease_ttl` seconds, kept alive while it runs. Every write it makes is a
@@ -104,12 +106,13 @@ struct Parts {
     len: u64,
 }
 
-/// The value of a `log/` key.
+/// The value of a `log/` key. The encoded [`Entry`] is LZ4-compressed (a block with its
+/// size first), as is each part.
 #[derive(Debug, Serialize, Deserialize)]
 enum LogValue {
-    Inline(Vec<u8>),
-    /// The encoded [`Entry`] is in these parts.
-    InParts(Parts),
+    Lz4Inline(Vec<u8>),
+    /// The compressed entry is in these parts.
+    Lz4InParts(Parts),
 }
 
 /// The elected replica's hold on the leader key.
@@ -159,6 +162,10 @@ fn log_key(prefix: &str, seq: u64) -> String {
 fn part_key(prefix: &str, seq: u64, n: u32) -> String {
     format!("{prefix}/part/{seq:020}/{n:08}")
 }
+
+/// The embedded store fsyncs every this many commits: etcd holds each commit durably
+/// already, so the copy only bounds how much of the log a restart replays.
+const FSYNC_EVERY: u64 = 32;
 
 /// What [`EtcdStore::open`] reports while it waits to be elected.
 pub type Waiting = Box<dyn Fn(&str) + Send + Sync>;
@@ -260,6 +267,10 @@ impl EtcdStore {
                 .await
                 .map_err(|e| etcd_err("reading the log", e))?;
             if page.kvs().is_empty() {
+                let local = self.inner.local.clone();
+                tokio::task::spawn_blocking(move || local.sync())
+                    .await
+                    .map_err(|e| etcd_err("syncing the embedded store", e))??;
                 return Ok(next);
             }
             for kv_pair in page.kvs() {
@@ -273,12 +284,16 @@ impl EtcdStore {
                 let set = self.read_entry(next, kv_pair.value()).await?;
                 let local = self.inner.local.clone();
                 let seq = next;
-                tokio::task::spawn_blocking(move || local.apply_replicated(set, seq))
+                tokio::task::spawn_blocking(move || local.apply_replicated(set, seq, seq % FSYNC_EVERY == 0))
                     .await
                     .map_err(|e| etcd_err("applying the log", e))??;
                 next += 1;
             }
             if !page.more() {
+                let local = self.inner.local.clone();
+                tokio::task::spawn_blocking(move || local.sync())
+                    .await
+                    .map_err(|e| etcd_err("syncing the embedded store", e))??;
                 return Ok(next);
             }
         }
@@ -287,14 +302,17 @@ impl EtcdStore {
     /// The WriteSet of log entry `seq` (its files staged in the embedded store).
     async fn read_entry(&self, seq: u64, value: &[u8]) -> Result<WriteSet, StoreError> {
         let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("etcd log entry {seq}: {e}"));
-        let entry: Entry = match postcard::from_bytes::<LogValue>(value).map_err(corrupt)? {
-            LogValue::Inline(bytes) => postcard::from_bytes(&bytes).map_err(corrupt)?,
-            LogValue::InParts(p) => {
+        let compressed = match postcard::from_bytes::<LogValue>(value).map_err(corrupt)? {
+            LogValue::Lz4Inline(bytes) => bytes,
+            LogValue::Lz4InParts(p) => {
                 let mut bytes = Vec::with_capacity(p.len as usize);
                 self.read_parts(seq, p, &mut bytes).await?;
-                postcard::from_bytes(&bytes).map_err(corrupt)?
+                bytes
             }
         };
+        let bytes = lz4_flex::decompress_size_prepended(&compressed)
+            .map_err(|e| StoreError::Corrupt(format!("etcd log entry {seq}: {e}")))?;
+        let entry: Entry = postcard::from_bytes(&bytes).map_err(corrupt)?;
         let mut set = WriteSet {
             ops: entry.ops,
             ..Default::default()
@@ -335,7 +353,9 @@ impl EtcdStore {
                     "etcd log entry {seq}: part {n} is missing"
                 )));
             };
-            out.write_all(part.value()).map_err(|e| etcd_err("writing a part", e))?;
+            let raw = lz4_flex::decompress_size_prepended(part.value())
+                .map_err(|e| StoreError::Corrupt(format!("etcd log entry {seq}: part {n}: {e}")))?;
+            out.write_all(&raw).map_err(|e| etcd_err("writing a part", e))?;
             n += 1;
         }
         Ok(())
@@ -405,8 +425,8 @@ impl EtcdStore {
                 break;
             }
             let key = part_key(&self.inner.opts.prefix, seq, *n);
-            self.fenced(vec![], vec![TxnOp::put(key, buf[..filled].to_vec(), None)])
-                .await?;
+            let value = lz4_flex::compress_prepend_size(&buf[..filled]);
+            self.fenced(vec![], vec![TxnOp::put(key, value, None)]).await?;
             *n += 1;
             len += filled as u64;
             if filled < buf.len() {
@@ -533,7 +553,9 @@ async fn keep_alive(
             tick.tick().await;
             let since = renewed.lock().map(|t| t.elapsed()).unwrap_or(Duration::MAX);
             if since >= ttl {
-                break format!("no lease renewal confirmed for {since:?} (the lease lasts {ttl:?}): another replica may be elected");
+                break format!(
+                    "no lease renewal confirmed for {since:?} (the lease lasts {ttl:?}): another replica may be elected"
+                );
             }
         }
     };
@@ -577,10 +599,12 @@ impl Store for EtcdStore {
             entry.files.push((*id, parts));
         }
         let bytes = postcard::to_allocvec(&entry).map_err(|e| etcd_err("encoding a commit", e))?;
+        let bytes = lz4_flex::compress_prepend_size(&bytes);
         let value = if bytes.len() <= self.inner.opts.part_bytes {
-            LogValue::Inline(bytes)
+            LogValue::Lz4Inline(bytes)
         } else {
-            LogValue::InParts(self.write_parts(seq, &mut n, bytes.as_slice()).await?)
+            // Parts are compressed again (little gain, and one format for every part).
+            LogValue::Lz4InParts(self.write_parts(seq, &mut n, bytes.as_slice()).await?)
         };
         let value = postcard::to_allocvec(&value).map_err(|e| etcd_err("encoding a commit", e))?;
         let key = log_key(&self.inner.opts.prefix, seq);
@@ -594,7 +618,8 @@ impl Store for EtcdStore {
         *next = seq + 1;
         drop(next);
         let local = self.inner.local.clone();
-        tokio::task::spawn_blocking(move || local.apply_replicated(set, seq))
+        let fsync = seq % FSYNC_EVERY == 0;
+        tokio::task::spawn_blocking(move || local.apply_replicated(set, seq, fsync))
             .await
             .map_err(|e| etcd_err("applying a commit", e))?
     }

@@ -9,18 +9,22 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running etcd.
+/// A running etcd: one member, or a cluster of several on loopback.
 pub struct Etcd {
-    child: Child,
-    /// Its client URL.
+    children: Vec<Child>,
+    /// The first member's client URL.
     pub url: String,
+    /// Every member's client URL.
+    pub urls: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -43,8 +47,13 @@ fn binary() -> Option<PathBuf> {
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers.
+    /// Starts a one-member etcd and waits until it answers.
     pub async fn start() -> Option<Etcd> {
+        Etcd::cluster(1).await
+    }
+
+    /// Starts an etcd cluster of `members` on loopback and waits until it answers.
+    pub async fn cluster(members: usize) -> Option<Etcd> {
         let Some(bin) = binary() else {
             assert!(
                 std::env::var("TOKENFAB_REQUIRE_ETCD").as_deref() != Ok("1"),
@@ -54,37 +63,50 @@ impl Etcd {
             return None;
         };
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(bin)
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("t={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting etcd");
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
+        let urls: Vec<String> = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect();
+        let peers: Vec<String> = ports.iter().map(|(_, p)| format!("http://127.0.0.1:{p}")).collect();
+        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
+        let mut children = Vec::new();
+        for i in 0..members {
+            children.push(
+                Command::new(&bin)
+                    .args(["--name", &format!("m{i}"), "--data-dir"])
+                    .arg(dir.path().join(format!("m{i}")))
+                    .args(["--listen-client-urls", &urls[i], "--advertise-client-urls", &urls[i]])
+                    .args([
+                        "--listen-peer-urls",
+                        &peers[i],
+                        "--initial-advertise-peer-urls",
+                        &peers[i],
+                    ])
+                    .args([
+                        "--initial-cluster",
+                        &initial.join(","),
+                        "--initial-cluster-state",
+                        "new",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("starting etcd"),
+            );
+        }
         let e = Etcd {
-            child,
-            url: url.clone(),
+            children,
+            url: urls[0].clone(),
+            urls: urls.clone(),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await
-                && c.get("probe", None).await.is_ok()
+            // A write answers once the members have elected a leader.
+            if let Ok(mut c) = etcd_client::Client::connect(&urls, None).await
+                && c.put("probe", "1", None).await.is_ok()
             {
                 return Some(e);
             }
-            assert!(Instant::now() < deadline, "etcd did not start on {url}");
+            assert!(Instant::now() < deadline, "etcd did not start on {}", urls.join(","));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -259,8 +259,22 @@ impl RedbStore {
 
     /// Applies `set`, the replicated log's entry `seq`, and records `seq` as applied in
     /// the same transaction: after a crash, [`RedbStore::applied`] says where to go on.
-    pub fn apply_replicated(&self, set: WriteSet, seq: u64) -> Result<(), StoreError> {
-        self.apply_blocking_at(set, Some(seq))
+    /// Without `fsync`, the commit becomes durable with a later one that has it (the log
+    /// holds the entry, so a crash costs only its replay).
+    pub fn apply_replicated(&self, set: WriteSet, seq: u64, fsync: bool) -> Result<(), StoreError> {
+        self.apply_blocking_at(
+            set,
+            Some(seq),
+            if fsync { Durability::Immediate } else { Durability::None },
+        )
+    }
+
+    /// Makes every commit so far durable (one fsync).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        txn.commit().map_err(io)
     }
 
     /// The last replicated log entry applied here (0: none).
@@ -272,10 +286,10 @@ impl RedbStore {
     }
 
     fn apply_blocking(&self, set: WriteSet) -> Result<(), StoreError> {
-        self.apply_blocking_at(set, None)
+        self.apply_blocking_at(set, None, Durability::Immediate)
     }
 
-    fn apply_blocking_at(&self, set: WriteSet, seq: Option<u64>) -> Result<(), StoreError> {
+    fn apply_blocking_at(&self, set: WriteSet, seq: Option<u64>, durability: Durability) -> Result<(), StoreError> {
         let db = self.db()?;
         let dir = &self.inner.dir;
         // Input files first: in place (and the directory entry durable) before the
@@ -309,7 +323,7 @@ impl RedbStore {
         let mut dropped_files = Vec::new();
         let mut dropped = Vec::new();
         let mut txn = db.begin_write().map_err(io)?;
-        txn.set_durability(Durability::Immediate).map_err(io)?;
+        txn.set_durability(durability).map_err(io)?;
         {
             let mut batches = txn.open_table(BATCHES).map_err(io)?;
             let mut requests_t = txn.open_table(REQUESTS).map_err(io)?;

@@ -3,11 +3,18 @@
 //!     cargo bench -p tokenfab --bench throughput
 //!     cargo bench -p tokenfab --bench throughput -- ingest     # one part only
 //!     cargo bench -p tokenfab --bench throughput -- e2e
+//!     cargo bench -p tokenfab --features etcd --bench throughput -- ingest e2e   # with etcd
 //!
 //! 1. ingest: durable results per second into one control plane on its own (gRPC reports
-//!    of 1,000 results each from 8 concurrent clients, redb with fsync per commit).
+//!    of 1,000 results each from 8 concurrent clients, redb with fsync per commit), with
+//!    the commit latency's percentiles (from the control plane's own histogram).
 //! 2. e2e: requests per second end to end through one control plane and two agents, each
 //!    agent driving one engine emulator at 1000x time scale, all as separate processes.
+//!
+//! With the `etcd` feature, `ingest-etcd` and `e2e-etcd` run the same on the etcd backend:
+//! a 3-member etcd cluster on loopback (Debian's etcd-server), and for e2e three
+//! `tokenfab server --store etcd` replicas (one elected, two waiting) with the agents given
+//! all three URLs.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -75,11 +82,54 @@ async fn metric(addr: SocketAddr, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The commit latency's median and 99th percentile, seconds, from the control plane's
+/// histogram (the upper bound of the bucket each falls in).
+fn commit_quantiles(text: &str) -> (f64, f64) {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tokenfab_control_store_commit_seconds_bucket{le=\""))
+        .filter_map(|r| {
+            let (le, rest) = r.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let q = |p: f64| buckets.iter().find(|b| b.1 >= p * total).map_or(f64::NAN, |b| b.0);
+    (q(0.5), q(0.99))
+}
+
 async fn ingest() {
+    let dir = tempfile::tempdir().unwrap();
+    ingest_with(
+        "embedded (redb, fsync)",
+        tokenfab_store::RedbStore::open(dir.path()).unwrap(),
+    )
+    .await;
+}
+
+#[cfg(feature = "etcd")]
+async fn ingest_etcd() {
+    let Some(etcd) = tokenfab_store_etcd::testing::Etcd::cluster(3).await else {
+        println!("ingest-etcd: no etcd binary (Debian: etcd-server); skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = tokenfab_store_etcd::EtcdStore::open(
+        tokenfab_store_etcd::EtcdOptions::new(etcd.urls.clone(), "/bench", "cp-0"),
+        dir.path(),
+        Box::new(|_| {}),
+    )
+    .await
+    .unwrap();
+    ingest_with("etcd (3 members) + redb", store).await;
+}
+
+async fn ingest_with<S: tokenfab_store::Store + Clone>(backend: &str, store: S) {
     const N: usize = 200_000;
     const PER_REPORT: usize = 1000;
     const CLIENTS: usize = 8;
-    let dir = tempfile::tempdir().unwrap();
     let server = tokenfab_control::start(
         ServerConfig {
             record: None,
@@ -103,7 +153,7 @@ async fn ingest() {
                 ..InputLimits::default()
             },
         },
-        tokenfab_store::RedbStore::open(dir.path()).unwrap(),
+        store,
     )
     .await
     .unwrap();
@@ -219,8 +269,15 @@ async fn ingest() {
         .unwrap()
         .into_inner();
     assert_eq!(b.status, pb::BatchStatus::Completed as i32);
+    let metrics = reqwest::get(format!("http://{}/metrics", server.metrics_addr.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (p50, p99) = commit_quantiles(&metrics);
     println!(
-        "ingest: {N} results of {} B bodies, {CLIENTS} clients x reports of {PER_REPORT}",
+        "ingest, {backend}: {N} results of {} B bodies, {CLIENTS} clients x reports of {PER_REPORT}",
         RESPONSE.len()
     );
     println!(
@@ -231,6 +288,11 @@ async fn ingest() {
         "  durable results ingested: {report_s:.2} s = {:.0} results/s ({commits} commits, {:.0} results per commit)",
         N as f64 / report_s,
         N as f64 / commits.max(1.0)
+    );
+    println!(
+        "  commit latency (all commits): p50 <= {:.1} ms, p99 <= {:.1} ms",
+        p50 * 1e3,
+        p99 * 1e3
     );
     server.shutdown().await.unwrap();
 }
@@ -279,20 +341,59 @@ async fn wait_tcp(addr: &str) {
 }
 
 async fn e2e() {
+    e2e_with("1 control plane (embedded store)", &[]).await;
+}
+
+#[cfg(feature = "etcd")]
+async fn e2e_etcd() {
+    let Some(etcd) = tokenfab_store_etcd::testing::Etcd::cluster(3).await else {
+        println!("e2e-etcd: no etcd binary (Debian: etcd-server); skipped");
+        return;
+    };
+    e2e_with("3 control-plane replicas on a 3-member etcd", &etcd.urls).await;
+}
+
+/// Through one control plane with the embedded store (`etcd` empty), or three replicas on
+/// the etcd at `etcd` (the first elected, the others waiting).
+async fn e2e_with(label: &str, etcd: &[String]) {
     const N: usize = 50_000;
     const WINDOW: u32 = 256;
     let dir = tempfile::tempdir().unwrap();
-    let cp = format!("127.0.0.1:{}", port());
-    let server = spawn(&[
-        "server",
-        "--listen",
-        &cp,
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--tenant",
-        "t=t",
-    ]);
-    wait_tcp(&cp).await;
+    let replicas = if etcd.is_empty() { 1 } else { 3 };
+    let cps: Vec<String> = (0..replicas).map(|_| format!("127.0.0.1:{}", port())).collect();
+    let mut servers = Vec::new();
+    for (i, cp) in cps.iter().enumerate() {
+        let data = dir.path().join(format!("cp{i}"));
+        let mut args = vec![
+            "server",
+            "--listen",
+            cp,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tenant",
+            "t=t",
+        ];
+        let endpoints = etcd.join(",");
+        let name = format!("cp{i}");
+        if !etcd.is_empty() {
+            args.extend([
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &endpoints,
+                "--replica-name",
+                &name,
+            ]);
+        }
+        servers.push(spawn(&args));
+        if i == 0 {
+            // The first is elected; the others wait without listening.
+            wait_tcp(cp).await;
+        }
+    }
+    let server = &servers[0];
+    let cp = cps[0].clone();
+    let control: String = cps.iter().map(|c| format!("http://{c}")).collect::<Vec<_>>().join(",");
     let mut procs = Vec::new();
     for i in 0..2 {
         let emu = format!("127.0.0.1:{}", port());
@@ -310,7 +411,7 @@ async fn e2e() {
         procs.push(spawn(&[
             "agent",
             "--control",
-            &format!("http://{cp}"),
+            &control,
             "--node",
             &format!("n{i}"),
             "--replica",
@@ -342,13 +443,13 @@ async fn e2e() {
     }
     let s = t.elapsed().as_secs_f64();
     println!(
-        "e2e: {N} requests (16 output tokens each), 1 control plane + 2 agents + 2 emulators at 1000x, window {WINDOW}, separate processes"
+        "e2e, {label}: {N} requests (16 output tokens each), 2 agents + 2 emulators at 1000x, window {WINDOW}, separate processes"
     );
     println!(
         "  submit to completed: {s:.2} s = {:.0} requests/s end to end",
         N as f64 / s
     );
-    let cpu: Vec<String> = std::iter::once(("control plane", &server))
+    let cpu: Vec<String> = std::iter::once(("control plane", server))
         .chain(
             procs
                 .iter()
@@ -404,9 +505,16 @@ async fn emulator_alone() {
 }
 
 fn main() {
-    support::run_parts(vec![
+    #[allow(unused_mut)]
+    let mut parts: Vec<support::Part> = vec![
         ("ingest", Box::pin(ingest())),
         ("e2e", Box::pin(e2e())),
         ("emulator", Box::pin(emulator_alone())),
-    ]);
+    ];
+    #[cfg(feature = "etcd")]
+    {
+        parts.insert(1, ("ingest-etcd", Box::pin(ingest_etcd())));
+        parts.insert(3, ("e2e-etcd", Box::pin(e2e_etcd())));
+    }
+    support::run_parts(parts);
 }
