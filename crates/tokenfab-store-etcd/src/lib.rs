@@ -138,6 +138,11 @@ struct Inner {
     next: tokio::sync::Mutex<u64>,
     deposed: tokio::sync::watch::Sender<Option<String>>,
     keepalive: tokio::task::JoinHandle<()>,
+    /// A planted bug, for testing the fault tests' history checker only: acknowledge a
+    /// commit once the embedded store has it, and write it to etcd a second later
+    /// (`TOKENFAB_FAULT_ACK_BEFORE_REPLICATION=1`). Never set it elsewhere: a leader lost in
+    /// that second loses acknowledged commits.
+    fault_ack_before_replication: bool,
 }
 
 impl Drop for Inner {
@@ -208,6 +213,8 @@ impl EtcdStore {
                 next: tokio::sync::Mutex::new(0),
                 deposed,
                 keepalive,
+                fault_ack_before_replication: std::env::var("TOKENFAB_FAULT_ACK_BEFORE_REPLICATION").as_deref()
+                    == Ok("1"),
             }),
         };
         let next = store.catch_up().await?;
@@ -566,15 +573,21 @@ async fn keep_alive(
     deposed.send_replace(Some(format!("lost the election: {why}")));
 }
 
-impl Store for EtcdStore {
-    fn stage(&self) -> Result<StagedInput, StoreError> {
-        self.inner.local.stage()
+impl EtcdStore {
+    /// [`Store::apply`]: the commit to etcd first (fenced), then to the embedded store.
+    async fn apply_replicated(&self, set: WriteSet) -> Result<(), StoreError> {
+        let seq = self.append(&set).await?;
+        // Committed: the embedded store follows. Should that fail, `reopen` applies the
+        // entry from the log.
+        let local = self.inner.local.clone();
+        let fsync = seq % FSYNC_EVERY == 0;
+        tokio::task::spawn_blocking(move || local.apply_replicated(set, seq, fsync))
+            .await
+            .map_err(|e| etcd_err("applying a commit", e))?
     }
 
-    async fn apply(&self, set: WriteSet) -> Result<(), StoreError> {
-        if set.is_empty() {
-            return Ok(());
-        }
+    /// Writes `set` to the log (its parts, then its entry, each fenced); its number.
+    async fn append(&self, set: &WriteSet) -> Result<u64, StoreError> {
         let mut next = self.inner.next.lock().await;
         let seq = *next;
         let mut n = 0u32;
@@ -613,15 +626,49 @@ impl Store for EtcdStore {
             vec![TxnOp::put(key, value, None)],
         )
         .await?;
-        // Committed: the embedded store follows. Should that fail, `reopen` applies the
-        // entry from the log.
         *next = seq + 1;
-        drop(next);
-        let local = self.inner.local.clone();
-        let fsync = seq % FSYNC_EVERY == 0;
-        tokio::task::spawn_blocking(move || local.apply_replicated(set, seq, fsync))
-            .await
-            .map_err(|e| etcd_err("applying a commit", e))?
+        Ok(seq)
+    }
+
+    /// The planted bug (see `fault_ack_before_replication`).
+    async fn apply_acking_before_replication(&self, set: WriteSet) -> Result<(), StoreError> {
+        let mut replay = WriteSet {
+            ops: set.ops.clone(),
+            ..Default::default()
+        };
+        for input in &set.inputs {
+            let file = self.inner.local.stage()?;
+            std::fs::copy(input.file.path(), file.path()).map_err(|e| etcd_err("copying an input", e))?;
+            replay.inputs.push(BatchInputs {
+                batch: input.batch,
+                file,
+                requests: input.requests.clone(),
+                line_errors: input.line_errors.clone(),
+            });
+        }
+        self.inner.local.apply(set).await?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = me.append(&replay).await;
+        });
+        Ok(())
+    }
+}
+
+impl Store for EtcdStore {
+    fn stage(&self) -> Result<StagedInput, StoreError> {
+        self.inner.local.stage()
+    }
+
+    async fn apply(&self, set: WriteSet) -> Result<(), StoreError> {
+        if set.is_empty() {
+            return Ok(());
+        }
+        if self.inner.fault_ack_before_replication {
+            return self.apply_acking_before_replication(set).await;
+        }
+        self.apply_replicated(set).await
     }
 
     async fn reopen(&self) -> Result<(), StoreError> {
