@@ -35,6 +35,18 @@ fn replica(dir: &Path, etcd: &str, name: &str, port: u16) -> Proc {
     replica_with(dir, etcd, name, port, &[])
 }
 
+/// The HTTP (metrics and health) port of the replica whose gRPC port is `port`.
+fn http_port(port: u16) -> u16 {
+    static PORTS: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
+    let mut ports = PORTS.lock().unwrap();
+    if let Some((_, h)) = ports.iter().find(|(g, _)| *g == port) {
+        return *h;
+    }
+    let h = free_port();
+    ports.push((port, h));
+    h
+}
+
 fn replica_with(dir: &Path, etcd: &str, name: &str, port: u16, envs: &[(&str, &str)]) -> Proc {
     let data = dir.join(format!("data-{name}"));
     Proc::spawn(
@@ -62,6 +74,8 @@ fn replica_with(dir: &Path, etcd: &str, name: &str, port: u16, envs: &[(&str, &s
             "2s",
             "--heartbeat-interval",
             "250ms",
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", http_port(port)),
         ],
         &[&[("TOKENFAB_AGENT_TOKEN", AGENT)], envs].concat(),
     )

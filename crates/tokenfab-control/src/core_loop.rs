@@ -565,6 +565,9 @@ impl<S: Store + Clone> CoreLoop<S> {
         let low = self.core.storage_low();
         self.health.disk(free, self.config.min_free_bytes, low);
         self.metrics.observe_disk(free, low);
+        let info = self.store.describe();
+        self.metrics.observe_store(&info);
+        self.health.store_info(info);
         let t = now();
         let wanted = self.board.wanted.swap(false, std::sync::atomic::Ordering::Relaxed);
         let metrics_due = self.sla_observed.elapsed() >= SLA_METRICS_EVERY;

@@ -25,6 +25,8 @@ pub struct HealthDoc {
     /// Records the store could not read at the last recovery (left out; see
     /// `tokenfab admin verify`).
     pub unreadable_records: Vec<String>,
+    /// The store's backend (and, replicated, this replica and its log position).
+    pub store: Option<tokenfab_store::StoreInfo>,
 }
 
 impl Health {
@@ -78,6 +80,10 @@ impl Health {
 
     pub fn store_recovered(&self) {
         self.update(|s| s.store_ok = true);
+    }
+
+    pub fn store_info(&self, info: tokenfab_store::StoreInfo) {
+        self.update(|s| s.store = Some(info));
     }
 
     pub fn disk(&self, free: Option<u64>, min_free: u64, low: bool) {

@@ -32,6 +32,12 @@ struct ReplicaLabel {
 type PerReplica = Family<ReplicaLabel, Gauge<f64, AtomicU64>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabel {
+    backend: String,
+    replica: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabel {
     model: String,
     class: String,
@@ -75,6 +81,8 @@ pub struct Metrics {
     pub uploads_refused: Counter,
     store_free_bytes: Gauge,
     storage_low: Gauge,
+    store_info: Family<StoreLabel, Gauge>,
+    store_log_position: Gauge,
     results_not_leased: Mirrored,
     batches_deleted: Mirrored,
     results_recorded: Mirrored,
@@ -129,6 +137,8 @@ impl Metrics {
             uploads_refused: Counter::default(),
             store_free_bytes: Gauge::default(),
             storage_low: Gauge::default(),
+            store_info: Family::default(),
+            store_log_position: Gauge::default(),
             results_not_leased: Mirrored::default(),
             batches_deleted: Mirrored::default(),
             results_recorded: Mirrored::default(),
@@ -204,6 +214,16 @@ impl Metrics {
             "storage_low",
             "1 while new batches are refused for lack of disk space",
             m.storage_low.clone(),
+        );
+        registry.register(
+            "store_info",
+            "1, labelled with the store's backend (embedded or etcd) and, replicated, this replica's name (the elected one: only it serves)",
+            m.store_info.clone(),
+        );
+        registry.register(
+            "store_log_position",
+            "The last entry of the replicated log this replica wrote or applied (etcd backend; 0 otherwise)",
+            m.store_log_position.clone(),
         );
         registry.register(
             "results_not_leased",
@@ -509,6 +529,17 @@ impl Metrics {
     }
 
     /// Free space for the store, and whether new batches are refused for lack of it.
+    pub fn observe_store(&self, info: &tokenfab_store::StoreInfo) {
+        self.store_info
+            .get_or_create(&StoreLabel {
+                backend: info.backend.to_string(),
+                replica: info.replica.clone().unwrap_or_default(),
+            })
+            .set(1);
+        self.store_log_position
+            .set(i64::try_from(info.log_position.unwrap_or(0)).unwrap_or(i64::MAX));
+    }
+
     pub fn observe_disk(&self, free: Option<u64>, low: bool) {
         if let Some(f) = free {
             self.store_free_bytes.set(i64::try_from(f).unwrap_or(i64::MAX));

@@ -136,6 +136,8 @@ struct Inner {
     fence: Fence,
     /// The next log sequence number; held through a commit (commits are serialized).
     next: tokio::sync::Mutex<u64>,
+    /// The last log entry written (for `describe`, which cannot wait for `next`).
+    position: std::sync::atomic::AtomicU64,
     deposed: tokio::sync::watch::Sender<Option<String>>,
     keepalive: tokio::task::JoinHandle<()>,
     /// A planted bug, for testing the fault tests' history checker only: acknowledge a
@@ -211,6 +213,7 @@ impl EtcdStore {
                 opts,
                 fence,
                 next: tokio::sync::Mutex::new(0),
+                position: std::sync::atomic::AtomicU64::new(0),
                 deposed,
                 keepalive,
                 fault_ack_before_replication: std::env::var("TOKENFAB_FAULT_ACK_BEFORE_REPLICATION").as_deref()
@@ -219,6 +222,10 @@ impl EtcdStore {
         };
         let next = store.catch_up().await?;
         *store.inner.next.lock().await = next;
+        store
+            .inner
+            .position
+            .store(next - 1, std::sync::atomic::Ordering::Relaxed);
         Ok(store)
     }
 
@@ -627,6 +634,7 @@ impl EtcdStore {
         )
         .await?;
         *next = seq + 1;
+        self.inner.position.store(seq, std::sync::atomic::Ordering::Relaxed);
         Ok(seq)
     }
 
@@ -705,6 +713,14 @@ impl Store for EtcdStore {
 
     fn free_bytes(&self) -> Option<u64> {
         self.inner.local.free_bytes()
+    }
+
+    fn describe(&self) -> tokenfab_store::StoreInfo {
+        tokenfab_store::StoreInfo {
+            backend: "etcd",
+            replica: Some(self.inner.opts.name.clone()),
+            log_position: Some(self.inner.position.load(std::sync::atomic::Ordering::Relaxed)),
+        }
     }
 
     fn file_path(&self, id: FileId) -> Option<PathBuf> {

@@ -231,6 +231,17 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
+/// What a store is, for `/healthz` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoreInfo {
+    /// `embedded` or `etcd`.
+    pub backend: &'static str,
+    /// This replica's name, for a replicated backend.
+    pub replica: Option<String>,
+    /// The last entry of the replicated log this replica has applied.
+    pub log_position: Option<u64>,
+}
+
 /// Idle energy charged to a tenant in one hour: (tenant, hour start, joules, cost in USD).
 pub type IdleRow = (tokenfab_core::TenantId, tokenfab_core::Timestamp, f64, f64);
 
@@ -273,6 +284,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
     /// Free space where the store writes, bytes (`None` where it cannot be measured).
     fn free_bytes(&self) -> Option<u64>;
+    /// What the store is (backend, replica, log position).
+    fn describe(&self) -> StoreInfo {
+        StoreInfo {
+            backend: "embedded",
+            replica: None,
+            log_position: None,
+        }
+    }
     /// Where an uploaded file's content is, while it exists (readers open it: an open
     /// file stays readable when the file is deleted meanwhile).
     fn file_path(&self, id: tokenfab_core::FileId) -> Option<PathBuf>;
