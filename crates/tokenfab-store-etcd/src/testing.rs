@@ -14,7 +14,7 @@ pub struct Etcd {
     children: Vec<Child>,
     /// The first member's client URL.
     pub url: String,
-    /// Every member's client URL.
+    /// Every member's client URL (and, with `start_also_on`, the extra one last).
     pub urls: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -54,6 +54,16 @@ impl Etcd {
 
     /// Starts an etcd cluster of `members` on loopback and waits until it answers.
     pub async fn cluster(members: usize) -> Option<Etcd> {
+        Etcd::cluster_also_on(members, None).await
+    }
+
+    /// A one-member etcd that also listens for clients on `ip` (an address of this
+    /// network namespace, e.g. one end of a veth pair a test made); `urls[1]` is that URL.
+    pub async fn start_also_on(ip: &str) -> Option<Etcd> {
+        Etcd::cluster_also_on(1, Some(ip)).await
+    }
+
+    async fn cluster_also_on(members: usize, also: Option<&str>) -> Option<Etcd> {
         let Some(bin) = binary() else {
             assert!(
                 std::env::var("TOKENFAB_REQUIRE_ETCD").as_deref() != Ok("1"),
@@ -64,16 +74,21 @@ impl Etcd {
         };
         let dir = tempfile::tempdir().expect("a temporary directory");
         let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
-        let urls: Vec<String> = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect();
+        let mut urls: Vec<String> = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect();
         let peers: Vec<String> = ports.iter().map(|(_, p)| format!("http://127.0.0.1:{p}")).collect();
         let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
         let mut children = Vec::new();
+        let extra = also.map(|ip| format!("http://{ip}:{}", ports[0].0));
         for i in 0..members {
+            let listen = match (&extra, i) {
+                (Some(e), 0) => format!("{},{e}", urls[0]),
+                _ => urls[i].clone(),
+            };
             children.push(
                 Command::new(&bin)
                     .args(["--name", &format!("m{i}"), "--data-dir"])
                     .arg(dir.path().join(format!("m{i}")))
-                    .args(["--listen-client-urls", &urls[i], "--advertise-client-urls", &urls[i]])
+                    .args(["--listen-client-urls", &listen, "--advertise-client-urls", &urls[i]])
                     .args([
                         "--listen-peer-urls",
                         &peers[i],
@@ -92,21 +107,23 @@ impl Etcd {
                     .expect("starting etcd"),
             );
         }
+        let probe = urls.clone();
+        urls.extend(extra);
         let e = Etcd {
             children,
             url: urls[0].clone(),
-            urls: urls.clone(),
+            urls,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             // A write answers once the members have elected a leader.
-            if let Ok(mut c) = etcd_client::Client::connect(&urls, None).await
+            if let Ok(mut c) = etcd_client::Client::connect(&probe, None).await
                 && c.put("probe", "1", None).await.is_ok()
             {
                 return Some(e);
             }
-            assert!(Instant::now() < deadline, "etcd did not start on {}", urls.join(","));
+            assert!(Instant::now() < deadline, "etcd did not start on {}", probe.join(","));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
