@@ -357,6 +357,29 @@ async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
     wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
     let b = replica(dir.path(), &etcd.url, "cp-b", ports[1]);
     let x = create(addrs[0], TENANT, chat_batch("x", 3, 8)).await;
+    // B waits: alive for a liveness probe, not ready for traffic; A is ready.
+    let probe = |port: u16, path: &'static str| async move {
+        let url = format!("http://127.0.0.1:{}{path}", http_port(port));
+        for _ in 0..200 {
+            if let Ok(r) = reqwest::get(&url).await {
+                return (r.status().as_u16(), r.text().await.unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nothing answers {url}");
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = probe(ports[1], "/healthz").await;
+        assert!(code == 200 && body.contains("standby"), "{code} {body}");
+        if body.contains("replica cp-a serves") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(probe(ports[1], "/readyz").await.0, 503);
+    assert_eq!(probe(ports[0], "/readyz").await.0, 200);
 
     // A is paused (SIGSTOP) past its lease; B is elected and serves, and takes a write.
     a.signal("STOP");

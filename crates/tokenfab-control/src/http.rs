@@ -31,7 +31,41 @@ pub fn router(state: HttpState) -> axum::Router {
         .route("/v1/sla/llm-d", axum::routing::get(sla_llmd))
         .route("/v1/tuning", axum::routing::get(tuning))
         .route("/healthz", axum::routing::get(healthz))
+        // Ready to take traffic: the same answer as /healthz on a serving control plane. A
+        // replicated one's waiting replicas answer it 503 (see `standby`).
+        .route("/readyz", axum::routing::get(healthz))
         .with_state(state)
+}
+
+/// What a waiting replica of a replicated control plane serves on its HTTP port until it
+/// is elected: `/healthz` 200 (the process is alive: a liveness probe must not restart it)
+/// and `/readyz` 503 (it takes no traffic: only the elected replica listens for it).
+pub fn standby_router(leader: Arc<std::sync::Mutex<String>>) -> axum::Router {
+    let doc = move || {
+        let leader = leader.lock().map(|l| l.clone()).unwrap_or_default();
+        let problem = if leader.is_empty() {
+            "waiting to be elected".to_string()
+        } else {
+            format!("waiting to be elected; replica {leader} serves")
+        };
+        serde_json::json!({ "status": "standby", "problems": [problem] })
+    };
+    let ready = doc.clone();
+    axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let d = doc();
+                async move { axum::Json(d) }
+            }),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let d = ready();
+                async move { (StatusCode::SERVICE_UNAVAILABLE, axum::Json(d)) }
+            }),
+        )
 }
 
 /// The refusal of a request without the configured token, if it lacks it.

@@ -197,6 +197,35 @@ fn check_tokens(config: &ServerConfig) -> Result<(), ServerError> {
 }
 
 /// Recovers state from `store`, binds, and serves in the background.
+/// A waiting replica's HTTP listener on `listen` (see [`http::standby_router`]), with TLS
+/// as the server would have it, until `stop` fires; the port is free again once the
+/// returned task ends.
+pub async fn standby(
+    listen: SocketAddr,
+    tls: Option<&ServerTls>,
+    leader: Arc<std::sync::Mutex<String>>,
+    stop: oneshot::Receiver<()>,
+) -> Result<tokio::task::JoinHandle<()>, ServerError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|cause| ServerError::Bind { addr: listen, cause })?;
+    let app = http::standby_router(leader);
+    Ok(match tls {
+        None => tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop.await;
+                })
+                .await;
+        }),
+        Some(t) => {
+            let tls =
+                tokenfab_identity::tls::http_server(&t.cert, &t.key).map_err(|e| ServerError::Config(e.to_string()))?;
+            tokio::spawn(http::serve_tls(listener, app, tls, stop))
+        }
+    })
+}
+
 pub async fn start<S: Store + Clone>(config: ServerConfig, store: S) -> Result<Server, ServerError> {
     check_tokens(&config)?;
     let auth = Auth::new(&config.tenants, config.agent_secret.expose())

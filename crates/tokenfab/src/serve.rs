@@ -445,14 +445,31 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
                     opts.prefix,
                     opts.endpoints.join(",")
                 );
+                // While it waits, the HTTP port answers probes: alive (/healthz), not ready
+                // (/readyz), so that Kubernetes neither restarts it nor sends it traffic.
+                let leader = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+                let (stop_standby, standby_stopped) = tokio::sync::oneshot::channel();
+                let standby = match config.metrics_listen {
+                    Some(addr) => Some(
+                        tokenfab_control::standby(addr, config.tls.as_ref(), leader.clone(), standby_stopped).await?,
+                    ),
+                    None => None,
+                };
                 let store = tokenfab_store_etcd::EtcdStore::open(
                     opts,
                     &a.data_dir,
-                    Box::new(|leader| {
-                        eprintln!("waiting: replica {leader} is the elected one; this one takes over when it stops")
+                    Box::new(move |l| {
+                        if let Ok(mut g) = leader.lock() {
+                            *g = l.to_string();
+                        }
+                        eprintln!("waiting: replica {l} is the elected one; this one takes over when it stops")
                     }),
                 )
                 .await?;
+                let _ = stop_standby.send(());
+                if let Some(task) = standby {
+                    let _ = task.await;
+                }
                 eprintln!(
                     "replica {name}: elected; the log is applied up to entry {}",
                     store.next_seq().await - 1
