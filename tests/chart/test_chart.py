@@ -589,7 +589,7 @@ def test_single_node_control_plane():
     assert sts["spec"]["replicas"] == 1
     assert by_kind(objects, "PodDisruptionBudget") == []
     assert "affinity" not in sts["spec"]["template"]["spec"]
-    assert "TOKENFAB_PEERS" not in env_of(server)
+    assert "TOKENFAB_REPLICA_NAME" not in env_of(server) and flag_values(server, "--store") == []
     # The store on a claim of its own.
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "data"
@@ -605,45 +605,58 @@ def test_single_node_control_plane():
     assert flag_values(server, "--profile") == ["/etc/tokenfab/profiles/llama-3.1-8b-h100.toml"]
     profiles = one(objects, "ConfigMap", f"{FULLNAME}-control-plane-profiles")
     assert 'model = "llama-3.1-8b"' in profiles["data"]["llama-3.1-8b-h100.toml"]
-    # Listeners inside the pod, probes on /healthz.
+    # Listeners inside the pod, probes on /healthz (alive) and /readyz (serving).
     assert flag_values(server, "--listen") == ["0.0.0.0:7443"]
     assert flag_values(server, "--metrics-listen") == ["0.0.0.0:9464"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert server[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTP"}
     assert server["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}
 
 
-def test_ha_control_plane_has_peers_pdb_and_anti_affinity():
+def test_ha_control_plane_shares_etcd_and_agents_follow_the_elected_replica():
     objects = rendered("ha.yaml")
     sts, server = control_plane(objects)
     assert sts["spec"]["replicas"] == 3
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
-    # The headless Service governs the StatefulSet and publishes the peers before they are ready.
+    # The etcd store backend, each replica named by its pod.
+    assert flag_values(server, "--store") == ["etcd"]
+    assert flag_values(server, "--etcd-endpoints") == [
+        "http://etcd-0.etcd.inference.svc:2379,http://etcd-1.etcd.inference.svc:2379,http://etcd-2.etcd.inference.svc:2379"
+    ]
+    assert flag_values(server, "--etcd-prefix") == [f"/tokenfab/{NAMESPACE}/{RELEASE}"]
+    assert flag_values(server, "--etcd-lease-ttl") == ["5s"]
+    assert env_of(server)["TOKENFAB_REPLICA_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # Only the elected replica is ready (/readyz), so the Services send traffic to it alone;
+    # the waiting ones stay alive (/healthz).
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # The headless Service governs the StatefulSet and publishes every replica, ready or not.
     peers_svc = one(objects, "Service", f"{FULLNAME}-peers")
     assert sts["spec"]["serviceName"] == peers_svc["metadata"]["name"]
     assert peers_svc["spec"]["clusterIP"] == "None" and peers_svc["spec"]["publishNotReadyAddresses"] is True
-    assert {"name": "peer", "port": 7444, "targetPort": "peer", "protocol": "TCP"} in peers_svc["spec"]["ports"]
-    assert {"name": "peer", "containerPort": 7444, "protocol": "TCP"} in server["ports"]
-    # One address per replica, through the headless Service's per-pod DNS names.
-    peers = env_of(server)["TOKENFAB_PEERS"]["value"].split(",")
-    assert peers == [
-        f"{FULLNAME}-{i}.{FULLNAME}-peers.{NAMESPACE}.svc.cluster.local:7444" for i in range(3)
+    assert [p["name"] for p in peers_svc["spec"]["ports"]] == ["grpc"]
+    # Agents get every replica's gRPC address through it, and follow the elected one.
+    agent = one(objects, "DaemonSet", f"{FULLNAME}-agent")["spec"]["template"]["spec"]["containers"][0]
+    assert flag_values(agent, "--control") == [
+        ",".join(f"http://{FULLNAME}-{i}.{FULLNAME}-peers.{NAMESPACE}.svc.cluster.local:7443" for i in range(3))
     ]
-    assert env_of(server)["TOKENFAB_PEER_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    # A drain takes one peer at a time; no two peers on one node.
+    # A drain takes one replica at a time; no two replicas on one node.
     pdb = one(objects, "PodDisruptionBudget", FULLNAME)
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
     (term,) = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
-    assert "HA store backend" in notes_of("ha.yaml") and "not" in notes_of("ha.yaml")
+    assert "share the etcd at" in notes_of("ha.yaml") and "--features etcd" in notes_of("ha.yaml")
 
 
 def test_more_than_one_replica_without_ha_is_refused_with_the_reason():
-    with pytest.raises(helm.HelmRenderError, match="HA store backend .not yet released"):
+    with pytest.raises(helm.HelmRenderError, match="More replicas need controlPlane.ha.enabled"):
         render_chart(CHART, {"controlPlane": {"replicas": 3}})
-    with pytest.raises(helm.HelmRenderError, match="at least 3 replicas"):
+    etcd = {"endpoints": ["http://etcd:2379"], "prefix": "", "leaseTtl": "3s"}
+    with pytest.raises(helm.HelmRenderError, match="at least 2 replicas"):
+        render_chart(CHART, {"controlPlane": {"replicas": 1, "ha": {"enabled": True, "etcd": etcd}}})
+    with pytest.raises(helm.HelmRenderError, match="needs controlPlane.ha.etcd.endpoints"):
         render_chart(CHART, {"controlPlane": {"replicas": 2, "ha": {"enabled": True}}})
 
 

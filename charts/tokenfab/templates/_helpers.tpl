@@ -89,7 +89,11 @@ imagePullSecrets:
 {{/* The control plane's gRPC URL, as agents and the tenant CLI in the cluster reach it. */}}
 {{- define "tokenfab.controlUrl" -}}
 {{- $scheme := ternary "https" "http" (.Values.tls.enabled | default false) -}}
+{{- if .Values.controlPlane.ha.enabled -}}
+{{- include "tokenfab.replicaUrls" . -}}
+{{- else -}}
 {{- printf "%s://%s.%s:%v" $scheme (include "tokenfab.fullname" .) (include "tokenfab.svcDomain" .) .Values.controlPlane.ports.grpc -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -158,14 +162,23 @@ Call with (dict "root" $ "name" SECRET "key" KEY).
 {{- end -}}
 {{- end -}}
 
-{{/* The control plane's peer addresses (one per replica, through the headless Service). */}}
-{{- define "tokenfab.peers" -}}
+{{/*
+The gRPC URL of every control-plane replica (through the headless Service's per-pod names),
+comma-separated: agents given them all talk to whichever is elected (only it listens).
+*/}}
+{{- define "tokenfab.replicaUrls" -}}
 {{- $full := include "tokenfab.fullname" . -}}
-{{- $peers := list -}}
+{{- $scheme := ternary "https" "http" (.Values.tls.enabled | default false) -}}
+{{- $urls := list -}}
 {{- range $i := until (int .Values.controlPlane.replicas) -}}
-{{- $peers = append $peers (printf "%s-%d.%s-peers.%s:%v" $full $i $full (include "tokenfab.svcDomain" $) $.Values.controlPlane.ha.peerPort) -}}
+{{- $urls = append $urls (printf "%s://%s-%d.%s-peers.%s:%v" $scheme $full $i $full (include "tokenfab.svcDomain" $) $.Values.controlPlane.ports.grpc) -}}
 {{- end -}}
-{{- join "," $peers -}}
+{{- join "," $urls -}}
+{{- end -}}
+
+{{/* The replicas' key prefix in etcd. */}}
+{{- define "tokenfab.etcdPrefix" -}}
+{{- default (printf "/tokenfab/%s/%s" .Release.Namespace .Release.Name) .Values.controlPlane.ha.etcd.prefix -}}
 {{- end -}}
 
 {{/*
@@ -214,10 +227,13 @@ act on. Included by the control plane's StatefulSet, so every render runs them.
 {{- define "tokenfab.validate" -}}
 {{- $cp := .Values.controlPlane -}}
 {{- if and (gt (int $cp.replicas) 1) (not $cp.ha.enabled) -}}
-{{- fail (printf "controlPlane.replicas is %v, but a tokenfab control plane keeps its state in one local store with a single writer: replicas beyond the first would be independent control planes, each with its own store and its own batches. More than one replica needs the HA store backend (not yet released); set controlPlane.ha.enabled=true only with a tokenfab image that has it, or keep controlPlane.replicas=1." $cp.replicas) -}}
+{{- fail (printf "controlPlane.replicas is %v, but without controlPlane.ha.enabled each replica keeps its state in a store of its own: replicas beyond the first would be independent control planes, each with its own batches. More replicas need controlPlane.ha.enabled=true with controlPlane.ha.etcd.endpoints (the etcd store backend), or keep controlPlane.replicas=1." $cp.replicas) -}}
 {{- end -}}
-{{- if and $cp.ha.enabled (lt (int $cp.replicas) 3) -}}
-{{- fail (printf "controlPlane.ha.enabled needs at least 3 replicas (a quorum survives the loss of one), not %v." $cp.replicas) -}}
+{{- if and $cp.ha.enabled (lt (int $cp.replicas) 2) -}}
+{{- fail (printf "controlPlane.ha.enabled needs at least 2 replicas (one serves, another takes over when it stops; etcd holds the quorum), not %v." $cp.replicas) -}}
+{{- end -}}
+{{- if and $cp.ha.enabled (not $cp.ha.etcd.endpoints) -}}
+{{- fail "controlPlane.ha.enabled needs controlPlane.ha.etcd.endpoints: the client URLs of the etcd cluster the replicas share (e.g. http://etcd-0.etcd:2379)." -}}
 {{- end -}}
 {{- if and $cp.ha.enabled (not $cp.persistence.enabled) -}}
 {{- fail "controlPlane.ha.enabled needs controlPlane.persistence.enabled: each peer keeps its copy of the state on its own volume." -}}
