@@ -34,6 +34,8 @@ OTHER_PROGRAMS_FLAGS = {
     "--shell", "--now", "--help", "--set-file",
     # vLLM's, in what the operator changes in an engine Deployment.
     "--tensor-parallel-size",
+    # cargo's (building tokenfab with the etcd backend).
+    "--features",
 }
 
 
