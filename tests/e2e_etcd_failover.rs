@@ -724,3 +724,70 @@ async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused(
         .collect();
     assert!(violations.is_empty(), "{violations:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_listed_and_the_elected_replica_steps_down_when_asked() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    let mut a = replica(dir.path(), &etcd.url, "cp-a", ports[0]);
+    wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
+    let b = replica(dir.path(), &etcd.url, "cp-b", ports[1]);
+    let x = create(addrs[0], TENANT, chat_batch("x", 3, 8)).await;
+    let members = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = run_cli(
+                &[
+                    "admin",
+                    "members",
+                    "--etcd-endpoints",
+                    &etcd.url,
+                    "--etcd-prefix",
+                    "/tokenfab/e2e",
+                ],
+                &[],
+            );
+            if out == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "admin members printed:\n{out}\nwanted:\n{want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    members("cp-a\telected (serves)\ncp-b\twaiting\n");
+
+    let asked = Instant::now();
+    let out = run_cli(
+        &[
+            "admin",
+            "members",
+            "--etcd-endpoints",
+            &etcd.url,
+            "--etcd-prefix",
+            "/tokenfab/e2e",
+            "--step-down",
+        ],
+        &[],
+    );
+    assert!(out.starts_with("asked cp-a to step down"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.exited().is_none() {
+        assert!(Instant::now() < deadline, "cp-a did not step down:\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.log().contains("asked to step down"), "{}", a.log());
+    while read(addrs[1], &x).await.is_err() {
+        assert!(Instant::now() < deadline, "cp-b did not take over:\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("cp-b serves {:?} after the step-down was asked", asked.elapsed());
+    members("cp-b\telected (serves)\n");
+}

@@ -203,9 +203,29 @@ impl EtcdStore {
         })
         .await
         .map_err(|e| etcd_err("opening the embedded store", e))??;
-        let (fence, lease) = campaign(&client, &opts, &waiting).await?;
+        let presence = tokio::spawn(be_present(client.clone(), opts.clone()));
+        let elected = campaign(&client, &opts, &waiting).await;
+        let (fence, lease) = match elected {
+            Ok(e) => e,
+            Err(e) => {
+                presence.abort();
+                return Err(e);
+            }
+        };
         let (deposed, _) = tokio::sync::watch::channel(None);
-        let keepalive = tokio::spawn(keep_alive(client.clone(), lease, opts.lease_ttl_s, deposed.clone()));
+        let keepalive = tokio::spawn({
+            let (client, prefix, name, ttl, deposed) = (
+                client.clone(),
+                opts.prefix.clone(),
+                opts.name.clone(),
+                opts.lease_ttl_s,
+                deposed.clone(),
+            );
+            async move {
+                keep_alive(client, lease, ttl, &prefix, &name, deposed).await;
+                presence.abort();
+            }
+        });
         let store = EtcdStore {
             inner: Arc::new(Inner {
                 local,
@@ -523,6 +543,124 @@ async fn campaign(
     }
 }
 
+/// Keeps `<prefix>/replicas/<name>` on a lease of its own while the replica runs, waiting
+/// or elected, so that `members` lists it.
+async fn be_present(client: etcd_client::Client, opts: EtcdOptions) {
+    let mut leases = client.lease_client();
+    let Ok(grant) = leases.grant(opts.lease_ttl_s.max(1), None).await else {
+        return;
+    };
+    let key = format!("{}/replicas/{}", opts.prefix, opts.name);
+    if client
+        .kv_client()
+        .put(key, "", Some(PutOptions::new().with_lease(grant.id())))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Ok((mut keeper, mut stream)) = leases.keep_alive(grant.id()).await else {
+        return;
+    };
+    let every = Duration::from_millis((opts.lease_ttl_s.max(1) as u64 * 1000) / 3);
+    loop {
+        if keeper.keep_alive().await.is_err() || !matches!(stream.message().await, Ok(Some(_))) {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A replica of a control plane on etcd, as `members` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    /// The elected one, which serves.
+    pub leader: bool,
+}
+
+async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, StoreError> {
+    let connect = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(10));
+    etcd_client::Client::connect(endpoints, Some(connect))
+        .await
+        .map_err(|e| StoreError::Open {
+            path: endpoints.join(","),
+            cause: format!("cannot connect to etcd: {e}"),
+        })
+}
+
+/// The replicas running on `prefix` (waiting or elected), and which one is elected (it may
+/// be listed alone for a moment after it started).
+pub async fn members(endpoints: &[String], prefix: &str) -> Result<Vec<Member>, StoreError> {
+    let prefix = prefix.trim_end_matches('/');
+    let mut kv = connect(endpoints).await?.kv_client();
+    let leader = kv
+        .get(format!("{prefix}/leader"), None)
+        .await
+        .map_err(|e| etcd_err("reading the leader", e))?
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).to_string());
+    let dir = format!("{prefix}/replicas/");
+    let listed = kv
+        .get(dir.as_str(), Some(GetOptions::new().with_prefix().with_keys_only()))
+        .await
+        .map_err(|e| etcd_err("reading the replicas", e))?;
+    let mut out: Vec<Member> = listed
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let name = String::from_utf8_lossy(&kv.key()[dir.len()..]).to_string();
+            Member {
+                leader: leader.as_deref() == Some(name.as_str()),
+                name,
+            }
+        })
+        .collect();
+    if let Some(l) = leader
+        && !out.iter().any(|m| m.name == l)
+    {
+        out.push(Member { name: l, leader: true });
+    }
+    out.sort_by(|a, b| b.leader.cmp(&a.leader).then(a.name.cmp(&b.name)));
+    Ok(out)
+}
+
+/// Asks the elected replica on `prefix` to step down (it does at its next lease renewal,
+/// within a third of the lease's life, and exits; a waiting replica is elected). Returns
+/// its name.
+pub async fn step_down(endpoints: &[String], prefix: &str) -> Result<String, StoreError> {
+    let prefix = prefix.trim_end_matches('/');
+    let mut kv = connect(endpoints).await?.kv_client();
+    let leader = kv
+        .get(format!("{prefix}/leader"), None)
+        .await
+        .map_err(|e| etcd_err("reading the leader", e))?
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
+        .ok_or_else(|| StoreError::Io(format!("no replica is elected under {prefix}")))?;
+    let client = connect(endpoints).await?;
+    // The request lapses after a minute, so that it cannot make a later replica of the
+    // same name step down.
+    let lease = client
+        .lease_client()
+        .grant(60, None)
+        .await
+        .map_err(|e| etcd_err("asking the leader to step down", e))?
+        .id();
+    kv.put(
+        format!("{prefix}/resign"),
+        leader.clone(),
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .map_err(|e| etcd_err("asking the leader to step down", e))?;
+    Ok(leader)
+}
+
 /// Renews the lease every third of its life; on failure, says the replica is deposed. Also
 /// by its own clock: once a whole lease life has passed since the last renewal etcd
 /// confirmed (the process was paused, or etcd is unreachable), the lease may have expired
@@ -532,8 +670,11 @@ async fn keep_alive(
     client: etcd_client::Client,
     lease: i64,
     ttl_s: i64,
+    prefix: &str,
+    name: &str,
     deposed: tokio::sync::watch::Sender<Option<String>>,
 ) {
+    let resign_key = format!("{prefix}/resign");
     let ttl = Duration::from_secs(ttl_s.max(1) as u64);
     let every = ttl / 3;
     let renewed = std::sync::Mutex::new(tokio::time::Instant::now());
@@ -550,6 +691,20 @@ async fn keep_alive(
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
                         if let Ok(mut t) = renewed.lock() {
                             *t = asked;
+                        }
+                        // Asked to step down (`tokenfab admin members --step-down`)?
+                        let mut kv = client.kv_client();
+                        let asked_to = kv
+                            .get(resign_key.as_str(), None)
+                            .await
+                            .ok()
+                            .and_then(|g| g.kvs().first().map(|kv| kv.value() == name.as_bytes()))
+                            .unwrap_or(false);
+                        if asked_to {
+                            let _ = kv.delete(resign_key.as_str(), None).await;
+                            // The leader key goes with the lease: another replica is elected now.
+                            let _ = client.lease_client().revoke(lease).await;
+                            break "asked to step down (tokenfab admin members --step-down)".to_string();
                         }
                     }
                     Ok(Ok(Some(_))) => break "the election lease expired".to_string(),

@@ -70,10 +70,32 @@ pub enum AdminCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// The replicas of a control plane on etcd (`server --store etcd`): which one is
+    /// elected and serves, which wait. A replica joins by starting (`tokenfab server --store
+    /// etcd` with the same --etcd-prefix) and leaves by stopping; there is no membership
+    /// list to edit. With --step-down, the elected replica steps down and exits (its
+    /// supervisor restarts it as a waiting one) and a waiting replica takes over: to move
+    /// the service off a machine before maintenance.
+    Members {
+        /// etcd's client URLs, comma-separated.
+        #[arg(long, value_delimiter = ',', env = "TOKENFAB_ETCD_ENDPOINTS", required = true)]
+        etcd_endpoints: Vec<String>,
+        /// The control plane's key prefix (the servers' --etcd-prefix).
+        #[arg(long, default_value = "/tokenfab")]
+        etcd_prefix: String,
+        /// Ask the elected replica to step down.
+        #[arg(long)]
+        step_down: bool,
+    },
 }
 
 pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
     match c {
+        AdminCommand::Members {
+            etcd_endpoints,
+            etcd_prefix,
+            step_down,
+        } => members(etcd_endpoints, &etcd_prefix, step_down).await?,
         AdminCommand::Backup {
             output,
             control,
@@ -256,4 +278,28 @@ async fn backup(
         tokenfab_core::usage::human_bytes(checked.input_bytes)
     );
     Ok(())
+}
+
+#[cfg(feature = "etcd")]
+async fn members(endpoints: Vec<String>, prefix: &str, step_down: bool) -> anyhow::Result<()> {
+    if step_down {
+        let leader = tokenfab_store_etcd::step_down(&endpoints, prefix).await?;
+        println!("asked {leader} to step down: it does within a third of its lease, and a waiting replica is elected");
+        return Ok(());
+    }
+    let members = tokenfab_store_etcd::members(&endpoints, prefix).await?;
+    if members.is_empty() {
+        println!("no replica runs under {prefix}");
+    }
+    for m in members {
+        println!("{}\t{}", m.name, if m.leader { "elected (serves)" } else { "waiting" });
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn members(_endpoints: Vec<String>, _prefix: &str, _step_down: bool) -> anyhow::Result<()> {
+    bail!(
+        "admin members: this tokenfab was built without the etcd backend; build it with `cargo build --release --features etcd` (which needs protoc: apt-get install protobuf-compiler)"
+    )
 }
