@@ -35,6 +35,27 @@ fn replica(dir: &Path, etcd: &str, name: &str, port: u16) -> Proc {
     replica_with(dir, etcd, name, port, &[])
 }
 
+/// A free port for a replica to listen on, below the kernel's ephemeral range: a replica
+/// restarts on its port, and a port of that range may meanwhile be taken as the source port
+/// of some outgoing connection (the agent probes the replicas many times a second).
+fn listen_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    // Test processes run at once: each starts at a place of its own.
+    let span = low.saturating_sub(10_000).max(1);
+    let start = 10_000 + (std::process::id() * 97) % span;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 10_000 + (start - 10_000 + n) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+}
+
 /// The HTTP (metrics and health) port of the replica whose gRPC port is `port`.
 fn http_port(port: u16) -> u16 {
     static PORTS: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
@@ -42,7 +63,7 @@ fn http_port(port: u16) -> u16 {
     if let Some((_, h)) = ports.iter().find(|(g, _)| *g == port) {
         return *h;
     }
-    let h = free_port();
+    let h = listen_port();
     ports.push((port, h));
     h
 }
@@ -162,7 +183,7 @@ async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
+    let ports = [listen_port(), listen_port()];
     let addrs: Vec<SocketAddr> = ports
         .iter()
         .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
@@ -174,7 +195,7 @@ async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
     servers.push(replica(dir.path(), &etcd.url, names[1], ports[1]));
     let mut leader = 0usize;
 
-    let emu_port = free_port();
+    let emu_port = listen_port();
     let mut emu = Proc::spawn(
         "emu",
         dir.path(),
@@ -330,6 +351,34 @@ async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
     );
 }
 
+/// Two replicas on `etcd`: `a` elected and listening, `b` waiting.
+struct Pair {
+    dir: tempfile::TempDir,
+    ports: [u16; 2],
+    addrs: Vec<SocketAddr>,
+    a: Proc,
+    b: Proc,
+}
+
+async fn pair(etcd: &Etcd, envs: &[(&str, &str)]) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [listen_port(), listen_port()];
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    let mut a = replica_with(dir.path(), &etcd.url, "cp-a", ports[0], envs);
+    wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
+    let b = replica_with(dir.path(), &etcd.url, "cp-b", ports[1], envs);
+    Pair {
+        dir,
+        ports,
+        addrs,
+        a,
+        b,
+    }
+}
+
 /// The batch ids `addr` lists for the tenant.
 async fn listed(addr: SocketAddr) -> BTreeSet<String> {
     let mut c = tenant_client(addr, TENANT).await;
@@ -347,15 +396,13 @@ async fn listed(addr: SocketAddr) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
     let Some(etcd) = Etcd::start().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
-    let addrs: Vec<SocketAddr> = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
-        .collect();
-    let mut a = replica(dir.path(), &etcd.url, "cp-a", ports[0]);
-    wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
-    let b = replica(dir.path(), &etcd.url, "cp-b", ports[1]);
+    let Pair {
+        dir: _dir,
+        ports,
+        addrs,
+        mut a,
+        b,
+    } = pair(&etcd, &[]).await;
     let x = create(addrs[0], TENANT, chat_batch("x", 3, 8)).await;
     // B waits: alive for a liveness probe, not ready for traffic; A is ready.
     let probe = |port: u16, path: &'static str| async move {
@@ -430,16 +477,14 @@ async fn the_history_checker_catches_a_leader_that_acknowledges_before_replicati
     // The planted bug: the etcd backend acknowledges a commit once the leader's own store
     // has it and writes it to etcd a second later. The leader is killed in that second.
     let Some(etcd) = Etcd::start().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
-    let addrs: Vec<SocketAddr> = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
-        .collect();
     let planted = [("TOKENFAB_FAULT_ACK_BEFORE_REPLICATION", "1")];
-    let mut a = replica_with(dir.path(), &etcd.url, "cp-a", ports[0], &planted);
-    wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
-    let b = replica_with(dir.path(), &etcd.url, "cp-b", ports[1], &planted);
+    let Pair {
+        dir: _dir,
+        addrs,
+        mut a,
+        b,
+        ..
+    } = pair(&etcd, &planted).await;
     let history = Arc::new(History::default());
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let id = submit(addrs[0], "lost-", 3, &history, &acked).await;
@@ -631,7 +676,7 @@ async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused(
     };
     let dir = tempfile::tempdir().unwrap();
     // A in its namespace: clients reach it on the client link, it reaches etcd on the other.
-    let a_addr: SocketAddr = format!("{}:{}", net.client_ip, free_port()).parse().unwrap();
+    let a_addr: SocketAddr = format!("{}:{}", net.client_ip, listen_port()).parse().unwrap();
     let data_a = dir.path().join("data-a");
     let a_listen = a_addr.to_string();
     let mut a = Proc::spawn_in(
@@ -660,7 +705,7 @@ async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused(
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     );
     wait_tcp(a_addr, Duration::from_secs(30), &mut [&mut a]);
-    let b_port = free_port();
+    let b_port = listen_port();
     let b_addr: SocketAddr = format!("127.0.0.1:{b_port}").parse().unwrap();
     let b = replica(dir.path(), &etcd.url, "cp-b", b_port);
     let history = History::default();
@@ -728,15 +773,13 @@ async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_listed_and_the_elected_replica_steps_down_when_asked() {
     let Some(etcd) = Etcd::start().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
-    let addrs: Vec<SocketAddr> = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
-        .collect();
-    let mut a = replica(dir.path(), &etcd.url, "cp-a", ports[0]);
-    wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut a]);
-    let b = replica(dir.path(), &etcd.url, "cp-b", ports[1]);
+    let Pair {
+        dir: _dir,
+        addrs,
+        mut a,
+        b,
+        ..
+    } = pair(&etcd, &[]).await;
     let x = create(addrs[0], TENANT, chat_batch("x", 3, 8)).await;
     let members = |want: &str| {
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -14,7 +14,8 @@ use tokenfab_kube::api::{self, ApiFailure, Retry};
 use tokenfab_kube::crd::{ThroughputSLA, ThroughputSlaSpec, ThroughputSlaStatus};
 use tower_test::mock;
 
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
+mod api_mock;
+use api_mock::{Handle, answer};
 
 fn client() -> (kube::Client, Handle) {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
@@ -25,31 +26,6 @@ const FAST: Retry = Retry {
     attempts: 4,
     backoff: Duration::from_millis(10),
 };
-
-/// Takes the next request, checks its method and path, answers `status` with `body`, and
-/// returns the request's JSON body (null if none).
-async fn answer(h: &mut Handle, method: &str, path: &str, status: u16, body: serde_json::Value) -> serde_json::Value {
-    let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
-        .await
-        .unwrap_or_else(|_| panic!("no {method} {path} came"))
-        .expect("the client is gone");
-    assert_eq!(req.method().as_str(), method, "{}", req.uri());
-    assert!(
-        req.uri().path() == path,
-        "expected {method} {path}, got {} {}",
-        req.method(),
-        req.uri()
-    );
-    let bytes = req.into_body().collect_bytes().await.unwrap();
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap(),
-    );
-    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
-}
 
 /// A Status object as the API server sends with an error.
 fn status(code: u16, reason: &str, message: &str) -> serde_json::Value {

@@ -18,7 +18,8 @@ use tokenfab_kube::operator::{self, Mode, Options};
 use tokenfab_kube::reconcile::{Memory, Policy};
 use tower_test::mock;
 
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
+mod api_mock;
+use api_mock::{Handle, answer};
 
 const NS: &str = "tokenfab";
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/tokenfab/deployments";
@@ -107,29 +108,6 @@ fn list(items: Vec<serde_json::Value>) -> serde_json::Value {
 fn not_found() -> serde_json::Value {
     serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                        "message": "throughputslas.tokenfab.io \"tokenfab\" not found", "reason": "NotFound", "code": 404})
-}
-
-/// Takes the next request, checks its method and path, answers, and returns its JSON body.
-async fn answer(h: &mut Handle, method: &str, path: &str, status: u16, body: serde_json::Value) -> serde_json::Value {
-    let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
-        .await
-        .unwrap_or_else(|_| panic!("no {method} {path} came"))
-        .expect("the client is gone");
-    assert_eq!(
-        (req.method().as_str(), req.uri().path()),
-        (method, path),
-        "unexpected request {}",
-        req.uri()
-    );
-    let bytes = req.into_body().collect_bytes().await.unwrap();
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap(),
-    );
-    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
 }
 
 /// The requests that publish the SLA (the control plane's is not ready: the object is

@@ -591,18 +591,23 @@ async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, StoreError
         })
 }
 
-/// The replicas running on `prefix` (waiting or elected), and which one is elected (it may
-/// be listed alone for a moment after it started).
-pub async fn members(endpoints: &[String], prefix: &str) -> Result<Vec<Member>, StoreError> {
-    let prefix = prefix.trim_end_matches('/');
-    let mut kv = connect(endpoints).await?.kv_client();
-    let leader = kv
+/// The name the leader key under `prefix` holds, if a replica is elected.
+async fn leader_of(kv: &mut etcd_client::KvClient, prefix: &str) -> Result<Option<String>, StoreError> {
+    Ok(kv
         .get(format!("{prefix}/leader"), None)
         .await
         .map_err(|e| etcd_err("reading the leader", e))?
         .kvs()
         .first()
-        .map(|kv| String::from_utf8_lossy(kv.value()).to_string());
+        .map(|kv| String::from_utf8_lossy(kv.value()).to_string()))
+}
+
+/// The replicas running on `prefix` (waiting or elected), and which one is elected (it may
+/// be listed alone for a moment after it started).
+pub async fn members(endpoints: &[String], prefix: &str) -> Result<Vec<Member>, StoreError> {
+    let prefix = prefix.trim_end_matches('/');
+    let mut kv = connect(endpoints).await?.kv_client();
+    let leader = leader_of(&mut kv, prefix).await?;
     let dir = format!("{prefix}/replicas/");
     let listed = kv
         .get(dir.as_str(), Some(GetOptions::new().with_prefix().with_keys_only()))
@@ -633,16 +638,11 @@ pub async fn members(endpoints: &[String], prefix: &str) -> Result<Vec<Member>, 
 /// its name.
 pub async fn step_down(endpoints: &[String], prefix: &str) -> Result<String, StoreError> {
     let prefix = prefix.trim_end_matches('/');
-    let mut kv = connect(endpoints).await?.kv_client();
-    let leader = kv
-        .get(format!("{prefix}/leader"), None)
-        .await
-        .map_err(|e| etcd_err("reading the leader", e))?
-        .kvs()
-        .first()
-        .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
-        .ok_or_else(|| StoreError::Io(format!("no replica is elected under {prefix}")))?;
     let client = connect(endpoints).await?;
+    let mut kv = client.kv_client();
+    let leader = leader_of(&mut kv, prefix)
+        .await?
+        .ok_or_else(|| StoreError::Io(format!("no replica is elected under {prefix}")))?;
     // The request lapses after a minute, so that it cannot make a later replica of the
     // same name step down.
     let lease = client
