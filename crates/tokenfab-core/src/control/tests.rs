@@ -1393,12 +1393,18 @@ fn decisions(ticks: &[Tick], reads: bool) -> Vec<String> {
                 out.push(format!("{:?}", r.map(|v| v.meta.id)));
             }
             Tick::LeaseAndReport { node, max } => {
-                if let Some(g) = core
-                    .lease(now, &nodes[*node as usize], &model(), u32::from(*max))
-                    .unwrap()
-                {
-                    let results = g.items.iter().map(|i| ok(g.unit, i.req)).collect();
-                    out.push(format!("{:?}", core.report(now, &nodes[*node as usize], results)));
+                let nd = &nodes[*node as usize];
+                match core.lease(now, nd, &model(), u32::from(*max)) {
+                    Ok(Some(g)) => {
+                        let results = g.items.iter().map(|i| ok(g.unit, i.req)).collect();
+                        out.push(format!("{:?}", core.report(now, nd, results)));
+                    }
+                    Ok(None) => {}
+                    // Silent long enough to be forgotten: the agent registers again.
+                    Err(e) => {
+                        out.push(format!("{e:?}"));
+                        core.register(now, gpu_node(nd.as_str()));
+                    }
                 }
             }
             Tick::Heartbeat { node, window } => {
