@@ -1,8 +1,8 @@
 //! Leader loss on the etcd backend, with real processes on loopback: a real etcd (Debian's
-//! `etcd-server`), two `tokenfab server --store etcd` replicas sharing one prefix, an agent
-//! given both replicas' URLs, and an engine emulator. Round after round, under steady
-//! submission and result load, the elected replica is killed with SIGKILL; the other is
-//! elected, applies the log it has not seen, and serves; the killed one is restarted and
+//! `etcd-server`), three `tokenfab server --store etcd` replicas sharing one prefix, an
+//! agent given every replica's URL, and an engine emulator. Round after round, under steady
+//! submission and result load, the elected replica is killed with SIGKILL; one of the
+//! others is elected, applies the log it has not seen, and serves; the killed one is restarted and
 //! waits as the follower. Every batch accepted before or during the rounds completes with
 //! exactly one result per request, read from whichever replica then serves; none is lost
 //! or duplicated. The time from the kill until the new leader answers a read is printed
@@ -183,16 +183,18 @@ async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
-    let ports = [listen_port(), listen_port()];
+    let ports = [listen_port(), listen_port(), listen_port()];
     let addrs: Vec<SocketAddr> = ports
         .iter()
         .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
         .collect();
-    let names = ["cp-a", "cp-b"];
+    let names = ["cp-a", "cp-b", "cp-c"];
 
     let mut servers: Vec<Proc> = vec![replica(dir.path(), &etcd.url, names[0], ports[0])];
     wait_tcp(addrs[0], Duration::from_secs(30), &mut [&mut servers[0]]);
-    servers.push(replica(dir.path(), &etcd.url, names[1], ports[1]));
+    for (name, port) in names.iter().zip(ports).skip(1) {
+        servers.push(replica(dir.path(), &etcd.url, name, port));
+    }
     let mut leader = 0usize;
 
     let emu_port = listen_port();
@@ -213,7 +215,11 @@ async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
         Duration::from_secs(20),
         &mut [&mut emu],
     );
-    let control = format!("http://{},http://{}", addrs[0], addrs[1]);
+    let control = addrs
+        .iter()
+        .map(|a| format!("http://{a}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let agent = Proc::spawn(
         "agent",
         dir.path(),
@@ -273,23 +279,25 @@ async fn killing_the_elected_replica_loses_no_batch_and_no_result() {
 
         servers[leader].kill9();
         let killed = Instant::now();
-        let next = 1 - leader;
+        // One of the two waiting replicas is elected; the read finds which.
         let deadline = killed + Duration::from_secs(30);
-        loop {
-            if let Some(b) = try_get(addrs[next], &id).await {
-                assert_eq!(b.id, id);
-                break;
-            }
-            if let Some(status) = servers[next].exited() {
-                panic!("{} exited ({status}):\n{}", servers[next].name, servers[next].log());
+        let next = 'found: loop {
+            for i in (0..3).filter(|i| *i != leader) {
+                if let Some(b) = try_get(addrs[i], &id).await {
+                    assert_eq!(b.id, id);
+                    break 'found i;
+                }
+                if let Some(status) = servers[i].exited() {
+                    panic!("{} exited ({status}):\n{}", servers[i].name, servers[i].log());
+                }
             }
             assert!(
                 Instant::now() < deadline,
                 "no replica serves 30 s after the kill:\n{}",
-                servers[next].log()
+                servers.iter().map(|p| p.log()).collect::<Vec<_>>().join("\n")
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
         let took = killed.elapsed();
         eprintln!("round {round}: {} took over in {took:?}", names[next]);
         failovers.push(took);
@@ -817,4 +825,11 @@ async fn members_are_listed_and_the_elected_replica_steps_down_when_asked() {
     }
     eprintln!("cp-b serves {:?} after the step-down was asked", asked.elapsed());
     members("cp-b\telected (serves)\n");
+    // The tenant CLI, given both replicas, uses the elected one (cp-a is gone).
+    let control = format!("http://{},http://{}", addrs[0], addrs[1]);
+    let out = run_cli(
+        &["batches", "get", &x, "--control", &control],
+        &[("TOKENFAB_TOKEN", TENANT)],
+    );
+    assert!(out.contains(&x), "{out}");
 }

@@ -92,7 +92,9 @@ enum Command {
 /// Where the control plane is and who the tenant is.
 #[derive(Args, Clone, Debug)]
 pub struct Connection {
-    /// Control plane gRPC URL.
+    /// Control plane gRPC URL; for a replicated control plane (`server --store etcd`),
+    /// every replica's URL, comma-separated: the command uses the one that is elected
+    /// (only it listens).
     #[arg(long, env = "TOKENFAB_CONTROL", default_value = "http://127.0.0.1:7443")]
     pub control: String,
     /// Tenant bearer token (issued by the operator).

@@ -29,26 +29,44 @@ pub type Client = BatchServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Connects to the control plane as a tenant.
 pub async fn connect(conn: &Connection) -> anyhow::Result<Client> {
-    let mut endpoint = Channel::from_shared(conn.control.clone())
-        .with_context(|| format!("--control {} is not a valid URL", conn.control))?;
-    if conn.control.starts_with("https://") {
-        let tls = tokenfab_identity::tls::grpc_client(conn.tls_ca.as_deref(), None)?;
-        endpoint = endpoint
-            .tls_config(tls)
-            .context("TLS for the control plane connection")?;
-    } else if conn.tls_ca.is_some() {
-        bail!("--tls-ca is given but --control {} is not https://", conn.control);
+    let urls: Vec<&str> = conn
+        .control
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        bail!("--control is empty: give the control plane's gRPC URL");
     }
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the control plane at {}; is `tokenfab server` running there?",
-                conn.control
-            )
-        })?;
+    // Several URLs: the replicas of a replicated control plane, of which only the elected
+    // one listens. The first that accepts the connection is it.
+    let mut failures = Vec::new();
+    let mut channel = None;
+    for url in &urls {
+        let mut endpoint =
+            Channel::from_shared(url.to_string()).with_context(|| format!("--control {url} is not a valid URL"))?;
+        if url.starts_with("https://") {
+            let tls = tokenfab_identity::tls::grpc_client(conn.tls_ca.as_deref(), None)?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .context("TLS for the control plane connection")?;
+        } else if conn.tls_ca.is_some() {
+            bail!("--tls-ca is given but --control {url} is not https://");
+        }
+        match endpoint.connect_timeout(Duration::from_secs(5)).connect().await {
+            Ok(c) => {
+                channel = Some(c);
+                break;
+            }
+            Err(e) => failures.push(format!("{url}: {e}")),
+        }
+    }
+    let Some(channel) = channel else {
+        bail!(
+            "cannot reach the control plane ({}); is `tokenfab server` running there?",
+            failures.join("; ")
+        );
+    };
     let token = format!("Bearer {}", conn.token.expose())
         .parse()
         .context("the token is not valid ASCII")?;
