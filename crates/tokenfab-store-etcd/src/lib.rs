@@ -140,6 +140,8 @@ struct Inner {
     position: std::sync::atomic::AtomicU64,
     deposed: tokio::sync::watch::Sender<Option<String>>,
     keepalive: tokio::task::JoinHandle<()>,
+    /// The task that keeps this replica listed under `<prefix>/replicas`.
+    presence: tokio::task::AbortHandle,
     /// A planted bug, for testing the fault tests' history checker only: acknowledge a
     /// commit once the embedded store has it, and write it to etcd a second later
     /// (`TOKENFAB_FAULT_ACK_BEFORE_REPLICATION=1`). Never set it elsewhere: a leader lost in
@@ -150,6 +152,7 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.keepalive.abort();
+        self.presence.abort();
     }
 }
 
@@ -213,6 +216,7 @@ impl EtcdStore {
             }
         };
         let (deposed, _) = tokio::sync::watch::channel(None);
+        let presence_handle = presence.abort_handle();
         let keepalive = tokio::spawn({
             let (client, prefix, name, ttl, deposed) = (
                 client.clone(),
@@ -236,6 +240,7 @@ impl EtcdStore {
                 position: std::sync::atomic::AtomicU64::new(0),
                 deposed,
                 keepalive,
+                presence: presence_handle,
                 fault_ack_before_replication: std::env::var("TOKENFAB_FAULT_ACK_BEFORE_REPLICATION").as_deref()
                     == Ok("1"),
             }),
