@@ -144,6 +144,44 @@ fn reader(
     })
 }
 
+/// Waits (up to 30 s) until `addr` serves batch `id`, recording that read; `serving` is the
+/// replica expected to take over, whose log a timeout shows.
+async fn read_once_serving(addr: SocketAddr, id: &str, history: &History, serving: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let invoked = Instant::now();
+        if let Ok(completed) = read(addr, id).await {
+            history.record(
+                invoked,
+                Op::Read {
+                    id: id.to_string(),
+                    completed,
+                },
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not take over:\n{}",
+            serving.name,
+            serving.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `p` exits by itself (it must within `within`); its exit status.
+async fn exits(p: &mut Proc, within: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = p.exited() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Submits a batch to `addr`, recording its acknowledgement.
 async fn submit(
     addr: SocketAddr,
@@ -457,18 +495,7 @@ async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
         );
     }
     // It stops by itself, saying why.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = a.exited() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the deposed replica still runs:\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exits(&mut a, Duration::from_secs(15), "the deposed replica still runs").await;
     assert!(!status.success(), "{status}");
     assert!(
         a.log().contains("lost the election") || a.log().contains("no longer the elected one"),
@@ -498,22 +525,7 @@ async fn the_history_checker_catches_a_leader_that_acknowledges_before_replicati
     let id = submit(addrs[0], "lost-", 3, &history, &acked).await;
     a.kill9();
     // Read it from the new leader.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let invoked = Instant::now();
-        if let Ok(completed) = read(addrs[1], &id).await {
-            history.record(
-                invoked,
-                Op::Read {
-                    id: id.clone(),
-                    completed,
-                },
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "B did not take over:\n{}", b.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    read_once_serving(addrs[1], &id, &history, &b).await;
     let violations = history.check();
     assert!(
         violations.iter().any(|v| v.contains("a lost write")),
@@ -730,33 +742,10 @@ async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused(
         cut.elapsed()
     );
     // B is elected on the majority side (etcd's) and serves what A acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let invoked = Instant::now();
-        if let Ok(completed) = read(b_addr, &x).await {
-            history.record(
-                invoked,
-                Op::Read {
-                    id: x.clone(),
-                    completed,
-                },
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "B did not take over:\n{}", b.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    read_once_serving(b_addr, &x, &history, &b).await;
     eprintln!("B serves {:?} after the cut", cut.elapsed());
     // A stops by itself.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.exited().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the cut-off replica still runs:\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    exits(&mut a, Duration::from_secs(30), "the cut-off replica still runs").await;
     assert!(a.log().contains("lost the election"), "{}", a.log());
     assert_eq!(
         listed(b_addr).await,
@@ -822,11 +811,8 @@ async fn members_are_listed_and_the_elected_replica_steps_down_when_asked() {
         &[],
     );
     assert!(out.starts_with("asked cp-a to step down"), "{out}");
+    exits(&mut a, Duration::from_secs(15), "cp-a did not step down").await;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while a.exited().is_none() {
-        assert!(Instant::now() < deadline, "cp-a did not step down:\n{}", a.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert!(a.log().contains("asked to step down"), "{}", a.log());
     while read(addrs[1], &x).await.is_err() {
         assert!(Instant::now() < deadline, "cp-b did not take over:\n{}", b.log());

@@ -4,6 +4,12 @@
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 use tokenfab_kube::operator::{Mode, Options};
+use tokenfab_kube::reconcile::Policy;
+
+/// A default of the rate limits, from [`Policy::default`] (the one place they are set).
+fn policy_secs(s: u64) -> humantime::Duration {
+    Duration::from_secs(s).into()
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,13 +78,13 @@ struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     interval: Duration,
     /// Shortest time between two changes of one Deployment.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    min_interval: Duration,
+    #[arg(long, default_value_t = policy_secs(Policy::default().min_interval_s))]
+    min_interval: humantime::Duration,
     /// How long placement must keep wanting fewer replicas before a Deployment shrinks.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    scale_down_after: Duration,
+    #[arg(long, default_value_t = policy_secs(Policy::default().scale_down_after_s))]
+    scale_down_after: humantime::Duration,
     /// Most replicas one change adds or removes.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = Policy::default().max_step)]
     max_step: u32,
     /// Label selector of the agent pods.
     #[arg(long, default_value = "app.kubernetes.io/component=agent")]
@@ -162,7 +168,7 @@ fn main() -> anyhow::Result<()> {
                 http_token,
                 mode,
                 interval,
-                policy: tokenfab_kube::reconcile::Policy {
+                policy: Policy {
                     min_interval_s: min_interval.as_secs(),
                     scale_down_after_s: scale_down_after.as_secs(),
                     max_step,

@@ -66,6 +66,22 @@ fn node(name: &str, product: &str, gpus: u32, labels: &[(&str, &str)]) -> Node {
     .unwrap()
 }
 
+/// An H100 node whose device-hours have become dear (8 $/h).
+fn dear_h100() -> Node {
+    node(
+        "gpu-h100-a",
+        "NVIDIA-H100-80GB-HBM3",
+        8,
+        &[("tokenfab.io/usd-per-device-hour", "8")],
+    )
+}
+
+/// A mock API server and a client talking to it.
+fn api() -> (kube::Client, Handle) {
+    let (svc, h) = mock::pair::<Request<Body>, Response<Body>>();
+    (kube::Client::new(svc, NS), h)
+}
+
 fn nodes(list: Vec<Node>) -> Store<Node> {
     let (reader, mut writer) = reflector::store();
     for n in list {
@@ -157,16 +173,10 @@ fn options(control_url: String) -> Options {
 #[tokio::test]
 async fn a_model_moves_to_a_cheaper_pool_that_had_no_deployment_make_before_break() {
     let url = control_plane(200.0).await;
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, NS);
+    let (client, mut h) = api();
     // H100 device-hours have become dear here; an L40S node is cheap.
     let store = nodes(vec![
-        node(
-            "gpu-h100-a",
-            "NVIDIA-H100-80GB-HBM3",
-            8,
-            &[("tokenfab.io/usd-per-device-hour", "8")],
-        ),
+        dear_h100(),
         node(
             "gpu-l40s-a",
             "NVIDIA-L40S",
@@ -243,8 +253,7 @@ async fn a_model_moves_to_a_cheaper_pool_that_had_no_deployment_make_before_brea
 #[tokio::test]
 async fn on_a_super_node_the_engine_is_pinned_to_it_and_advisory_mode_changes_nothing() {
     let url = control_plane(200.0).await;
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, NS);
+    let (client, mut h) = api();
     let store = nodes(vec![node(
         "gpu-h100-a",
         "NVIDIA-H100-80GB-HBM3",
@@ -302,17 +311,8 @@ async fn on_a_super_node_the_engine_is_pinned_to_it_and_advisory_mode_changes_no
 #[tokio::test]
 async fn a_forbidden_create_is_reported_with_the_permission_to_grant() {
     let url = control_plane(200.0).await;
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, NS);
-    let store = nodes(vec![
-        node(
-            "gpu-h100-a",
-            "NVIDIA-H100-80GB-HBM3",
-            8,
-            &[("tokenfab.io/usd-per-device-hour", "8")],
-        ),
-        node("gpu-l40s-a", "NVIDIA-L40S", 4, &[]),
-    ]);
+    let (client, mut h) = api();
+    let store = nodes(vec![dear_h100(), node("gpu-l40s-a", "NVIDIA-L40S", 4, &[])]);
     let opts = options(url);
     let round =
         tokio::spawn(async move { operator::round(&client, &store, &opts, &mut Memory::default(), 1_000).await });
