@@ -17,6 +17,16 @@ if [ -f .tf-cache/env ]; then
   . .tf-cache/env
 fi
 
+# A clean build of the workspace and its tests takes about 2.5 GiB under target/ (measured
+# with CARGO_INCREMENTAL=0, as CI builds), plus the test tools and temporary files:;
+# say so plainly before the compiler fails half-way with "No space left on device".
+NEED_GIB=5
+free_kib=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ -n "$free_kib" ] && [ "$free_kib" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kib / 1024 / 1024)) GiB free on $(df -P . | awk 'NR==2 {print $6}');" \
+    "a clean build needs about ${NEED_GIB} GiB (free space, or 'cargo clean' an old target/)" >&2
+fi
+
 echo "== formatting"
 cargo fmt --all -- --check
 
