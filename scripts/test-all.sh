@@ -18,7 +18,7 @@ if [ -f .tf-cache/env ]; then
 fi
 
 # A clean build of the workspace and its tests takes about 2.5 GiB under target/ (measured
-# with CARGO_INCREMENTAL=0, as CI builds), plus the test tools and temporary files:;
+# with CARGO_INCREMENTAL=0, as CI builds), plus the test tools and temporary files;
 # say so plainly before the compiler fails half-way with "No space left on device".
 NEED_GIB=5
 free_kib=$(df -Pk . | awk 'NR==2 {print $4}')
