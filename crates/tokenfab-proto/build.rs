@@ -9,8 +9,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe_env_set("PROTOC", &protoc);
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common.proto", "batch.proto", "agent.proto", "sla.proto", "admin.proto"]
-        .map(|f| root.join("tokenfab/v1").join(f));
+    let files = [
+        "common.proto",
+        "batch.proto",
+        "agent.proto",
+        "sla.proto",
+        "admin.proto",
+        "raft.proto",
+    ]
+    .map(|f| root.join("tokenfab/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

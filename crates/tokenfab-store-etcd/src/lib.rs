@@ -41,9 +41,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfab_core::batch_input::{LineError, ParsedRequest};
-use tokenfab_core::durable::DurableOp;
 use tokenfab_core::{BatchId, FileId, RequestRef};
+use tokenfab_store::replicated::Commit;
 use tokenfab_store::{
     BatchInputs, Cursor, HistoryRow, IdleRow, LeasedBody, Loaded, Page, RedbStore, ResultKind, StagedInput, Store,
     StoreError, WriteSet,
@@ -82,21 +81,8 @@ fn etcd_err(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(format!("etcd: {what}: {e}"))
 }
 
-/// A commit as the log holds it.
-#[derive(Debug, Serialize, Deserialize)]
-struct Entry {
-    ops: Vec<DurableOp>,
-    inputs: Vec<EntryInput>,
-    files: Vec<(FileId, Parts)>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct EntryInput {
-    batch: BatchId,
-    requests: Vec<ParsedRequest>,
-    line_errors: Vec<LineError>,
-    content: Parts,
-}
+/// A commit as the log holds it: each file as a range of `part/` keys.
+type Entry = Commit<Parts>;
 
 /// Consecutive parts of one commit's `part/` keys.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -352,26 +338,24 @@ impl EtcdStore {
         let bytes = lz4_flex::decompress_size_prepended(&compressed)
             .map_err(|e| StoreError::Corrupt(format!("etcd log entry {seq}: {e}")))?;
         let entry: Entry = postcard::from_bytes(&bytes).map_err(corrupt)?;
-        let mut set = WriteSet {
-            ops: entry.ops,
-            ..Default::default()
-        };
-        for input in entry.inputs {
-            let file = self.inner.local.stage()?;
-            self.read_parts_to_file(seq, input.content, file.path()).await?;
-            set.inputs.push(BatchInputs {
-                batch: input.batch,
-                file,
-                requests: Arc::new(input.requests),
-                line_errors: input.line_errors,
-            });
-        }
-        for (id, parts) in entry.files {
+        let contents: Vec<Parts> = entry
+            .inputs
+            .iter()
+            .map(|i| i.content)
+            .chain(entry.files.iter().map(|f| f.1))
+            .collect();
+        let mut staged = Vec::with_capacity(contents.len());
+        for parts in contents {
             let file = self.inner.local.stage()?;
             self.read_parts_to_file(seq, parts, file.path()).await?;
-            set.files.push((id, file));
+            staged.push(file);
         }
-        Ok(set)
+        let mut staged = staged.into_iter();
+        entry.into_write_set(|_| {
+            staged
+                .next()
+                .ok_or_else(|| StoreError::Corrupt(format!("etcd log entry {seq}: a file is missing")))
+        })
     }
 
     async fn read_parts(&self, seq: u64, p: Parts, out: &mut impl Write) -> Result<(), StoreError> {
@@ -758,26 +742,22 @@ impl EtcdStore {
         let mut next = self.inner.next.lock().await;
         let seq = *next;
         let mut n = 0u32;
-        let mut entry = Entry {
-            ops: set.ops.clone(),
-            inputs: Vec::with_capacity(set.inputs.len()),
-            files: Vec::with_capacity(set.files.len()),
-        };
-        for input in &set.inputs {
-            let f = std::fs::File::open(input.file.path()).map_err(|e| etcd_err("reading an input file", e))?;
-            let content = self.write_parts(seq, &mut n, f).await?;
-            entry.inputs.push(EntryInput {
-                batch: input.batch,
-                requests: input.requests.as_ref().clone(),
-                line_errors: input.line_errors.clone(),
-                content,
-            });
+        let mut contents = Vec::with_capacity(set.inputs.len() + set.files.len());
+        for path in set
+            .inputs
+            .iter()
+            .map(|i| i.file.path())
+            .chain(set.files.iter().map(|f| f.1.path()))
+        {
+            let f = std::fs::File::open(path).map_err(|e| etcd_err("reading a file to replicate", e))?;
+            contents.push(self.write_parts(seq, &mut n, f).await?);
         }
-        for (id, staged) in &set.files {
-            let f = std::fs::File::open(staged.path()).map_err(|e| etcd_err("reading an uploaded file", e))?;
-            let parts = self.write_parts(seq, &mut n, f).await?;
-            entry.files.push((*id, parts));
-        }
+        let mut contents = contents.into_iter();
+        let entry = Entry::describe(set, |_| {
+            contents
+                .next()
+                .ok_or_else(|| etcd_err("describing a commit", "a file is missing"))
+        })?;
         let bytes = postcard::to_allocvec(&entry).map_err(|e| etcd_err("encoding a commit", e))?;
         let bytes = lz4_flex::compress_prepend_size(&bytes);
         let value = if bytes.len() <= self.inner.opts.part_bytes {

@@ -16,6 +16,7 @@ pub mod backup;
 pub mod conformance;
 mod migrate;
 mod redb_store;
+pub mod replicated;
 
 pub use redb_store::RedbStore;
 

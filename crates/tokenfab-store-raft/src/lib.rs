@@ -1,0 +1,1076 @@
+//! # tokenfab-store-raft: the control plane's commits replicated by Raft among its replicas
+//!
+//! Three (or five) control-plane replicas form one Raft group (tikv's `raft` crate) over
+//! their own gRPC peer port ([`transport`]). Every commit of the leader ([`Store::apply`])
+//! becomes log entries; once a majority holds them durably, every replica applies them to
+//! its own embedded store ([`RedbStore`]), which serves every read. Only the leader
+//! serves: [`RaftStore::open`] returns once this replica leads and has applied every
+//! entry committed before its term, so the control core it starts sees everything any
+//! earlier leader acknowledged. A replica that stops leading ([`RaftStore::deposed`])
+//! must stop serving; `tokenfab server` then exits and its supervisor restarts it as a
+//! follower.
+//!
+//! **The log.** One commit is one or more entries: its files (batch inputs, uploaded
+//! files), and the commit itself when large, go first as `Part` entries of at most
+//! `part_bytes` each (LZ4-compressed), then one `Commit` entry that describes the commit
+//! and refers to its parts. A leader proposes one commit's entries together and one
+//! commit at a time, so a commit's parts lie between the commit before it and itself.
+//! Parts whose commit never came (their leader died) are dropped when the next commit's
+//! parts or its `Commit` entry arrive.
+//!
+//! **Durability.** The Raft log and hard state are in `raft.redb` beside the embedded
+//! store; each batch of new entries is written with one fsync before this replica
+//! acknowledges them to the leader. The embedded store fsyncs every
+//! [`FSYNC_EVERY`] commits (its applied position is kept with its data): after a crash
+//! the replica applies again, from the log, what its embedded store had not made durable.
+//!
+//! **Not yet.** Log compaction and snapshots (the log, and a copy of it in memory, grow
+//! with every commit, so a replica's memory grows with the inputs it has seen), joining
+//! and removing members at run time (the group is the one `peers` names), mutual TLS
+//! on the peer port, and ReadIndex reads (the leader serves reads from its store; it
+//! counts itself deposed when its own clock says it was paused for an election timeout).
+
+pub mod transport;
+
+use protobuf::Message as _;
+use raft::StateRole;
+use raft::prelude::{ConfState, Entry, EntryType, HardState, Message};
+use raft::storage::MemStorage;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokenfab_core::{BatchId, FileId, RequestRef};
+use tokenfab_store::replicated::Commit;
+use tokenfab_store::{
+    Cursor, HistoryRow, IdleRow, LeasedBody, Loaded, Page, RedbStore, ResultKind, StagedInput, Store, StoreError,
+    WriteSet,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Who this replica is and who its peers are.
+#[derive(Debug, Clone)]
+pub struct RaftOptions {
+    /// This replica's Raft id (a key of `peers`).
+    pub id: u64,
+    /// Its name, for logs and `admin members`.
+    pub name: String,
+    /// Every member's peer URL by Raft id, this replica's own included
+    /// (`http://10.0.0.5:7400`).
+    pub peers: BTreeMap<u64, String>,
+    /// Where this replica's peer port listens (default: the port of its own peer URL on
+    /// every address).
+    pub listen: SocketAddr,
+    /// One Raft tick.
+    pub tick: Duration,
+    /// Ticks without a leader's heartbeat before a follower campaigns (randomized up to
+    /// twice this, as Raft does).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Largest file piece in one log entry, before compression.
+    pub part_bytes: usize,
+}
+
+impl RaftOptions {
+    /// Options for replica `id` of the group `peers`, with the defaults: 50 ms ticks, an
+    /// election after 10 to 20 ticks (0.5 to 1 s) of silence, heartbeats every 2 ticks,
+    /// 1 MiB parts.
+    pub fn new(id: u64, name: &str, peers: BTreeMap<u64, String>) -> Result<Self, StoreError> {
+        let bad = |cause: String| StoreError::Open {
+            path: "--raft-peers".into(),
+            cause,
+        };
+        let own = peers.get(&id).ok_or_else(|| {
+            bad(format!(
+                "this replica's id {id} is not among the peers ({}); give every member, this one included, as ID=URL",
+                peers.keys().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let port = own
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+            .ok_or_else(|| bad(format!("peer URL {own:?} has no port (want http://HOST:PORT)")))?;
+        Ok(RaftOptions {
+            id,
+            name: name.to_string(),
+            peers,
+            listen: SocketAddr::from(([0, 0, 0, 0], port)),
+            tick: Duration::from_millis(50),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            part_bytes: 1 << 20,
+        })
+    }
+
+    /// Parses `ID=URL,ID=URL,...` (`1=http://cp-0:7400,2=http://cp-1:7400`).
+    pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
+        let mut peers = BTreeMap::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, url) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?}: want ID=URL, e.g. 1=http://cp-0:7400"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&i| i > 0)
+                .ok_or_else(|| format!("{item:?}: the id must be a whole number from 1"))?;
+            let url = url.trim();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("{item:?}: the URL must start with http:// or https://"));
+            }
+            if peers.insert(id, url.to_string()).is_some() {
+                return Err(format!("id {id} is given twice"));
+            }
+        }
+        if peers.is_empty() {
+            return Err("no peers given; want ID=URL[,ID=URL...]".into());
+        }
+        Ok(peers)
+    }
+
+    fn election_timeout(&self) -> Duration {
+        self.tick * u32::try_from(self.election_ticks).unwrap_or(u32::MAX)
+    }
+}
+
+/// The embedded store fsyncs every this many commits; the Raft log holds each commit
+/// durably already, so this only bounds how much of the log a restart applies again.
+pub const FSYNC_EVERY: u64 = 32;
+
+/// What a replica knows of its group, as [`RaftStore::status`] and the peer `Status` call
+/// report it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub id: u64,
+    pub name: String,
+    /// The replica believed to lead (0: none known).
+    pub leader: u64,
+    pub term: u64,
+    pub role: &'static str,
+    pub commit: u64,
+    pub applied: u64,
+    pub voters: Vec<u64>,
+    /// The term in which this replica leads and serves (it applied every entry committed
+    /// before its term).
+    pub serving: Option<u64>,
+    /// Why the replica stopped (its log or store failed, or it was paused).
+    pub failed: Option<String>,
+}
+
+fn role_name(r: StateRole) -> &'static str {
+    match r {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "pre-candidate",
+    }
+}
+
+fn io(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("raft: {what}: {e}"))
+}
+
+// ----------------------------------------------------------------------------------------
+// The log's entries
+
+/// A file of a commit, by its number among the commit's parts.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct FileRef {
+    file: u32,
+    len: u64,
+}
+
+/// The file number that holds a commit's own description when it does not fit inline.
+const COMMIT_FILE: u32 = u32::MAX;
+
+/// The data of one normal log entry (postcard).
+#[derive(Debug, Serialize, Deserialize)]
+enum LogEntry {
+    /// The next piece of file `file` of commit `nonce`, LZ4-compressed.
+    Part { nonce: u64, file: u32, data: Vec<u8> },
+    /// Commit `nonce`: its [`Commit`] description, LZ4-compressed, inline or (when larger
+    /// than a part) in file [`COMMIT_FILE`] of its parts.
+    Commit { nonce: u64, inline: Option<Vec<u8>> },
+}
+
+/// Splits `set` into entries: its files' parts, then the commit.
+fn encode_commit(set: &WriteSet, nonce: u64, part_bytes: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    let push_parts = |entries: &mut Vec<Vec<u8>>, file: u32, src: &mut dyn Read| -> Result<u64, StoreError> {
+        let mut len = 0u64;
+        let mut buf = vec![0u8; part_bytes.max(1)];
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let got = src
+                    .read(&mut buf[filled..])
+                    .map_err(|e| io("reading a file to replicate", e))?;
+                if got == 0 {
+                    break;
+                }
+                filled += got;
+            }
+            if filled == 0 {
+                return Ok(len);
+            }
+            len += filled as u64;
+            let data = lz4_flex::compress_prepend_size(&buf[..filled]);
+            entries.push(postcard::to_allocvec(&LogEntry::Part { nonce, file, data }).map_err(|e| io("encoding", e))?);
+            if filled < buf.len() {
+                return Ok(len);
+            }
+        }
+    };
+    let mut entries = Vec::new();
+    let mut file = 0u32;
+    let commit = Commit::describe(set, |path| {
+        let mut f = std::fs::File::open(path).map_err(|e| io("reading a file to replicate", e))?;
+        let len = push_parts(&mut entries, file, &mut f)?;
+        file += 1;
+        Ok(FileRef { file: file - 1, len })
+    })?;
+    let bytes = postcard::to_allocvec(&commit).map_err(|e| io("encoding a commit", e))?;
+    let bytes = lz4_flex::compress_prepend_size(&bytes);
+    let inline = if bytes.len() <= part_bytes {
+        Some(bytes)
+    } else {
+        push_parts(&mut entries, COMMIT_FILE, &mut bytes.as_slice())?;
+        None
+    };
+    entries.push(postcard::to_allocvec(&LogEntry::Commit { nonce, inline }).map_err(|e| io("encoding", e))?);
+    Ok(entries)
+}
+
+/// Parts received for the commit under way.
+struct Staging {
+    nonce: u64,
+    files: BTreeMap<u32, (StagedInput, std::fs::File, u64)>,
+}
+
+// ----------------------------------------------------------------------------------------
+// The persistent Raft log
+
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_entries");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
+const HARD_STATE: &str = "hard_state";
+const CONF_STATE: &str = "conf_state";
+
+/// The Raft log and hard state on disk (`raft.redb` in the data directory).
+struct LogDb {
+    db: redb::Database,
+}
+
+impl LogDb {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: path.display().to_string(),
+            cause: e.to_string(),
+        };
+        let db = redb::Database::create(path).map_err(|e| open_err(&e))?;
+        let txn = db.begin_write().map_err(|e| open_err(&e))?;
+        txn.open_table(ENTRIES).map_err(|e| open_err(&e))?;
+        txn.open_table(STATE).map_err(|e| open_err(&e))?;
+        txn.commit().map_err(|e| open_err(&e))?;
+        Ok(LogDb { db })
+    }
+
+    fn load(&self) -> Result<(HardState, Option<ConfState>, Vec<Entry>), StoreError> {
+        let corrupt = |e: protobuf::ProtobufError| StoreError::Corrupt(format!("raft.redb: {e}"));
+        let txn = self.db.begin_read().map_err(|e| io("reading the log", e))?;
+        let state = txn.open_table(STATE).map_err(|e| io("reading the log", e))?;
+        let hs = match state.get(HARD_STATE).map_err(|e| io("reading the log", e))? {
+            Some(v) => HardState::parse_from_bytes(v.value()).map_err(corrupt)?,
+            None => HardState::default(),
+        };
+        let cs = match state.get(CONF_STATE).map_err(|e| io("reading the log", e))? {
+            Some(v) => Some(ConfState::parse_from_bytes(v.value()).map_err(corrupt)?),
+            None => None,
+        };
+        let table = txn.open_table(ENTRIES).map_err(|e| io("reading the log", e))?;
+        let mut entries = Vec::new();
+        for row in table.iter().map_err(|e| io("reading the log", e))? {
+            let (_, v) = row.map_err(|e| io("reading the log", e))?;
+            entries.push(Entry::parse_from_bytes(v.value()).map_err(corrupt)?);
+        }
+        Ok((hs, cs, entries))
+    }
+
+    /// Writes new entries (replacing any from the first one's index on) and the hard
+    /// state, with one fsync.
+    fn persist(&self, entries: &[Entry], hs: Option<&HardState>, cs: Option<&ConfState>) -> Result<(), StoreError> {
+        let err = |e: &dyn std::fmt::Display| io("writing the log", e);
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(|e| err(&e))?;
+            if let Some(first) = entries.first() {
+                let stale: Vec<u64> = table
+                    .range(first.index..)
+                    .map_err(|e| err(&e))?
+                    .map(|r| r.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| err(&e))?;
+                for k in stale {
+                    table.remove(k).map_err(|e| err(&e))?;
+                }
+            }
+            for e in entries {
+                let bytes = e.write_to_bytes().map_err(|e| err(&e))?;
+                table.insert(e.index, bytes.as_slice()).map_err(|e| err(&e))?;
+            }
+            let mut state = txn.open_table(STATE).map_err(|e| err(&e))?;
+            if let Some(hs) = hs {
+                let bytes = hs.write_to_bytes().map_err(|e| err(&e))?;
+                state.insert(HARD_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+            }
+            if let Some(cs) = cs {
+                let bytes = cs.write_to_bytes().map_err(|e| err(&e))?;
+                state.insert(CONF_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| err(&e))
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The driver: owns the Raft node, persists, sends, applies.
+
+enum Cmd {
+    /// A commit's entries, to append in order; answered once the last one is applied
+    /// here (or it is certain it will not be).
+    Propose {
+        entries: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Transfer {
+        to: u64,
+        reply: oneshot::Sender<(bool, u64)>,
+    },
+}
+
+struct Driver {
+    node: raft::RawNode<MemStorage>,
+    log: Arc<LogDb>,
+    local: RedbStore,
+    opts: RaftOptions,
+    /// Messages to each peer, sent by its link task.
+    links: BTreeMap<u64, mpsc::Sender<Message>>,
+    /// Entries up to this index are in the embedded store already (restart).
+    skip_through: u64,
+    applied: u64,
+    commits_applied: u64,
+    staging: Staging,
+    /// Proposals awaiting their last entry: index → (term, reply).
+    waiters: BTreeMap<u64, (u64, oneshot::Sender<Result<(), StoreError>>)>,
+    /// The index of the entry that opened this replica's term as leader.
+    leader_start: Option<(u64, u64)>,
+    status: watch::Sender<GroupStatus>,
+}
+
+impl Driver {
+    fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    fn serving_term(&self) -> Option<u64> {
+        match self.leader_start {
+            Some((term, start)) if self.is_leader() && term == self.node.raft.term && self.applied >= start => {
+                Some(term)
+            }
+            _ => None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Message>,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(self.opts.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let gap = last_tick.elapsed();
+                    last_tick = tokio::time::Instant::now();
+                    if gap >= self.opts.election_timeout() && self.is_leader() {
+                        // Paused (SIGSTOP, a stalled VM) for as long as followers wait
+                        // before electing another leader: another may lead now. Stop
+                        // leading before anything else runs.
+                        let term = self.node.raft.term;
+                        self.node.raft.become_follower(term, raft::INVALID_ID);
+                        self.fail_waiters(&format!("this replica was paused for {gap:?}, an election timeout; it no longer leads"));
+                    }
+                    self.node.tick();
+                }
+                m = inbox.recv() => match m {
+                    Some(m) => self.step(m),
+                    None => return,
+                },
+                c = cmds.recv() => match c {
+                    Some(c) => self.command(c),
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            }
+            while let Ok(m) = inbox.try_recv() {
+                self.step(m);
+            }
+            while let Ok(c) = cmds.try_recv() {
+                self.command(c);
+            }
+            if let Err(e) = self.on_ready().await {
+                let why = format!("replica {} stopped: {e}", self.opts.name);
+                self.fail_waiters(&why);
+                self.status.send_modify(|s| s.failed = Some(why));
+                return;
+            }
+            self.publish();
+        }
+    }
+
+    fn step(&mut self, m: Message) {
+        if m.to != self.opts.id {
+            return;
+        }
+        // Errors are messages from unknown peers or stale terms; Raft drops them.
+        let _ = self.node.step(m);
+    }
+
+    fn command(&mut self, c: Cmd) {
+        match c {
+            Cmd::Propose { entries, reply } => {
+                if self.serving_term().is_none() {
+                    let _ = reply.send(Err(self.not_leading()));
+                    return;
+                }
+                for data in entries {
+                    if let Err(e) = self.node.propose(vec![], data) {
+                        let _ = reply.send(Err(io("proposing", e)));
+                        return;
+                    }
+                }
+                let index = self.node.raft.raft_log.last_index();
+                self.waiters.insert(index, (self.node.raft.term, reply));
+            }
+            Cmd::Transfer { to, reply } => {
+                if self.is_leader() {
+                    self.node.transfer_leader(to);
+                    let _ = reply.send((true, self.opts.id));
+                } else {
+                    let _ = reply.send((false, self.node.raft.leader_id));
+                }
+            }
+        }
+    }
+
+    fn not_leading(&self) -> StoreError {
+        StoreError::Io(format!(
+            "replica {} does not lead the Raft group (term {}); its commit was refused",
+            self.opts.name, self.node.raft.term
+        ))
+    }
+
+    fn fail_waiters(&mut self, why: &str) {
+        for (_, (_, reply)) in std::mem::take(&mut self.waiters) {
+            let _ = reply.send(Err(StoreError::Io(format!(
+                "{why}; the commit may or may not be in the log"
+            ))));
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            match self.links.get(&to) {
+                Some(link) => {
+                    if link.try_send(m).is_err() {
+                        self.node.report_unreachable(to);
+                    }
+                }
+                None => self.node.report_unreachable(to),
+            }
+        }
+    }
+
+    async fn on_ready(&mut self) -> Result<(), StoreError> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        self.send(ready.take_messages());
+        if *ready.snapshot() != raft::prelude::Snapshot::default() {
+            return Err(StoreError::Corrupt(
+                "the leader sent a snapshot; this build neither takes nor installs snapshots (its logs are never compacted)".into(),
+            ));
+        }
+        self.apply_entries(ready.take_committed_entries()).await?;
+        let entries = ready.entries().clone();
+        let hs = ready.hs().cloned();
+        if !entries.is_empty() || hs.is_some() {
+            let log = self.log.clone();
+            let (e2, h2) = (entries.clone(), hs.clone());
+            tokio::task::spawn_blocking(move || log.persist(&e2, h2.as_ref(), None))
+                .await
+                .map_err(|e| io("writing the log", e))??;
+            let store = self.node.raft.raft_log.store.clone();
+            let mut w = store.wl();
+            w.append(&entries).map_err(|e| io("appending to the log", e))?;
+            if let Some(hs) = hs {
+                w.set_hardstate(hs);
+            }
+        }
+        self.send(ready.take_persisted_messages());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.node.raft.raft_log.store.wl().mut_hard_state().set_commit(commit);
+        }
+        self.send(light.take_messages());
+        self.apply_entries(light.take_committed_entries()).await?;
+        self.node.advance_apply();
+        Ok(())
+    }
+
+    async fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        for e in entries {
+            let (index, term) = (e.index, e.term);
+            if index > self.skip_through {
+                match e.get_entry_type() {
+                    EntryType::EntryNormal if !e.data.is_empty() => self.apply_data(index, &e.data).await?,
+                    EntryType::EntryNormal => {}
+                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                        return Err(StoreError::Corrupt(format!(
+                            "raft log entry {index} changes the membership; this build does not change members at run time"
+                        )));
+                    }
+                }
+            }
+            self.applied = index;
+            if let Some((want_term, reply)) = self.waiters.remove(&index) {
+                let _ = reply.send(if want_term == term {
+                    Ok(())
+                } else {
+                    Err(StoreError::Io(format!(
+                        "replica {} lost the leadership before its commit was replicated; the commit was not made",
+                        self.opts.name
+                    )))
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_data(&mut self, index: u64, data: &[u8]) -> Result<(), StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("raft log entry {index}: {what}"));
+        let entry: LogEntry = postcard::from_bytes(data).map_err(|e| corrupt(&e.to_string()))?;
+        match entry {
+            LogEntry::Part { nonce, file, data } => {
+                if self.staging.nonce != nonce {
+                    self.staging = Staging {
+                        nonce,
+                        files: BTreeMap::new(),
+                    };
+                }
+                let raw = lz4_flex::decompress_size_prepended(&data).map_err(|e| corrupt(&e.to_string()))?;
+                if !self.staging.files.contains_key(&file) {
+                    let staged = self.local.stage()?;
+                    let f = std::fs::File::create(staged.path()).map_err(|e| io("staging a file", e))?;
+                    self.staging.files.insert(file, (staged, f, 0));
+                }
+                let Some((_, f, len)) = self.staging.files.get_mut(&file) else {
+                    return Err(corrupt("a staged file vanished"));
+                };
+                f.write_all(&raw).map_err(|e| io("staging a file", e))?;
+                *len += raw.len() as u64;
+                Ok(())
+            }
+            LogEntry::Commit { nonce, inline } => {
+                let mut staging = std::mem::replace(
+                    &mut self.staging,
+                    Staging {
+                        nonce: 0,
+                        files: BTreeMap::new(),
+                    },
+                );
+                if staging.nonce != nonce {
+                    staging.files.clear();
+                }
+                let compressed = match inline {
+                    Some(b) => b,
+                    None => {
+                        let (staged, _, _) = staging
+                            .files
+                            .remove(&COMMIT_FILE)
+                            .ok_or_else(|| corrupt("the commit's own parts are missing"))?;
+                        std::fs::read(staged.path()).map_err(|e| io("reading a staged commit", e))?
+                    }
+                };
+                let bytes = lz4_flex::decompress_size_prepended(&compressed).map_err(|e| corrupt(&e.to_string()))?;
+                let commit: Commit<FileRef> = postcard::from_bytes(&bytes).map_err(|e| corrupt(&e.to_string()))?;
+                let set = commit.into_write_set(|r| {
+                    let (staged, f, len) = match staging.files.remove(&r.file) {
+                        Some(s) => s,
+                        // An empty file has no parts.
+                        None if r.len == 0 => {
+                            let staged = self.local.stage()?;
+                            let f = std::fs::File::create(staged.path()).map_err(|e| io("staging a file", e))?;
+                            (staged, f, 0)
+                        }
+                        None => return Err(corrupt(&format!("file {} of the commit has no parts", r.file))),
+                    };
+                    if len != r.len {
+                        return Err(corrupt(&format!(
+                            "file {} is {len} bytes, its commit says {}",
+                            r.file, r.len
+                        )));
+                    }
+                    f.sync_all().map_err(|e| io("staging a file", e))?;
+                    Ok(staged)
+                })?;
+                self.commits_applied += 1;
+                let fsync = self.commits_applied.is_multiple_of(FSYNC_EVERY);
+                let local = self.local.clone();
+                tokio::task::spawn_blocking(move || local.apply_replicated(set, index, fsync))
+                    .await
+                    .map_err(|e| io("applying a commit", e))?
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let raft = &self.node.raft;
+        if raft.state == StateRole::Leader {
+            if self.leader_start.is_none_or(|(t, _)| t != raft.term) {
+                self.leader_start = Some((raft.term, raft.raft_log.last_index()));
+            }
+        } else {
+            self.leader_start = None;
+            if !self.waiters.is_empty() {
+                let why = format!("replica {} no longer leads (term {})", self.opts.name, raft.term);
+                self.fail_waiters(&why);
+            }
+        }
+        let raft = &self.node.raft;
+        let voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+        let next = GroupStatus {
+            id: self.opts.id,
+            name: self.opts.name.clone(),
+            leader: raft.leader_id,
+            term: raft.term,
+            role: role_name(raft.state),
+            commit: raft.raft_log.committed,
+            applied: self.applied,
+            voters,
+            serving: self.serving_term(),
+            failed: None,
+        };
+        self.status.send_if_modified(|s| {
+            if *s == next {
+                false
+            } else {
+                *s = next;
+                true
+            }
+        });
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The store
+
+/// Durable state replicated by Raft. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: RedbStore,
+    opts: RaftOptions,
+    cmds: mpsc::Sender<Cmd>,
+    status: watch::Receiver<GroupStatus>,
+    /// The term this replica serves in (set when `open` returns).
+    term: u64,
+    /// Held through a commit: one commit's entries at a time.
+    commit: tokio::sync::Mutex<u64>,
+    _tasks: Tasks,
+}
+
+/// Stops the driver, the peer server and the links when dropped.
+struct Tasks {
+    stop: watch::Sender<bool>,
+    handles: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for h in &self.handles {
+            h.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for RaftStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftStore")
+            .field("id", &self.inner.opts.id)
+            .field("name", &self.inner.opts.name)
+            .finish()
+    }
+}
+
+/// What [`RaftStore::open`] reports while it waits to lead: the leader's id and name
+/// (0 and empty: none known yet).
+pub type Waiting = Box<dyn Fn(u64, &str) + Send + Sync>;
+
+/// Opens a database, retrying for a few seconds while a store of an earlier `open` in
+/// this process still holds it (its tasks end just after it is dropped).
+async fn open_retrying<T: Send + 'static>(
+    what: impl Fn() -> Result<T, StoreError> + Send + Sync + 'static,
+) -> Result<T, StoreError> {
+    let what = Arc::new(what);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let w = what.clone();
+        match tokio::task::spawn_blocking(move || w())
+            .await
+            .map_err(|e| io("opening", e))?
+        {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+impl RaftStore {
+    /// Starts this replica in `dir` (its embedded store and `raft.redb`), joins the group,
+    /// and returns once this replica leads and has applied every entry committed before
+    /// its term. Until then it follows: it applies the leader's commits to its embedded
+    /// store and calls `waiting` now and then.
+    pub async fn open(opts: RaftOptions, dir: &Path, waiting: Waiting) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            cause: e.to_string(),
+        })?;
+        let local = open_retrying({
+            let dir = dir.to_path_buf();
+            move || RedbStore::open(&dir)
+        })
+        .await?;
+        let log = Arc::new(
+            open_retrying({
+                let path = dir.join("raft.redb");
+                move || LogDb::open(&path)
+            })
+            .await?,
+        );
+        let (hs, cs, entries) = {
+            let log = log.clone();
+            tokio::task::spawn_blocking(move || log.load())
+                .await
+                .map_err(|e| io("reading the log", e))??
+        };
+        let peer_ids: Vec<u64> = opts.peers.keys().copied().collect();
+        let cs = match cs {
+            Some(cs) => cs,
+            None => {
+                let cs = ConfState::from((peer_ids.clone(), vec![]));
+                let l = log.clone();
+                let c2 = cs.clone();
+                tokio::task::spawn_blocking(move || l.persist(&[], None, Some(&c2)))
+                    .await
+                    .map_err(|e| io("writing the log", e))??;
+                cs
+            }
+        };
+        if cs.voters != peer_ids {
+            return Err(StoreError::Open {
+                path: dir.join("raft.redb").display().to_string(),
+                cause: format!(
+                    "this data directory belongs to a group of members {:?}, but --raft-peers names {:?}; give the same members (membership does not change at run time yet)",
+                    cs.voters, peer_ids
+                ),
+            });
+        }
+        let local_applied = {
+            let l = local.clone();
+            tokio::task::spawn_blocking(move || l.applied())
+                .await
+                .map_err(|e| io("reading the applied position", e))??
+        };
+        let storage = MemStorage::new_with_conf_state(cs);
+        {
+            let mut w = storage.wl();
+            w.append(&entries).map_err(|e| io("reading the log", e))?;
+            w.set_hardstate(hs.clone());
+        }
+        let config = raft::Config {
+            id: opts.id,
+            election_tick: opts.election_ticks,
+            heartbeat_tick: opts.heartbeat_ticks,
+            applied: local_applied.min(hs.commit),
+            max_size_per_msg: 4 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        config.validate().map_err(|e| StoreError::Open {
+            path: "raft options".into(),
+            cause: e.to_string(),
+        })?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = raft::RawNode::new(&config, storage, &logger).map_err(|e| StoreError::Open {
+            path: dir.join("raft.redb").display().to_string(),
+            cause: e.to_string(),
+        })?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Tasks {
+            stop,
+            handles: Vec::new(),
+        };
+        let (inbox_tx, inbox) = mpsc::channel(4096);
+        let (cmds, cmds_rx) = mpsc::channel(256);
+        let (status_tx, status) = watch::channel(GroupStatus {
+            id: opts.id,
+            name: opts.name.clone(),
+            ..Default::default()
+        });
+        let server = transport::serve(
+            opts.listen,
+            opts.id,
+            inbox_tx,
+            status.clone(),
+            cmds.clone(),
+            stop_rx.clone(),
+        )
+        .await?;
+        tasks.handles.push(server.abort_handle());
+        let mut links = BTreeMap::new();
+        for (&id, url) in &opts.peers {
+            if id == opts.id {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(1024);
+            links.insert(id, tx);
+            tasks
+                .handles
+                .push(tokio::spawn(transport::link(url.clone(), rx)).abort_handle());
+        }
+        let driver = Driver {
+            node,
+            log,
+            local: local.clone(),
+            opts: opts.clone(),
+            links,
+            skip_through: local_applied,
+            applied: local_applied.min(hs.commit),
+            commits_applied: 0,
+            staging: Staging {
+                nonce: 0,
+                files: BTreeMap::new(),
+            },
+            waiters: BTreeMap::new(),
+            leader_start: None,
+            status: status_tx,
+        };
+        tasks
+            .handles
+            .push(tokio::spawn(driver.run(inbox, cmds_rx, stop_rx)).abort_handle());
+
+        // Follow until this replica leads and serves.
+        let mut rx = status.clone();
+        let mut last_told: Option<(tokio::time::Instant, u64)> = None;
+        let term = loop {
+            {
+                let s = rx.borrow_and_update();
+                if let Some(why) = &s.failed {
+                    return Err(StoreError::Io(why.clone()));
+                }
+                if let Some(term) = s.serving {
+                    break term;
+                }
+                let changed = last_told.is_none_or(|(t, l)| l != s.leader || t.elapsed() > Duration::from_secs(10));
+                if changed {
+                    let name = if s.leader == 0 {
+                        String::new()
+                    } else {
+                        format!(
+                            "replica {} ({})",
+                            s.leader,
+                            opts.peers.get(&s.leader).map_or("", String::as_str)
+                        )
+                    };
+                    waiting(s.leader, &name);
+                    last_told = Some((tokio::time::Instant::now(), s.leader));
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        };
+        Ok(RaftStore {
+            inner: Arc::new(Inner {
+                local,
+                opts,
+                cmds,
+                status,
+                term,
+                commit: tokio::sync::Mutex::new(0),
+                _tasks: tasks,
+            }),
+        })
+    }
+
+    /// Resolves with the reason once this replica no longer leads in the term it serves
+    /// in (another replica was elected, it was paused for an election timeout, or its
+    /// log or store failed). It must then stop serving: its commits are refused.
+    pub async fn deposed(&self) -> String {
+        let mut rx = self.inner.status.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if let Some(why) = &s.failed {
+                    return why.clone();
+                }
+                if s.serving != Some(self.inner.term) {
+                    return format!(
+                        "replica {} no longer leads the Raft group (it led in term {}; now term {}, leader {})",
+                        self.inner.opts.name, self.inner.term, s.term, s.leader
+                    );
+                }
+            }
+            if rx.changed().await.is_err() {
+                return "the store was closed".into();
+            }
+        }
+    }
+
+    /// What this replica knows of its group now.
+    pub fn status(&self) -> GroupStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// The embedded store this replica serves reads from.
+    pub fn local(&self) -> &RedbStore {
+        &self.inner.local
+    }
+}
+
+impl Store for RaftStore {
+    fn stage(&self) -> Result<StagedInput, StoreError> {
+        self.inner.local.stage()
+    }
+
+    async fn apply(&self, set: WriteSet) -> Result<(), StoreError> {
+        if set.is_empty() {
+            return Ok(());
+        }
+        let mut counter = self.inner.commit.lock().await;
+        *counter += 1;
+        // Unique among this group's commits: the term, and the commit's number in it.
+        let nonce = (self.inner.term << 32) | (*counter & 0xffff_ffff);
+        let part_bytes = self.inner.opts.part_bytes;
+        let entries = tokio::task::block_in_place(|| encode_commit(&set, nonce, part_bytes))?;
+        drop(set);
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .cmds
+            .send(Cmd::Propose { entries, reply })
+            .await
+            .map_err(|_| io("committing", "the replica has stopped"))?;
+        answer
+            .await
+            .map_err(|_| io("committing", "the replica stopped before the commit was replicated"))?
+    }
+
+    async fn reopen(&self) -> Result<(), StoreError> {
+        self.inner.local.reopen().await
+    }
+
+    async fn load(&self) -> Result<Loaded, StoreError> {
+        self.inner.local.load().await
+    }
+
+    async fn idle_shares(&self) -> Result<Vec<IdleRow>, StoreError> {
+        self.inner.local.idle_shares().await
+    }
+
+    async fn history(&self) -> Result<Vec<HistoryRow>, StoreError> {
+        self.inner.local.history().await
+    }
+
+    async fn bodies(&self, items: Vec<RequestRef>) -> Result<Vec<Option<LeasedBody>>, StoreError> {
+        self.inner.local.bodies(items).await
+    }
+
+    async fn results(
+        &self,
+        batch: BatchId,
+        kind: ResultKind,
+        cursor: Cursor,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.inner.local.results(batch, kind, cursor, limit).await
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        self.inner.local.free_bytes()
+    }
+
+    fn describe(&self) -> tokenfab_store::StoreInfo {
+        tokenfab_store::StoreInfo {
+            backend: "raft",
+            replica: Some(self.inner.opts.name.clone()),
+            log_position: Some(self.inner.status.borrow().applied),
+        }
+    }
+
+    fn file_path(&self, id: FileId) -> Option<PathBuf> {
+        self.inner.local.file_path(id)
+    }
+
+    async fn backup(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<tokenfab_store::backup::BackupSummary, StoreError> {
+        Store::backup(&self.inner.local, out).await
+    }
+}
+
+/// Asks each of `peers` what it knows (`tokenfab admin members`): one row per peer, `Err`
+/// with the reason for a peer that did not answer.
+pub async fn members(peers: &BTreeMap<u64, String>) -> Vec<(u64, String, Result<GroupStatus, String>)> {
+    let mut out = Vec::new();
+    for (&id, url) in peers {
+        out.push((id, url.clone(), transport::status(url).await));
+    }
+    out
+}
+
+/// Asks the leader among `peers` to hand leadership to `to`; returns the leader's id.
+pub async fn transfer_leader(peers: &BTreeMap<u64, String>, to: u64) -> Result<u64, String> {
+    if !peers.contains_key(&to) {
+        return Err(format!(
+            "{to} is not a member (members: {:?})",
+            peers.keys().collect::<Vec<_>>()
+        ));
+    }
+    let mut last = String::from("no member answered");
+    for url in peers.values() {
+        match transport::transfer(url, to).await {
+            Ok((true, leader)) => return Ok(leader),
+            Ok((false, _)) => last = "the members answered, but none leads now (an election is under way?)".into(),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}

@@ -1,0 +1,204 @@
+//! The Raft backend with real replicas in one process: each has its own data directory
+//! and its own peer port on loopback, and they talk over real gRPC streams.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokenfab_core::control::{ControlConfig, ControlCore};
+use tokenfab_core::{BatchId, RequestRef, Timestamp};
+use tokenfab_store::{Store, conformance};
+use tokenfab_store_raft::{RaftOptions, RaftStore};
+use tokio::task::JoinHandle;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+struct Group {
+    peers: BTreeMap<u64, String>,
+    dirs: tempfile::TempDir,
+}
+
+impl Group {
+    fn new(n: u64) -> Self {
+        Group {
+            peers: (1..=n)
+                .map(|id| (id, format!("http://127.0.0.1:{}", free_port())))
+                .collect(),
+            dirs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.dirs.path().join(format!("r{id}"))
+    }
+
+    fn options(&self, id: u64) -> RaftOptions {
+        let mut o = RaftOptions::new(id, &format!("r{id}"), self.peers.clone()).unwrap();
+        o.listen = self.peers[&id].trim_start_matches("http://").parse().unwrap();
+        // Small parts, so that the tests' files and commits span several entries.
+        o.part_bytes = 512;
+        o
+    }
+
+    /// Starts replica `id`; the task ends when it leads.
+    fn start(&self, id: u64) -> JoinHandle<RaftStore> {
+        let (opts, dir) = (self.options(id), self.dir(id));
+        tokio::spawn(async move { RaftStore::open(opts, &dir, Box::new(|_, _| {})).await.expect("opened") })
+    }
+}
+
+/// Waits until one of `tasks` ends (its replica leads); returns its index and store.
+async fn first_leader(tasks: &mut Vec<(u64, JoinHandle<RaftStore>)>, within: Duration) -> (u64, RaftStore) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(i) = tasks.iter().position(|(_, t)| t.is_finished()) {
+            let (id, t) = tasks.remove(i);
+            return (id, t.await.unwrap());
+        }
+        assert!(Instant::now() < deadline, "no replica led within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn body(s: &RaftStore, batch: BatchId, index: u32) -> String {
+    let got = s.bodies(vec![RequestRef { batch, index }]).await.unwrap();
+    String::from_utf8_lossy(&got[0].clone().expect("a body").body).to_string()
+}
+
+fn t0() -> Timestamp {
+    Timestamp::from_millis(1_700_000_000_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_replica_group_passes_the_conformance_suite() {
+    let g = Group::new(1);
+    let (opts, dir): (RaftOptions, &Path) = (g.options(1), &g.dir(1));
+    conformance::check(|| {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(RaftStore::open(opts.clone(), dir, Box::new(|_, _| {})))
+                .expect("opened")
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_elect_one_leader_and_another_takes_over_with_everything_committed() {
+    let g = Group::new(3);
+    let mut pending: Vec<_> = (1..=3).map(|id| (id, g.start(id))).collect();
+    let (first_id, first) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    let s = first.status();
+    assert_eq!(
+        (s.leader, s.role, s.voters.clone()),
+        (first_id, "leader", vec![1, 2, 3])
+    );
+
+    // Commits with input files of several parts each (512-byte parts).
+    let mut core = ControlCore::new(ControlConfig::default());
+    let mut ids = Vec::new();
+    for (i, lines) in [3usize, 40, 1].into_iter().enumerate() {
+        let (id, set) = conformance::submit(&first, &mut core, &format!("tenant{i}"), lines, t0());
+        first.apply(set).await.expect("committed");
+        ids.push(id);
+    }
+    let want = first.load().await.unwrap();
+    let want_body = body(&first, ids[1], 39).await;
+
+    // The others follow and do not lead while the first one runs.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(pending.iter().all(|(_, t)| !t.is_finished()), "a second replica led");
+
+    // The leader stops: another leads within a few election timeouts, with every commit.
+    let stopped = Instant::now();
+    drop(first);
+    let (second_id, second) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    let took = stopped.elapsed();
+    assert_ne!(second_id, first_id);
+    assert!(took < Duration::from_secs(4), "a new leader served after {took:?}");
+    assert_eq!(
+        second.load().await.unwrap(),
+        want,
+        "the new leader serves what the old one committed"
+    );
+    assert_eq!(body(&second, ids[1], 39).await, want_body);
+    let info = second.describe();
+    assert_eq!((info.backend, info.replica), ("raft", Some(format!("r{second_id}"))));
+
+    // It commits on with the remaining majority (2 of 3); the first comes back as a
+    // follower, applies what it missed from the log, and leads after the second stops.
+    let (late, set) = conformance::submit(&second, &mut core, "late", 7, t0());
+    second.apply(set).await.expect("committed by 2 of 3");
+    pending.push((first_id, g.start(first_id)));
+    let want = second.load().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    drop(second);
+    let (third_id, third) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    assert_ne!(third_id, second_id);
+    assert_eq!(third.load().await.unwrap(), want);
+    assert_eq!(body(&third, late, 6).await.len(), body(&third, late, 0).await.len());
+    for (_, t) in pending {
+        t.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_majority_acknowledges_nothing_and_steps_down() {
+    let g = Group::new(3);
+    let mut pending: Vec<_> = (1..=3).map(|id| (id, g.start(id))).collect();
+    let (_, leader) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    let mut core = ControlCore::new(ControlConfig::default());
+    let (_, set) = conformance::submit(&leader, &mut core, "acme", 2, t0());
+    leader.apply(set).await.expect("committed");
+
+    // Both followers stop: the leader's next commit cannot reach a majority. It is not
+    // acknowledged; the leader steps down (check-quorum) and says so.
+    for (_, t) in pending {
+        t.abort();
+    }
+    let (_, set) = conformance::submit(&leader, &mut core, "acme", 3, t0());
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), leader.apply(set))
+        .await
+        .expect("answered")
+        .unwrap_err();
+    assert!(err.to_string().contains("no longer leads"), "{err}");
+    let why = tokio::time::timeout(Duration::from_secs(5), leader.deposed())
+        .await
+        .expect("deposed");
+    assert!(why.contains("no longer leads"), "{why}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stepped down after {:?}",
+        started.elapsed()
+    );
+
+    // And it commits nothing more.
+    let (_, set) = conformance::submit(&leader, &mut core, "acme", 1, t0());
+    let err = leader.apply(set).await.unwrap_err();
+    assert!(err.to_string().contains("does not lead"), "{err}");
+}
+
+#[test]
+fn peers_are_parsed_with_errors_that_say_what_to_write() {
+    let p = RaftOptions::parse_peers("1=http://a:7400, 2=http://b:7400").unwrap();
+    assert_eq!(p[&2], "http://b:7400");
+    for (bad, says) in [
+        ("", "no peers"),
+        ("1:http://a:1", "want ID=URL"),
+        ("0=http://a:1", "from 1"),
+        ("1=a:1", "http://"),
+        ("1=http://a:1,1=http://b:1", "twice"),
+    ] {
+        let e = RaftOptions::parse_peers(bad).unwrap_err();
+        assert!(e.contains(says), "{bad:?}: {e}");
+    }
+    let e = RaftOptions::new(3, "r3", p.clone()).unwrap_err().to_string();
+    assert!(e.contains("not among the peers"), "{e}");
+    let o = RaftOptions::new(1, "r1", p).unwrap();
+    assert_eq!(o.listen.port(), 7400);
+}
