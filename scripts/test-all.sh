@@ -30,9 +30,10 @@ fi
 echo "== formatting"
 cargo fmt --all -- --check
 
-# The etcd store backend is a feature of the tokenfab binary (its build needs protoc, which
-# the setup installs): built and tested here, with its end-to-end failover test.
-FEATURES=(--features tokenfab/etcd)
+# The etcd and Raft store backends are features of the tokenfab binary (their builds need
+# protoc, which the setup installs): built and tested here, with their end-to-end failover
+# tests.
+FEATURES=(--features tokenfab/etcd,tokenfab/raft)
 
 echo "== clippy (the core also gets its determinism rules from crates/tokenfab-core/clippy.toml)"
 cargo clippy --workspace --all-targets "${FEATURES[@]}" -- -D warnings

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod failover;
 pub mod history;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

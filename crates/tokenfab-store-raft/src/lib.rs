@@ -727,8 +727,8 @@ impl std::fmt::Debug for RaftStore {
     }
 }
 
-/// What [`RaftStore::open`] reports while it waits to lead: the leader's id and name
-/// (0 and empty: none known yet).
+/// What [`RaftStore::open`] reports while it waits to lead: the leader's id, and the id
+/// with its peer URL (`2 (http://cp-1:7400)`); 0 and empty while none is known.
 pub type Waiting = Box<dyn Fn(u64, &str) + Send + Sync>;
 
 /// Opens a database, retrying for a few seconds while a store of an earlier `open` in
@@ -906,7 +906,7 @@ impl RaftStore {
                         String::new()
                     } else {
                         format!(
-                            "replica {} ({})",
+                            "{} ({})",
                             s.leader,
                             opts.peers.get(&s.leader).map_or("", String::as_str)
                         )

@@ -70,22 +70,36 @@ pub enum AdminCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// The replicas of a control plane on etcd (`server --store etcd`): which one is
-    /// elected and serves, which wait. A replica joins by starting (`tokenfab server --store
-    /// etcd` with the same --etcd-prefix) and leaves by stopping; there is no membership
-    /// list to edit. With --step-down, the elected replica steps down and exits (its
-    /// supervisor restarts it as a waiting one) and a waiting replica takes over: to move
-    /// the service off a machine before maintenance.
+    /// The replicas of a replicated control plane: which one serves, which wait or
+    /// follow. On etcd (`server --store etcd`, give --etcd-endpoints) a replica joins by
+    /// starting with the same --etcd-prefix and leaves by stopping; --step-down makes the
+    /// elected replica step down and exit (its supervisor restarts it as a waiting one)
+    /// while a waiting replica takes over. On Raft (`server --store raft`, give
+    /// --raft-peers) each member reports its role, term and log positions; --transfer-to ID
+    /// hands leadership to that member (the old leader exits and follows after its
+    /// restart): to move the service off a machine before maintenance.
     Members {
         /// etcd's client URLs, comma-separated.
-        #[arg(long, value_delimiter = ',', env = "TOKENFAB_ETCD_ENDPOINTS", required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            env = "TOKENFAB_ETCD_ENDPOINTS",
+            conflicts_with = "raft_peers"
+        )]
         etcd_endpoints: Vec<String>,
         /// The control plane's key prefix (the servers' --etcd-prefix).
         #[arg(long, default_value = "/tokenfab")]
         etcd_prefix: String,
-        /// Ask the elected replica to step down.
+        /// Ask the elected replica to step down (etcd).
         #[arg(long)]
         step_down: bool,
+        /// The Raft group's members, ID=URL of each peer port, comma-separated (the
+        /// servers' --raft-peers).
+        #[arg(long, env = "TOKENFAB_RAFT_PEERS")]
+        raft_peers: Option<String>,
+        /// Hand leadership to this member (Raft).
+        #[arg(long, requires = "raft_peers")]
+        transfer_to: Option<u64>,
     },
 }
 
@@ -95,7 +109,15 @@ pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
             etcd_endpoints,
             etcd_prefix,
             step_down,
-        } => members(etcd_endpoints, &etcd_prefix, step_down).await?,
+            raft_peers,
+            transfer_to,
+        } => match raft_peers {
+            Some(peers) => raft_members(&peers, transfer_to).await?,
+            None if etcd_endpoints.is_empty() => bail!(
+                "admin members: give --etcd-endpoints URL[,URL...] (replicas on etcd) or --raft-peers ID=URL[,ID=URL...] (a Raft group)"
+            ),
+            None => members(etcd_endpoints, &etcd_prefix, step_down).await?,
+        },
         AdminCommand::Backup {
             output,
             control,
@@ -295,6 +317,59 @@ async fn members(endpoints: Vec<String>, prefix: &str, step_down: bool) -> anyho
         println!("{}\t{}", m.name, if m.leader { "elected (serves)" } else { "waiting" });
     }
     Ok(())
+}
+
+#[cfg(feature = "raft")]
+async fn raft_members(peers: &str, transfer_to: Option<u64>) -> anyhow::Result<()> {
+    let peers =
+        tokenfab_store_raft::RaftOptions::parse_peers(peers).map_err(|e| anyhow::anyhow!("--raft-peers: {e}"))?;
+    if let Some(to) = transfer_to {
+        let leader = tokenfab_store_raft::transfer_leader(&peers, to)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot transfer leadership to {to}: {e}"))?;
+        println!(
+            "asked replica {leader} to hand leadership to {to}: it does within an election timeout if {to} is up to date (run `admin members` to see)"
+        );
+        return Ok(());
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(["ID", "NAME", "ROLE", "TERM", "COMMITTED", "APPLIED", "PEER URL"]);
+    for (id, url, status) in tokenfab_store_raft::members(&peers).await {
+        match status {
+            Ok(s) => table.add_row([
+                id.to_string(),
+                s.name,
+                if s.role == "leader" {
+                    "leader (serves)".to_string()
+                } else {
+                    s.role.to_string()
+                },
+                s.term.to_string(),
+                s.commit.to_string(),
+                s.applied.to_string(),
+                url,
+            ]),
+            Err(e) => table.add_row([
+                id.to_string(),
+                "-".into(),
+                format!("unreachable: {e}"),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                url,
+            ]),
+        };
+    }
+    println!("{table}");
+    Ok(())
+}
+
+#[cfg(not(feature = "raft"))]
+async fn raft_members(_peers: &str, _transfer_to: Option<u64>) -> anyhow::Result<()> {
+    bail!(
+        "admin members --raft-peers: this tokenfab was built without the Raft backend; build it with `cargo build --release --features raft` (which needs protoc: apt-get install protobuf-compiler)"
+    )
 }
 
 #[cfg(not(feature = "etcd"))]

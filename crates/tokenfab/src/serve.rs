@@ -43,7 +43,10 @@ pub struct ServerArgs {
     /// replica). `etcd`: a log in etcd (--etcd-endpoints) shared by several replicas with
     /// the same --etcd-prefix; one is elected and serves, the others wait, and a new one
     /// takes over within --etcd-lease-ttl when it stops; each keeps its copy in
-    /// --data-dir. (Needs a tokenfab built with `--features etcd`.)
+    /// --data-dir. (Needs a tokenfab built with `--features etcd`.) `raft`: the replicas
+    /// named by --raft-peers replicate among themselves (3 or 5 of them; a majority must
+    /// run); the leader serves, the others follow, and a new leader serves within about
+    /// a second of the leader's loss. (Needs `--features raft`.)
     #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
     /// etcd's client URLs, comma-separated (with --store etcd).
@@ -53,14 +56,27 @@ pub struct ServerArgs {
     /// it are one control plane.
     #[arg(long, default_value = "/tokenfab")]
     etcd_prefix: String,
-    /// This replica's name, unique among the replicas (with --store etcd); default: the
-    /// host name ($HOSTNAME, a pod's name in a StatefulSet).
+    /// This replica's name, unique among the replicas (with --store etcd or raft);
+    /// default: the host name ($HOSTNAME, a pod's name in a StatefulSet).
     #[arg(long, env = "TOKENFAB_REPLICA_NAME")]
     replica_name: Option<String>,
     /// How long the elected replica's etcd lease lasts without renewal (with --store
     /// etcd): a replica that stops is replaced after at most this long.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     etcd_lease_ttl: Duration,
+    /// This replica's Raft id (with --store raft): its key in --raft-peers. Default: from
+    /// the host name's ordinal (a StatefulSet pod `NAME-0` is 1, `NAME-1` is 2, ...).
+    #[arg(long, env = "TOKENFAB_RAFT_ID")]
+    raft_id: Option<u64>,
+    /// Every replica of the Raft group, this one included, as ID=URL of its peer port,
+    /// comma-separated (with --store raft): `1=http://cp-0:7400,2=http://cp-1:7400,3=...`.
+    /// Every replica must be given the same list.
+    #[arg(long, env = "TOKENFAB_RAFT_PEERS")]
+    raft_peers: Option<String>,
+    /// Where this replica's peer port listens (with --store raft). Default: every address,
+    /// on the port of its own URL in --raft-peers.
+    #[arg(long)]
+    raft_listen: Option<std::net::SocketAddr>,
     /// A tenant and its bearer token, NAME=TOKEN (repeatable). Handy for trials; tokens on
     /// a command line are visible to every user of the machine (`ps`): use
     /// --tenants-file in production.
@@ -445,31 +461,17 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
                     opts.prefix,
                     opts.endpoints.join(",")
                 );
-                // While it waits, the HTTP port answers probes: alive (/healthz), not ready
-                // (/readyz), so that Kubernetes neither restarts it nor sends it traffic.
-                let leader = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-                let (stop_standby, standby_stopped) = tokio::sync::oneshot::channel();
-                let standby = match config.metrics_listen {
-                    Some(addr) => Some(
-                        tokenfab_control::standby(addr, config.tls.as_ref(), leader.clone(), standby_stopped).await?,
-                    ),
-                    None => None,
-                };
-                let store = tokenfab_store_etcd::EtcdStore::open(
-                    opts,
-                    &a.data_dir,
-                    Box::new(move |l| {
-                        if let Ok(mut g) = leader.lock() {
-                            *g = l.to_string();
-                        }
-                        eprintln!("waiting: replica {l} is the elected one; this one takes over when it stops")
-                    }),
-                )
+                let store = standby_while(&config, |leader| {
+                    tokenfab_store_etcd::EtcdStore::open(
+                        opts,
+                        &a.data_dir,
+                        Box::new(move |l| {
+                            leader(l);
+                            eprintln!("waiting: replica {l} is the elected one; this one takes over when it stops")
+                        }),
+                    )
+                })
                 .await?;
-                let _ = stop_standby.send(());
-                if let Some(task) = standby {
-                    let _ = task.await;
-                }
                 eprintln!(
                     "replica {name}: elected; the log is applied up to entry {}",
                     store.next_seq().await - 1
@@ -488,7 +490,123 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
                 )
             }
         }
+        StoreKind::Raft => {
+            #[cfg(feature = "raft")]
+            {
+                let opts = raft_options(a.raft_id, a.raft_peers.as_deref(), a.raft_listen, a.replica_name)?;
+                let name = opts.name.clone();
+                eprintln!(
+                    "replica {name} (Raft id {}): joining the group {} (peer port {})",
+                    opts.id,
+                    a.raft_peers.unwrap_or_default(),
+                    opts.listen
+                );
+                let store = standby_while(&config, |leader| {
+                    tokenfab_store_raft::RaftStore::open(
+                        opts,
+                        &a.data_dir,
+                        Box::new(move |id, l| {
+                            leader(l);
+                            if id == 0 {
+                                eprintln!(
+                                    "following: no leader yet (an election is under way, or a majority is not up)"
+                                );
+                            } else {
+                                eprintln!("following: replica {l} leads; this one follows and may lead when it stops");
+                            }
+                        }),
+                    )
+                })
+                .await?;
+                eprintln!(
+                    "replica {name}: leads; the log is applied up to entry {}",
+                    store.status().applied
+                );
+                let deposed = {
+                    let s = store.clone();
+                    async move { s.deposed().await }
+                };
+                run_server(config, store, &a.data_dir, deposed).await
+            }
+            #[cfg(not(feature = "raft"))]
+            {
+                let _ = (a.raft_id, a.raft_peers, a.raft_listen);
+                bail!(
+                    "--store raft: this tokenfab was built without the Raft backend; build it with `cargo build --release --features raft` (which needs protoc: apt-get install protobuf-compiler)"
+                )
+            }
+        }
     }
+}
+
+/// While `open` waits for this replica to lead, the HTTP port answers probes: alive
+/// (/healthz, naming the leader that `open` reports), not ready (/readyz), so that
+/// Kubernetes neither restarts it nor sends it traffic.
+#[cfg(any(feature = "etcd", feature = "raft"))]
+async fn standby_while<S, F>(
+    config: &ServerConfig,
+    open: impl FnOnce(Box<dyn Fn(&str) + Send + Sync>) -> F,
+) -> anyhow::Result<S>
+where
+    F: std::future::Future<Output = Result<S, tokenfab_store::StoreError>>,
+{
+    let leader = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (stop_standby, standby_stopped) = tokio::sync::oneshot::channel();
+    let standby = match config.metrics_listen {
+        Some(addr) => {
+            Some(tokenfab_control::standby(addr, config.tls.as_ref(), leader.clone(), standby_stopped).await?)
+        }
+        None => None,
+    };
+    let store = open(Box::new(move |l| {
+        if let Ok(mut g) = leader.lock() {
+            *g = l.to_string();
+        }
+    }))
+    .await?;
+    let _ = stop_standby.send(());
+    if let Some(task) = standby {
+        let _ = task.await;
+    }
+    Ok(store)
+}
+
+/// The Raft options from the server's flags; errors say which flag to give.
+#[cfg(feature = "raft")]
+pub(crate) fn raft_options(
+    id: Option<u64>,
+    peers: Option<&str>,
+    listen: Option<std::net::SocketAddr>,
+    name: Option<String>,
+) -> anyhow::Result<tokenfab_store_raft::RaftOptions> {
+    let Some(peers) = peers else {
+        bail!("--store raft needs --raft-peers ID=URL[,ID=URL...] (every replica's peer port, this one included)")
+    };
+    let peers =
+        tokenfab_store_raft::RaftOptions::parse_peers(peers).map_err(|e| anyhow::anyhow!("--raft-peers: {e}"))?;
+    let host = std::env::var("HOSTNAME").ok();
+    let id = match id {
+        Some(id) => id,
+        None => host
+            .as_deref()
+            .and_then(|h| h.rsplit_once('-'))
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+            .map(|n| n + 1)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--store raft needs --raft-id N (this replica's key in --raft-peers); it is taken from a host name ending in -ORDINAL only"
+                )
+            })?,
+    };
+    let name = name
+        .or(host)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("replica-{id}"));
+    let mut opts = tokenfab_store_raft::RaftOptions::new(id, &name, peers)?;
+    if let Some(l) = listen {
+        opts.listen = l;
+    }
+    Ok(opts)
 }
 
 /// Serves until a signal, or until `deposed` says this replica may no longer commit (it
@@ -542,6 +660,8 @@ pub enum StoreKind {
     Embedded,
     /// A log in etcd shared by the replicas, each with its copy in its data directory.
     Etcd,
+    /// A Raft group of the replicas themselves, each with its copy in its data directory.
+    Raft,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,0 +1,323 @@
+//! Leader loss on the Raft backend, with real processes on loopback: three `tokenfab
+//! server --store raft` replicas that replicate among themselves over their peer ports, an
+//! agent given every replica's URL, and an engine emulator.
+//!
+//! - Round after round, under steady submission and result load, the leader is killed
+//!   with SIGKILL; another is elected, and serves once it has applied every entry
+//!   committed before its term; the killed one is restarted and follows. Every batch
+//!   accepted before or during the rounds completes with exactly one result per request;
+//!   the clients' history is checked against the single-node model (`common::history`,
+//!   shown on the etcd backend to catch a planted lost write).
+//! - A paused leader (SIGSTOP until another is elected, then SIGCONT) acknowledges no
+//!   write and exits.
+//! - A follower stopped while the others commit, restarted far behind, catches up from
+//!   the leader's log and then serves everything when it is elected.
+//! - `admin members` lists the group, and `--transfer-to` moves the leadership.
+//!
+//! Rounds: 3 in the test command; `TOKENFAB_FAILOVER_ROUNDS=20` for a benchmark-style run.
+
+mod common;
+
+use common::failover::*;
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Three replicas' ports: (gRPC, peer) each.
+struct Group {
+    dir: tempfile::TempDir,
+    grpc: [u16; 3],
+    peer: [u16; 3],
+}
+
+impl Group {
+    fn new() -> Self {
+        Group {
+            dir: tempfile::tempdir().unwrap(),
+            grpc: [listen_port(), listen_port(), listen_port()],
+            peer: [listen_port(), listen_port(), listen_port()],
+        }
+    }
+
+    fn peers(&self) -> String {
+        (0..3)
+            .map(|i| format!("{}=http://127.0.0.1:{}", i + 1, self.peer[i]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        format!("127.0.0.1:{}", self.grpc[i]).parse().unwrap()
+    }
+
+    fn spawn(&self, i: usize) -> Proc {
+        replica(self.dir.path(), i, self.grpc[i], &self.peers())
+    }
+
+    /// Which replica serves now (waits up to 30 s for one).
+    async fn leader(&self, servers: &[Proc]) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for i in 0..3 {
+                if serves(self.addr(i)).await {
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replica serves:\n{}",
+                servers.iter().map(|p| p.log()).collect::<Vec<_>>().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn name(i: usize) -> String {
+    format!("cp-{i}")
+}
+
+fn replica(dir: &Path, i: usize, port: u16, peers: &str) -> Proc {
+    let data = dir.join(format!("data-{i}"));
+    Proc::spawn(
+        &format!("server-{}", name(i)),
+        dir,
+        &[
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--store",
+            "raft",
+            "--raft-id",
+            &(i + 1).to_string(),
+            "--raft-peers",
+            peers,
+            "--raft-listen",
+            peers
+                .split(',')
+                .nth(i)
+                .and_then(|p| p.split_once("http://"))
+                .map(|(_, a)| a)
+                .unwrap(),
+            "--replica-name",
+            &name(i),
+            "--tenant",
+            &format!("acme={TENANT}"),
+            "--lease-ttl",
+            "2s",
+            "--heartbeat-interval",
+            "250ms",
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", http_port(port)),
+        ],
+        &[("TOKENFAB_AGENT_TOKEN", AGENT)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_loses_no_batch_and_no_result() {
+    let g = Group::new();
+    let names = ["cp-0", "cp-1", "cp-2"];
+    let spawn = |i: usize| g.spawn(i);
+    kill_the_leader_rounds(g.dir.path(), g.grpc, names, &spawn, "Raft election timeout 0.5 to 1 s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
+    let g = Group::new();
+    let mut servers: Vec<Proc> = (0..3).map(|i| g.spawn(i)).collect();
+    let l = g.leader(&servers).await;
+    let x = create(g.addr(l), TENANT, chat_batch("x", 3, 8)).await;
+
+    // The followers answer a liveness probe, not a readiness one, and name the leader.
+    for f in (0..3).filter(|&f| f != l) {
+        let url = format!("http://127.0.0.1:{}", http_port(g.grpc[f]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = match reqwest::get(format!("{url}/healthz")).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if body.contains(&format!("replica {} (", l + 1)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url}/healthz: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            reqwest::get(format!("{url}/readyz")).await.unwrap().status().as_u16(),
+            503
+        );
+    }
+
+    // The leader is paused (SIGSTOP); another is elected and serves, and takes a write.
+    servers[l].signal("STOP");
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(30);
+    let next = 'found: loop {
+        for i in (0..3).filter(|&i| i != l) {
+            if try_get(g.addr(i), &x).await.is_some() {
+                break 'found i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no follower took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "{} serves {:?} after the leader was paused",
+        name(next),
+        stopped.elapsed()
+    );
+    let y = create(g.addr(next), TENANT, chat_batch("y", 3, 8)).await;
+
+    // The old leader resumes, still listening, and is sent a write at once: it must not
+    // acknowledge it.
+    servers[l].signal("CONT");
+    let mut c = tenant_client(g.addr(l), TENANT).await;
+    let z = tokio::time::timeout(Duration::from_secs(10), c.create_batch(chat_batch("z", 3, 8))).await;
+    if let Ok(Ok(r)) = z {
+        panic!(
+            "the paused leader acknowledged a write after another was elected: {:?}\n{}",
+            r.into_inner().batch,
+            servers[l].log()
+        );
+    }
+    // It stops by itself, saying why.
+    let status = exits(
+        &mut servers[l],
+        Duration::from_secs(15),
+        "the deposed leader still runs",
+    )
+    .await;
+    assert!(!status.success(), "{status}");
+    assert!(servers[l].log().contains("no longer leads"), "{}", servers[l].log());
+    // The new leader holds what was acknowledged (X by the old, Y by the new), nothing else.
+    assert_eq!(listed(g.addr(next)).await, BTreeSet::from([x, y]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_restarted_far_behind_catches_up_and_serves_everything() {
+    let g = Group::new();
+    let mut servers: Vec<Proc> = (0..3).map(|i| g.spawn(i)).collect();
+    let l = g.leader(&servers).await;
+    let behind = (l + 1) % 3;
+    servers[behind].kill9();
+    // The two others commit on: 30 batches of 50 requests with their input files.
+    let mut ids = BTreeSet::new();
+    for n in 0..30 {
+        ids.insert(create(g.addr(l), TENANT, chat_batch(&format!("b{n}-"), 50, 8)).await);
+    }
+    let peers: BTreeMap<u64, String> = tokenfab_store_raft::RaftOptions::parse_peers(&g.peers()).unwrap();
+    let leader_commit = tokenfab_store_raft::members(&peers)
+        .await
+        .into_iter()
+        .find_map(|(id, _, s)| s.ok().filter(|_| id == l as u64 + 1))
+        .expect("the leader answers")
+        .commit;
+
+    // The follower restarts and applies the entries it missed from the leader's log.
+    let restarted = Instant::now();
+    servers[behind] = g.spawn(behind);
+    let deadline = restarted + Duration::from_secs(30);
+    let caught_up = loop {
+        let row = tokenfab_store_raft::members(&peers)
+            .await
+            .into_iter()
+            .find(|(id, _, _)| *id == behind as u64 + 1);
+        if let Some((_, _, Ok(s))) = row
+            && s.applied >= leader_commit
+        {
+            break restarted.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not catch up:\n{}",
+            name(behind),
+            servers[behind].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "{} applied the {leader_commit} entries it had missed {caught_up:?} after its restart",
+        name(behind)
+    );
+
+    // With the leader and the third replica gone, it cannot lead alone (no majority); with
+    // the leader gone, the restarted follower or the third one leads, and serves every batch.
+    servers[l].kill9();
+    let next = g.leader(&servers).await;
+    assert_ne!(next, l);
+    assert_eq!(listed(g.addr(next)).await, ids);
+    // Make the restarted follower the one that serves, if it is not already.
+    if next != behind {
+        servers[next].kill9();
+        servers[l] = g.spawn(l);
+        let now = g.leader(&servers).await;
+        assert!(now == behind || now == l, "{now}");
+        assert_eq!(listed(g.addr(now)).await, ids);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_listed_and_leadership_moves_when_asked() {
+    let g = Group::new();
+    let mut servers: Vec<Proc> = (0..3).map(|i| g.spawn(i)).collect();
+    let l = g.leader(&servers).await;
+    let x = create(g.addr(l), TENANT, chat_batch("x", 3, 8)).await;
+    let peers = g.peers();
+    let members = || run_cli(&["admin", "members", "--raft-peers", &peers], &[]);
+    let out = members();
+    for i in 0..3 {
+        let row = out
+            .lines()
+            .find(|r| r.split_whitespace().nth(1) == Some(name(i).as_str()))
+            .unwrap_or_else(|| panic!("no row for {}:\n{out}", name(i)));
+        let want = if i == l { "leader" } else { "follower" };
+        assert!(row.contains(want), "{}: {row}\n{out}", name(i));
+    }
+
+    let to = (l + 1) % 3;
+    let asked = Instant::now();
+    let out = run_cli(
+        &[
+            "admin",
+            "members",
+            "--raft-peers",
+            &peers,
+            "--transfer-to",
+            &(to + 1).to_string(),
+        ],
+        &[],
+    );
+    assert!(
+        out.starts_with(&format!("asked replica {} to hand leadership to {}", l + 1, to + 1)),
+        "{out}"
+    );
+    let deadline = asked + Duration::from_secs(15);
+    while read(g.addr(to), &x).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not take over:\n{}",
+            name(to),
+            servers[to].log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("{} serves {:?} after the transfer was asked", name(to), asked.elapsed());
+    // The old leader stops serving and exits (its supervisor would restart it to follow).
+    exits(&mut servers[l], Duration::from_secs(15), "the old leader still runs").await;
+    // The tenant CLI, given every replica, uses the one that serves.
+    let control = (0..3)
+        .map(|i| format!("http://{}", g.addr(i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = run_cli(
+        &["batches", "get", &x, "--control", &control],
+        &[("TOKENFAB_TOKEN", TENANT)],
+    );
+    assert!(out.contains(&x), "{out}");
+}
