@@ -20,6 +20,7 @@ mod common;
 
 use common::failover::*;
 use common::history::{History, Op};
+use common::netns::Netns;
 use common::*;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -257,99 +258,10 @@ fn the_history_checker_flags_each_rule_on_made_up_histories() {
     flags(&missing, "never read back");
 }
 
-/// A network namespace for one replica, joined to this one by two veth links: one that
-/// clients use, one that reaches etcd. Cutting the second partitions the replica from etcd
-/// (and so from the other replica's side) while clients still reach it. Removed on drop.
-struct Netns {
-    name: String,
-    client_ip: String,
-    etcd_root_ip: String,
-    client_link: String,
-    etcd_link: String,
-}
-
-fn ip(args: &[&str]) -> bool {
-    std::process::Command::new("ip")
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-impl Netns {
-    /// `None` (after saying why) where namespaces cannot be made (not root, no `ip`),
-    /// unless `TOKENFAB_REQUIRE_NETNS=1` (set by the test command where they can).
-    fn create() -> Option<Netns> {
-        let id = std::process::id() % 100_000;
-        let subnet = std::process::id() % 250;
-        let n = Netns {
-            name: format!("tf-part-{id}"),
-            client_ip: format!("10.231.{subnet}.2"),
-            etcd_root_ip: format!("10.232.{subnet}.1"),
-            client_link: format!("tfc{id}"),
-            etcd_link: format!("tfe{id}"),
-        };
-        if !ip(&["netns", "add", &n.name]) {
-            assert!(
-                std::env::var("TOKENFAB_REQUIRE_NETNS").as_deref() != Ok("1"),
-                "TOKENFAB_REQUIRE_NETNS=1 but `ip netns add` failed"
-            );
-            eprintln!("cannot create a network namespace (needs root and iproute2): the partition test is skipped");
-            return None;
-        }
-        let ns = n.name.clone();
-        let exec = |args: &[&str]| ip(&[&["netns", "exec", &ns, "ip"], args].concat());
-        let (c0, c1, e1) = (n.client_link.clone(), format!("tfc{id}p"), format!("tfe{id}p"));
-        let ok = ip(&["link", "add", &c0, "type", "veth", "peer", "name", &c1])
-            && ip(&["link", "set", &c1, "netns", &ns])
-            && ip(&["addr", "add", &format!("10.231.{subnet}.1/24"), "dev", &c0])
-            && ip(&["link", "set", &c0, "up"])
-            && exec(&["addr", "add", &format!("{}/24", n.client_ip), "dev", &c1])
-            && exec(&["link", "set", &c1, "up"])
-            && ip(&["link", "add", &n.etcd_link, "type", "veth", "peer", "name", &e1])
-            && ip(&["link", "set", &e1, "netns", &ns])
-            && ip(&["addr", "add", &format!("{}/24", n.etcd_root_ip), "dev", &n.etcd_link])
-            && ip(&["link", "set", &n.etcd_link, "up"])
-            && exec(&["addr", "add", &format!("10.232.{subnet}.2/24"), "dev", &e1])
-            && exec(&["link", "set", &e1, "up"])
-            && exec(&["link", "set", "lo", "up"]);
-        if !ok {
-            assert!(
-                std::env::var("TOKENFAB_REQUIRE_NETNS").as_deref() != Ok("1"),
-                "TOKENFAB_REQUIRE_NETNS=1 but setting up the links of namespace {ns} failed"
-            );
-            eprintln!(
-                "cannot link a network namespace here (veth pairs need CAP_NET_ADMIN): the partition test is skipped"
-            );
-            return None; // dropping `n` removes what was made
-        }
-        Some(n)
-    }
-
-    /// Cuts the replica's link to etcd.
-    fn cut_etcd(&self) {
-        assert!(
-            ip(&["link", "set", &self.etcd_link, "down"]),
-            "cannot cut {}",
-            self.etcd_link
-        );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting one end of a veth pair deletes both.
-        ip(&["link", "del", &self.client_link]);
-        ip(&["link", "del", &self.etcd_link]);
-        ip(&["netns", "del", &self.name]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused() {
     let Some(net) = Netns::create() else { return };
-    let Some(etcd) = Etcd::start_also_on(&net.etcd_root_ip).await else {
+    let Some(etcd) = Etcd::start_also_on(&net.peer_root_ip).await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -391,7 +303,7 @@ async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused(
     let x = submit(a_addr, "x", 3, &history, &acked).await;
 
     // The partition: A loses etcd (and B's side), its clients still reach it.
-    net.cut_etcd();
+    net.cut_peer_link();
     let cut = Instant::now();
     let mut c = tenant_client(a_addr, TENANT).await;
     let y = tokio::time::timeout(Duration::from_secs(20), c.create_batch(chat_batch("y", 3, 8))).await;

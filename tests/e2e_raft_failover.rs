@@ -13,12 +13,17 @@
 //! - A follower stopped while the others commit, restarted far behind, catches up from
 //!   the leader's log and then serves everything when it is elected.
 //! - `admin members` lists the group, and `--transfer-to` moves the leadership.
+//! - A partition made with a network namespace: the leader, cut off from the two others
+//!   while its clients still reach it, acknowledges no write and exits; the majority side
+//!   elects a leader that serves what was acknowledged.
 //!
 //! Rounds: 3 in the test command; `TOKENFAB_FAILOVER_ROUNDS=20` for a benchmark-style run.
 
 mod common;
 
 use common::failover::*;
+use common::history::History;
+use common::netns::Netns;
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -80,14 +85,22 @@ fn name(i: usize) -> String {
 }
 
 fn replica(dir: &Path, i: usize, port: u16, peers: &str) -> Proc {
+    replica_in(dir, i, &[], &format!("127.0.0.1:{port}"), peers)
+}
+
+/// Replica `i` (Raft id `i + 1`) run through `wrapper` (`ip netns exec NS`, or nothing),
+/// its gRPC port on `listen`, its peer port on its own URL in `peers`.
+fn replica_in(dir: &Path, i: usize, wrapper: &[&str], listen: &str, peers: &str) -> Proc {
     let data = dir.join(format!("data-{i}"));
-    Proc::spawn(
+    let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    Proc::spawn_in(
         &format!("server-{}", name(i)),
         dir,
+        wrapper,
         &[
             "server",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            listen,
             "--data-dir",
             data.to_str().unwrap(),
             "--store",
@@ -112,7 +125,7 @@ fn replica(dir: &Path, i: usize, port: u16, peers: &str) -> Proc {
             "--heartbeat-interval",
             "250ms",
             "--metrics-listen",
-            &format!("127.0.0.1:{}", http_port(port)),
+            &format!("{}:{}", listen.rsplit_once(':').unwrap().0, http_port(port)),
         ],
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     )
@@ -320,4 +333,126 @@ async fn members_are_listed_and_leadership_moves_when_asked() {
         &[("TOKENFAB_TOKEN", TENANT)],
     );
     assert!(out.contains(&x), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_majority_commits_nothing_and_its_clients_are_refused() {
+    let Some(net) = Netns::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, peer) = (
+        [listen_port(), listen_port(), listen_port()],
+        [listen_port(), listen_port(), listen_port()],
+    );
+    // Replica 0 in the namespace: clients reach it on the client link, the two others on
+    // the peer link, whose root end their peer ports listen on.
+    let hosts = [
+        net.peer_ns_ip.clone(),
+        net.peer_root_ip.clone(),
+        net.peer_root_ip.clone(),
+    ];
+    let peers = (0..3)
+        .map(|i| format!("{}=http://{}:{}", i + 1, hosts[i], peer[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let addrs: Vec<SocketAddr> = [
+        format!("{}:{}", net.client_ip, grpc[0]),
+        format!("127.0.0.1:{}", grpc[1]),
+        format!("127.0.0.1:{}", grpc[2]),
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    let spawn = |i: usize| {
+        let wrapper: Vec<&str> = if i == 0 {
+            vec!["ip", "netns", "exec", &net.name]
+        } else {
+            vec![]
+        };
+        replica_in(dir.path(), i, &wrapper, &addrs[i].to_string(), &peers)
+    };
+    let mut servers: Vec<Proc> = (0..3).map(spawn).collect();
+    let leader = |servers: &[Proc]| {
+        let (addrs, logs) = (
+            addrs.clone(),
+            servers.iter().map(|p| p.log()).collect::<Vec<_>>().join("\n"),
+        );
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                for (i, a) in addrs.iter().enumerate() {
+                    if serves(*a).await {
+                        return i;
+                    }
+                }
+                assert!(Instant::now() < deadline, "no replica serves:\n{logs}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Replica 0 must lead: hand it the leadership if another won the first election (that
+    // one exits, and comes back as a follower).
+    let first = leader(&servers).await;
+    if first != 0 {
+        run_cli(&["admin", "members", "--raft-peers", &peers, "--transfer-to", "1"], &[]);
+        exits(
+            &mut servers[first],
+            Duration::from_secs(15),
+            "the old leader still runs",
+        )
+        .await;
+        servers[first] = spawn(first);
+        assert_eq!(leader(&servers).await, 0, "replica 0 did not take the leadership");
+    }
+    let history = History::default();
+    let acked = std::sync::Mutex::new(Vec::new());
+    let x = submit(addrs[0], "x", 3, &history, &acked).await;
+
+    // The partition: the leader loses the two others; its clients still reach it.
+    net.cut_peer_link();
+    let cut = Instant::now();
+    let mut c = tenant_client(addrs[0], TENANT).await;
+    let y = tokio::time::timeout(Duration::from_secs(20), c.create_batch(chat_batch("y", 3, 8))).await;
+    if let Ok(Ok(r)) = y {
+        panic!(
+            "the cut-off leader acknowledged a write: {:?}\n{}",
+            r.into_inner().batch,
+            servers[0].log()
+        );
+    }
+    eprintln!(
+        "a write sent to the cut-off leader was refused after {:?}",
+        cut.elapsed()
+    );
+    // It stops by itself, saying why.
+    exits(
+        &mut servers[0],
+        Duration::from_secs(30),
+        "the cut-off leader still runs",
+    )
+    .await;
+    assert!(servers[0].log().contains("no longer leads"), "{}", servers[0].log());
+    // The majority side elects a leader that serves what was acknowledged, and only that.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let next = 'found: loop {
+        for i in 1..3 {
+            if serves(addrs[i]).await {
+                break 'found i;
+            }
+        }
+        assert!(Instant::now() < deadline, "the majority side elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    read_once_serving(addrs[next], &x, &history, &servers[next]).await;
+    eprintln!("{} serves {:?} after the cut", name(next), cut.elapsed());
+    assert_eq!(
+        listed(addrs[next]).await,
+        BTreeSet::from([x]),
+        "only what was acknowledged"
+    );
+    let violations: Vec<String> = history
+        .check()
+        .into_iter()
+        .filter(|v| !v.contains("never read back"))
+        .collect();
+    assert!(violations.is_empty(), "{violations:?}");
 }

@@ -5,6 +5,7 @@
 
 pub mod failover;
 pub mod history;
+pub mod netns;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
