@@ -434,8 +434,8 @@ async fn a_leader_cut_off_from_the_majority_commits_nothing_and_its_clients_are_
     // The majority side elects a leader that serves what was acknowledged, and only that.
     let deadline = Instant::now() + Duration::from_secs(30);
     let next = 'found: loop {
-        for i in 1..3 {
-            if serves(addrs[i]).await {
+        for (i, a) in addrs.iter().enumerate().skip(1) {
+            if serves(*a).await {
                 break 'found i;
             }
         }
