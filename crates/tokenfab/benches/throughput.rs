@@ -4,6 +4,7 @@
 //!     cargo bench -p tokenfab --bench throughput -- ingest     # one part only
 //!     cargo bench -p tokenfab --bench throughput -- e2e
 //!     cargo bench -p tokenfab --features etcd --bench throughput -- ingest e2e   # with etcd
+//!     cargo bench -p tokenfab --features etcd,raft --bench throughput -- ingest e2e   # and Raft
 //!
 //! 1. ingest: durable results per second into one control plane on its own (gRPC reports
 //!    of 1,000 results each from 8 concurrent clients, redb with fsync per commit), with
@@ -14,7 +15,10 @@
 //! With the `etcd` feature, `ingest-etcd` and `e2e-etcd` run the same on the etcd backend:
 //! a 3-member etcd cluster on loopback (Debian's etcd-server), and for e2e three
 //! `tokenfab server --store etcd` replicas (one elected, two waiting) with the agents given
-//! all three URLs.
+//! all three URLs. With `raft`, `ingest-raft` and `e2e-raft` run on a Raft group of three
+//! replicas on loopback (in the bench's process for ingest; `tokenfab server --store raft`
+//! processes for e2e): every commit reaches a majority's log with an fsync before it is
+//! acknowledged, and every replica applies it to its own redb.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -124,6 +128,35 @@ async fn ingest_etcd() {
     .await
     .unwrap();
     ingest_with("etcd (3 members) + redb", store).await;
+}
+
+#[cfg(feature = "raft")]
+async fn ingest_raft() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: std::collections::BTreeMap<u64, String> =
+        (1..=3).map(|id| (id, format!("http://127.0.0.1:{}", port()))).collect();
+    let mut pending = Vec::new();
+    for id in 1..=3u64 {
+        let mut opts = tokenfab_store_raft::RaftOptions::new(id, &format!("cp{id}"), peers.clone()).unwrap();
+        opts.listen = peers[&id].trim_start_matches("http://").parse().unwrap();
+        let data = dir.path().join(format!("cp{id}"));
+        pending.push(tokio::spawn(async move {
+            tokenfab_store_raft::RaftStore::open(opts, &data, Box::new(|_, _| {}))
+                .await
+                .unwrap()
+        }));
+    }
+    // The first to lead serves; the two others follow (and apply every commit) meanwhile.
+    let leader = loop {
+        if let Some(i) = pending.iter().position(|t| t.is_finished()) {
+            break pending.remove(i).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    ingest_with("Raft (3 replicas, each with redb)", leader).await;
+    for t in pending {
+        t.abort();
+    }
 }
 
 async fn ingest_with<S: tokenfab_store::Store + Clone>(backend: &str, store: S) {
@@ -341,7 +374,7 @@ async fn wait_tcp(addr: &str) {
 }
 
 async fn e2e() {
-    e2e_with("1 control plane (embedded store)", &[]).await;
+    e2e_with("1 control plane (embedded store)", 1, &|_, _| vec![]).await;
 }
 
 #[cfg(feature = "etcd")]
@@ -350,49 +383,77 @@ async fn e2e_etcd() {
         println!("e2e-etcd: no etcd binary (Debian: etcd-server); skipped");
         return;
     };
-    e2e_with("3 control-plane replicas on a 3-member etcd", &etcd.urls).await;
+    let endpoints = etcd.urls.join(",");
+    e2e_with("3 control-plane replicas on a 3-member etcd", 3, &|i, _| {
+        [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+            "--replica-name",
+            &format!("cp{i}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+    .await;
 }
 
-/// Through one control plane with the embedded store (`etcd` empty), or three replicas on
-/// the etcd at `etcd` (the first elected, the others waiting).
-async fn e2e_with(label: &str, etcd: &[String]) {
+#[cfg(feature = "raft")]
+async fn e2e_raft() {
+    let peer: Vec<u16> = (0..3).map(|_| port()).collect();
+    let peers = (0..3)
+        .map(|i| format!("{}=http://127.0.0.1:{}", i + 1, peer[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    e2e_with("3 control-plane replicas in a Raft group", 3, &|i, _| {
+        [
+            "--store",
+            "raft",
+            "--raft-id",
+            &(i + 1).to_string(),
+            "--raft-peers",
+            &peers,
+            "--raft-listen",
+            &format!("127.0.0.1:{}", peer[i]),
+            "--replica-name",
+            &format!("cp{i}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+    .await;
+}
+
+/// Through `replicas` control planes, replica `i` started with `store(i, data dir)` as its
+/// store flags (one replica with none: the embedded store); the one that serves is found
+/// by its gRPC port (the others do not listen on it).
+async fn e2e_with(label: &str, replicas: usize, store: &dyn Fn(usize, &str) -> Vec<String>) {
     const N: usize = 50_000;
     const WINDOW: u32 = 256;
     let dir = tempfile::tempdir().unwrap();
-    let replicas = if etcd.is_empty() { 1 } else { 3 };
     let cps: Vec<String> = (0..replicas).map(|_| format!("127.0.0.1:{}", port())).collect();
     let mut servers = Vec::new();
     for (i, cp) in cps.iter().enumerate() {
         let data = dir.path().join(format!("cp{i}"));
-        let mut args = vec![
-            "server",
-            "--listen",
-            cp,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tenant",
-            "t=t",
-        ];
-        let endpoints = etcd.join(",");
-        let name = format!("cp{i}");
-        if !etcd.is_empty() {
-            args.extend([
-                "--store",
-                "etcd",
-                "--etcd-endpoints",
-                &endpoints,
-                "--replica-name",
-                &name,
-            ]);
-        }
+        let data = data.to_str().unwrap();
+        let extra = store(i, data);
+        let mut args = vec!["server", "--listen", cp, "--data-dir", data, "--tenant", "t=t"];
+        args.extend(extra.iter().map(String::as_str));
         servers.push(spawn(&args));
-        if i == 0 {
-            // The first is elected; the others wait without listening.
-            wait_tcp(cp).await;
-        }
     }
-    let server = &servers[0];
-    let cp = cps[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader = 'found: loop {
+        for (i, cp) in cps.iter().enumerate() {
+            if std::net::TcpStream::connect(cp).is_ok() {
+                break 'found i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no control plane listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let server = &servers[leader];
+    let cp = cps[leader].clone();
     let control: String = cps.iter().map(|c| format!("http://{c}")).collect::<Vec<_>>().join(",");
     let mut procs = Vec::new();
     for i in 0..2 {
@@ -515,6 +576,12 @@ fn main() {
     {
         parts.insert(1, ("ingest-etcd", Box::pin(ingest_etcd())));
         parts.insert(3, ("e2e-etcd", Box::pin(e2e_etcd())));
+    }
+    #[cfg(feature = "raft")]
+    {
+        let at = parts.iter().position(|(n, _)| *n == "e2e").unwrap_or(0);
+        parts.insert(at, ("ingest-raft", Box::pin(ingest_raft())));
+        parts.insert(at + 2, ("e2e-raft", Box::pin(e2e_raft())));
     }
     support::run_parts(parts);
 }
