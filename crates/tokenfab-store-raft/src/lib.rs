@@ -353,23 +353,45 @@ enum Cmd {
     },
 }
 
+/// Proposals awaiting their last entry: index → (term, reply). The driver adds them, the
+/// applier answers them once applied, the driver fails them when leadership is lost.
+type Waiters = Arc<std::sync::Mutex<BTreeMap<u64, (u64, oneshot::Sender<Result<(), StoreError>>)>>>;
+
+/// What the driver and the applier share.
+struct Shared {
+    /// The last log index applied to the embedded store.
+    applied: std::sync::atomic::AtomicU64,
+    waiters: Waiters,
+    /// Why the applier stopped (the embedded store failed, or an entry is unreadable).
+    failed: std::sync::Mutex<Option<String>>,
+    /// Set by the pause watchdog: how long this process did not run.
+    paused: std::sync::Mutex<Option<Duration>>,
+}
+
 struct Driver {
     node: raft::RawNode<MemStorage>,
     log: Arc<LogDb>,
-    local: RedbStore,
     opts: RaftOptions,
     /// Messages to each peer, sent by its link task.
     links: BTreeMap<u64, mpsc::Sender<Message>>,
-    /// Entries up to this index are in the embedded store already (restart).
-    skip_through: u64,
-    applied: u64,
-    commits_applied: u64,
-    staging: Staging,
-    /// Proposals awaiting their last entry: index → (term, reply).
-    waiters: BTreeMap<u64, (u64, oneshot::Sender<Result<(), StoreError>>)>,
+    /// Committed entries, in order, to the applier.
+    to_apply: mpsc::UnboundedSender<Vec<Entry>>,
+    shared: Arc<Shared>,
     /// The index of the entry that opened this replica's term as leader.
     leader_start: Option<(u64, u64)>,
     status: watch::Sender<GroupStatus>,
+}
+
+/// Applies committed entries to the embedded store, in order, away from the driver (so
+/// that a large commit never delays heartbeats), and answers the proposals waiting on them.
+struct Applier {
+    local: RedbStore,
+    name: String,
+    /// Entries up to this index are in the embedded store already (restart).
+    skip_through: u64,
+    commits_applied: u64,
+    staging: Staging,
+    shared: Arc<Shared>,
 }
 
 impl Driver {
@@ -377,9 +399,13 @@ impl Driver {
         self.node.raft.state == StateRole::Leader
     }
 
+    fn applied(&self) -> u64 {
+        self.shared.applied.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn serving_term(&self) -> Option<u64> {
         match self.leader_start {
-            Some((term, start)) if self.is_leader() && term == self.node.raft.term && self.applied >= start => {
+            Some((term, start)) if self.is_leader() && term == self.node.raft.term && self.applied() >= start => {
                 Some(term)
             }
             _ => None,
@@ -394,20 +420,9 @@ impl Driver {
     ) {
         let mut tick = tokio::time::interval(self.opts.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_tick = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let gap = last_tick.elapsed();
-                    last_tick = tokio::time::Instant::now();
-                    if gap >= self.opts.election_timeout() && self.is_leader() {
-                        // Paused (SIGSTOP, a stalled VM) for as long as followers wait
-                        // before electing another leader: another may lead now. Stop
-                        // leading before anything else runs.
-                        let term = self.node.raft.term;
-                        self.node.raft.become_follower(term, raft::INVALID_ID);
-                        self.fail_waiters(&format!("this replica was paused for {gap:?}, an election timeout; it no longer leads"));
-                    }
                     self.node.tick();
                 }
                 m = inbox.recv() => match m {
@@ -423,8 +438,27 @@ impl Driver {
             while let Ok(m) = inbox.try_recv() {
                 self.step(m);
             }
+            let paused = self.shared.paused.lock().ok().and_then(|mut p| p.take());
+            if let Some(gap) = paused
+                && self.is_leader()
+            {
+                // The process did not run (SIGSTOP, a stalled VM) for as long as followers
+                // wait before electing another leader: another may lead now. Stop leading
+                // before anything else is done.
+                let term = self.node.raft.term;
+                self.node.raft.become_follower(term, raft::INVALID_ID);
+                self.fail_waiters(&format!(
+                    "this replica did not run for {gap:?}, an election timeout; it no longer leads"
+                ));
+            }
             while let Ok(c) = cmds.try_recv() {
                 self.command(c);
+            }
+            let failed = self.shared.failed.lock().ok().and_then(|f| f.clone());
+            if let Some(why) = failed {
+                self.fail_waiters(&why);
+                self.status.send_modify(|s| s.failed = Some(why));
+                return;
             }
             if let Err(e) = self.on_ready().await {
                 let why = format!("replica {} stopped: {e}", self.opts.name);
@@ -458,7 +492,9 @@ impl Driver {
                     }
                 }
                 let index = self.node.raft.raft_log.last_index();
-                self.waiters.insert(index, (self.node.raft.term, reply));
+                if let Ok(mut w) = self.shared.waiters.lock() {
+                    w.insert(index, (self.node.raft.term, reply));
+                }
             }
             Cmd::Transfer { to, reply } => {
                 if self.is_leader() {
@@ -479,7 +515,13 @@ impl Driver {
     }
 
     fn fail_waiters(&mut self, why: &str) {
-        for (_, (_, reply)) in std::mem::take(&mut self.waiters) {
+        let waiting = self
+            .shared
+            .waiters
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        for (_, (_, reply)) in waiting {
             let _ = reply.send(Err(StoreError::Io(format!(
                 "{why}; the commit may or may not be in the log"
             ))));
@@ -511,7 +553,7 @@ impl Driver {
                 "the leader sent a snapshot; this build neither takes nor installs snapshots (its logs are never compacted)".into(),
             ));
         }
-        self.apply_entries(ready.take_committed_entries()).await?;
+        self.apply(ready.take_committed_entries())?;
         let entries = ready.entries().clone();
         let hs = ready.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
@@ -533,9 +575,31 @@ impl Driver {
             self.node.raft.raft_log.store.wl().mut_hard_state().set_commit(commit);
         }
         self.send(light.take_messages());
-        self.apply_entries(light.take_committed_entries()).await?;
+        self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
         Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.to_apply
+            .send(entries)
+            .map_err(|_| io("applying", "the applier has stopped"))
+    }
+}
+
+impl Applier {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<Entry>>) {
+        while let Some(entries) = rx.recv().await {
+            if let Err(e) = self.apply_entries(entries).await {
+                if let Ok(mut f) = self.shared.failed.lock() {
+                    *f = Some(format!("replica {} stopped: {e}", self.name));
+                }
+                return;
+            }
+        }
     }
 
     async fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
@@ -552,14 +616,15 @@ impl Driver {
                     }
                 }
             }
-            self.applied = index;
-            if let Some((want_term, reply)) = self.waiters.remove(&index) {
+            self.shared.applied.store(index, std::sync::atomic::Ordering::Release);
+            let waiter = self.shared.waiters.lock().ok().and_then(|mut w| w.remove(&index));
+            if let Some((want_term, reply)) = waiter {
                 let _ = reply.send(if want_term == term {
                     Ok(())
                 } else {
                     Err(StoreError::Io(format!(
                         "replica {} lost the leadership before its commit was replicated; the commit was not made",
-                        self.opts.name
+                        self.name
                     )))
                 });
             }
@@ -643,7 +708,9 @@ impl Driver {
             }
         }
     }
+}
 
+impl Driver {
     fn publish(&mut self) {
         let raft = &self.node.raft;
         if raft.state == StateRole::Leader {
@@ -652,7 +719,7 @@ impl Driver {
             }
         } else {
             self.leader_start = None;
-            if !self.waiters.is_empty() {
+            if self.shared.waiters.lock().is_ok_and(|w| !w.is_empty()) {
                 let why = format!("replica {} no longer leads (term {})", self.opts.name, raft.term);
                 self.fail_waiters(&why);
             }
@@ -666,7 +733,7 @@ impl Driver {
             term: raft.term,
             role: role_name(raft.state),
             commit: raft.raft_log.committed,
-            applied: self.applied,
+            applied: self.applied(),
             voters,
             serving: self.serving_term(),
             failed: None,
@@ -680,6 +747,32 @@ impl Driver {
             }
         });
     }
+}
+
+/// A thread that wakes every 50 ms and, when it finds that it did not run for `timeout`
+/// (the whole process was stopped or starved), tells the driver, which then stops leading.
+/// A thread of its own, so that a busy runtime is not taken for a pause.
+fn watch_for_pauses(shared: &Arc<Shared>, timeout: Duration, stop: watch::Receiver<bool>) {
+    let shared = Arc::downgrade(shared);
+    let _ = std::thread::Builder::new()
+        .name("raft-pause-watch".into())
+        .spawn(move || {
+            let mut last = std::time::Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                if *stop.borrow() {
+                    return;
+                }
+                let Some(shared) = shared.upgrade() else { return };
+                let gap = last.elapsed();
+                last = std::time::Instant::now();
+                if gap >= timeout
+                    && let Ok(mut p) = shared.paused.lock()
+                {
+                    *p = Some(gap);
+                }
+            }
+        });
 }
 
 // ----------------------------------------------------------------------------------------
@@ -867,20 +960,33 @@ impl RaftStore {
                 .handles
                 .push(tokio::spawn(transport::link(url.clone(), rx)).abort_handle());
         }
-        let driver = Driver {
-            node,
-            log,
+        let shared = Arc::new(Shared {
+            applied: std::sync::atomic::AtomicU64::new(local_applied.min(hs.commit)),
+            waiters: Arc::default(),
+            failed: std::sync::Mutex::new(None),
+            paused: std::sync::Mutex::new(None),
+        });
+        let (to_apply, apply_rx) = mpsc::unbounded_channel();
+        let applier = Applier {
             local: local.clone(),
-            opts: opts.clone(),
-            links,
+            name: opts.name.clone(),
             skip_through: local_applied,
-            applied: local_applied.min(hs.commit),
             commits_applied: 0,
             staging: Staging {
                 nonce: 0,
                 files: BTreeMap::new(),
             },
-            waiters: BTreeMap::new(),
+            shared: shared.clone(),
+        };
+        tasks.handles.push(tokio::spawn(applier.run(apply_rx)).abort_handle());
+        watch_for_pauses(&shared, opts.election_timeout(), stop_rx.clone());
+        let driver = Driver {
+            node,
+            log,
+            opts: opts.clone(),
+            links,
+            to_apply,
+            shared,
             leader_start: None,
             status: status_tx,
         };
