@@ -235,7 +235,7 @@ pub struct Page {
 /// What a store is, for `/healthz` and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StoreInfo {
-    /// `embedded` or `etcd`.
+    /// `embedded`, `etcd` or `raft`.
     pub backend: &'static str,
     /// This replica's name, for a replicated backend.
     pub replica: Option<String>,
