@@ -24,18 +24,26 @@
 //! [`FSYNC_EVERY`] commits (its applied position is kept with its data): after a crash
 //! the replica applies again, from the log, what its embedded store had not made durable.
 //!
-//! **Not yet.** Log compaction and snapshots (the log, and a copy of it in memory, grow
-//! with every commit, so a replica's memory grows with the inputs it has seen), joining
-//! and removing members at run time (the group is the one `peers` names), mutual TLS
-//! on the peer port, and ReadIndex reads (the leader serves reads from its store; it
-//! counts itself deposed when its own clock says it was paused for an election timeout).
+//! **Compaction and snapshots.** Once `compact_every` entries were applied, the replica
+//! makes its embedded store durable and drops the log up to its position (less
+//! `keep_entries`, kept for followers a little behind). A follower that needs dropped
+//! entries is sent a snapshot: a small message naming the leader and the index of the
+//! leader's last applied commit; the follower fetches the leader's store as a backup stream
+//! (the format of `tokenfab admin backup`, which carries the log position it holds) over
+//! the peer port, restores it beside its own, moves it in, and goes on from the log after
+//! it.
+//!
+//! **Not yet.** Joining and removing members at run time (the group is the one `peers`
+//! names), mutual TLS on the peer port, and ReadIndex reads (the leader serves reads from
+//! its store; it counts itself deposed when a watchdog thread finds the process did not run
+//! for an election timeout).
 
 pub mod transport;
 
 use protobuf::Message as _;
-use raft::StateRole;
-use raft::prelude::{ConfState, Entry, EntryType, HardState, Message};
+use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, Snapshot, SnapshotMetadata};
 use raft::storage::MemStorage;
+use raft::{StateRole, Storage as _};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -74,6 +82,14 @@ pub struct RaftOptions {
     pub heartbeat_ticks: usize,
     /// Largest file piece in one log entry, before compression.
     pub part_bytes: usize,
+    /// The log is compacted once this many entries were applied since the last compaction
+    /// (the embedded store is made durable first): the log on disk and its copy in memory
+    /// stay bounded. A follower that needs compacted entries installs a snapshot of the
+    /// leader's store instead.
+    pub compact_every: u64,
+    /// Entries kept behind the compaction point, so that a follower a little behind
+    /// catches up from the log rather than by snapshot.
+    pub keep_entries: u64,
 }
 
 impl RaftOptions {
@@ -105,6 +121,8 @@ impl RaftOptions {
             election_ticks: 10,
             heartbeat_ticks: 2,
             part_bytes: 1 << 20,
+            compact_every: 10_000,
+            keep_entries: 1_000,
         })
     }
 
@@ -162,6 +180,9 @@ pub struct GroupStatus {
     pub serving: Option<u64>,
     /// Why the replica stopped (its log or store failed, or it was paused).
     pub failed: Option<String>,
+    /// Snapshots installed since it started, and the first log index it holds.
+    pub snapshots_installed: u64,
+    pub first_index: u64,
 }
 
 fn role_name(r: StateRole) -> &'static str {
@@ -260,6 +281,11 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_entries"
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
+/// The metadata of the last compaction point or installed snapshot (index, term, members).
+const SNAPSHOT: &str = "snapshot";
+
+/// What `raft.redb` holds: the hard state, the members, the log's start and its entries.
+type Persisted = (HardState, Option<ConfState>, Option<SnapshotMetadata>, Vec<Entry>);
 
 /// The Raft log and hard state on disk (`raft.redb` in the data directory).
 struct LogDb {
@@ -280,7 +306,7 @@ impl LogDb {
         Ok(LogDb { db })
     }
 
-    fn load(&self) -> Result<(HardState, Option<ConfState>, Vec<Entry>), StoreError> {
+    fn load(&self) -> Result<Persisted, StoreError> {
         let corrupt = |e: protobuf::ProtobufError| StoreError::Corrupt(format!("raft.redb: {e}"));
         let txn = self.db.begin_read().map_err(|e| io("reading the log", e))?;
         let state = txn.open_table(STATE).map_err(|e| io("reading the log", e))?;
@@ -292,13 +318,46 @@ impl LogDb {
             Some(v) => Some(ConfState::parse_from_bytes(v.value()).map_err(corrupt)?),
             None => None,
         };
+        let snap = match state.get(SNAPSHOT).map_err(|e| io("reading the log", e))? {
+            Some(v) => Some(SnapshotMetadata::parse_from_bytes(v.value()).map_err(corrupt)?),
+            None => None,
+        };
         let table = txn.open_table(ENTRIES).map_err(|e| io("reading the log", e))?;
         let mut entries = Vec::new();
         for row in table.iter().map_err(|e| io("reading the log", e))? {
             let (_, v) = row.map_err(|e| io("reading the log", e))?;
             entries.push(Entry::parse_from_bytes(v.value()).map_err(corrupt)?);
         }
-        Ok((hs, cs, entries))
+        Ok((hs, cs, snap, entries))
+    }
+
+    /// Removes the entries up to `meta.index` and records `meta` as the log's start (after
+    /// a compaction, or with every entry removed after a snapshot was installed), with
+    /// the hard state when given.
+    fn cut(&self, meta: &SnapshotMetadata, all: bool, hs: Option<&HardState>) -> Result<(), StoreError> {
+        let err = |e: &dyn std::fmt::Display| io("compacting the log", e);
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(|e| err(&e))?;
+            let upto = if all { u64::MAX } else { meta.index };
+            let old: Vec<u64> = table
+                .range(..=upto)
+                .map_err(|e| err(&e))?
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| err(&e))?;
+            for k in old {
+                table.remove(k).map_err(|e| err(&e))?;
+            }
+            let mut state = txn.open_table(STATE).map_err(|e| err(&e))?;
+            let bytes = meta.write_to_bytes().map_err(|e| err(&e))?;
+            state.insert(SNAPSHOT, bytes.as_slice()).map_err(|e| err(&e))?;
+            if let Some(hs) = hs {
+                let bytes = hs.write_to_bytes().map_err(|e| err(&e))?;
+                state.insert(HARD_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| err(&e))
     }
 
     /// Writes new entries (replacing any from the first one's index on) and the hard
@@ -366,16 +425,90 @@ struct Shared {
     failed: std::sync::Mutex<Option<String>>,
     /// Set by the pause watchdog: how long this process did not run.
     paused: std::sync::Mutex<Option<Duration>>,
+    /// The last `Commit` entry applied (the embedded store's own position): a snapshot of
+    /// the store is at this index.
+    applied_commit: std::sync::atomic::AtomicU64,
+    /// The log may be compacted up to this index (the embedded store is durable there).
+    compactable: std::sync::atomic::AtomicU64,
+    snapshots_installed: std::sync::atomic::AtomicU64,
+}
+
+/// The Raft log as raft-rs reads it: the in-memory copy of `raft.redb`, except that a
+/// snapshot is the embedded store at its last applied commit (fetched by the follower
+/// from this replica's peer port), not the commit index.
+#[derive(Clone)]
+struct LogStorage {
+    mem: MemStorage,
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl raft::Storage for LogStorage {
+    fn initial_state(&self) -> raft::Result<raft::RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: raft::GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let unavailable = raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+        let index = self.shared.applied_commit.load(std::sync::atomic::Ordering::Acquire);
+        if index < request_index || index == 0 {
+            return Err(unavailable);
+        }
+        let term = self.mem.term(index).map_err(|_| unavailable)?;
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.mem.initial_state()?.conf_state);
+        // Where the follower fetches the store from: this replica.
+        snap.data = self.id.to_le_bytes().to_vec().into();
+        Ok(snap)
+    }
+}
+
+/// What the applier is handed, in log order.
+enum ApplyMsg {
+    Entries(Vec<Entry>),
+    /// Replace the embedded store with the leader's at `index` or later, fetched from `url`.
+    Install {
+        index: u64,
+        url: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 struct Driver {
-    node: raft::RawNode<MemStorage>,
+    node: raft::RawNode<LogStorage>,
     log: Arc<LogDb>,
     opts: RaftOptions,
     /// Messages to each peer, sent by its link task.
     links: BTreeMap<u64, mpsc::Sender<Message>>,
     /// Committed entries, in order, to the applier.
-    to_apply: mpsc::UnboundedSender<Vec<Entry>>,
+    to_apply: mpsc::UnboundedSender<ApplyMsg>,
+    /// The index the log was last compacted to.
+    compacted: u64,
     shared: Arc<Shared>,
     /// The index of the entry that opened this replica's term as leader.
     leader_start: Option<(u64, u64)>,
@@ -386,7 +519,12 @@ struct Driver {
 /// that a large commit never delays heartbeats), and answers the proposals waiting on them.
 struct Applier {
     local: RedbStore,
+    dir: PathBuf,
     name: String,
+    compact_every: u64,
+    keep_entries: u64,
+    /// The last index the log may be compacted to, as last told to the driver.
+    compactable: u64,
     /// Entries up to this index are in the embedded store already (restart).
     skip_through: u64,
     commits_applied: u64,
@@ -460,7 +598,11 @@ impl Driver {
                 self.status.send_modify(|s| s.failed = Some(why));
                 return;
             }
-            if let Err(e) = self.on_ready().await {
+            let ready = match self.on_ready().await {
+                Ok(()) => self.compact().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ready {
                 let why = format!("replica {} stopped: {e}", self.opts.name);
                 self.fail_waiters(&why);
                 self.status.send_modify(|s| s.failed = Some(why));
@@ -548,10 +690,8 @@ impl Driver {
         }
         let mut ready = self.node.ready();
         self.send(ready.take_messages());
-        if *ready.snapshot() != raft::prelude::Snapshot::default() {
-            return Err(StoreError::Corrupt(
-                "the leader sent a snapshot; this build neither takes nor installs snapshots (its logs are never compacted)".into(),
-            ));
+        if *ready.snapshot() != Snapshot::default() {
+            self.install(ready.snapshot().clone()).await?;
         }
         self.apply(ready.take_committed_entries())?;
         let entries = ready.entries().clone();
@@ -562,7 +702,7 @@ impl Driver {
             tokio::task::spawn_blocking(move || log.persist(&e2, h2.as_ref(), None))
                 .await
                 .map_err(|e| io("writing the log", e))??;
-            let store = self.node.raft.raft_log.store.clone();
+            let store = self.node.raft.raft_log.store.mem.clone();
             let mut w = store.wl();
             w.append(&entries).map_err(|e| io("appending to the log", e))?;
             if let Some(hs) = hs {
@@ -572,7 +712,14 @@ impl Driver {
         self.send(ready.take_persisted_messages());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
-            self.node.raft.raft_log.store.wl().mut_hard_state().set_commit(commit);
+            self.node
+                .raft
+                .raft_log
+                .store
+                .mem
+                .wl()
+                .mut_hard_state()
+                .set_commit(commit);
         }
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
@@ -585,21 +732,186 @@ impl Driver {
             return Ok(());
         }
         self.to_apply
-            .send(entries)
+            .send(ApplyMsg::Entries(entries))
             .map_err(|_| io("applying", "the applier has stopped"))
+    }
+
+    /// A snapshot from the leader: the applier replaces the embedded store with the
+    /// leader's (after the entries before it), then the log restarts after it. In this
+    /// order, so that a crash in between leaves the old log and store, never a log that
+    /// starts after a store that is older.
+    async fn install(&mut self, snap: Snapshot) -> Result<(), StoreError> {
+        let meta = snap.get_metadata().clone();
+        let from = <[u8; 8]>::try_from(&snap.data[..]).map(u64::from_le_bytes).unwrap_or(0);
+        let url = self
+            .opts
+            .peers
+            .get(&from)
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt(format!("a snapshot from unknown replica {from}")))?;
+        let (reply, done) = oneshot::channel();
+        self.to_apply
+            .send(ApplyMsg::Install {
+                index: meta.index,
+                url,
+                reply,
+            })
+            .map_err(|_| io("installing a snapshot", "the applier has stopped"))?;
+        done.await
+            .map_err(|_| io("installing a snapshot", "the applier has stopped"))??;
+        let mut hs = self
+            .node
+            .raft
+            .raft_log
+            .store
+            .mem
+            .initial_state()
+            .map_err(|e| io("installing a snapshot", e))?
+            .hard_state;
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        let log = self.log.clone();
+        let (m2, h2) = (meta.clone(), hs);
+        tokio::task::spawn_blocking(move || log.cut(&m2, true, Some(&h2)))
+            .await
+            .map_err(|e| io("installing a snapshot", e))??;
+        self.node
+            .raft
+            .raft_log
+            .store
+            .mem
+            .wl()
+            .apply_snapshot(snap)
+            .map_err(|e| io("installing a snapshot", e))?;
+        self.compacted = meta.index;
+        Ok(())
+    }
+
+    /// Compacts the log up to what the applier says the embedded store holds durably.
+    async fn compact(&mut self) -> Result<(), StoreError> {
+        let upto = self.shared.compactable.load(std::sync::atomic::Ordering::Acquire);
+        if upto <= self.compacted {
+            return Ok(());
+        }
+        let mem = self.node.raft.raft_log.store.mem.clone();
+        let term = match mem.term(upto) {
+            Ok(t) => t,
+            // Already gone (a snapshot was installed past it).
+            Err(_) => return Ok(()),
+        };
+        let mut meta = SnapshotMetadata {
+            index: upto,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(mem.initial_state().map_err(|e| io("compacting the log", e))?.conf_state);
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || log.cut(&meta, false, None))
+            .await
+            .map_err(|e| io("compacting the log", e))??;
+        mem.wl().compact(upto + 1).map_err(|e| io("compacting the log", e))?;
+        self.compacted = upto;
+        Ok(())
     }
 }
 
 impl Applier {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<Entry>>) {
-        while let Some(entries) = rx.recv().await {
-            if let Err(e) = self.apply_entries(entries).await {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ApplyMsg>) {
+        while let Some(msg) = rx.recv().await {
+            let done = match msg {
+                ApplyMsg::Entries(entries) => match self.apply_entries(entries).await {
+                    Ok(()) => self.allow_compaction().await,
+                    Err(e) => Err(e),
+                },
+                ApplyMsg::Install { index, url, reply } => {
+                    let r = self.install(index, &url).await;
+                    let failed = r.as_ref().err().map(|e| e.to_string());
+                    let _ = reply.send(r);
+                    match failed {
+                        Some(e) => Err(StoreError::Io(e)),
+                        None => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = done {
                 if let Ok(mut f) = self.shared.failed.lock() {
                     *f = Some(format!("replica {} stopped: {e}", self.name));
                 }
                 return;
             }
         }
+    }
+
+    /// Once `compact_every` entries were applied since the last compaction point, makes
+    /// the embedded store durable and lets the driver compact the log up to its position
+    /// less `keep_entries`.
+    async fn allow_compaction(&mut self) -> Result<(), StoreError> {
+        let at = self.shared.applied_commit.load(std::sync::atomic::Ordering::Acquire);
+        let upto = at.saturating_sub(self.keep_entries);
+        if upto < self.compactable + self.compact_every.max(1) {
+            return Ok(());
+        }
+        let local = self.local.clone();
+        tokio::task::spawn_blocking(move || local.sync())
+            .await
+            .map_err(|e| io("syncing the embedded store", e))??;
+        self.compactable = upto;
+        self.shared
+            .compactable
+            .store(upto, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Replaces the embedded store with the leader's, fetched from `url` (a backup stream
+    /// of a store that has applied at least `index`), restored beside it and moved in.
+    async fn install(&mut self, index: u64, url: &str) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let incoming = self.dir.join("snapshot-incoming");
+        let file = self.dir.join("snapshot-incoming.backup");
+        let _ = std::fs::remove_dir_all(&incoming);
+        let bytes = transport::fetch_snapshot(url, index, &file).await?;
+        let (f2, i2) = (file.clone(), incoming.clone());
+        tokio::task::spawn_blocking(move || {
+            let reader = std::fs::File::open(&f2).map_err(|e| io("reading the snapshot", e))?;
+            std::fs::create_dir_all(&i2).map_err(|e| io("restoring the snapshot", e))?;
+            tokenfab_store::backup::restore(reader, &i2)
+        })
+        .await
+        .map_err(|e| io("restoring the snapshot", e))??;
+        let (local, i3) = (self.local.clone(), incoming.clone());
+        let holds = tokio::task::spawn_blocking(move || {
+            local.replace_with(&i3)?;
+            local.applied()
+        })
+        .await
+        .map_err(|e| io("installing the snapshot", e))??;
+        let _ = std::fs::remove_dir_all(&incoming);
+        let _ = std::fs::remove_file(&file);
+        if holds < index {
+            return Err(StoreError::Corrupt(format!(
+                "the snapshot from {url} holds the log up to entry {holds}, not {index}"
+            )));
+        }
+        self.skip_through = holds;
+        self.staging = Staging {
+            nonce: 0,
+            files: BTreeMap::new(),
+        };
+        self.shared.applied.store(index, std::sync::atomic::Ordering::Release);
+        self.shared
+            .applied_commit
+            .store(holds, std::sync::atomic::Ordering::Release);
+        self.compactable = index;
+        self.shared
+            .snapshots_installed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "replica {}: installed a snapshot of {} bytes from {url} (log entry {holds}) in {:?}",
+            self.name,
+            bytes,
+            started.elapsed()
+        );
+        Ok(())
     }
 
     async fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
@@ -704,7 +1016,11 @@ impl Applier {
                 let local = self.local.clone();
                 tokio::task::spawn_blocking(move || local.apply_replicated(set, index, fsync))
                     .await
-                    .map_err(|e| io("applying a commit", e))?
+                    .map_err(|e| io("applying a commit", e))??;
+                self.shared
+                    .applied_commit
+                    .store(index, std::sync::atomic::Ordering::Release);
+                Ok(())
             }
         }
     }
@@ -737,6 +1053,11 @@ impl Driver {
             voters,
             serving: self.serving_term(),
             failed: None,
+            snapshots_installed: self
+                .shared
+                .snapshots_installed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            first_index: raft.raft_log.first_index(),
         };
         self.status.send_if_modified(|s| {
             if *s == next {
@@ -866,7 +1187,7 @@ impl RaftStore {
             })
             .await?,
         );
-        let (hs, cs, entries) = {
+        let (mut hs, cs, snap, entries) = {
             let log = log.clone();
             tokio::task::spawn_blocking(move || log.load())
                 .await
@@ -900,12 +1221,35 @@ impl RaftStore {
                 .await
                 .map_err(|e| io("reading the applied position", e))??
         };
-        let storage = MemStorage::new_with_conf_state(cs);
+        let mem = MemStorage::new_with_conf_state(cs.clone());
         {
-            let mut w = storage.wl();
+            let mut w = mem.wl();
+            if let Some(meta) = &snap {
+                // The log starts after its last compaction point (or installed snapshot).
+                let mut s = Snapshot::default();
+                *s.mut_metadata() = meta.clone();
+                s.mut_metadata().set_conf_state(cs);
+                w.apply_snapshot(s).map_err(|e| io("reading the log", e))?;
+                hs.commit = hs.commit.max(meta.index);
+            }
             w.append(&entries).map_err(|e| io("reading the log", e))?;
             w.set_hardstate(hs.clone());
         }
+        let shared = Arc::new(Shared {
+            applied: std::sync::atomic::AtomicU64::new(local_applied.min(hs.commit)),
+            waiters: Arc::default(),
+            failed: std::sync::Mutex::new(None),
+            paused: std::sync::Mutex::new(None),
+            applied_commit: std::sync::atomic::AtomicU64::new(local_applied),
+            compactable: std::sync::atomic::AtomicU64::new(0),
+            snapshots_installed: std::sync::atomic::AtomicU64::new(0),
+        });
+        let storage = LogStorage {
+            mem,
+            shared: shared.clone(),
+            id: opts.id,
+        };
+        let compacted = snap.as_ref().map_or(0, |m| m.index);
         let config = raft::Config {
             id: opts.id,
             election_tick: opts.election_ticks,
@@ -941,10 +1285,14 @@ impl RaftStore {
         });
         let server = transport::serve(
             opts.listen,
-            opts.id,
-            inbox_tx,
-            status.clone(),
-            cmds.clone(),
+            transport::Peer {
+                id: opts.id,
+                inbox: inbox_tx,
+                status: status.clone(),
+                cmds: cmds.clone(),
+                local: local.clone(),
+                shared: shared.clone(),
+            },
             stop_rx.clone(),
         )
         .await?;
@@ -960,16 +1308,14 @@ impl RaftStore {
                 .handles
                 .push(tokio::spawn(transport::link(url.clone(), rx)).abort_handle());
         }
-        let shared = Arc::new(Shared {
-            applied: std::sync::atomic::AtomicU64::new(local_applied.min(hs.commit)),
-            waiters: Arc::default(),
-            failed: std::sync::Mutex::new(None),
-            paused: std::sync::Mutex::new(None),
-        });
         let (to_apply, apply_rx) = mpsc::unbounded_channel();
         let applier = Applier {
             local: local.clone(),
+            dir: dir.to_path_buf(),
             name: opts.name.clone(),
+            compact_every: opts.compact_every,
+            keep_entries: opts.keep_entries,
+            compactable: compacted,
             skip_through: local_applied,
             commits_applied: 0,
             staging: Staging {
@@ -986,6 +1332,7 @@ impl RaftStore {
             opts: opts.clone(),
             links,
             to_apply,
+            compacted,
             shared,
             leader_start: None,
             status: status_tx,

@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokenfab_proto::v1::raft_peer_client::RaftPeerClient;
 use tokenfab_proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 use tokenfab_proto::v1::{
-    RaftAck, RaftMessages, RaftStatus, RaftStatusRequest, TransferLeaderReply, TransferLeaderRequest,
+    FetchSnapshotRequest, RaftAck, RaftMessages, RaftStatus, RaftStatusRequest, SnapshotChunk, TransferLeaderReply,
+    TransferLeaderRequest,
 };
 use tokenfab_store::StoreError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,15 +23,87 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// part each, and a leader sends at most 4 MiB of entries per message).
 const MAX_MESSAGE: usize = 64 << 20;
 
-struct Peer {
-    id: u64,
-    inbox: mpsc::Sender<Message>,
-    status: watch::Receiver<GroupStatus>,
-    cmds: mpsc::Sender<Cmd>,
+/// The peer port's service: what it needs of the replica.
+pub(crate) struct Peer {
+    pub(crate) id: u64,
+    pub(crate) inbox: mpsc::Sender<Message>,
+    pub(crate) status: watch::Receiver<GroupStatus>,
+    pub(crate) cmds: mpsc::Sender<Cmd>,
+    pub(crate) local: tokenfab_store::RedbStore,
+    pub(crate) shared: std::sync::Arc<crate::Shared>,
 }
+
+/// A `Write` that sends what is written as snapshot chunks down a gRPC stream.
+struct ChunkWriter {
+    tx: mpsc::Sender<Result<SnapshotChunk, tonic::Status>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Ok(SnapshotChunk { data: data.into() }))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the follower went away"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// Snapshot chunks are about this large.
+const CHUNK: usize = 1 << 20;
 
 #[tonic::async_trait]
 impl RaftPeer for Peer {
+    type FetchSnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotChunk, tonic::Status>>;
+
+    async fn fetch_snapshot(
+        &self,
+        request: tonic::Request<FetchSnapshotRequest>,
+    ) -> Result<tonic::Response<Self::FetchSnapshotStream>, tonic::Status> {
+        let min = request.into_inner().min_index;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.shared.applied_commit.load(std::sync::atomic::Ordering::Acquire) < min {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(tonic::Status::unavailable(format!(
+                    "this replica has not applied log entry {min} yet; ask again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let local = self.local.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = ChunkWriter {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(CHUNK),
+            };
+            let r = local
+                .backup(&mut w)
+                .map_err(|e| e.to_string())
+                .and_then(|_| std::io::Write::flush(&mut w).map_err(|e| e.to_string()));
+            if let Err(e) = r {
+                let _ = tx.blocking_send(Err(tonic::Status::internal(format!("taking the snapshot: {e}"))));
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn deliver(
         &self,
         request: tonic::Request<tonic::Streaming<RaftMessages>>,
@@ -68,6 +141,8 @@ impl RaftPeer for Peer {
             commit: s.commit,
             applied: s.applied,
             voters: s.voters,
+            snapshots_installed: s.snapshots_installed,
+            first_index: s.first_index,
         }))
     }
 
@@ -93,10 +168,7 @@ impl RaftPeer for Peer {
 /// Serves the peer port on `listen` until `stop`.
 pub(crate) async fn serve(
     listen: SocketAddr,
-    id: u64,
-    inbox: mpsc::Sender<Message>,
-    status: watch::Receiver<GroupStatus>,
-    cmds: mpsc::Sender<Cmd>,
+    peer: Peer,
     mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
     // A store of this process that was just dropped may hold the port a moment longer.
@@ -113,14 +185,9 @@ pub(crate) async fn serve(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let service = RaftPeerServer::new(Peer {
-        id,
-        inbox,
-        status,
-        cmds,
-    })
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
+    let service = RaftPeerServer::new(peer)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     Ok(tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -215,6 +282,8 @@ pub async fn status(url: &str) -> Result<GroupStatus, String> {
         voters: s.voters,
         serving: None,
         failed: None,
+        snapshots_installed: s.snapshots_installed,
+        first_index: s.first_index,
     })
 }
 
@@ -227,4 +296,33 @@ pub async fn transfer(url: &str, to: u64) -> Result<(bool, u64), String> {
         .map_err(|e| format!("{url}: {}", e.message()))?
         .into_inner();
     Ok((r.accepted, r.leader))
+}
+
+/// Fetches the store of the replica at `url` (at least at log entry `min_index`) into
+/// `file`; its size in bytes.
+pub(crate) async fn fetch_snapshot(url: &str, min_index: u64, file: &std::path::Path) -> Result<u64, StoreError> {
+    let fail = |e: String| StoreError::Io(format!("raft: fetching a snapshot from {url}: {e}"));
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| fail(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let mut client = RaftPeerClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    let mut stream = client
+        .fetch_snapshot(FetchSnapshotRequest { min_index })
+        .await
+        .map_err(|e| fail(e.message().to_string()))?
+        .into_inner();
+    let mut out = tokio::fs::File::create(file).await.map_err(|e| fail(e.to_string()))?;
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.message().await.map_err(|e| fail(e.message().to_string()))? {
+        tokio::io::AsyncWriteExt::write_all(&mut out, &chunk.data)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        bytes += chunk.data.len() as u64;
+    }
+    out.sync_all().await.map_err(|e| fail(e.to_string()))?;
+    Ok(bytes)
 }

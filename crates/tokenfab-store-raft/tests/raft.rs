@@ -20,6 +20,8 @@ fn free_port() -> u16 {
 struct Group {
     peers: BTreeMap<u64, String>,
     dirs: tempfile::TempDir,
+    /// (compact_every, keep_entries), when not the defaults.
+    compact: Option<(u64, u64)>,
 }
 
 impl Group {
@@ -29,6 +31,7 @@ impl Group {
                 .map(|id| (id, format!("http://127.0.0.1:{}", free_port())))
                 .collect(),
             dirs: tempfile::tempdir().unwrap(),
+            compact: None,
         }
     }
 
@@ -41,6 +44,9 @@ impl Group {
         o.listen = self.peers[&id].trim_start_matches("http://").parse().unwrap();
         // Small parts, so that the tests' files and commits span several entries.
         o.part_bytes = 512;
+        if let Some((every, keep)) = self.compact {
+            (o.compact_every, o.keep_entries) = (every, keep);
+        }
         o
     }
 
@@ -201,4 +207,66 @@ fn peers_are_parsed_with_errors_that_say_what_to_write() {
     assert!(e.contains("not among the peers"), "{e}");
     let o = RaftOptions::new(1, "r1", p).unwrap();
     assert_eq!(o.listen.port(), 7400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
+    let mut g = Group::new(3);
+    g.compact = Some((5, 2));
+    let mut pending: Vec<_> = (1..=3).map(|id| (id, g.start(id))).collect();
+    let (leader_id, leader) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    let mut core = ControlCore::new(ControlConfig::default());
+    let (first, set) = conformance::submit(&leader, &mut core, "early", 4, t0());
+    leader.apply(set).await.unwrap();
+
+    // One follower stops; the leader and the other commit 30 more batches (their inputs
+    // spread over several entries each), and compact their logs.
+    let (behind, task) = pending.remove(0);
+    task.abort();
+    let _ = task.await;
+    let mut ids = vec![first];
+    for i in 0..30 {
+        let (id, set) = conformance::submit(&leader, &mut core, &format!("t{i}"), 3, t0());
+        leader.apply(set).await.unwrap();
+        ids.push(id);
+    }
+    let s = leader.status();
+    assert!(s.first_index > 10, "the leader's log was not compacted: {s:?}");
+
+    // The follower comes back: the entries it needs are gone, so it installs a snapshot.
+    pending.push((behind, g.start(behind)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let caught = loop {
+        let row = tokenfab_store_raft::members(&g.peers)
+            .await
+            .into_iter()
+            .find(|(id, _, _)| *id == behind);
+        if let Some((_, _, Ok(st))) = &row
+            && st.snapshots_installed >= 1
+            && st.applied >= leader.status().applied
+        {
+            break st.clone();
+        }
+        assert!(Instant::now() < deadline, "replica {behind} did not catch up: {row:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("replica {behind} caught up by snapshot: {caught:?}");
+
+    // Leadership moves to it: it serves everything, and commits on.
+    let want = leader.load().await.unwrap();
+    let led = tokenfab_store_raft::transfer_leader(&g.peers, behind).await.unwrap();
+    assert_eq!(led, leader_id);
+    let i = pending.iter().position(|(id, _)| *id == behind).unwrap();
+    let (_, task) = pending.remove(i);
+    let now = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("it leads")
+        .unwrap();
+    assert_eq!(now.load().await.unwrap(), want);
+    assert_eq!(body(&now, ids[0], 3).await, body(&leader, ids[0], 3).await);
+    let (_, set) = conformance::submit(&now, &mut core, "after", 2, t0());
+    now.apply(set).await.expect("the new leader commits");
+    for (_, t) in pending {
+        t.abort();
+    }
 }

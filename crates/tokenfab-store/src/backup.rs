@@ -24,7 +24,7 @@
 //! are dropped.
 
 use crate::redb_store::{
-    BATCHES, BatchRecord, FILES, LINE_ERRORS, META, NEXT_BATCH, NEXT_FILE, REQUESTS, RESULTS, SCHEMA_VERSION,
+    APPLIED, BATCHES, BatchRecord, FILES, LINE_ERRORS, META, NEXT_BATCH, NEXT_FILE, REQUESTS, RESULTS, SCHEMA_VERSION,
     StoredResult, TENANT_HISTORY, TENANT_IDLE, decode, encode, file_path, input_path, io,
 };
 use crate::{RedbStore, StoreError};
@@ -304,7 +304,9 @@ impl RedbStore {
                 })?;
             }
         }
-        for key in [NEXT_BATCH, NEXT_FILE] {
+        // With the replicated log position (a replica's store), so that a replica that
+        // installs this backup as a snapshot knows which log entries it holds.
+        for key in [NEXT_BATCH, NEXT_FILE, APPLIED] {
             if let Some(next) = txn.open_table(META).map_err(io)?.get(key).map_err(io)? {
                 w.put(&Record::Meta {
                     key: key.into(),

@@ -745,10 +745,34 @@ impl RedbStore {
         })
     }
 
-    /// Closes the database and opens it again (redb refuses every transaction after an
-    /// I/O error until then; opening checks and repairs the file).
-    fn reopen_blocking(&self) -> Result<(), StoreError> {
+    /// Replaces everything this store holds with the store in `from` (a data directory
+    /// written by [`crate::backup::restore`] on the same filesystem), moved into place: a
+    /// replica installing a snapshot of its leader's store. `from` is left empty.
+    pub fn replace_with(&self, from: &Path) -> Result<(), StoreError> {
         let mut slot = self.inner.db.write().map_err(|_| io("store lock poisoned"))?;
+        Self::close(&mut slot)?;
+        let dir = &self.inner.dir;
+        for name in ["tokenfab.redb", "inputs", "files"] {
+            let (old, new) = (dir.join(name), from.join(name));
+            if old.is_dir() {
+                std::fs::remove_dir_all(&old).map_err(io)?;
+            } else if old.exists() {
+                std::fs::remove_file(&old).map_err(io)?;
+            }
+            if new.exists() {
+                std::fs::rename(&new, &old).map_err(io)?;
+            } else if name != "tokenfab.redb" {
+                std::fs::create_dir_all(&old).map_err(io)?;
+            }
+        }
+        sync_dir(dir)?;
+        self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))?.clear();
+        *slot = Some(Arc::new(open_db(dir)?));
+        Ok(())
+    }
+
+    /// Takes the database out of `slot` and closes it, once no reader holds it.
+    fn close(slot: &mut Option<Arc<Database>>) -> Result<(), StoreError> {
         if let Some(mut db) = slot.take() {
             // Readers hold the database only for the length of one call.
             let started = std::time::Instant::now();
@@ -761,7 +785,7 @@ impl RedbStore {
                     Err(still_shared) => {
                         if started.elapsed() > std::time::Duration::from_secs(30) {
                             *slot = Some(still_shared);
-                            return Err(io("cannot reopen the store: it is still in use after 30 s"));
+                            return Err(io("cannot close the store: it is still in use after 30 s"));
                         }
                         db = still_shared;
                         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -769,6 +793,14 @@ impl RedbStore {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Closes the database and opens it again (redb refuses every transaction after an
+    /// I/O error until then; opening checks and repairs the file).
+    fn reopen_blocking(&self) -> Result<(), StoreError> {
+        let mut slot = self.inner.db.write().map_err(|_| io("store lock poisoned"))?;
+        Self::close(&mut slot)?;
         self.inner.open_inputs.lock().map_err(|_| io("lock poisoned"))?.clear();
         *slot = Some(Arc::new(open_db(&self.inner.dir)?));
         drop(slot);
