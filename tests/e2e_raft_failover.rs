@@ -10,8 +10,9 @@
 //!   shown on the etcd backend to catch a planted lost write).
 //! - A paused leader (SIGSTOP until another is elected, then SIGCONT) acknowledges no
 //!   write and exits.
-//! - A follower stopped while the others commit, restarted far behind, catches up from
-//!   the leader's log and then serves everything when it is elected.
+//! - A follower stopped while the others commit, restarted behind the leader's compacted
+//!   log, catches up by installing a snapshot of the leader's store and then serves
+//!   everything when it is elected.
 //! - `admin members` lists the group, and `--transfer-to` moves the leadership.
 //! - A partition made with a network namespace: the leader, cut off from the two others
 //!   while its clients still reach it, acknowledges no write and exits; the majority side
@@ -35,6 +36,8 @@ struct Group {
     dir: tempfile::TempDir,
     grpc: [u16; 3],
     peer: [u16; 3],
+    /// More flags for every replica.
+    extra: Vec<&'static str>,
 }
 
 impl Group {
@@ -43,6 +46,7 @@ impl Group {
             dir: tempfile::tempdir().unwrap(),
             grpc: [listen_port(), listen_port(), listen_port()],
             peer: [listen_port(), listen_port(), listen_port()],
+            extra: Vec::new(),
         }
     }
 
@@ -58,7 +62,7 @@ impl Group {
     }
 
     fn spawn(&self, i: usize) -> Proc {
-        replica(self.dir.path(), i, self.grpc[i], &self.peers())
+        replica(self.dir.path(), i, self.grpc[i], &self.peers(), &self.extra)
     }
 
     /// Which replica serves now (waits up to 30 s for one).
@@ -84,49 +88,57 @@ fn name(i: usize) -> String {
     format!("cp-{i}")
 }
 
-fn replica(dir: &Path, i: usize, port: u16, peers: &str) -> Proc {
-    replica_in(dir, i, &[], &format!("127.0.0.1:{port}"), peers)
+fn replica(dir: &Path, i: usize, port: u16, peers: &str, extra: &[&str]) -> Proc {
+    replica_in(dir, i, &[], &format!("127.0.0.1:{port}"), peers, extra)
 }
 
 /// Replica `i` (Raft id `i + 1`) run through `wrapper` (`ip netns exec NS`, or nothing),
 /// its gRPC port on `listen`, its peer port on its own URL in `peers`.
-fn replica_in(dir: &Path, i: usize, wrapper: &[&str], listen: &str, peers: &str) -> Proc {
+fn replica_in(dir: &Path, i: usize, wrapper: &[&str], listen: &str, peers: &str, extra: &[&str]) -> Proc {
     let data = dir.join(format!("data-{i}"));
     let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    let metrics = format!("{}:{}", listen.rsplit_once(':').unwrap().0, http_port(port));
+    let raft_listen = peers
+        .split(',')
+        .nth(i)
+        .and_then(|p| p.split_once("http://"))
+        .map(|(_, a)| a)
+        .unwrap();
+    let id = (i + 1).to_string();
+    let tenant = format!("acme={TENANT}");
+    let data = data.to_str().unwrap();
+    let name = name(i);
+    let mut args = vec![
+        "server",
+        "--listen",
+        listen,
+        "--data-dir",
+        data,
+        "--store",
+        "raft",
+        "--raft-id",
+        &id,
+        "--raft-peers",
+        peers,
+        "--raft-listen",
+        raft_listen,
+        "--replica-name",
+        &name,
+        "--tenant",
+        &tenant,
+        "--lease-ttl",
+        "2s",
+        "--heartbeat-interval",
+        "250ms",
+        "--metrics-listen",
+        &metrics,
+    ];
+    args.extend_from_slice(extra);
     Proc::spawn_in(
-        &format!("server-{}", name(i)),
+        &format!("server-{name}"),
         dir,
         wrapper,
-        &[
-            "server",
-            "--listen",
-            listen,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--store",
-            "raft",
-            "--raft-id",
-            &(i + 1).to_string(),
-            "--raft-peers",
-            peers,
-            "--raft-listen",
-            peers
-                .split(',')
-                .nth(i)
-                .and_then(|p| p.split_once("http://"))
-                .map(|(_, a)| a)
-                .unwrap(),
-            "--replica-name",
-            &name(i),
-            "--tenant",
-            &format!("acme={TENANT}"),
-            "--lease-ttl",
-            "2s",
-            "--heartbeat-interval",
-            "250ms",
-            "--metrics-listen",
-            &format!("{}:{}", listen.rsplit_once(':').unwrap().0, http_port(port)),
-        ],
+        &args,
         &[("TOKENFAB_AGENT_TOKEN", AGENT)],
     )
 }
@@ -213,8 +225,11 @@ async fn a_paused_leader_accepts_no_write_once_another_is_elected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_restarted_far_behind_catches_up_and_serves_everything() {
-    let g = Group::new();
+async fn a_follower_restarted_far_behind_catches_up_by_snapshot_and_serves_everything() {
+    // The log is compacted every 10 entries: the follower's missing entries are gone by the
+    // time it restarts.
+    let mut g = Group::new();
+    g.extra = vec!["--raft-compact-every", "10"];
     let mut servers: Vec<Proc> = (0..3).map(|i| g.spawn(i)).collect();
     let l = g.leader(&servers).await;
     let behind = (l + 1) % 3;
@@ -232,7 +247,8 @@ async fn a_follower_restarted_far_behind_catches_up_and_serves_everything() {
         .expect("the leader answers")
         .commit;
 
-    // The follower restarts and applies the entries it missed from the leader's log.
+    // The follower restarts; the entries it missed were compacted away, so it installs a
+    // snapshot of the leader's store, then follows the log.
     let restarted = Instant::now();
     servers[behind] = g.spawn(behind);
     let deadline = restarted + Duration::from_secs(30);
@@ -244,6 +260,7 @@ async fn a_follower_restarted_far_behind_catches_up_and_serves_everything() {
         if let Some((_, _, Ok(s))) = row
             && s.applied >= leader_commit
         {
+            assert!(s.snapshots_installed >= 1, "it caught up without a snapshot: {s:?}");
             break restarted.elapsed();
         }
         assert!(
@@ -255,7 +272,7 @@ async fn a_follower_restarted_far_behind_catches_up_and_serves_everything() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     eprintln!(
-        "{} applied the {leader_commit} entries it had missed {caught_up:?} after its restart",
+        "{} caught up by snapshot to the leader's {leader_commit} entries {caught_up:?} after its restart",
         name(behind)
     );
 
@@ -368,7 +385,7 @@ async fn a_leader_cut_off_from_the_majority_commits_nothing_and_its_clients_are_
         } else {
             vec![]
         };
-        replica_in(dir.path(), i, &wrapper, &addrs[i].to_string(), &peers)
+        replica_in(dir.path(), i, &wrapper, &addrs[i].to_string(), &peers, &[])
     };
     let mut servers: Vec<Proc> = (0..3).map(spawn).collect();
     let leader = |servers: &[Proc]| {

@@ -77,6 +77,12 @@ pub struct ServerArgs {
     /// on the port of its own URL in --raft-peers.
     #[arg(long)]
     raft_listen: Option<std::net::SocketAddr>,
+    /// Compact the Raft log after this many applied entries (with --store raft): the log
+    /// on disk and in memory stays bounded; a follower that needs compacted entries
+    /// installs a snapshot of the leader's store instead. 1,000 entries behind the
+    /// compaction point are kept for followers a little behind.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    raft_compact_every: u64,
     /// A tenant and its bearer token, NAME=TOKEN (repeatable). Handy for trials; tokens on
     /// a command line are visible to every user of the machine (`ps`): use
     /// --tenants-file in production.
@@ -493,7 +499,9 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
         StoreKind::Raft => {
             #[cfg(feature = "raft")]
             {
-                let opts = raft_options(a.raft_id, a.raft_peers.as_deref(), a.raft_listen, a.replica_name)?;
+                let mut opts = raft_options(a.raft_id, a.raft_peers.as_deref(), a.raft_listen, a.replica_name)?;
+                opts.compact_every = a.raft_compact_every;
+                opts.keep_entries = opts.keep_entries.min(a.raft_compact_every);
                 let name = opts.name.clone();
                 eprintln!(
                     "replica {name} (Raft id {}): joining the group {} (peer port {})",
@@ -530,7 +538,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             }
             #[cfg(not(feature = "raft"))]
             {
-                let _ = (a.raft_id, a.raft_peers, a.raft_listen);
+                let _ = (a.raft_id, a.raft_peers, a.raft_listen, a.raft_compact_every);
                 bail!(
                     "--store raft: this tokenfab was built without the Raft backend; build it with `cargo build --release --features raft` (which needs protoc: apt-get install protobuf-compiler)"
                 )
