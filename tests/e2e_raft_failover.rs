@@ -310,6 +310,27 @@ async fn members_are_listed_and_leadership_moves_when_asked() {
         assert!(row.contains(want), "{}: {row}\n{out}", name(i));
     }
 
+    // The SLA document's method names the store and what a commit waits for.
+    let sla: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{}/v1/sla", http_port(g.grpc[l])))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let durability = sla["method"]["durability"].as_str().unwrap_or_default();
+    assert!(
+        durability.starts_with("raft:") && durability.contains(&name(l)),
+        "{durability}"
+    );
+    // So do /healthz and the metrics.
+    let health = reqwest::get(format!("http://127.0.0.1:{}/healthz", http_port(g.grpc[l])))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(health.contains("\"backend\":\"raft\""), "{health}");
+
     let to = (l + 1) % 3;
     let asked = Instant::now();
     let out = run_cli(

@@ -306,6 +306,7 @@ pub fn sla(d: &tokenfab_core::sla::ThroughputSla) -> pb::ThroughputSla {
             energy: m.energy.clone(),
             cost: m.cost.clone(),
             commitment: m.commitment.clone(),
+            durability: m.durability.clone(),
         }),
         pools: d
             .pools

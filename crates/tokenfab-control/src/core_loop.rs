@@ -379,7 +379,7 @@ impl<S: Store + Clone> CoreLoop<S> {
         let (core, problems) = rebuild(&store, &config, &mut recorder).await?;
         health.unreadable(problems);
         let first = Views {
-            sla: Arc::new(core.sla_document(now())),
+            sla: Arc::new(with_durability(core.sla_document(now()), &store.describe())),
             tuning: Arc::new(core.tuning_doc()),
             at: std::time::Instant::now(),
         };
@@ -567,13 +567,13 @@ impl<S: Store + Clone> CoreLoop<S> {
         self.metrics.observe_disk(free, low);
         let info = self.store.describe();
         self.metrics.observe_store(&info);
-        self.health.store_info(info);
+        self.health.store_info(info.clone());
         let t = now();
         let wanted = self.board.wanted.swap(false, std::sync::atomic::Ordering::Relaxed);
         let metrics_due = self.sla_observed.elapsed() >= SLA_METRICS_EVERY;
         if wanted || metrics_due {
             let views = Views {
-                sla: Arc::new(self.core.sla_document(t)),
+                sla: Arc::new(with_durability(self.core.sla_document(t), &info)),
                 tuning: Arc::new(self.core.tuning_doc()),
                 at: std::time::Instant::now(),
             };
@@ -1033,4 +1033,13 @@ async fn sleep_until_unix(t: Option<Timestamp>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// The SLA document with its method naming this control plane's store.
+fn with_durability(
+    mut doc: tokenfab_core::sla::ThroughputSla,
+    store: &tokenfab_store::StoreInfo,
+) -> tokenfab_core::sla::ThroughputSla {
+    doc.method.durability = store.durability();
+    doc
 }

@@ -503,6 +503,9 @@ pub struct SlaMethod {
     pub energy: String,
     pub cost: String,
     pub commitment: String,
+    /// When a result counted here became durable, and where (the control plane's store);
+    /// the shell fills it in from its store.
+    pub durability: String,
 }
 
 impl Default for SlaMethod {
@@ -515,6 +518,7 @@ impl Default for SlaMethod {
             energy: "each agent reads its devices' energy counters every 100 ms and shares the energy of an interval among the requests that finished in it, in proportion to their prompt + output tokens; intervals with nothing running are idle energy, charged to no request".into(),
             cost: "device-seconds x price per device-hour / 3600 + joules x PUE x price per kWh / 3.6e6, per request, with the operator's prices".into(),
             commitment: "committed output tokens per second = the performance model's steady-state throughput of every registered replica at its concurrency window, for the window's mean prompt and output lengths, times the admission headroom".into(),
+            durability: "a result counts once it is durable in the control plane's store".into(),
         }
     }
 }

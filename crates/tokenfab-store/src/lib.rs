@@ -243,6 +243,23 @@ pub struct StoreInfo {
     pub log_position: Option<u64>,
 }
 
+impl StoreInfo {
+    /// What a commit waits for before it is acknowledged, in words (the SLA document's
+    /// method names it).
+    pub fn durability(&self) -> String {
+        let replica = self.replica.as_deref().unwrap_or("?");
+        match self.backend {
+            "raft" => format!(
+                "raft: a commit is acknowledged once a majority of the control plane's replicas hold it in their Raft log (fsynced) and the serving replica ({replica}) has applied it to its store; the loss of a minority of replicas loses nothing"
+            ),
+            "etcd" => format!(
+                "etcd: a commit is acknowledged once etcd has committed it (a majority of etcd's members) and the elected replica ({replica}) has applied it to its store; the loss of a replica loses nothing"
+            ),
+            _ => "embedded: a commit is acknowledged once it is fsynced to the control plane's own store (one replica): the loss of its disk loses what the last backup does not hold".into(),
+        }
+    }
+}
+
 /// Idle energy charged to a tenant in one hour: (tenant, hour start, joules, cost in USD).
 pub type IdleRow = (tokenfab_core::TenantId, tokenfab_core::Timestamp, f64, f64);
 
