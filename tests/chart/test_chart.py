@@ -650,14 +650,45 @@ def test_ha_control_plane_shares_etcd_and_agents_follow_the_elected_replica():
     assert "share the etcd at" in notes_of("ha.yaml") and "--features etcd" in notes_of("ha.yaml")
 
 
+def test_ha_control_plane_on_raft_names_every_peer_and_opens_the_peer_port():
+    objects = rendered("ha-raft.yaml")
+    sts, server = control_plane(objects)
+    assert sts["spec"]["replicas"] == 3
+    # The Raft store backend: every replica's peer URL through the headless Service, its id
+    # from its pod's name (the binary derives it: NAME-N is N+1), the same list everywhere.
+    assert flag_values(server, "--store") == ["raft"]
+    assert flag_values(server, "--raft-peers") == [
+        ",".join(f"{i + 1}=http://{FULLNAME}-{i}.{FULLNAME}-peers.{NAMESPACE}.svc.cluster.local:7400" for i in range(3))
+    ]
+    assert flag_values(server, "--raft-listen") == ["0.0.0.0:7400"]
+    assert flag_values(server, "--raft-compact-every") == ["5000"]
+    assert flag_values(server, "--raft-id") == [] and flag_values(server, "--etcd-endpoints") == []
+    assert {"name": "raft", "containerPort": 7400, "protocol": "TCP"} in server["ports"]
+    peers_svc = one(objects, "Service", f"{FULLNAME}-peers")
+    assert [(p["name"], p["port"]) for p in peers_svc["spec"]["ports"]] == [("grpc", 7443), ("raft", 7400)]
+    assert peers_svc["spec"]["publishNotReadyAddresses"] is True
+    # Only the leader is ready; agents are given every replica.
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    agent = one(objects, "DaemonSet", f"{FULLNAME}-agent")["spec"]["template"]["spec"]["containers"][0]
+    assert flag_values(agent, "--control") == [
+        ",".join(f"http://{FULLNAME}-{i}.{FULLNAME}-peers.{NAMESPACE}.svc.cluster.local:7443" for i in range(3))
+    ]
+    notes = notes_of("ha-raft.yaml")
+    assert "one Raft group" in notes and "--features raft" in notes and "admin members --raft-peers" in notes
+
+
 def test_more_than_one_replica_without_ha_is_refused_with_the_reason():
     with pytest.raises(helm.HelmRenderError, match="More replicas need controlPlane.ha.enabled"):
         render_chart(CHART, {"controlPlane": {"replicas": 3}})
     etcd = {"endpoints": ["http://etcd:2379"], "prefix": "", "leaseTtl": "3s"}
     with pytest.raises(helm.HelmRenderError, match="at least 2 replicas"):
-        render_chart(CHART, {"controlPlane": {"replicas": 1, "ha": {"enabled": True, "etcd": etcd}}})
+        render_chart(CHART, {"controlPlane": {"replicas": 1, "ha": {"enabled": True, "store": "etcd", "etcd": etcd}}})
     with pytest.raises(helm.HelmRenderError, match="needs controlPlane.ha.etcd.endpoints"):
-        render_chart(CHART, {"controlPlane": {"replicas": 2, "ha": {"enabled": True}}})
+        render_chart(CHART, {"controlPlane": {"replicas": 2, "ha": {"enabled": True, "store": "etcd"}}})
+    # Raft needs a majority that survives a loss: an odd number, 3 or more.
+    for replicas in (2, 4):
+        with pytest.raises(helm.HelmRenderError, match="needs an odd number of replicas, 3 or more"):
+            render_chart(CHART, {"controlPlane": {"replicas": replicas, "ha": {"enabled": True}}})
 
 
 def test_tls_turns_every_listener_and_client_to_tls():

@@ -176,6 +176,17 @@ comma-separated: agents given them all talk to whichever is elected (only it lis
 {{- join "," $urls -}}
 {{- end -}}
 
+{{/* The Raft group: every replica's peer URL through the headless Service, ID=URL (a pod
+NAME-N is Raft id N+1, as `tokenfab server` derives from its host name). */}}
+{{- define "tokenfab.raftPeers" -}}
+{{- $full := include "tokenfab.fullname" . -}}
+{{- $peers := list -}}
+{{- range $i := until (int .Values.controlPlane.replicas) -}}
+{{- $peers = append $peers (printf "%d=http://%s-%d.%s-peers.%s:%v" (add1 $i) $full $i $full (include "tokenfab.svcDomain" $) $.Values.controlPlane.ha.raft.peerPort) -}}
+{{- end -}}
+{{- join "," $peers -}}
+{{- end -}}
+
 {{/* The replicas' key prefix in etcd. */}}
 {{- define "tokenfab.etcdPrefix" -}}
 {{- default (printf "/tokenfab/%s/%s" .Release.Namespace .Release.Name) .Values.controlPlane.ha.etcd.prefix -}}
@@ -227,13 +238,16 @@ act on. Included by the control plane's StatefulSet, so every render runs them.
 {{- define "tokenfab.validate" -}}
 {{- $cp := .Values.controlPlane -}}
 {{- if and (gt (int $cp.replicas) 1) (not $cp.ha.enabled) -}}
-{{- fail (printf "controlPlane.replicas is %v, but without controlPlane.ha.enabled each replica keeps its state in a store of its own: replicas beyond the first would be independent control planes, each with its own batches. More replicas need controlPlane.ha.enabled=true with controlPlane.ha.etcd.endpoints (the etcd store backend), or keep controlPlane.replicas=1." $cp.replicas) -}}
+{{- fail (printf "controlPlane.replicas is %v, but without controlPlane.ha.enabled each replica keeps its state in a store of its own: replicas beyond the first would be independent control planes, each with its own batches. More replicas need controlPlane.ha.enabled=true (the Raft store backend by default, or etcd with controlPlane.ha.store=etcd), or keep controlPlane.replicas=1." $cp.replicas) -}}
 {{- end -}}
-{{- if and $cp.ha.enabled (lt (int $cp.replicas) 2) -}}
+{{- if and $cp.ha.enabled (eq $cp.ha.store "raft") (or (lt (int $cp.replicas) 3) (eq (mod (int $cp.replicas) 2) 0)) -}}
+{{- fail (printf "controlPlane.ha.store=raft needs an odd number of replicas, 3 or more (a majority must run: 3 survive the loss of 1, 5 of 2), not %v." $cp.replicas) -}}
+{{- end -}}
+{{- if and $cp.ha.enabled (eq $cp.ha.store "etcd") (lt (int $cp.replicas) 2) -}}
 {{- fail (printf "controlPlane.ha.enabled needs at least 2 replicas (one serves, another takes over when it stops; etcd holds the quorum), not %v." $cp.replicas) -}}
 {{- end -}}
-{{- if and $cp.ha.enabled (not $cp.ha.etcd.endpoints) -}}
-{{- fail "controlPlane.ha.enabled needs controlPlane.ha.etcd.endpoints: the client URLs of the etcd cluster the replicas share (e.g. http://etcd-0.etcd:2379)." -}}
+{{- if and $cp.ha.enabled (eq $cp.ha.store "etcd") (not $cp.ha.etcd.endpoints) -}}
+{{- fail "controlPlane.ha.store=etcd needs controlPlane.ha.etcd.endpoints: the client URLs of the etcd cluster the replicas share (e.g. http://etcd-0.etcd:2379)." -}}
 {{- end -}}
 {{- if and $cp.ha.enabled (not $cp.persistence.enabled) -}}
 {{- fail "controlPlane.ha.enabled needs controlPlane.persistence.enabled: each peer keeps its copy of the state on its own volume." -}}
