@@ -240,7 +240,7 @@ async fn a_follower_restarted_far_behind_catches_up_by_snapshot_and_serves_every
         ids.insert(create(g.addr(l), TENANT, chat_batch(&format!("b{n}-"), 50, 8)).await);
     }
     let peers: BTreeMap<u64, String> = tokenfab_store_raft::RaftOptions::parse_peers(&g.peers()).unwrap();
-    let leader_commit = tokenfab_store_raft::members(&peers)
+    let leader_commit = tokenfab_store_raft::members(&peers, None)
         .await
         .into_iter()
         .find_map(|(id, _, s)| s.ok().filter(|_| id == l as u64 + 1))
@@ -253,7 +253,7 @@ async fn a_follower_restarted_far_behind_catches_up_by_snapshot_and_serves_every
     servers[behind] = g.spawn(behind);
     let deadline = restarted + Duration::from_secs(30);
     let caught_up = loop {
-        let row = tokenfab_store_raft::members(&peers)
+        let row = tokenfab_store_raft::members(&peers, None)
             .await
             .into_iter()
             .find(|(id, _, _)| *id == behind as u64 + 1);

@@ -33,12 +33,17 @@
 //! the peer port, restores it beside its own, moves it in, and goes on from the log after
 //! it.
 //!
+//! **Peer TLS.** With `tls`, the peer port speaks mutual TLS: each replica presents its
+//! certificate and accepts only peers whose certificates the same CA signed.
+//!
 //! **Not yet.** Joining and removing members at run time (the group is the one `peers`
-//! names), mutual TLS on the peer port, and ReadIndex reads (the leader serves reads from
+//! names), and ReadIndex reads (the leader serves reads from
 //! its store; it counts itself deposed when a watchdog thread finds the process did not run
 //! for an election timeout).
 
 pub mod transport;
+
+pub use transport::PeerTls;
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, Snapshot, SnapshotMetadata};
@@ -90,6 +95,8 @@ pub struct RaftOptions {
     /// Entries kept behind the compaction point, so that a follower a little behind
     /// catches up from the log rather than by snapshot.
     pub keep_entries: u64,
+    /// Mutual TLS on the peer port (every peer URL is then https://).
+    pub tls: Option<transport::PeerTls>,
 }
 
 impl RaftOptions {
@@ -123,6 +130,7 @@ impl RaftOptions {
             part_bytes: 1 << 20,
             compact_every: 10_000,
             keep_entries: 1_000,
+            tls: None,
         })
     }
 
@@ -151,6 +159,25 @@ impl RaftOptions {
             return Err("no peers given; want ID=URL[,ID=URL...]".into());
         }
         Ok(peers)
+    }
+
+    /// Peer URLs are https:// with TLS and http:// without: a mix would never connect.
+    fn check_urls(&self) -> Result<(), StoreError> {
+        let want = if self.tls.is_some() { "https://" } else { "http://" };
+        match self.peers.iter().find(|(_, u)| !u.starts_with(want)) {
+            None => Ok(()),
+            Some((id, url)) => Err(StoreError::Open {
+                path: "--raft-peers".into(),
+                cause: format!(
+                    "peer {id} is {url}, but {}: give every peer as {want}HOST:PORT",
+                    if self.tls.is_some() {
+                        "the peer port uses mutual TLS (--raft-tls-*)"
+                    } else {
+                        "the peer port is plain gRPC (give --raft-tls-cert, --raft-tls-key and --raft-tls-ca for TLS)"
+                    }
+                ),
+            }),
+        }
     }
 
     fn election_timeout(&self) -> Duration {
@@ -520,6 +547,7 @@ struct Driver {
 struct Applier {
     local: RedbStore,
     dir: PathBuf,
+    tls: Option<transport::PeerTls>,
     name: String,
     compact_every: u64,
     keep_entries: u64,
@@ -869,7 +897,7 @@ impl Applier {
         let incoming = self.dir.join("snapshot-incoming");
         let file = self.dir.join("snapshot-incoming.backup");
         let _ = std::fs::remove_dir_all(&incoming);
-        let bytes = transport::fetch_snapshot(url, index, &file).await?;
+        let bytes = transport::fetch_snapshot(url, self.tls.as_ref(), index, &file).await?;
         let (f2, i2) = (file.clone(), incoming.clone());
         tokio::task::spawn_blocking(move || {
             let reader = std::fs::File::open(&f2).map_err(|e| io("reading the snapshot", e))?;
@@ -1121,10 +1149,15 @@ struct Inner {
 struct Tasks {
     stop: watch::Sender<bool>,
     handles: Vec<tokio::task::AbortHandle>,
+    /// The peer port's handle on the embedded store, let go of at once.
+    store_slot: Arc<std::sync::Mutex<Option<RedbStore>>>,
 }
 
 impl Drop for Tasks {
     fn drop(&mut self) {
+        if let Ok(mut s) = self.store_slot.lock() {
+            *s = None;
+        }
         let _ = self.stop.send(true);
         for h in &self.handles {
             h.abort();
@@ -1171,6 +1204,7 @@ impl RaftStore {
     /// its term. Until then it follows: it applies the leader's commits to its embedded
     /// store and calls `waiting` now and then.
     pub async fn open(opts: RaftOptions, dir: &Path, waiting: Waiting) -> Result<Self, StoreError> {
+        opts.check_urls()?;
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
             path: dir.display().to_string(),
             cause: e.to_string(),
@@ -1275,6 +1309,7 @@ impl RaftStore {
         let mut tasks = Tasks {
             stop,
             handles: Vec::new(),
+            store_slot: Arc::new(std::sync::Mutex::new(Some(local.clone()))),
         };
         let (inbox_tx, inbox) = mpsc::channel(4096);
         let (cmds, cmds_rx) = mpsc::channel(256);
@@ -1290,9 +1325,10 @@ impl RaftStore {
                 inbox: inbox_tx,
                 status: status.clone(),
                 cmds: cmds.clone(),
-                local: local.clone(),
+                local: tasks.store_slot.clone(),
                 shared: shared.clone(),
             },
+            opts.tls.as_ref(),
             stop_rx.clone(),
         )
         .await?;
@@ -1306,12 +1342,13 @@ impl RaftStore {
             links.insert(id, tx);
             tasks
                 .handles
-                .push(tokio::spawn(transport::link(url.clone(), rx)).abort_handle());
+                .push(tokio::spawn(transport::link(url.clone(), opts.tls.clone(), rx)).abort_handle());
         }
         let (to_apply, apply_rx) = mpsc::unbounded_channel();
         let applier = Applier {
             local: local.clone(),
             dir: dir.to_path_buf(),
+            tls: opts.tls.clone(),
             name: opts.name.clone(),
             compact_every: opts.compact_every,
             keep_entries: opts.keep_entries,
@@ -1501,16 +1538,23 @@ impl Store for RaftStore {
 
 /// Asks each of `peers` what it knows (`tokenfab admin members`): one row per peer, `Err`
 /// with the reason for a peer that did not answer.
-pub async fn members(peers: &BTreeMap<u64, String>) -> Vec<(u64, String, Result<GroupStatus, String>)> {
+pub async fn members(
+    peers: &BTreeMap<u64, String>,
+    tls: Option<&transport::PeerTls>,
+) -> Vec<(u64, String, Result<GroupStatus, String>)> {
     let mut out = Vec::new();
     for (&id, url) in peers {
-        out.push((id, url.clone(), transport::status(url).await));
+        out.push((id, url.clone(), transport::status(url, tls).await));
     }
     out
 }
 
 /// Asks the leader among `peers` to hand leadership to `to`; returns the leader's id.
-pub async fn transfer_leader(peers: &BTreeMap<u64, String>, to: u64) -> Result<u64, String> {
+pub async fn transfer_leader(
+    peers: &BTreeMap<u64, String>,
+    to: u64,
+    tls: Option<&transport::PeerTls>,
+) -> Result<u64, String> {
     if !peers.contains_key(&to) {
         return Err(format!(
             "{to} is not a member (members: {:?})",
@@ -1519,7 +1563,7 @@ pub async fn transfer_leader(peers: &BTreeMap<u64, String>, to: u64) -> Result<u
     }
     let mut last = String::from("no member answered");
     for url in peers.values() {
-        match transport::transfer(url, to).await {
+        match transport::transfer(url, to, tls).await {
             Ok((true, leader)) => return Ok(leader),
             Ok((false, _)) => last = "the members answered, but none leads now (an election is under way?)".into(),
             Err(e) => last = e,

@@ -19,6 +19,53 @@ use tokenfab_proto::v1::{
 use tokenfab_store::StoreError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Mutual TLS on the peer port: this replica's certificate and key, and the CA that signs
+/// every replica's certificate. Each side proves itself to the other: a replica refuses a
+/// peer (or an `admin members` call) without a certificate from that CA.
+#[derive(Clone)]
+pub struct PeerTls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls")
+    }
+}
+
+impl PeerTls {
+    /// Reads PEM files; an error names the file.
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Result<Self, String> {
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p).map_err(|e| format!("cannot read the {what} {}: {e}", p.display()))
+        };
+        Ok(PeerTls {
+            cert: read(cert, "peer certificate")?,
+            key: read(key, "peer key")?,
+            ca: read(ca, "peers' CA certificate")?,
+        })
+    }
+
+    /// From PEM text (tests).
+    pub fn from_pem(cert: &str, key: &str, ca: &str) -> Self {
+        PeerTls {
+            cert: cert.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec(),
+            ca: ca.as_bytes().to_vec(),
+        }
+    }
+
+    fn identity(&self) -> tonic::transport::Identity {
+        tonic::transport::Identity::from_pem(&self.cert, &self.key)
+    }
+
+    fn ca(&self) -> tonic::transport::Certificate {
+        tonic::transport::Certificate::from_pem(&self.ca)
+    }
+}
+
 /// The largest message on the peer port (a batch of Raft messages; entries are at most a
 /// part each, and a leader sends at most 4 MiB of entries per message).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -29,7 +76,9 @@ pub(crate) struct Peer {
     pub(crate) inbox: mpsc::Sender<Message>,
     pub(crate) status: watch::Receiver<GroupStatus>,
     pub(crate) cmds: mpsc::Sender<Cmd>,
-    pub(crate) local: tokenfab_store::RedbStore,
+    /// The store snapshots are taken from; emptied when the replica stops (connections
+    /// of peers may outlive it, and must not keep its database open).
+    pub(crate) local: std::sync::Arc<std::sync::Mutex<Option<tokenfab_store::RedbStore>>>,
     pub(crate) shared: std::sync::Arc<crate::Shared>,
 }
 
@@ -87,7 +136,12 @@ impl RaftPeer for Peer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (tx, rx) = mpsc::channel(4);
-        let local = self.local.clone();
+        let local = self
+            .local
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .ok_or_else(|| tonic::Status::unavailable("this replica is stopping"))?;
         tokio::task::spawn_blocking(move || {
             let mut w = ChunkWriter {
                 tx: tx.clone(),
@@ -169,8 +223,22 @@ impl RaftPeer for Peer {
 pub(crate) async fn serve(
     listen: SocketAddr,
     peer: Peer,
+    tls: Option<&PeerTls>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(t) = tls {
+        builder = builder
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(t.identity())
+                    .client_ca_root(t.ca()),
+            )
+            .map_err(|e| StoreError::Open {
+                path: format!("peer port {listen}"),
+                cause: format!("the peer TLS certificate, key or CA is not usable: {e}"),
+            })?;
+    }
     // A store of this process that was just dropped may hold the port a moment longer.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let listener = loop {
@@ -192,23 +260,33 @@ pub(crate) async fn serve(
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let _ = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let _ = builder
             .add_service(service)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
             .await;
     }))
 }
 
-async fn connect(url: &str) -> Result<RaftPeerClient<tonic::transport::Channel>, String> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+/// A channel to the peer port at `url` (over mutual TLS with `tls`).
+async fn channel(url: &str, tls: Option<&PeerTls>, connect: Duration) -> Result<tonic::transport::Channel, String> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url}: {e}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .connect_timeout(connect)
+        .tcp_nodelay(true);
+    if let Some(t) = tls {
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(t.ca())
+                    .identity(t.identity()),
+            )
+            .map_err(|e| format!("{url}: {e}"))?;
+    }
+    endpoint.connect().await.map_err(|e| format!("{url}: {e}"))
+}
+
+async fn connect(url: &str, tls: Option<&PeerTls>) -> Result<RaftPeerClient<tonic::transport::Channel>, String> {
+    let channel = channel(url, tls, Duration::from_millis(500)).await?;
     Ok(RaftPeerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
@@ -216,9 +294,9 @@ async fn connect(url: &str) -> Result<RaftPeerClient<tonic::transport::Channel>,
 
 /// Sends the messages `rx` yields to the replica at `url`, over one stream, opened again
 /// after each failure; messages that queue while the peer is unreachable are dropped.
-pub(crate) async fn link(url: String, mut rx: mpsc::Receiver<Message>) {
+pub(crate) async fn link(url: String, tls: Option<PeerTls>, mut rx: mpsc::Receiver<Message>) {
     loop {
-        let mut client = match connect(&url).await {
+        let mut client = match connect(&url, tls.as_ref()).await {
             Ok(c) => c,
             Err(_) => {
                 // Raft sends again what the peer lacks once it is back.
@@ -258,8 +336,8 @@ pub(crate) async fn link(url: String, mut rx: mpsc::Receiver<Message>) {
 }
 
 /// The peer `Status` of the replica at `url`.
-pub async fn status(url: &str) -> Result<GroupStatus, String> {
-    let mut c = connect(url).await?;
+pub async fn status(url: &str, tls: Option<&PeerTls>) -> Result<GroupStatus, String> {
+    let mut c = connect(url, tls).await?;
     let s = c
         .status(RaftStatusRequest {})
         .await
@@ -288,8 +366,8 @@ pub async fn status(url: &str) -> Result<GroupStatus, String> {
 }
 
 /// Asks the replica at `url` to hand leadership to `to`: (it led, the leader it knows).
-pub async fn transfer(url: &str, to: u64) -> Result<(bool, u64), String> {
-    let mut c = connect(url).await?;
+pub async fn transfer(url: &str, to: u64, tls: Option<&PeerTls>) -> Result<(bool, u64), String> {
+    let mut c = connect(url, tls).await?;
     let r = c
         .transfer_leader(TransferLeaderRequest { to })
         .await
@@ -300,15 +378,14 @@ pub async fn transfer(url: &str, to: u64) -> Result<(bool, u64), String> {
 
 /// Fetches the store of the replica at `url` (at least at log entry `min_index`) into
 /// `file`; its size in bytes.
-pub(crate) async fn fetch_snapshot(url: &str, min_index: u64, file: &std::path::Path) -> Result<u64, StoreError> {
+pub(crate) async fn fetch_snapshot(
+    url: &str,
+    tls: Option<&PeerTls>,
+    min_index: u64,
+    file: &std::path::Path,
+) -> Result<u64, StoreError> {
     let fail = |e: String| StoreError::Io(format!("raft: fetching a snapshot from {url}: {e}"));
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| fail(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let channel = channel(url, tls, Duration::from_secs(2)).await.map_err(fail)?;
     let mut client = RaftPeerClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
     let mut stream = client
         .fetch_snapshot(FetchSnapshotRequest { min_index })

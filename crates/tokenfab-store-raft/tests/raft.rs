@@ -22,6 +22,8 @@ struct Group {
     dirs: tempfile::TempDir,
     /// (compact_every, keep_entries), when not the defaults.
     compact: Option<(u64, u64)>,
+    /// Mutual TLS on the peer ports.
+    tls: Option<tokenfab_store_raft::PeerTls>,
 }
 
 impl Group {
@@ -32,7 +34,18 @@ impl Group {
                 .collect(),
             dirs: tempfile::tempdir().unwrap(),
             compact: None,
+            tls: None,
         }
+    }
+
+    /// The same group over mutual TLS: https:// peer URLs, every replica with a
+    /// certificate from `ca` (for 127.0.0.1).
+    fn with_tls(mut self, tls: tokenfab_store_raft::PeerTls) -> Self {
+        for url in self.peers.values_mut() {
+            *url = url.replace("http://", "https://");
+        }
+        self.tls = Some(tls);
+        self
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -41,7 +54,12 @@ impl Group {
 
     fn options(&self, id: u64) -> RaftOptions {
         let mut o = RaftOptions::new(id, &format!("r{id}"), self.peers.clone()).unwrap();
-        o.listen = self.peers[&id].trim_start_matches("http://").parse().unwrap();
+        o.listen = self.peers[&id]
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .parse()
+            .unwrap();
+        o.tls = self.tls.clone();
         // Small parts, so that the tests' files and commits span several entries.
         o.part_bytes = 512;
         if let Some((every, keep)) = self.compact {
@@ -237,7 +255,7 @@ async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     pending.push((behind, g.start(behind)));
     let deadline = Instant::now() + Duration::from_secs(20);
     let caught = loop {
-        let row = tokenfab_store_raft::members(&g.peers)
+        let row = tokenfab_store_raft::members(&g.peers, None)
             .await
             .into_iter()
             .find(|(id, _, _)| *id == behind);
@@ -254,7 +272,9 @@ async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
 
     // Leadership moves to it: it serves everything, and commits on.
     let want = leader.load().await.unwrap();
-    let led = tokenfab_store_raft::transfer_leader(&g.peers, behind).await.unwrap();
+    let led = tokenfab_store_raft::transfer_leader(&g.peers, behind, None)
+        .await
+        .unwrap();
     assert_eq!(led, leader_id);
     let i = pending.iter().position(|(id, _)| *id == behind).unwrap();
     let (_, task) = pending.remove(i);
@@ -266,6 +286,62 @@ async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     assert_eq!(body(&now, ids[0], 3).await, body(&leader, ids[0], 3).await);
     let (_, set) = conformance::submit(&now, &mut core, "after", 2, t0());
     now.apply(set).await.expect("the new leader commits");
+    for (_, t) in pending {
+        t.abort();
+    }
+}
+
+/// A CA and a certificate it signs for 127.0.0.1, as PeerTls (the same certificate serves
+/// every replica of a test group).
+fn peer_tls(cn: &str) -> tokenfab_store_raft::PeerTls {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().unwrap())];
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    tokenfab_store_raft::PeerTls::from_pem(&cert.pem(), &key.serialize_pem(), &ca.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mutual_tls_the_group_replicates_and_refuses_peers_without_a_certificate_of_its_ca() {
+    let tls = peer_tls("tokenfab peers");
+    let g = Group::new(3).with_tls(tls.clone());
+    let mut pending: Vec<_> = (1..=3).map(|id| (id, g.start(id))).collect();
+    let (_, leader) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    let mut core = ControlCore::new(ControlConfig::default());
+    let (id, set) = conformance::submit(&leader, &mut core, "acme", 20, t0());
+    leader.apply(set).await.expect("committed over TLS");
+    let want = leader.load().await.unwrap();
+
+    // With the group's certificate every member answers; without one, or with one from
+    // another CA, none does.
+    let rows = tokenfab_store_raft::members(&g.peers, Some(&tls)).await;
+    assert!(rows.iter().all(|(_, _, s)| s.is_ok()), "{rows:?}");
+    for other in [None, Some(peer_tls("another CA"))] {
+        let rows = tokenfab_store_raft::members(&g.peers, other.as_ref()).await;
+        assert!(rows.iter().all(|(_, _, s)| s.is_err()), "{rows:?}");
+    }
+    // Plain http:// URLs with TLS (or the reverse) are refused before anything starts.
+    let mut mixed = g.options(1);
+    mixed.peers.insert(2, "http://127.0.0.1:1".into());
+    let e = RaftStore::open(mixed, &g.dir(9), Box::new(|_, _| {}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("give every peer as https://"), "{e}");
+
+    let want_body = body(&leader, id, 19).await;
+    drop(leader);
+    let (_, next) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    assert_eq!(next.load().await.unwrap(), want);
+    assert_eq!(body(&next, id, 19).await, want_body);
     for (_, t) in pending {
         t.abort();
     }

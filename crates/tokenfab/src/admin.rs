@@ -100,6 +100,16 @@ pub enum AdminCommand {
         /// Hand leadership to this member (Raft).
         #[arg(long, requires = "raft_peers")]
         transfer_to: Option<u64>,
+        /// A certificate the peers' CA signed (PEM), when the peer port uses mutual TLS (the
+        /// servers' --raft-tls-*), with --raft-tls-key and --raft-tls-ca.
+        #[arg(long, requires_all = ["raft_tls_key", "raft_tls_ca"])]
+        raft_tls_cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_ca"])]
+        raft_tls_key: Option<PathBuf>,
+        /// The peers' CA certificate (PEM).
+        #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_key"])]
+        raft_tls_ca: Option<PathBuf>,
     },
 }
 
@@ -111,8 +121,11 @@ pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
             step_down,
             raft_peers,
             transfer_to,
+            raft_tls_cert,
+            raft_tls_key,
+            raft_tls_ca,
         } => match raft_peers {
-            Some(peers) => raft_members(&peers, transfer_to).await?,
+            Some(peers) => raft_members(&peers, transfer_to, [raft_tls_cert, raft_tls_key, raft_tls_ca]).await?,
             None if etcd_endpoints.is_empty() => bail!(
                 "admin members: give --etcd-endpoints URL[,URL...] (replicas on etcd) or --raft-peers ID=URL[,ID=URL...] (a Raft group)"
             ),
@@ -320,11 +333,13 @@ async fn members(endpoints: Vec<String>, prefix: &str, step_down: bool) -> anyho
 }
 
 #[cfg(feature = "raft")]
-async fn raft_members(peers: &str, transfer_to: Option<u64>) -> anyhow::Result<()> {
+async fn raft_members(peers: &str, transfer_to: Option<u64>, tls: [Option<PathBuf>; 3]) -> anyhow::Result<()> {
     let peers =
         tokenfab_store_raft::RaftOptions::parse_peers(peers).map_err(|e| anyhow::anyhow!("--raft-peers: {e}"))?;
+    let [cert, key, ca] = tls;
+    let tls = crate::serve::raft_tls(cert, key, ca)?;
     if let Some(to) = transfer_to {
-        let leader = tokenfab_store_raft::transfer_leader(&peers, to)
+        let leader = tokenfab_store_raft::transfer_leader(&peers, to, tls.as_ref())
             .await
             .map_err(|e| anyhow::anyhow!("cannot transfer leadership to {to}: {e}"))?;
         println!(
@@ -335,7 +350,7 @@ async fn raft_members(peers: &str, transfer_to: Option<u64>) -> anyhow::Result<(
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::NOTHING);
     table.set_header(["ID", "NAME", "ROLE", "TERM", "COMMITTED", "APPLIED", "PEER URL"]);
-    for (id, url, status) in tokenfab_store_raft::members(&peers).await {
+    for (id, url, status) in tokenfab_store_raft::members(&peers, tls.as_ref()).await {
         match status {
             Ok(s) => table.add_row([
                 id.to_string(),
@@ -366,7 +381,7 @@ async fn raft_members(peers: &str, transfer_to: Option<u64>) -> anyhow::Result<(
 }
 
 #[cfg(not(feature = "raft"))]
-async fn raft_members(_peers: &str, _transfer_to: Option<u64>) -> anyhow::Result<()> {
+async fn raft_members(_peers: &str, _transfer_to: Option<u64>, _tls: [Option<PathBuf>; 3]) -> anyhow::Result<()> {
     bail!(
         "admin members --raft-peers: this tokenfab was built without the Raft backend; build it with `cargo build --release --features raft` (which needs protoc: apt-get install protobuf-compiler)"
     )
