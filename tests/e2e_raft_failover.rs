@@ -293,6 +293,106 @@ async fn a_follower_restarted_far_behind_catches_up_by_snapshot_and_serves_every
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_replica_joins_and_a_follower_leaves_with_admin_members() {
+    let g = Group::new();
+    let mut servers: Vec<Proc> = (0..3).map(|i| g.spawn(i)).collect();
+    let l = g.leader(&servers).await;
+    let x = create(g.addr(l), TENANT, chat_batch("x", 3, 8)).await;
+    // Replica 4 starts with every member and itself, then the group adds it.
+    let (grpc4, peer4) = (listen_port(), listen_port());
+    let url4 = format!("http://127.0.0.1:{peer4}");
+    let all = format!("{},4={url4}", g.peers());
+    let mut fourth = replica(g.dir.path(), 3, grpc4, &all, &[]);
+    let out = run_cli(
+        &[
+            "admin",
+            "members",
+            "--raft-peers",
+            &g.peers(),
+            "--add",
+            &format!("4={url4}"),
+        ],
+        &[],
+    );
+    assert!(
+        out.contains(&format!("replica {} (the leader) added 4", l + 1)),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = run_cli(&["admin", "members", "--raft-peers", &all], &[]);
+        let row = out
+            .lines()
+            .find(|r| r.split_whitespace().next() == Some("4"))
+            .unwrap_or_default();
+        if row.contains("follower") && !row.contains(" 0 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "4 does not follow:\n{out}\n{}", fourth.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Adding a member twice, or a malformed one, is refused with the reason.
+    let twice = std::process::Command::new(bin())
+        .args(["admin", "members", "--raft-peers", &all, "--add", &format!("4={url4}")])
+        .output()
+        .unwrap();
+    assert!(!twice.status.success());
+    assert!(
+        String::from_utf8_lossy(&twice.stderr).contains("already a member"),
+        "{twice:?}"
+    );
+
+    // A follower of the first three leaves: it stops by itself; the group of three (the
+    // leader, the other, 4) goes on, and without the old leader elects 4 or the other.
+    let gone = (0..3).find(|&i| i != l).unwrap();
+    let out = run_cli(
+        &[
+            "admin",
+            "members",
+            "--raft-peers",
+            &all,
+            "--remove",
+            &(gone + 1).to_string(),
+        ],
+        &[],
+    );
+    assert!(out.contains(&format!("removed {}", gone + 1)), "{out}");
+    exits(
+        &mut servers[gone],
+        Duration::from_secs(15),
+        "the removed replica still runs",
+    )
+    .await;
+    assert!(
+        servers[gone].log().contains("was removed from the group"),
+        "{}",
+        servers[gone].log()
+    );
+    servers[l].kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addrs: Vec<SocketAddr> = (0..3)
+        .filter(|&i| i != l && i != gone)
+        .map(|i| g.addr(i))
+        .chain([format!("127.0.0.1:{grpc4}").parse().unwrap()])
+        .collect();
+    let serving = 'found: loop {
+        for a in &addrs {
+            if serves(*a).await {
+                break 'found *a;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader among the three left:\n{}",
+            fourth.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(listed(serving).await, BTreeSet::from([x]));
+    fourth.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_listed_and_leadership_moves_when_asked() {
     let g = Group::new();
     let mut servers: Vec<Proc> = (0..3).map(|i| g.spawn(i)).collect();

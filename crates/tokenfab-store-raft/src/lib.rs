@@ -36,8 +36,16 @@
 //! **Peer TLS.** With `tls`, the peer port speaks mutual TLS: each replica presents its
 //! certificate and accepts only peers whose certificates the same CA signed.
 //!
-//! **Not yet.** Joining and removing members at run time (the group is the one `peers`
-//! names), and ReadIndex reads (the leader serves reads from
+//! **Members.** `peers` is the group a new data directory starts with. A member is added
+//! or removed at run time by the leader ([`change_members`]; one change at a time, Raft's
+//! single-server changes): the change and the new member's URL are a log entry, applied by
+//! every member to Raft's configuration, its links and `raft.redb`, which from then on
+//! holds the members (they win over `peers` at a restart). A member to be added starts
+//! first with `peers` naming every member and itself. A removed member stops: when it
+//! applies its removal, or when, without a leader, another member lists the members
+//! without it.
+//!
+//! **Not yet.** Joint-consensus changes (several members at once), and ReadIndex reads (the leader serves reads from
 //! its store; it counts itself deposed when a watchdog thread finds the process did not run
 //! for an election timeout).
 
@@ -310,6 +318,8 @@ const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 /// The metadata of the last compaction point or installed snapshot (index, term, members).
 const SNAPSHOT: &str = "snapshot";
+/// Every member's peer URL, once the membership changed (postcard: `Vec<(u64, String)>`).
+const PEERS: &str = "peers";
 
 /// What `raft.redb` holds: the hard state, the members, the log's start and its entries.
 type Persisted = (HardState, Option<ConfState>, Option<SnapshotMetadata>, Vec<Entry>);
@@ -356,6 +366,35 @@ impl LogDb {
             entries.push(Entry::parse_from_bytes(v.value()).map_err(corrupt)?);
         }
         Ok((hs, cs, snap, entries))
+    }
+
+    /// Records a new membership: Raft's configuration and the members' URLs.
+    fn set_members(&self, cs: &ConfState, peers: &BTreeMap<u64, String>) -> Result<(), StoreError> {
+        let err = |e: &dyn std::fmt::Display| io("recording the members", e);
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut state = txn.open_table(STATE).map_err(|e| err(&e))?;
+            let bytes = cs.write_to_bytes().map_err(|e| err(&e))?;
+            state.insert(CONF_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+            let list: Vec<(u64, String)> = peers.iter().map(|(k, v)| (*k, v.clone())).collect();
+            let bytes = postcard::to_allocvec(&list).map_err(|e| err(&e))?;
+            state.insert(PEERS, bytes.as_slice()).map_err(|e| err(&e))?;
+        }
+        txn.commit().map_err(|e| err(&e))
+    }
+
+    /// The members' URLs recorded by the last membership change, if any.
+    fn peers(&self) -> Result<Option<BTreeMap<u64, String>>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| io("reading the log", e))?;
+        let state = txn.open_table(STATE).map_err(|e| io("reading the log", e))?;
+        match state.get(PEERS).map_err(|e| io("reading the log", e))? {
+            None => Ok(None),
+            Some(v) => {
+                let list: Vec<(u64, String)> = postcard::from_bytes(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("raft.redb: the members: {e}")))?;
+                Ok(Some(list.into_iter().collect()))
+            }
+        }
     }
 
     /// Removes the entries up to `meta.index` and records `meta` as the log's start (after
@@ -436,6 +475,12 @@ enum Cmd {
     Transfer {
         to: u64,
         reply: oneshot::Sender<(bool, u64)>,
+    },
+    /// Add (`Ok((id, url))`) or remove (`Err(id)`) a member; answered `None` when this
+    /// replica does not lead, else once the change is applied (or failed).
+    ChangeMembers {
+        change: Result<(u64, String), u64>,
+        reply: oneshot::Sender<Option<oneshot::Receiver<Result<(), StoreError>>>>,
     },
 }
 
@@ -531,7 +576,9 @@ struct Driver {
     log: Arc<LogDb>,
     opts: RaftOptions,
     /// Messages to each peer, sent by its link task.
-    links: BTreeMap<u64, mpsc::Sender<Message>>,
+    links: BTreeMap<u64, (mpsc::Sender<Message>, tokio::task::AbortHandle)>,
+    /// Every member's peer URL (changes with the membership; kept in raft.redb).
+    peers: BTreeMap<u64, String>,
     /// Committed entries, in order, to the applier.
     to_apply: mpsc::UnboundedSender<ApplyMsg>,
     /// The index the log was last compacted to.
@@ -558,6 +605,14 @@ struct Applier {
     commits_applied: u64,
     staging: Staging,
     shared: Arc<Shared>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        for (_, h) in self.links.values() {
+            h.abort();
+        }
+    }
 }
 
 impl Driver {
@@ -666,6 +721,40 @@ impl Driver {
                     w.insert(index, (self.node.raft.term, reply));
                 }
             }
+            Cmd::ChangeMembers { change, reply } => {
+                if self.serving_term().is_none() {
+                    let _ = reply.send(None);
+                    return;
+                }
+                let mut cc = raft::prelude::ConfChange::default();
+                let context = match &change {
+                    Ok((id, url)) => {
+                        cc.node_id = *id;
+                        cc.set_change_type(raft::prelude::ConfChangeType::AddNode);
+                        // The new member's URL travels in the change itself.
+                        cc.context = url.clone().into_bytes().into();
+                        Vec::new()
+                    }
+                    Err(id) => {
+                        cc.node_id = *id;
+                        cc.set_change_type(raft::prelude::ConfChangeType::RemoveNode);
+                        Vec::new()
+                    }
+                };
+                let (done, answer) = oneshot::channel();
+                match self.node.propose_conf_change(context, cc) {
+                    Ok(()) => {
+                        let index = self.node.raft.raft_log.last_index();
+                        if let Ok(mut w) = self.shared.waiters.lock() {
+                            w.insert(index, (self.node.raft.term, done));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(io("changing the members", e)));
+                    }
+                }
+                let _ = reply.send(Some(answer));
+            }
             Cmd::Transfer { to, reply } => {
                 if self.is_leader() {
                     self.node.transfer_leader(to);
@@ -701,7 +790,7 @@ impl Driver {
     fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to;
-            match self.links.get(&to) {
+            match self.links.get(&to).map(|(l, _)| l) {
                 Some(link) => {
                     if link.try_send(m).is_err() {
                         self.node.report_unreachable(to);
@@ -721,7 +810,7 @@ impl Driver {
         if *ready.snapshot() != Snapshot::default() {
             self.install(ready.snapshot().clone()).await?;
         }
-        self.apply(ready.take_committed_entries())?;
+        self.apply(ready.take_committed_entries()).await?;
         let entries = ready.entries().clone();
         let hs = ready.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
@@ -750,18 +839,68 @@ impl Driver {
                 .set_commit(commit);
         }
         self.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
+        self.apply(light.take_committed_entries()).await?;
         self.node.advance_apply();
         Ok(())
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+    async fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
+        }
+        for e in entries
+            .iter()
+            .filter(|e| e.get_entry_type() == EntryType::EntryConfChange)
+        {
+            self.apply_conf_change(e).await?;
         }
         self.to_apply
             .send(ApplyMsg::Entries(entries))
             .map_err(|_| io("applying", "the applier has stopped"))
+    }
+
+    /// A committed membership change: Raft's configuration, the peers' URLs (kept in
+    /// raft.redb), and the links to them follow it.
+    async fn apply_conf_change(&mut self, e: &Entry) -> Result<(), StoreError> {
+        let cc = raft::prelude::ConfChange::parse_from_bytes(&e.data)
+            .map_err(|err| StoreError::Corrupt(format!("raft log entry {}: {err}", e.index)))?;
+        let cs = self
+            .node
+            .apply_conf_change(&cc)
+            .map_err(|err| io("changing the members", err))?;
+        let id = cc.node_id;
+        match cc.get_change_type() {
+            raft::prelude::ConfChangeType::RemoveNode => {
+                self.peers.remove(&id);
+                if let Some((_, h)) = self.links.remove(&id) {
+                    h.abort();
+                }
+            }
+            _ => {
+                let url = String::from_utf8_lossy(&cc.context).to_string();
+                if id != self.opts.id && !url.is_empty() {
+                    self.peers.insert(id, url.clone());
+                    if !self.links.contains_key(&id) {
+                        let (tx, rx) = mpsc::channel(1024);
+                        let h = tokio::spawn(transport::link(url, self.opts.tls.clone(), rx)).abort_handle();
+                        self.links.insert(id, (tx, h));
+                    }
+                }
+            }
+        }
+        let log = self.log.clone();
+        let (cs2, peers) = (cs.clone(), self.peers.clone());
+        tokio::task::spawn_blocking(move || log.set_members(&cs2, &peers))
+            .await
+            .map_err(|err| io("changing the members", err))??;
+        self.node.raft.raft_log.store.mem.wl().set_conf_state(cs);
+        if cc.get_change_type() == raft::prelude::ConfChangeType::RemoveNode && id == self.opts.id {
+            return Err(StoreError::Io(format!(
+                "replica {} was removed from the group; it stops (start it again only with a new, empty data directory after adding it back)",
+                self.opts.name
+            )));
+        }
+        Ok(())
     }
 
     /// A snapshot from the leader: the applier replaces the embedded store with the
@@ -772,7 +911,6 @@ impl Driver {
         let meta = snap.get_metadata().clone();
         let from = <[u8; 8]>::try_from(&snap.data[..]).map(u64::from_le_bytes).unwrap_or(0);
         let url = self
-            .opts
             .peers
             .get(&from)
             .cloned()
@@ -949,9 +1087,12 @@ impl Applier {
                 match e.get_entry_type() {
                     EntryType::EntryNormal if !e.data.is_empty() => self.apply_data(index, &e.data).await?,
                     EntryType::EntryNormal => {}
-                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    // Membership changes are the driver's (it applied them before handing
+                    // the entries over).
+                    EntryType::EntryConfChange => {}
+                    EntryType::EntryConfChangeV2 => {
                         return Err(StoreError::Corrupt(format!(
-                            "raft log entry {index} changes the membership; this build does not change members at run time"
+                            "raft log entry {index} is a joint membership change, which this build does not make"
                         )));
                     }
                 }
@@ -1069,7 +1210,8 @@ impl Driver {
             }
         }
         let raft = &self.node.raft;
-        let voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+        let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
         let next = GroupStatus {
             id: self.opts.id,
             name: self.opts.name.clone(),
@@ -1227,6 +1369,23 @@ impl RaftStore {
                 .await
                 .map_err(|e| io("reading the log", e))??
         };
+        // After a membership change, raft.redb holds the members: they win over --raft-peers.
+        let recorded = {
+            let l = log.clone();
+            tokio::task::spawn_blocking(move || l.peers())
+                .await
+                .map_err(|e| io("reading the log", e))??
+        };
+        let changed = recorded.is_some();
+        let peers = match recorded {
+            Some(mut p) => {
+                if let Some(own) = opts.peers.get(&opts.id) {
+                    p.entry(opts.id).or_insert_with(|| own.clone());
+                }
+                p
+            }
+            None => opts.peers.clone(),
+        };
         let peer_ids: Vec<u64> = opts.peers.keys().copied().collect();
         let cs = match cs {
             Some(cs) => cs,
@@ -1240,12 +1399,13 @@ impl RaftStore {
                 cs
             }
         };
-        if cs.voters != peer_ids {
+        let mut voters = cs.voters.clone();
+        voters.sort_unstable();
+        if voters != peer_ids && !changed {
             return Err(StoreError::Open {
                 path: dir.join("raft.redb").display().to_string(),
                 cause: format!(
-                    "this data directory belongs to a group of members {:?}, but --raft-peers names {:?}; give the same members (membership does not change at run time yet)",
-                    cs.voters, peer_ids
+                    "this data directory belongs to a group of members {voters:?}, but --raft-peers names {peer_ids:?}; give the same members (change them with `tokenfab admin members --add/--remove`)"
                 ),
             });
         }
@@ -1334,15 +1494,13 @@ impl RaftStore {
         .await?;
         tasks.handles.push(server.abort_handle());
         let mut links = BTreeMap::new();
-        for (&id, url) in &opts.peers {
+        for (&id, url) in &peers {
             if id == opts.id {
                 continue;
             }
             let (tx, rx) = mpsc::channel(1024);
-            links.insert(id, tx);
-            tasks
-                .handles
-                .push(tokio::spawn(transport::link(url.clone(), opts.tls.clone(), rx)).abort_handle());
+            let handle = tokio::spawn(transport::link(url.clone(), opts.tls.clone(), rx)).abort_handle();
+            links.insert(id, (tx, handle));
         }
         let (to_apply, apply_rx) = mpsc::unbounded_channel();
         let applier = Applier {
@@ -1368,6 +1526,7 @@ impl RaftStore {
             log,
             opts: opts.clone(),
             links,
+            peers: peers.clone(),
             to_apply,
             compacted,
             shared,
@@ -1381,7 +1540,25 @@ impl RaftStore {
         // Follow until this replica leads and serves.
         let mut rx = status.clone();
         let mut last_told: Option<(tokio::time::Instant, u64)> = None;
+        let mut leaderless_since: Option<tokio::time::Instant> = None;
         let term = loop {
+            // Without a leader for a while: was this replica removed from the group? A
+            // removed member is not sent the change that removed it; the others say so.
+            let leader = rx.borrow().leader;
+            match (leader, leaderless_since) {
+                (0, None) => leaderless_since = Some(tokio::time::Instant::now()),
+                (0, Some(t)) if t.elapsed() > opts.election_timeout() * 4 => {
+                    leaderless_since = Some(tokio::time::Instant::now());
+                    if let Some(by) = removed_by(&peers, opts.id, opts.tls.as_ref()).await {
+                        return Err(StoreError::Io(format!(
+                            "replica {} was removed from the group (replica {by} lists the members without it); it stops (start it again only with a new, empty data directory after adding it back)",
+                            opts.name
+                        )));
+                    }
+                }
+                (0, Some(_)) => {}
+                _ => leaderless_since = None,
+            }
             {
                 let s = rx.borrow_and_update();
                 if let Some(why) = &s.failed {
@@ -1395,11 +1572,7 @@ impl RaftStore {
                     let name = if s.leader == 0 {
                         String::new()
                     } else {
-                        format!(
-                            "{} ({})",
-                            s.leader,
-                            opts.peers.get(&s.leader).map_or("", String::as_str)
-                        )
+                        format!("{} ({})", s.leader, peers.get(&s.leader).map_or("", String::as_str))
                     };
                     waiting(s.leader, &name);
                     last_told = Some((tokio::time::Instant::now(), s.leader));
@@ -1547,6 +1720,40 @@ pub async fn members(
         out.push((id, url.clone(), transport::status(url, tls).await));
     }
     out
+}
+
+/// The id of a member that leads or follows a leader and whose members do not include
+/// `me`, if one answers: `me` was removed.
+async fn removed_by(peers: &BTreeMap<u64, String>, me: u64, tls: Option<&transport::PeerTls>) -> Option<u64> {
+    for (&id, url) in peers.iter().filter(|(id, _)| **id != me) {
+        if let Ok(s) = transport::status(url, tls).await
+            && s.leader != 0
+            && !s.voters.is_empty()
+            && !s.voters.contains(&me)
+        {
+            return Some(id);
+        }
+    }
+    None
+}
+
+/// Asks the leader among `peers` to add member `id` at `url` (`Ok`) or remove member `id`
+/// (`Err`); returns the leader's id once the change is committed and applied there.
+pub async fn change_members(
+    peers: &BTreeMap<u64, String>,
+    change: Result<(u64, String), u64>,
+    tls: Option<&transport::PeerTls>,
+) -> Result<u64, String> {
+    let mut last = String::from("no member answered");
+    for url in peers.values() {
+        match transport::change_members(url, &change, tls).await {
+            Ok((true, leader, e)) if e.is_empty() => return Ok(leader),
+            Ok((true, _, e)) => return Err(e),
+            Ok((false, _, _)) => last = "the members answered, but none leads now (an election is under way?)".into(),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Asks the leader among `peers` to hand leadership to `to`; returns the leader's id.

@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokenfab_proto::v1::raft_peer_client::RaftPeerClient;
 use tokenfab_proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 use tokenfab_proto::v1::{
-    FetchSnapshotRequest, RaftAck, RaftMessages, RaftStatus, RaftStatusRequest, SnapshotChunk, TransferLeaderReply,
-    TransferLeaderRequest,
+    ChangeMembersReply, ChangeMembersRequest, FetchSnapshotRequest, RaftAck, RaftMessages, RaftStatus,
+    RaftStatusRequest, SnapshotChunk, TransferLeaderReply, TransferLeaderRequest,
 };
 use tokenfab_store::StoreError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -197,6 +197,57 @@ impl RaftPeer for Peer {
             voters: s.voters,
             snapshots_installed: s.snapshots_installed,
             first_index: s.first_index,
+        }))
+    }
+
+    async fn change_members(
+        &self,
+        request: tonic::Request<ChangeMembersRequest>,
+    ) -> Result<tonic::Response<ChangeMembersReply>, tonic::Status> {
+        let r = request.into_inner();
+        let change = match (r.add_id, r.remove_id) {
+            (0, 0) | (1.., 1..) => {
+                return Err(tonic::Status::invalid_argument(
+                    "give either add_id with add_url, or remove_id",
+                ));
+            }
+            (add, 0) => {
+                if !(r.add_url.starts_with("http://") || r.add_url.starts_with("https://")) {
+                    return Err(tonic::Status::invalid_argument(format!(
+                        "add_url {:?}: want http(s)://HOST:PORT",
+                        r.add_url
+                    )));
+                }
+                Ok((add, r.add_url))
+            }
+            (0, remove) => Err(remove),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.cmds
+            .send(Cmd::ChangeMembers { change, reply })
+            .await
+            .map_err(|_| tonic::Status::unavailable("this replica is stopping"))?;
+        let waiting = answer
+            .await
+            .map_err(|_| tonic::Status::unavailable("this replica is stopping"))?;
+        let leader = self.status.borrow().leader;
+        let Some(done) = waiting else {
+            return Ok(tonic::Response::new(ChangeMembersReply {
+                accepted: false,
+                leader,
+                error: String::new(),
+            }));
+        };
+        let error = match tokio::time::timeout(Duration::from_secs(10), done).await {
+            Ok(Ok(Ok(()))) => String::new(),
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(_)) => "the replica stopped before the change was applied".into(),
+            Err(_) => "the change was not committed within 10 s (is a majority of the members up?)".into(),
+        };
+        Ok(tonic::Response::new(ChangeMembersReply {
+            accepted: true,
+            leader: self.id,
+            error,
         }))
     }
 
@@ -402,4 +453,32 @@ pub(crate) async fn fetch_snapshot(
     }
     out.sync_all().await.map_err(|e| fail(e.to_string()))?;
     Ok(bytes)
+}
+
+/// Asks the replica at `url` to change the members: (it led, the leader it knows, why the
+/// change failed or empty).
+pub async fn change_members(
+    url: &str,
+    change: &Result<(u64, String), u64>,
+    tls: Option<&PeerTls>,
+) -> Result<(bool, u64, String), String> {
+    let mut c = connect(url, tls).await?;
+    let request = match change {
+        Ok((id, u)) => ChangeMembersRequest {
+            add_id: *id,
+            add_url: u.clone(),
+            remove_id: 0,
+        },
+        Err(id) => ChangeMembersRequest {
+            add_id: 0,
+            add_url: String::new(),
+            remove_id: *id,
+        },
+    };
+    let r = c
+        .change_members(request)
+        .await
+        .map_err(|e| format!("{url}: {}", e.message()))?
+        .into_inner();
+    Ok((r.accepted, r.leader, r.error))
 }

@@ -346,3 +346,84 @@ async fn over_mutual_tls_the_group_replicates_and_refuses_peers_without_a_certif
         t.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_is_added_and_another_removed_at_run_time_and_the_new_group_elects_a_leader() {
+    let mut g = Group::new(4);
+    // Replicas 1 to 3 are the group; 4 joins later (it starts with the whole list, itself
+    // included, and follows once the group adds it).
+    let three: BTreeMap<u64, String> = g
+        .peers
+        .iter()
+        .filter(|(id, _)| **id <= 3)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let all = g.peers.clone();
+    g.peers = three.clone();
+    let mut pending: Vec<_> = (1..=3).map(|id| (id, g.start(id))).collect();
+    let (leader_id, leader) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    let mut core = ControlCore::new(ControlConfig::default());
+    let (id, set) = conformance::submit(&leader, &mut core, "before", 5, t0());
+    leader.apply(set).await.unwrap();
+
+    g.peers = all.clone();
+    pending.push((4, g.start(4)));
+    let led = tokenfab_store_raft::change_members(&three, Ok((4, all[&4].clone())), None)
+        .await
+        .expect("4 added");
+    assert_eq!(led, leader_id);
+    voters_become(&leader, &[1, 2, 3, 4]).await;
+    let (_, set) = conformance::submit(&leader, &mut core, "after-add", 3, t0());
+    leader.apply(set).await.expect("committed by 3 of 4");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = tokenfab_store_raft::members(&all, None).await;
+        let four = rows
+            .iter()
+            .find(|(i, _, _)| *i == 4)
+            .and_then(|(_, _, s)| s.as_ref().ok());
+        if four.is_some_and(|s| s.applied >= leader.status().applied && s.voters == vec![1, 2, 3, 4]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "4 did not catch up: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A follower of the first three is removed: it stops; the group is {leader, other, 4}.
+    let gone = (1..=3).find(|i| *i != leader_id).unwrap();
+    tokenfab_store_raft::change_members(&all, Err(gone), None)
+        .await
+        .expect("removed");
+    let left: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|i| *i != gone).collect();
+    voters_become(&leader, &left).await;
+    let i = pending.iter().position(|(id, _)| *id == gone).unwrap();
+    let (_, t) = pending.remove(i);
+    t.abort();
+
+    // The leader stops: the two left (the other original and 4) are a majority of three
+    // and elect one of them, which serves everything.
+    let want = leader.load().await.unwrap();
+    let want_body = body(&leader, id, 4).await;
+    drop(leader);
+    let (next_id, next) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    assert!(next_id != leader_id && next_id != gone, "{next_id}");
+    assert_eq!(next.load().await.unwrap(), want);
+    assert_eq!(body(&next, id, 4).await, want_body);
+    assert_eq!(next.status().voters.len(), 3);
+    for (_, t) in pending {
+        t.abort();
+    }
+}
+
+/// Waits (up to 5 s) until `s` reports `voters`.
+async fn voters_become(s: &RaftStore, voters: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.status().voters != voters {
+        assert!(
+            Instant::now() < deadline,
+            "voters {:?}, not {voters:?}",
+            s.status().voters
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

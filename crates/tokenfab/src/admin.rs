@@ -98,8 +98,16 @@ pub enum AdminCommand {
         #[arg(long, env = "TOKENFAB_RAFT_PEERS")]
         raft_peers: Option<String>,
         /// Hand leadership to this member (Raft).
-        #[arg(long, requires = "raft_peers")]
+        #[arg(long, requires = "raft_peers", conflicts_with_all = ["add", "remove"])]
         transfer_to: Option<u64>,
+        /// Add a member, ID=URL of its peer port (Raft). Start it first, with --raft-peers
+        /// naming every member and itself; it follows once the group has added it.
+        #[arg(long, requires = "raft_peers", conflicts_with = "remove")]
+        add: Option<String>,
+        /// Remove a member by its id (Raft); it stops. To remove the leader, hand
+        /// leadership to another member first (--transfer-to).
+        #[arg(long, requires = "raft_peers")]
+        remove: Option<u64>,
         /// A certificate the peers' CA signed (PEM), when the peer port uses mutual TLS (the
         /// servers' --raft-tls-*), with --raft-tls-key and --raft-tls-ca.
         #[arg(long, requires_all = ["raft_tls_key", "raft_tls_ca"])]
@@ -121,11 +129,20 @@ pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
             step_down,
             raft_peers,
             transfer_to,
+            add,
+            remove,
             raft_tls_cert,
             raft_tls_key,
             raft_tls_ca,
         } => match raft_peers {
-            Some(peers) => raft_members(&peers, transfer_to, [raft_tls_cert, raft_tls_key, raft_tls_ca]).await?,
+            Some(peers) => {
+                let change = match (add, remove) {
+                    (Some(a), _) => Some(Ok(a)),
+                    (None, Some(r)) => Some(Err(r)),
+                    (None, None) => None,
+                };
+                raft_members(&peers, transfer_to, change, [raft_tls_cert, raft_tls_key, raft_tls_ca]).await?
+            }
             None if etcd_endpoints.is_empty() => bail!(
                 "admin members: give --etcd-endpoints URL[,URL...] (replicas on etcd) or --raft-peers ID=URL[,ID=URL...] (a Raft group)"
             ),
@@ -333,11 +350,39 @@ async fn members(endpoints: Vec<String>, prefix: &str, step_down: bool) -> anyho
 }
 
 #[cfg(feature = "raft")]
-async fn raft_members(peers: &str, transfer_to: Option<u64>, tls: [Option<PathBuf>; 3]) -> anyhow::Result<()> {
+async fn raft_members(
+    peers: &str,
+    transfer_to: Option<u64>,
+    change: Option<Result<String, u64>>,
+    tls: [Option<PathBuf>; 3],
+) -> anyhow::Result<()> {
     let peers =
         tokenfab_store_raft::RaftOptions::parse_peers(peers).map_err(|e| anyhow::anyhow!("--raft-peers: {e}"))?;
     let [cert, key, ca] = tls;
     let tls = crate::serve::raft_tls(cert, key, ca)?;
+    if let Some(change) = change {
+        let (change, what) = match change {
+            Ok(spec) => {
+                let added =
+                    tokenfab_store_raft::RaftOptions::parse_peers(&spec).map_err(|e| anyhow::anyhow!("--add: {e}"))?;
+                let Some((id, url)) = added.into_iter().next().filter(|_| !spec.contains(',')) else {
+                    bail!("--add: give one member, ID=URL")
+                };
+                if peers.contains_key(&id) {
+                    bail!("--add: {id} is already a member (--raft-peers names it)");
+                }
+                (Ok((id, url.clone())), format!("added {id} ({url})"))
+            }
+            Err(id) => (Err(id), format!("removed {id}")),
+        };
+        let leader = tokenfab_store_raft::change_members(&peers, change, tls.as_ref())
+            .await
+            .map_err(|e| anyhow::anyhow!("the membership was not changed: {e}"))?;
+        println!(
+            "replica {leader} (the leader) {what}; give every replica the new --raft-peers list at its next restart"
+        );
+        return Ok(());
+    }
     if let Some(to) = transfer_to {
         let leader = tokenfab_store_raft::transfer_leader(&peers, to, tls.as_ref())
             .await
@@ -381,7 +426,12 @@ async fn raft_members(peers: &str, transfer_to: Option<u64>, tls: [Option<PathBu
 }
 
 #[cfg(not(feature = "raft"))]
-async fn raft_members(_peers: &str, _transfer_to: Option<u64>, _tls: [Option<PathBuf>; 3]) -> anyhow::Result<()> {
+async fn raft_members(
+    _peers: &str,
+    _transfer_to: Option<u64>,
+    _change: Option<Result<String, u64>>,
+    _tls: [Option<PathBuf>; 3],
+) -> anyhow::Result<()> {
     bail!(
         "admin members --raft-peers: this tokenfab was built without the Raft backend; build it with `cargo build --release --features raft` (which needs protoc: apt-get install protobuf-compiler)"
     )
