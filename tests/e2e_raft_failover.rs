@@ -548,6 +548,15 @@ async fn a_leader_cut_off_from_the_majority_commits_nothing_and_its_clients_are_
     // The partition: the leader loses the two others; its clients still reach it.
     net.cut_peer_link();
     let cut = Instant::now();
+    // Its lease runs out: it stops answering reads, before the majority side can elect
+    // another leader (so no read it answers can be older than a write another acknowledged).
+    let deadline = cut + Duration::from_secs(10);
+    while read(addrs[0], &x).await.is_ok() {
+        assert!(Instant::now() < deadline, "the cut-off leader still answers reads");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_reads = cut.elapsed();
+    eprintln!("the cut-off leader stopped answering reads {stopped_reads:?} after the cut");
     let mut c = tenant_client(addrs[0], TENANT).await;
     let y = tokio::time::timeout(Duration::from_secs(20), c.create_batch(chat_batch("y", 3, 8))).await;
     if let Ok(Ok(r)) = y {
@@ -581,7 +590,12 @@ async fn a_leader_cut_off_from_the_majority_commits_nothing_and_its_clients_are_
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     read_once_serving(addrs[next], &x, &history, &servers[next]).await;
-    eprintln!("{} serves {:?} after the cut", name(next), cut.elapsed());
+    let took_over = cut.elapsed();
+    eprintln!("{} serves {took_over:?} after the cut", name(next));
+    assert!(
+        stopped_reads < took_over,
+        "the old leader answered reads until {stopped_reads:?}, the new one served at {took_over:?}"
+    );
     assert_eq!(
         listed(addrs[next]).await,
         BTreeSet::from([x]),

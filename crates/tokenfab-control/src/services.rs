@@ -39,9 +39,15 @@ pub struct Shared<S> {
     pub views: Arc<crate::core_loop::ViewBoard>,
 }
 
-impl<S> Shared<S> {
-    /// Sends a command to the core loop and waits for its answer.
+impl<S: Store> Shared<S> {
+    /// Sends a command to the core loop and waits for its answer; refused while the store
+    /// says this replica may not answer (a replicated store's leader without its lease).
     pub(crate) async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        if let Err(why) = self.store.may_serve() {
+            return Err(Status::unavailable(format!(
+                "{why}; retry (clients given every replica's URL move to the one that serves)"
+            )));
+        }
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| convert::stopped())?;
         rx.await.map_err(|_| convert::stopped())

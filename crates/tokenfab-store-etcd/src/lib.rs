@@ -38,15 +38,11 @@ pub mod testing;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfab_core::{BatchId, FileId, RequestRef};
 use tokenfab_store::replicated::Commit;
-use tokenfab_store::{
-    BatchInputs, Cursor, HistoryRow, IdleRow, LeasedBody, Loaded, Page, RedbStore, ResultKind, StagedInput, Store,
-    StoreError, WriteSet,
-};
+use tokenfab_store::{BatchInputs, RedbStore, Store, StoreError, WriteSet};
 
 /// How to reach etcd and who this replica is.
 #[derive(Debug, Clone)]
@@ -805,9 +801,7 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
-    fn stage(&self) -> Result<StagedInput, StoreError> {
-        self.inner.local.stage()
-    }
+    tokenfab_store::reads_from_embedded_store!(local);
 
     async fn apply(&self, set: WriteSet) -> Result<(), StoreError> {
         if set.is_empty() {
@@ -825,52 +819,11 @@ impl Store for EtcdStore {
         self.catch_up().await.map(|_| ())
     }
 
-    async fn load(&self) -> Result<Loaded, StoreError> {
-        self.inner.local.load().await
-    }
-
-    async fn idle_shares(&self) -> Result<Vec<IdleRow>, StoreError> {
-        self.inner.local.idle_shares().await
-    }
-
-    async fn history(&self) -> Result<Vec<HistoryRow>, StoreError> {
-        self.inner.local.history().await
-    }
-
-    async fn bodies(&self, items: Vec<RequestRef>) -> Result<Vec<Option<LeasedBody>>, StoreError> {
-        self.inner.local.bodies(items).await
-    }
-
-    async fn results(
-        &self,
-        batch: BatchId,
-        kind: ResultKind,
-        cursor: Cursor,
-        limit: usize,
-    ) -> Result<Page, StoreError> {
-        self.inner.local.results(batch, kind, cursor, limit).await
-    }
-
-    fn free_bytes(&self) -> Option<u64> {
-        self.inner.local.free_bytes()
-    }
-
     fn describe(&self) -> tokenfab_store::StoreInfo {
         tokenfab_store::StoreInfo {
             backend: "etcd",
             replica: Some(self.inner.opts.name.clone()),
             log_position: Some(self.inner.position.load(std::sync::atomic::Ordering::Relaxed)),
         }
-    }
-
-    fn file_path(&self, id: FileId) -> Option<PathBuf> {
-        self.inner.local.file_path(id)
-    }
-
-    async fn backup(
-        &self,
-        out: Box<dyn std::io::Write + Send>,
-    ) -> Result<tokenfab_store::backup::BackupSummary, StoreError> {
-        Store::backup(&self.inner.local, out).await
     }
 }

@@ -45,9 +45,13 @@
 //! applies its removal, or when, without a leader, another member lists the members
 //! without it.
 //!
-//! **Not yet.** Joint-consensus changes (several members at once), and ReadIndex reads (the leader serves reads from
-//! its store; it counts itself deposed when a watchdog thread finds the process did not run
-//! for an election timeout).
+//! **Reads.** The leader answers only under a lease ([`Store::may_serve`]): until an
+//! election timeout less two ticks after a majority last answered it, the earliest another
+//! leader could be elected (assuming messages arrive within two ticks and clocks run at
+//! nearly the same rate). It also counts itself deposed when a watchdog thread finds the
+//! process did not run for an election timeout.
+//!
+//! **Not yet.** Joint-consensus changes (several members at once), ReadIndex reads.
 
 pub mod transport;
 
@@ -65,12 +69,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfab_core::{BatchId, FileId, RequestRef};
 use tokenfab_store::replicated::Commit;
-use tokenfab_store::{
-    Cursor, HistoryRow, IdleRow, LeasedBody, Loaded, Page, RedbStore, ResultKind, StagedInput, Store, StoreError,
-    WriteSet,
-};
+use tokenfab_store::{RedbStore, StagedInput, Store, StoreError, WriteSet};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Who this replica is and who its peers are.
@@ -324,6 +324,30 @@ const PEERS: &str = "peers";
 /// What `raft.redb` holds: the hard state, the members, the log's start and its entries.
 type Persisted = (HardState, Option<ConfState>, Option<SnapshotMetadata>, Vec<Entry>);
 
+type EntryTable<'t> = redb::Table<'t, u64, &'static [u8]>;
+type StateTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+/// Removes the entries of `table` in `range`.
+fn remove_entries(table: &mut EntryTable<'_>, range: impl std::ops::RangeBounds<u64>) -> Result<(), String> {
+    let keys: Vec<u64> = table
+        .range(range)
+        .map_err(|e| e.to_string())?
+        .map(|r| r.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    for k in keys {
+        table.remove(k).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Stores a protobuf message under `key`.
+fn put_message(state: &mut StateTable<'_>, key: &str, m: &impl protobuf::Message) -> Result<(), String> {
+    let bytes = m.write_to_bytes().map_err(|e| e.to_string())?;
+    state.insert(key, bytes.as_slice()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// The Raft log and hard state on disk (`raft.redb` in the data directory).
 struct LogDb {
     db: redb::Database,
@@ -374,8 +398,7 @@ impl LogDb {
         let txn = self.db.begin_write().map_err(|e| err(&e))?;
         {
             let mut state = txn.open_table(STATE).map_err(|e| err(&e))?;
-            let bytes = cs.write_to_bytes().map_err(|e| err(&e))?;
-            state.insert(CONF_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+            put_message(&mut state, CONF_STATE, cs).map_err(|e| err(&e))?;
             let list: Vec<(u64, String)> = peers.iter().map(|(k, v)| (*k, v.clone())).collect();
             let bytes = postcard::to_allocvec(&list).map_err(|e| err(&e))?;
             state.insert(PEERS, bytes.as_slice()).map_err(|e| err(&e))?;
@@ -406,21 +429,11 @@ impl LogDb {
         {
             let mut table = txn.open_table(ENTRIES).map_err(|e| err(&e))?;
             let upto = if all { u64::MAX } else { meta.index };
-            let old: Vec<u64> = table
-                .range(..=upto)
-                .map_err(|e| err(&e))?
-                .map(|r| r.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| err(&e))?;
-            for k in old {
-                table.remove(k).map_err(|e| err(&e))?;
-            }
+            remove_entries(&mut table, ..=upto).map_err(|e| err(&e))?;
             let mut state = txn.open_table(STATE).map_err(|e| err(&e))?;
-            let bytes = meta.write_to_bytes().map_err(|e| err(&e))?;
-            state.insert(SNAPSHOT, bytes.as_slice()).map_err(|e| err(&e))?;
+            put_message(&mut state, SNAPSHOT, meta).map_err(|e| err(&e))?;
             if let Some(hs) = hs {
-                let bytes = hs.write_to_bytes().map_err(|e| err(&e))?;
-                state.insert(HARD_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+                put_message(&mut state, HARD_STATE, hs).map_err(|e| err(&e))?;
             }
         }
         txn.commit().map_err(|e| err(&e))
@@ -434,15 +447,7 @@ impl LogDb {
         {
             let mut table = txn.open_table(ENTRIES).map_err(|e| err(&e))?;
             if let Some(first) = entries.first() {
-                let stale: Vec<u64> = table
-                    .range(first.index..)
-                    .map_err(|e| err(&e))?
-                    .map(|r| r.map(|(k, _)| k.value()))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| err(&e))?;
-                for k in stale {
-                    table.remove(k).map_err(|e| err(&e))?;
-                }
+                remove_entries(&mut table, first.index..).map_err(|e| err(&e))?;
             }
             for e in entries {
                 let bytes = e.write_to_bytes().map_err(|e| err(&e))?;
@@ -450,12 +455,10 @@ impl LogDb {
             }
             let mut state = txn.open_table(STATE).map_err(|e| err(&e))?;
             if let Some(hs) = hs {
-                let bytes = hs.write_to_bytes().map_err(|e| err(&e))?;
-                state.insert(HARD_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+                put_message(&mut state, HARD_STATE, hs).map_err(|e| err(&e))?;
             }
             if let Some(cs) = cs {
-                let bytes = cs.write_to_bytes().map_err(|e| err(&e))?;
-                state.insert(CONF_STATE, bytes.as_slice()).map_err(|e| err(&e))?;
+                put_message(&mut state, CONF_STATE, cs).map_err(|e| err(&e))?;
             }
         }
         txn.commit().map_err(|e| err(&e))
@@ -497,6 +500,9 @@ struct Shared {
     failed: std::sync::Mutex<Option<String>>,
     /// Set by the pause watchdog: how long this process did not run.
     paused: std::sync::Mutex<Option<Duration>>,
+    /// While this replica leads: until when no other replica can have been elected (see
+    /// `Driver::renew_lease`).
+    lease_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// The last `Commit` entry applied (the embedded store's own position): a snapshot of
     /// the store is at this index.
     applied_commit: std::sync::atomic::AtomicU64,
@@ -587,6 +593,8 @@ struct Driver {
     /// The index of the entry that opened this replica's term as leader.
     leader_start: Option<(u64, u64)>,
     status: watch::Sender<GroupStatus>,
+    /// While leading: when each peer last answered a heartbeat or append of this term.
+    acks: BTreeMap<u64, std::time::Instant>,
 }
 
 /// Applies committed entries to the embedded store, in order, away from the driver (so
@@ -698,6 +706,15 @@ impl Driver {
     fn step(&mut self, m: Message) {
         if m.to != self.opts.id {
             return;
+        }
+        if self.is_leader()
+            && m.term == self.node.raft.term
+            && matches!(
+                m.get_msg_type(),
+                raft::prelude::MessageType::MsgHeartbeatResponse | raft::prelude::MessageType::MsgAppendResponse
+            )
+        {
+            self.acks.insert(m.from, std::time::Instant::now());
         }
         // Errors are messages from unknown peers or stale terms; Raft drops them.
         let _ = self.node.step(m);
@@ -1196,7 +1213,38 @@ impl Applier {
 }
 
 impl Driver {
+    /// The leader's lease: a follower elects another leader only after an election timeout
+    /// (at least `election_ticks` ticks) without hearing from this one. So once a majority
+    /// (this replica included) answered a heartbeat or append at time T, no other leader
+    /// can exist before T + the election timeout, less a margin of two ticks for the
+    /// messages' travel and the clocks' drift: until then this replica may answer reads.
+    fn renew_lease(&mut self) {
+        let until = if self.is_leader() {
+            let voters: Vec<u64> = self.node.raft.prs().conf().voters().ids().iter().collect();
+            let quorum = voters.len() / 2 + 1;
+            let mut heard: Vec<std::time::Instant> = voters
+                .iter()
+                .filter(|&&v| v != self.opts.id)
+                .filter_map(|v| self.acks.get(v).copied())
+                .collect();
+            heard.sort_unstable_by(|a, b| b.cmp(a));
+            let lease = self.opts.election_timeout().saturating_sub(self.opts.tick * 2);
+            match quorum.checked_sub(2) {
+                // One voter: no other can be elected.
+                None => Some(std::time::Instant::now() + lease),
+                Some(i) => heard.get(i).map(|t| *t + lease),
+            }
+        } else {
+            self.acks.clear();
+            None
+        };
+        if let Ok(mut l) = self.shared.lease_until.lock() {
+            *l = until;
+        }
+    }
+
     fn publish(&mut self) {
+        self.renew_lease();
         let raft = &self.node.raft;
         if raft.state == StateRole::Leader {
             if self.leader_start.is_none_or(|(t, _)| t != raft.term) {
@@ -1284,6 +1332,7 @@ struct Inner {
     term: u64,
     /// Held through a commit: one commit's entries at a time.
     commit: tokio::sync::Mutex<u64>,
+    shared: Arc<Shared>,
     _tasks: Tasks,
 }
 
@@ -1434,6 +1483,7 @@ impl RaftStore {
             waiters: Arc::default(),
             failed: std::sync::Mutex::new(None),
             paused: std::sync::Mutex::new(None),
+            lease_until: std::sync::Mutex::new(None),
             applied_commit: std::sync::atomic::AtomicU64::new(local_applied),
             compactable: std::sync::atomic::AtomicU64::new(0),
             snapshots_installed: std::sync::atomic::AtomicU64::new(0),
@@ -1529,9 +1579,10 @@ impl RaftStore {
             peers: peers.clone(),
             to_apply,
             compacted,
-            shared,
+            shared: shared.clone(),
             leader_start: None,
             status: status_tx,
+            acks: BTreeMap::new(),
         };
         tasks
             .handles
@@ -1588,6 +1639,7 @@ impl RaftStore {
                 status,
                 term,
                 commit: tokio::sync::Mutex::new(0),
+                shared,
                 _tasks: tasks,
             }),
         })
@@ -1629,9 +1681,7 @@ impl RaftStore {
 }
 
 impl Store for RaftStore {
-    fn stage(&self) -> Result<StagedInput, StoreError> {
-        self.inner.local.stage()
-    }
+    tokenfab_store::reads_from_embedded_store!(local);
 
     async fn apply(&self, set: WriteSet) -> Result<(), StoreError> {
         if set.is_empty() {
@@ -1659,34 +1709,20 @@ impl Store for RaftStore {
         self.inner.local.reopen().await
     }
 
-    async fn load(&self) -> Result<Loaded, StoreError> {
-        self.inner.local.load().await
-    }
-
-    async fn idle_shares(&self) -> Result<Vec<IdleRow>, StoreError> {
-        self.inner.local.idle_shares().await
-    }
-
-    async fn history(&self) -> Result<Vec<HistoryRow>, StoreError> {
-        self.inner.local.history().await
-    }
-
-    async fn bodies(&self, items: Vec<RequestRef>) -> Result<Vec<Option<LeasedBody>>, StoreError> {
-        self.inner.local.bodies(items).await
-    }
-
-    async fn results(
-        &self,
-        batch: BatchId,
-        kind: ResultKind,
-        cursor: Cursor,
-        limit: usize,
-    ) -> Result<Page, StoreError> {
-        self.inner.local.results(batch, kind, cursor, limit).await
-    }
-
-    fn free_bytes(&self) -> Option<u64> {
-        self.inner.local.free_bytes()
+    fn may_serve(&self) -> Result<(), String> {
+        let s = self.inner.status.borrow();
+        if s.serving != Some(self.inner.term) {
+            return Err(format!("replica {} no longer leads", self.inner.opts.name));
+        }
+        drop(s);
+        let until = self.inner.shared.lease_until.lock().ok().and_then(|l| *l);
+        match until {
+            Some(t) if std::time::Instant::now() < t => Ok(()),
+            _ => Err(format!(
+                "replica {} has not heard from a majority of the group within its lease; another may lead now",
+                self.inner.opts.name
+            )),
+        }
     }
 
     fn describe(&self) -> tokenfab_store::StoreInfo {
@@ -1695,17 +1731,6 @@ impl Store for RaftStore {
             replica: Some(self.inner.opts.name.clone()),
             log_position: Some(self.inner.status.borrow().applied),
         }
-    }
-
-    fn file_path(&self, id: FileId) -> Option<PathBuf> {
-        self.inner.local.file_path(id)
-    }
-
-    async fn backup(
-        &self,
-        out: Box<dyn std::io::Write + Send>,
-    ) -> Result<tokenfab_store::backup::BackupSummary, StoreError> {
-        Store::backup(&self.inner.local, out).await
     }
 }
 

@@ -302,6 +302,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
     /// Free space where the store writes, bytes (`None` where it cannot be measured).
     fn free_bytes(&self) -> Option<u64>;
+    /// Whether this replica may answer now (`Err` says why not): a replicated store's
+    /// leader answers only while it is sure no other replica can have been elected (its
+    /// lease), so that no read returns a state older than a write another leader
+    /// acknowledged. One node always may.
+    fn may_serve(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// What the store is (backend, replica, log position).
     fn describe(&self) -> StoreInfo {
         StoreInfo {

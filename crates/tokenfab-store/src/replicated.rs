@@ -79,3 +79,59 @@ impl<C> Commit<C> {
         Ok(set)
     }
 }
+
+/// Implements [`crate::Store`]'s reads (and `stage`, `free_bytes`, `file_path`, `backup`)
+/// by the replica's embedded store, which a replicated backend's `$local` method returns:
+/// every replica serves reads from its own copy. Invoked inside `impl Store for ...`.
+#[macro_export]
+macro_rules! reads_from_embedded_store {
+    ($local:ident) => {
+        fn stage(&self) -> Result<$crate::StagedInput, $crate::StoreError> {
+            $crate::Store::stage(self.$local())
+        }
+
+        async fn load(&self) -> Result<$crate::Loaded, $crate::StoreError> {
+            $crate::Store::load(self.$local()).await
+        }
+
+        async fn idle_shares(&self) -> Result<Vec<$crate::IdleRow>, $crate::StoreError> {
+            $crate::Store::idle_shares(self.$local()).await
+        }
+
+        async fn history(&self) -> Result<Vec<$crate::HistoryRow>, $crate::StoreError> {
+            $crate::Store::history(self.$local()).await
+        }
+
+        async fn bodies(
+            &self,
+            items: Vec<tokenfab_core::RequestRef>,
+        ) -> Result<Vec<Option<$crate::LeasedBody>>, $crate::StoreError> {
+            $crate::Store::bodies(self.$local(), items).await
+        }
+
+        async fn results(
+            &self,
+            batch: tokenfab_core::BatchId,
+            kind: $crate::ResultKind,
+            cursor: $crate::Cursor,
+            limit: usize,
+        ) -> Result<$crate::Page, $crate::StoreError> {
+            $crate::Store::results(self.$local(), batch, kind, cursor, limit).await
+        }
+
+        fn free_bytes(&self) -> Option<u64> {
+            $crate::Store::free_bytes(self.$local())
+        }
+
+        fn file_path(&self, id: tokenfab_core::FileId) -> Option<std::path::PathBuf> {
+            $crate::Store::file_path(self.$local(), id)
+        }
+
+        async fn backup(
+            &self,
+            out: Box<dyn std::io::Write + Send>,
+        ) -> Result<$crate::backup::BackupSummary, $crate::StoreError> {
+            $crate::Store::backup(self.$local(), out).await
+        }
+    };
+}

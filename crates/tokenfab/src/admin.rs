@@ -108,16 +108,8 @@ pub enum AdminCommand {
         /// leadership to another member first (--transfer-to).
         #[arg(long, requires = "raft_peers")]
         remove: Option<u64>,
-        /// A certificate the peers' CA signed (PEM), when the peer port uses mutual TLS (the
-        /// servers' --raft-tls-*), with --raft-tls-key and --raft-tls-ca.
-        #[arg(long, requires_all = ["raft_tls_key", "raft_tls_ca"])]
-        raft_tls_cert: Option<PathBuf>,
-        /// Its private key (PEM).
-        #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_ca"])]
-        raft_tls_key: Option<PathBuf>,
-        /// The peers' CA certificate (PEM).
-        #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_key"])]
-        raft_tls_ca: Option<PathBuf>,
+        #[command(flatten)]
+        raft_tls: crate::serve::RaftTlsArgs,
     },
 }
 
@@ -131,9 +123,7 @@ pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
             transfer_to,
             add,
             remove,
-            raft_tls_cert,
-            raft_tls_key,
-            raft_tls_ca,
+            raft_tls,
         } => match raft_peers {
             Some(peers) => {
                 let change = match (add, remove) {
@@ -141,7 +131,7 @@ pub async fn run(c: AdminCommand) -> anyhow::Result<()> {
                     (None, Some(r)) => Some(Err(r)),
                     (None, None) => None,
                 };
-                raft_members(&peers, transfer_to, change, [raft_tls_cert, raft_tls_key, raft_tls_ca]).await?
+                raft_members(&peers, transfer_to, change, raft_tls).await?
             }
             None if etcd_endpoints.is_empty() => bail!(
                 "admin members: give --etcd-endpoints URL[,URL...] (replicas on etcd) or --raft-peers ID=URL[,ID=URL...] (a Raft group)"
@@ -354,12 +344,11 @@ async fn raft_members(
     peers: &str,
     transfer_to: Option<u64>,
     change: Option<Result<String, u64>>,
-    tls: [Option<PathBuf>; 3],
+    tls: crate::serve::RaftTlsArgs,
 ) -> anyhow::Result<()> {
     let peers =
         tokenfab_store_raft::RaftOptions::parse_peers(peers).map_err(|e| anyhow::anyhow!("--raft-peers: {e}"))?;
-    let [cert, key, ca] = tls;
-    let tls = crate::serve::raft_tls(cert, key, ca)?;
+    let tls = tls.load()?;
     if let Some(change) = change {
         let (change, what) = match change {
             Ok(spec) => {
@@ -430,7 +419,7 @@ async fn raft_members(
     _peers: &str,
     _transfer_to: Option<u64>,
     _change: Option<Result<String, u64>>,
-    _tls: [Option<PathBuf>; 3],
+    _tls: crate::serve::RaftTlsArgs,
 ) -> anyhow::Result<()> {
     bail!(
         "admin members --raft-peers: this tokenfab was built without the Raft backend; build it with `cargo build --release --features raft` (which needs protoc: apt-get install protobuf-compiler)"

@@ -83,18 +83,8 @@ pub struct ServerArgs {
     /// compaction point are kept for followers a little behind.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     raft_compact_every: u64,
-    /// This replica's certificate (PEM) on the Raft peer port (with --store raft): with
-    /// --raft-tls-key and --raft-tls-ca, replicas speak mutual TLS to each other and every
-    /// --raft-peers URL is https://.
-    #[arg(long, requires_all = ["raft_tls_key", "raft_tls_ca"])]
-    raft_tls_cert: Option<PathBuf>,
-    /// Its private key (PEM).
-    #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_ca"])]
-    raft_tls_key: Option<PathBuf>,
-    /// The CA certificate (PEM) that signs every replica's peer certificate: peers without
-    /// one are refused.
-    #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_key"])]
-    raft_tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    raft_tls: RaftTlsArgs,
     /// A tenant and its bearer token, NAME=TOKEN (repeatable). Handy for trials; tokens on
     /// a command line are visible to every user of the machine (`ps`): use
     /// --tenants-file in production.
@@ -513,7 +503,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             {
                 let mut opts = raft_options(a.raft_id, a.raft_peers.as_deref(), a.raft_listen, a.replica_name)?;
                 opts.compact_every = a.raft_compact_every;
-                opts.tls = raft_tls(a.raft_tls_cert, a.raft_tls_key, a.raft_tls_ca)?;
+                opts.tls = a.raft_tls.load()?;
                 opts.keep_entries = opts.keep_entries.min(a.raft_compact_every);
                 let name = opts.name.clone();
                 eprintln!(
@@ -552,7 +542,7 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             #[cfg(not(feature = "raft"))]
             {
                 let _ = (a.raft_id, a.raft_peers, a.raft_listen, a.raft_compact_every);
-                let _ = (a.raft_tls_cert, a.raft_tls_key, a.raft_tls_ca);
+                let _ = a.raft_tls;
                 bail!(
                     "--store raft: this tokenfab was built without the Raft backend; build it with `cargo build --release --features raft` (which needs protoc: apt-get install protobuf-compiler)"
                 )
@@ -593,18 +583,35 @@ where
     Ok(store)
 }
 
-/// The peer port's TLS files (all three, or none: clap requires them together).
+/// Mutual TLS on the Raft peer port (`server --store raft` and `admin members
+/// --raft-peers`): all three files, or none.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RaftTlsArgs {
+    /// A certificate (PEM) the peers' CA signed, for the Raft peer port: with
+    /// --raft-tls-key and --raft-tls-ca, replicas speak mutual TLS to each other (and
+    /// `admin members` to them), and every --raft-peers URL is https://.
+    #[arg(long, requires_all = ["raft_tls_key", "raft_tls_ca"])]
+    pub raft_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_ca"])]
+    pub raft_tls_key: Option<PathBuf>,
+    /// The CA certificate (PEM) that signs every replica's peer certificate: peers
+    /// without one are refused.
+    #[arg(long, requires_all = ["raft_tls_cert", "raft_tls_key"])]
+    pub raft_tls_ca: Option<PathBuf>,
+}
+
 #[cfg(feature = "raft")]
-pub(crate) fn raft_tls(
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    ca: Option<PathBuf>,
-) -> anyhow::Result<Option<tokenfab_store_raft::PeerTls>> {
-    match (cert, key, ca) {
-        (Some(c), Some(k), Some(a)) => Ok(Some(
-            tokenfab_store_raft::PeerTls::from_files(&c, &k, &a).map_err(|e| anyhow::anyhow!("--raft-tls-*: {e}"))?,
-        )),
-        _ => Ok(None),
+impl RaftTlsArgs {
+    /// The files read (clap requires all three together).
+    pub(crate) fn load(self) -> anyhow::Result<Option<tokenfab_store_raft::PeerTls>> {
+        match (self.raft_tls_cert, self.raft_tls_key, self.raft_tls_ca) {
+            (Some(c), Some(k), Some(a)) => Ok(Some(
+                tokenfab_store_raft::PeerTls::from_files(&c, &k, &a)
+                    .map_err(|e| anyhow::anyhow!("--raft-tls-*: {e}"))?,
+            )),
+            _ => Ok(None),
+        }
     }
 }
 
