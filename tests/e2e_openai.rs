@@ -21,20 +21,7 @@ const TENANT: &str = "acme-token";
 const AGENT: &str = "agent-secret-of-the-tests";
 
 fn python() -> Option<String> {
-    let python = std::env::var("TOKENFAB_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import openai, schemathesis"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(
-        std::env::var("TOKENFAB_REQUIRE_LLAMA").is_err(),
-        "{python} lacks the openai or schemathesis package: run scripts/setup-test-deps.sh"
-    );
-    eprintln!("SKIPPED: {python} lacks openai/schemathesis (scripts/setup-test-deps.sh installs them)");
-    None
+    python_with(&["openai", "schemathesis"])
 }
 
 /// An engine response without what differs between any two calls (its id and time).

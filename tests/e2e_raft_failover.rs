@@ -14,6 +14,9 @@
 //!   log, catches up by installing a snapshot of the leader's store and then serves
 //!   everything when it is elected.
 //! - `admin members` lists the group, and `--transfer-to` moves the leadership.
+//! - An OpenAI SDK client given every replica's URL (tests/openai_failover_client.py)
+//!   creates a batch on the leader, the leader is killed, and the client follows the batch
+//!   to its results through the new leader, unchanged.
 //! - A partition made with a network namespace: the leader, cut off from the two others
 //!   while its clients still reach it, acknowledges no write and exits; the majority side
 //!   elects a leader that serves what was acknowledged.
@@ -607,4 +610,64 @@ async fn a_leader_cut_off_from_the_majority_commits_nothing_and_its_clients_are_
         .filter(|v| !v.contains("never read back"))
         .collect();
     assert!(violations.is_empty(), "{violations:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_sdk_client_given_every_replica_follows_the_new_leader() {
+    let Some(python) = python_with(&["openai", "httpx2"]) else {
+        return;
+    };
+    let g = Group::new();
+    let openai: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", listen_port())).collect();
+    let spawn = |i: usize| replica(g.dir.path(), i, g.grpc[i], &g.peers(), &["--openai-listen", &openai[i]]);
+    let mut servers: Vec<Proc> = (0..3).map(spawn).collect();
+    let l = g.leader(&servers).await;
+    let control = (0..3)
+        .map(|i| format!("http://{}", g.addr(i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (emu, engine) = spawn_emu(g.dir.path(), "emu", 10.0);
+    let agent = spawn_agent(g.dir.path(), "n1", &control, &engine, 8, AGENT);
+    let others = [agent, emu];
+    wait_registered(&others, Duration::from_secs(30)).await;
+
+    // The SDK client is given every replica's URL (tests/openai_failover_client.py).
+    let urls = openai
+        .iter()
+        .map(|a| format!("http://{a}/v1"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_failover_client.py");
+    let mut child = std::process::Command::new(&python)
+        .arg(script)
+        .env("TOKENFAB_OPENAI_URLS", &urls)
+        .env("TOKENFAB_TOKEN", TENANT)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut created = String::new();
+    tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut stdout, &mut created)).unwrap();
+    assert!(created.starts_with("created batch_"), "{created:?}");
+
+    // The batch was created on the leader; the leader dies; the client goes on, unchanged.
+    servers[l].kill9();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    drop(stdin);
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(
+        out.status.success(),
+        "the client failed:\n{rest}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        servers.iter().map(|p| p.log()).collect::<Vec<_>>().join("\n")
+    );
+    let seen: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(seen["results"], 60, "{seen}");
+    assert!(seen["moves"].as_u64().unwrap() >= 1, "{seen}");
+    eprintln!("the OpenAI SDK client followed the new leader: {seen}");
 }

@@ -367,3 +367,23 @@ pub async fn http_text(url: &str) -> String {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"))
 }
+
+/// The test command's Python (`TOKENFAB_PYTHON`, else `python3`) if it imports `modules`;
+/// without them the test is skipped (saying so), unless the test command's setup ran
+/// (`TOKENFAB_REQUIRE_LLAMA` set), where that is a failure.
+pub fn python_with(modules: &[&str]) -> Option<String> {
+    let python = std::env::var("TOKENFAB_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("TOKENFAB_REQUIRE_LLAMA").is_err(),
+        "{python} lacks {modules:?}: run scripts/setup-test-deps.sh"
+    );
+    eprintln!("SKIPPED: {python} lacks {modules:?} (scripts/setup-test-deps.sh installs them)");
+    None
+}
