@@ -1057,7 +1057,7 @@ impl Applier {
         tokio::task::spawn_blocking(move || {
             let reader = std::fs::File::open(&f2).map_err(|e| io("reading the snapshot", e))?;
             std::fs::create_dir_all(&i2).map_err(|e| io("restoring the snapshot", e))?;
-            tokenfab_store::backup::restore(reader, &i2)
+            tokenfab_store::backup::restore_replica(reader, &i2)
         })
         .await
         .map_err(|e| io("restoring the snapshot", e))??;

@@ -394,14 +394,28 @@ pub fn check(backup: impl Read) -> Result<BackupSummary, StoreError> {
 }
 
 /// Writes a new data directory `dir` from a backup. `dir` must not hold a store.
+///
+/// The replicated log position a replica's backup carries is left out: the restored store
+/// starts a new history (one node, or the first replica of a new group), whose log starts
+/// at its beginning. [`restore_replica`] keeps it.
 pub fn restore(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreError> {
+    restore_keeping(backup, dir, false)
+}
+
+/// As [`restore`], keeping the replicated log position: a replica installing a snapshot
+/// of its leader's store goes on from the leader's log after that position.
+pub fn restore_replica(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreError> {
+    restore_keeping(backup, dir, true)
+}
+
+fn restore_keeping(backup: impl Read, dir: &Path, log_position: bool) -> Result<BackupSummary, StoreError> {
     if dir.join("tokenfab.redb").exists() {
         return Err(StoreError::Open {
             path: dir.display().to_string(),
             cause: "it already holds a store; restore into an empty directory (nothing is overwritten)".into(),
         });
     }
-    let result = restore_into(backup, dir);
+    let result = restore_into(backup, dir, log_position);
     if result.is_err() {
         // Nothing half-restored is left to be mistaken for a store.
         let _ = std::fs::remove_file(dir.join("tokenfab.redb"));
@@ -410,7 +424,7 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreErro
     result
 }
 
-fn restore_into(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreError> {
+fn restore_into(backup: impl Read, dir: &Path, log_position: bool) -> Result<BackupSummary, StoreError> {
     let mut r = Reader {
         input: std::io::BufReader::with_capacity(1 << 20, backup),
         hash: Sha256::new(),
@@ -454,7 +468,7 @@ fn restore_into(backup: impl Read, dir: &Path) -> Result<BackupSummary, StoreErr
                     f.write_all_at(&data, offset).map_err(io)?;
                 }
                 Record::Meta { key, value } => {
-                    if key != "schema" {
+                    if key != "schema" && (log_position || key != APPLIED) {
                         meta.insert(key.as_str(), value).map_err(io)?;
                     }
                 }
@@ -1055,6 +1069,25 @@ mod tests {
             "{e}"
         );
         assert_eq!(check(bytes.as_slice()).unwrap().records, s.records);
+    }
+
+    #[tokio::test]
+    async fn a_replicas_log_position_is_kept_only_by_a_replica_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let (replica, _, _) = populated(&dir.path().join("r")).await;
+        // As a replica records it: the log entry its store has applied.
+        replica.apply_replicated(WriteSet::default(), 5_000, true).unwrap();
+        let mut bytes = Vec::new();
+        replica.backup(&mut bytes).unwrap();
+        // A restore starts a new history: a new group's log begins at 1, so the old
+        // position must not make its replicas skip entries.
+        let fresh = dir.path().join("fresh");
+        restore(bytes.as_slice(), &fresh).unwrap();
+        assert_eq!(RedbStore::open(&fresh).unwrap().applied().unwrap(), 0);
+        // A snapshot installed by a replica goes on from the leader's log after it.
+        let snap = dir.path().join("snap");
+        restore_replica(bytes.as_slice(), &snap).unwrap();
+        assert_eq!(RedbStore::open(&snap).unwrap().applied().unwrap(), 5_000);
     }
 
     #[tokio::test]
