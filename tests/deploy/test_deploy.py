@@ -50,7 +50,7 @@ needs_binary = pytest.mark.skipif(tokenfab_binary() is None, reason="no tokenfab
 
 COMMANDS = [
     "server", "agent", "admin node-token", "admin hash-token", "admin backup", "admin restore",
-    "admin verify", "admin compact", "usage", "sla", "tuning", "submit", "results", "devices",
+    "admin verify", "admin compact", "admin members", "usage", "sla", "tuning", "submit", "results", "devices",
     "sim sweep", "sim gather",
 ]
 
