@@ -1458,12 +1458,40 @@ impl RaftStore {
                 ),
             });
         }
-        let local_applied = {
+        let mut local_applied = {
             let l = local.clone();
             tokio::task::spawn_blocking(move || l.applied())
                 .await
                 .map_err(|e| io("reading the applied position", e))??
         };
+        // A store that holds data while the Raft log is new (a group started from a
+        // restored backup): that state is in no log entry, so the log starts after it, at a
+        // snapshot point (index 1); a member that joins installs a snapshot of it rather
+        // than replaying a log that lacks it.
+        let mut snap = snap;
+        if snap.is_none() && entries.is_empty() && hs == HardState::default() && local_applied == 0 {
+            let held = Store::load(&local).await?;
+            if !held.batches.is_empty() || !held.files.is_empty() || held.next_batch > 1 || held.next_file > 1 {
+                let l = local.clone();
+                tokio::task::spawn_blocking(move || l.apply_replicated(WriteSet::default(), 1, true))
+                    .await
+                    .map_err(|e| io("starting the log after the restored store", e))??;
+                let mut meta = SnapshotMetadata {
+                    index: 1,
+                    term: 1,
+                    ..Default::default()
+                };
+                meta.set_conf_state(cs.clone());
+                hs.term = 1;
+                hs.commit = 1;
+                let (l, m2, h2) = (log.clone(), meta.clone(), hs.clone());
+                tokio::task::spawn_blocking(move || l.cut(&m2, true, Some(&h2)))
+                    .await
+                    .map_err(|e| io("starting the log after the restored store", e))??;
+                snap = Some(meta);
+                local_applied = 1;
+            }
+        }
         let mem = MemStorage::new_with_conf_state(cs.clone());
         {
             let mut w = mem.wl();

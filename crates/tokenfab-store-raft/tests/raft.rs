@@ -427,3 +427,69 @@ async fn voters_become(s: &RaftStore, voters: &[u64]) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_started_from_a_restored_backup_brings_new_members_the_restored_state() {
+    // A control plane's state, backed up as `tokenfab admin backup` does.
+    let old = Group::new(1);
+    let mut pending = vec![(1, old.start(1))];
+    let (_, leader) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    let mut core = ControlCore::new(ControlConfig::default());
+    let (id, set) = conformance::submit(&leader, &mut core, "acme", 12, t0());
+    leader.apply(set).await.unwrap();
+    let want = leader.load().await.unwrap();
+    let want_body = body(&leader, id, 11).await;
+    let mut backup = Vec::new();
+    leader.local().backup(&mut backup).unwrap();
+    drop(leader);
+
+    // Restored (as `tokenfab admin restore` does) into replica 1 of a new group, which
+    // starts as a group of one; replica 2 starts empty and is added.
+    let mut g = Group::new(2);
+    tokenfab_store::backup::restore(backup.as_slice(), &g.dir(1)).unwrap();
+    let both = g.peers.clone();
+    g.peers = both
+        .iter()
+        .filter(|(i, _)| **i == 1)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let mut pending = vec![(1, g.start(1))];
+    let (_, one) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    assert_eq!(one.load().await.unwrap(), want, "the restored group serves the backup");
+    g.peers = both.clone();
+    pending.push((2, g.start(2)));
+    let alone: BTreeMap<u64, String> = both
+        .iter()
+        .filter(|(i, _)| **i == 1)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    tokenfab_store_raft::change_members(&alone, Ok((2, both[&2].clone())), None)
+        .await
+        .expect("2 added");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = tokenfab_store_raft::members(&both, None).await;
+        let two = rows
+            .iter()
+            .find(|(i, _, _)| *i == 2)
+            .and_then(|(_, _, s)| s.as_ref().ok());
+        if two.is_some_and(|s| s.snapshots_installed >= 1 && s.applied >= one.status().applied) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "2 did not install the restored state: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Leadership moves to the replica that joined empty: it serves the restored state.
+    tokenfab_store_raft::transfer_leader(&both, 2, None).await.unwrap();
+    let (two_id, two) = first_leader(&mut pending, Duration::from_secs(10)).await;
+    assert_eq!(two_id, 2);
+    assert_eq!(two.load().await.unwrap(), want);
+    assert_eq!(body(&two, id, 11).await, want_body);
+    drop(one);
+    for (_, t) in pending {
+        t.abort();
+    }
+}
