@@ -170,11 +170,16 @@ pub async fn wait_completed(addr: SocketAddr, token: &str, id: &str, within: Dur
     let mut client = tenant_client(addr, token).await;
     let deadline = Instant::now() + within;
     loop {
-        let b = client
-            .get_batch(pb::GetBatchRequest { batch_id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        // UNAVAILABLE: a replica that may not answer now (a leader renewing its lease);
+        // clients retry.
+        let b = match client.get_batch(pb::GetBatchRequest { batch_id: id.into() }).await {
+            Ok(b) => b.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(s) => panic!("batch {id}: {s}"),
+        };
         if is_final(&b) {
             assert_eq!(b.status, pb::BatchStatus::Completed as i32, "{b:?}");
             return b;
@@ -234,19 +239,34 @@ pub async fn create(addr: SocketAddr, token: &str, req: pb::CreateBatchRequest) 
 /// Every result of a batch of one kind, as `StreamResults` sends them.
 pub async fn all_results(addr: SocketAddr, token: &str, id: &str, kind: pb::ResultKind) -> Vec<pb::ResultRecord> {
     let mut c = tenant_client(addr, token).await;
-    let mut s = c
-        .stream_results(pb::StreamResultsRequest {
+    // UNAVAILABLE (a replica renewing its lease) is retried for up to 10 s, as a client does.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    'again: loop {
+        let request = pb::StreamResultsRequest {
             batch_id: id.into(),
             kind: kind as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.message().await.unwrap() {
-        out.push(r);
+        };
+        let mut s = match c.stream_results(request).await {
+            Ok(s) => s.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => panic!("results of {id}: {e}"),
+        };
+        let mut out = Vec::new();
+        loop {
+            match s.message().await {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => return out,
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'again;
+                }
+                Err(e) => panic!("results of {id}: {e}"),
+            }
+        }
     }
-    out
 }
 
 /// Runs `tokenfab ARGS` to completion; returns stdout, panicking with stderr on failure.

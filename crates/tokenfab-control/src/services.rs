@@ -43,10 +43,17 @@ impl<S: Store> Shared<S> {
     /// Sends a command to the core loop and waits for its answer; refused while the store
     /// says this replica may not answer (a replicated store's leader without its lease).
     pub(crate) async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
-        if let Err(why) = self.store.may_serve() {
-            return Err(Status::unavailable(format!(
-                "{why}; retry (clients given every replica's URL move to the one that serves)"
-            )));
+        // A lease that lapsed for a moment (a follower slow to answer a heartbeat) is
+        // usually renewed within a heartbeat or two: wait up to a second for it before
+        // refusing.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Err(why) = self.store.may_serve() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(format!(
+                    "{why}; retry (clients given every replica's URL move to the one that serves)"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| convert::stopped())?;
