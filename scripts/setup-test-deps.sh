@@ -34,9 +34,9 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # etcd: the etcd store backend's tests start a real one on loopback (crates/tokenfab-store-etcd).
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-# protoc: the etcd-client crate compiles etcd's protobuf files with it at build time (the
-# workspace's own protobuf files use a vendored protoc; `tokenfab` without the etcd feature
-# needs none).
+# protoc: the etcd-client crate and raft-rs's raft-proto compile their protobuf files with
+# it at build time (the workspace's own protobuf files use a vendored protoc; `tokenfab`
+# without the etcd and raft features needs none).
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # ip (iproute2): the partition test cuts a replica off in a network namespace it makes.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)

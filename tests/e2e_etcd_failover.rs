@@ -324,17 +324,7 @@ async fn a_leader_cut_off_from_etcd_commits_nothing_and_its_clients_are_refused(
     // A stops by itself.
     exits(&mut a, Duration::from_secs(30), "the cut-off replica still runs").await;
     assert!(a.log().contains("lost the election"), "{}", a.log());
-    assert_eq!(
-        listed(b_addr).await,
-        BTreeSet::from([x.clone()]),
-        "only what was acknowledged"
-    );
-    let violations: Vec<String> = history
-        .check()
-        .into_iter()
-        .filter(|v| !v.contains("never read back"))
-        .collect();
-    assert!(violations.is_empty(), "{violations:?}");
+    assert_only_acknowledged(b_addr, BTreeSet::from([x.clone()]), &history).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -381,3 +381,15 @@ pub async fn kill_the_leader_rounds(
         sorted[sorted.len() - 1]
     );
 }
+
+/// After a partition: the replica at `addr` (the new leader) lists exactly `acked`, and the
+/// clients' history breaks no rule (reads the test never made back are not counted).
+pub async fn assert_only_acknowledged(addr: SocketAddr, acked: BTreeSet<String>, history: &History) {
+    assert_eq!(listed(addr).await, acked, "only what was acknowledged");
+    let violations: Vec<String> = history
+        .check()
+        .into_iter()
+        .filter(|v| !v.contains("never read back"))
+        .collect();
+    assert!(violations.is_empty(), "{violations:?}");
+}

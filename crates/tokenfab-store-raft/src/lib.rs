@@ -624,6 +624,11 @@ impl Drop for Driver {
 }
 
 impl Driver {
+    /// The in-memory copy of the log raft-rs reads.
+    fn mem(&self) -> &MemStorage {
+        &self.node.raft.raft_log.store.mem
+    }
+
     fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }
@@ -836,7 +841,7 @@ impl Driver {
             tokio::task::spawn_blocking(move || log.persist(&e2, h2.as_ref(), None))
                 .await
                 .map_err(|e| io("writing the log", e))??;
-            let store = self.node.raft.raft_log.store.mem.clone();
+            let store = self.mem().clone();
             let mut w = store.wl();
             w.append(&entries).map_err(|e| io("appending to the log", e))?;
             if let Some(hs) = hs {
@@ -846,14 +851,7 @@ impl Driver {
         self.send(ready.take_persisted_messages());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
-            self.node
-                .raft
-                .raft_log
-                .store
-                .mem
-                .wl()
-                .mut_hard_state()
-                .set_commit(commit);
+            self.mem().wl().mut_hard_state().set_commit(commit);
         }
         self.send(light.take_messages());
         self.apply(light.take_committed_entries()).await?;
@@ -910,7 +908,7 @@ impl Driver {
         tokio::task::spawn_blocking(move || log.set_members(&cs2, &peers))
             .await
             .map_err(|err| io("changing the members", err))??;
-        self.node.raft.raft_log.store.mem.wl().set_conf_state(cs);
+        self.mem().wl().set_conf_state(cs);
         if cc.get_change_type() == raft::prelude::ConfChangeType::RemoveNode && id == self.opts.id {
             return Err(StoreError::Io(format!(
                 "replica {} was removed from the group; it stops (start it again only with a new, empty data directory after adding it back)",
@@ -958,11 +956,7 @@ impl Driver {
         tokio::task::spawn_blocking(move || log.cut(&m2, true, Some(&h2)))
             .await
             .map_err(|e| io("installing a snapshot", e))??;
-        self.node
-            .raft
-            .raft_log
-            .store
-            .mem
+        self.mem()
             .wl()
             .apply_snapshot(snap)
             .map_err(|e| io("installing a snapshot", e))?;
@@ -976,7 +970,7 @@ impl Driver {
         if upto <= self.compacted {
             return Ok(());
         }
-        let mem = self.node.raft.raft_log.store.mem.clone();
+        let mem = self.mem().clone();
         let term = match mem.term(upto) {
             Ok(t) => t,
             // Already gone (a snapshot was installed past it).

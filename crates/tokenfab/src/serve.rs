@@ -80,9 +80,10 @@ pub struct ServerArgs {
     /// Compact the Raft log after this many applied entries (with --store raft): the log
     /// on disk and in memory stays bounded; a follower that needs compacted entries
     /// installs a snapshot of the leader's store instead. 1,000 entries behind the
-    /// compaction point are kept for followers a little behind.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
-    raft_compact_every: u64,
+    /// compaction point are kept for followers a little behind. Default: 10,000 (the Raft
+    /// store's own default).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    raft_compact_every: Option<u64>,
     #[command(flatten)]
     raft_tls: RaftTlsArgs,
     /// A tenant and its bearer token, NAME=TOKEN (repeatable). Handy for trials; tokens on
@@ -502,9 +503,11 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
             #[cfg(feature = "raft")]
             {
                 let mut opts = raft_options(a.raft_id, a.raft_peers.as_deref(), a.raft_listen, a.replica_name)?;
-                opts.compact_every = a.raft_compact_every;
+                if let Some(every) = a.raft_compact_every {
+                    opts.compact_every = every;
+                }
                 opts.tls = a.raft_tls.load()?;
-                opts.keep_entries = opts.keep_entries.min(a.raft_compact_every);
+                opts.keep_entries = opts.keep_entries.min(opts.compact_every);
                 let name = opts.name.clone();
                 eprintln!(
                     "replica {name} (Raft id {}): joining the group {} (peer port {})",
