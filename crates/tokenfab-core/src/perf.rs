@@ -119,7 +119,7 @@ pub struct SteadyState {
 }
 
 /// The performance and energy model of one replica.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReplicaPerf {
     tp: u32,
     /// Bytes of weights every step reads per device (dense part, for MoE).

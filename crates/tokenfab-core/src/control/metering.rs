@@ -139,20 +139,50 @@ impl ControlCore {
     /// recalibration, conservatively while it is uncertain; `None` if none is known.
     pub(super) fn capacity(&self, model: &ModelId, prompt_mean: u32, output_mean: u32) -> Option<f64> {
         let shape = (prompt_mean, output_mean);
-        if let Some(c) = self.capacity_memo.get(model, shape, self.capacity_version) {
-            return c;
+        let version = self.capacity_version;
+        let mut memo = self.capacity_memo.lock();
+        if let Some((m, s, v, c)) = &memo.last
+            && m == model
+            && *s == shape
+            && *v == version
+        {
+            return *c;
         }
-        // Parked replicas count: placement brings them back as soon as work needs them.
-        let c: f64 = self
+        if !matches!(&memo.groups, Some((m, v, _)) if m == model && *v == version) {
+            memo.groups = Some((model.clone(), version, self.capacity_groups(model)));
+        }
+        let groups = &memo.groups.as_ref().expect("formed above").2;
+        let c: f64 = groups
+            .iter()
+            .map(|g| g.perf.capacity(g.window, shape) * g.weight)
+            .sum();
+        let c = (c > 0.0).then_some(c);
+        memo.last = Some((model.clone(), shape, version, c));
+        c
+    }
+
+    /// The registered reachable replicas of `model` with a performance model, grouped by
+    /// curve and window. Parked replicas count: placement brings them back as soon as
+    /// work needs them.
+    fn capacity_groups(&self, model: &ModelId) -> Vec<super::CapacityGroup> {
+        let mut groups: Vec<super::CapacityGroup> = Vec::new();
+        for s in self
             .nodes
             .values()
             .flat_map(|n| &n.serving)
             .filter(|s| &s.model == model && !s.unreachable())
-            .filter_map(|s| Some(s.perf.as_ref()?.capacity(s.window, (prompt_mean, output_mean)) / s.cap_time))
-            .sum();
-        let c = (c > 0.0).then_some(c);
-        self.capacity_memo.set(model, shape, self.capacity_version, c);
-        c
+        {
+            let Some(perf) = &s.perf else { continue };
+            match groups.iter_mut().find(|g| g.window == s.window && &g.perf == perf) {
+                Some(g) => g.weight += 1.0 / s.cap_time,
+                None => groups.push(super::CapacityGroup {
+                    perf: perf.clone(),
+                    window: s.window,
+                    weight: 1.0 / s.cap_time,
+                }),
+            }
+        }
+        groups
     }
 
     /// Seconds of `model`'s whole capacity that `requests` requests with these token totals

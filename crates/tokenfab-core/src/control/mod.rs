@@ -852,31 +852,40 @@ impl Batch {
     }
 }
 
-/// (model, shape, capacity version, capacity).
-type CapacityAnswer = (ModelId, (u32, u32), u64, Option<f64>);
+/// Replicas of one model with the same curve and window: a capacity is then one curve
+/// evaluation per group instead of one per replica (each replica's term is the curve's
+/// capacity divided by its own step-time factor, so the group's is the curve's capacity
+/// times the sum of their reciprocals).
+#[derive(Debug, Clone)]
+struct CapacityGroup {
+    perf: crate::perf::ReplicaPerf,
+    window: u32,
+    /// Σ 1 / `cap_time` over the group's replicas.
+    weight: f64,
+}
 
-/// The last capacity computed.
+#[derive(Debug, Clone, Default)]
+struct CapacityMemoState {
+    /// (model, capacity version) the groups were formed at, and the groups.
+    groups: Option<(ModelId, u64, Vec<CapacityGroup>)>,
+    /// The last capacity computed: (model, shape, capacity version, capacity).
+    last: Option<(ModelId, (u32, u32), u64, Option<f64>)>,
+}
+
+/// What [`ControlCore::capacity`] computed last, and the replica groups it sums over;
+/// both valid for one capacity version.
 #[derive(Debug, Default)]
-struct CapacityMemo(std::sync::Mutex<Option<CapacityAnswer>>);
+struct CapacityMemo(std::sync::Mutex<CapacityMemoState>);
 
 impl CapacityMemo {
-    fn get(&self, model: &ModelId, shape: (u32, u32), version: u64) -> Option<Option<f64>> {
-        let memo = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match &*memo {
-            Some((m, s, v, c)) if m == model && *s == shape && *v == version => Some(*c),
-            _ => None,
-        }
-    }
-    fn set(&self, model: &ModelId, shape: (u32, u32), version: u64, c: Option<f64>) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((model.clone(), shape, version, c));
+    fn lock(&self) -> std::sync::MutexGuard<'_, CapacityMemoState> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 impl Clone for CapacityMemo {
     fn clone(&self) -> Self {
-        CapacityMemo(std::sync::Mutex::new(
-            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
-        ))
+        CapacityMemo(std::sync::Mutex::new(self.lock().clone()))
     }
 }
 
