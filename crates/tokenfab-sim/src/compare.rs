@@ -13,6 +13,11 @@
 //!   (`static_grid`, default 7 windows x 5 power limits; `full_grid` for every window and
 //!   power limit the tuner can reach) is in the comparison's JSON with every point's
 //!   figures.
+//! - `hindsight-static-at-tuner`: the same grid, its best point among those that keep at
+//!   least the tuner's SLA attainment while refusing no larger share of requests than
+//!   the tuner: the hindsight-best hand setting *at equal attainment*. (The plain
+//!   `hindsight-static` row may reach its tokens/J by refusing work the tuner serves.)
+//!   Absent when no grid point qualifies.
 //! - The *best static* baseline is the best (same rule) of all static variants above.
 //! - `tuner`: the scenario with `policies.tuner.mode: active` (objective tokens/J): each
 //!   replica's window and power limit are tuned online from measurements, on beliefs
@@ -176,10 +181,13 @@ pub struct Comparison {
     /// (1.25 = 25% more).
     pub tuner_vs_best_static: Option<f64>,
     pub tuner_vs_oracle: Option<f64>,
+    /// The tuner's tokens/J relative to `hindsight-static-at-tuner` (the best static
+    /// setting that keeps the tuner's attainment and refuses no more).
+    pub tuner_vs_static_at_equal_attainment: Option<f64>,
 }
 
 fn row(variant: &str, description: &str, r: &Report) -> CompareRow {
-    let refused = r.requests.refused as f64 / (r.requests.arrived.max(1)) as f64;
+    let refused = r.requests.refused_share();
     CompareRow {
         variant: variant.into(),
         description: description.into(),
@@ -330,6 +338,28 @@ pub fn compare(
         r.phases = vec![c];
         rows.push(r);
     }
+    if let Some(tuner) = rows.iter().find(|r| r.variant == "tuner").cloned()
+        && let Some((i, best)) = static_grid
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.sla_attainment >= tuner.sla_attainment && r.refused_share <= tuner.refused_share + 1e-12)
+            .max_by(|a, b| a.1.output_tokens_per_joule.total_cmp(&b.1.output_tokens_per_joule))
+    {
+        let c = options.static_grid[i];
+        let mut r = best.clone();
+        r.variant = "hindsight-static-at-tuner".into();
+        r.description = format!(
+            "the best of the {} static settings that keep the tuner's SLA attainment ({:.2}%) refusing no more ({:.2}%): window {}, power limit at {:.0}% ({})",
+            options.static_grid.len(),
+            tuner.sla_attainment * 100.0,
+            tuner.refused_share * 100.0,
+            c.window,
+            c.power_fraction * 100.0,
+            best.variant
+        );
+        r.phases = vec![c];
+        rows.push(r);
+    }
     if options.oracle {
         let r = oracle(scenario, base, seed, options)?;
         progress("oracle");
@@ -364,6 +394,7 @@ pub fn compare(
     };
     let tuner = tpj("tuner");
     Ok(Comparison {
+        tuner_vs_static_at_equal_attainment: tpj("hindsight-static-at-tuner").zip(tuner).map(|(b, t)| t / b),
         scenario: scenario.name.clone(),
         seed,
         tuner_vs_best_static: best_static.as_deref().and_then(tpj).zip(tuner).map(|(b, t)| t / b),

@@ -567,6 +567,7 @@ pub struct Percentiles {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestTotals {
+    /// Requests of admitted batches.
     pub arrived: u64,
     pub completed: u64,
     pub failed: u64,
@@ -579,6 +580,13 @@ pub struct RequestTotals {
     pub workload_output_tokens: u64,
     pub duplicates_dropped: u64,
     pub retried: u64,
+}
+
+impl RequestTotals {
+    /// Share of all submitted requests (admitted or not) that admission refused.
+    pub fn refused_share(&self) -> f64 {
+        self.refused as f64 / (self.arrived + self.refused).max(1) as f64
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -49,7 +49,7 @@ pub struct SweepRow {
     pub cost_usd: f64,
     pub cost_per_million_output_tokens_usd: f64,
     pub sla_attainment: f64,
-    /// Share of arrived requests refused (admission control).
+    /// Share of submitted requests (admitted or not) refused (admission control).
     pub refused_share: f64,
     pub completion_p99_s: f64,
     pub utilization: f64,
@@ -340,7 +340,7 @@ pub fn run(
             cost_usd: r.cost.total_usd,
             cost_per_million_output_tokens_usd: r.cost.per_million_output_tokens_usd,
             sla_attainment: r.batches.sla_attainment,
-            refused_share: r.requests.refused as f64 / r.requests.arrived.max(1) as f64,
+            refused_share: r.requests.refused_share(),
             completion_p99_s: r.batches.completion_s.p99,
             utilization: r.utilization,
             meets_sla: r.batches.sla_attainment >= sla_target && r.requests.refused == 0,

@@ -448,8 +448,10 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         ));
     }
     std::fs::write(out.join("compare.csv"), csv)?;
-    if let Some(h) = c.rows.iter().find(|r| r.variant == "hindsight-static") {
-        println!("hindsight-static: {}", h.description);
+    for name in ["hindsight-static", "hindsight-static-at-tuner"] {
+        if let Some(h) = c.rows.iter().find(|r| r.variant == name) {
+            println!("{name}: {}", h.description);
+        }
     }
     if let Some(o) = c.rows.iter().find(|r| r.variant == "oracle") {
         let phases: Vec<String> = o
@@ -510,6 +512,12 @@ fn compare_table(c: &Comparison) -> String {
         out.push_str(&format!(
             "\ntuner vs best static ({}): {:+.1}% tokens/J",
             c.best_static.as_deref().unwrap_or("-"),
+            (v - 1.0) * 100.0
+        ));
+    }
+    if let Some(v) = c.tuner_vs_static_at_equal_attainment {
+        out.push_str(&format!(
+            "\ntuner vs the best static setting at its attainment (hindsight-static-at-tuner): {:+.1}% tokens/J",
             (v - 1.0) * 100.0
         ));
     }

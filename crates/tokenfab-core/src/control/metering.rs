@@ -152,10 +152,7 @@ impl ControlCore {
             memo.groups = Some((model.clone(), version, self.capacity_groups(model)));
         }
         let groups = &memo.groups.as_ref().expect("formed above").2;
-        let c: f64 = groups
-            .iter()
-            .map(|g| g.perf.capacity(g.window, shape) * g.weight)
-            .sum();
+        let c: f64 = groups.iter().map(|g| g.perf.capacity(g.window, shape) * g.weight).sum();
         let c = (c > 0.0).then_some(c);
         memo.last = Some((model.clone(), shape, version, c));
         c
