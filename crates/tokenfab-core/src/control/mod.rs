@@ -935,7 +935,8 @@ pub struct ControlCore {
     /// shell said are committed (see [`crate::protocol::Durable`]).
     pub(crate) handled: crate::protocol::InputSeq,
     pub(crate) persisted: crate::protocol::InputSeq,
-    batches: BTreeMap<BatchId, Batch>,
+    /// Boxed: a batch is large, and the map moves its values on every insertion and removal.
+    batches: BTreeMap<BatchId, Box<Batch>>,
     by_tenant: BTreeSet<(TenantId, BatchId)>,
     /// Batches with pending requests, per model, in the order work is handed out (see
     /// [`queue_key`]).
@@ -1212,7 +1213,7 @@ impl ControlCore {
                 b.failed = t.failed;
                 b.usage = t.usage;
                 b.result_bytes = t.result_bytes;
-                core.batches.insert(id, b);
+                core.batches.insert(id, Box::new(b));
                 core.retain(id);
                 continue;
             }
@@ -1241,7 +1242,7 @@ impl ControlCore {
             let open: Vec<u32> = (0..b.requests.len() as u32)
                 .filter(|&i| b.requests[i as usize].slot == Slot::Pending)
                 .collect();
-            core.batches.insert(id, b);
+            core.batches.insert(id, Box::new(b));
             if status.is_terminal() {
                 // A final status without totals (not written by this version): keep as is.
                 core.retain(id);
@@ -1510,7 +1511,7 @@ impl ControlCore {
         }
         self.batches.insert(
             id,
-            Batch {
+            Box::new(Batch {
                 rank,
                 committed,
                 service_rate,
@@ -1527,7 +1528,7 @@ impl ControlCore {
                 failed: 0,
                 usage: Usage::default(),
                 result_bytes: 0,
-            },
+            }),
         );
         if !committed {
             // A newly arrived best-effort batch (not work going back on the queue, whose
@@ -1564,6 +1565,7 @@ impl ControlCore {
     fn owned(&self, tenant: &TenantId, id: BatchId) -> Result<&Batch, BatchError> {
         self.batches
             .get(&id)
+            .map(|b| &**b)
             .filter(|b| &b.meta.tenant == tenant)
             .ok_or(BatchError::NotFound(id))
     }
@@ -1812,12 +1814,17 @@ impl ControlCore {
             self.retained.remove(&(end, id));
         }
         let b = self.batches.remove(&id).expect("checked");
-        self.by_tenant.remove(&(b.meta.tenant.clone(), id));
+        let key = (b.meta.tenant, id);
+        self.by_tenant.remove(&key);
+        let tenant = key.0;
         let day = day_of(b.life.created_at);
+        if !self.history.contains_key(&tenant) {
+            self.history.insert(tenant.clone(), BTreeMap::new());
+        }
         let h = self
             .history
-            .entry(b.meta.tenant.clone())
-            .or_default()
+            .get_mut(&tenant)
+            .expect("inserted above")
             .entry(day)
             .or_default();
         h.batches += 1;
@@ -1825,11 +1832,8 @@ impl ControlCore {
         h.requests_failed += u64::from(b.failed);
         h.usage += b.usage;
         let history = *h;
-        self.actions.push_back(Action::Persist(DurableOp::TenantHistory {
-            tenant: b.meta.tenant.clone(),
-            day,
-            history,
-        }));
+        self.actions
+            .push_back(Action::Persist(DurableOp::TenantHistory { tenant, day, history }));
         self.actions.push_back(Action::Persist(DurableOp::DeleteBatch { id }));
         self.stats.batches_deleted += 1;
     }
