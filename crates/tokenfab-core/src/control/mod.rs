@@ -864,12 +864,15 @@ struct CapacityGroup {
     weight: f64,
 }
 
+/// (model, shape, capacity version, capacity).
+type CapacityAnswer = (ModelId, (u32, u32), u64, Option<f64>);
+
 #[derive(Debug, Clone, Default)]
 struct CapacityMemoState {
     /// (model, capacity version) the groups were formed at, and the groups.
     groups: Option<(ModelId, u64, Vec<CapacityGroup>)>,
-    /// The last capacity computed: (model, shape, capacity version, capacity).
-    last: Option<(ModelId, (u32, u32), u64, Option<f64>)>,
+    /// The last capacity computed.
+    last: Option<CapacityAnswer>,
 }
 
 /// What [`ControlCore::capacity`] computed last, and the replica groups it sums over;
