@@ -938,8 +938,7 @@ pub struct ControlCore {
     /// shell said are committed (see [`crate::protocol::Durable`]).
     pub(crate) handled: crate::protocol::InputSeq,
     pub(crate) persisted: crate::protocol::InputSeq,
-    /// Boxed: a batch is large, and the map moves its values on every insertion and removal.
-    batches: BTreeMap<BatchId, Box<Batch>>,
+    batches: BTreeMap<BatchId, Batch>,
     by_tenant: BTreeSet<(TenantId, BatchId)>,
     /// Batches with pending requests, per model, in the order work is handed out (see
     /// [`queue_key`]).
@@ -1216,7 +1215,7 @@ impl ControlCore {
                 b.failed = t.failed;
                 b.usage = t.usage;
                 b.result_bytes = t.result_bytes;
-                core.batches.insert(id, Box::new(b));
+                core.batches.insert(id, b);
                 core.retain(id);
                 continue;
             }
@@ -1245,7 +1244,7 @@ impl ControlCore {
             let open: Vec<u32> = (0..b.requests.len() as u32)
                 .filter(|&i| b.requests[i as usize].slot == Slot::Pending)
                 .collect();
-            core.batches.insert(id, Box::new(b));
+            core.batches.insert(id, b);
             if status.is_terminal() {
                 // A final status without totals (not written by this version): keep as is.
                 core.retain(id);
@@ -1514,7 +1513,7 @@ impl ControlCore {
         }
         self.batches.insert(
             id,
-            Box::new(Batch {
+            Batch {
                 rank,
                 committed,
                 service_rate,
@@ -1531,7 +1530,7 @@ impl ControlCore {
                 failed: 0,
                 usage: Usage::default(),
                 result_bytes: 0,
-            }),
+            },
         );
         if !committed {
             // A newly arrived best-effort batch (not work going back on the queue, whose
@@ -1568,7 +1567,6 @@ impl ControlCore {
     fn owned(&self, tenant: &TenantId, id: BatchId) -> Result<&Batch, BatchError> {
         self.batches
             .get(&id)
-            .map(|b| &**b)
             .filter(|b| &b.meta.tenant == tenant)
             .ok_or(BatchError::NotFound(id))
     }

@@ -143,7 +143,7 @@ impl ControlCore {
 
     /// Any batch, whoever owns it (for the shell's own use, never for tenant queries).
     pub fn view(&self, id: BatchId) -> Option<BatchView> {
-        self.batches.get(&id).map(|b| b.view())
+        self.batches.get(&id).map(Batch::view)
     }
 
     /// `tenant`'s batches, newest first, older than `before` if given.
