@@ -319,46 +319,36 @@ pub fn compare(
         static_grid.push(r?);
     }
     let grid_top = static_grid.iter().map(|r| r.sla_attainment).fold(0.0, f64::max);
-    if let Some((i, best)) = static_grid
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.sla_attainment >= grid_top)
-        .max_by(|a, b| a.1.output_tokens_per_joule.total_cmp(&b.1.output_tokens_per_joule))
-    {
-        let c = options.static_grid[i];
-        let mut r = best.clone();
-        r.variant = "hindsight-static".into();
-        r.description = format!(
-            "the best of {} static settings in hindsight: window {}, power limit at {:.0}% of each pool's maximum (at least its minimum) ({})",
-            options.static_grid.len(),
-            c.window,
-            c.power_fraction * 100.0,
-            best.variant
-        );
-        r.phases = vec![c];
-        rows.push(r);
-    }
-    if let Some(tuner) = rows.iter().find(|r| r.variant == "tuner").cloned()
-        && let Some((i, best)) = static_grid
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.sla_attainment >= tuner.sla_attainment && r.refused_share <= tuner.refused_share + 1e-12)
-            .max_by(|a, b| a.1.output_tokens_per_joule.total_cmp(&b.1.output_tokens_per_joule))
-    {
-        let c = options.static_grid[i];
-        let mut r = best.clone();
-        r.variant = "hindsight-static-at-tuner".into();
-        r.description = format!(
-            "the best of the {} static settings that keep the tuner's SLA attainment ({:.2}%) refusing no more ({:.2}%): window {}, power limit at {:.0}% ({})",
-            options.static_grid.len(),
-            tuner.sla_attainment * 100.0,
-            tuner.refused_share * 100.0,
-            c.window,
-            c.power_fraction * 100.0,
-            best.variant
-        );
-        r.phases = vec![c];
-        rows.push(r);
+    let n = options.static_grid.len();
+    rows.extend(best_of_grid(
+        &static_grid,
+        &options.static_grid,
+        "hindsight-static",
+        |r| r.sla_attainment >= grid_top,
+        |c, point| {
+            format!(
+                "the best of {n} static settings in hindsight: window {}, power limit at {:.0}% of each pool's maximum (at least its minimum) ({point})",
+                c.window,
+                c.power_fraction * 100.0,
+            )
+        },
+    ));
+    if let Some(tuner) = rows.iter().find(|r| r.variant == "tuner").cloned() {
+        rows.extend(best_of_grid(
+            &static_grid,
+            &options.static_grid,
+            "hindsight-static-at-tuner",
+            |r| r.sla_attainment >= tuner.sla_attainment && r.refused_share <= tuner.refused_share + 1e-12,
+            |c, point| {
+                format!(
+                    "the best of the {n} static settings that keep the tuner's SLA attainment ({:.2}%) refusing no more ({:.2}%): window {}, power limit at {:.0}% ({point})",
+                    tuner.sla_attainment * 100.0,
+                    tuner.refused_share * 100.0,
+                    c.window,
+                    c.power_fraction * 100.0,
+                )
+            },
+        ));
     }
     if options.oracle {
         let r = oracle(scenario, base, seed, options)?;
@@ -403,6 +393,28 @@ pub fn compare(
         rows,
         static_grid,
     })
+}
+
+/// The grid point with the most tokens/J among those `keep` accepts, as row `variant`
+/// described by `describe(setting, grid point's name)`.
+fn best_of_grid(
+    grid: &[CompareRow],
+    settings: &[StaticConfig],
+    variant: &str,
+    keep: impl Fn(&CompareRow) -> bool,
+    describe: impl Fn(StaticConfig, &str) -> String,
+) -> Option<CompareRow> {
+    let (i, best) = grid
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| keep(r))
+        .max_by(|a, b| a.1.output_tokens_per_joule.total_cmp(&b.1.output_tokens_per_joule))?;
+    let c = settings[i];
+    let mut r = best.clone();
+    r.variant = variant.into();
+    r.description = describe(c, &best.variant);
+    r.phases = vec![c];
+    Some(r)
 }
 
 /// The hindsight oracle (see the module docs).
